@@ -1,0 +1,202 @@
+//! What every adapter shares: the low-rank settings, the std
+//! parameterisation, and the [`Adapter`] trait the model uses.
+
+use crate::error::{check, CoreError};
+use crate::sampling::Sampler;
+use burn::config::Config;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, ElementConversion, Tensor};
+use std::collections::HashSet;
+
+/// The settings every low-rank adapter has (PEFT's `LoraConfig` subset).
+#[derive(Config, Debug, PartialEq)]
+pub struct LowRankConfig {
+    /// The rank `r` of the update.
+    #[config(default = 8)]
+    pub rank: usize,
+    /// The scale numerator: the update is multiplied by `alpha / r`.
+    #[config(default = 16.0)]
+    pub alpha: f64,
+    /// rsLoRA scaling `alpha / sqrt(r)` instead of `alpha / r`.
+    #[config(default = false)]
+    pub rslora: bool,
+    /// Dropout probability on the adapter's input.
+    #[config(default = 0.1)]
+    pub dropout: f64,
+}
+
+impl LowRankConfig {
+    /// Checks every field; the error names the field and the value.
+    pub fn validate(&self) -> crate::Result<()> {
+        check(self.rank > 0, "rank", self.rank, "must be at least 1")?;
+        check(self.alpha.is_finite() && self.alpha > 0.0, "alpha", self.alpha, "must be finite and positive")?;
+        check((0.0..1.0).contains(&self.dropout), "dropout", self.dropout, "must be in [0, 1)")
+    }
+
+    /// The factor applied to the low-rank update.
+    pub fn scaling(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.rank as f64).sqrt()
+        } else {
+            self.alpha / self.rank as f64
+        }
+    }
+
+    /// Checks that the rank fits a base layer of the given sizes.
+    pub(crate) fn validate_for(&self, d_input: usize, d_output: usize) -> crate::Result<()> {
+        self.validate()?;
+        check(
+            self.rank <= d_input.min(d_output),
+            "rank",
+            format!("{} for a {d_input} -> {d_output} layer", self.rank),
+            "must not exceed min(d_input, d_output)",
+        )
+    }
+}
+
+/// How a standard deviation is obtained from its unconstrained parameter.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum StdParam {
+    /// `std = g^2` (BLoB's and the paper's choice).
+    Square,
+    /// `std = ln(1 + e^g)`.
+    Softplus,
+}
+
+/// The smallest standard deviation whose logarithm is taken: keeps `ln std`
+/// finite (and its gradient bounded) when a std collapses to zero.
+pub const MIN_STD: f64 = 1e-30;
+
+impl StdParam {
+    /// The standard deviation from its parameter.
+    pub fn std<B: Backend, const D: usize>(&self, g: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Square => g.clone().mul(g),
+            Self::Softplus => burn::tensor::activation::softplus(g, 1.0),
+        }
+    }
+
+    /// The parameter that gives the standard deviation `std` (inverse map;
+    /// for `Square` the positive root).
+    pub fn inverse<B: Backend, const D: usize>(&self, std: Tensor<B, D>) -> Tensor<B, D> {
+        match self {
+            Self::Square => std.sqrt(),
+            Self::Softplus => std.exp().sub_scalar(1.0).log(),
+        }
+    }
+}
+
+/// `ln std`, computed safely: the std is clamped at [`MIN_STD`] first.
+pub fn safe_log<B: Backend, const D: usize>(std: Tensor<B, D>) -> Tensor<B, D> {
+    std.clamp_min(MIN_STD).log()
+}
+
+/// The parameter ids of an adapter, split as the two-optimiser scheme of
+/// method.md section 2 needs them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ParamGroups {
+    /// Mean parameters (`A`, `B`, `M`, `M_A`): AdamW on the data NLL.
+    pub mean: Vec<ParamId>,
+    /// Standard-deviation parameters (`H`, `G_A`): SGD on NLL + KL.
+    pub std: Vec<ParamId>,
+}
+
+impl ParamGroups {
+    /// All trainable parameter ids.
+    pub fn all(&self) -> Vec<ParamId> {
+        self.mean.iter().chain(&self.std).copied().collect()
+    }
+
+    /// Appends another group's ids (for a model with many adapters).
+    pub fn extend(&mut self, other: ParamGroups) {
+        self.mean.extend(other.mean);
+        self.std.extend(other.std);
+    }
+}
+
+/// The interface the model uses for any adapted linear layer.
+pub trait Adapter<B: Backend>: Module<B> {
+    /// The adapted layer's output.
+    ///
+    /// # Shapes
+    ///
+    /// - x: `[batch, seq, d_input]`
+    /// - output: `[batch, seq, d_output]`
+    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3>;
+
+    /// The KL term of this layer against its prior with standard deviation
+    /// `prior_std` (zero for deterministic adapters). Shape `[1]`.
+    fn kl(&self, prior_std: f64) -> Tensor<B, 1>;
+
+    /// The mean update `scaling * B X A` in `[d_output, d_input]` layout
+    /// (PEFT's `get_delta_weight`).
+    fn delta_weight(&self) -> Tensor<B, 2>;
+
+    /// The frozen base layer.
+    fn base(&self) -> &Linear<B>;
+
+    /// The mean parameters and the std parameters.
+    fn param_groups(&self) -> ParamGroups;
+
+    /// A plain linear layer with the mean update merged into the base weight.
+    /// Fails if the result has a NaN or an infinity.
+    fn merge(&self) -> crate::Result<Linear<B>> {
+        let base = self.base();
+        let weight = base.weight.val().add(self.delta_weight().transpose());
+        let non_finite: i64 = weight.clone().is_finite().bool_not().int().sum().into_scalar().elem();
+        if non_finite != 0 {
+            return Err(CoreError::NonFiniteMerge);
+        }
+        Ok(Linear {
+            weight: Param::from_tensor(weight.set_require_grad(false)),
+            bias: base.bias.clone(),
+        })
+    }
+
+    /// The number of trainable values, counted by visiting the module's
+    /// parameters and keeping those of [`Adapter::param_groups`].
+    fn num_trainable(&self) -> usize {
+        count_params(self, &self.param_groups().all())
+    }
+}
+
+/// The number of values in the parameters of `module` whose id is in `ids`,
+/// counted by visiting the module.
+pub fn count_params<B: Backend, M: Module<B> + ?Sized>(module: &M, ids: &[ParamId]) -> usize {
+    struct Counter<'a> {
+        ids: &'a HashSet<ParamId>,
+        total: usize,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Counter<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.ids.contains(&param.id) {
+                self.total += param.shape().num_elements();
+            }
+        }
+    }
+    let ids: HashSet<ParamId> = ids.iter().copied().collect();
+    let mut counter = Counter { ids: &ids, total: 0 };
+    module.visit(&mut counter);
+    counter.total
+}
+
+/// A frozen copy of a base layer: every parameter stops requiring gradients.
+pub(crate) fn freeze<B: Backend>(base: Linear<B>) -> Linear<B> {
+    base.no_grad()
+}
+
+/// Checks a tensor's shape against the expected one.
+pub(crate) fn expect_shape(name: &str, found: &[usize], expected: &[usize]) -> crate::Result<()> {
+    if found == expected {
+        Ok(())
+    } else {
+        Err(CoreError::Shape { name: name.to_string(), expected: expected.to_vec(), found: found.to_vec() })
+    }
+}
+
+/// The sizes `(d_input, d_output)` of a Burn linear layer (weight `[d_input, d_output]`).
+pub(crate) fn linear_dims<B: Backend>(base: &Linear<B>) -> (usize, usize) {
+    let [d_input, d_output] = base.weight.shape().dims();
+    (d_input, d_output)
+}

@@ -1,0 +1,115 @@
+//! One configuration and one module type for "any adapter", so the model can
+//! hold LoRA, BLoB or Me-LoRA layers chosen at run time.
+
+use crate::adapter::{Adapter, ParamGroups};
+use crate::blob::{BlobLinear, BlobLinearConfig};
+
+use crate::lora::{LoraLinear, LoraLinearConfig};
+use crate::melora::{MeLoraLinear, MeLoraLinearConfig};
+use crate::sampling::Sampler;
+use burn::config::Config;
+use burn::module::Module;
+use burn::nn::Linear;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// The three adapter families.
+#[derive(Config, Debug, Copy, PartialEq, Eq, Hash)]
+pub enum AdapterKind {
+    /// LoRA.
+    Lora,
+    /// BLoB.
+    Blob,
+    /// Me-LoRA.
+    MeLora,
+}
+
+impl std::str::FromStr for AdapterKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "lora" => Ok(Self::Lora),
+            "blob" => Ok(Self::Blob),
+            "melora" => Ok(Self::MeLora),
+            _ => Err(format!("unknown adapter {s:?}: expected lora, blob or melora")),
+        }
+    }
+}
+
+/// The configuration of one of the three adapters.
+#[derive(Config, Debug)]
+pub enum AdapterConfig {
+    /// LoRA.
+    Lora(LoraLinearConfig),
+    /// BLoB.
+    Blob(BlobLinearConfig),
+    /// Me-LoRA.
+    MeLora(MeLoraLinearConfig),
+}
+
+impl AdapterConfig {
+    /// Which family this is.
+    pub fn kind(&self) -> AdapterKind {
+        match self {
+            Self::Lora(_) => AdapterKind::Lora,
+            Self::Blob(_) => AdapterKind::Blob,
+            Self::MeLora(_) => AdapterKind::MeLora,
+        }
+    }
+
+    /// The rank.
+    pub fn rank(&self) -> usize {
+        match self {
+            Self::Lora(c) => c.low_rank.rank,
+            Self::Blob(c) => c.low_rank.rank,
+            Self::MeLora(c) => c.low_rank.rank,
+        }
+    }
+
+    /// Wraps `base` with a fresh adapter of this configuration.
+    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<AnyAdapter<B>> {
+        Ok(match self {
+            Self::Lora(c) => AnyAdapter::Lora(c.init(base)?),
+            Self::Blob(c) => AnyAdapter::Blob(c.init(base)?),
+            Self::MeLora(c) => AnyAdapter::MeLora(c.init(base)?),
+        })
+    }
+}
+
+/// Any of the three adapters, as one module type.
+#[derive(Module, Debug)]
+pub enum AnyAdapter<B: Backend> {
+    /// LoRA.
+    Lora(LoraLinear<B>),
+    /// BLoB.
+    Blob(BlobLinear<B>),
+    /// Me-LoRA.
+    MeLora(MeLoraLinear<B>),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $a:ident => $e:expr) => {
+        match $self {
+            AnyAdapter::Lora($a) => $e,
+            AnyAdapter::Blob($a) => $e,
+            AnyAdapter::MeLora($a) => $e,
+        }
+    };
+}
+
+impl<B: Backend> Adapter<B> for AnyAdapter<B> {
+    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        dispatch!(self, a => a.forward(x, sampler))
+    }
+    fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
+        dispatch!(self, a => a.kl(prior_std))
+    }
+    fn delta_weight(&self) -> Tensor<B, 2> {
+        dispatch!(self, a => a.delta_weight())
+    }
+    fn base(&self) -> &Linear<B> {
+        dispatch!(self, a => a.base())
+    }
+    fn param_groups(&self) -> ParamGroups {
+        dispatch!(self, a => a.param_groups())
+    }
+}

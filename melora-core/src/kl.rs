@@ -1,0 +1,204 @@
+//! KL terms: Me-LoRA's four variants, BLoB's closed form, the prior (with the
+//! paper's optional prior noise) and the KL weighting schedules.
+//!
+//! Notation of `docs/derivations.md`: `M` (r x r) is the mean of `C`, `Omega`
+//! (r x r) its entry-wise std, `A` (r x n); `P = M A`, `s = Omega |A|`,
+//! `v = (Omega o Omega)(A o A)`, prior std `sigma`.
+//!
+//! | variant | formula |
+//! |---|---|
+//! | `paper` (Eq. 7) | `(|P|^2 + |s|^2) / (2 sigma^2) - sum ln Omega` |
+//! | `exact_c` (i) | `(|M|^2 + |Omega|^2) / (2 sigma^2) - sum ln Omega + r^2 (ln sigma - 1/2)` |
+//! | `matched` (ii) | `sum_ij [(v + P^2) / (2 sigma^2) - ln v / 2 + ln sigma - 1/2]` |
+//! | `subspace` (iv) | `(|P|^2 + sum v) / (2 sigma^2) - sum ln Omega - (r/2) ln det(A A^T) + r^2 (ln sigma - 1/2)` |
+//!
+//! `paper` is not a KL (it is unbounded below along `(tM, tOmega, A/t)`);
+//! it is here to reproduce the paper. `subspace` is the default.
+
+use crate::adapter::safe_log;
+use crate::error::check;
+use crate::linalg::{logdet_gram, Mat};
+use crate::noise::NoiseSource;
+use burn::config::Config;
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+
+/// Which KL Me-LoRA uses (method.md section 2).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum MeLoraKl {
+    /// The paper's Eq. 7 (Eq. 8 with prior noise). Not a KL: for
+    /// reproduction only.
+    Paper,
+    /// `KL[q(C) || N(0, sigma^2)]` per entry of `C`.
+    ExactC,
+    /// The exact KL of the true `q(C A)` against the prior restricted to its
+    /// support; invariant to `(M, Omega, A) -> (tM, tOmega, A/t)`.
+    Subspace,
+    /// The KL of the moment-matched mean-field `q(C A)`.
+    Matched,
+}
+
+impl std::str::FromStr for MeLoraKl {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().replace('-', "_").as_str() {
+            "paper" => Ok(Self::Paper),
+            "exact_c" => Ok(Self::ExactC),
+            "subspace" => Ok(Self::Subspace),
+            "matched" => Ok(Self::Matched),
+            _ => Err(format!("unknown KL variant {s:?}: expected paper, exact_c, subspace or matched")),
+        }
+    }
+}
+
+/// The prior `N(0, sigma^2)` per entry, with the paper's optional noise
+/// `sigma = sigma_p + eps`, `eps ~ U(0, 1)` drawn once per step (Eq. 8).
+#[derive(Config, Debug, PartialEq)]
+pub struct PriorConfig {
+    /// `sigma_p`.
+    #[config(default = 0.2)]
+    pub std: f64,
+    /// Add `eps ~ U(0, 1)` to the prior std at every step.
+    #[config(default = false)]
+    pub noise: bool,
+}
+
+impl PriorConfig {
+    /// Checks the prior std.
+    pub fn validate(&self) -> crate::Result<()> {
+        check(self.std.is_finite() && self.std > 0.0, "prior std", self.std, "must be finite and positive")
+    }
+
+    /// The prior std for one step: `sigma_p`, or `sigma_p + eps` with prior noise.
+    pub fn draw_std<B: Backend>(&self, noise: &mut NoiseSource, device: &B::Device) -> f64 {
+        if self.noise {
+            self.std + noise.uniform_scalar::<B>(device)
+        } else {
+            self.std
+        }
+    }
+}
+
+fn sum_sq<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, 1> {
+    t.clone().mul(t).sum()
+}
+
+/// Me-LoRA's KL term for `q(C) = N(M, Omega^2)` and the projection `A`.
+///
+/// # Shapes
+///
+/// - mean `M`: `[r, r]`, omega `Omega`: `[r, r]`, a `A`: `[r, n]`
+/// - output: `[1]`
+pub fn melora_kl<B: Backend>(
+    variant: MeLoraKl,
+    mean: Tensor<B, 2>,
+    omega: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    prior_std: f64,
+) -> Tensor<B, 1> {
+    let [r, n] = a.dims();
+    let two_var = 2.0 * prior_std * prior_std;
+    let log_const = prior_std.ln() - 0.5;
+    let sum_log_omega = || safe_log(omega.clone()).sum();
+    let p = || mean.clone().matmul(a.clone());
+    let v = || omega.clone().powi_scalar(2).matmul(a.clone().powi_scalar(2));
+    match variant {
+        MeLoraKl::Paper => {
+            let s = omega.clone().matmul(a.clone().abs());
+            sum_sq(p()).add(sum_sq(s)).div_scalar(two_var).sub(sum_log_omega())
+        }
+        MeLoraKl::ExactC => sum_sq(mean.clone())
+            .add(sum_sq(omega.clone()))
+            .div_scalar(two_var)
+            .sub(sum_log_omega())
+            .add_scalar((r * r) as f64 * log_const),
+        MeLoraKl::Matched => {
+            let v = v();
+            v.clone()
+                .add(p().powi_scalar(2))
+                .div_scalar(two_var)
+                .sub(safe_log(v).mul_scalar(0.5))
+                .sum()
+                .add_scalar((r * n) as f64 * log_const)
+        }
+        MeLoraKl::Subspace => sum_sq(p())
+            .add(v().sum())
+            .div_scalar(two_var)
+            .sub(sum_log_omega())
+            .sub(logdet_gram_term(a.clone()).mul_scalar(r as f64 / 2.0))
+            .add_scalar((r * r) as f64 * log_const),
+    }
+}
+
+/// `ln det(A A^T)` as a tensor whose value and gradient (`2 (A A^T)^-1 A`)
+/// are computed in f64 on the host: `value + <grad, A - stopgrad(A)>`.
+/// Infinite (`-inf`) if `A` has rank below `r`.
+pub fn logdet_gram_term<B: Backend>(a: Tensor<B, 2>) -> Tensor<B, 1> {
+    let [r, n] = a.dims();
+    let device = a.device();
+    let host = a.clone().detach().into_data().convert::<f64>();
+    let host = Mat::new(r, n, host.to_vec::<f64>().expect("f64 data after convert"));
+    match logdet_gram(&host) {
+        Some((value, grad)) => {
+            let grad = Tensor::<B, 2>::from_data(TensorData::new(grad.data, [r, n]), &device);
+            a.clone().sub(a.detach()).mul(grad).sum().add_scalar(value)
+        }
+        None => Tensor::<B, 1>::full([1], f64::NEG_INFINITY, &device),
+    }
+}
+
+/// BLoB's KL of `q(A) = N(M_A, Omega_A^2)` against `N(0, sigma^2)` per entry:
+/// `sum [(Omega_A^2 + M_A^2) / (2 sigma^2) - ln Omega_A + ln sigma - 1/2]`.
+///
+/// # Shapes
+///
+/// - mean `M_A`, omega `Omega_A`: `[r, n]`
+/// - output: `[1]`
+pub fn blob_kl<B: Backend>(mean: Tensor<B, 2>, omega: Tensor<B, 2>, prior_std: f64) -> Tensor<B, 1> {
+    let count = mean.shape().num_elements() as f64;
+    sum_sq(mean)
+        .add(sum_sq(omega.clone()))
+        .div_scalar(2.0 * prior_std * prior_std)
+        .sub(safe_log(omega).sum())
+        .add_scalar(count * (prior_std.ln() - 0.5))
+}
+
+/// How the KL term is weighted at each step (method.md section 2).
+#[derive(Config, Debug, Copy, PartialEq)]
+pub enum KlSchedule {
+    /// BLoB's schedule: within each cycle of `period` steps, step `i`
+    /// (0-based) has weight `2^i / (2^period - 1)`; a cycle's weights sum to 1.
+    Blob {
+        /// The cycle length `M` (BLoB: the number of minibatches per epoch).
+        period: usize,
+    },
+    /// A constant weight.
+    Constant {
+        /// The weight (BLoB's alternative: `1 / M`).
+        weight: f64,
+    },
+}
+
+impl KlSchedule {
+    /// Checks the schedule's parameters.
+    pub fn validate(&self) -> crate::Result<()> {
+        match *self {
+            Self::Blob { period } => check(period > 0, "KL schedule period", period, "must be at least 1"),
+            Self::Constant { weight } => {
+                check(weight.is_finite() && weight >= 0.0, "KL weight", weight, "must be finite and >= 0")
+            }
+        }
+    }
+
+    /// The KL weight at 0-based training step `step`.
+    pub fn weight(&self, step: usize) -> f64 {
+        match *self {
+            Self::Blob { period } => {
+                let i = (step % period) as f64;
+                let m = period as f64;
+                // 2^i / (2^M - 1) = 2^(i - M) / (1 - 2^-M): no overflow for any M.
+                (i - m).exp2() / (1.0 - (-m).exp2())
+            }
+            Self::Constant { weight } => weight,
+        }
+    }
+}

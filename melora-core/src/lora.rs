@@ -1,0 +1,117 @@
+//! LoRA (Hu et al. 2021): `y = W0 x + (alpha / r) B A dropout(x)`.
+//!
+//! Follows PEFT's `tuners/lora/layer.py`: the adapter wraps the frozen base
+//! layer, `A` is Kaiming-uniform (a = sqrt(5), i.e. `U(-1/sqrt(n), 1/sqrt(n))`),
+//! `B` is zero so the adapted layer equals the base layer at initialisation.
+//! `A` is stored `[r, d_input]` and `B` `[d_output, r]`, PEFT's layout.
+
+use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
+
+use crate::sampling::Sampler;
+use burn::config::Config;
+use burn::module::{Initializer, Module, Param};
+use burn::nn::Linear;
+use burn::tensor::module::linear;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// Configuration of a [`LoraLinear`].
+#[derive(Config, Debug)]
+pub struct LoraLinearConfig {
+    /// Rank, scaling and dropout.
+    #[config(default = "LowRankConfig::new()")]
+    pub low_rank: LowRankConfig,
+}
+
+/// A frozen linear layer plus a trainable low-rank update `B A`.
+#[derive(Module, Debug)]
+pub struct LoraLinear<B: Backend> {
+    /// The frozen base layer (Burn layout: weight `[d_input, d_output]`).
+    pub base: Linear<B>,
+    /// `A`, `[r, d_input]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `B`, `[d_output, r]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `alpha / r` (or `alpha / sqrt(r)`).
+    pub scaling: f64,
+    /// Input dropout probability.
+    pub dropout: f64,
+}
+
+impl LoraLinearConfig {
+    /// Wraps `base` (frozen here) with a fresh adapter: `A` Kaiming-uniform, `B = 0`.
+    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<LoraLinear<B>> {
+        let (d_input, d_output) = linear_dims(&base);
+        self.low_rank.validate_for(d_input, d_output)?;
+        let device = base.weight.device();
+        let r = self.low_rank.rank;
+        let lora_a = kaiming_a::<B>(r, d_input, &device);
+        let lora_b = Initializer::Zeros.init([d_output, r], &device);
+        Ok(LoraLinear {
+            base: freeze(base),
+            lora_a,
+            lora_b,
+            scaling: self.low_rank.scaling(),
+            dropout: self.low_rank.dropout,
+        })
+    }
+
+    /// Builds the adapter from existing tensors (e.g. a PEFT checkpoint):
+    /// `a` is `[r, d_input]`, `b` is `[d_output, r]`.
+    pub fn init_with<B: Backend>(
+        &self,
+        base: Linear<B>,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+    ) -> crate::Result<LoraLinear<B>> {
+        let (d_input, d_output) = linear_dims(&base);
+        self.low_rank.validate_for(d_input, d_output)?;
+        let r = self.low_rank.rank;
+        expect_shape("lora_A", &a.dims(), &[r, d_input])?;
+        expect_shape("lora_B", &b.dims(), &[d_output, r])?;
+        Ok(LoraLinear {
+            base: freeze(base),
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            scaling: self.low_rank.scaling(),
+            dropout: self.low_rank.dropout,
+        })
+    }
+}
+
+/// PEFT's initialisation of `A`: Kaiming-uniform with a = sqrt(5), which is
+/// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
+pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
+    Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }.init_with(
+        [r, d_input],
+        Some(d_input),
+        Some(r),
+        device,
+    )
+}
+
+impl<B: Backend> Adapter<B> for LoraLinear<B> {
+    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let update = linear(
+            linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None),
+            self.lora_b.val().transpose(),
+            None,
+        );
+        self.base.forward(x).add(update.mul_scalar(self.scaling))
+    }
+
+    fn kl(&self, _prior_std: f64) -> Tensor<B, 1> {
+        Tensor::zeros([1], &self.lora_a.device())
+    }
+
+    fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b.val().matmul(self.lora_a.val()).mul_scalar(self.scaling)
+    }
+
+    fn base(&self) -> &Linear<B> {
+        &self.base
+    }
+
+    fn param_groups(&self) -> ParamGroups {
+        ParamGroups { mean: vec![self.lora_a.id, self.lora_b.id], std: vec![] }
+    }
+}

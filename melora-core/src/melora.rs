@@ -1,0 +1,215 @@
+//! Me-LoRA: a random `r x r` matrix `C ~ N(M, Omega^2)` between LoRA's `B`
+//! and `A`, `y = W0 x + (alpha / r) B C A dropout(x)`, `Omega = H^2` (or
+//! softplus). BLoB's Bayesian treatment at LoRA's parameter count plus
+//! `2 r^2` per layer.
+//!
+//! Initialisation (the paper does not give one): `A` Kaiming-uniform and
+//! `B = 0` as in LoRA, `M = I` so Me-LoRA starts as LoRA, and `H ~ U(eps /
+//! sqrt(2), eps)` with `eps = 0.05`, so `Omega` starts in BLoB's range
+//! `[0.00125, 0.0025]`. Both are configurable.
+//!
+//! Sampling `PerExample` (the default of the training code) draws one `C` per
+//! sequence: `batch * r^2` normals and `r^2` extra multiply-adds per token
+//! (derivations.md section 4).
+
+use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups, StdParam};
+use crate::error::check;
+use crate::kl::{melora_kl, MeLoraKl};
+use crate::lora::kaiming_a;
+use crate::noise::NoiseSource;
+use crate::sampling::{Sampler, SamplingMode};
+use burn::config::Config;
+use burn::module::{Initializer, Module, Param};
+use burn::nn::Linear;
+use burn::tensor::module::linear;
+use burn::tensor::{backend::Backend, Tensor};
+
+/// How `M`, the mean of `C`, starts.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum MeanInit {
+    /// `M = I`: Me-LoRA starts as LoRA (the default).
+    Identity,
+    /// Kaiming-uniform like `A`.
+    KaimingUniform,
+}
+
+/// Configuration of a [`MeLoraLinear`].
+#[derive(Config, Debug)]
+pub struct MeLoraLinearConfig {
+    /// Rank, scaling and dropout.
+    #[config(default = "LowRankConfig::new()")]
+    pub low_rank: LowRankConfig,
+    /// Which KL term [`Adapter::kl`] returns.
+    #[config(default = "MeLoraKl::Subspace")]
+    pub kl: MeLoraKl,
+    /// How `M` starts.
+    #[config(default = "MeanInit::Identity")]
+    pub mean_init: MeanInit,
+    /// `eps` of the std initialisation: the std starts in `[eps^2/2, eps^2]`.
+    #[config(default = 0.05)]
+    pub init_eps: f64,
+    /// How `Omega` is obtained from `H`.
+    #[config(default = "StdParam::Square")]
+    pub std_param: StdParam,
+}
+
+/// A frozen linear layer plus Me-LoRA's update `B C A`.
+#[derive(Module, Debug)]
+pub struct MeLoraLinear<B: Backend> {
+    /// The frozen base layer.
+    pub base: Linear<B>,
+    /// `A`, `[r, d_input]`.
+    pub lora_a: Param<Tensor<B, 2>>,
+    /// `B`, `[d_output, r]`.
+    pub lora_b: Param<Tensor<B, 2>>,
+    /// `M`, the mean of `C`, `[r, r]`.
+    pub lora_m: Param<Tensor<B, 2>>,
+    /// `H`, the std parameter of `C`, `[r, r]`.
+    pub lora_h: Param<Tensor<B, 2>>,
+    /// `alpha / r` (or `alpha / sqrt(r)`).
+    pub scaling: f64,
+    /// Input dropout probability.
+    pub dropout: f64,
+    /// How `Omega` is obtained from `H`.
+    #[module(skip)]
+    pub std_param: StdParam,
+    /// The KL variant.
+    #[module(skip)]
+    pub kl: MeLoraKl,
+}
+
+impl MeLoraLinearConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> crate::Result<()> {
+        self.low_rank.validate()?;
+        check(self.init_eps.is_finite() && self.init_eps > 0.0, "init_eps", self.init_eps, "must be finite and positive")
+    }
+
+    /// Wraps `base` (frozen here) with a fresh adapter.
+    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<MeLoraLinear<B>> {
+        self.validate()?;
+        let (d_input, d_output) = linear_dims(&base);
+        self.low_rank.validate_for(d_input, d_output)?;
+        let device = base.weight.device();
+        let r = self.low_rank.rank;
+        let lora_m = match self.mean_init {
+            MeanInit::Identity => Param::from_tensor(Tensor::eye(r, &device)),
+            MeanInit::KaimingUniform => kaiming_a::<B>(r, r, &device),
+        };
+        let eps = self.init_eps;
+        let h: Param<Tensor<B, 2>> =
+            Initializer::Uniform { min: eps / 2f64.sqrt(), max: eps }.init([r, r], &device);
+        let h = match self.std_param {
+            StdParam::Square => h,
+            other => h.map(|h| other.inverse(StdParam::Square.std(h))),
+        };
+        Ok(MeLoraLinear {
+            base: freeze(base),
+            lora_a: kaiming_a::<B>(r, d_input, &device),
+            lora_b: Initializer::Zeros.init([d_output, r], &device),
+            lora_m,
+            lora_h: h,
+            scaling: self.low_rank.scaling(),
+            dropout: self.low_rank.dropout,
+            std_param: self.std_param,
+            kl: self.kl,
+        })
+    }
+
+    /// Builds the adapter from existing tensors: `a` `[r, d_input]`, `b`
+    /// `[d_output, r]`, `m` and `h` (the raw std parameter) `[r, r]`.
+    pub fn init_with<B: Backend>(
+        &self,
+        base: Linear<B>,
+        a: Tensor<B, 2>,
+        b: Tensor<B, 2>,
+        m: Tensor<B, 2>,
+        h: Tensor<B, 2>,
+    ) -> crate::Result<MeLoraLinear<B>> {
+        self.validate()?;
+        let (d_input, d_output) = linear_dims(&base);
+        self.low_rank.validate_for(d_input, d_output)?;
+        let r = self.low_rank.rank;
+        expect_shape("lora_A", &a.dims(), &[r, d_input])?;
+        expect_shape("lora_B", &b.dims(), &[d_output, r])?;
+        expect_shape("lora_M", &m.dims(), &[r, r])?;
+        expect_shape("lora_H", &h.dims(), &[r, r])?;
+        Ok(MeLoraLinear {
+            base: freeze(base),
+            lora_a: Param::from_tensor(a),
+            lora_b: Param::from_tensor(b),
+            lora_m: Param::from_tensor(m),
+            lora_h: Param::from_tensor(h),
+            scaling: self.low_rank.scaling(),
+            dropout: self.low_rank.dropout,
+            std_param: self.std_param,
+            kl: self.kl,
+        })
+    }
+}
+
+impl<B: Backend> MeLoraLinear<B> {
+    /// `Omega`, the std of `C`.
+    pub fn omega(&self) -> Tensor<B, 2> {
+        self.std_param.std(self.lora_h.val())
+    }
+
+    /// `count` independent draws of `C`, `[count, r, r]`.
+    pub fn sample_c(&self, count: usize, noise: &mut NoiseSource) -> Tensor<B, 3> {
+        let mean = self.lora_m.val();
+        let [r, _] = mean.dims();
+        let eps = noise.normal::<B, 3>([count, r, r], &mean.device());
+        mean.unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps))
+    }
+
+    /// `z = C u` for the sampling mode, with `u = A x`; `[batch, seq, r]`.
+    fn mix(&self, u: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let mean = self.lora_m.val();
+        let [r, _] = mean.dims();
+        let [batch, seq, _] = u.dims();
+        let device = u.device();
+        match sampler.mode {
+            SamplingMode::Mean => linear(u, mean.transpose(), None),
+            SamplingMode::PerBatch => {
+                let c = self.sample_c(1, sampler.noise).squeeze_dim::<2>(0);
+                linear(u, c.transpose(), None)
+            }
+            SamplingMode::PerExample => u.matmul(self.sample_c(batch, sampler.noise).swap_dims(1, 2)),
+            SamplingMode::Flipout => {
+                let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, r], &device));
+                let sign_in = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
+                let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
+                let noise = linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
+                linear(u, mean.transpose(), None).add(noise)
+            }
+        }
+    }
+}
+
+impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
+    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let u = linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
+        let z = self.mix(u, sampler);
+        let update = linear(z, self.lora_b.val().transpose(), None);
+        self.base.forward(x).add(update.mul_scalar(self.scaling))
+    }
+
+    fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
+        melora_kl(self.kl, self.lora_m.val(), self.omega(), self.lora_a.val(), prior_std)
+    }
+
+    fn delta_weight(&self) -> Tensor<B, 2> {
+        self.lora_b.val().matmul(self.lora_m.val()).matmul(self.lora_a.val()).mul_scalar(self.scaling)
+    }
+
+    fn base(&self) -> &Linear<B> {
+        &self.base
+    }
+
+    fn param_groups(&self) -> ParamGroups {
+        ParamGroups {
+            mean: vec![self.lora_a.id, self.lora_b.id, self.lora_m.id],
+            std: vec![self.lora_h.id],
+        }
+    }
+}
