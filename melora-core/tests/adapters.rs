@@ -1,0 +1,243 @@
+//! Adapter behaviour on ndarray (f64): identity at initialisation, `Mean`
+//! forward equals the merged layer, gradients reach exactly the trainable
+//! parameters, sampling modes behave as documented.
+
+use burn::backend::{Autodiff, NdArray};
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::tensor::{backend::Backend, Tensor};
+use melora_core::params::trainable_per_layer;
+use melora_core::{
+    Adapter, AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, CoreError, LoraLinearConfig,
+    LowRankConfig, MeLoraLinearConfig, NoiseSource, Sampler, SamplingMode,
+};
+
+type B = NdArray<f64>;
+type AD = Autodiff<NdArray<f64>>;
+
+const MODES: [SamplingMode; 4] =
+    [SamplingMode::Mean, SamplingMode::PerBatch, SamplingMode::PerExample, SamplingMode::Flipout];
+
+fn base<Bk: Backend>(d_in: usize, d_out: usize, seed: u64) -> Linear<Bk> {
+    let device = Default::default();
+    Bk::seed(&device, seed);
+    LinearConfig::new(d_in, d_out).init(&device)
+}
+
+fn normal<Bk: Backend, const D: usize>(shape: [usize; D], seed: u64, scale: f64) -> Tensor<Bk, D> {
+    NoiseSource::seeded(seed).normal::<Bk, D>(shape, &Default::default()).mul_scalar(scale)
+}
+
+fn host(t: Tensor<impl Backend, 3>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().unwrap()
+}
+
+fn low_rank(rank: usize) -> LowRankConfig {
+    LowRankConfig::new().with_rank(rank).with_dropout(0.1)
+}
+
+fn configs(rank: usize) -> Vec<AdapterConfig> {
+    vec![
+        AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank(rank))),
+        AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank(rank))),
+        AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank(rank))),
+    ]
+}
+
+/// An adapter with every trainable tensor random (B != 0, sizeable stds).
+fn random_adapter<Bk: Backend>(kind: AdapterKind, d_in: usize, d_out: usize, r: usize, seed: u64) -> AnyAdapter<Bk> {
+    let base = base::<Bk>(d_in, d_out, seed);
+    let a = normal::<Bk, 2>([r, d_in], seed + 1, 0.5);
+    let b = normal::<Bk, 2>([d_out, r], seed + 2, 0.5);
+    match kind {
+        AdapterKind::Lora => AnyAdapter::Lora(LoraLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, b).unwrap()),
+        AdapterKind::Blob => {
+            let g = normal::<Bk, 2>([r, d_in], seed + 3, 0.5);
+            AnyAdapter::Blob(BlobLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, g, b).unwrap())
+        }
+        AdapterKind::MeLora => {
+            let m = normal::<Bk, 2>([r, r], seed + 4, 1.0);
+            let h = normal::<Bk, 2>([r, r], seed + 5, 0.7);
+            AnyAdapter::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, b, m, h).unwrap())
+        }
+    }
+}
+
+#[test]
+fn every_adapter_equals_its_base_layer_at_initialisation() {
+    let x = normal::<B, 3>([3, 4, 7], 10, 1.0);
+    for config in configs(2) {
+        let base = base::<B>(7, 5, 3);
+        let expected = host(base.forward(x.clone()));
+        let adapter = config.init(base).unwrap();
+        for mode in MODES {
+            let mut noise = NoiseSource::seeded(1);
+            let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true);
+            let out = host(adapter.forward(x.clone(), &mut sampler));
+            assert_eq!(out, expected, "{:?} in {mode:?} differs from its base at init", config.kind());
+        }
+    }
+}
+
+#[test]
+fn mean_forward_equals_the_merged_layer() {
+    let x = normal::<B, 3>([2, 3, 6], 11, 1.0);
+    for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
+        let adapter = random_adapter::<B>(kind, 6, 4, 3, 20);
+        let mut noise = NoiseSource::seeded(0);
+        let out = host(adapter.forward(x.clone(), &mut Sampler::new(SamplingMode::Mean, &mut noise)));
+        let merged = host(adapter.merge().unwrap().forward(x.clone()));
+        let base = host(adapter.base().forward(x.clone()));
+        let max_diff = out.iter().zip(&merged).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(max_diff < 1e-12, "{kind:?}: forward(Mean) vs merge: {max_diff}");
+        let moved = out.iter().zip(&base).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(moved > 1e-3, "{kind:?}: the random adapter should change the output");
+    }
+}
+
+#[test]
+fn merge_refuses_non_finite_weights() {
+    let base = base::<B>(4, 3, 1);
+    let a = Tensor::<B, 2>::full([2, 4], f64::INFINITY, &Default::default());
+    let b = normal::<B, 2>([3, 2], 2, 1.0);
+    let lora = LoraLinearConfig::new().with_low_rank(low_rank(2)).init_with(base, a, b).unwrap();
+    assert_eq!(lora.merge().unwrap_err(), CoreError::NonFiniteMerge);
+}
+
+#[test]
+fn gradients_reach_only_trainable_parameters() {
+    let x = normal::<AD, 3>([2, 3, 6], 12, 1.0);
+    for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
+        let adapter = random_adapter::<AD>(kind, 6, 4, 2, 30);
+        let mut noise = NoiseSource::seeded(0);
+        let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_dropout(true);
+        let loss = adapter.forward(x.clone(), &mut sampler).powi_scalar(2).sum().add(adapter.kl(0.2));
+        let grads = loss.backward();
+        let base = adapter.base();
+        assert!(base.weight.val().grad(&grads).is_none(), "{kind:?}: base weight got a gradient");
+        assert!(base.bias.as_ref().unwrap().val().grad(&grads).is_none(), "{kind:?}: base bias got a gradient");
+        let trainable: Vec<(&str, &Param<Tensor<AD, 2>>)> = match &adapter {
+            AnyAdapter::Lora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b)],
+            AnyAdapter::Blob(l) => vec![("A", &l.lora_a), ("G_A", &l.lora_a_std), ("B", &l.lora_b)],
+            AnyAdapter::MeLora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b), ("M", &l.lora_m), ("H", &l.lora_h)],
+        };
+        for (name, param) in &trainable {
+            let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("{kind:?}: no gradient for {name}"));
+            let norm: f64 = grad.powi_scalar(2).sum().into_scalar();
+            assert!(norm > 0.0, "{kind:?}: zero gradient for {name}");
+        }
+        // The groups name exactly these parameters, and the count agrees with the formula.
+        let groups = adapter.param_groups();
+        assert_eq!(groups.all().len(), trainable.len());
+        for (_, param) in &trainable {
+            assert!(groups.all().contains(&param.id));
+        }
+        assert_eq!(adapter.num_trainable(), trainable_per_layer(kind, 4, 6, 2));
+        let std_ids: Vec<_> = match &adapter {
+            AnyAdapter::Lora(_) => vec![],
+            AnyAdapter::Blob(l) => vec![l.lora_a_std.id],
+            AnyAdapter::MeLora(l) => vec![l.lora_h.id],
+        };
+        assert_eq!(groups.std, std_ids, "{kind:?}: std group");
+    }
+}
+
+#[test]
+fn per_example_draws_differ_across_examples_and_repeat_with_the_seed() {
+    // Two identical sequences in one batch.
+    let one = normal::<B, 3>([1, 3, 6], 13, 1.0);
+    let x = Tensor::cat(vec![one.clone(), one], 0);
+    for kind in [AdapterKind::Blob, AdapterKind::MeLora] {
+        let adapter = random_adapter::<B>(kind, 6, 4, 3, 40);
+        let run = |mode, seed| {
+            let mut noise = NoiseSource::seeded(seed);
+            host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise)))
+        };
+        let half = 3 * 4;
+        let per_example = run(SamplingMode::PerExample, 5);
+        let gap = per_example[..half].iter().zip(&per_example[half..]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        assert!(gap > 1e-3, "{kind:?}: PerExample gave the same draw to both examples");
+        assert_eq!(per_example, run(SamplingMode::PerExample, 5), "{kind:?}: same seed, different output");
+        assert_ne!(per_example, run(SamplingMode::PerExample, 6), "{kind:?}: different seeds, same output");
+        let per_batch = run(SamplingMode::PerBatch, 5);
+        assert_eq!(per_batch[..half], per_batch[half..], "{kind:?}: PerBatch should share the draw");
+    }
+}
+
+#[test]
+fn lora_is_deterministic_in_every_mode() {
+    let x = normal::<B, 3>([2, 3, 6], 14, 1.0);
+    let adapter = random_adapter::<B>(AdapterKind::Lora, 6, 4, 3, 50);
+    let mut noise = NoiseSource::seeded(0);
+    let mean = host(adapter.forward(x.clone(), &mut Sampler::new(SamplingMode::Mean, &mut noise)));
+    for mode in MODES {
+        assert_eq!(host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise))), mean);
+    }
+}
+
+/// Monte Carlo mean of `passes` stochastic forwards against the mean-weight
+/// output: every entry within 5 standard errors.
+fn assert_unbiased(kind: AdapterKind, mode: SamplingMode, passes: usize) {
+    let x = normal::<B, 3>([2, 3, 6], 15, 1.0);
+    let adapter = random_adapter::<B>(kind, 6, 4, 3, 60);
+    let mut noise = NoiseSource::seeded(9);
+    let target = host(adapter.forward(x.clone(), &mut Sampler::new(SamplingMode::Mean, &mut noise)));
+    let mut sum = vec![0.0; target.len()];
+    let mut sum_sq = vec![0.0; target.len()];
+    for _ in 0..passes {
+        let out = host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise)));
+        for (i, v) in out.iter().enumerate() {
+            sum[i] += v;
+            sum_sq[i] += v * v;
+        }
+    }
+    let n = passes as f64;
+    let mut max_z: f64 = 0.0;
+    for i in 0..target.len() {
+        let mean = sum[i] / n;
+        let sd = (sum_sq[i] / n - mean * mean).max(0.0).sqrt();
+        assert!(sd > 1e-3, "{kind:?} {mode:?}: output {i} does not vary");
+        max_z = max_z.max((mean - target[i]).abs() / (sd / n.sqrt()));
+    }
+    assert!(max_z < 5.0, "{kind:?} {mode:?}: Monte Carlo mean is {max_z:.1} standard errors off");
+}
+
+#[test]
+fn blob_flipout_has_the_mean_weight_output_as_its_monte_carlo_mean() {
+    assert_unbiased(AdapterKind::Blob, SamplingMode::Flipout, 4000);
+}
+
+#[test]
+fn stochastic_modes_are_unbiased() {
+    assert_unbiased(AdapterKind::Blob, SamplingMode::PerExample, 2000);
+    assert_unbiased(AdapterKind::MeLora, SamplingMode::PerExample, 2000);
+    assert_unbiased(AdapterKind::MeLora, SamplingMode::Flipout, 2000);
+}
+
+#[test]
+fn invalid_configs_name_the_setting() {
+    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(0)).init(base::<B>(4, 4, 0)).unwrap_err();
+    assert!(err.to_string().contains("rank = 0"), "{err}");
+    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_dropout(1.0)).init(base::<B>(16, 16, 0)).unwrap_err();
+    assert!(err.to_string().contains("dropout = 1"), "{err}");
+    let err = MeLoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(8)).init(base::<B>(4, 16, 0)).unwrap_err();
+    assert!(err.to_string().contains("rank = 8 for a 4 -> 16 layer"), "{err}");
+    let err = BlobLinearConfig::new().with_init_eps(-1.0).init(base::<B>(16, 16, 0)).unwrap_err();
+    assert!(err.to_string().contains("init_eps = -1"), "{err}");
+    let a = normal::<B, 2>([2, 5], 1, 1.0);
+    let b = normal::<B, 2>([3, 2], 1, 1.0);
+    let err = LoraLinearConfig::new().with_low_rank(low_rank(2)).init_with(base::<B>(4, 3, 0), a, b).unwrap_err();
+    assert_eq!(err.to_string(), "shape mismatch for lora_A: expected [2, 4], found [2, 5]");
+}
+
+#[test]
+fn initial_stds_lie_in_blobs_range() {
+    let blob = BlobLinearConfig::new().init(base::<B>(64, 32, 0)).unwrap();
+    let melora = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0)).unwrap();
+    for std in [blob.omega().into_data().to_vec::<f64>().unwrap(), melora.omega().into_data().to_vec::<f64>().unwrap()] {
+        assert!(std.iter().all(|s| (0.00125 - 1e-12..=0.0025 + 1e-12).contains(s)), "{std:?}");
+    }
+    let m: Vec<f64> = melora.lora_m.val().into_data().to_vec().unwrap();
+    let eye: Vec<f64> = Tensor::<B, 2>::eye(8, &Default::default()).into_data().to_vec().unwrap();
+    assert_eq!(m, eye, "M starts at the identity");
+}
