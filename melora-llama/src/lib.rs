@@ -1,1 +1,22 @@
-pub fn placeholder() {}
+#![warn(missing_docs)]
+//! # melora-llama
+//!
+//! A Llama decoder generic over Burn backends whose projections take
+//! melora's adapters; loaders for Hugging Face folders (safetensors) and GGUF
+//! files; tokenizers; PEFT-format adapter files; the `melora` binary.
+//!
+//! Reference implementations read while writing it: transformers'
+//! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
+
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use error::{LlamaError, Result};
+pub use model::Llama;
+pub use tokenizer::Tokenizer;

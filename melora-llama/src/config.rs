@@ -1,0 +1,182 @@
+//! The Llama configuration: presets, Hugging Face `config.json`, GGUF metadata.
+
+use crate::error::LlamaError;
+use burn::config::Config;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The architecture of a Llama decoder.
+#[derive(Config, Debug, PartialEq)]
+pub struct LlamaConfig {
+    /// Vocabulary size.
+    pub vocab_size: usize,
+    /// Hidden (model) width.
+    pub hidden_size: usize,
+    /// Width of the SwiGLU MLP.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Number of query heads.
+    pub num_attention_heads: usize,
+    /// Number of key/value heads (grouped-query attention when fewer).
+    pub num_key_value_heads: usize,
+    /// Width of one head (usually `hidden_size / num_attention_heads`).
+    pub head_dim: usize,
+    /// RoPE base frequency.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon.
+    #[config(default = 1e-5)]
+    pub rms_norm_eps: f64,
+    /// Whether the output layer is the token embedding.
+    #[config(default = false)]
+    pub tie_word_embeddings: bool,
+    /// Longest context the model was trained for.
+    #[config(default = 4096)]
+    pub max_position_embeddings: usize,
+}
+
+impl LlamaConfig {
+    /// Llama-2-7B (Touvron et al. 2023), the paper's first model.
+    pub fn llama2_7b() -> Self {
+        Self::new(32000, 4096, 11008, 32, 32, 32, 128)
+    }
+
+    /// Llama-2-13B.
+    pub fn llama2_13b() -> Self {
+        Self::new(32000, 5120, 13824, 40, 40, 40, 128)
+    }
+
+    /// SmolLM2-135M, the CPU default.
+    pub fn smollm2_135m() -> Self {
+        Self::new(49152, 576, 1536, 30, 9, 3, 64)
+            .with_rope_theta(100000.0)
+            .with_tie_word_embeddings(true)
+            .with_max_position_embeddings(8192)
+    }
+
+    /// A preset by name: `llama2-7b`, `llama2-13b`, `smollm2-135m`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "llama2-7b" | "llama-2-7b" => Some(Self::llama2_7b()),
+            "llama2-13b" | "llama-2-13b" => Some(Self::llama2_13b()),
+            "smollm2-135m" => Some(Self::smollm2_135m()),
+            _ => None,
+        }
+    }
+
+    /// Checks that the sizes are consistent.
+    pub fn validate(&self) -> Result<(), LlamaError> {
+        let sizes = [
+            ("vocab_size", self.vocab_size),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+        ];
+        if let Some((name, _)) = sizes.iter().find(|(_, v)| *v == 0) {
+            return Err(LlamaError::Config(format!("{name} must be positive")));
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return Err(LlamaError::Config(format!(
+                "num_attention_heads = {} is not a multiple of num_key_value_heads = {}",
+                self.num_attention_heads, self.num_key_value_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(LlamaError::Config(format!("head_dim = {} must be even for RoPE", self.head_dim)));
+        }
+        if !(self.rope_theta > 0.0 && self.rms_norm_eps >= 0.0) {
+            return Err(LlamaError::Config(format!(
+                "rope_theta = {} must be positive and rms_norm_eps = {} non-negative",
+                self.rope_theta, self.rms_norm_eps
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reads a Hugging Face `config.json` (a top-level `rope_theta` or the
+    /// newer `rope_parameters.rope_theta`).
+    pub fn from_hf_json(path: &Path) -> Result<Self, LlamaError> {
+        let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+        let hf: HfConfig = serde_json::from_str(&text).map_err(|e| LlamaError::format(path, e.to_string()))?;
+        let heads = hf.num_attention_heads;
+        if heads == 0 {
+            return Err(LlamaError::format(path, "num_attention_heads is 0"));
+        }
+        let rope_theta = hf
+            .rope_theta
+            .or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .unwrap_or(10000.0);
+        let config = Self::new(
+            hf.vocab_size,
+            hf.hidden_size,
+            hf.intermediate_size,
+            hf.num_hidden_layers,
+            heads,
+            hf.num_key_value_heads.unwrap_or(heads),
+            hf.head_dim.unwrap_or(hf.hidden_size / heads),
+        )
+        .with_rope_theta(rope_theta)
+        .with_rms_norm_eps(hf.rms_norm_eps.unwrap_or(1e-6))
+        .with_tie_word_embeddings(hf.tie_word_embeddings.unwrap_or(false))
+        .with_max_position_embeddings(hf.max_position_embeddings.unwrap_or(4096));
+        config.validate().map_err(|e| LlamaError::format(path, e.to_string()))?;
+        Ok(config)
+    }
+}
+
+#[derive(Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rope_theta: Option<f64>,
+    rope_parameters: Option<RopeParameters>,
+    rms_norm_eps: Option<f64>,
+    tie_word_embeddings: Option<bool>,
+    max_position_embeddings: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RopeParameters {
+    rope_theta: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_rope_theta_layouts_are_read() {
+        let dir = std::env::temp_dir().join(format!("melora-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1"#;
+        let old = dir.join("old.json");
+        std::fs::write(&old, format!("{{{base}, \"rope_theta\": 500000.0}}")).unwrap();
+        let new = dir.join("new.json");
+        std::fs::write(&new, format!("{{{base}, \"rope_parameters\": {{\"rope_theta\": 1234.0, \"rope_type\": \"default\"}}}}")).unwrap();
+        assert_eq!(LlamaConfig::from_hf_json(&old).unwrap().rope_theta, 500000.0);
+        let c = LlamaConfig::from_hf_json(&new).unwrap();
+        assert_eq!((c.rope_theta, c.head_dim, c.num_key_value_heads), (1234.0, 4, 1));
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, format!("{{{base}, \"num_attention_heads\": 3}}").replace("\"num_attention_heads\": 2, ", "")).unwrap();
+        let err = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
+        assert!(err.contains("not a multiple"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn presets_are_valid() {
+        for name in ["llama2-7b", "llama2-13b", "smollm2-135m"] {
+            LlamaConfig::preset(name).unwrap().validate().unwrap();
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! The error type of `melora-llama`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong loading, building or running a model.
+/// Messages name the file or tensor, what was expected and what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum LlamaError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file is not in the expected format, or is truncated or corrupt.
+    #[error("{path}: {message}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A tensor the model needs is not in the weights.
+    #[error("missing tensor {name} in {source_name}")]
+    Missing {
+        /// The tensor's (Hugging Face) name.
+        name: String,
+        /// Where it was looked up.
+        source_name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("shape mismatch for {name}: expected {expected:?}, found {found:?}")]
+    Shape {
+        /// The tensor's name.
+        name: String,
+        /// The expected shape.
+        expected: Vec<usize>,
+        /// The shape found.
+        found: Vec<usize>,
+    },
+    /// A tensor's element type is not supported.
+    #[error("{name}: unsupported tensor type {dtype} (supported: {supported})")]
+    Dtype {
+        /// The tensor's name.
+        name: String,
+        /// The type found.
+        dtype: String,
+        /// The supported types.
+        supported: &'static str,
+    },
+    /// A model configuration is invalid.
+    #[error("invalid model configuration: {0}")]
+    Config(String),
+    /// The tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// An adapter error from melora-core.
+    #[error(transparent)]
+    Core(#[from] melora_core::CoreError),
+}
+
+impl LlamaError {
+    /// A format error for `path`.
+    pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
+        Self::Format { path: path.into(), message: message.into() }
+    }
+
+    /// An I/O error for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io { path: path.into(), source }
+    }
+}
+
+/// `Result` with [`LlamaError`].
+pub type Result<T> = std::result::Result<T, LlamaError>;

@@ -1,0 +1,328 @@
+//! A Llama decoder (RMSNorm, rotary embeddings, grouped-query attention,
+//! SwiGLU MLP, tied or untied output) whose projections can carry any
+//! melora adapter.
+//!
+//! Weights are named as in Hugging Face transformers
+//! (`model.layers.3.self_attn.q_proj.weight`): see [`crate::weights`].
+//! RoPE is the half-split form of transformers; GGUF checkpoints, whose Q/K
+//! rows llama.cpp permutes for interleaved RoPE, are un-permuted on load.
+
+use crate::cache::KvCache;
+use crate::config::LlamaConfig;
+use burn::module::Module;
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::silu;
+use burn::tensor::module::{attention, linear};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
+
+/// A projection: a frozen base linear layer, or one with an adapter.
+#[derive(Module, Debug)]
+pub enum Proj<B: Backend> {
+    /// No adapter.
+    Base(Linear<B>),
+    /// An adapter around the frozen base layer.
+    Adapted(AnyAdapter<B>),
+}
+
+impl<B: Backend> Proj<B> {
+    /// # Shapes
+    ///
+    /// - x: `[batch, seq, d_input]`, output: `[batch, seq, d_output]`
+    pub fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        match self {
+            Self::Base(linear) => linear.forward(x),
+            Self::Adapted(adapter) => adapter.forward(x, sampler),
+        }
+    }
+
+    /// The adapter, if any.
+    pub fn adapter(&self) -> Option<&AnyAdapter<B>> {
+        match self {
+            Self::Base(_) => None,
+            Self::Adapted(a) => Some(a),
+        }
+    }
+}
+
+/// Grouped-query self-attention.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    /// Query projection.
+    pub q_proj: Proj<B>,
+    /// Key projection.
+    pub k_proj: Proj<B>,
+    /// Value projection.
+    pub v_proj: Proj<B>,
+    /// Output projection.
+    pub o_proj: Proj<B>,
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// The SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    /// Gate projection.
+    pub gate_proj: Proj<B>,
+    /// Up projection.
+    pub up_proj: Proj<B>,
+    /// Down projection.
+    pub down_proj: Proj<B>,
+}
+
+/// One pre-norm decoder layer.
+#[derive(Module, Debug)]
+pub struct DecoderLayer<B: Backend> {
+    /// Self-attention.
+    pub self_attn: Attention<B>,
+    /// MLP.
+    pub mlp: Mlp<B>,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm<B>,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: RmsNorm<B>,
+}
+
+/// The Llama decoder.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    /// Token embedding `[vocab, hidden]`.
+    pub embed_tokens: Embedding<B>,
+    /// Decoder layers.
+    pub layers: Vec<DecoderLayer<B>>,
+    /// Final norm.
+    pub norm: RmsNorm<B>,
+    /// Output layer; `None` when tied to the embedding.
+    pub lm_head: Option<Linear<B>>,
+    /// RoPE base frequency.
+    pub rope_theta: f64,
+}
+
+/// Rotary tables for a run of positions: `cos` and `sin`, `[1, 1, seq, head_dim]`.
+pub struct Rope<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+impl<B: Backend> Rope<B> {
+    /// Tables for positions `start .. start + seq` (half-split layout:
+    /// frequency `i` at columns `i` and `i + head_dim / 2`).
+    pub fn new(theta: f64, head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(seq * head_dim);
+        let mut sin = Vec::with_capacity(seq * head_dim);
+        for pos in start..start + seq {
+            let angles: Vec<f64> =
+                (0..half).map(|i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+            for _ in 0..2 {
+                cos.extend(angles.iter().map(|a| a.cos() as f32));
+                sin.extend(angles.iter().map(|a| a.sin() as f32));
+            }
+        }
+        let shape = [1, 1, seq, head_dim];
+        Self {
+            cos: Tensor::from_data(TensorData::new(cos, shape), device),
+            sin: Tensor::from_data(TensorData::new(sin, shape), device),
+        }
+    }
+
+    /// Rotates `x`, `[batch, heads, seq, head_dim]`.
+    pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, _, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x.mul(self.cos.clone()).add(rotated.mul(self.sin.clone()))
+    }
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: &Rope<B>,
+        mask: Option<Tensor<B, 4, Bool>>,
+        cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
+        let [batch, seq, _] = x.dims();
+        let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
+        let q = rope.apply(split(self.q_proj.forward(x.clone(), sampler), h));
+        let mut k = rope.apply(split(self.k_proj.forward(x.clone(), sampler), kvh));
+        let mut v = split(self.v_proj.forward(x, sampler), kvh);
+        if let Some((cache_k, cache_v)) = cache {
+            if let Some(past) = cache_k.take() {
+                k = Tensor::cat(vec![past, k], 2);
+            }
+            if let Some(past) = cache_v.take() {
+                v = Tensor::cat(vec![past, v], 2);
+            }
+            *cache_k = Some(k.clone());
+            *cache_v = Some(v.clone());
+        }
+        let (k, v) = (repeat_kv(k, h / kvh), repeat_kv(v, h / kvh));
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: false };
+        let out = attention(q, k, v, mask, None, options);
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * hd]), sampler)
+    }
+}
+
+/// Repeats each key/value head `n` times: `[b, kvh, t, d] -> [b, kvh * n, t, d]`.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
+    if n == 1 {
+        return x;
+    }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, n, t, d]).reshape([b, kvh * n, t, d])
+}
+
+impl<B: Backend> Mlp<B> {
+    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let gate = silu(self.gate_proj.forward(x.clone(), sampler));
+        self.down_proj.forward(gate.mul(self.up_proj.forward(x, sampler)), sampler)
+    }
+}
+
+/// The attention mask (`true` = masked) for `seq` new queries after `past`
+/// cached positions: causal, and padded keys hidden from every other query.
+/// A padded query still sees itself, so no row is fully masked.
+///
+/// `padding`: per example, `true` for real tokens, over all `past + seq` keys.
+pub fn attention_mask<B: Backend>(
+    batch: usize,
+    heads: usize,
+    past: usize,
+    seq: usize,
+    padding: Option<&[Vec<bool>]>,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let total = past + seq;
+    let mut values = Vec::with_capacity(batch * seq * total);
+    for b in 0..batch {
+        for i in 0..seq {
+            let query = past + i;
+            for key in 0..total {
+                let padded = padding.is_some_and(|p| !p[b][key]);
+                values.push(key > query || (padded && key != query));
+            }
+        }
+    }
+    Tensor::<B, 4, Bool>::from_data(TensorData::new(values, [batch, 1, seq, total]), device)
+        .expand([batch, heads, seq, total])
+}
+
+impl<B: Backend> Llama<B> {
+    /// The last hidden states (after the final norm).
+    ///
+    /// `padding[b][j]` is `true` where token `j` of example `b` is real (over
+    /// the cached and the new positions). With a cache, the new tokens follow
+    /// the cached ones.
+    ///
+    /// # Shapes
+    ///
+    /// - tokens: `[batch, seq]`, output: `[batch, seq, hidden]`
+    pub fn hidden(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: Option<&[Vec<bool>]>,
+        mut cache: Option<&mut KvCache<B>>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
+        let [batch, seq] = tokens.dims();
+        let device = tokens.device();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let first = &self.layers[0].self_attn;
+        let rope = Rope::new(self.rope_theta, first.head_dim, past, seq, &device);
+        let mask = (seq > 1 || padding.is_some())
+            .then(|| attention_mask::<B>(batch, first.n_heads, past, seq, padding, &device));
+        let mut x = self.embed_tokens.forward(tokens);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| c.layer(i));
+            let attn = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &rope, mask.clone(), layer_cache, sampler);
+            x = x.add(attn);
+            let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), sampler);
+            x = x.add(mlp);
+        }
+        if let Some(c) = cache {
+            c.advance(seq);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Logits from hidden states, `[..., hidden] -> [..., vocab]`.
+    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(hidden, self.embed_tokens.weight.val().transpose(), None),
+        }
+    }
+
+    /// Logits for every position, `[batch, seq, vocab]`.
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, padding: Option<&[Vec<bool>]>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        self.logits(self.hidden(tokens, padding, None, sampler))
+    }
+
+    /// Every adapted projection, with its Hugging Face module path
+    /// (`model.layers.0.self_attn.q_proj`).
+    pub fn adapters(&self) -> Vec<(String, &AnyAdapter<B>)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let projections = [
+                ("self_attn.q_proj", &layer.self_attn.q_proj),
+                ("self_attn.k_proj", &layer.self_attn.k_proj),
+                ("self_attn.v_proj", &layer.self_attn.v_proj),
+                ("self_attn.o_proj", &layer.self_attn.o_proj),
+                ("mlp.gate_proj", &layer.mlp.gate_proj),
+                ("mlp.up_proj", &layer.mlp.up_proj),
+                ("mlp.down_proj", &layer.mlp.down_proj),
+            ];
+            for (name, proj) in projections {
+                if let Some(adapter) = proj.adapter() {
+                    out.push((format!("model.layers.{i}.{name}"), adapter));
+                }
+            }
+        }
+        out
+    }
+
+    /// The sum of the adapters' KL terms, shape `[1]`.
+    pub fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
+        let device = self.embed_tokens.weight.device();
+        self.adapters().into_iter().fold(Tensor::zeros([1], &device), |acc, (_, a)| acc.add(a.kl(prior_std)))
+    }
+
+    /// The adapters' parameter ids, split into mean and std groups.
+    pub fn param_groups(&self) -> ParamGroups {
+        let mut groups = ParamGroups::default();
+        for (_, adapter) in self.adapters() {
+            groups.extend(adapter.param_groups());
+        }
+        groups
+    }
+
+    /// Trainable values (every adapter parameter), counted by a visitor.
+    pub fn num_trainable(&self) -> usize {
+        melora_core::count_params(self, &self.param_groups().all())
+    }
+
+    /// The configuration's layer sizes, read back from the module.
+    pub fn n_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Builds a model with random weights (for shape-only presets and
+    /// benchmarks); every weight frozen.
+    pub fn random(config: &LlamaConfig, device: &B::Device) -> Self {
+        crate::weights::build(config, &mut crate::weights::RandomSource::new(config, 0), device)
+            .expect("random weights have the right shapes")
+            .0
+    }
+}

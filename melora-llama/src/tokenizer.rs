@@ -1,0 +1,134 @@
+//! Tokenizers: a Hugging Face `tokenizer.json`, or a byte-level BPE rebuilt
+//! from GGUF metadata (`tokenizer.ggml.*`) with the `tokenizers` crate.
+
+use crate::error::{LlamaError, Result};
+use crate::weights::gguf::{Gguf, GgufValue};
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::AddedToken;
+
+/// A tokenizer and the special tokens melora needs.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Beginning-of-sequence token, when the model uses one.
+    pub bos: Option<u32>,
+    /// End-of-sequence token.
+    pub eos: Option<u32>,
+    /// Padding token (defaults to `eos`).
+    pub pad: Option<u32>,
+    /// Whether `encode` prepends `bos` itself (GGUF's `add_bos_token`);
+    /// a `tokenizer.json` does this through its post-processor instead.
+    add_bos: bool,
+}
+
+fn tok_err(e: impl std::fmt::Display) -> LlamaError {
+    LlamaError::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    /// Reads a Hugging Face `tokenizer.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| LlamaError::format(path, e.to_string()))?;
+        let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
+        let eos = find(&["</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>"]);
+        let bos = find(&["<s>", "<|begin_of_text|>"]);
+        Ok(Self { inner, bos, eos, pad: eos, add_bos: false })
+    }
+
+    /// Rebuilds the tokenizer stored in a GGUF file (`tokenizer.ggml.model =
+    /// "gpt2"`: byte-level BPE from `tokens` and `merges`; digits split one
+    /// by one, as SmolLM2's pre-tokenizer does).
+    pub fn from_gguf(gguf: &Gguf, path: &Path) -> Result<Self> {
+        let err = |m: String| LlamaError::format(path, m);
+        let model = gguf.get("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or("");
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model = {model:?}: only byte-level BPE (\"gpt2\") can be rebuilt; use the model's tokenizer.json"
+            )));
+        }
+        let strings = |key: &str| -> Result<Vec<String>> {
+            gguf.get(key)
+                .and_then(GgufValue::as_array)
+                .ok_or_else(|| err(format!("{key} missing")))?
+                .iter()
+                .map(|v| v.as_str().map(String::from).ok_or_else(|| err(format!("{key} holds a non-string"))))
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("bad merge {m:?}"))))
+            .collect::<Result<_>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control tokens (type 3) are special: matched whole, never split.
+        if let Some(types) = gguf.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {
+            let special: Vec<AddedToken> = types
+                .iter()
+                .zip(&tokens)
+                .filter(|(t, _)| t.as_u64() == Some(3))
+                .map(|(_, tok)| AddedToken::from(tok.clone(), true))
+                .collect();
+            inner.add_special_tokens(special).map_err(tok_err)?;
+        }
+        let id = |key: &str| gguf.get(key).and_then(GgufValue::as_u64).map(|v| v as u32);
+        let add_bos = matches!(gguf.get("tokenizer.ggml.add_bos_token"), Some(GgufValue::Bool(true)));
+        let eos = id("tokenizer.ggml.eos_token_id");
+        Ok(Self {
+            inner,
+            bos: id("tokenizer.ggml.bos_token_id"),
+            eos,
+            pad: id("tokenizer.ggml.padding_token_id").or(eos),
+            add_bos,
+        })
+    }
+
+    /// Token ids of `text` (with the model's BOS when it uses one).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, true).map_err(tok_err)?;
+        let mut ids = encoding.get_ids().to_vec();
+        if self.add_bos {
+            if let Some(bos) = self.bos {
+                if ids.first() != Some(&bos) {
+                    ids.insert(0, bos);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Token ids of `text` with no special tokens added.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false).map_err(tok_err)?.get_ids().to_vec())
+    }
+
+    /// The text of `ids`.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(tok_err)
+    }
+
+    /// The single token that `text` encodes to; an error naming the text and
+    /// its tokens if it is not exactly one token.
+    pub fn single_token(&self, text: &str) -> Result<u32> {
+        let ids = self.encode_plain(text)?;
+        match ids.as_slice() {
+            [id] => Ok(*id),
+            _ => Err(LlamaError::Tokenizer(format!("{text:?} is not a single token: it encodes to {ids:?}"))),
+        }
+    }
+
+    /// The vocabulary size (with added tokens).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

@@ -1,0 +1,305 @@
+//! Building a [`Llama`] from named weights.
+//!
+//! Every source (a Hugging Face folder of safetensors, a GGUF file, random
+//! numbers) answers by Hugging Face tensor name, in the `[out, in]` layout of
+//! PyTorch, as f32. The builder asks for each tensor the model needs, checks
+//! its shape (the error names the tensor and both shapes), and reports the
+//! keys it did not use. Candle's `VarBuilder` is the model for this design.
+
+pub mod gguf;
+pub mod safetensors;
+
+use crate::config::LlamaConfig;
+use crate::error::{LlamaError, Result};
+use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj};
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use melora_core::AdapterConfig;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// A tensor read from a source: its shape and its values as f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    /// Shape, PyTorch order (`[out, in]` for a linear weight).
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub values: Vec<f32>,
+}
+
+/// Somewhere named weights come from.
+pub trait WeightSource {
+    /// A short description for messages (usually the path).
+    fn describe(&self) -> String;
+    /// Every tensor name the source holds (Hugging Face names).
+    fn names(&self) -> Vec<String>;
+    /// The tensor called `name`, or `None` if the source has no such tensor.
+    fn load(&mut self, name: &str) -> Result<Option<HostTensor>>;
+}
+
+/// What a load did not use.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadReport {
+    /// Tensors in the source that the model did not use.
+    pub unused: Vec<String>,
+}
+
+struct Loader<'a, S: WeightSource + ?Sized> {
+    source: &'a mut S,
+    used: BTreeSet<String>,
+}
+
+impl<S: WeightSource + ?Sized> Loader<'_, S> {
+    fn get(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let tensor = self
+            .source
+            .load(name)?
+            .ok_or_else(|| LlamaError::Missing { name: name.to_string(), source_name: self.source.describe() })?;
+        if tensor.shape != expected {
+            return Err(LlamaError::Shape { name: name.to_string(), expected: expected.to_vec(), found: tensor.shape });
+        }
+        self.used.insert(name.to_string());
+        Ok(tensor)
+    }
+
+    fn frozen<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Param<Tensor<B, D>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)).set_require_grad(false)
+    }
+
+    /// A linear layer from an `[out, in]` weight (transposed on the host to
+    /// Burn's `[in, out]`).
+    fn linear<B: Backend>(&mut self, name: &str, d_out: usize, d_in: usize, device: &B::Device) -> Result<Linear<B>> {
+        let w = self.get(&format!("{name}.weight"), &[d_out, d_in])?;
+        let mut t = vec![0f32; w.values.len()];
+        for o in 0..d_out {
+            for i in 0..d_in {
+                t[i * d_out + o] = w.values[o * d_in + i];
+            }
+        }
+        Ok(Linear { weight: Self::frozen(t, [d_in, d_out], device), bias: None })
+    }
+
+    fn norm<B: Backend>(&mut self, name: &str, d: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
+        let w = self.get(&format!("{name}.weight"), &[d])?;
+        let mut norm: RmsNorm<B> = RmsNormConfig::new(d).with_epsilon(eps).init(device);
+        norm.gamma = Self::frozen(w.values, [d], device);
+        Ok(norm)
+    }
+}
+
+/// Builds the model from `source`; every weight frozen, no adapters.
+pub fn build<B: Backend, S: WeightSource + ?Sized>(
+    config: &LlamaConfig,
+    source: &mut S,
+    device: &B::Device,
+) -> Result<(Llama<B>, LoadReport)> {
+    config.validate()?;
+    let c = config;
+    let mut loader = Loader { source, used: BTreeSet::new() };
+    let embed = loader.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
+    let embed_tokens =
+        Embedding { weight: Loader::<S>::frozen(embed.values, [c.vocab_size, c.hidden_size], device) };
+    let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut lin = |name: &str, d_out, d_in| -> Result<Proj<B>> {
+            Ok(Proj::Base(loader.linear(&format!("{p}.{name}"), d_out, d_in, device)?))
+        };
+        let self_attn = Attention {
+            q_proj: lin("self_attn.q_proj", q_dim, c.hidden_size)?,
+            k_proj: lin("self_attn.k_proj", kv_dim, c.hidden_size)?,
+            v_proj: lin("self_attn.v_proj", kv_dim, c.hidden_size)?,
+            o_proj: lin("self_attn.o_proj", c.hidden_size, q_dim)?,
+            n_heads: c.num_attention_heads,
+            n_kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+        };
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", c.intermediate_size, c.hidden_size)?,
+            up_proj: lin("mlp.up_proj", c.intermediate_size, c.hidden_size)?,
+            down_proj: lin("mlp.down_proj", c.hidden_size, c.intermediate_size)?,
+        };
+        layers.push(DecoderLayer {
+            self_attn,
+            mlp,
+            input_layernorm: loader.norm(&format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps, device)?,
+            post_attention_layernorm: loader.norm(&format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps, device)?,
+        });
+    }
+    let norm = loader.norm("model.norm", c.hidden_size, c.rms_norm_eps, device)?;
+    let lm_head = if c.tie_word_embeddings {
+        None
+    } else {
+        Some(loader.linear("lm_head", c.vocab_size, c.hidden_size, device)?)
+    };
+    let used = loader.used;
+    let unused = source.names().into_iter().filter(|n| !used.contains(n)).collect();
+    let model = Llama { embed_tokens, layers, norm, lm_head, rope_theta: c.rope_theta };
+    Ok((model.no_grad(), LoadReport { unused }))
+}
+
+/// Which projections get an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    /// `self_attn.q_proj`
+    Q,
+    /// `self_attn.k_proj`
+    K,
+    /// `self_attn.v_proj`
+    V,
+    /// `self_attn.o_proj`
+    O,
+    /// `mlp.gate_proj`
+    Gate,
+    /// `mlp.up_proj`
+    Up,
+    /// `mlp.down_proj`
+    Down,
+}
+
+impl Target {
+    /// Every target, with its Hugging Face module name.
+    pub const ALL: [(Target, &'static str); 7] = [
+        (Target::Q, "q_proj"),
+        (Target::K, "k_proj"),
+        (Target::V, "v_proj"),
+        (Target::O, "o_proj"),
+        (Target::Gate, "gate_proj"),
+        (Target::Up, "up_proj"),
+        (Target::Down, "down_proj"),
+    ];
+
+    /// The module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(t, _)| *t == self).map(|(_, n)| *n).unwrap_or("?")
+    }
+
+    /// Parses a comma-separated list such as `q_proj,v_proj`.
+    pub fn parse_list(list: &str) -> Result<Vec<Target>> {
+        let mut out = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let target = Self::ALL.iter().find(|(_, n)| *n == item).map(|(t, _)| *t).ok_or_else(|| {
+                LlamaError::Config(format!(
+                    "unknown adapter target {item:?}: expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                ))
+            })?;
+            if !out.contains(&target) {
+                out.push(target);
+            }
+        }
+        if out.is_empty() {
+            return Err(LlamaError::Config(format!("no adapter target in {list:?}")));
+        }
+        Ok(out)
+    }
+}
+
+fn wrap<B: Backend>(proj: Proj<B>, wanted: bool, config: &AdapterConfig) -> Result<Proj<B>> {
+    Ok(match proj {
+        Proj::Base(linear) if wanted => Proj::Adapted(config.init(linear)?),
+        other => other,
+    })
+}
+
+impl<B: Backend> Llama<B> {
+    /// Puts a fresh adapter of `config` on every `targets` projection
+    /// (adapter weights drawn from the backend's generator: seed it first).
+    pub fn with_adapters(mut self, config: &AdapterConfig, targets: &[Target]) -> Result<Self> {
+        let on = |t: Target| targets.contains(&t);
+        self.layers = std::mem::take(&mut self.layers)
+            .into_iter()
+            .map(|layer| {
+                let DecoderLayer { self_attn, mlp, input_layernorm, post_attention_layernorm } = layer;
+                Ok(DecoderLayer {
+                    self_attn: Attention {
+                        q_proj: wrap(self_attn.q_proj, on(Target::Q), config)?,
+                        k_proj: wrap(self_attn.k_proj, on(Target::K), config)?,
+                        v_proj: wrap(self_attn.v_proj, on(Target::V), config)?,
+                        o_proj: wrap(self_attn.o_proj, on(Target::O), config)?,
+                        ..self_attn
+                    },
+                    mlp: Mlp {
+                        gate_proj: wrap(mlp.gate_proj, on(Target::Gate), config)?,
+                        up_proj: wrap(mlp.up_proj, on(Target::Up), config)?,
+                        down_proj: wrap(mlp.down_proj, on(Target::Down), config)?,
+                    },
+                    input_layernorm,
+                    post_attention_layernorm,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self)
+    }
+}
+
+/// Random weights `N(0, 0.02^2)` (norms 1) of the right shapes, generated on
+/// demand: for shape-only presets and benchmarks.
+pub struct RandomSource {
+    config: LlamaConfig,
+    rng: melora_core::NoiseSource,
+}
+
+impl RandomSource {
+    /// A source for `config`, seeded.
+    pub fn new(config: &LlamaConfig, seed: u64) -> Self {
+        Self { config: config.clone(), rng: melora_core::NoiseSource::seeded(seed) }
+    }
+}
+
+impl WeightSource for RandomSource {
+    fn describe(&self) -> String {
+        "random weights".into()
+    }
+    fn names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    fn load(&mut self, name: &str) -> Result<Option<HostTensor>> {
+        let c = &self.config;
+        let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+        let shape: Vec<usize> = if name.ends_with("norm.weight") {
+            return Ok(Some(HostTensor { shape: vec![c.hidden_size], values: vec![1.0; c.hidden_size] }));
+        } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            vec![c.vocab_size, c.hidden_size]
+        } else if name.ends_with("q_proj.weight") {
+            vec![q_dim, c.hidden_size]
+        } else if name.ends_with("k_proj.weight") || name.ends_with("v_proj.weight") {
+            vec![kv_dim, c.hidden_size]
+        } else if name.ends_with("o_proj.weight") {
+            vec![c.hidden_size, q_dim]
+        } else if name.ends_with("down_proj.weight") {
+            vec![c.hidden_size, c.intermediate_size]
+        } else if name.ends_with("gate_proj.weight") || name.ends_with("up_proj.weight") {
+            vec![c.intermediate_size, c.hidden_size]
+        } else {
+            return Ok(None);
+        };
+        let n: usize = shape.iter().product();
+        let values = self.rng.normal::<burn::backend::NdArray<f32>, 1>([n], &Default::default()).mul_scalar(0.02);
+        Ok(Some(HostTensor { shape, values: values.into_data().to_vec().expect("f32") }))
+    }
+}
+
+/// Opens a model: a preset name (random weights for Llama-2 presets), a
+/// Hugging Face folder, or a GGUF file. PyTorch pickles are refused.
+pub fn open_source(model: &str) -> Result<(LlamaConfig, Box<dyn WeightSource>)> {
+    let path = Path::new(model);
+    if path.is_dir() {
+        let source = safetensors::SafetensorsSource::open(path)?;
+        let config = LlamaConfig::from_hf_json(&path.join("config.json"))?;
+        return Ok((config, Box::new(source)));
+    }
+    if path.is_file() {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+        return match ext.as_str() {
+            "gguf" => {
+                let source = gguf::GgufSource::open(path)?;
+                Ok((source.config()?, Box::new(source)))
+            }
+            "bin" | "pt" | "pth" | "ckpt" | "pkl" => Err(safetensors::pickle_refusal(path)),
+            _ => Err(LlamaError::format(path, "unknown model file type: expected a .gguf file or a Hugging Face folder")),
+        };
+    }
+    Err(LlamaError::Config(format!("{model:?} is neither a file nor a folder")))
+}
