@@ -8,11 +8,13 @@
 //! Reference implementations read while writing it: transformers'
 //! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
 
+pub mod assets;
 pub mod cache;
 pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod pretrained;
 pub mod tokenizer;
 pub mod weights;
 

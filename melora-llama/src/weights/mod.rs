@@ -17,7 +17,6 @@ use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use melora_core::AdapterConfig;
 use std::collections::BTreeSet;
-use std::path::Path;
 
 /// A tensor read from a source: its shape and its values as f32.
 #[derive(Debug, Clone, PartialEq)]
@@ -279,27 +278,4 @@ impl WeightSource for RandomSource {
         let values = self.rng.normal::<burn::backend::NdArray<f32>, 1>([n], &Default::default()).mul_scalar(0.02);
         Ok(Some(HostTensor { shape, values: values.into_data().to_vec().expect("f32") }))
     }
-}
-
-/// Opens a model: a preset name (random weights for Llama-2 presets), a
-/// Hugging Face folder, or a GGUF file. PyTorch pickles are refused.
-pub fn open_source(model: &str) -> Result<(LlamaConfig, Box<dyn WeightSource>)> {
-    let path = Path::new(model);
-    if path.is_dir() {
-        let source = safetensors::SafetensorsSource::open(path)?;
-        let config = LlamaConfig::from_hf_json(&path.join("config.json"))?;
-        return Ok((config, Box::new(source)));
-    }
-    if path.is_file() {
-        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-        return match ext.as_str() {
-            "gguf" => {
-                let source = gguf::GgufSource::open(path)?;
-                Ok((source.config()?, Box::new(source)))
-            }
-            "bin" | "pt" | "pth" | "ckpt" | "pkl" => Err(safetensors::pickle_refusal(path)),
-            _ => Err(LlamaError::format(path, "unknown model file type: expected a .gguf file or a Hugging Face folder")),
-        };
-    }
-    Err(LlamaError::Config(format!("{model:?} is neither a file nor a folder")))
 }
