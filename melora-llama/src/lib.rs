@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod peft;
 pub mod pretrained;
 pub mod tokenizer;
 pub mod weights;

@@ -12,6 +12,7 @@ pub mod safetensors;
 use crate::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj};
+use melora_core::AnyAdapter;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
@@ -195,40 +196,39 @@ impl Target {
     }
 }
 
-fn wrap<B: Backend>(proj: Proj<B>, wanted: bool, config: &AdapterConfig) -> Result<Proj<B>> {
-    Ok(match proj {
-        Proj::Base(linear) if wanted => Proj::Adapted(config.init(linear)?),
-        other => other,
-    })
-}
-
 impl<B: Backend> Llama<B> {
     /// Puts a fresh adapter of `config` on every `targets` projection
     /// (adapter weights drawn from the backend's generator: seed it first).
-    pub fn with_adapters(mut self, config: &AdapterConfig, targets: &[Target]) -> Result<Self> {
-        let on = |t: Target| targets.contains(&t);
-        self.layers = std::mem::take(&mut self.layers)
-            .into_iter()
-            .map(|layer| {
-                let DecoderLayer { self_attn, mlp, input_layernorm, post_attention_layernorm } = layer;
-                Ok(DecoderLayer {
-                    self_attn: Attention {
-                        q_proj: wrap(self_attn.q_proj, on(Target::Q), config)?,
-                        k_proj: wrap(self_attn.k_proj, on(Target::K), config)?,
-                        v_proj: wrap(self_attn.v_proj, on(Target::V), config)?,
-                        o_proj: wrap(self_attn.o_proj, on(Target::O), config)?,
-                        ..self_attn
-                    },
-                    mlp: Mlp {
-                        gate_proj: wrap(mlp.gate_proj, on(Target::Gate), config)?,
-                        up_proj: wrap(mlp.up_proj, on(Target::Up), config)?,
-                        down_proj: wrap(mlp.down_proj, on(Target::Down), config)?,
-                    },
-                    input_layernorm,
-                    post_attention_layernorm,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+    pub fn with_adapters(self, config: &AdapterConfig, targets: &[Target]) -> Result<Self> {
+        self.map_projections(targets, |_, base| Ok(config.init(base)?))
+    }
+
+    /// Replaces every `targets` projection that has no adapter yet by
+    /// `make(module_path, base)`, e.g. `make("model.layers.0.self_attn.q_proj", base)`.
+    pub fn map_projections(
+        mut self,
+        targets: &[Target],
+        mut make: impl FnMut(&str, Linear<B>) -> Result<AnyAdapter<B>>,
+    ) -> Result<Self> {
+        let layers = std::mem::take(&mut self.layers);
+        for (i, mut layer) in layers.into_iter().enumerate() {
+            for target in targets {
+                let (group, slot) = match target {
+                    Target::Q => ("self_attn", &mut layer.self_attn.q_proj),
+                    Target::K => ("self_attn", &mut layer.self_attn.k_proj),
+                    Target::V => ("self_attn", &mut layer.self_attn.v_proj),
+                    Target::O => ("self_attn", &mut layer.self_attn.o_proj),
+                    Target::Gate => ("mlp", &mut layer.mlp.gate_proj),
+                    Target::Up => ("mlp", &mut layer.mlp.up_proj),
+                    Target::Down => ("mlp", &mut layer.mlp.down_proj),
+                };
+                if let Proj::Base(base) = slot {
+                    let path = format!("model.layers.{i}.{group}.{}", target.name());
+                    *slot = Proj::Adapted(make(&path, base.clone())?);
+                }
+            }
+            self.layers.push(layer);
+        }
         Ok(self)
     }
 }

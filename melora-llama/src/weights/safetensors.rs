@@ -131,6 +131,15 @@ impl SafetensorsSource {
     }
 }
 
+impl SafetensorsSource {
+    /// A source over one safetensors file.
+    pub fn single(path: &Path) -> Result<Self> {
+        let file = SafetensorsFile::open(path)?;
+        let index = file.names().into_iter().map(|n| (n, 0)).collect();
+        Ok(Self { folder: path.to_path_buf(), files: vec![file], index })
+    }
+}
+
 impl WeightSource for SafetensorsSource {
     fn describe(&self) -> String {
         self.folder.display().to_string()

@@ -1,0 +1,202 @@
+//! Adapter files in PEFT's format: a folder with `adapter_config.json` and
+//! `adapter_model.safetensors`.
+//!
+//! LoRA files are PEFT's own: keys
+//! `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+//! (`[r, in]`) and `...lora_B.weight` (`[out, r]`), and a config with `r`,
+//! `lora_alpha`, `lora_dropout`, `use_rslora`, `target_modules`; PEFT loads
+//! them. BLoB and Me-LoRA use the same layout plus, per module:
+//!
+//! | key suffix | adapter | tensor |
+//! |---|---|---|
+//! | `lora_A.weight` | BLoB | `M_A`, the mean of `A` |
+//! | `lora_A_std.weight` | BLoB | `G_A`, the raw std parameter (`Omega_A = G_A^2` or softplus) |
+//! | `lora_M.weight` | Me-LoRA | `M`, the mean of `C` (`[r, r]`) |
+//! | `lora_H.weight` | Me-LoRA | `H`, the raw std parameter of `C` (`[r, r]`) |
+//!
+//! and the full melora adapter configuration under the config's `"melora"`
+//! key (PEFT ignores it).
+
+use crate::assets::write_atomic;
+use crate::error::{LlamaError, Result};
+use crate::model::Llama;
+use crate::weights::safetensors::SafetensorsSource;
+use crate::weights::{Target, WeightSource};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
+use melora_core::{AdapterConfig, AnyAdapter, LoraLinearConfig, LowRankConfig};
+use serde_json::json;
+use std::path::Path;
+
+const PREFIX: &str = "base_model.model.";
+
+/// What an adapter folder holds besides the tensors.
+#[derive(Debug)]
+pub struct AdapterMeta {
+    /// The adapter configuration.
+    pub config: AdapterConfig,
+    /// The adapted projections.
+    pub targets: Vec<Target>,
+}
+
+/// Reads `adapter_config.json` of `dir`.
+pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
+    let path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+    let bad = |m: &str| LlamaError::format(&path, m.to_string());
+    let peft_type = json.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
+    if peft_type != "LORA" {
+        return Err(bad(&format!("peft_type {peft_type:?} is not supported (only LORA)")));
+    }
+    let targets = match json.get("target_modules") {
+        Some(serde_json::Value::Array(items)) => {
+            let names: Vec<&str> = items.iter().filter_map(|v| v.as_str()).collect();
+            Target::parse_list(&names.join(","))?
+        }
+        Some(serde_json::Value::String(s)) => Target::parse_list(s)?,
+        _ => return Err(bad("target_modules missing")),
+    };
+    let config = match json.get("melora") {
+        Some(melora) => serde_json::from_value::<AdapterConfig>(melora.clone())
+            .map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?,
+        None => {
+            let rank = json.get("r").and_then(|v| v.as_u64()).ok_or_else(|| bad("r missing"))? as usize;
+            let alpha = json.get("lora_alpha").and_then(|v| v.as_f64()).ok_or_else(|| bad("lora_alpha missing"))?;
+            let dropout = json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let rslora = json.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
+            for unsupported in ["use_dora", "fan_in_fan_out"] {
+                if json.get(unsupported).and_then(|v| v.as_bool()) == Some(true) {
+                    return Err(bad(&format!("{unsupported} = true is not supported")));
+                }
+            }
+            AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(
+                LowRankConfig::new().with_rank(rank).with_alpha(alpha).with_dropout(dropout).with_rslora(rslora),
+            ))
+        }
+    };
+    Ok(AdapterMeta { config, targets })
+}
+
+fn tensor<B: Backend>(source: &mut SafetensorsSource, name: &str, device: &B::Device) -> Result<Tensor<B, 2>> {
+    let t = source.load(name)?.ok_or_else(|| LlamaError::Missing { name: name.into(), source_name: source.describe() })?;
+    if t.shape.len() != 2 {
+        return Err(LlamaError::Shape { name: name.into(), expected: vec![0, 0], found: t.shape });
+    }
+    Ok(Tensor::from_data(TensorData::new(t.values, [t.shape[0], t.shape[1]]), device))
+}
+
+/// Puts the adapter saved in `dir` on `model`. Every tensor of the file must
+/// be used; shapes are checked (the error names the tensor).
+pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device) -> Result<(Llama<B>, AdapterMeta)> {
+    let meta = read_config(dir)?;
+    let file = dir.join("adapter_model.safetensors");
+    if !file.is_file() {
+        for pickle in ["adapter_model.bin", "adapter_model.pt"] {
+            if dir.join(pickle).exists() {
+                return Err(crate::weights::safetensors::pickle_refusal(&dir.join(pickle)));
+            }
+        }
+        return Err(LlamaError::format(&file, "missing"));
+    }
+    let mut source = SafetensorsSource::single(&file)?;
+    let mut used = Vec::new();
+    let config = meta.config.clone();
+    let model = model.map_projections(&meta.targets, |path, base| {
+        let mut get = |suffix: &str| {
+            let name = format!("{PREFIX}{path}.{suffix}.weight");
+            used.push(name.clone());
+            tensor::<B>(&mut source, &name, device)
+        };
+        Ok(match &config {
+            AdapterConfig::Lora(c) => AnyAdapter::Lora(c.init_with(base, get("lora_A")?, get("lora_B")?)?),
+            AdapterConfig::Blob(c) => {
+                let (a, a_std, b) = (get("lora_A")?, get("lora_A_std")?, get("lora_B")?);
+                AnyAdapter::Blob(c.init_with(base, a, a_std, b)?)
+            }
+            AdapterConfig::MeLora(c) => {
+                let (a, b, m, h) = (get("lora_A")?, get("lora_B")?, get("lora_M")?, get("lora_H")?);
+                AnyAdapter::MeLora(c.init_with(base, a, b, m, h)?)
+            }
+        })
+    })?;
+    let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
+    if !unused.is_empty() {
+        return Err(LlamaError::format(&file, format!("tensors the model has no place for: {}", unused.join(", "))));
+    }
+    Ok((model, meta))
+}
+
+fn host<B: Backend>(t: Tensor<B, 2>) -> (Vec<usize>, Vec<u8>) {
+    let dims = t.dims().to_vec();
+    let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32");
+    (dims, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// Saves the model's adapters in `dir` (created if needed; files written
+/// atomically). `base_model` is recorded as `base_model_name_or_path`.
+pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &Path, base_model: &str) -> Result<()> {
+    let adapters = model.adapters();
+    if adapters.is_empty() {
+        return Err(LlamaError::Config("the model has no adapter to save".into()));
+    }
+    let mut targets: Vec<&str> = Vec::new();
+    let mut tensors: Vec<(String, (Vec<usize>, Vec<u8>))> = Vec::new();
+    for (path, adapter) in &adapters {
+        let module = path.rsplit('.').next().unwrap_or("");
+        if !targets.contains(&module) {
+            targets.push(module);
+        }
+        let mut put = |suffix: &str, t: Tensor<B, 2>| tensors.push((format!("{PREFIX}{path}.{suffix}.weight"), host(t)));
+        match adapter {
+            AnyAdapter::Lora(a) => {
+                put("lora_A", a.lora_a.val());
+                put("lora_B", a.lora_b.val());
+            }
+            AnyAdapter::Blob(a) => {
+                put("lora_A", a.lora_a.val());
+                put("lora_A_std", a.lora_a_std.val());
+                put("lora_B", a.lora_b.val());
+            }
+            AnyAdapter::MeLora(a) => {
+                put("lora_A", a.lora_a.val());
+                put("lora_B", a.lora_b.val());
+                put("lora_M", a.lora_m.val());
+                put("lora_H", a.lora_h.val());
+            }
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, (shape, bytes))| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .map_err(|e| LlamaError::Config(format!("{name}: {e}")))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| LlamaError::Config(e.to_string()))?;
+    write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
+    let low_rank = match config {
+        AdapterConfig::Lora(c) => &c.low_rank,
+        AdapterConfig::Blob(c) => &c.low_rank,
+        AdapterConfig::MeLora(c) => &c.low_rank,
+    };
+    let mut json = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": low_rank.rank,
+        "lora_alpha": low_rank.alpha,
+        "lora_dropout": low_rank.dropout,
+        "use_rslora": low_rank.rslora,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": true,
+    });
+    if !matches!(config, AdapterConfig::Lora(_)) {
+        json["melora"] = serde_json::to_value(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+    }
+    let text = serde_json::to_string_pretty(&json).map_err(|e| LlamaError::Config(e.to_string()))?;
+    write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
+}
