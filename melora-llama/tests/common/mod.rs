@@ -2,6 +2,8 @@
 //! reader for NumPy `.npy` / `.npz` files.
 #![allow(dead_code)]
 
+pub mod gguf_writer;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;

@@ -1,0 +1,117 @@
+//! GGUF: the tiny transformers fixture written as GGUF (llama.cpp naming and
+//! Q/K permutation) gives transformers' logits; dequantisation of each type
+//! against known values; unsupported types are clear errors.
+
+mod common;
+
+use burn::backend::NdArray;
+use burn::tensor::{Int, Tensor, TensorData};
+use common::gguf_writer::{encode, fixture_as_gguf, write, Meta, Quant};
+use common::{fixture, max_abs_diff, read_npy};
+use melora_core::{NoiseSource, Sampler, SamplingMode};
+use melora_llama::weights::gguf::{Gguf, GgufSource};
+use melora_llama::weights::build;
+use melora_llama::LlamaConfig;
+
+type B = NdArray<f32>;
+
+fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("melora-{}-{name}", std::process::id()));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+fn logits_of(source: &mut GgufSource, config: &LlamaConfig, ids: &[i64], shape: [usize; 2]) -> Vec<f32> {
+    let (model, report) = build::<B, _>(config, source, &Default::default()).unwrap();
+    assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
+    let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), &Default::default());
+    let mut noise = NoiseSource::seeded(0);
+    model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise)).into_data().to_vec().unwrap()
+}
+
+#[test]
+fn gguf_of_the_fixture_matches_transformers() {
+    for which in ["tied", "untied"] {
+        let path = temp_file(&format!("{which}.gguf"), &fixture_as_gguf(which, |_| Quant::F32));
+        let mut source = GgufSource::open(&path).unwrap();
+        let config = source.config().unwrap();
+        let hf = LlamaConfig::from_hf_json(&fixture(which).join("config.json")).unwrap();
+        assert_eq!(config.tie_word_embeddings, hf.tie_word_embeddings);
+        assert_eq!((config.num_hidden_layers, config.head_dim, config.rope_theta), (hf.num_hidden_layers, hf.head_dim, hf.rope_theta));
+        let ids = read_npy(fixture(which).join("input_ids.npy"));
+        let expected = read_npy(fixture(which).join("logits.npy"));
+        let logits = logits_of(&mut source, &config, &ids.i64, [ids.shape[0], ids.shape[1]]);
+        let diff = max_abs_diff(&logits, &expected.f32);
+        println!("{which} via GGUF: max |logit diff| {diff:.2e}");
+        assert!(diff < 1e-4, "{which}: GGUF logits differ by {diff}");
+        std::fs::remove_file(&path).ok();
+    }
+}
+
+#[test]
+fn quantised_gguf_stays_close_to_the_f32_model() {
+    let ids = read_npy(fixture("untied").join("input_ids.npy"));
+    let expected = read_npy(fixture("untied").join("logits.npy"));
+    let bytes = fixture_as_gguf("untied", |name| match name {
+        n if n.contains("embed") => Quant::Q8_0,
+        n if n.contains("q_proj") || n.contains("up_proj") => Quant::Q4_1,
+        n if n.contains("k_proj") || n.contains("down_proj") => Quant::Q4_0,
+        n if n.contains("lm_head") => Quant::F16,
+        _ => Quant::Bf16,
+    });
+    let path = temp_file("quant.gguf", &bytes);
+    let mut source = GgufSource::open(&path).unwrap();
+    let config = source.config().unwrap();
+    let logits = logits_of(&mut source, &config, &ids.i64, [ids.shape[0], ids.shape[1]]);
+    let diff = max_abs_diff(&logits, &expected.f32);
+    let scale = expected.f32.iter().fold(0f32, |m, v| m.max(v.abs()));
+    println!("mixed-quantisation logits: max diff {diff:.3} (max |logit| {scale:.2})");
+    assert!(diff < 0.25 * scale, "quantised model too far off: {diff}");
+    assert!(diff > 1e-5, "quantisation should change the logits a little");
+    std::fs::remove_file(&path).ok();
+}
+
+#[test]
+fn dequantisation_of_known_blocks() {
+    let meta = vec![("general.architecture", Meta::Str("llama".into()))];
+    let tensors = vec![("t".to_string(), vec![32], vec![0f32; 32], Quant::F32)];
+    let template = write(&meta, &tensors);
+    let gguf = Gguf::parse(&template).unwrap();
+    let start = gguf.data_start;
+    let dequant = |type_id: u32, block: &[u8]| {
+        let mut bytes = template[..start].to_vec();
+        bytes.extend(block);
+        let mut info = gguf.tensors[0].clone();
+        info.type_id = type_id;
+        gguf.dequantize(&info, &bytes).unwrap()
+    };
+    let f16 = |v: f32| half::f16::from_f32(v).to_le_bytes();
+    // Q8_0: d = 0.5, q_i = i - 16.
+    let mut block = f16(0.5).to_vec();
+    block.extend((0..32).map(|i| (i as i8 - 16) as u8));
+    let values = dequant(8, &block);
+    assert_eq!(values, (0..32).map(|i| 0.5 * (i as f32 - 16.0)).collect::<Vec<_>>());
+    // Q4_0: d = 2, byte j = low nibble j % 16 (element j), high nibble 15 - j (element j + 16).
+    let mut block = f16(2.0).to_vec();
+    block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let values = dequant(2, &block);
+    let expected: Vec<f32> = (0..16).map(|j| 2.0 * (j as f32 - 8.0)).chain((0..16).map(|j| 2.0 * (7.0 - j as f32))).collect();
+    assert_eq!(values, expected);
+    // Q4_1: d = 0.25, m = -1.
+    let mut block = f16(0.25).to_vec();
+    block.extend(f16(-1.0));
+    block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    let values = dequant(3, &block);
+    let expected: Vec<f32> = (0..16).map(|j| 0.25 * j as f32 - 1.0).chain((0..16).map(|j| 0.25 * (15 - j) as f32 - 1.0)).collect();
+    assert_eq!(values, expected);
+    // F16 and BF16.
+    let values = dequant(1, &encode(&[1.5; 32], Quant::F16));
+    assert_eq!(values, vec![1.5; 32]);
+    let values = dequant(30, &encode(&[-2.0; 32], Quant::Bf16));
+    assert_eq!(values, vec![-2.0; 32]);
+    // Q4_K (id 12) is not supported: a clear error naming the tensor.
+    let mut info = gguf.tensors[0].clone();
+    info.type_id = 12;
+    let err = gguf.dequantize(&info, &template).unwrap_err();
+    assert!(err.contains("tensor t: unsupported GGML type 12"), "{err}");
+}

@@ -1,0 +1,45 @@
+//! SmolLM2-135M from the fetched GGUF (skipped, with the reason printed,
+//! when `melora fetch` has not been run): greedy continuation of "The
+//! capital of France is" begins " Paris.", and a plain sentence has a
+//! perplexity under 10.
+
+use burn::backend::NdArray;
+use melora_llama::assets::Assets;
+use melora_llama::generate::{generate, perplexity, GenerateOptions};
+use melora_llama::pretrained::Pretrained;
+use burn::module::Module;
+use melora_llama::{Llama, Tokenizer};
+
+type B = NdArray<f32>;
+
+fn smollm2() -> Option<(Llama<B>, Tokenizer)> {
+    let assets = Assets::from_env();
+    if !assets.smollm2_gguf().is_file() {
+        println!("skipped: {} is absent (run `melora fetch`)", assets.smollm2_gguf().display());
+        return None;
+    }
+    let (model, tokenizer, report) = Pretrained::open("smollm2-135m", &assets).unwrap().build::<B>(&Default::default()).unwrap();
+    assert!(report.unused.is_empty(), "unused tensors: {:?}", report.unused);
+    Some((model, tokenizer.unwrap()))
+}
+
+#[test]
+fn smollm2_knows_the_capital_of_france_and_reads_english() {
+    let Some((model, tokenizer)) = smollm2() else { return };
+    let config = Pretrained::open("smollm2-135m", &Assets::from_env()).unwrap().config;
+    assert_eq!(config, melora_llama::LlamaConfig::smollm2_135m());
+    assert_eq!(model.num_params(), 134_515_008, "SmolLM2-135M parameter count");
+    let options = GenerateOptions { max_new_tokens: 8, ..Default::default() };
+    let text = generate(&model, &tokenizer, "The capital of France is", &options, &Default::default(), |_| {}).unwrap();
+    println!("continuation: {text:?}");
+    assert!(text.starts_with(" Paris."), "continuation {text:?}");
+    let ids = tokenizer.encode("The capital of France is Paris. The capital of Germany is Berlin.").unwrap();
+    let ppl = perplexity(&model, &ids, &Default::default()).unwrap();
+    println!("perplexity {ppl:.3}");
+    assert!(ppl < 10.0, "perplexity {ppl}");
+    // Answer labels are single tokens.
+    for label in [" A", " B", " C", " D", " True", " False"] {
+        tokenizer.single_token(label).unwrap();
+    }
+    assert_eq!(tokenizer.encode("<|im_start|>user").unwrap()[0], 1, "control tokens are matched whole");
+}
