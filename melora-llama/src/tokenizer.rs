@@ -127,6 +127,11 @@ impl Tokenizer {
         }
     }
 
+    /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, true).map_err(|e| LlamaError::format(path, e.to_string()))
+    }
+
     /// The vocabulary size (with added tokens).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -135,3 +135,60 @@ fn shape_mismatch_and_missing_tensor_are_named() {
     let err = build::<B, _>(&config, &mut source, &Default::default()).err().unwrap().to_string();
     assert!(err.starts_with("missing tensor lm_head.weight in "), "{err}");
 }
+
+/// Writes the fixture's tensors into `files` shards of the given dtype, with
+/// the index file, and returns the folder.
+fn resharded(files: usize, dtype: safetensors::Dtype) -> std::path::PathBuf {
+    use melora_llama::weights::WeightSource;
+    let src = fixture("untied");
+    let dir = std::env::temp_dir().join(format!("melora-{}-shards-{files}-{dtype:?}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let mut source = SafetensorsSource::open(&src).unwrap();
+    let names = source.names();
+    let mut weight_map = serde_json::Map::new();
+    for (shard, chunk) in names.chunks(names.len().div_ceil(files)).enumerate() {
+        let file = format!("model-{:05}-of-{files:05}.safetensors", shard + 1);
+        let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = chunk
+            .iter()
+            .map(|name| {
+                let t = source.load(name).unwrap().unwrap();
+                let bytes: Vec<u8> = match dtype {
+                    safetensors::Dtype::F16 => t.values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+                    safetensors::Dtype::BF16 => t.values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
+                    _ => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                };
+                weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+                (name.clone(), t.shape, bytes)
+            })
+            .collect();
+        let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+            .collect();
+        std::fs::write(dir.join(&file), safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn sharded_f16_and_bf16_folders_load() {
+    let ids = read_npy(fixture("untied").join("input_ids.npy"));
+    let expected = read_npy(fixture("untied").join("logits.npy"));
+    for (dtype, tol) in [(safetensors::Dtype::F32, 1e-4), (safetensors::Dtype::F16, 2e-2), (safetensors::Dtype::BF16, 1.5e-1)] {
+        let dir = resharded(3, dtype);
+        let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+        let mut source = SafetensorsSource::open(&dir).unwrap();
+        let (model, report) = build::<B, _>(&config, &mut source, &Default::default()).unwrap();
+        assert!(report.unused.is_empty());
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &Default::default());
+        let mut noise = NoiseSource::seeded(0);
+        let logits: Vec<f32> = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise)).into_data().to_vec().unwrap();
+        let diff = max_abs_diff(&logits, &expected.f32);
+        println!("3 shards of {dtype:?}: max |logit diff| {diff:.2e}");
+        assert!(diff < tol, "{dtype:?}: {diff}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -42,4 +42,12 @@ fn smollm2_knows_the_capital_of_france_and_reads_english() {
         tokenizer.single_token(label).unwrap();
     }
     assert_eq!(tokenizer.encode("<|im_start|>user").unwrap()[0], 1, "control tokens are matched whole");
+    // The rebuilt tokenizer written as tokenizer.json reads back identically.
+    let path = std::env::temp_dir().join(format!("melora-{}-tokenizer.json", std::process::id()));
+    tokenizer.save(&path).unwrap();
+    let reloaded = Tokenizer::from_file(&path).unwrap();
+    let text = "Answer: 12345 apples, <|im_end|> naïve café";
+    assert_eq!(reloaded.encode(text).unwrap(), tokenizer.encode(text).unwrap());
+    assert_eq!(reloaded.decode(&tokenizer.encode(text).unwrap()).unwrap(), tokenizer.decode(&tokenizer.encode(text).unwrap()).unwrap());
+    std::fs::remove_file(&path).ok();
 }
