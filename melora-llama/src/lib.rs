@@ -11,6 +11,7 @@
 pub mod assets;
 pub mod cache;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod model;

