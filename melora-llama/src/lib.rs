@@ -10,14 +10,18 @@
 
 pub mod assets;
 pub mod cache;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod model;
 pub mod peft;
+pub mod report;
 pub mod pretrained;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use config::LlamaConfig;

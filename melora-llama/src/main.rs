@@ -2,6 +2,7 @@
 //! and evaluate Bayesian low-rank adapters.
 
 mod backend;
+mod cli;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -9,7 +10,9 @@ use melora_llama::assets::Assets;
 use melora_llama::data::{load_task, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
 use melora_llama::pretrained::Pretrained;
+use melora_core::SamplingMode;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Bayesian low-rank adaptation (LoRA, BLoB, Me-LoRA) of Llama models.
@@ -45,6 +48,90 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// The main job: fetch what is missing, evaluate SmolLM2-135M zero-shot
+    /// on ARC-Easy, fine-tune it with Me-LoRA on the CPU, evaluate again
+    /// with a 10-sample Bayesian model average, print the table.
+    Quickstart {
+        /// The training run folder.
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+        /// Where the table and the reliability diagrams go.
+        #[arg(long, default_value = "experiments/results/quickstart")]
+        results: PathBuf,
+        /// Validation examples evaluated (a fixed, seeded subset).
+        #[arg(long, default_value_t = 200)]
+        max_validation: usize,
+    },
+    /// Fine-tune with LoRA, BLoB or Me-LoRA.
+    Train {
+        /// A JSON training configuration (see experiments/); defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override: lora, blob or melora.
+        #[arg(long)]
+        method: Option<String>,
+        /// Override: the task.
+        #[arg(long)]
+        task: Option<Task>,
+        /// Override: the number of steps.
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Override: the seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Override any setting: `--set key=value` (dotted keys for nested ones, e.g. prior.std=0.1).
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// The run folder (default: runs/<task>-<method>-seed<seed>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Evaluate a run, an adapter or the base model (ACC, ECE, NLL, Brier,
+    /// reliability diagram).
+    Eval {
+        /// A training run folder (its best checkpoint is evaluated).
+        #[arg(long, conflicts_with_all = ["adapter", "zero_shot"])]
+        run: Option<PathBuf>,
+        /// An adapter folder (PEFT format).
+        #[arg(long, conflicts_with = "zero_shot")]
+        adapter: Option<PathBuf>,
+        /// Evaluate the base model without adapter.
+        #[arg(long)]
+        zero_shot: bool,
+        /// The base model (default: the run's, or smollm2-135m).
+        #[arg(long)]
+        model: Option<String>,
+        /// The task (another task than the training one gives the OOD setting).
+        #[arg(long)]
+        task: Task,
+        /// The split.
+        #[arg(long, default_value = "test")]
+        split: Split,
+        /// Samples of the Bayesian model average (default: 10 for Bayesian adapters, 1 otherwise).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Sampling mode: mean, per-batch, per-example, flipout.
+        #[arg(long)]
+        mode: Option<SamplingMode>,
+        /// Keep adapter dropout on (MC dropout).
+        #[arg(long)]
+        dropout: bool,
+        /// Evaluate a fixed, seeded subset of at most this many examples.
+        #[arg(long)]
+        max_examples: Option<usize>,
+        /// Examples per forward pass.
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Seed of the sampling noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output folder (default: <run or adapter>/eval-<task>-<split>).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// Inspect the benchmark tasks.
     Data {
@@ -174,6 +261,35 @@ fn main() -> Result<()> {
             eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
         }
         Command::Data { command } => data_command(command)?,
+        Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
+        Command::Train { config, method, task, steps, seed, set, out, resume } => {
+            let mut overrides = set;
+            if let Some(m) = method {
+                let kind: melora_core::AdapterKind = m.parse().map_err(anyhow::Error::msg)?;
+                overrides.push(format!("method={}", serde_json::to_string(&kind)?));
+            }
+            if let Some(t) = task {
+                overrides.push(format!("task=\"{t}\""));
+            }
+            if let Some(n) = steps {
+                overrides.push(format!("steps={n}"));
+            }
+            if let Some(s) = seed {
+                overrides.push(format!("seed={s}"));
+            }
+            let config = cli::load_config(config.as_deref(), &overrides)?;
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{:?}-seed{}", config.task, config.method, config.seed).to_lowercase()));
+            cli::train_command(config, out, resume)?;
+        }
+        Command::Eval { run, adapter, zero_shot, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out } => {
+            let subject = match (run, adapter, zero_shot) {
+                (Some(r), _, _) => cli::Subject::Run(r),
+                (_, Some(a), _) => cli::Subject::Adapter(a),
+                (_, _, true) => cli::Subject::ZeroShot,
+                _ => anyhow::bail!("give --run DIR, --adapter DIR or --zero-shot"),
+            };
+            cli::eval_command(cli::EvalArgs { subject, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out })?;
+        }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;
             let ids = tokenizer.encode(&text)?;

@@ -1,0 +1,76 @@
+//! Multiple choice as next-token prediction: the logits of the answer-label
+//! tokens at each example's answer position (BLoB, Laplace-LoRA).
+
+use crate::data::{Batch, Encoded, Padding, collate};
+use crate::model::Llama;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use melora_core::Sampler;
+
+/// Logit given to labels an example does not have (e.g. "E" for a
+/// four-choice question): its probability is 0 after the softmax.
+pub const MASKED_LOGIT: f32 = -1.0e4;
+
+impl<B: Backend> Llama<B> {
+    /// The logits of the `label_ids` tokens at `positions[b]` of each row.
+    ///
+    /// # Shapes
+    ///
+    /// - hidden: `[batch, seq, hidden]`, output: `[batch, labels]`
+    pub fn label_logits(&self, hidden: Tensor<B, 3>, positions: &[usize], label_ids: &[u32]) -> Tensor<B, 2> {
+        let [batch, _, d] = hidden.dims();
+        let device = hidden.device();
+        let index: Vec<i64> = positions.iter().flat_map(|&p| std::iter::repeat_n(p as i64, d)).collect();
+        let index = Tensor::<B, 3, Int>::from_data(TensorData::new(index, [batch, 1, d]), &device);
+        let last = hidden.gather(1, index).reshape([batch, d]);
+        let ids: Vec<i64> = label_ids.iter().map(|&i| i as i64).collect();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [label_ids.len()]), &device);
+        let rows = match &self.lm_head {
+            // Burn's linear weight is [hidden, vocab]: pick the label columns.
+            Some(head) => head.weight.val().select(1, ids),
+            None => self.embed_tokens.weight.val().select(0, ids).transpose(),
+        };
+        last.matmul(rows)
+    }
+
+    /// Class logits of a padded batch, labels an example lacks masked out.
+    ///
+    /// # Shapes
+    ///
+    /// - output: `[batch, labels]`
+    pub fn class_logits(&self, batch: &Batch, label_ids: &[u32], sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), batch.shape), device);
+        let padded = batch.mask.iter().any(|row| row.iter().any(|m| !m));
+        let hidden = self.hidden(tokens, padded.then_some(batch.mask.as_slice()), None, sampler);
+        let logits = self.label_logits(hidden, &batch.last, label_ids);
+        let k = label_ids.len();
+        if batch.n_choices.iter().all(|&n| n >= k) {
+            return logits;
+        }
+        let mask: Vec<f32> =
+            batch.n_choices.iter().flat_map(|&n| (0..k).map(move |j| if j < n { 0.0 } else { MASKED_LOGIT })).collect();
+        logits.add(Tensor::from_data(TensorData::new(mask, [batch.shape[0], k]), device))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[batch, labels]` against `labels`.
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> Tensor<B, 1> {
+    let device = logits.device();
+    let targets: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [labels.len(), 1]), &device);
+    log_softmax(logits, 1).gather(1, targets).mean().neg()
+}
+
+/// Groups example indices into batches of similar length (less padding),
+/// in a deterministic order.
+pub fn length_batches(examples: &[Encoded], indices: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    let mut sorted = indices.to_vec();
+    sorted.sort_by_key(|&i| (examples[i].ids.len(), i));
+    sorted.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
+}
+
+/// A padded batch of the given examples.
+pub fn batch_of(examples: &[Encoded], indices: &[usize], pad: u32, padding: Padding) -> Batch {
+    let refs: Vec<&Encoded> = indices.iter().map(|&i| &examples[i]).collect();
+    collate(&refs, pad, padding)
+}

