@@ -60,7 +60,7 @@ enum Command {
         #[arg(long, default_value = "experiments/results/quickstart")]
         results: PathBuf,
         /// Validation examples evaluated (a fixed, seeded subset).
-        #[arg(long, default_value_t = 200)]
+        #[arg(long, default_value_t = 100)]
         max_validation: usize,
     },
     /// Fine-tune with LoRA, BLoB or Me-LoRA.
