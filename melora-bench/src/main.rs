@@ -1,6 +1,9 @@
 //! `melora-bench`: parameter tables and benchmarks for melora.
 
+#[path = "../../melora-llama/src/backend.rs"]
+mod backend;
 mod params;
+mod step;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +32,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Median training-step (or inference) time after warm-up, tokens per
+    /// second, peak memory.
+    Step {
+        /// A preset (smollm2-135m; llama2-7b and llama2-13b with random weights), a folder or a GGUF file.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// lora, blob or melora.
+        #[arg(long, default_value = "melora")]
+        method: String,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps.
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// Untimed warm-up steps.
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        /// Adapter rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Adapted projections.
+        #[arg(long, default_value = "q_proj,v_proj")]
+        targets: String,
+        /// Time a forward pass instead of a training step.
+        #[arg(long)]
+        inference: bool,
+        /// Samples per example in inference mode (each example repeated S times, one draw each).
+        #[arg(long, default_value_t = 1)]
+        samples: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// JSON instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -40,6 +83,28 @@ fn main() -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", params::markdown(&rows));
+            }
+        }
+        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, json } => {
+            let method = method.parse().map_err(anyhow::Error::msg)?;
+            let report = step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "{} {} {} on {}: batch {} x seq {} (S = {}): median {:.3} s (min {:.3}), {:.0} tokens/s, peak RSS {}",
+                    report.model,
+                    report.method,
+                    report.mode,
+                    report.backend,
+                    report.batch,
+                    report.seq,
+                    report.samples,
+                    report.median_seconds,
+                    report.min_seconds,
+                    report.tokens_per_second,
+                    report.peak_rss_mib.map_or("n/a".into(), |m| format!("{m:.0} MiB"))
+                );
             }
         }
     }

@@ -14,7 +14,7 @@
 
 use crate::assets::{write_atomic, Assets};
 use crate::classify::{batch_of, cross_entropy};
-use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Encoded, Padding, Task, MAX_TOKENS};
+use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Task, MAX_TOKENS};
 use crate::error::LlamaError;
 use crate::eval::{predict, PredictOptions};
 use crate::model::{Llama, Proj};
@@ -24,13 +24,14 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Target;
 use burn::config::Config;
 use burn::module::{AutodiffModule, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams, Optimizer, SgdConfig};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::grad_clipping::GradientClippingConfig;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use melora_core::{
-    AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
+    AdapterConfig, AdapterKind, AnyAdapter, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
     MeLoraLinearConfig, Metrics, NoiseSource, PriorConfig, Sampler, SamplingMode,
 };
 use serde::{Deserialize, Serialize};
@@ -426,15 +427,9 @@ pub fn fit<B: AutodiffBackend>(
     if train_set.is_empty() {
         return Err(LlamaError::Config(format!("task {} has no training examples", config.task)));
     }
-    let groups = model.param_groups();
     let n_train = train_set.len();
 
-    let mut adamw_config = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
-    if let Some(clip) = config.grad_clip {
-        adamw_config = adamw_config.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
-    }
-    let mut adamw = adamw_config.init::<B, Llama<B>>();
-    let mut sgd = SgdConfig::new().init::<B, Llama<B>>();
+    let mut stepper = Stepper::new(config, &model);
     let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
     let mut state = TrainState::default();
     if let Some(dir) = &checkpoint {
@@ -442,7 +437,7 @@ pub fn fit<B: AutodiffBackend>(
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
         let record = recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
-        adamw = adamw.load_record(record);
+        stepper.adamw = stepper.adamw.load_record(record);
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
     progress.line(&format!(
@@ -457,8 +452,6 @@ pub fn fit<B: AutodiffBackend>(
         config.steps
     ));
 
-    let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
-    let steps_per_epoch = n_train.div_ceil(config.batch_size);
     let mut order_epoch = usize::MAX;
     let mut order: Vec<usize> = Vec::new();
     let mut nlls: Vec<f64> = Vec::new();
@@ -487,58 +480,11 @@ pub fn fit<B: AutodiffBackend>(
         let indices: Vec<usize> = (0..config.batch_size).map(|i| order[(start + i) % n_train]).collect();
         let batch = batch_of(train_set, &indices, pad, Padding::Left);
 
-        let mut noise = NoiseSource::seeded(mix(config.seed, step as u64));
-        let prior_std = config.prior.draw_std::<B>(&mut noise, device);
-        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
-        let logits = model.class_logits(&batch, label_ids, &mut sampler, device);
-        let nll = cross_entropy(logits, &batch.labels);
-        let nll_value: f64 = nll.clone().into_scalar().elem();
-        let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
-
-        let kl_weight = match config.kl_schedule {
-            KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch.max(1)) * period as f64,
-            KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
-        } / n_train as f64;
-        let mut kl_value = 0.0;
-        if !nll_value.is_finite() {
-            return Err(nan_error(run, step, "NLL", nll_value));
-        }
-        if config.is_bayesian() {
-            let kl = model.kl(prior_std).mul_scalar(kl_weight);
-            kl_value = kl.clone().into_scalar().elem::<f64>() / kl_weight;
-            if !kl_value.is_finite() {
-                return Err(nan_error(run, step, "KL", kl_value));
-            }
-            match config.optimizer {
-                OptimizerSplit::Single => {
-                    let grads = nll.add(kl).backward();
-                    let grads = GradientsParams::from_grads(grads, &model);
-                    model = adamw.step(lr, model, grads);
-                }
-                OptimizerSplit::TwoOptimizers => {
-                    let mut nll_grads = nll.backward();
-                    let mut kl_grads = kl.backward();
-                    let mean = GradientsParams::from_params(&mut nll_grads, &model, &groups.mean);
-                    let std_nll = GradientsParams::from_params(&mut nll_grads, &model, &groups.std);
-                    let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &model, &groups.all());
-                    for id in &groups.std {
-                        if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
-                            let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
-                                Some(k) => g.add(k),
-                                None => g,
-                            };
-                            sgd_grads.register(*id, total);
-                        }
-                    }
-                    model = adamw.step(lr, model, mean);
-                    model = sgd.step(config.kl_lr, model, sgd_grads);
-                }
-            }
-        } else {
-            let grads = nll.backward();
-            let grads = GradientsParams::from_grads(grads, &model);
-                    model = adamw.step(lr, model, grads);
-        }
+        let outcome = stepper.step(&mut model, &batch, label_ids, config, step, n_train, device);
+        let (nll_value, kl_value, lr) = match outcome {
+            Ok(o) => (o.nll, o.kl, o.lr),
+            Err((what, value)) => return Err(nan_error(run, step, what, value)),
+        };
         state.step += 1;
         nlls.push(nll_value);
         since_eval.push(nll_value);
@@ -567,12 +513,12 @@ pub fn fit<B: AutodiffBackend>(
                 ));
                 if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
                     state.best = Some((metrics.accuracy, state.step));
-                    save_checkpoint(&model, adamw.to_record(), &state, &run.best())?;
+                    save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.best())?;
                 }
             }
         }
         if state.step % config.checkpoint_every.max(1) == 0 || at_end {
-            save_checkpoint(&model, adamw.to_record(), &state, &run.last())?;
+            save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.last())?;
         }
     }
     let tenth = (nlls.len() / 10).max(1);
@@ -585,6 +531,110 @@ pub fn fit<B: AutodiffBackend>(
         step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
         steps_run: nlls.len(),
     })
+}
+
+/// What one training step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// The batch's mean NLL.
+    pub nll: f64,
+    /// The KL term (unweighted; 0 for LoRA).
+    pub kl: f64,
+    /// The AdamW learning rate used.
+    pub lr: f64,
+}
+
+/// The optimisers and parameter groups of a run; [`Stepper::step`] is one
+/// training step (shared by `fit` and the benchmarks).
+pub struct Stepper<B: AutodiffBackend> {
+    /// AdamW (mean parameters, or everything in single-optimiser mode).
+    pub adamw: OptimizerAdaptor<AdamW, Llama<B>, B>,
+    /// SGD for the KL step.
+    pub sgd: OptimizerAdaptor<Sgd<B::InnerBackend>, Llama<B>, B>,
+    groups: ParamGroups,
+}
+
+impl<B: AutodiffBackend> Stepper<B> {
+    /// Optimisers for `model`'s adapters as `config` says.
+    pub fn new(config: &TrainConfig, model: &Llama<B>) -> Self {
+        let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
+        if let Some(clip) = config.grad_clip {
+            adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
+        }
+        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), groups: model.param_groups() }
+    }
+
+    /// One step at 0-based `step` on `batch`; all randomness (prior noise,
+    /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`.
+    /// A non-finite NLL or KL is returned as `Err((what, value))` with the
+    /// model left untouched.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &mut self,
+        model: &mut Llama<B>,
+        batch: &Batch,
+        label_ids: &[u32],
+        config: &TrainConfig,
+        step: usize,
+        n_train: usize,
+        device: &B::Device,
+    ) -> std::result::Result<StepOutcome, (&'static str, f64)> {
+        let mut noise = NoiseSource::seeded(mix(config.seed, step as u64));
+        let prior_std = config.prior.draw_std::<B>(&mut noise, device);
+        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
+        let nll = cross_entropy(model.class_logits(batch, label_ids, &mut sampler, device), &batch.labels);
+        let nll_value: f64 = nll.clone().into_scalar().elem();
+        if !nll_value.is_finite() {
+            return Err(("NLL", nll_value));
+        }
+        let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
+        let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
+        let steps_per_epoch = n_train.div_ceil(config.batch_size).max(1);
+        // The KL enters as weight * KL / N: with a constant weight of 1 the
+        // per-example ELBO; BLoB's cycle weights (summing to 1 per cycle) are
+        // scaled by the cycle length so they average to 1.
+        let kl_weight = match config.kl_schedule {
+            KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch) * period as f64,
+            KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
+        } / n_train as f64;
+        let current = model.clone();
+        if !config.is_bayesian() {
+            let grads = GradientsParams::from_grads(nll.backward(), &current);
+            *model = self.adamw.step(lr, current, grads);
+            return Ok(StepOutcome { nll: nll_value, kl: 0.0, lr });
+        }
+        let kl = current.kl(prior_std).mul_scalar(kl_weight);
+        let kl_value = kl.clone().into_scalar().elem::<f64>() / kl_weight;
+        if !kl_value.is_finite() {
+            return Err(("KL", kl_value));
+        }
+        *model = match config.optimizer {
+            OptimizerSplit::Single => {
+                let grads = GradientsParams::from_grads(nll.add(kl).backward(), &current);
+                self.adamw.step(lr, current, grads)
+            }
+            OptimizerSplit::TwoOptimizers => {
+                let groups = &self.groups;
+                let mut nll_grads = nll.backward();
+                let mut kl_grads = kl.backward();
+                let mean = GradientsParams::from_params(&mut nll_grads, &current, &groups.mean);
+                let std_nll = GradientsParams::from_params(&mut nll_grads, &current, &groups.std);
+                let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &current, &groups.all());
+                for id in &groups.std {
+                    if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
+                        let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
+                            Some(k) => g.add(k),
+                            None => g,
+                        };
+                        sgd_grads.register(*id, total);
+                    }
+                }
+                let updated = self.adamw.step(lr, current, mean);
+                self.sgd.step(config.kl_lr, updated, sgd_grads)
+            }
+        };
+        Ok(StepOutcome { nll: nll_value, kl: kl_value, lr })
+    }
 }
 
 fn nan_error(run: &RunDir, step: usize, what: &str, value: f64) -> LlamaError {

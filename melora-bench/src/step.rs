@@ -1,0 +1,134 @@
+//! `melora-bench step`: the median time of a training step (or of an
+//! inference forward with `S` samples) of a real model, after warm-up, with
+//! tokens per second and peak memory. Random token ids, real weights (or
+//! random ones for shape-only presets such as `llama2-7b`).
+
+use crate::backend::{self, Train};
+use anyhow::{Context, Result};
+use burn::module::AutodiffModule;
+use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
+use melora_llama::assets::Assets;
+use melora_llama::data::{collate, Encoded, Padding};
+use melora_llama::pretrained::Pretrained;
+use melora_llama::train::{Stepper, TrainConfig};
+use melora_llama::weights::Target;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use serde::Serialize;
+use std::time::Instant;
+
+/// What `step` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepReport {
+    pub backend: String,
+    pub model: String,
+    pub method: String,
+    pub mode: String,
+    pub batch: usize,
+    pub seq: usize,
+    pub samples: usize,
+    pub steps: usize,
+    pub median_seconds: f64,
+    pub min_seconds: f64,
+    pub tokens_per_second: f64,
+    /// Peak resident memory of the process (CPU backends), in MiB.
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub struct StepArgs {
+    pub model: String,
+    pub method: AdapterKind,
+    pub batch: usize,
+    pub seq: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub rank: usize,
+    pub targets: String,
+    pub inference: bool,
+    pub samples: usize,
+    pub seed: u64,
+}
+
+pub fn run(args: &StepArgs) -> Result<StepReport> {
+    anyhow::ensure!(args.batch > 0 && args.seq > 1 && args.steps > 0, "--batch, --seq (> 1) and --steps must be positive");
+    let assets = Assets::from_env();
+    let device = backend::device();
+    let pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
+    let vocab = pretrained.config.vocab_size;
+    let (base, _, _) = pretrained.build::<Train>(&device)?;
+    let config = TrainConfig::new()
+        .with_method(args.method)
+        .with_rank(args.rank)
+        .with_targets(args.targets.clone())
+        .with_steps(args.warmup + args.steps)
+        .with_batch_size(args.batch)
+        .with_seed(args.seed)
+        .with_train_sampling(if args.method == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample });
+    config.validate()?;
+    <Train as burn::tensor::backend::Backend>::seed(&device, args.seed);
+    let mut model = base.with_adapters(&config.adapter(), &Target::parse_list(&args.targets)?)?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let label_ids: Vec<u32> = (0..4).map(|i| 10 + i).collect();
+    let examples: Vec<Encoded> = (0..args.batch)
+        .map(|_| Encoded {
+            ids: (0..args.seq).map(|_| rng.random_range(3..vocab as u32)).collect(),
+            label: rng.random_range(0..4),
+            n_choices: 4,
+        })
+        .collect();
+    let refs: Vec<&Encoded> = examples.iter().collect();
+    let batch = collate(&refs, 0, Padding::Left);
+    let mut times = Vec::new();
+    let samples = if args.inference { args.samples.max(1) } else { 1 };
+    if args.inference {
+        let valid = model.valid();
+        let repeated: Vec<&Encoded> = examples.iter().flat_map(|e| std::iter::repeat_n(e, samples)).collect();
+        let batch = collate(&repeated, 0, Padding::Left);
+        let mode = if args.method == AdapterKind::Lora || samples == 1 { SamplingMode::Mean } else { SamplingMode::PerExample };
+        for i in 0..args.warmup + args.steps {
+            let mut noise = NoiseSource::seeded(i as u64);
+            let start = Instant::now();
+            let logits = valid.class_logits(&batch, &label_ids, &mut Sampler::new(mode, &mut noise), &device);
+            let _: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32"); // synchronises the device
+            if i >= args.warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+    } else {
+        let mut stepper = Stepper::<Train>::new(&config, &model);
+        for i in 0..args.warmup + args.steps {
+            let start = Instant::now();
+            // `step` reads the loss back to the host: the device is synchronised.
+            stepper
+                .step(&mut model, &batch, &label_ids, &config, i, 10_000, &device)
+                .map_err(|(what, value)| anyhow::anyhow!("{what} is {value} at step {i}"))?;
+            if i >= args.warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    Ok(StepReport {
+        backend: backend::NAME.into(),
+        model: args.model.clone(),
+        method: format!("{:?}", args.method),
+        mode: if args.inference { "inference".into() } else { "train".into() },
+        batch: args.batch,
+        seq: args.seq,
+        samples,
+        steps: args.steps,
+        median_seconds: median,
+        min_seconds: times[0],
+        tokens_per_second: (args.batch * args.seq * samples) as f64 / median,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}
