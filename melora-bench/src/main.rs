@@ -2,6 +2,7 @@
 
 #[path = "../../melora-llama/src/backend.rs"]
 mod backend;
+mod compare;
 mod params;
 mod step;
 
@@ -72,6 +73,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Our step and the PyTorch + PEFT peer's (peers/peft_step.py), alternating, with ratios.
+    Compare {
+        /// The peer's Python (with torch, transformers, peft: peers/setup.sh).
+        #[arg(long, default_value = ".melora-cache/peer-venv/bin/python")]
+        python: std::path::PathBuf,
+        /// A preset, a folder or a GGUF file.
+        #[arg(long, default_value = "smollm2-135m")]
+        model: String,
+        /// Sequences per step.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Tokens per sequence.
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Timed steps per round.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -84,6 +106,23 @@ fn main() -> Result<()> {
             } else {
                 print!("{}", params::markdown(&rows));
             }
+        }
+        Command::Compare { python, model, batch, seq, steps, rounds } => {
+            let args = step::StepArgs {
+                model,
+                method: melora_core::AdapterKind::Lora,
+                batch,
+                seq,
+                steps,
+                warmup: 2,
+                rank: 8,
+                targets: "q_proj,v_proj".into(),
+                inference: false,
+                samples: 1,
+                seed: 0,
+            };
+            let results = compare::compare(&python, &args, rounds)?;
+            print!("{}", compare::markdown(&results));
         }
         Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, json } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;
