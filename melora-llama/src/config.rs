@@ -167,7 +167,9 @@ mod tests {
         let c = LlamaConfig::from_hf_json(&new).unwrap();
         assert_eq!((c.rope_theta, c.head_dim, c.num_key_value_heads), (1234.0, 4, 1));
         let bad = dir.join("bad.json");
-        std::fs::write(&bad, format!("{{{base}, \"num_attention_heads\": 3}}").replace("\"num_attention_heads\": 2, ", "")).unwrap();
+        let three_heads = r#"{"vocab_size": 10, "hidden_size": 12, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 3, "num_key_value_heads": 2}"#;
+        std::fs::write(&bad, three_heads).unwrap();
         let err = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
         assert!(err.contains("not a multiple"), "{err}");
         std::fs::remove_dir_all(&dir).ok();

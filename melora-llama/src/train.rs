@@ -14,7 +14,7 @@
 
 use crate::assets::{write_atomic, Assets};
 use crate::classify::{batch_of, cross_entropy};
-use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Task, MAX_TOKENS};
+use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Task};
 use crate::error::LlamaError;
 use crate::eval::{predict, PredictOptions};
 use crate::model::{Llama, Proj};
@@ -145,16 +145,13 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad(format!("warmup_ratio = {} must be in [0, 1)", self.warmup_ratio));
         }
-        if self.max_tokens < 8 || self.max_tokens > MAX_TOKENS.max(self.max_tokens) {
-            return bad(format!("max_tokens = {} is too small", self.max_tokens));
+        if self.max_tokens < 8 {
+            return bad(format!("max_tokens = {} is too small for a prompt", self.max_tokens));
         }
-        if self.method != AdapterKind::Blob && self.train_sampling == SamplingMode::Flipout && self.method == AdapterKind::Lora {
-            return bad("Flipout sampling needs a Bayesian adapter".into());
-        }
+        LowRankConfig::new().with_rank(self.rank).with_alpha(self.alpha).with_dropout(self.dropout).validate()?;
         self.prior.validate()?;
         self.kl_schedule.validate()?;
         Target::parse_list(&self.targets)?;
-        self.adapter().rank();
         Ok(())
     }
 
