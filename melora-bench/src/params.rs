@@ -4,7 +4,7 @@
 //! paper's Table 1 with every disagreement flagged and explained
 //! (docs/derivations.md section 6).
 
-use burn::backend::NdArray;
+use crate::backend::Inner;
 use burn::nn::LinearConfig;
 use melora_core::{Adapter, AdapterConfig, AdapterKind, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig};
 use melora_llama::weights::Target;
@@ -60,7 +60,7 @@ pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Ta
     let mut total = 0;
     for &target in targets {
         let (d_out, d_in) = shape(config, target);
-        let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<NdArray<f32>>(&device);
+        let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<Inner>(&device);
         let adapter = adapter_config(kind, rank).init(base)?;
         total += adapter.num_trainable() * config.num_hidden_layers;
     }

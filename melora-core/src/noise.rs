@@ -47,19 +47,7 @@ impl NoiseSource {
     ) -> Tensor<B, D> {
         match self {
             Self::Seeded(rng) => {
-                let n: usize = shape.iter().product();
-                let mut values = Vec::with_capacity(n);
-                while values.len() < n {
-                    // Box-Muller: two independent normals per pair of uniforms.
-                    let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
-                    let u2: f64 = rng.random::<f64>();
-                    let radius = (-2.0 * u1.ln()).sqrt();
-                    let angle = std::f64::consts::TAU * u2;
-                    values.push((radius * angle.cos()) as f32);
-                    if values.len() < n {
-                        values.push((radius * angle.sin()) as f32);
-                    }
-                }
+                let values = standard_normals(rng, shape.iter().product());
                 Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
             }
             Self::Backend => Tensor::random(shape, Distribution::Normal(0.0, 1.0), device),
@@ -107,6 +95,22 @@ impl NoiseSource {
                 .elem::<f64>(),
         }
     }
+}
+
+/// `n` standard normal draws from `rng` (Box-Muller: two per pair of uniforms).
+pub fn standard_normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+    let mut values = Vec::with_capacity(n);
+    while values.len() < n {
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let u2: f64 = rng.random::<f64>();
+        let radius = (-2.0 * u1.ln()).sqrt();
+        let angle = std::f64::consts::TAU * u2;
+        values.push((radius * angle.cos()) as f32);
+        if values.len() < n {
+            values.push((radius * angle.sin()) as f32);
+        }
+    }
+    values
 }
 
 #[cfg(test)]

@@ -237,13 +237,13 @@ impl<B: Backend> Llama<B> {
 /// demand: for shape-only presets and benchmarks.
 pub struct RandomSource {
     config: LlamaConfig,
-    rng: melora_core::NoiseSource,
+    rng: rand::rngs::StdRng,
 }
 
 impl RandomSource {
     /// A source for `config`, seeded.
     pub fn new(config: &LlamaConfig, seed: u64) -> Self {
-        Self { config: config.clone(), rng: melora_core::NoiseSource::seeded(seed) }
+        Self { config: config.clone(), rng: rand::SeedableRng::seed_from_u64(seed) }
     }
 }
 
@@ -275,7 +275,7 @@ impl WeightSource for RandomSource {
             return Ok(None);
         };
         let n: usize = shape.iter().product();
-        let values = self.rng.normal::<burn::backend::NdArray<f32>, 1>([n], &Default::default()).mul_scalar(0.02);
-        Ok(Some(HostTensor { shape, values: values.into_data().to_vec().expect("f32") }))
+        let values = melora_core::noise::standard_normals(&mut self.rng, n).into_iter().map(|v| 0.02 * v).collect();
+        Ok(Some(HostTensor { shape, values }))
     }
 }
