@@ -173,3 +173,22 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
     assert!((linear_warmup_decay(55, 100, 10) - 0.5).abs() < 1e-12);
     assert_eq!(linear_warmup_decay(100, 100, 10), 0.0);
 }
+
+#[test]
+fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
+    let train = examples(8, 7);
+    let run = run_dir("nan");
+    fit(&config(AdapterKind::MeLora, 4), &run, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    let good = adapter_values(&run.last());
+    // The run continues to 8 steps on a model whose final norm went NaN.
+    let mut broken = base();
+    broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
+    let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &train, &[], &LABELS, 0, &Default::default(), &mut Quiet)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("training stopped at step 5") && err.contains("NLL is NaN") && err.contains("last good checkpoint"), "{err}");
+    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 4);
+    assert_eq!(adapter_values(&run.last()), good, "the last good checkpoint is untouched");
+    std::fs::remove_dir_all(&run.dir).ok();
+}
