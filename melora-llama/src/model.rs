@@ -184,6 +184,33 @@ fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n: usize) -> Tensor<B, 4> {
     x.unsqueeze_dim::<5>(2).expand([b, kvh, n, t, d]).reshape([b, kvh * n, t, d])
 }
 
+/// The seven projections of a layer with their paths inside it.
+macro_rules! projections {
+    ($layer:expr, $($ref:tt)+) => {
+        [
+            ("self_attn.q_proj", $($ref)+ $layer.self_attn.q_proj),
+            ("self_attn.k_proj", $($ref)+ $layer.self_attn.k_proj),
+            ("self_attn.v_proj", $($ref)+ $layer.self_attn.v_proj),
+            ("self_attn.o_proj", $($ref)+ $layer.self_attn.o_proj),
+            ("mlp.gate_proj", $($ref)+ $layer.mlp.gate_proj),
+            ("mlp.up_proj", $($ref)+ $layer.mlp.up_proj),
+            ("mlp.down_proj", $($ref)+ $layer.mlp.down_proj),
+        ]
+    };
+}
+
+impl<B: Backend> DecoderLayer<B> {
+    /// The projections with their paths inside the layer (`self_attn.q_proj`, ...).
+    pub fn projections(&self) -> [(&'static str, &Proj<B>); 7] {
+        projections!(self, &)
+    }
+
+    /// The same, mutable.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Proj<B>); 7] {
+        projections!(self, &mut)
+    }
+}
+
 impl<B: Backend> Mlp<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let gate = silu(self.gate_proj.forward(x.clone(), sampler));
@@ -275,16 +302,7 @@ impl<B: Backend> Llama<B> {
     pub fn adapters(&self) -> Vec<(String, &AnyAdapter<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let projections = [
-                ("self_attn.q_proj", &layer.self_attn.q_proj),
-                ("self_attn.k_proj", &layer.self_attn.k_proj),
-                ("self_attn.v_proj", &layer.self_attn.v_proj),
-                ("self_attn.o_proj", &layer.self_attn.o_proj),
-                ("mlp.gate_proj", &layer.mlp.gate_proj),
-                ("mlp.up_proj", &layer.mlp.up_proj),
-                ("mlp.down_proj", &layer.mlp.down_proj),
-            ];
-            for (name, proj) in projections {
+            for (name, proj) in layer.projections() {
                 if let Some(adapter) = proj.adapter() {
                     out.push((format!("model.layers.{i}.{name}"), adapter));
                 }

@@ -206,16 +206,7 @@ fn renamed<B: burn::tensor::backend::Backend>(p: Param<burn::tensor::Tensor<B, 2
 /// Gives every adapter parameter an id derived from its module path.
 pub fn stable_adapter_ids<B: burn::tensor::backend::Backend>(mut model: Llama<B>) -> Llama<B> {
     for (i, layer) in model.layers.iter_mut().enumerate() {
-        let slots = [
-            ("self_attn.q_proj", &mut layer.self_attn.q_proj),
-            ("self_attn.k_proj", &mut layer.self_attn.k_proj),
-            ("self_attn.v_proj", &mut layer.self_attn.v_proj),
-            ("self_attn.o_proj", &mut layer.self_attn.o_proj),
-            ("mlp.gate_proj", &mut layer.mlp.gate_proj),
-            ("mlp.up_proj", &mut layer.mlp.up_proj),
-            ("mlp.down_proj", &mut layer.mlp.down_proj),
-        ];
-        for (name, slot) in slots {
+        for (name, slot) in layer.projections_mut() {
             let path = format!("model.layers.{i}.{name}");
             if let Proj::Adapted(adapter) = slot {
                 match adapter {

@@ -210,24 +210,14 @@ impl<B: Backend> Llama<B> {
         targets: &[Target],
         mut make: impl FnMut(&str, Linear<B>) -> Result<AnyAdapter<B>>,
     ) -> Result<Self> {
-        let layers = std::mem::take(&mut self.layers);
-        for (i, mut layer) in layers.into_iter().enumerate() {
-            for target in targets {
-                let (group, slot) = match target {
-                    Target::Q => ("self_attn", &mut layer.self_attn.q_proj),
-                    Target::K => ("self_attn", &mut layer.self_attn.k_proj),
-                    Target::V => ("self_attn", &mut layer.self_attn.v_proj),
-                    Target::O => ("self_attn", &mut layer.self_attn.o_proj),
-                    Target::Gate => ("mlp", &mut layer.mlp.gate_proj),
-                    Target::Up => ("mlp", &mut layer.mlp.up_proj),
-                    Target::Down => ("mlp", &mut layer.mlp.down_proj),
-                };
-                if let Proj::Base(base) = slot {
-                    let path = format!("model.layers.{i}.{group}.{}", target.name());
-                    *slot = Proj::Adapted(make(&path, base.clone())?);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, slot) in layer.projections_mut() {
+                let wanted = targets.iter().any(|t| name.ends_with(t.name()));
+                if let (true, Proj::Base(base)) = (wanted, &*slot) {
+                    let adapter = make(&format!("model.layers.{i}.{name}"), base.clone())?;
+                    *slot = Proj::Adapted(adapter);
                 }
             }
-            self.layers.push(layer);
         }
         Ok(self)
     }
