@@ -8,7 +8,6 @@
 //! rows llama.cpp permutes for interleaved RoPE, are un-permuted on load.
 
 use crate::cache::KvCache;
-use crate::config::LlamaConfig;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::silu;
@@ -331,16 +330,8 @@ impl<B: Backend> Llama<B> {
         melora_core::count_params(self, &self.param_groups().all())
     }
 
-    /// The configuration's layer sizes, read back from the module.
+    /// The number of decoder layers.
     pub fn n_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    /// Builds a model with random weights (for shape-only presets and
-    /// benchmarks); every weight frozen.
-    pub fn random(config: &LlamaConfig, device: &B::Device) -> Self {
-        crate::weights::build(config, &mut crate::weights::RandomSource::new(config, 0), device)
-            .expect("random weights have the right shapes")
-            .0
     }
 }
