@@ -6,7 +6,8 @@
 
 use crate::backend::Inner;
 use burn::nn::LinearConfig;
-use melora_core::{Adapter, AdapterConfig, AdapterKind, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig};
+use melora_core::{Adapter, AdapterKind};
+use melora_llama::train::TrainConfig;
 use melora_llama::weights::Target;
 use melora_llama::LlamaConfig;
 use serde::Serialize;
@@ -43,15 +44,6 @@ fn shape(config: &LlamaConfig, target: Target) -> (usize, usize) {
     }
 }
 
-fn adapter_config(kind: AdapterKind, rank: usize) -> AdapterConfig {
-    let low_rank = LowRankConfig::new().with_rank(rank);
-    match kind {
-        AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
-        AdapterKind::Blob => AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank)),
-        AdapterKind::MeLora => AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank)),
-    }
-}
-
 /// Trainable values of the adapters on `targets` of every layer: one
 /// adapter is built per distinct shape (on a base layer of that shape) and
 /// its parameters counted by a module visitor.
@@ -61,7 +53,7 @@ pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Ta
     for &target in targets {
         let (d_out, d_in) = shape(config, target);
         let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<Inner>(&device);
-        let adapter = adapter_config(kind, rank).init(base)?;
+        let adapter = TrainConfig::new().with_method(kind).with_rank(rank).adapter().init(base)?;
         total += adapter.num_trainable() * config.num_hidden_layers;
     }
     Ok(total)
