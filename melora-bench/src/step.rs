@@ -65,7 +65,7 @@ pub fn run(args: &StepArgs) -> Result<StepReport> {
     let vocab = pretrained.config.vocab_size;
     let (base, _, _) = pretrained.build::<Train>(&device)?;
     let config = TrainConfig::new()
-        .with_method(args.method)
+        .with_method(args.method.into())
         .with_rank(args.rank)
         .with_targets(args.targets.clone())
         .with_steps(args.warmup + args.steps)

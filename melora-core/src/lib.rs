@@ -38,7 +38,7 @@ pub use lora::{LoraLinear, LoraLinearConfig};
 pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig};
 pub use metrics::{bayesian_average, ClassProbs, Metrics};
 pub use noise::NoiseSource;
-pub use sampling::{Sampler, SamplingMode};
+pub use sampling::{LoraTap, Sampler, SamplingMode, Taps};
 
 #[cfg(test)]
 pub(crate) mod tests {

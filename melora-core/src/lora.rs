@@ -7,7 +7,7 @@
 
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
 
-use crate::sampling::Sampler;
+use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
@@ -91,12 +91,17 @@ pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, device: &B::Device
 
 impl<B: Backend> Adapter<B> for LoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let update = linear(
-            linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None),
-            self.lora_b.val().transpose(),
-            None,
-        );
-        self.base.forward(x).add(update.mul_scalar(self.scaling))
+        let dropped = sampler.dropout(x.clone(), self.dropout);
+        let update = linear(linear(dropped.clone(), self.lora_a.val().transpose(), None), self.lora_b.val().transpose(), None);
+        let out = self.base.forward(x).add(update.mul_scalar(self.scaling));
+        match sampler.taps.as_deref_mut() {
+            Some(taps) => {
+                let probe = Tensor::zeros(out.dims(), &out.device()).require_grad();
+                taps.records.push(Box::new(LoraTap { input: dropped.detach(), probe: probe.clone() }));
+                out.add(probe)
+            }
+            None => out,
+        }
     }
 
     fn kl(&self, _prior_std: f64) -> Tensor<B, 1> {

@@ -75,6 +75,11 @@ impl ClassProbs {
         Ok(Self { probs, labels, classes })
     }
 
+    /// The probabilities, row-major.
+    pub fn probs(&self) -> &[f64] {
+        &self.probs
+    }
+
     /// Probabilities from logits (softmax per row, in f64).
     pub fn from_logits(logits: &[f64], classes: usize, labels: Vec<usize>) -> Result<Self> {
         if classes == 0 || logits.len() != classes * labels.len() {

@@ -48,12 +48,54 @@ pub struct Sampler<'a> {
     pub dropout: bool,
     /// Where the random numbers come from.
     pub noise: &'a mut NoiseSource,
+    /// When set, LoRA layers record their inputs and add a zero probe to
+    /// their outputs (see [`LoraTap`]): Laplace-LoRA's curvature and
+    /// Jacobians need the per-token inputs and output gradients.
+    pub taps: Option<&'a mut Taps>,
+}
+
+/// What a LoRA layer records in a tapped forward pass.
+#[derive(Debug, Clone)]
+pub struct LoraTap<B: Backend> {
+    /// The layer's input, `[batch, seq, d_input]` (after dropout, if on).
+    pub input: Tensor<B, 3>,
+    /// A zero tensor added to the layer's output, `[batch, seq, d_output]`,
+    /// marked as requiring a gradient: its gradient is the gradient of the
+    /// loss with respect to the layer's output, token by token.
+    pub probe: Tensor<B, 3>,
+}
+
+/// The records of a tapped forward pass, one per LoRA layer in the order
+/// the layers ran (each a [`LoraTap`] of the pass's backend).
+#[derive(Default)]
+pub struct Taps {
+    /// The records.
+    pub records: Vec<Box<dyn std::any::Any>>,
+}
+
+impl std::fmt::Debug for Taps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Taps({} records)", self.records.len())
+    }
+}
+
+impl Taps {
+    /// The records as [`LoraTap`]s of backend `B`; `None` if any is not.
+    pub fn lora<B: Backend>(&self) -> Option<Vec<&LoraTap<B>>> {
+        self.records.iter().map(|r| r.downcast_ref::<LoraTap<B>>()).collect()
+    }
 }
 
 impl<'a> Sampler<'a> {
     /// A sampler with the given mode; dropout off.
     pub fn new(mode: SamplingMode, noise: &'a mut NoiseSource) -> Self {
-        Self { mode, dropout: false, noise }
+        Self { mode, dropout: false, noise, taps: None }
+    }
+
+    /// The same sampler recording LoRA layers into `taps`.
+    pub fn with_taps(mut self, taps: &'a mut Taps) -> Self {
+        self.taps = Some(taps);
+        self
     }
 
     /// The same sampler with dropout switched on or off.

@@ -12,7 +12,12 @@ use melora_llama::model::Llama;
 use melora_llama::peft::load_adapter;
 use melora_llama::pretrained::Pretrained;
 use melora_llama::report::{markdown, write_results, ResultRow};
-use melora_llama::train::{encode_split, fit, train, Progress, RunDir, TrainConfig};
+use melora_llama::data::{seeded_shuffle, SPLIT_SEED};
+use melora_llama::eval::{ensemble_probs, predict_logits};
+use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir, LaplaceMeta, PriorPrecision};
+use melora_llama::peft::save_adapter;
+use melora_llama::train::{encode_split, fit, train, EnsembleAverage, Method, Progress, RunDir, TrainConfig};
+use melora_core::ClassProbs;
 use melora_llama::Tokenizer;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -60,25 +65,46 @@ impl Progress for Reporter {
 
 /// Reads a config file and applies `key=value` overrides (dotted keys reach
 /// nested settings; values are JSON, or strings).
-pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
-    let mut json = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
-        }
-        None => serde_json::to_value(TrainConfig::new())?,
-    };
+fn apply_overrides(mut json: serde_json::Value, overrides: &[String]) -> Result<serde_json::Value> {
     for item in overrides {
         let (key, value) = item.split_once('=').with_context(|| format!("override {item:?} is not key=value"))?;
         let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
         let mut slot = &mut json;
         for part in key.split('.') {
             let object = slot.as_object_mut().with_context(|| format!("override {key}: {part} is not inside an object"))?;
-            slot = object.entry(part).or_insert(serde_json::Value::Null);
+            let known = object.keys().cloned().collect::<Vec<_>>().join(", ");
+            slot = object.get_mut(part).with_context(|| format!("override {key}: unknown setting {part:?} (known: {known})"))?;
         }
         *slot = value;
     }
-    let config: TrainConfig = serde_json::from_value(json).context("invalid training configuration")?;
+    Ok(json)
+}
+
+/// `json` laid over `defaults`, key by key: settings a file leaves out (for
+/// example ones added after it was written) take their default values, and
+/// a key the defaults lack is an error (a misspelt setting is not ignored).
+fn with_defaults(defaults: serde_json::Value, json: serde_json::Value, what: &str) -> Result<serde_json::Value> {
+    let mut merged = defaults;
+    let (Some(base), serde_json::Value::Object(file)) = (merged.as_object_mut(), json) else {
+        bail!("{what} must be a JSON object");
+    };
+    for (key, value) in file {
+        anyhow::ensure!(base.contains_key(&key), "{what}: unknown setting {key:?} (known: {})", base.keys().cloned().collect::<Vec<_>>().join(", "));
+        base.insert(key, value);
+    }
+    Ok(merged)
+}
+
+pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
+    let json = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
+        }
+        None => serde_json::to_value(TrainConfig::new())?,
+    };
+    let json = with_defaults(serde_json::to_value(TrainConfig::new())?, json, "the training configuration")?;
+    let config: TrainConfig = serde_json::from_value(apply_overrides(json, overrides)?).context("invalid training configuration")?;
     config.validate()?;
     Ok(config)
 }
@@ -86,7 +112,7 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
 pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool) -> Result<()> {
     let assets = ensure_assets(&config.model)?;
     let run = RunDir { dir: out };
-    if !resume && run.last().exists() {
+    if !resume && (run.last().exists() || run.config().exists()) {
         bail!("{} already holds a run: pass --resume to continue it, or choose another --out", run.dir.display());
     }
     let mut reporter = Reporter::new(config.steps as u64);
@@ -126,6 +152,7 @@ pub enum Subject {
 
 pub struct EvalArgs {
     pub subject: Subject,
+    pub ensemble_average: Option<EnsembleAverage>,
     pub model: Option<String>,
     pub task: Task,
     pub split: Split,
@@ -175,15 +202,126 @@ fn evaluate(
     Ok(row)
 }
 
+/// A progress callback for prediction batches: a bar on a terminal, lines otherwise.
+fn batch_progress(name: &str) -> (Option<ProgressBar>, impl FnMut(usize, usize) + '_) {
+    let bar = std::io::stderr().is_terminal().then(|| ProgressBar::new(0));
+    let handle = bar.clone();
+    let callback = move |done: usize, total: usize| match &handle {
+        Some(bar) => {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        None if done % 10 == 0 || done == total => eprintln!("{name}: batch {done}/{total}"),
+        None => {}
+    };
+    (bar, callback)
+}
+
+/// Where `eval` writes by default: `<subject>/eval-<task>-<split>`.
+fn default_out(args: &EvalArgs) -> PathBuf {
+    let base = match &args.subject {
+        Subject::Run(dir) | Subject::Adapter(dir) => dir.clone(),
+        Subject::ZeroShot => PathBuf::from("runs/zero-shot"),
+    };
+    base.join(format!("eval-{}-{}", args.task.name(), args.split.name()))
+}
+
+fn finish_eval(args: &EvalArgs, row: ResultRow) -> Result<()> {
+    let out = args.out.clone().unwrap_or_else(|| default_out(args));
+    let files = write_results(&out, std::slice::from_ref(&row))?;
+    print!("{}", markdown(&[row]));
+    eprintln!("results in {} ({} diagram files)", out.display(), files.len());
+    Ok(())
+}
+
+/// A deep ensemble: each member's logits in turn, then combined.
+fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<()> {
+    let assets = ensure_assets(&config.model)?;
+    let device = backend::device();
+    let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Inner>(&device)?;
+    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
+    let label_ids = label_tokens(args.task, &tokenizer)?;
+    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let average = args.ensemble_average.unwrap_or(config.ensemble_average);
+    let start = Instant::now();
+    let mut members = Vec::new();
+    for k in 0..config.members {
+        let member = run.member(k);
+        let checkpoint = member.final_checkpoint().with_context(|| format!("ensemble member {} has no checkpoint", member.dir.display()))?;
+        let model = load_adapter(base.clone(), &checkpoint, &device)?.0;
+        let name = format!("member {}/{}", k + 1, config.members);
+        let (bar, callback) = batch_progress(&name);
+        members.push(predict_logits(&model, &examples, &label_ids, pad, args.batch_size, &device, callback));
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+    }
+    let probs = ensemble_probs(&members, label_ids.len(), average);
+    let probs = ClassProbs::new(probs, label_ids.len(), examples.iter().map(|e| e.label).collect())?;
+    let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
+    let row = ResultRow::new(&name, args.task.name(), args.split.name(), config.members, &probs);
+    eprintln!(
+        "{name}: {} examples, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
+        examples.len(),
+        start.elapsed().as_secs_f64(),
+        row.metrics.accuracy,
+        row.metrics.ece,
+        row.metrics.nll
+    );
+    finish_eval(args, row)
+}
+
+/// A Laplace posterior: the linearised predictive, probit (S = 1) or sampled.
+fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
+    let laplace = LaplaceDir { dir: dir.to_path_buf() };
+    let (meta, blocks) = laplace.load()?;
+    let config = load_config(Some(&dir.join("config.json")), &[])?;
+    let assets = ensure_assets(&config.model)?;
+    let device = backend::device();
+    let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
+    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
+    let model = load_adapter(base, &laplace.adapter(), &device)?.0;
+    let label_ids = label_tokens(args.task, &tokenizer)?;
+    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let start = Instant::now();
+    let (bar, callback) = batch_progress("laplace");
+    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &label_ids, pad, args.batch_size, &device, callback)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let k = label_ids.len();
+    let samples = args.samples.unwrap_or(1);
+    let (probs, how) = if samples > 1 {
+        (laplace::sampled(&lin.mean, &lin.covariance[0], k, samples, args.seed), format!("sampled, S = {samples}"))
+    } else {
+        (laplace::probit(&lin.mean, &lin.covariance[0], k), "probit".to_string())
+    };
+    let probs = ClassProbs::new(probs, k, examples.iter().map(|e| e.label).collect())?;
+    let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
+    let row = ResultRow::new(&name, args.task.name(), args.split.name(), samples, &probs);
+    eprintln!(
+        "{name}: {} examples, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
+        examples.len(),
+        start.elapsed().as_secs_f64(),
+        row.metrics.accuracy,
+        row.metrics.ece,
+        row.metrics.nll
+    );
+    finish_eval(args, row)
+}
+
 pub fn eval_command(args: EvalArgs) -> Result<()> {
     let (config, adapter_dir) = match &args.subject {
+        Subject::Run(dir) if LaplaceDir::is_laplace(dir) => return eval_laplace(&args, dir),
         Subject::Run(dir) => {
             let run = RunDir { dir: dir.clone() };
             let config = load_config(Some(&run.config()), &[])?;
-            let checkpoint = run
-                .complete_checkpoint(&run.best())
-                .or_else(|| run.complete_checkpoint(&run.last()))
-                .with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
+            if config.method == Method::Ens {
+                return eval_ensemble(&args, &run, &config);
+            }
+            let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
             (Some(config), Some(checkpoint))
         }
         Subject::Adapter(dir) => (None, Some(dir.clone())),
@@ -201,9 +339,16 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
         }
         None => (model, false),
     };
-    let samples = args.samples.unwrap_or(if bayesian { config.as_ref().map_or(10, |c| c.eval_samples) } else { 1 });
+    // The run's own way of predicting, then the flags on top.
+    let defaults = match &config {
+        Some(c) => c.eval_options(args.batch_size, args.seed),
+        None if bayesian => PredictOptions { samples: 10, mode: SamplingMode::PerExample, ..PredictOptions::mean(args.batch_size) },
+        None => PredictOptions::mean(args.batch_size),
+    };
+    let dropout = args.dropout || defaults.dropout;
+    let samples = args.samples.unwrap_or(if args.dropout && !defaults.dropout { 10 } else { defaults.samples });
     let mode = args.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
-    let options = PredictOptions { samples, mode, dropout: args.dropout, batch_size: args.batch_size, seed: args.seed, padding: melora_llama::data::Padding::Left };
+    let options = PredictOptions { samples, mode, dropout, seed: args.seed, ..defaults };
     let max_tokens = config.as_ref().map_or(melora_llama::data::MAX_TOKENS, |c| c.max_tokens);
     let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
     let name = match &args.subject {
@@ -211,17 +356,125 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
         _ => format!("{} (S = {samples})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
     };
     let row = evaluate(&name, &model, &tokenizer, &examples, args.task, args.split, &options)?;
-    let out = args.out.unwrap_or_else(|| {
-        let base = match &args.subject {
-            Subject::Run(dir) => dir.clone(),
-            Subject::Adapter(dir) => dir.clone(),
-            Subject::ZeroShot => PathBuf::from("runs/zero-shot"),
-        };
-        base.join(format!("eval-{}-{}", args.task.name(), args.split.name()))
-    });
-    let files = write_results(&out, std::slice::from_ref(&row))?;
-    print!("{}", markdown(&[row]));
-    eprintln!("results in {} ({} diagram files)", out.display(), files.len());
+    finish_eval(&args, row)
+}
+
+/// Reads a Laplace configuration file (or the defaults) and applies
+/// `key=value` overrides.
+pub fn load_laplace_config(path: Option<&Path>, overrides: &[String]) -> Result<LaplaceConfig> {
+    let json = match path {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
+        }
+        None => serde_json::to_value(LaplaceConfig::new())?,
+    };
+    let json = with_defaults(serde_json::to_value(LaplaceConfig::new())?, json, "the Laplace configuration")?;
+    let config: LaplaceConfig = serde_json::from_value(apply_overrides(json, overrides)?).context("invalid Laplace configuration")?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `melora laplace`: the Laplace posterior of a MAP run, saved in `out`.
+pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) -> Result<()> {
+    let run = RunDir { dir: run_dir.clone() };
+    let train_config = load_config(Some(&run.config()), &[])?;
+    anyhow::ensure!(
+        matches!(train_config.method, Method::Map | Method::Lora | Method::Mcd),
+        "{} is a {} run: Laplace-LoRA goes on a single LoRA adapter (train one with --method map)",
+        run_dir.display(),
+        train_config.method.name()
+    );
+    let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?;
+    let assets = ensure_assets(&train_config.model)?;
+    let device = backend::device();
+    let (base, tokenizer, _) = Pretrained::open(&train_config.model, &assets)?.build::<Train>(&device)?;
+    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", train_config.model))?;
+    let (model, adapter_meta) = load_adapter(base, &checkpoint, &device)?;
+    let label_ids = label_tokens(train_config.task, &tokenizer)?;
+    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+    let all = encode_split(train_config.task, Split::Train, &tokenizer, &assets, None, train_config.max_tokens)?;
+    let n_train = all.len();
+    let mut subset = seeded_shuffle(all, SPLIT_SEED);
+    subset.truncate(config.max_examples.unwrap_or(n_train));
+    eprintln!(
+        "Laplace on {} ({} Fisher{}): curvature over {} of {} training examples",
+        checkpoint.display(),
+        match config.fisher {
+            laplace::FisherKind::Exact => "exact",
+            laplace::FisherKind::MonteCarlo => "Monte Carlo",
+        },
+        if config.fisher == laplace::FisherKind::MonteCarlo { format!(", {} samples", config.mc_samples) } else { String::new() },
+        subset.len(),
+        n_train
+    );
+    let start = Instant::now();
+    let (bar, callback) = batch_progress("curvature");
+    let curvature = laplace::accumulate(&model, &subset, &label_ids, pad, &config, &device, callback)?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
+    let blocks = curvature.blocks(data_scale, config.factor_rank);
+    let curvature_seconds = start.elapsed().as_secs_f64();
+    let train_nll = curvature.nll * data_scale;
+    let map_norm = curvature.map_norm_sq();
+    let start = Instant::now();
+    let grid = laplace::precision_grid();
+    let (prior_precision, search) = match config.prior_precision {
+        PriorPrecision::Fixed(l) => (l, vec![]),
+        PriorPrecision::MarginalLikelihood => {
+            let search: Vec<(f64, f64)> = grid.iter().map(|&l| (l, laplace::log_marginal_likelihood(&blocks, train_nll, map_norm, l))).collect();
+            let best = search.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
+            (best.0, search)
+        }
+        PriorPrecision::Validation => {
+            let validation = encode_split(train_config.task, Split::Validation, &tokenizer, &assets, Some(config.max_validation), train_config.max_tokens)?;
+            let (bar, callback) = batch_progress("validation");
+            let lin = laplace::linearise(&model, &blocks, &grid, &validation, &label_ids, pad, config.batch_size, &device, callback)?;
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let labels: Vec<usize> = validation.iter().map(|e| e.label).collect();
+            let search: Vec<(f64, f64)> = grid
+                .iter()
+                .zip(&lin.covariance)
+                .map(|(&l, cov)| {
+                    let probs = ClassProbs::new(laplace::probit(&lin.mean, cov, lin.k), lin.k, labels.clone()).expect("probabilities");
+                    (l, probs.metrics().nll)
+                })
+                .collect();
+            let best = search.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
+            (best.0, search)
+        }
+    };
+    let meta = LaplaceMeta {
+        run: run_dir.clone(),
+        config: config.clone(),
+        prior_precision,
+        n_train,
+        curvature_examples: curvature.examples,
+        curvature_tokens: curvature.tokens,
+        train_nll,
+        search,
+        seconds: (curvature_seconds, start.elapsed().as_secs_f64()),
+    };
+    let laplace = LaplaceDir { dir: out.clone() };
+    save_adapter(&model, &adapter_meta.config, &laplace.adapter(), &train_config.model)?;
+    let text = serde_json::to_string_pretty(&train_config)?;
+    melora_llama::assets::write_atomic(&out.join("config.json"), text.as_bytes())?;
+    laplace.save(&meta, &blocks)?;
+    let kept: usize = blocks.iter().map(|b| b.output.values.len() * b.input.values.len()).sum();
+    eprintln!(
+        "{} blocks ({} curvature directions kept), prior precision {:.3e} by {:?}; curvature {:.0} s, search {:.0} s",
+        blocks.len(),
+        kept,
+        prior_precision,
+        config.prior_precision,
+        meta.seconds.0,
+        meta.seconds.1
+    );
+    println!("Laplace posterior in {} (evaluate with: melora eval --run {} --task {})", out.display(), out.display(), train_config.task.name());
     Ok(())
 }
 
@@ -232,7 +485,7 @@ pub const QUICKSTART: &str = include_str!("../../experiments/smollm2-135m/quicks
 /// Me-LoRA fine-tuning within the CPU budget, Bayesian evaluation, table.
 pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: usize) -> Result<()> {
     let start = Instant::now();
-    let json: serde_json::Value = serde_json::from_str(QUICKSTART)?;
+    let json = with_defaults(serde_json::to_value(TrainConfig::new())?, serde_json::from_str(QUICKSTART)?, "experiments/smollm2-135m/quickstart.json")?;
     let mut config: TrainConfig = serde_json::from_value(json).context("experiments/smollm2-135m/quickstart.json")?;
     config.max_validation = Some(max_validation);
     config.validate()?;

@@ -76,3 +76,58 @@ pub fn predict<B: Backend>(
     let labels = examples.iter().map(|e| e.label).collect();
     Ok(ClassProbs::new(probs, k, labels)?)
 }
+
+/// The class logits `[examples, labels]` (row-major) of a deterministic
+/// pass with the mean weights; labels an example lacks get
+/// [`crate::classify::MASKED_LOGIT`].
+pub fn predict_logits<B: Backend>(
+    model: &Llama<B>,
+    examples: &[Encoded],
+    label_ids: &[u32],
+    pad: u32,
+    batch_size: usize,
+    device: &B::Device,
+    mut on_batch: impl FnMut(usize, usize),
+) -> Vec<f64> {
+    let k = label_ids.len();
+    let mut out = vec![0f64; examples.len() * k];
+    let indices: Vec<usize> = (0..examples.len()).collect();
+    let batches = length_batches(examples, &indices, batch_size);
+    let mut noise = NoiseSource::seeded(0);
+    for (done, chunk) in batches.iter().enumerate() {
+        let batch = batch_of(examples, chunk, pad, Padding::Left);
+        let mut sampler = Sampler::new(SamplingMode::Mean, &mut noise);
+        let logits: Vec<f64> = model.class_logits(&batch, label_ids, &mut sampler, device).into_data().convert::<f64>().to_vec().expect("f64 logits");
+        for (row, &i) in chunk.iter().enumerate() {
+            out[i * k..(i + 1) * k].copy_from_slice(&logits[row * k..(row + 1) * k]);
+        }
+        on_batch(done + 1, batches.len());
+    }
+    out
+}
+
+/// Softmax of each row of `logits` (`k` columns), in f64.
+pub fn softmax_rows(logits: &[f64], k: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(k) {
+        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let exp: Vec<f64> = row.iter().map(|l| (l - max).exp()).collect();
+        let sum: f64 = exp.iter().sum();
+        out.extend(exp.iter().map(|e| e / sum));
+    }
+    out
+}
+
+/// A deep ensemble's probabilities from its members' logits (each
+/// `[examples, k]` row-major): the mean of the members' softmaxes, or the
+/// softmax of their mean logits.
+pub fn ensemble_probs(members: &[Vec<f64>], k: usize, average: crate::train::EnsembleAverage) -> Vec<f64> {
+    let n = members.first().map_or(0, |m| m.len());
+    let mean = |rows: Vec<Vec<f64>>| -> Vec<f64> {
+        (0..n).map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / rows.len() as f64).collect()
+    };
+    match average {
+        crate::train::EnsembleAverage::Probabilities => mean(members.iter().map(|m| softmax_rows(m, k)).collect()),
+        crate::train::EnsembleAverage::Logits => softmax_rows(&mean(members.to_vec()), k),
+    }
+}

@@ -16,6 +16,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod laplace;
 pub mod model;
 pub mod peft;
 pub mod report;

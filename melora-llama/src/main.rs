@@ -68,7 +68,9 @@ enum Command {
         /// A JSON training configuration (see experiments/); defaults otherwise.
         #[arg(long)]
         config: Option<PathBuf>,
-        /// Override: lora, blob or melora.
+        /// Override: lora, map (LoRA + weight decay 1e-5), mcd (MC dropout,
+        /// S = 3), ens (3 seeded MAP adapters), blob or melora. Laplace:
+        /// `melora laplace --run DIR` on a map run.
         #[arg(long)]
         method: Option<String>,
         /// Override: the task.
@@ -129,7 +131,29 @@ enum Command {
         /// Seed of the sampling noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Deep ensembles: average probabilities (default) or logits.
+        #[arg(long)]
+        ensemble_average: Option<melora_llama::train::EnsembleAverage>,
         /// Output folder (default: <run or adapter>/eval-<task>-<split>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Laplace-LoRA on a MAP run: KFAC curvature of the LoRA matrices over
+    /// the training data, prior precision by marginal likelihood (or on
+    /// validation data); writes a posterior that `melora eval --run` takes
+    /// (linearised predictive: probit, or `--samples S` logit draws).
+    Laplace {
+        /// The MAP run folder.
+        #[arg(long)]
+        run: PathBuf,
+        /// A JSON Laplace configuration (see experiments/); defaults otherwise.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Override any setting: `--set fisher=MonteCarlo`, `--set max_examples=200`,
+        /// `--set prior_precision=Validation`.
+        #[arg(long = "set")]
+        set: Vec<String>,
+        /// Where the posterior goes (default: <run>/laplace).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -263,10 +287,12 @@ fn main() -> Result<()> {
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
         Command::Train { config, method, task, steps, seed, set, out, resume } => {
-            let mut overrides = set;
+            // The method's preset first, so that `--set` can change it.
+            let mut overrides = Vec::new();
             if let Some(m) = method {
-                let kind: melora_core::AdapterKind = m.parse().map_err(anyhow::Error::msg)?;
-                overrides.push(format!("method={}", serde_json::to_string(&kind)?));
+                let method: melora_llama::train::Method = m.parse().map_err(anyhow::Error::msg)?;
+                overrides.extend(method.preset());
+                overrides.push(format!("method={}", serde_json::to_string(&method)?));
             }
             if let Some(t) = task {
                 overrides.push(format!("task=\"{t}\""));
@@ -277,18 +303,24 @@ fn main() -> Result<()> {
             if let Some(s) = seed {
                 overrides.push(format!("seed={s}"));
             }
+            overrides.extend(set);
             let config = cli::load_config(config.as_deref(), &overrides)?;
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{:?}-seed{}", config.task, config.method, config.seed).to_lowercase()));
+            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
             cli::train_command(config, out, resume)?;
         }
-        Command::Eval { run, adapter, zero_shot, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out } => {
+        Command::Laplace { run, config, set, out } => {
+            let config = cli::load_laplace_config(config.as_deref(), &set)?;
+            let out = out.unwrap_or_else(|| run.join("laplace"));
+            cli::laplace_command(run, config, out)?;
+        }
+        Command::Eval { run, adapter, zero_shot, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, ensemble_average, out } => {
             let subject = match (run, adapter, zero_shot) {
                 (Some(r), _, _) => cli::Subject::Run(r),
                 (_, Some(a), _) => cli::Subject::Adapter(a),
                 (_, _, true) => cli::Subject::ZeroShot,
                 _ => anyhow::bail!("give --run DIR, --adapter DIR or --zero-shot"),
             };
-            cli::eval_command(cli::EvalArgs { subject, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out })?;
+            cli::eval_command(cli::EvalArgs { subject, ensemble_average, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out })?;
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;

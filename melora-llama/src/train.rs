@@ -49,6 +49,102 @@ pub enum OptimizerSplit {
     Single,
 }
 
+/// What a run trains: one of the three adapters, or one of the paper's
+/// baselines built on LoRA (method.md section 4).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LoRA.
+    Lora,
+    /// MAP: LoRA with weight decay (`--method map` sets 1e-5, BLoB's scripts).
+    Map,
+    /// MC dropout: LoRA whose adapter dropout stays on at evaluation,
+    /// averaged over `eval_samples` passes (`--method mcd` sets 3).
+    Mcd,
+    /// Deep ensemble: `members` LoRA adapters trained with the MAP recipe
+    /// from different seeds, predictions averaged.
+    Ens,
+    /// BLoB.
+    Blob,
+    /// Me-LoRA.
+    MeLora,
+}
+
+impl Method {
+    /// Every method.
+    pub const ALL: [Method; 6] = [Method::Lora, Method::Map, Method::Mcd, Method::Ens, Method::Blob, Method::MeLora];
+
+    /// The adapter family the method trains.
+    pub fn adapter_kind(self) -> AdapterKind {
+        match self {
+            Self::Lora | Self::Map | Self::Mcd | Self::Ens => AdapterKind::Lora,
+            Self::Blob => AdapterKind::Blob,
+            Self::MeLora => AdapterKind::MeLora,
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "lora",
+            Self::Map => "map",
+            Self::Mcd => "mcd",
+            Self::Ens => "ens",
+            Self::Blob => "blob",
+            Self::MeLora => "melora",
+        }
+    }
+
+    /// The settings `--method NAME` implies (`key=value` overrides, applied
+    /// before the user's own `--set`s).
+    pub fn preset(self) -> Vec<String> {
+        match self {
+            Self::Map | Self::Ens => vec!["weight_decay=1e-5".into()],
+            Self::Mcd => vec!["eval_samples=3".into()],
+            Self::Lora | Self::Blob | Self::MeLora => vec![],
+        }
+    }
+}
+
+impl From<AdapterKind> for Method {
+    fn from(kind: AdapterKind) -> Self {
+        match kind {
+            AdapterKind::Lora => Self::Lora,
+            AdapterKind::Blob => Self::Blob,
+            AdapterKind::MeLora => Self::MeLora,
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let key = s.to_ascii_lowercase().replace(['-', '_'], "");
+        Self::ALL.into_iter().find(|m| m.name() == key).ok_or_else(|| {
+            format!("unknown method {s:?}: expected lora, map, mcd, ens, blob or melora (Laplace: `melora laplace --run DIR` on a map run)")
+        })
+    }
+}
+
+/// How a deep ensemble combines its members' predictions.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum EnsembleAverage {
+    /// The mean of the members' class probabilities (the usual deep ensemble).
+    Probabilities,
+    /// The softmax of the members' mean logits.
+    Logits,
+}
+
+impl std::str::FromStr for EnsembleAverage {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "probabilities" | "probs" => Ok(Self::Probabilities),
+            "logits" => Ok(Self::Logits),
+            _ => Err(format!("unknown ensemble average {s:?}: expected probabilities or logits")),
+        }
+    }
+}
+
 /// Everything a training run needs; saved as `config.json` in the run folder.
 #[derive(Config, Debug)]
 pub struct TrainConfig {
@@ -58,9 +154,9 @@ pub struct TrainConfig {
     /// The task.
     #[config(default = "Task::ArcE")]
     pub task: Task,
-    /// The adapter.
-    #[config(default = "AdapterKind::MeLora")]
-    pub method: AdapterKind,
+    /// The method.
+    #[config(default = "Method::MeLora")]
+    pub method: Method,
     /// Adapted projections.
     #[config(default = "String::from(\"q_proj,v_proj\")")]
     pub targets: String,
@@ -130,6 +226,14 @@ pub struct TrainConfig {
     /// Seed of initialisation, data order and noise.
     #[config(default = 0)]
     pub seed: u64,
+    /// Deep ensembles: the number of members.
+    #[config(default = 3)]
+    pub members: usize,
+    /// Deep ensembles: the members' seeds (default `seed, seed + 1, ...`).
+    pub member_seeds: Option<Vec<u64>>,
+    /// Deep ensembles: how predictions are combined.
+    #[config(default = "EnsembleAverage::Probabilities")]
+    pub ensemble_average: EnsembleAverage,
 }
 
 impl TrainConfig {
@@ -152,22 +256,61 @@ impl TrainConfig {
         self.prior.validate()?;
         self.kl_schedule.validate()?;
         Target::parse_list(&self.targets)?;
+        if self.method == Method::Ens {
+            if self.members == 0 {
+                return bad("an ensemble needs members >= 1".into());
+            }
+            if let Some(seeds) = &self.member_seeds {
+                if seeds.len() != self.members {
+                    return bad(format!("member_seeds has {} seeds for members = {}", seeds.len(), self.members));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The seeds of an ensemble's members.
+    pub fn ensemble_seeds(&self) -> Vec<u64> {
+        self.member_seeds.clone().unwrap_or_else(|| (0..self.members as u64).map(|k| self.seed + k).collect())
+    }
+
+    /// The configuration of ensemble member `k`: a MAP run with its seed.
+    pub fn member(&self, k: usize) -> TrainConfig {
+        let mut member = self.clone();
+        member.method = Method::Map;
+        member.seed = self.ensemble_seeds()[k];
+        member.member_seeds = None;
+        member
     }
 
     /// The adapter configuration.
     pub fn adapter(&self) -> AdapterConfig {
         let low_rank = LowRankConfig::new().with_rank(self.rank).with_alpha(self.alpha).with_dropout(self.dropout);
-        match self.method {
+        match self.method.adapter_kind() {
             AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
             AdapterKind::Blob => AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank)),
             AdapterKind::MeLora => AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank).with_kl(self.kl)),
         }
     }
 
+    /// How a run of this configuration predicts at evaluation: MC dropout
+    /// keeps dropout on over `eval_samples` passes; BLoB and Me-LoRA average
+    /// `eval_samples` per-example draws; LoRA and MAP use the mean weights.
+    /// (Ensembles and Laplace have their own predictors.)
+    pub fn eval_options(&self, batch_size: usize, seed: u64) -> PredictOptions {
+        let mean = PredictOptions { seed, ..PredictOptions::mean(batch_size) };
+        match self.method {
+            Method::Mcd => PredictOptions { samples: self.eval_samples.max(1), dropout: self.dropout > 0.0, ..mean },
+            Method::Blob | Method::MeLora if self.eval_samples > 1 => {
+                PredictOptions { samples: self.eval_samples, mode: SamplingMode::PerExample, ..mean }
+            }
+            _ => mean,
+        }
+    }
+
     /// Whether the method has random weights (and a KL term).
     pub fn is_bayesian(&self) -> bool {
-        self.method != AdapterKind::Lora
+        self.method.adapter_kind() != AdapterKind::Lora
     }
 }
 
@@ -302,6 +445,14 @@ impl RunDir {
     pub fn log(&self) -> PathBuf {
         self.dir.join("log.txt")
     }
+    /// An ensemble's member `k`: `dir/members/k`.
+    pub fn member(&self, k: usize) -> RunDir {
+        RunDir { dir: self.dir.join("members").join(k.to_string()) }
+    }
+    /// The checkpoint to evaluate: the best one, else the last.
+    pub fn final_checkpoint(&self) -> Option<PathBuf> {
+        self.complete_checkpoint(&self.best()).or_else(|| self.complete_checkpoint(&self.last()))
+    }
 
     /// Appends a line to a file of the run.
     pub fn append(&self, path: &Path, line: &str) -> crate::Result<()> {
@@ -399,6 +550,9 @@ pub fn fit<B: AutodiffBackend>(
 ) -> crate::Result<TrainSummary> {
     config.validate()?;
     std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::io(&run.dir, e))?;
+    if config.method == Method::Ens {
+        return fit_ensemble(config, run, resume, base, train_set, validation, label_ids, pad, device, progress);
+    }
     let checkpoint = if resume {
         let found = run.complete_checkpoint(&run.last());
         if found.is_none() {
@@ -524,6 +678,40 @@ pub fn fit<B: AutodiffBackend>(
         last_nll: mean(&nlls[nlls.len().saturating_sub(tenth)..]),
         step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
         steps_run: nlls.len(),
+    })
+}
+
+/// A deep ensemble: each member is a MAP run in `run/members/k` with its
+/// own seed, trained one after the other (each resumable on its own).
+#[allow(clippy::too_many_arguments)]
+fn fit_ensemble<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    train_set: &[Encoded],
+    validation: &[Encoded],
+    label_ids: &[u32],
+    pad: u32,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+    write_atomic(&run.config(), text.as_bytes())?;
+    let seeds = config.ensemble_seeds();
+    let mut summaries = Vec::new();
+    for (k, seed) in seeds.iter().enumerate() {
+        progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
+        let member = run.member(k);
+        summaries.push(fit(&config.member(k), &member, resume, base.clone(), train_set, validation, label_ids, pad, device, progress)?);
+    }
+    let mean = |f: fn(&TrainSummary) -> f64| summaries.iter().map(f).sum::<f64>() / summaries.len() as f64;
+    Ok(TrainSummary {
+        dir: run.dir.clone(),
+        first_nll: mean(|s| s.first_nll),
+        last_nll: mean(|s| s.last_nll),
+        step_seconds: mean(|s| s.step_seconds),
+        steps_run: summaries.iter().map(|s| s.steps_run).sum(),
     })
 }
 

@@ -46,7 +46,7 @@ fn examples(n: usize, seed: u64) -> Vec<Encoded> {
 fn config(method: AdapterKind, steps: usize) -> TrainConfig {
     TrainConfig::new()
         .with_model("tiny".into())
-        .with_method(method)
+        .with_method(method.into())
         .with_rank(4)
         .with_steps(steps)
         .with_batch_size(4)
