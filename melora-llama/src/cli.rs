@@ -176,29 +176,12 @@ fn evaluate(
 ) -> Result<ResultRow> {
     let label_ids = label_tokens(task, tokenizer)?;
     let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    let bar = std::io::stderr().is_terminal().then(|| ProgressBar::new(0));
     let start = Instant::now();
-    let probs = predict(model, examples, &label_ids, pad, options, &backend::device(), |done, total| match &bar {
-        Some(bar) => {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        }
-        None if done % 10 == 0 || done == total => eprintln!("{name}: batch {done}/{total}"),
-        None => {}
-    })?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    let (bar, callback) = batch_progress(name);
+    let probs = predict(model, examples, &label_ids, pad, options, &backend::device(), callback)?;
+    finish_bar(bar);
     let row = ResultRow::new(name, task.name(), split.name(), options.samples, &probs);
-    eprintln!(
-        "{name}: {} examples, S = {}, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
-        examples.len(),
-        options.samples,
-        start.elapsed().as_secs_f64(),
-        row.metrics.accuracy,
-        row.metrics.ece,
-        row.metrics.nll
-    );
+    log_row(&row, start);
     Ok(row)
 }
 
@@ -215,6 +198,26 @@ fn batch_progress(name: &str) -> (Option<ProgressBar>, impl FnMut(usize, usize) 
         None => {}
     };
     (bar, callback)
+}
+
+fn finish_bar(bar: Option<ProgressBar>) {
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+}
+
+/// One line with an evaluation's metrics and time.
+fn log_row(row: &ResultRow, start: Instant) {
+    eprintln!(
+        "{}: {} examples, S = {}, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
+        row.name,
+        row.metrics.count,
+        row.samples,
+        start.elapsed().as_secs_f64(),
+        row.metrics.accuracy,
+        row.metrics.ece,
+        row.metrics.nll
+    );
 }
 
 /// Where `eval` writes by default: `<subject>/eval-<task>-<split>`.
@@ -253,22 +256,13 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<
         let name = format!("member {}/{}", k + 1, config.members);
         let (bar, callback) = batch_progress(&name);
         members.push(predict_logits(&model, &examples, &label_ids, pad, args.batch_size, &device, callback));
-        if let Some(bar) = bar {
-            bar.finish_and_clear();
-        }
+        finish_bar(bar);
     }
     let probs = ensemble_probs(&members, label_ids.len(), average);
     let probs = ClassProbs::new(probs, label_ids.len(), examples.iter().map(|e| e.label).collect())?;
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
     let row = ResultRow::new(&name, args.task.name(), args.split.name(), config.members, &probs);
-    eprintln!(
-        "{name}: {} examples, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
-        examples.len(),
-        start.elapsed().as_secs_f64(),
-        row.metrics.accuracy,
-        row.metrics.ece,
-        row.metrics.nll
-    );
+    log_row(&row, start);
     finish_eval(args, row)
 }
 
@@ -288,9 +282,7 @@ fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
     let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &label_ids, pad, args.batch_size, &device, callback)?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    finish_bar(bar);
     let k = label_ids.len();
     let samples = args.samples.unwrap_or(1);
     let (probs, how) = if samples > 1 {
@@ -301,14 +293,7 @@ fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
     let probs = ClassProbs::new(probs, k, examples.iter().map(|e| e.label).collect())?;
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let row = ResultRow::new(&name, args.task.name(), args.split.name(), samples, &probs);
-    eprintln!(
-        "{name}: {} examples, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
-        examples.len(),
-        start.elapsed().as_secs_f64(),
-        row.metrics.accuracy,
-        row.metrics.ece,
-        row.metrics.nll
-    );
+    log_row(&row, start);
     finish_eval(args, row)
 }
 
@@ -411,9 +396,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     let start = Instant::now();
     let (bar, callback) = batch_progress("curvature");
     let curvature = laplace::accumulate(&model, &subset, &label_ids, pad, &config, &device, callback)?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
+    finish_bar(bar);
     let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
     let blocks = curvature.blocks(data_scale, config.factor_rank);
     let curvature_seconds = start.elapsed().as_secs_f64();
@@ -432,9 +415,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
             let validation = encode_split(train_config.task, Split::Validation, &tokenizer, &assets, Some(config.max_validation), train_config.max_tokens)?;
             let (bar, callback) = batch_progress("validation");
             let lin = laplace::linearise(&model, &blocks, &grid, &validation, &label_ids, pad, config.batch_size, &device, callback)?;
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
+            finish_bar(bar);
             let labels: Vec<usize> = validation.iter().map(|e| e.label).collect();
             let search: Vec<(f64, f64)> = grid
                 .iter()
