@@ -7,15 +7,12 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::fixture;
+use common::{parity_examples, tiny_base, Quiet};
 use melora_llama::data::Encoded;
 use melora_llama::eval::{ensemble_probs, predict, predict_logits, softmax_rows, PredictOptions};
 use melora_llama::peft::load_adapter;
-use melora_llama::train::{fit, EnsembleAverage, Method, Progress, RunDir, TrainConfig};
-use melora_llama::weights::{build, safetensors::SafetensorsSource};
-use melora_llama::{Llama, LlamaConfig};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use melora_llama::train::{fit, EnsembleAverage, Method, RunDir, TrainConfig};
+use melora_llama::Llama;
 
 type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
@@ -23,20 +20,11 @@ type B = NdArray<f32>;
 const LABELS: [u32; 2] = [17, 42];
 
 fn base() -> Llama<AD> {
-    let dir = fixture("tied");
-    let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    build::<AD, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+    tiny_base()
 }
 
 fn examples(n: usize, seed: u64) -> Vec<Encoded> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(6..=12);
-            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..256)).collect();
-            Encoded { label: (ids[0] % 2) as usize, ids, n_choices: 2 }
-        })
-        .collect()
+    parity_examples(n, seed)
 }
 
 fn config(method: Method) -> TrainConfig {
@@ -58,12 +46,6 @@ fn run_dir(name: &str) -> RunDir {
     let dir = std::env::temp_dir().join(format!("melora-baselines-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     RunDir { dir }
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn step(&mut self, _: usize, _: usize, _: &str) {}
-    fn line(&mut self, _: &str) {}
 }
 
 fn trained(run: &RunDir) -> Llama<B> {

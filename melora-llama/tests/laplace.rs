@@ -17,13 +17,13 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Distribution, Tensor};
-use common::fixture;
+use common::tiny_base;
 use melora_core::{AdapterConfig, AnyAdapter, LoraLinearConfig, LowRankConfig, NoiseSource, Sampler, SamplingMode};
 use melora_llama::data::{collate, Encoded, Padding};
 use melora_llama::laplace::{accumulate, linearise, log_marginal_likelihood, Block, FisherKind, LaplaceConfig};
 use melora_llama::model::Proj;
-use melora_llama::weights::{build, safetensors::SafetensorsSource, Target};
-use melora_llama::{Llama, LlamaConfig};
+use melora_llama::weights::Target;
+use melora_llama::Llama;
 use nalgebra::{DMatrix, DVector};
 
 type AD = Autodiff<NdArray<f64>>;
@@ -34,9 +34,7 @@ const LABELS: [u32; 3] = [17, 42, 99];
 /// random `B` (zero `B` would make the `A` blocks vanish).
 fn model() -> Llama<AD> {
     let device = Default::default();
-    let dir = fixture("tied");
-    let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let base = build::<AD, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &device).unwrap().0;
+    let base = tiny_base::<AD>();
     <AD as burn::tensor::backend::Backend>::seed(&device, 11);
     let lora = AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(2).with_alpha(4.0).with_dropout(0.0)));
     let mut model = base.with_adapters(&lora, &Target::parse_list("q_proj,v_proj").unwrap()).unwrap();

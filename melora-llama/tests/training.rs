@@ -7,16 +7,14 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::fixture;
+use common::{parity_examples, tiny_base, Quiet};
 use melora_core::{AdapterKind, SamplingMode};
 use melora_llama::data::{Encoded, Padding};
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::peft::load_adapter;
 use melora_llama::train::{fit, linear_warmup_decay, Progress, RunDir, TrainConfig};
-use melora_llama::weights::{build, safetensors::SafetensorsSource, WeightSource};
-use melora_llama::{Llama, LlamaConfig};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
+use melora_llama::Llama;
 use std::path::PathBuf;
 
 type AD = Autodiff<NdArray<f32>>;
@@ -25,22 +23,11 @@ type B = NdArray<f32>;
 const LABELS: [u32; 2] = [17, 42];
 
 fn base() -> Llama<AD> {
-    let dir = fixture("tied");
-    let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    build::<AD, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+    tiny_base()
 }
 
-/// Random prompts of 6 to 12 tokens; the label is whether the first token is even.
 fn examples(n: usize, seed: u64) -> Vec<Encoded> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(6..=12);
-            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..256)).collect();
-            let label = (ids[0] % 2) as usize;
-            Encoded { ids, label, n_choices: 2 }
-        })
-        .collect()
+    parity_examples(n, seed)
 }
 
 fn config(method: AdapterKind, steps: usize) -> TrainConfig {
@@ -62,12 +49,6 @@ fn run_dir(name: &str) -> RunDir {
     let dir = std::env::temp_dir().join(format!("melora-train-{}-{name}", std::process::id()));
     std::fs::remove_dir_all(&dir).ok();
     RunDir { dir }
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn step(&mut self, _: usize, _: usize, _: &str) {}
-    fn line(&mut self, _: &str) {}
 }
 
 /// Simulates a crash (`kill -9`) after `at` steps.

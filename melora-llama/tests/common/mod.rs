@@ -1,5 +1,6 @@
-//! Helpers shared by the integration tests: the fixture folders and a small
-//! reader for NumPy `.npy` / `.npz` files.
+//! Helpers shared by the integration tests: the fixture folders, the tiny
+//! model and random prompts for training tests, and a small reader for
+//! NumPy `.npy` / `.npz` files.
 #![allow(dead_code)]
 
 pub mod gguf_writer;
@@ -7,6 +8,36 @@ pub mod gguf_writer;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::PathBuf;
+
+/// The tied tiny-llama fixture as a model of backend `B`.
+pub fn tiny_base<B: burn::tensor::backend::Backend>() -> melora_llama::Llama<B> {
+    use melora_llama::weights::{build, safetensors::SafetensorsSource};
+    let dir = fixture("tied");
+    let config = melora_llama::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    build::<B, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+}
+
+/// `n` random prompts of 6 to 12 tokens; the label (of 2) is whether the
+/// first token is odd.
+pub fn parity_examples(n: usize, seed: u64) -> Vec<melora_llama::data::Encoded> {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(6..=12);
+            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..256)).collect();
+            melora_llama::data::Encoded { label: (ids[0] % 2) as usize, ids, n_choices: 2 }
+        })
+        .collect()
+}
+
+/// Training progress that goes nowhere.
+pub struct Quiet;
+impl melora_llama::train::Progress for Quiet {
+    fn step(&mut self, _: usize, _: usize, _: &str) {}
+    fn line(&mut self, _: &str) {}
+}
 
 /// The tiny-llama fixtures written by transformers + PEFT.
 pub fn fixture(which: &str) -> PathBuf {
