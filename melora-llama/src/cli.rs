@@ -429,6 +429,13 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
             (best.0, search)
         }
     };
+    if !matches!(config.prior_precision, PriorPrecision::Fixed(_)) && (prior_precision == grid[0] || prior_precision == grid[grid.len() - 1]) {
+        eprintln!(
+            "warning: the chosen prior precision {prior_precision:.1e} is at the edge of the searched grid ({:.0e}..{:.0e}); the optimum may lie beyond it",
+            grid[0],
+            grid[grid.len() - 1]
+        );
+    }
     let meta = LaplaceMeta {
         run: run_dir.clone(),
         config: config.clone(),
