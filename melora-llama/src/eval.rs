@@ -108,14 +108,7 @@ pub fn predict_logits<B: Backend>(
 
 /// Softmax of each row of `logits` (`k` columns), in f64.
 pub fn softmax_rows(logits: &[f64], k: usize) -> Vec<f64> {
-    let mut out = Vec::with_capacity(logits.len());
-    for row in logits.chunks(k) {
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let exp: Vec<f64> = row.iter().map(|l| (l - max).exp()).collect();
-        let sum: f64 = exp.iter().sum();
-        out.extend(exp.iter().map(|e| e / sum));
-    }
-    out
+    logits.chunks(k).flat_map(melora_core::metrics::softmax_f64).collect()
 }
 
 /// A deep ensemble's probabilities from its members' logits (each
