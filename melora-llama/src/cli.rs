@@ -95,16 +95,23 @@ fn with_defaults(defaults: serde_json::Value, json: serde_json::Value, what: &st
     Ok(merged)
 }
 
-pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
+/// Reads a JSON configuration (the defaults when there is no file), fills
+/// in missing settings from `defaults` and applies `key=value` overrides.
+fn load_json<T: serde::Serialize + serde::de::DeserializeOwned>(path: Option<&Path>, overrides: &[String], defaults: T, what: &str) -> Result<T> {
+    let defaults = serde_json::to_value(defaults)?;
     let json = match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
         }
-        None => serde_json::to_value(TrainConfig::new())?,
+        None => defaults.clone(),
     };
-    let json = with_defaults(serde_json::to_value(TrainConfig::new())?, json, "the training configuration")?;
-    let config: TrainConfig = serde_json::from_value(apply_overrides(json, overrides)?).context("invalid training configuration")?;
+    let json = with_defaults(defaults, json, what)?;
+    serde_json::from_value(apply_overrides(json, overrides)?).with_context(|| format!("invalid {what}"))
+}
+
+pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
+    let config = load_json(path, overrides, TrainConfig::new(), "training configuration")?;
     config.validate()?;
     Ok(config)
 }
@@ -347,15 +354,7 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
 /// Reads a Laplace configuration file (or the defaults) and applies
 /// `key=value` overrides.
 pub fn load_laplace_config(path: Option<&Path>, overrides: &[String]) -> Result<LaplaceConfig> {
-    let json = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
-        }
-        None => serde_json::to_value(LaplaceConfig::new())?,
-    };
-    let json = with_defaults(serde_json::to_value(LaplaceConfig::new())?, json, "the Laplace configuration")?;
-    let config: LaplaceConfig = serde_json::from_value(apply_overrides(json, overrides)?).context("invalid Laplace configuration")?;
+    let config = load_json(path, overrides, LaplaceConfig::new(), "Laplace configuration")?;
     config.validate()?;
     Ok(config)
 }
