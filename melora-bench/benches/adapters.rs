@@ -43,7 +43,7 @@ fn bench(c: &mut Criterion) {
         })
     });
     for (name, config, mode) in cases {
-        let adapter = config.init(base.clone()).unwrap();
+        let adapter = config.init(base.clone(), &mut NoiseSource::seeded(0)).unwrap();
         let mut noise = NoiseSource::seeded(2);
         group.bench_function(name, |b| {
             b.iter(|| {

@@ -6,7 +6,7 @@
 
 use crate::backend::Inner;
 use burn::nn::LinearConfig;
-use melora_core::{Adapter, AdapterKind};
+use melora_core::{Adapter, AdapterKind, NoiseSource};
 use melora_llama::train::TrainConfig;
 use melora_llama::weights::Target;
 use melora_llama::LlamaConfig;
@@ -53,7 +53,7 @@ pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Ta
     for &target in targets {
         let (d_out, d_in) = shape(config, target);
         let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<Inner>(&device);
-        let adapter = TrainConfig::new().with_method(kind.into()).with_rank(rank).adapter().init(base)?;
+        let adapter = TrainConfig::new().with_method(kind.into()).with_rank(rank).adapter().init(base, &mut NoiseSource::seeded(0))?;
         total += adapter.num_trainable() * config.num_hidden_layers;
     }
     Ok(total)

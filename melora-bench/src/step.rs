@@ -73,8 +73,7 @@ pub fn run(args: &StepArgs) -> Result<StepReport> {
         .with_seed(args.seed)
         .with_train_sampling(if args.method == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample });
     config.validate()?;
-    <Train as burn::tensor::backend::Backend>::seed(&device, args.seed);
-    let mut model = base.with_adapters(&config.adapter(), &Target::parse_list(&args.targets)?)?;
+    let mut model = base.with_adapters(&config.adapter(), &Target::parse_list(&args.targets)?, &mut NoiseSource::seeded(args.seed))?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let label_ids: Vec<u32> = (0..4).map(|i| 10 + i).collect();
     let examples: Vec<Encoded> = (0..args.batch)

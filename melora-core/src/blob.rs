@@ -9,6 +9,7 @@ use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, 
 use crate::error::check;
 use crate::kl::blob_kl;
 use crate::lora::kaiming_a;
+use crate::noise::NoiseSource;
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -58,18 +59,17 @@ impl BlobLinearConfig {
         check(self.init_eps.is_finite() && self.init_eps > 0.0, "init_eps", self.init_eps, "must be finite and positive")
     }
 
-    /// Wraps `base` (frozen here) with a fresh adapter.
-    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<BlobLinear<B>> {
+    /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.
+    pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<BlobLinear<B>> {
         self.validate()?;
         let (d_input, d_output) = linear_dims(&base);
         self.low_rank.validate_for(d_input, d_output)?;
         let device = base.weight.device();
         let r = self.low_rank.rank;
-        let lora_a = kaiming_a::<B>(r, d_input, &device);
+        let lora_a = kaiming_a::<B>(r, d_input, noise, &device);
         let lora_b = Initializer::Zeros.init([d_output, r], &device);
         let eps = self.init_eps;
-        let g: Param<Tensor<B, 2>> =
-            Initializer::Uniform { min: eps / 2f64.sqrt(), max: eps }.init([r, d_input], &device);
+        let g = Param::from_tensor(noise.uniform([r, d_input], eps / 2f64.sqrt(), eps, &device));
         // The std a `Square` parameter g would give; other parameterisations
         // are set to the same initial std.
         let g = match self.std_param {

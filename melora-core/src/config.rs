@@ -6,6 +6,7 @@ use crate::blob::{BlobLinear, BlobLinearConfig};
 
 use crate::lora::{LoraLinear, LoraLinearConfig};
 use crate::melora::{MeLoraLinear, MeLoraLinearConfig};
+use crate::noise::NoiseSource;
 use crate::sampling::Sampler;
 use burn::config::Config;
 use burn::module::Module;
@@ -65,12 +66,12 @@ impl AdapterConfig {
         }
     }
 
-    /// Wraps `base` with a fresh adapter of this configuration.
-    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<AnyAdapter<B>> {
+    /// Wraps `base` with a fresh adapter of this configuration, drawn from `noise`.
+    pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<AnyAdapter<B>> {
         Ok(match self {
-            Self::Lora(c) => AnyAdapter::Lora(c.init(base)?),
-            Self::Blob(c) => AnyAdapter::Blob(c.init(base)?),
-            Self::MeLora(c) => AnyAdapter::MeLora(c.init(base)?),
+            Self::Lora(c) => AnyAdapter::Lora(c.init(base, noise)?),
+            Self::Blob(c) => AnyAdapter::Blob(c.init(base, noise)?),
+            Self::MeLora(c) => AnyAdapter::MeLora(c.init(base, noise)?),
         })
     }
 }

@@ -7,6 +7,7 @@
 
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
 
+use crate::noise::NoiseSource;
 use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -38,13 +39,14 @@ pub struct LoraLinear<B: Backend> {
 }
 
 impl LoraLinearConfig {
-    /// Wraps `base` (frozen here) with a fresh adapter: `A` Kaiming-uniform, `B = 0`.
-    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<LoraLinear<B>> {
+    /// Wraps `base` (frozen here) with a fresh adapter: `A` Kaiming-uniform
+    /// (drawn from `noise`), `B = 0`.
+    pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<LoraLinear<B>> {
         let (d_input, d_output) = linear_dims(&base);
         self.low_rank.validate_for(d_input, d_output)?;
         let device = base.weight.device();
         let r = self.low_rank.rank;
-        let lora_a = kaiming_a::<B>(r, d_input, &device);
+        let lora_a = kaiming_a::<B>(r, d_input, noise, &device);
         let lora_b = Initializer::Zeros.init([d_output, r], &device);
         Ok(LoraLinear {
             base: freeze(base),
@@ -80,13 +82,9 @@ impl LoraLinearConfig {
 
 /// PEFT's initialisation of `A`: Kaiming-uniform with a = sqrt(5), which is
 /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
-pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, device: &B::Device) -> Param<Tensor<B, 2>> {
-    Initializer::KaimingUniform { gain: 1.0 / 3f64.sqrt(), fan_out_only: false }.init_with(
-        [r, d_input],
-        Some(d_input),
-        Some(r),
-        device,
-    )
+pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, noise: &mut NoiseSource, device: &B::Device) -> Param<Tensor<B, 2>> {
+    let bound = 1.0 / (d_input as f64).sqrt();
+    Param::from_tensor(noise.uniform([r, d_input], -bound, bound, device))
 }
 
 impl<B: Backend> Adapter<B> for LoraLinear<B> {

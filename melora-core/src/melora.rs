@@ -85,8 +85,8 @@ impl MeLoraLinearConfig {
         check(self.init_eps.is_finite() && self.init_eps > 0.0, "init_eps", self.init_eps, "must be finite and positive")
     }
 
-    /// Wraps `base` (frozen here) with a fresh adapter.
-    pub fn init<B: Backend>(&self, base: Linear<B>) -> crate::Result<MeLoraLinear<B>> {
+    /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.
+    pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<MeLoraLinear<B>> {
         self.validate()?;
         let (d_input, d_output) = linear_dims(&base);
         self.low_rank.validate_for(d_input, d_output)?;
@@ -94,18 +94,17 @@ impl MeLoraLinearConfig {
         let r = self.low_rank.rank;
         let lora_m = match self.mean_init {
             MeanInit::Identity => Param::from_tensor(Tensor::eye(r, &device)),
-            MeanInit::KaimingUniform => kaiming_a::<B>(r, r, &device),
+            MeanInit::KaimingUniform => kaiming_a::<B>(r, r, noise, &device),
         };
         let eps = self.init_eps;
-        let h: Param<Tensor<B, 2>> =
-            Initializer::Uniform { min: eps / 2f64.sqrt(), max: eps }.init([r, r], &device);
+        let h = Param::from_tensor(noise.uniform([r, r], eps / 2f64.sqrt(), eps, &device));
         let h = match self.std_param {
             StdParam::Square => h,
             other => h.map(|h| other.inverse(StdParam::Square.std(h))),
         };
         Ok(MeLoraLinear {
             base: freeze(base),
-            lora_a: kaiming_a::<B>(r, d_input, &device),
+            lora_a: kaiming_a::<B>(r, d_input, noise, &device),
             lora_b: Initializer::Zeros.init([d_output, r], &device),
             lora_m,
             lora_h: h,

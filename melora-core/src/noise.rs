@@ -1,7 +1,7 @@
 //! Explicit, seedable sources of randomness for the adapters.
 //!
-//! Every random draw an adapter makes (the Gaussian noise of BLoB's `A` and of
-//! Me-LoRA's `C`, Flipout sign vectors, dropout masks) comes from a
+//! Every random draw an adapter makes (its initial weights, the Gaussian noise
+//! of BLoB's `A` and of Me-LoRA's `C`, Flipout sign vectors, dropout masks) comes from a
 //! [`NoiseSource`] passed to `forward`, never from hidden global state. Two
 //! kinds exist:
 //!
@@ -81,6 +81,24 @@ impl NoiseSource {
                 Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
             }
             Self::Backend => Tensor::random(shape, Distribution::Bernoulli(p), device),
+        }
+    }
+
+    /// Uniform draws in `[low, high)` of the given shape.
+    pub fn uniform<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        low: f64,
+        high: f64,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
+        match self {
+            Self::Seeded(rng) => {
+                let n: usize = shape.iter().product();
+                let values: Vec<f64> = (0..n).map(|_| low + (high - low) * rng.random::<f64>()).collect();
+                Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
+            }
+            Self::Backend => Tensor::random(shape, Distribution::Uniform(low, high), device),
         }
     }
 

@@ -18,10 +18,14 @@ type AD = Autodiff<NdArray<f64>>;
 const MODES: [SamplingMode; 4] =
     [SamplingMode::Mean, SamplingMode::PerBatch, SamplingMode::PerExample, SamplingMode::Flipout];
 
+/// A base layer with seeded weights (not the backend's global generator,
+/// which tests running in parallel share).
 fn base<Bk: Backend>(d_in: usize, d_out: usize, seed: u64) -> Linear<Bk> {
-    let device = Default::default();
-    Bk::seed(&device, seed);
-    LinearConfig::new(d_in, d_out).init(&device)
+    let mut linear = LinearConfig::new(d_in, d_out).init(&Default::default());
+    let scale = 1.0 / (d_in as f64).sqrt();
+    linear.weight = Param::from_tensor(normal::<Bk, 2>([d_in, d_out], seed + 100, scale));
+    linear.bias = Some(Param::from_tensor(normal::<Bk, 1>([d_out], seed + 101, scale)));
+    linear
 }
 
 fn normal<Bk: Backend, const D: usize>(shape: [usize; D], seed: u64, scale: f64) -> Tensor<Bk, D> {
@@ -69,7 +73,7 @@ fn every_adapter_equals_its_base_layer_at_initialisation() {
     for config in configs(2) {
         let base = base::<B>(7, 5, 3);
         let expected = host(base.forward(x.clone()));
-        let adapter = config.init(base).unwrap();
+        let adapter = config.init(base, &mut NoiseSource::seeded(0)).unwrap();
         for mode in MODES {
             let mut noise = NoiseSource::seeded(1);
             let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true);
@@ -216,13 +220,13 @@ fn stochastic_modes_are_unbiased() {
 
 #[test]
 fn invalid_configs_name_the_setting() {
-    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(0)).init(base::<B>(4, 4, 0)).unwrap_err();
+    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(0)).init(base::<B>(4, 4, 0), &mut NoiseSource::seeded(0)).unwrap_err();
     assert!(err.to_string().contains("rank = 0"), "{err}");
-    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_dropout(1.0)).init(base::<B>(16, 16, 0)).unwrap_err();
+    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_dropout(1.0)).init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
     assert!(err.to_string().contains("dropout = 1"), "{err}");
-    let err = MeLoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(8)).init(base::<B>(4, 16, 0)).unwrap_err();
+    let err = MeLoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(8)).init(base::<B>(4, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
     assert!(err.to_string().contains("rank = 8 for a 4 -> 16 layer"), "{err}");
-    let err = BlobLinearConfig::new().with_init_eps(-1.0).init(base::<B>(16, 16, 0)).unwrap_err();
+    let err = BlobLinearConfig::new().with_init_eps(-1.0).init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
     assert!(err.to_string().contains("init_eps = -1"), "{err}");
     let a = normal::<B, 2>([2, 5], 1, 1.0);
     let b = normal::<B, 2>([3, 2], 1, 1.0);
@@ -232,12 +236,36 @@ fn invalid_configs_name_the_setting() {
 
 #[test]
 fn initial_stds_lie_in_blobs_range() {
-    let blob = BlobLinearConfig::new().init(base::<B>(64, 32, 0)).unwrap();
-    let melora = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0)).unwrap();
+    let blob = BlobLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
+    let melora = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
     for std in [blob.omega().into_data().to_vec::<f64>().unwrap(), melora.omega().into_data().to_vec::<f64>().unwrap()] {
         assert!(std.iter().all(|s| (0.00125 - 1e-12..=0.0025 + 1e-12).contains(s)), "{std:?}");
     }
     let m: Vec<f64> = melora.lora_m.val().into_data().to_vec().unwrap();
     let eye: Vec<f64> = Tensor::<B, 2>::eye(8, &Default::default()).into_data().to_vec().unwrap();
     assert_eq!(m, eye, "M starts at the identity");
+}
+
+#[test]
+fn initialisation_comes_from_the_noise_source_alone() {
+    let init = |seed: u64| -> Vec<f64> {
+        let adapter = MeLoraLinearConfig::new()
+            .with_mean_init(melora_core::MeanInit::KaimingUniform)
+            .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(seed))
+            .unwrap();
+        [adapter.lora_a.val(), adapter.lora_m.val(), adapter.lora_h.val()]
+            .into_iter()
+            .flat_map(|t| t.into_data().to_vec::<f64>().unwrap())
+            .collect()
+    };
+    // The backend's global generator plays no part.
+    B::seed(&Default::default(), 1);
+    let first = init(5);
+    B::seed(&Default::default(), 2);
+    assert_eq!(init(5), first, "same noise seed, same adapter");
+    assert_ne!(init(6), first, "another seed, another adapter");
+    // PEFT's Kaiming-uniform bound 1 / sqrt(fan_in) for A (64 inputs).
+    let a = &first[..8 * 64];
+    assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0), "A outside U(-1/8, 1/8)");
+    assert!(a.iter().any(|v| v.abs() > 0.1), "A far inside its bound: not the Kaiming range");
 }

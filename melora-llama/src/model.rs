@@ -120,8 +120,8 @@ impl<B: Backend> Rope<B> {
             let angles: Vec<f64> =
                 (0..half).map(|i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
             for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos() as f32));
-                sin.extend(angles.iter().map(|a| a.sin() as f32));
+                cos.extend(angles.iter().map(|a| a.cos()));
+                sin.extend(angles.iter().map(|a| a.sin()));
             }
         }
         let shape = [1, 1, seq, head_dim];

@@ -567,8 +567,7 @@ pub fn fit<B: AutodiffBackend>(
     let mut model = match &checkpoint {
         Some(dir) => load_adapter(base, dir, device)?.0,
         None => {
-            B::seed(device, config.seed);
-            base.with_adapters(&config.adapter(), &Target::parse_list(&config.targets)?)?
+            base.with_adapters(&config.adapter(), &Target::parse_list(&config.targets)?, &mut NoiseSource::seeded(config.seed))?
         }
     };
     model = stable_adapter_ids(model);

@@ -110,12 +110,11 @@ fn blob_and_melora_adapters_round_trip_through_files() {
         AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(4))),
     ];
     for config in configs {
-        B::seed(&device, 3);
         // Fresh adapters with a random, non-zero B so that they matter.
         let mut noise = NoiseSource::seeded(4);
         let model = base::<B>()
             .map_projections(&[Target::Q, Target::V, Target::Down], |_, linear| {
-                let mut adapter = config.init(linear)?;
+                let mut adapter = config.init(linear, &mut noise)?;
                 let b = match &mut adapter {
                     AnyAdapter::Lora(a) => &mut a.lora_b,
                     AnyAdapter::Blob(a) => &mut a.lora_b,

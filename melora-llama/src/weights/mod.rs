@@ -16,7 +16,7 @@ use melora_core::AnyAdapter;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use melora_core::AdapterConfig;
+use melora_core::{AdapterConfig, NoiseSource};
 use std::collections::BTreeSet;
 
 /// A tensor read from a source: its shape and its values as f32.
@@ -197,10 +197,10 @@ impl Target {
 }
 
 impl<B: Backend> Llama<B> {
-    /// Puts a fresh adapter of `config` on every `targets` projection
-    /// (adapter weights drawn from the backend's generator: seed it first).
-    pub fn with_adapters(self, config: &AdapterConfig, targets: &[Target]) -> Result<Self> {
-        self.map_projections(targets, |_, base| Ok(config.init(base)?))
+    /// Puts a fresh adapter of `config` on every `targets` projection, in
+    /// layer order, with initial weights drawn from `noise`.
+    pub fn with_adapters(self, config: &AdapterConfig, targets: &[Target], noise: &mut NoiseSource) -> Result<Self> {
+        self.map_projections(targets, |_, base| Ok(config.init(base, noise)?))
     }
 
     /// Replaces every `targets` projection that has no adapter yet by
