@@ -14,7 +14,7 @@ use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use burn::tensor::module::linear;
+use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Configuration of a [`BlobLinear`].
@@ -128,10 +128,10 @@ impl<B: Backend> BlobLinear<B> {
         let [batch, seq, _] = x.dims();
         let device = x.device();
         match sampler.mode {
-            SamplingMode::Mean => linear(x, mean.transpose(), None),
+            SamplingMode::Mean => flat_linear(x, mean.transpose(), None),
             SamplingMode::PerBatch => {
                 let a = mean.add(self.omega().mul(sampler.noise.normal::<B, 2>([r, n], &device)));
-                linear(x, a.transpose(), None)
+                flat_linear(x, a.transpose(), None)
             }
             SamplingMode::PerExample => {
                 let eps = sampler.noise.normal::<B, 3>([batch, r, n], &device);
@@ -142,8 +142,8 @@ impl<B: Backend> BlobLinear<B> {
                 let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, n], &device));
                 let sign_in = sampler.noise.signs::<B, 3>([batch, seq, n], &device);
                 let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
-                let noise = linear(x.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
-                linear(x, mean.transpose(), None).add(noise)
+                let noise = flat_linear(x.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
+                flat_linear(x, mean.transpose(), None).add(noise)
             }
         }
     }
@@ -152,8 +152,8 @@ impl<B: Backend> BlobLinear<B> {
 impl<B: Backend> Adapter<B> for BlobLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let u = self.project(sampler.dropout(x.clone(), self.dropout), sampler);
-        let update = linear(u, self.lora_b.val().transpose(), None);
-        self.base.forward(x).add(update.mul_scalar(self.scaling))
+        let update = flat_linear(u, self.lora_b.val().transpose(), None);
+        linear_forward(&self.base, x).add(update.mul_scalar(self.scaling))
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

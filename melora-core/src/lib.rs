@@ -26,6 +26,7 @@ pub mod lora;
 pub mod melora;
 pub mod metrics;
 pub mod noise;
+pub mod ops;
 pub mod params;
 pub mod sampling;
 

@@ -12,7 +12,7 @@ use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use burn::tensor::module::linear;
+use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Configuration of a [`LoraLinear`].
@@ -90,8 +90,8 @@ pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, noise: &mut NoiseS
 impl<B: Backend> Adapter<B> for LoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let dropped = sampler.dropout(x.clone(), self.dropout);
-        let update = linear(linear(dropped.clone(), self.lora_a.val().transpose(), None), self.lora_b.val().transpose(), None);
-        let out = self.base.forward(x).add(update.mul_scalar(self.scaling));
+        let update = flat_linear(flat_linear(dropped.clone(), self.lora_a.val().transpose(), None), self.lora_b.val().transpose(), None);
+        let out = linear_forward(&self.base, x).add(update.mul_scalar(self.scaling));
         match sampler.taps.as_deref_mut() {
             Some(taps) => {
                 let probe = Tensor::zeros(out.dims(), &out.device()).require_grad();

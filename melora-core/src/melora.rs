@@ -21,7 +21,7 @@ use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use burn::tensor::module::linear;
+use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// How `M`, the mean of `C`, starts.
@@ -168,18 +168,18 @@ impl<B: Backend> MeLoraLinear<B> {
         let [batch, seq, _] = u.dims();
         let device = u.device();
         match sampler.mode {
-            SamplingMode::Mean => linear(u, mean.transpose(), None),
+            SamplingMode::Mean => flat_linear(u, mean.transpose(), None),
             SamplingMode::PerBatch => {
                 let c = self.sample_c(1, sampler.noise).squeeze_dim::<2>(0);
-                linear(u, c.transpose(), None)
+                flat_linear(u, c.transpose(), None)
             }
             SamplingMode::PerExample => u.matmul(self.sample_c(batch, sampler.noise).swap_dims(1, 2)),
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, r], &device));
                 let sign_in = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
                 let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
-                let noise = linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
-                linear(u, mean.transpose(), None).add(noise)
+                let noise = flat_linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
+                flat_linear(u, mean.transpose(), None).add(noise)
             }
         }
     }
@@ -187,10 +187,10 @@ impl<B: Backend> MeLoraLinear<B> {
 
 impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let u = linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
+        let u = flat_linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
         let z = self.mix(u, sampler);
-        let update = linear(z, self.lora_b.val().transpose(), None);
-        self.base.forward(x).add(update.mul_scalar(self.scaling))
+        let update = flat_linear(z, self.lora_b.val().transpose(), None);
+        linear_forward(&self.base, x).add(update.mul_scalar(self.scaling))
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

@@ -14,6 +14,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::{attention, linear};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{backend::Backend, Bool, Int, Tensor, TensorData};
+use melora_core::ops::linear_forward;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
@@ -31,7 +32,7 @@ impl<B: Backend> Proj<B> {
     /// - x: `[batch, seq, d_input]`, output: `[batch, seq, d_output]`
     pub fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         match self {
-            Self::Base(linear) => linear.forward(x),
+            Self::Base(linear) => linear_forward(linear, x),
             Self::Adapted(adapter) => adapter.forward(x, sampler),
         }
     }
