@@ -10,11 +10,11 @@ use crate::error::check;
 use crate::kl::blob_kl;
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
+use crate::ops::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Configuration of a [`BlobLinear`].

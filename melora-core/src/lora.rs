@@ -8,11 +8,11 @@
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
 
 use crate::noise::NoiseSource;
+use crate::ops::{flat_linear, linear_forward};
 use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Configuration of a [`LoraLinear`].

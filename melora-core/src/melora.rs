@@ -17,11 +17,11 @@ use crate::error::check;
 use crate::kl::{melora_kl, MeLoraKl};
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
+use crate::ops::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
-use crate::ops::{flat_linear, linear_forward};
 use burn::tensor::{backend::Backend, Tensor};
 
 /// How `M`, the mean of `C`, starts.

@@ -1,9 +1,9 @@
 //! Explicit, seedable sources of randomness for the adapters.
 //!
-//! Every random draw an adapter makes (its initial weights, the Gaussian noise
-//! of BLoB's `A` and of Me-LoRA's `C`, Flipout sign vectors, dropout masks) comes from a
-//! [`NoiseSource`] passed to `forward`, never from hidden global state. Two
-//! kinds exist:
+//! Every random draw an adapter makes (its initial weights, the Gaussian
+//! noise of BLoB's `A` and of Me-LoRA's `C`, Flipout sign vectors, dropout
+//! masks) comes from a [`NoiseSource`] passed to `init` or `forward`, never
+//! from hidden global state. Two kinds exist:
 //!
 //! - [`NoiseSource::seeded`]: a ChaCha-based generator on the host. The same
 //!   seed gives the same numbers on every backend, which makes runs and tests

@@ -405,7 +405,7 @@ pub fn accumulate<B: AutodiffBackend>(
         let mut first = Some((logits, taps));
         for w in weights {
             let (logits, taps) = first.take().unwrap_or_else(|| tapped(model, &batch, label_ids, device));
-            let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device); // f64 data, cast to B's float
+            let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device);
             let grads = logits.mul(w).sum().backward();
             let lora = lora_taps::<B>(&taps, layers.len());
             for (j, g) in probe_grads::<B>(&lora, &grads, &mask).into_iter().enumerate() {
@@ -495,7 +495,7 @@ pub fn linearise<B: AutodiffBackend>(
             }
             // Only examples that have class c: the others' masked logit is a constant.
             let w: Vec<f32> = chunk.iter().flat_map(|&i| (0..k).map(move |j| if j == c && c < examples[i].n_choices { 1.0 } else { 0.0 })).collect();
-            let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device); // f64 data, cast to B's float
+            let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device);
             let grads = logits.mul(w).sum().backward();
             let lora = lora_taps::<B>(&taps, layers.len());
             for (j, g) in probe_grads::<B>(&lora, &grads, &mask).into_iter().enumerate() {
