@@ -8,7 +8,6 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base, Quiet};
-use melora_llama::data::Encoded;
 use melora_llama::eval::{ensemble_probs, predict, predict_logits, softmax_rows, PredictOptions};
 use melora_llama::peft::load_adapter;
 use melora_llama::train::{fit, EnsembleAverage, Method, RunDir, TrainConfig};
@@ -18,14 +17,6 @@ type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
 
 const LABELS: [u32; 2] = [17, 42];
-
-fn base() -> Llama<AD> {
-    tiny_base()
-}
-
-fn examples(n: usize, seed: u64) -> Vec<Encoded> {
-    parity_examples(n, seed)
-}
 
 fn config(method: Method) -> TrainConfig {
     TrainConfig::new()
@@ -49,15 +40,15 @@ fn run_dir(name: &str) -> RunDir {
 }
 
 fn trained(run: &RunDir) -> Llama<B> {
-    load_adapter(base().valid(), &run.final_checkpoint().unwrap(), &Default::default()).unwrap().0
+    load_adapter(tiny_base::<AD>().valid(), &run.final_checkpoint().unwrap(), &Default::default()).unwrap().0
 }
 
 #[test]
 fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
-    let train = examples(8, 1);
-    let test = examples(6, 2);
+    let train = parity_examples(8, 1);
+    let test = parity_examples(6, 2);
     let run = run_dir("mcd");
-    fit(&config(Method::Mcd), &run, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&config(Method::Mcd), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
     let model = trained(&run);
     let device = Default::default();
     let map = predict(&model, &test, &LABELS, 0, &PredictOptions::mean(4), &device, |_, _| {}).unwrap();
@@ -78,8 +69,8 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
 
 #[test]
 fn an_ensemble_of_identical_seeds_is_its_member() {
-    let train = examples(8, 3);
-    let test = examples(6, 4);
+    let train = parity_examples(8, 3);
+    let test = parity_examples(6, 4);
     let device = Default::default();
     let member_logits = |run: &RunDir, members: usize| -> Vec<Vec<f64>> {
         (0..members).map(|k| predict_logits(&trained(&run.member(k)), &test, &LABELS, 0, 4, &device, |_, _| {})).collect()
@@ -87,7 +78,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
 
     let same = run_dir("ens-same");
     let ens = config(Method::Ens).with_members(3).with_member_seeds(Some(vec![9, 9, 9]));
-    fit(&ens, &same, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&ens, &same, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&same, 3);
     let member = softmax_rows(&logits[0], 2);
     for average in [EnsembleAverage::Probabilities, EnsembleAverage::Logits] {
@@ -100,7 +91,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     assert_eq!((member_config.method, member_config.seed, member_config.weight_decay), (Method::Map, 9, 1e-5));
 
     let different = run_dir("ens-different");
-    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&different, 3);
     let probs = ensemble_probs(&logits, 2, EnsembleAverage::Probabilities);
     let diff = probs.iter().zip(&member).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

@@ -9,26 +9,17 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base, Quiet};
 use melora_core::{AdapterKind, SamplingMode};
-use melora_llama::data::{Encoded, Padding};
+use melora_llama::data::Padding;
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::peft::load_adapter;
 use melora_llama::train::{fit, linear_warmup_decay, Progress, RunDir, TrainConfig};
 use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
-use melora_llama::Llama;
 use std::path::PathBuf;
 
 type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
 
 const LABELS: [u32; 2] = [17, 42];
-
-fn base() -> Llama<AD> {
-    tiny_base()
-}
-
-fn examples(n: usize, seed: u64) -> Vec<Encoded> {
-    parity_examples(n, seed)
-}
 
 fn config(method: AdapterKind, steps: usize) -> TrainConfig {
     TrainConfig::new()
@@ -64,11 +55,11 @@ impl Progress for CrashAt {
 
 #[test]
 fn every_method_reduces_the_training_loss() {
-    let train = examples(8, 1);
-    let validation = examples(8, 2);
+    let train = parity_examples(8, 1);
+    let validation = parity_examples(8, 2);
     for method in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         let run = run_dir(&format!("{method:?}"));
-        let summary = fit(&config(method, 40), &run, false, base(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        let summary = fit(&config(method, 40), &run, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
         println!("{method:?}: training NLL {:.4} -> {:.4}", summary.first_nll, summary.last_nll);
         assert!(summary.last_nll < 0.7 * summary.first_nll, "{method:?}: {} -> {}", summary.first_nll, summary.last_nll);
         for file in ["config.json", "log.txt", "metrics.jsonl", "checkpoints/last/adapter_model.safetensors", "checkpoints/best/state.json"] {
@@ -85,22 +76,22 @@ fn adapter_values(dir: &PathBuf) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn resume_after_a_crash_matches_the_uninterrupted_run() {
-    let train = examples(12, 3);
-    let validation = examples(4, 4);
+    let train = parity_examples(12, 3);
+    let validation = parity_examples(4, 4);
     for method in [AdapterKind::MeLora, AdapterKind::Blob] {
         let config = config(method, 20);
         let whole = run_dir(&format!("whole-{method:?}"));
-        fit(&config, &whole, false, base(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config, &whole, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
 
         let crashed = run_dir(&format!("crashed-{method:?}"));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fit(&config, &crashed, false, base(), &train, &validation, &LABELS, 0, &Default::default(), &mut CrashAt(13))
+            fit(&config, &crashed, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut CrashAt(13))
         }));
         assert!(result.is_err(), "the simulated crash should abort the run");
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(crashed.last().join("state.json")).unwrap()).unwrap();
         assert_eq!(state["step"], 10, "the last checkpoint before the crash is at step 10");
-        fit(&config, &crashed, true, base(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config, &crashed, true, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
 
         let (a, b) = (adapter_values(&whole.last()), adapter_values(&crashed.last()));
         assert_eq!(a.len(), b.len());
@@ -118,7 +109,7 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
         }
         // And the run did move away from its initialisation.
         let fresh = run_dir(&format!("fresh-{method:?}"));
-        fit(&config.clone().with_steps(1), &fresh, false, base(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config.clone().with_steps(1), &fresh, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
         assert_ne!(adapter_values(&fresh.last()), a);
         for dir in [whole.dir, crashed.dir, fresh.dir] {
             std::fs::remove_dir_all(dir).ok();
@@ -128,12 +119,12 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
 
 #[test]
 fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
-    let train = examples(8, 5);
-    let test = examples(6, 6);
+    let train = parity_examples(8, 5);
+    let test = parity_examples(6, 6);
     for method in [AdapterKind::Lora, AdapterKind::MeLora, AdapterKind::Blob] {
         let run = run_dir(&format!("eval-{method:?}"));
-        fit(&config(method, 10).with_dropout(0.0), &run, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
-        let model = load_adapter(base().valid(), &run.last(), &Default::default()).unwrap().0;
+        fit(&config(method, 10).with_dropout(0.0), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default()).unwrap().0;
         let probs = |samples: usize| -> Vec<f64> {
             let options = PredictOptions { samples, mode: SamplingMode::PerExample, dropout: false, batch_size: 3, seed: 1, padding: Padding::Left };
             let p = predict::<B>(&model, &test, &LABELS, 0, &options, &Default::default(), |_, _| {}).unwrap();
@@ -157,12 +148,12 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
 
 #[test]
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
-    let train = examples(8, 7);
+    let train = parity_examples(8, 7);
     let run = run_dir("nan");
-    fit(&config(AdapterKind::MeLora, 4), &run, false, base(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&config(AdapterKind::MeLora, 4), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
     let good = adapter_values(&run.last());
     // The run continues to 8 steps on a model whose final norm went NaN.
-    let mut broken = base();
+    let mut broken = tiny_base::<AD>();
     broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
     let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &train, &[], &LABELS, 0, &Default::default(), &mut Quiet)
         .unwrap_err()
