@@ -42,7 +42,7 @@ def main():
         big = a.model == "llama2-13b"
         config = LlamaConfig(vocab_size=32000, hidden_size=5120 if big else 4096, intermediate_size=13824 if big else 11008,
                              num_hidden_layers=40 if big else 32, num_attention_heads=40 if big else 32,
-                             num_key_value_heads=40 if big else 32, torch_dtype=dtype)
+                             num_key_value_heads=40 if big else 32)
         with torch.device(device):
             model = LlamaForCausalLM(config).to(dtype)
     else:
@@ -72,6 +72,7 @@ def main():
     median = statistics.median(times)
     report = {
         "backend": f"pytorch {torch.__version__} {device}",
+        "dtype": {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[a.dtype],
         "model": a.model, "method": "Lora (PEFT)", "mode": "train", "batch": a.batch, "seq": a.seq, "samples": 1,
         "steps": a.steps, "median_seconds": median, "min_seconds": min(times),
         "tokens_per_second": a.batch * a.seq / median,

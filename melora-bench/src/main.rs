@@ -69,6 +69,9 @@ enum Command {
         /// Seed.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// f32, or bf16 / f16 on a GPU backend.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// JSON instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -120,22 +123,25 @@ fn main() -> Result<()> {
                 inference: false,
                 samples: 1,
                 seed: 0,
+                dtype: "f32".into(),
             };
             let results = compare::compare(&python, &args, rounds)?;
             print!("{}", compare::markdown(&results));
         }
-        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, json } => {
+        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, json } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;
-            let report = step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed })?;
+            let report =
+                step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "{} {} {} on {}: batch {} x seq {} (S = {}): median {:.3} s (min {:.3}), {:.0} tokens/s, peak RSS {}",
+                    "{} {} {} on {} ({}): batch {} x seq {} (S = {}): median {:.3} s (min {:.3}), {:.0} tokens/s, peak RSS {}",
                     report.model,
                     report.method,
                     report.mode,
                     report.backend,
+                    report.dtype,
                     report.batch,
                     report.seq,
                     report.samples,

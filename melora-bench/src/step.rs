@@ -3,9 +3,10 @@
 //! tokens per second and peak memory. Random token ids, real weights (or
 //! random ones for shape-only presets such as `llama2-7b`).
 
-use crate::backend::{self, Train};
-use anyhow::{Context, Result};
+use crate::backend;
+use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
+use burn::tensor::backend::AutodiffBackend;
 use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
@@ -21,6 +22,7 @@ use std::time::Instant;
 #[derive(Debug, Clone, Serialize)]
 pub struct StepReport {
     pub backend: String,
+    pub dtype: String,
     pub model: String,
     pub method: String,
     pub mode: String,
@@ -55,12 +57,30 @@ pub struct StepArgs {
     pub inference: bool,
     pub samples: usize,
     pub seed: u64,
+    /// Floating-point type of weights and activations: f32, or bf16 / f16
+    /// on the GPU backends.
+    pub dtype: String,
 }
 
+/// Runs the measurement on the chosen backend in `args.dtype`.
 pub fn run(args: &StepArgs) -> Result<StepReport> {
+    match args.dtype.as_str() {
+        "f32" => run_on::<backend::Train>(args),
+        #[cfg(feature = "cuda")]
+        "bf16" => run_on::<burn::backend::Autodiff<backend::Bf16>>(args),
+        #[cfg(any(feature = "cuda", feature = "wgpu"))]
+        "f16" => run_on::<burn::backend::Autodiff<backend::F16>>(args),
+        other => bail!(
+            "--dtype {other} is not available on {}: f32 everywhere, bf16 on cuda, f16 on cuda and wgpu",
+            backend::NAME
+        ),
+    }
+}
+
+fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     anyhow::ensure!(args.batch > 0 && args.seq > 1 && args.steps > 0, "--batch, --seq (> 1) and --steps must be positive");
     let assets = Assets::from_env();
-    let device = backend::device();
+    let device: Train::Device = Default::default();
     let pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
     let vocab = pretrained.config.vocab_size;
     let (base, _, _) = pretrained.build::<Train>(&device)?;
@@ -118,6 +138,7 @@ pub fn run(args: &StepArgs) -> Result<StepReport> {
     let median = times[times.len() / 2];
     Ok(StepReport {
         backend: backend::NAME.into(),
+        dtype: args.dtype.clone(),
         model: args.model.clone(),
         method: format!("{:?}", args.method),
         mode: if args.inference { "inference".into() } else { "train".into() },

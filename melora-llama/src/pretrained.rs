@@ -21,6 +21,9 @@ pub struct Pretrained {
     pub tokenizer: Option<Tokenizer>,
     /// What was opened, for messages.
     pub description: String,
+    /// Random presets draw their matrices on the device: the backend's
+    /// generator is seeded with this before the build.
+    pub device_seed: Option<u64>,
 }
 
 impl Pretrained {
@@ -44,8 +47,9 @@ impl Pretrained {
             return Self::open_gguf(&path);
         }
         if let Some(config) = LlamaConfig::preset(model) {
-            let source = Box::new(RandomSource::new(&config, 0));
-            return Ok(Self { config, source, tokenizer: None, description: format!("{model} (random weights)") });
+            let source = Box::new(RandomSource::new(&config, 0).on_device());
+            let description = format!("{model} (random weights)");
+            return Ok(Self { config, source, tokenizer: None, description, device_seed: Some(0) });
         }
         let path = Path::new(model);
         if path.is_dir() {
@@ -53,7 +57,7 @@ impl Pretrained {
             let source = Box::new(SafetensorsSource::open(path)?);
             let tokenizer_path = path.join("tokenizer.json");
             let tokenizer = if tokenizer_path.is_file() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
-            return Ok(Self { config, source, tokenizer, description: path.display().to_string() });
+            return Ok(Self { config, source, tokenizer, description: path.display().to_string(), device_seed: None });
         }
         if path.is_file() {
             let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
@@ -72,11 +76,20 @@ impl Pretrained {
         let source = GgufSource::open(path)?;
         let config = source.config()?;
         let tokenizer = Tokenizer::from_gguf(source.gguf(), path)?;
-        Ok(Self { config, source: Box::new(source), tokenizer: Some(tokenizer), description: path.display().to_string() })
+        Ok(Self {
+            config,
+            source: Box::new(source),
+            tokenizer: Some(tokenizer),
+            description: path.display().to_string(),
+            device_seed: None,
+        })
     }
 
     /// Builds the model on `device` (every weight frozen).
     pub fn build<B: Backend>(mut self, device: &B::Device) -> Result<(Llama<B>, Option<Tokenizer>, LoadReport)> {
+        if let Some(seed) = self.device_seed {
+            B::seed(device, seed);
+        }
         let (model, report) = build(&self.config, self.source.as_mut(), device)?;
         Ok((model, self.tokenizer, report))
     }

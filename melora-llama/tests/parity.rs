@@ -136,6 +136,36 @@ fn shape_mismatch_and_missing_tensor_are_named() {
     assert!(err.starts_with("missing tensor lm_head.weight in "), "{err}");
 }
 
+#[test]
+fn random_weights_drawn_on_the_device_have_the_right_shapes_and_spread() {
+    use melora_llama::model::Proj;
+    use melora_llama::weights::RandomSource;
+    let mut config = LlamaConfig::from_hf_json(&fixture("tied").join("config.json")).unwrap();
+    config.tie_word_embeddings = false;
+    let device = Default::default();
+    let stats = |t: Tensor<B, 2>| {
+        let v: Vec<f32> = t.into_data().to_vec().unwrap();
+        let mean = v.iter().sum::<f32>() / v.len() as f32;
+        (mean, (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt())
+    };
+    for on_device in [false, true] {
+        let source = RandomSource::new(&config, 0);
+        let mut source = if on_device { source.on_device() } else { source };
+        let (model, report) = build::<B, _>(&config, &mut source, &device).unwrap();
+        assert!(report.unused.is_empty());
+        let head = &model.lm_head.as_ref().unwrap().weight;
+        assert_eq!(head.dims(), [config.hidden_size, config.vocab_size]);
+        let Proj::Base(gate) = &model.layers[0].mlp.gate_proj else { panic!("no adapter was asked for") };
+        assert_eq!(gate.weight.dims(), [config.hidden_size, config.intermediate_size]);
+        for w in [model.embed_tokens.weight.val(), head.val(), gate.weight.val()] {
+            let (mean, std) = stats(w);
+            assert!(mean.abs() < 2e-3 && (std - 0.02).abs() < 1e-3, "on device {on_device}: mean {mean}, std {std}");
+        }
+        let norm: Vec<f32> = model.norm.gamma.val().into_data().to_vec().unwrap();
+        assert!(norm.iter().all(|&g| g == 1.0));
+    }
+}
+
 /// Writes the fixture's tensors into `files` shards of the given dtype, with
 /// the index file, and returns the folder.
 fn resharded(files: usize, dtype: safetensors::Dtype) -> std::path::PathBuf {

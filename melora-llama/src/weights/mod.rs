@@ -15,7 +15,7 @@ use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj};
 use melora_core::AnyAdapter;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Distribution, Tensor, TensorData};
 use melora_core::{AdapterConfig, NoiseSource};
 use std::collections::BTreeSet;
 
@@ -36,6 +36,13 @@ pub trait WeightSource {
     fn names(&self) -> Vec<String>;
     /// The tensor called `name`, or `None` if the source has no such tensor.
     fn load(&mut self, name: &str) -> Result<Option<HostTensor>>;
+    /// For sources of random weights: the standard deviation of a zero-mean
+    /// normal to draw matrix `name` from on the device itself, instead of
+    /// drawing it on the host and copying it over (minutes for a 7B model).
+    /// `None` (the default) loads it with [`load`](Self::load).
+    fn device_normal(&self, _name: &str) -> Option<f64> {
+        None
+    }
 }
 
 /// What a load did not use.
@@ -67,10 +74,22 @@ impl<S: WeightSource + ?Sized> Loader<'_, S> {
         Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)).set_require_grad(false)
     }
 
+    /// A weight drawn on the device, when the source asks for that.
+    fn device_random<B: Backend>(&mut self, name: &str, shape: [usize; 2], device: &B::Device) -> Option<Param<Tensor<B, 2>>> {
+        let std = self.source.device_normal(name)?;
+        self.used.insert(name.to_string());
+        let tensor = Tensor::random(shape, Distribution::Normal(0.0, std), device);
+        Some(Param::from_tensor(tensor).set_require_grad(false))
+    }
+
     /// A linear layer from an `[out, in]` weight (transposed on the host to
     /// Burn's `[in, out]`).
     fn linear<B: Backend>(&mut self, name: &str, d_out: usize, d_in: usize, device: &B::Device) -> Result<Linear<B>> {
-        let w = self.get(&format!("{name}.weight"), &[d_out, d_in])?;
+        let name = format!("{name}.weight");
+        if let Some(weight) = self.device_random(&name, [d_in, d_out], device) {
+            return Ok(Linear { weight, bias: None });
+        }
+        let w = self.get(&name, &[d_out, d_in])?;
         let mut t = vec![0f32; w.values.len()];
         for o in 0..d_out {
             for i in 0..d_in {
@@ -97,9 +116,12 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
     config.validate()?;
     let c = config;
     let mut loader = Loader { source, used: BTreeSet::new() };
-    let embed = loader.get("model.embed_tokens.weight", &[c.vocab_size, c.hidden_size])?;
-    let embed_tokens =
-        Embedding { weight: Loader::<S>::frozen(embed.values, [c.vocab_size, c.hidden_size], device) };
+    let embed_name = "model.embed_tokens.weight";
+    let embed_shape = [c.vocab_size, c.hidden_size];
+    let embed_tokens = match loader.device_random(embed_name, embed_shape, device) {
+        Some(weight) => Embedding { weight },
+        None => Embedding { weight: Loader::<S>::frozen(loader.get(embed_name, &embed_shape)?.values, embed_shape, device) },
+    };
     let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
@@ -228,12 +250,25 @@ impl<B: Backend> Llama<B> {
 pub struct RandomSource {
     config: LlamaConfig,
     rng: rand::rngs::StdRng,
+    on_device: bool,
 }
 
+/// The standard deviation of random weights.
+const RANDOM_STD: f32 = 0.02;
+
 impl RandomSource {
-    /// A source for `config`, seeded.
+    /// A source for `config`, drawn on the host from a generator seeded with
+    /// `seed` (the same weights on every backend).
     pub fn new(config: &LlamaConfig, seed: u64) -> Self {
-        Self { config: config.clone(), rng: rand::SeedableRng::seed_from_u64(seed) }
+        Self { config: config.clone(), rng: rand::SeedableRng::seed_from_u64(seed), on_device: false }
+    }
+
+    /// The same shapes, with the matrices drawn on the device by the
+    /// backend's own generator (seed it with `Backend::seed`): fast for 7B
+    /// and 13B shapes, where the host would spend minutes.
+    pub fn on_device(mut self) -> Self {
+        self.on_device = true;
+        self
     }
 }
 
@@ -265,7 +300,10 @@ impl WeightSource for RandomSource {
             return Ok(None);
         };
         let n: usize = shape.iter().product();
-        let values = melora_core::noise::standard_normals(&mut self.rng, n).into_iter().map(|v| 0.02 * v).collect();
+        let values = melora_core::noise::standard_normals(&mut self.rng, n).into_iter().map(|v| RANDOM_STD * v).collect();
         Ok(Some(HostTensor { shape, values }))
+    }
+    fn device_normal(&self, name: &str) -> Option<f64> {
+        (self.on_device && !name.ends_with("norm.weight")).then_some(RANDOM_STD as f64)
     }
 }
