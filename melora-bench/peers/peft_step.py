@@ -64,7 +64,7 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        loss.item()
+        last_loss = loss.item()
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= a.warmup:
@@ -76,6 +76,7 @@ def main():
         "model": a.model, "method": "Lora (PEFT)", "mode": "train", "batch": a.batch, "seq": a.seq, "samples": 1,
         "steps": a.steps, "median_seconds": median, "min_seconds": min(times),
         "tokens_per_second": a.batch * a.seq / median,
+        "last_loss": last_loss,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None,
     }

@@ -33,6 +33,9 @@ pub struct StepReport {
     pub median_seconds: f64,
     pub min_seconds: f64,
     pub tokens_per_second: f64,
+    /// The training loss of the last step (a sanity check: finite, and the
+    /// same on every backend for the same seed and weights).
+    pub last_loss: Option<f64>,
     /// Peak resident memory of the process (CPU backends), in MiB.
     pub peak_rss_mib: Option<f64>,
 }
@@ -106,6 +109,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     let refs: Vec<&Encoded> = examples.iter().collect();
     let batch = collate(&refs, 0, Padding::Left);
     let mut times = Vec::new();
+    let mut last_loss = None;
     let samples = if args.inference { args.samples.max(1) } else { 1 };
     if args.inference {
         let valid = model.valid();
@@ -116,7 +120,8 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             let mut noise = NoiseSource::seeded(i as u64);
             let start = Instant::now();
             let logits = valid.class_logits(&batch, &label_ids, &mut Sampler::new(mode, &mut noise), &device);
-            let _: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32"); // synchronises the device
+            let _: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32");
+            Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
             if i >= args.warmup {
                 times.push(start.elapsed().as_secs_f64());
             }
@@ -125,13 +130,16 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         let mut stepper = Stepper::<Train>::new(&config, &model);
         for i in 0..args.warmup + args.steps {
             let start = Instant::now();
-            // `step` reads the loss back to the host: the device is synchronised.
-            stepper
+            let outcome = stepper
                 .step(&mut model, &batch, &label_ids, &config, i, 10_000, &device)
                 .map_err(|(what, value)| anyhow::anyhow!("{what} is {value} at step {i}"))?;
+            // The step reads the loss back after the forward pass; the
+            // backward pass and the update may still be queued on a GPU.
+            Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
             if i >= args.warmup {
                 times.push(start.elapsed().as_secs_f64());
             }
+            last_loss = Some(outcome.nll);
         }
     }
     times.sort_by(f64::total_cmp);
@@ -149,6 +157,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         median_seconds: median,
         min_seconds: times[0],
         tokens_per_second: (args.batch * args.seq * samples) as f64 / median,
+        last_loss,
         peak_rss_mib: peak_rss_mib(),
     })
 }
