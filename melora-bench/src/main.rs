@@ -100,6 +100,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    backend::tune_allocator();
     match Cli::parse().command {
         Command::Params { ranks, targets, json } => {
             let targets = Target::parse_list(&targets)?;

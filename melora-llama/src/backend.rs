@@ -49,3 +49,23 @@ pub type Train = burn::backend::Autodiff<Inner>;
 pub fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
     Default::default()
 }
+
+/// Lets glibc keep freed memory for reuse instead of handing it back to the
+/// kernel. The CPU backend allocates a fresh buffer for every tensor
+/// operation; with glibc's defaults, buffers of a few MiB were unmapped or
+/// trimmed after each use and the next allocation paid for page faults and
+/// zeroed pages: a SmolLM2 training step took 5.1 s with the defaults and
+/// 4.0 s with these settings, at the same peak memory. Call it first thing
+/// in `main`; it does nothing off glibc.
+#[allow(dead_code)]
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes allocator parameters; called before any
+    // other thread exists.
+    unsafe {
+        // Allocations up to 32 MiB (glibc's maximum) come from the heap, not
+        // from fresh mappings; up to 1 GiB of free heap is kept.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}

@@ -261,6 +261,7 @@ fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llam
 }
 
 fn main() -> Result<()> {
+    backend::tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Fetch => {
