@@ -25,12 +25,94 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
     flat_linear(x, layer.weight.val(), layer.bias.as_ref().map(|b| b.val()))
 }
 
+/// SiLU, `y = x s` with `s = sigmoid(x) = 1 / (1 + e^-x)`: the same function
+/// and gradient as Burn's `silu`, in fewer passes over the tensor.
+///
+/// Burn's sigmoid runs `exp(-log(1 + exp(-x)))` (six passes) and its
+/// backward pass runs it again; in a SmolLM2 training step on ndarray that
+/// was about a tenth of the time. Here `s` takes four passes, and the
+/// derivative `dy/dx = s + x s (1 - s) = s + y (1 - s)` is computed in the
+/// forward pass, outside the graph, and attached as the slope of a term that
+/// is zero in value: `y + (x - x̄) · slope`, where `x̄` is `x` detached. So
+/// the backward pass is a single product, and the graph keeps one tensor
+/// (the slope) where Burn's keeps two (input and sigmoid).
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let input = x.clone().detach();
+    let s = input.clone().neg().exp().add_scalar(1.0).recip();
+    let y = input.clone().mul(s.clone());
+    // Only an autodiff backend needs the slope. (Intermediate tensors do
+    // not answer `is_require_grad`, which is true for leaves alone.)
+    if !B::ad_enabled(&x.device()) {
+        return y;
+    }
+    let slope = y.clone().mul(s.clone().neg().add_scalar(1.0)).add(s);
+    y.add(x.sub(input).mul(slope))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::tests::TestBackend;
     use crate::NoiseSource;
     use burn::nn::LinearConfig;
+
+    #[test]
+    fn silu_value_and_gradient_match_the_closed_form_and_burn() {
+        use burn::backend::Autodiff;
+        type AD = Autodiff<TestBackend>;
+        let device = Default::default();
+        // Typical values and the tails, where exp(-x) overflows or vanishes.
+        let mut values: Vec<f64> = NoiseSource::seeded(3).normal::<TestBackend, 1>([200], &device).mul_scalar(4.0).into_data().to_vec().unwrap();
+        values.extend([-800.0, -60.0, -20.0, 0.0, 20.0, 60.0, 800.0]);
+        let n = values.len();
+        let weights = NoiseSource::seeded(4).normal::<AD, 1>([n], &device);
+        let run = |f: &dyn Fn(Tensor<AD, 1>) -> Tensor<AD, 1>| {
+            let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
+            let y = f(x.clone());
+            let grads = y.clone().mul(weights.clone()).sum().backward();
+            let grad: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            let y: Vec<f64> = y.into_data().to_vec().unwrap();
+            (y, grad)
+        };
+        let (ours, ours_grad) = run(&|x| silu(x));
+        let (burn, burn_grad) = run(&|x| burn::tensor::activation::silu(x));
+        let w: Vec<f64> = weights.clone().into_data().to_vec().unwrap();
+        let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1.0);
+        for i in 0..n {
+            // The closed forms in f64.
+            let (x, s) = (values[i], 1.0 / (1.0 + (-values[i]).exp()));
+            let (y, slope) = (x * s, s + x * s * (1.0 - s));
+            assert!(close(ours[i], y, 1e-12), "y({x}) {} vs {y}", ours[i]);
+            assert!(close(ours_grad[i], w[i] * slope, 1e-12), "dy/dx({x}) {} vs {}", ours_grad[i], w[i] * slope);
+            // Burn's sigmoid runs in f32 whatever the backend's precision.
+            assert!(close(burn[i], y, 1e-6) && close(ours_grad[i], burn_grad[i], 1e-6), "Burn's silu at {x}");
+        }
+        // Central differences at a few points (the closed form, independently of Burn).
+        for &x0 in &[-3.0f64, -0.5, 0.0, 0.7, 2.5] {
+            let f = |x: f64| x / (1.0 + (-x).exp());
+            let h = 1e-5;
+            let numeric = (f(x0 + h) - f(x0 - h)) / (2.0 * h);
+            let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(vec![x0], [1]), &device).require_grad();
+            let grads = silu(x.clone()).sum().backward();
+            let analytic: f64 = x.grad(&grads).unwrap().into_scalar();
+            assert!((numeric - analytic).abs() < 1e-8, "x = {x0}: {numeric} vs {analytic}");
+        }
+        // A chain: the gradient flows through an intermediate tensor too.
+        let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
+        let grads = silu(x.clone().mul_scalar(2.0)).mul(weights.clone()).sum().backward();
+        let chained: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        for i in 0..n {
+            let (x, s) = (2.0 * values[i], 1.0 / (1.0 + (-2.0 * values[i]).exp()));
+            let expected = 2.0 * w[i] * (s + x * s * (1.0 - s));
+            assert!(close(chained[i], expected, 1e-12), "chained dy/dx at {x}: {} vs {expected}", chained[i]);
+        }
+        // Without autodiff, the value alone.
+        let plain: Vec<f64> = silu(Tensor::<TestBackend, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert_eq!(plain, ours);
+    }
 
     #[test]
     fn flat_linear_equals_the_module_forward() {

@@ -10,10 +10,10 @@
 use crate::cache::KvCache;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::ops::linear_forward;
+use melora_core::ops::{linear_forward, silu};
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
