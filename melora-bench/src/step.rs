@@ -33,8 +33,8 @@ pub struct StepReport {
     pub median_seconds: f64,
     pub min_seconds: f64,
     pub tokens_per_second: f64,
-    /// The training loss of the last step (a sanity check: finite, and the
-    /// same on every backend for the same seed and weights).
+    /// The training loss of the last step: a sanity check (finite; for a
+    /// real model such as SmolLM2, comparable across backends and dtypes).
     pub last_loss: Option<f64>,
     /// Peak resident memory of the process (CPU backends), in MiB.
     pub peak_rss_mib: Option<f64>,

@@ -7,7 +7,7 @@ mod chosen {
     pub type Inner = burn::backend::Cuda<f32, i32>;
     /// Its name, for messages.
     pub const NAME: &str = "cuda";
-    /// The same backend in bf16 and f16 (GPU training is done in half precision).
+    /// The same backend in bf16 and f16 (`melora-bench step --dtype`).
     #[allow(dead_code)]
     pub type Bf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
     #[allow(dead_code)]
