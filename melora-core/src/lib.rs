@@ -20,6 +20,8 @@ pub mod adapter;
 pub mod blob;
 pub mod config;
 pub mod error;
+#[cfg(feature = "ndarray")]
+mod fast;
 pub mod kl;
 pub mod linalg;
 pub mod lora;

@@ -13,7 +13,19 @@ use burn::tensor::{backend::Backend, Tensor};
 /// product packs it once and keeps the GEMM kernel busy (a training step of
 /// SmolLM2 spends most of its time here). The result is the same up to
 /// summation order.
+///
+/// On the ndarray backend (plain or autodiff) the product goes through
+/// [`crate::fast`], which reads the operands in place instead of copying
+/// them as Burn's ndarray matmul does.
 pub fn flat_linear<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
+    #[cfg(feature = "ndarray")]
+    let (x, weight) = match bias {
+        None => match crate::fast::linear(x, weight) {
+            Ok(out) => return out,
+            Err(inputs) => inputs,
+        },
+        Some(_) => (x, weight),
+    };
     let [batch, seq, d_in] = x.dims();
     let out = linear(x.reshape([batch * seq, d_in]), weight, bias);
     let d_out = out.dims()[1];

@@ -1,0 +1,360 @@
+//! `x W` on the ndarray backend without copies, forward and backward.
+//!
+//! Burn 0.21's ndarray `matmul` reshapes both operands to 3-D and the result
+//! back, and its `reshape` copies even a contiguous array (the reshaped view
+//! is made owned); the backward pass of `linear` also materialises `W^T`.
+//! Those copies run on one thread while the GEMM threads wait: in a SmolLM2
+//! training step they were a third of the main thread's time. Here `x W`,
+//! `g W^T` and `x^T g` are one strided GEMM each (matrixmultiply, the kernel
+//! Burn's ndarray backend uses too), reading the operands where they lie and
+//! writing a fresh row-major result.
+//!
+//! [`linear`] takes this path when the backend is `NdArray<f32 | f64>` or
+//! `Autodiff` of it, found by `TypeId`, so the model code stays generic over
+//! `B: Backend`; any other backend falls back to Burn's `linear`. The
+//! gradients are the same as Burn's (tests below), up to summation order.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::Autodiff;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorPrimitive};
+use burn_ndarray::{NdArray, NdArrayTensor};
+use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, CowArray, Ix2, IxDyn};
+use std::any::{Any, TypeId};
+
+/// `x W` for `x` `[.., d_in]` and `W` `[d_in, d_out]`: `Ok` with the product
+/// when `B` is one of the backends this module serves, otherwise `Err` with
+/// the inputs untouched (the caller then uses Burn's `linear`).
+#[allow(clippy::type_complexity)]
+pub(crate) fn linear<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    let id = TypeId::of::<B>();
+    if id == TypeId::of::<NdArray<f32>>() {
+        plain::<B, NdArray<f32>, D>(x, weight)
+    } else if id == TypeId::of::<NdArray<f64>>() {
+        plain::<B, NdArray<f64>, D>(x, weight)
+    } else if id == TypeId::of::<Autodiff<NdArray<f32>>>() {
+        tracked::<B, NdArray<f32>, D>(x, weight)
+    } else if id == TypeId::of::<Autodiff<NdArray<f64>>>() {
+        tracked::<B, NdArray<f64>, D>(x, weight)
+    } else {
+        Err((x, weight))
+    }
+}
+
+/// Moves `value` to the type it is known (by `TypeId`) to have.
+fn cast<T: 'static, U: 'static>(value: T) -> U {
+    *(Box::new(value) as Box<dyn Any>).downcast::<U>().expect("the TypeId was checked")
+}
+
+fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
+    t.into_primitive().tensor()
+}
+
+/// `B` is `NdArray<N>` for the backend `NB`.
+#[allow(clippy::type_complexity)]
+fn plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    let (xp, wp) = (primitive::<NB, D>(cast(x.clone())), primitive::<NB, 2>(cast(weight.clone())));
+    match Product::Forward.apply(&xp, &wp) {
+        Some(out) => Ok(cast(Tensor::<NB, D>::from_primitive(TensorPrimitive::Float(out)))),
+        None => Err((x, weight)),
+    }
+}
+
+/// `B` is `Autodiff<NB>`.
+#[allow(clippy::type_complexity)]
+fn tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
+    x: Tensor<B, D>,
+    weight: Tensor<B, 2>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
+    let (xp, wp) = (primitive::<Autodiff<NB>, D>(cast(x.clone())), primitive::<Autodiff<NB>, 2>(cast(weight.clone())));
+    let Some(out) = Product::Forward.apply(&xp.primitive, &wp.primitive) else {
+        return Err((x, weight));
+    };
+    let out = match FastLinear.prepare::<NoCheckpointing>([xp.node.clone(), wp.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            // x is needed for W's gradient only, and W for x's.
+            let x_state = wp.is_tracked().then(|| prep.checkpoint(&xp));
+            let w_state = xp.is_tracked().then(|| prep.checkpoint(&wp));
+            prep.finish((x_state, w_state), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
+}
+
+/// The backward step of [`tracked`]: `dx = g W^T`, `dW = x^T g`.
+#[derive(Debug)]
+struct FastLinear;
+
+impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>> Backward<NB, 2> for FastLinear {
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_x, node_w] = ops.parents;
+        let grad = grads.consume::<NB>(&ops.node);
+        let (x_state, w_state) = ops.state;
+        if let Some(node) = node_x {
+            let w: NdArrayTensor = checkpointer.retrieve_node_output(w_state.expect("W is kept when x is tracked"));
+            // Burn's path if the dtypes ever disagree.
+            let dx = Product::GradInput.apply(&grad, &w).unwrap_or_else(|| NB::linear_x_backward(w, grad.clone()));
+            grads.register::<NB>(node.id, dx);
+        }
+        if let Some(node) = node_w {
+            let x: NdArrayTensor = checkpointer.retrieve_node_output(x_state.expect("x is kept when W is tracked"));
+            let dw = Product::GradWeight.apply(&x, &grad).unwrap_or_else(|| NB::linear_weight_backward(x, grad));
+            grads.register::<NB>(node.id, dw);
+        }
+    }
+}
+
+/// The three products of a linear layer, on `[.., k]` activations and
+/// `[k, n]` weights.
+#[derive(Debug, Clone, Copy)]
+enum Product {
+    /// `x W`: `[.., k] x [k, n] -> [.., n]`.
+    Forward,
+    /// `g W^T`: `[.., n] x [k, n] -> [.., k]`.
+    GradInput,
+    /// `x^T g` summed over the leading axes: `[.., k] x [.., n] -> [k, n]`.
+    GradWeight,
+}
+
+impl Product {
+    /// The product in the operands' element type (f32 or f64, both alike);
+    /// `None` for any other pair.
+    fn apply(self, a: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor> {
+        match (a, b) {
+            (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared())),
+            (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared())),
+            _ => None,
+        }
+    }
+
+    fn run<E: Gemm>(self, a: ArrayViewD<'_, E>, b: ArrayViewD<'_, E>) -> ArrayD<E> {
+        let with_last = |shape: &[usize], last: usize| {
+            let mut shape = shape.to_vec();
+            *shape.last_mut().expect("at least one dimension") = last;
+            shape
+        };
+        match self {
+            Product::Forward => {
+                let w = as_matrix(b);
+                let shape = with_last(a.shape(), w.ncols());
+                gemm(rows(a).view(), w).into_shape_with_order(IxDyn(&shape)).expect("row-major")
+            }
+            Product::GradInput => {
+                let w = as_matrix(b);
+                let shape = with_last(a.shape(), w.nrows());
+                gemm(rows(a).view(), w.t()).into_shape_with_order(IxDyn(&shape)).expect("row-major")
+            }
+            Product::GradWeight => gemm(rows(a).view().t(), rows(b).view()).into_dyn(),
+        }
+    }
+}
+
+/// A 2-D view of a 2-D array, strides as they are.
+fn as_matrix<E>(a: ArrayViewD<'_, E>) -> ArrayView2<'_, E> {
+    a.into_dimensionality::<Ix2>().expect("a matrix")
+}
+
+/// `a` as a matrix of its last axis against all the others: a view when
+/// `a` is row-major (the usual case), otherwise a row-major copy.
+fn rows<E: Gemm>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
+    let k = *a.shape().last().expect("at least one dimension");
+    let m = a.len().checked_div(k).unwrap_or(0);
+    if a.is_standard_layout() {
+        CowArray::from(a.into_shape_with_order((m, k)).expect("row-major"))
+    } else {
+        CowArray::from(a.as_standard_layout().into_owned().into_shape_with_order((m, k)).expect("row-major"))
+    }
+}
+
+/// `a b` into a fresh row-major matrix: one GEMM over the operands' own
+/// strides.
+fn gemm<E: Gemm>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
+    let ((m, k), (k2, n)) = (a.dim(), b.dim());
+    assert_eq!(k, k2, "inner dimensions differ");
+    if k == 0 {
+        return Array2::from_elem((m, n), <E as Gemm>::zero());
+    }
+    let mut out = Array2::<E>::uninit((m, n));
+    if m > 0 && n > 0 {
+        let (sa, sb) = (a.strides(), b.strides());
+        // SAFETY: the pointers and strides describe the views' elements;
+        // `out` is m x n row-major, written (not read) with beta = 0.
+        unsafe { E::gemm(m, k, n, a.as_ptr(), sa[0], sa[1], b.as_ptr(), sb[0], sb[1], out.as_mut_ptr().cast::<E>(), n as isize) };
+    }
+    // SAFETY: every element was written by the GEMM (or there are none).
+    unsafe { out.assume_init() }
+}
+
+/// The element types served: f32 and f64.
+trait Gemm: Copy + 'static {
+    fn zero() -> Self;
+    /// `c = a b` (alpha 1, beta 0) through matrixmultiply.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize);
+}
+
+macro_rules! gemm_element {
+    ($ty:ty, $gemm:path) => {
+        impl Gemm for $ty {
+            fn zero() -> Self {
+                0.0
+            }
+            unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize) {
+                // SAFETY: forwarded from the caller.
+                unsafe { $gemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1) }
+            }
+        }
+    };
+}
+gemm_element!(f32, matrixmultiply::sgemm);
+gemm_element!(f64, matrixmultiply::dgemm);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NoiseSource;
+    use burn::tensor::module::linear as burn_linear;
+
+    /// Largest absolute difference, relative to the largest magnitude.
+    fn rel_diff<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f64 {
+        assert_eq!(a.dims(), b.dims());
+        let scale: f64 = b.clone().abs().max().into_scalar().to_f64_lossy();
+        let diff: f64 = a.sub(b).abs().max().into_scalar().to_f64_lossy();
+        diff / scale.max(1e-30)
+    }
+
+    trait Lossy {
+        fn to_f64_lossy(self) -> f64;
+    }
+    impl<T: burn::tensor::ElementConversion> Lossy for T {
+        fn to_f64_lossy(self) -> f64 {
+            self.elem::<f64>()
+        }
+    }
+
+    /// Operands as the model produces them: `x` row-major or a transposed
+    /// view, `W` row-major or a transposed view.
+    fn operands<B: Backend>(noise: &mut NoiseSource, x_strided: bool, w_strided: bool) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let device = Default::default();
+        let x = match x_strided {
+            false => noise.normal::<B, 3>([2, 7, 5], &device),
+            true => noise.normal::<B, 3>([2, 5, 7], &device).swap_dims(1, 2),
+        };
+        let w = match w_strided {
+            false => noise.normal::<B, 2>([5, 4], &device),
+            true => noise.normal::<B, 2>([4, 5], &device).transpose(),
+        };
+        (x, w)
+    }
+
+    #[test]
+    fn the_plain_product_equals_burns_linear_for_every_layout() {
+        fn check<B: Backend>(tol: f64) {
+            let mut noise = NoiseSource::seeded(11);
+            for (x_strided, w_strided) in [(false, false), (true, false), (false, true), (true, true)] {
+                let (x, w) = operands::<B>(&mut noise, x_strided, w_strided);
+                let expected = burn_linear(x.clone(), w.clone(), None);
+                let ours = linear(x, w).unwrap_or_else(|_| panic!("ndarray takes the fast path"));
+                let diff = rel_diff(ours, expected);
+                assert!(diff < tol, "x strided {x_strided}, W strided {w_strided}: {diff}");
+            }
+        }
+        check::<NdArray<f64>>(1e-14);
+        check::<NdArray<f32>>(1e-6);
+    }
+
+    #[test]
+    fn gradients_equal_burns_for_every_combination_of_tracked_inputs() {
+        fn check<B: burn::tensor::backend::AutodiffBackend>(tol: f64) {
+            let mut noise = NoiseSource::seeded(12);
+            for (x_strided, w_strided) in [(false, false), (true, true)] {
+                for (x_tracked, w_tracked) in [(true, true), (true, false), (false, true), (false, false)] {
+                    let (x0, w0) = operands::<B>(&mut noise, x_strided, w_strided);
+                    let weights = noise.normal::<B, 3>([2, 7, 4], &Default::default());
+                    let run = |fast: bool| {
+                        // Inputs as leaves (tracked or not) behind a first op, so
+                        // the product's parents are intermediate nodes as in a model.
+                        let (x, w) = (x0.clone(), w0.clone());
+                        let x = if x_tracked { x.require_grad() } else { x };
+                        let w = if w_tracked { w.require_grad() } else { w };
+                        let (xi, wi) = (x.clone().mul_scalar(1.5), w.clone().mul_scalar(0.5));
+                        let y = match fast {
+                            true => linear(xi, wi).unwrap_or_else(|_| panic!("ndarray takes the fast path")),
+                            false => burn_linear(xi, wi, None),
+                        };
+                        let value = y.clone().inner();
+                        let grads = match x_tracked || w_tracked {
+                            true => Some(y.mul(weights.clone()).sum().backward()),
+                            false => None,
+                        };
+                        let dx = grads.as_ref().and_then(|g| x.grad(g));
+                        let dw = grads.as_ref().and_then(|g| w.grad(g));
+                        (value, dx, dw)
+                    };
+                    let ((v, dx, dw), (ev, edx, edw)) = (run(true), run(false));
+                    let case = format!("x strided {x_strided} tracked {x_tracked}, W strided {w_strided} tracked {w_tracked}");
+                    assert!(rel_diff(v, ev) < tol, "value, {case}");
+                    assert_eq!(dx.is_some(), x_tracked, "dx present, {case}");
+                    assert_eq!(dw.is_some(), w_tracked, "dW present, {case}");
+                    if let (Some(dx), Some(edx)) = (dx, edx) {
+                        assert!(rel_diff(dx, edx) < tol, "dx, {case}");
+                    }
+                    if let (Some(dw), Some(edw)) = (dw, edw) {
+                        assert!(rel_diff(dw, edw) < tol, "dW, {case}");
+                    }
+                }
+            }
+        }
+        check::<Autodiff<NdArray<f64>>>(1e-14);
+        check::<Autodiff<NdArray<f32>>>(1e-6);
+    }
+
+    #[test]
+    fn the_gradient_of_x_matches_central_differences() {
+        // Independent of Burn: d/dx_ij sum(R * (x W)) = (R W^T)_ij.
+        type AD = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let mut noise = NoiseSource::seeded(13);
+        let (x, w) = operands::<NdArray<f64>>(&mut noise, false, false);
+        let r = noise.normal::<NdArray<f64>, 3>([2, 7, 4], &device);
+        let loss = |x: Tensor<NdArray<f64>, 3>| -> f64 { linear(x, w.clone()).ok().unwrap().mul(r.clone()).sum().into_scalar() };
+        let xa = Tensor::<AD, 3>::from_inner(x.clone()).require_grad();
+        let wa = Tensor::<AD, 2>::from_inner(w.clone());
+        let grads = linear(xa.clone(), wa).ok().unwrap().mul(Tensor::from_inner(r.clone())).sum().backward();
+        let dx: Vec<f64> = xa.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let flat: Vec<f64> = x.clone().into_data().to_vec().unwrap();
+        let h = 1e-6;
+        for i in [0, 9, 33, 69] {
+            let bump = |delta: f64| {
+                let mut v = flat.clone();
+                v[i] += delta;
+                Tensor::<NdArray<f64>, 3>::from_data(burn::tensor::TensorData::new(v, [2, 7, 5]), &device)
+            };
+            let numeric = (loss(bump(h)) - loss(bump(-h))) / (2.0 * h);
+            assert!((numeric - dx[i]).abs() < 1e-7, "element {i}: {numeric} vs {}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn other_backends_fall_back() {
+        // Same crate, other integer type: not served, the inputs come back.
+        type Other = NdArray<f32, i32>;
+        let (x, w) = operands::<Other>(&mut NoiseSource::seeded(14), false, false);
+        let (x2, w2) = linear(x.clone(), w.clone()).err().expect("falls back");
+        assert_eq!(x2.into_data(), x.into_data());
+        assert_eq!(w2.into_data(), w.into_data());
+    }
+}
