@@ -22,9 +22,34 @@ use burn::backend::autodiff::NodeId;
 use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorPrimitive};
-use burn_ndarray::{NdArray, NdArrayTensor};
+use burn_ndarray::{NdArray, NdArrayTensor, SharedArray};
+use rayon::prelude::*;
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, CowArray, Ix2, IxDyn};
 use std::any::{Any, TypeId};
+
+/// The backends served, found by `TypeId`.
+enum Served {
+    Plain32,
+    Plain64,
+    Tracked32,
+    Tracked64,
+    Other,
+}
+
+fn served<B: Backend>() -> Served {
+    let id = TypeId::of::<B>();
+    if id == TypeId::of::<NdArray<f32>>() {
+        Served::Plain32
+    } else if id == TypeId::of::<NdArray<f64>>() {
+        Served::Plain64
+    } else if id == TypeId::of::<Autodiff<NdArray<f32>>>() {
+        Served::Tracked32
+    } else if id == TypeId::of::<Autodiff<NdArray<f64>>>() {
+        Served::Tracked64
+    } else {
+        Served::Other
+    }
+}
 
 /// `x W` for `x` `[.., d_in]` and `W` `[d_in, d_out]`: `Ok` with the product
 /// when `B` is one of the backends this module serves, otherwise `Err` with
@@ -34,17 +59,217 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    let id = TypeId::of::<B>();
-    if id == TypeId::of::<NdArray<f32>>() {
-        plain::<B, NdArray<f32>, D>(x, weight)
-    } else if id == TypeId::of::<NdArray<f64>>() {
-        plain::<B, NdArray<f64>, D>(x, weight)
-    } else if id == TypeId::of::<Autodiff<NdArray<f32>>>() {
-        tracked::<B, NdArray<f32>, D>(x, weight)
-    } else if id == TypeId::of::<Autodiff<NdArray<f64>>>() {
-        tracked::<B, NdArray<f64>, D>(x, weight)
-    } else {
-        Err((x, weight))
+    match served::<B>() {
+        Served::Plain32 => plain::<B, NdArray<f32>, D>(x, weight),
+        Served::Plain64 => plain::<B, NdArray<f64>, D>(x, weight),
+        Served::Tracked32 => tracked::<B, NdArray<f32>, D>(x, weight),
+        Served::Tracked64 => tracked::<B, NdArray<f64>, D>(x, weight),
+        Served::Other => Err((x, weight)),
+    }
+}
+
+/// `kernel` applied to `x` in one parallel pass (and its backward pass in
+/// one more): `Ok` on the backends served, otherwise `Err(x)`.
+pub(crate) fn unary<B: Backend, K: Unary, const D: usize>(x: Tensor<B, D>, kernel: K) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    match served::<B>() {
+        Served::Plain32 => unary_plain::<B, NdArray<f32>, K, D>(x, kernel),
+        Served::Plain64 => unary_plain::<B, NdArray<f64>, K, D>(x, kernel),
+        Served::Tracked32 => unary_tracked::<B, NdArray<f32>, K, D>(x, kernel),
+        Served::Tracked64 => unary_tracked::<B, NdArray<f64>, K, D>(x, kernel),
+        Served::Other => Err(x),
+    }
+}
+
+fn unary_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Unary, const D: usize>(
+    x: Tensor<B, D>,
+    kernel: K,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let xp = primitive::<NB, D>(cast(x.clone()));
+    match unary_forward(kernel, &xp, false) {
+        Some((out, _)) => Ok(cast(Tensor::<NB, D>::from_primitive(TensorPrimitive::Float(out)))),
+        None => Err(x),
+    }
+}
+
+fn unary_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Unary, const D: usize>(
+    x: Tensor<B, D>,
+    kernel: K,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let xp = primitive::<Autodiff<NB>, D>(cast(x.clone()));
+    let out = match UnaryBackward(kernel).prepare::<NoCheckpointing>([xp.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => match unary_forward(kernel, &xp.primitive, true) {
+            Some((out, Some(saved))) => prep.finish(saved, out),
+            _ => return Err(x),
+        },
+        OpsKind::UnTracked(prep) => match unary_forward(kernel, &xp.primitive, false) {
+            Some((out, _)) => prep.finish(out),
+            None => return Err(x),
+        },
+    };
+    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
+}
+
+/// The backward step of [`unary_tracked`]; its state is what the kernel saved.
+#[derive(Debug)]
+struct UnaryBackward<K>(K);
+
+impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Unary> Backward<NB, 1> for UnaryBackward<K> {
+    type State = NdArrayTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node] = ops.parents;
+        let grad = grads.consume::<NB>(&ops.node);
+        if let Some(node) = node {
+            let dx = unary_backward(self.0, &ops.state, &grad).expect("the gradient has the forward's dtype");
+            grads.register::<NB>(node.id, dx);
+        }
+    }
+}
+
+/// An element-wise (or row-wise) function with its derivative, on
+/// contiguous slices.
+pub(crate) trait Unary: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// Elements per independent row (1 for an element-wise function).
+    fn row(self, shape: &[usize]) -> usize;
+    /// `y = f(x)` on whole rows; fills `saved` (same length) with what
+    /// [`Unary::backward`] needs, when given.
+    fn forward<E: Elem>(self, row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>);
+    /// `dx` from the saved rows and the output gradient `g`.
+    fn backward<E: Elem>(self, row: usize, saved: &[E], g: &[E], dx: &mut [E]);
+}
+
+/// Rows per parallel task: about 64 Ki elements.
+/// A multiple of `row`, so that every task gets whole rows.
+fn block(len: usize, row: usize) -> usize {
+    let row = row.max(1);
+    ((65536 / row).max(1) * row).min(len.max(row))
+}
+
+fn unary_forward<K: Unary>(kernel: K, x: &NdArrayTensor, save: bool) -> Option<(NdArrayTensor, Option<NdArrayTensor>)> {
+    fn run<E: Elem, K: Unary>(kernel: K, x: ArrayViewD<'_, E>, save: bool) -> (NdArrayTensor, Option<NdArrayTensor>)
+    where
+        NdArrayTensor: From<SharedArray<E>>,
+    {
+        let shape = x.shape().to_vec();
+        let x = x.as_standard_layout();
+        let x = x.as_slice().expect("row-major");
+        let row = kernel.row(&shape);
+        let block = block(x.len(), row);
+        let mut y = vec![E::ZERO; x.len()];
+        let saved = match save {
+            true => {
+                let mut saved = vec![E::ZERO; x.len()];
+                y.par_chunks_mut(block)
+                    .zip(saved.par_chunks_mut(block))
+                    .zip(x.par_chunks(block))
+                    .for_each(|((y, saved), x)| kernel.forward(row, x, y, Some(saved)));
+                Some(saved)
+            }
+            false => {
+                y.par_chunks_mut(block).zip(x.par_chunks(block)).for_each(|(y, x)| kernel.forward(row, x, y, None));
+                None
+            }
+        };
+        let wrap = |v: Vec<E>| NdArrayTensor::from(ArrayD::from_shape_vec(IxDyn(&shape), v).expect("sizes agree").into_shared());
+        (wrap(y), saved.map(wrap))
+    }
+    match x {
+        NdArrayTensor::F32(x) => Some(run(kernel, x.view(), save)),
+        NdArrayTensor::F64(x) => Some(run(kernel, x.view(), save)),
+        _ => None,
+    }
+}
+
+fn unary_backward<K: Unary>(kernel: K, saved: &NdArrayTensor, grad: &NdArrayTensor) -> Option<NdArrayTensor> {
+    fn run<E: Elem, K: Unary>(kernel: K, saved: ArrayViewD<'_, E>, g: ArrayViewD<'_, E>) -> NdArrayTensor
+    where
+        NdArrayTensor: From<SharedArray<E>>,
+    {
+        let shape = g.shape().to_vec();
+        let (saved, g) = (saved.as_standard_layout(), g.as_standard_layout());
+        let (saved, g) = (saved.as_slice().expect("row-major"), g.as_slice().expect("row-major"));
+        let row = kernel.row(&shape);
+        let block = block(g.len(), row);
+        let mut dx = vec![E::ZERO; g.len()];
+        dx.par_chunks_mut(block)
+            .zip(saved.par_chunks(block))
+            .zip(g.par_chunks(block))
+            .for_each(|((dx, saved), g)| kernel.backward(row, saved, g, dx));
+        NdArrayTensor::from(ArrayD::from_shape_vec(IxDyn(&shape), dx).expect("sizes agree").into_shared())
+    }
+    match (saved, grad) {
+        (NdArrayTensor::F32(s), NdArrayTensor::F32(g)) => Some(run(kernel, s.view(), g.view())),
+        (NdArrayTensor::F64(s), NdArrayTensor::F64(g)) => Some(run(kernel, s.view(), g.view())),
+        _ => None,
+    }
+}
+
+/// SiLU, `y = x s` with `s = 1 / (1 + e^-x)`; saves `dy/dx = s + y (1 - s)`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Silu;
+
+impl Unary for Silu {
+    fn row(self, _shape: &[usize]) -> usize {
+        1
+    }
+    fn forward<E: Elem>(self, _row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>) {
+        match saved {
+            Some(slope) => {
+                for ((y, slope), &x) in y.iter_mut().zip(slope.iter_mut()).zip(x) {
+                    let s = E::ONE / (E::ONE + (-x).exp());
+                    *y = x * s;
+                    *slope = s + *y * (E::ONE - s);
+                }
+            }
+            None => {
+                // The same rounding as above: training and evaluation agree.
+                for (y, &x) in y.iter_mut().zip(x) {
+                    *y = x * (E::ONE / (E::ONE + (-x).exp()));
+                }
+            }
+        }
+    }
+    fn backward<E: Elem>(self, _row: usize, slope: &[E], g: &[E], dx: &mut [E]) {
+        for ((dx, &slope), &g) in dx.iter_mut().zip(slope).zip(g) {
+            *dx = g * slope;
+        }
+    }
+}
+
+/// Softmax over the last axis; saves the output `y`, and the backward pass
+/// is `dx = y (g - sum(g y))` per row. The same arithmetic as Burn's
+/// `softmax` (`exp(x - max) / sum`), so a row that is all `-inf` gives NaN
+/// as Burn's does.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Softmax;
+
+impl Unary for Softmax {
+    fn row(self, shape: &[usize]) -> usize {
+        *shape.last().unwrap_or(&1)
+    }
+    fn forward<E: Elem>(self, row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>) {
+        for (y, x) in y.chunks_mut(row).zip(x.chunks(row)) {
+            let max = x.iter().fold(E::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+            let mut sum = E::ZERO;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = (x - max).exp();
+                sum = sum + *y;
+            }
+            for y in y.iter_mut() {
+                *y = *y / sum;
+            }
+        }
+        if let Some(saved) = saved {
+            saved.copy_from_slice(y);
+        }
+    }
+    fn backward<E: Elem>(self, row: usize, y: &[E], g: &[E], dx: &mut [E]) {
+        for ((dx, y), g) in dx.chunks_mut(row).zip(y.chunks(row)).zip(g.chunks(row)) {
+            let dot = y.iter().zip(g).fold(E::ZERO, |acc, (&y, &g)| acc + y * g);
+            for ((dx, &y), &g) in dx.iter_mut().zip(y).zip(g) {
+                *dx = y * (g - dot);
+            }
+        }
     }
 }
 
@@ -140,7 +365,7 @@ impl Product {
         }
     }
 
-    fn run<E: Gemm>(self, a: ArrayViewD<'_, E>, b: ArrayViewD<'_, E>) -> ArrayD<E> {
+    fn run<E: Elem>(self, a: ArrayViewD<'_, E>, b: ArrayViewD<'_, E>) -> ArrayD<E> {
         let with_last = |shape: &[usize], last: usize| {
             let mut shape = shape.to_vec();
             *shape.last_mut().expect("at least one dimension") = last;
@@ -169,7 +394,7 @@ fn as_matrix<E>(a: ArrayViewD<'_, E>) -> ArrayView2<'_, E> {
 
 /// `a` as a matrix of its last axis against all the others: a view when
 /// `a` is row-major (the usual case), otherwise a row-major copy.
-fn rows<E: Gemm>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
+fn rows<E: Elem>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
     let k = *a.shape().last().expect("at least one dimension");
     let m = a.len().checked_div(k).unwrap_or(0);
     if a.is_standard_layout() {
@@ -181,11 +406,11 @@ fn rows<E: Gemm>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
 
 /// `a b` into a fresh row-major matrix: one GEMM over the operands' own
 /// strides.
-fn gemm<E: Gemm>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
+fn gemm<E: Elem>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(k, k2, "inner dimensions differ");
     if k == 0 {
-        return Array2::from_elem((m, n), <E as Gemm>::zero());
+        return Array2::from_elem((m, n), E::ZERO);
     }
     let mut out = Array2::<E>::uninit((m, n));
     if m > 0 && n > 0 {
@@ -199,8 +424,22 @@ fn gemm<E: Gemm>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
 }
 
 /// The element types served: f32 and f64.
-trait Gemm: Copy + 'static {
-    fn zero() -> Self;
+pub(crate) trait Elem:
+    Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + std::ops::Add<Output = Self>
+    + std::ops::Sub<Output = Self>
+    + std::ops::Mul<Output = Self>
+    + std::ops::Div<Output = Self>
+    + std::ops::Neg<Output = Self>
+    + 'static
+{
+    const ZERO: Self;
+    const ONE: Self;
+    const NEG_INFINITY: Self;
+    fn exp(self) -> Self;
     /// `c = a b` (alpha 1, beta 0) through matrixmultiply.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize);
@@ -208,9 +447,12 @@ trait Gemm: Copy + 'static {
 
 macro_rules! gemm_element {
     ($ty:ty, $gemm:path) => {
-        impl Gemm for $ty {
-            fn zero() -> Self {
-                0.0
+        impl Elem for $ty {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            const NEG_INFINITY: Self = <$ty>::NEG_INFINITY;
+            fn exp(self) -> Self {
+                <$ty>::exp(self)
             }
             unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize) {
                 // SAFETY: forwarded from the caller.

@@ -48,7 +48,21 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
 /// is zero in value: `y + (x - x̄) · slope`, where `x̄` is `x` detached. So
 /// the backward pass is a single product, and the graph keeps one tensor
 /// (the slope) where Burn's keeps two (input and sigmoid).
+///
+/// On the ndarray backend (plain or autodiff) the same function and
+/// derivative are one parallel pass each ([`crate::fast`]); elsewhere
+/// [`silu_composed`] builds them from Burn's tensor ops.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let x = match crate::fast::unary(x, crate::fast::Silu) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    silu_composed(x)
+}
+
+/// [`silu`] from Burn's tensor ops, for every backend.
+pub fn silu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     let input = x.clone().detach();
     // `1 / d` as a division: ndarray's SIMD `recip` is an approximation
     // (relative error ~5e-5, and which elements get it depends on alignment).
@@ -64,6 +78,19 @@ pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     y.add(x.sub(input).mul(slope))
 }
 
+/// Softmax over the last axis: Burn's `softmax(x, D - 1)`. On the ndarray
+/// backend it is one parallel pass over the rows, and its backward pass
+/// (`dx = y (g - sum(g y))`) another ([`crate::fast`]); Burn's takes five
+/// passes forward and keeps two tensors for the backward pass.
+pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let x = match crate::fast::unary(x, crate::fast::Softmax) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    burn::tensor::activation::softmax(x, D - 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,8 +100,14 @@ mod tests {
 
     #[test]
     fn silu_value_and_gradient_match_the_closed_form_and_burn() {
-        use burn::backend::Autodiff;
-        type AD = Autodiff<TestBackend>;
+        // The one-pass ndarray kernel and the composition of Burn ops.
+        check_silu("fast", &|x| silu(x), &|x| silu(x));
+        check_silu("composed", &|x| silu_composed(x), &|x| silu_composed(x));
+    }
+
+    type AD = burn::backend::Autodiff<TestBackend>;
+
+    fn check_silu(name: &str, f: &dyn Fn(Tensor<AD, 1>) -> Tensor<AD, 1>, f_plain: &dyn Fn(Tensor<TestBackend, 1>) -> Tensor<TestBackend, 1>) {
         let device = Default::default();
         // Typical values and the tails, where exp(-x) overflows or vanishes.
         let mut values: Vec<f64> = NoiseSource::seeded(3).normal::<TestBackend, 1>([200], &device).mul_scalar(4.0).into_data().to_vec().unwrap();
@@ -89,7 +122,7 @@ mod tests {
             let y: Vec<f64> = y.into_data().to_vec().unwrap();
             (y, grad)
         };
-        let (ours, ours_grad) = run(&|x| silu(x));
+        let (ours, ours_grad) = run(f);
         let (burn, burn_grad) = run(&|x| burn::tensor::activation::silu(x));
         let w: Vec<f64> = weights.clone().into_data().to_vec().unwrap();
         let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1.0);
@@ -97,36 +130,77 @@ mod tests {
             // The closed forms in f64.
             let (x, s) = (values[i], 1.0 / (1.0 + (-values[i]).exp()));
             let (y, slope) = (x * s, s + x * s * (1.0 - s));
-            assert!(close(ours[i], y, 1e-12), "y({x}) {} vs {y}", ours[i]);
-            assert!(close(ours_grad[i], w[i] * slope, 1e-12), "dy/dx({x}) {} vs {}", ours_grad[i], w[i] * slope);
+            assert!(close(ours[i], y, 1e-12), "{name}: y({x}) {} vs {y}", ours[i]);
+            assert!(close(ours_grad[i], w[i] * slope, 1e-12), "{name}: dy/dx({x}) {} vs {}", ours_grad[i], w[i] * slope);
             // Burn's sigmoid runs in f32 whatever the backend's precision.
-            assert!(close(burn[i], y, 1e-6) && close(ours_grad[i], burn_grad[i], 1e-6), "Burn's silu at {x}");
+            assert!(close(burn[i], y, 1e-6) && close(ours_grad[i], burn_grad[i], 1e-6), "{name}: Burn's silu at {x}");
         }
         // Central differences at a few points (the closed form, independently of Burn).
         for &x0 in &[-3.0f64, -0.5, 0.0, 0.7, 2.5] {
-            let f = |x: f64| x / (1.0 + (-x).exp());
+            let closed = |x: f64| x / (1.0 + (-x).exp());
             let h = 1e-5;
-            let numeric = (f(x0 + h) - f(x0 - h)) / (2.0 * h);
+            let numeric = (closed(x0 + h) - closed(x0 - h)) / (2.0 * h);
             let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(vec![x0], [1]), &device).require_grad();
-            let grads = silu(x.clone()).sum().backward();
+            let grads = f(x.clone()).sum().backward();
             let analytic: f64 = x.grad(&grads).unwrap().into_scalar();
-            assert!((numeric - analytic).abs() < 1e-8, "x = {x0}: {numeric} vs {analytic}");
+            assert!((numeric - analytic).abs() < 1e-8, "{name}: x = {x0}: {numeric} vs {analytic}");
         }
         // A chain: the gradient flows through an intermediate tensor too.
         let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
-        let grads = silu(x.clone().mul_scalar(2.0)).mul(weights.clone()).sum().backward();
+        let grads = f(x.clone().mul_scalar(2.0)).mul(weights.clone()).sum().backward();
         let chained: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
         for i in 0..n {
             let (x, s) = (2.0 * values[i], 1.0 / (1.0 + (-2.0 * values[i]).exp()));
             let expected = 2.0 * w[i] * (s + x * s * (1.0 - s));
-            assert!(close(chained[i], expected, 1e-12), "chained dy/dx at {x}: {} vs {expected}", chained[i]);
+            assert!(close(chained[i], expected, 1e-12), "{name}: chained dy/dx at {x}: {} vs {expected}", chained[i]);
         }
         // Without autodiff, the value alone.
-        let plain: Vec<f64> = silu(Tensor::<TestBackend, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device))
+        let plain: Vec<f64> = f_plain(Tensor::<TestBackend, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device))
             .into_data()
             .to_vec()
             .unwrap();
         assert_eq!(plain, ours);
+    }
+
+    #[test]
+    fn softmax_last_matches_burns_softmax_value_and_gradient() {
+        let device = Default::default();
+        let mut noise = NoiseSource::seeded(21);
+        // Scores as attention makes them: a transposed view, some entries
+        // masked with -inf (never a whole row).
+        let x0 = noise.normal::<TestBackend, 3>([2, 6, 5], &device).mul_scalar(3.0).swap_dims(1, 2);
+        let mask: Vec<f64> = (0..60).map(|i| if i % 7 == 3 { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let x0 = x0.add(Tensor::from_data(burn::tensor::TensorData::new(mask, [2, 5, 6]), &device));
+        let weights = noise.normal::<AD, 3>([2, 5, 6], &device);
+        let run = |fast: bool| {
+            let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
+            let y = match fast {
+                true => softmax_last(x.clone().mul_scalar(1.0)),
+                false => burn::tensor::activation::softmax(x.clone().mul_scalar(1.0), 2),
+            };
+            let grads = y.clone().mul(weights.clone()).sum().backward();
+            let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+            let y: Vec<f64> = y.into_data().to_vec().unwrap();
+            (y, dx)
+        };
+        let ((y, dx), (ey, edx)) = (run(true), run(false));
+        for i in 0..y.len() {
+            assert!((y[i] - ey[i]).abs() < 1e-12, "y[{i}]: {} vs {}", y[i], ey[i]);
+            assert!((dx[i] - edx[i]).abs() < 1e-12, "dx[{i}]: {} vs {}", dx[i], edx[i]);
+        }
+        // Rows sum to one; masked entries are exactly zero.
+        for row in y.chunks(6) {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        }
+        assert!(y.iter().zip(x0.into_data().to_vec::<f64>().unwrap()).all(|(&y, x)| x.is_finite() || y == 0.0));
+        // Without autodiff, the same values.
+        let plain: Vec<f64> = softmax_last(Tensor::<TestBackend, 3>::from_data(burn::tensor::TensorData::new(ey.clone(), [2, 5, 6]), &device).log())
+            .into_data()
+            .to_vec()
+            .unwrap();
+        for i in 0..y.len() {
+            assert!((plain[i] - ey[i]).abs() < 1e-12, "plain y[{i}]");
+        }
     }
 
     #[test]

@@ -10,10 +10,9 @@
 use crate::cache::KvCache;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
-use burn::tensor::activation::softmax;
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::ops::{linear_forward, silu};
+use melora_core::ops::{linear_forward, silu, softmax_last};
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
@@ -197,7 +196,7 @@ pub fn grouped_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor
         Some(bias) => scores.add(bias),
         None => scores,
     };
-    let probs = softmax(scores, 3).reshape([b, kvh, group * s, t]);
+    let probs = softmax_last(scores).reshape([b, kvh, group * s, t]);
     probs.matmul(v).reshape([b, h, s, d])
 }
 
