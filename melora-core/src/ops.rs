@@ -78,6 +78,37 @@ pub fn silu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
     y.add(x.sub(input).mul(slope))
 }
 
+/// `x.reshape(shape)`. On the ndarray backend a row-major `x` is reshaped
+/// in place (a view of the same buffer, forward and backward); Burn's
+/// ndarray `reshape` copies every time.
+pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
+    #[cfg(feature = "ndarray")]
+    let x = match crate::fast::reshape(x, shape) {
+        Ok(y) => return y,
+        Err(x) => x,
+    };
+    x.reshape(shape)
+}
+
+/// Rotary position embedding (Llama's half-split layout) of `x`,
+/// `[batch, seq, heads * head_dim]`: in each head, `(x1, x2) -> (x1 c - x2 s,
+/// x2 c + x1 s)`, where `cos` and `sin` hold `c` and `s` for the `seq`
+/// positions, `[seq, head_dim / 2]` row-major. On the ndarray backend this
+/// is one parallel pass forward and one backward: `Ok`. Elsewhere `Err(x)`,
+/// and the caller composes it from tensor ops.
+pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &std::sync::Arc<[f64]>, head_dim: usize) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+    let [_, seq, width] = x.dims();
+    assert!(head_dim % 2 == 0 && width % head_dim == 0, "rotary: width {width} is not whole heads of even size {head_dim}");
+    assert_eq!(cos.len(), seq * head_dim / 2, "rotary: table size");
+    assert_eq!(sin.len(), cos.len(), "rotary: table size");
+    #[cfg(feature = "ndarray")]
+    {
+        crate::fast::unary(x, crate::fast::Rotary { cos: cos.clone(), sin: sin.clone(), seq, head_dim })
+    }
+    #[cfg(not(feature = "ndarray"))]
+    Err(x)
+}
+
 /// Softmax over the last axis: Burn's `softmax(x, D - 1)`. On the ndarray
 /// backend it is one parallel pass over the rows, and its backward pass
 /// (`dx = y (g - sum(g y))`) another ([`crate::fast`]); Burn's takes five

@@ -12,7 +12,8 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::ops::{linear_forward, silu, softmax_last};
+use melora_core::ops::{linear_forward, reshape, rotary, silu, softmax_last};
+use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
@@ -104,10 +105,15 @@ pub struct Llama<B: Backend> {
 
 /// Rotary tables for a run of positions: `cos` and `sin`, `[1, 1, seq, head_dim]`;
 /// the first half of `sin` is negated, so that rotating is
-/// `x * cos + [x2, x1] * sin` with no negation pass.
+/// `x * cos + [x2, x1] * sin` with no negation pass. The same angles are
+/// kept as `[seq, head_dim / 2]` f64 tables for the one-pass kernel
+/// ([`melora_core::ops::rotary`]) that the ndarray backend uses.
 pub struct Rope<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
+    cos_half: Arc<[f64]>,
+    sin_half: Arc<[f64]>,
+    head_dim: usize,
 }
 
 impl<B: Backend> Rope<B> {
@@ -115,20 +121,24 @@ impl<B: Backend> Rope<B> {
     /// frequency `i` at columns `i` and `i + head_dim / 2`).
     pub fn new(theta: f64, head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
         let half = head_dim / 2;
+        let angles: Vec<f64> = (start..start + seq)
+            .flat_map(|pos| (0..half).map(move |i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)))
+            .collect();
         let mut cos = Vec::with_capacity(seq * head_dim);
         let mut sin = Vec::with_capacity(seq * head_dim);
-        for pos in start..start + seq {
-            let angles: Vec<f64> =
-                (0..half).map(|i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)).collect();
+        for row in angles.chunks(half.max(1)).take(seq) {
             for sign in [-1.0, 1.0] {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| sign * a.sin()));
+                cos.extend(row.iter().map(|a| a.cos()));
+                sin.extend(row.iter().map(|a| sign * a.sin()));
             }
         }
         let shape = [1, 1, seq, head_dim];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
+            cos_half: angles.iter().map(|a| a.cos()).collect(),
+            sin_half: angles.iter().map(|a| a.sin()).collect(),
+            head_dim,
         }
     }
 
@@ -140,6 +150,18 @@ impl<B: Backend> Rope<B> {
         let x2 = x.clone().narrow(3, half, half);
         let swapped = Tensor::cat(vec![x2, x1], 3);
         x.mul(self.cos.clone()).add(swapped.mul(self.sin.clone()))
+    }
+
+    /// Splits a projection's output, `[batch, seq, heads * head_dim]`, into
+    /// rotated heads, `[batch, heads, seq, head_dim]`: one pass on ndarray,
+    /// [`Rope::apply`] on the split heads elsewhere.
+    pub fn rotate_heads(&self, x: Tensor<B, 3>, heads: usize) -> Tensor<B, 4> {
+        let [batch, seq, _] = x.dims();
+        let split = |t: Tensor<B, 3>| reshape(t, [batch, seq, heads, self.head_dim]).swap_dims(1, 2);
+        match rotary(x, &self.cos_half, &self.sin_half, self.head_dim) {
+            Ok(rotated) => split(rotated),
+            Err(x) => self.apply(split(x)),
+        }
     }
 }
 
@@ -154,9 +176,9 @@ impl<B: Backend> Attention<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let split = |t: Tensor<B, 3>, heads: usize| t.reshape([batch, seq, heads, hd]).swap_dims(1, 2);
-        let q = rope.apply(split(self.q_proj.forward(x.clone(), sampler), h));
-        let mut k = rope.apply(split(self.k_proj.forward(x.clone(), sampler), kvh));
+        let split = |t: Tensor<B, 3>, heads: usize| reshape(t, [batch, seq, heads, hd]).swap_dims(1, 2);
+        let q = rope.rotate_heads(self.q_proj.forward(x.clone(), sampler), h);
+        let mut k = rope.rotate_heads(self.k_proj.forward(x.clone(), sampler), kvh);
         let mut v = split(self.v_proj.forward(x, sampler), kvh);
         if let Some((cache_k, cache_v)) = cache {
             if let Some(past) = cache_k.take() {
@@ -190,14 +212,14 @@ pub fn grouped_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor
     let [b, h, s, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let group = h / kvh;
-    let q = q.mul_scalar(1.0 / (d as f64).sqrt()).reshape([b, kvh, group * s, d]);
-    let scores = q.matmul(k.swap_dims(2, 3)).reshape([b, h, s, t]);
+    let q = reshape(q.mul_scalar(1.0 / (d as f64).sqrt()), [b, kvh, group * s, d]);
+    let scores = reshape(q.matmul(k.swap_dims(2, 3)), [b, h, s, t]);
     let scores = match mask {
         Some(bias) => scores.add(bias),
         None => scores,
     };
-    let probs = softmax_last(scores).reshape([b, kvh, group * s, t]);
-    probs.matmul(v).reshape([b, h, s, d])
+    let probs = reshape(softmax_last(scores), [b, kvh, group * s, t]);
+    reshape(probs.matmul(v), [b, h, s, d])
 }
 
 /// The seven projections of a layer with their paths inside it.
