@@ -360,6 +360,50 @@ impl Unary for Softmax {
     }
 }
 
+/// RMSNorm over the last axis with a frozen scale: `y = x / r * gamma`,
+/// `r = sqrt(mean(x^2) + eps)` (the mean accumulated in f64); saves `x`.
+/// Backward: `dx = (gamma g - x̂ mean(gamma g x̂)) / r` with `x̂ = x / r`.
+#[derive(Debug, Clone)]
+pub(crate) struct RmsNorm {
+    pub gamma: std::sync::Arc<[f64]>,
+    pub epsilon: f64,
+}
+
+impl RmsNorm {
+    fn rms<E: Elem>(&self, x: &[E]) -> f64 {
+        let ms = x.iter().map(|&v| v.to_f64() * v.to_f64()).sum::<f64>() / x.len() as f64;
+        (ms + self.epsilon).sqrt()
+    }
+}
+
+impl Unary for RmsNorm {
+    fn row(&self, shape: &[usize]) -> usize {
+        *shape.last().unwrap_or(&1)
+    }
+    fn forward<E: Elem>(&self, row: usize, _first_row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>) {
+        for (x, y) in x.chunks(row).zip(y.chunks_mut(row)) {
+            let r = E::from_f64(self.rms(x));
+            for ((y, &x), &gamma) in y.iter_mut().zip(x).zip(self.gamma.iter()) {
+                *y = x / r * E::from_f64(gamma);
+            }
+        }
+        if let Some(saved) = saved {
+            saved.copy_from_slice(x);
+        }
+    }
+    fn backward<E: Elem>(&self, row: usize, _first_row: usize, x: Option<&[E]>, g: &[E], dx: &mut [E]) {
+        let x = x.expect("RMSNorm saves its input");
+        for ((x, g), dx) in x.chunks(row).zip(g.chunks(row)).zip(dx.chunks_mut(row)) {
+            let r = self.rms(x);
+            let dot = x.iter().zip(g).zip(self.gamma.iter()).map(|((&x, &g), &gamma)| gamma * g.to_f64() * x.to_f64() / r).sum::<f64>()
+                / row as f64;
+            for (((dx, &x), &g), &gamma) in dx.iter_mut().zip(x).zip(g).zip(self.gamma.iter()) {
+                *dx = E::from_f64((gamma * g.to_f64() - x.to_f64() / r * dot) / r);
+            }
+        }
+    }
+}
+
 /// Rotary position embedding (Llama's half-split layout) on rows of
 /// `[.., seq, heads * head_dim]`: in each head, `(x1, x2) -> (x1 c - x2 s,
 /// x2 c + x1 s)` with `c`, `s` the cosines and sines of the row's position
@@ -574,6 +618,7 @@ pub(crate) trait Elem:
     const NEG_INFINITY: Self;
     fn exp(self) -> Self;
     fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
     /// `c = a b` (alpha 1, beta 0) through matrixmultiply.
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize);
@@ -590,6 +635,9 @@ macro_rules! gemm_element {
             }
             fn from_f64(v: f64) -> Self {
                 v as $ty
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
             }
             unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize) {
                 // SAFETY: forwarded from the caller.
@@ -814,6 +862,40 @@ mod tests {
                 let (nx, ny) = (x[i].hypot(x[i + half]), y[i].hypot(y[i + half]));
                 assert!((nx - ny).abs() < 1e-12);
             }
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_closed_form_and_central_differences() {
+        type AD = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let mut noise = NoiseSource::seeded(17);
+        let (rows, d) = (6, 7);
+        let gamma: Vec<f64> = noise.normal::<NdArray<f64>, 1>([d], &device).into_data().to_vec().unwrap();
+        let kernel = RmsNorm { gamma: gamma.clone().into(), epsilon: 1e-5 };
+        let x0: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * d], &device).into_data().to_vec().unwrap();
+        let w: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * d], &device).into_data().to_vec().unwrap();
+        // Closed form, row by row, in f64.
+        let loss = |x: &[f64]| -> f64 {
+            x.chunks(d).zip(w.chunks(d)).map(|(x, w)| {
+                let r = (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-5).sqrt();
+                x.iter().zip(&gamma).zip(w).map(|((x, g), w)| x / r * g * w).sum::<f64>()
+            }).sum()
+        };
+        let x = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(x0.clone(), [rows, d]), &device).require_grad();
+        let y = unary(x.clone().mul_scalar(1.0), kernel).ok().expect("served");
+        let weights = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device);
+        let value: f64 = y.clone().mul(weights).sum().into_scalar();
+        assert!((value - loss(&x0)).abs() < 1e-12, "{value} vs {}", loss(&x0));
+        let grads = y.mul(Tensor::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device)).sum().backward();
+        let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+        let h = 1e-6;
+        for i in 0..rows * d {
+            let (mut up, mut down) = (x0.clone(), x0.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+            assert!((numeric - dx[i]).abs() < 1e-7, "dx[{i}]: {numeric} vs {}", dx[i]);
         }
     }
 

@@ -90,6 +90,28 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, s
     x.reshape(shape)
 }
 
+/// `norm.forward(x)`. On the ndarray backend, when the scale is frozen
+/// (as in every adapter method here), the norm is one parallel pass forward
+/// and one backward ([`crate::fast`]); Burn's takes six passes and keeps
+/// four tensors for the backward pass.
+pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let x = {
+        let gamma = norm.gamma.val();
+        match gamma.is_require_grad() || gamma.dims()[0] != x.dims()[D - 1] {
+            true => x,
+            false => {
+                let gamma: Vec<f64> = gamma.into_data().convert::<f64>().to_vec().expect("f64 scale");
+                match crate::fast::unary(x, crate::fast::RmsNorm { gamma: gamma.into(), epsilon: norm.epsilon }) {
+                    Ok(y) => return y,
+                    Err(x) => x,
+                }
+            }
+        }
+    };
+    norm.forward(x)
+}
+
 /// Rotary position embedding (Llama's half-split layout) of `x`,
 /// `[batch, seq, heads * head_dim]`: in each head, `(x1, x2) -> (x1 c - x2 s,
 /// x2 c + x1 s)`, where `cos` and `sin` hold `c` and `s` for the `seq`

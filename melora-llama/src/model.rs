@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::ops::{linear_forward, reshape, rotary, silu, softmax_last};
+use melora_core::ops::{linear_forward, reshape, rms_norm, rotary, silu, softmax_last};
 use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
@@ -311,15 +311,15 @@ impl<B: Backend> Llama<B> {
         let mut x = self.embed_tokens.forward(tokens);
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(i));
-            let attn = layer.self_attn.forward(layer.input_layernorm.forward(x.clone()), &rope, mask.clone(), layer_cache, sampler);
+            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &rope, mask.clone(), layer_cache, sampler);
             x = x.add(attn);
-            let mlp = layer.mlp.forward(layer.post_attention_layernorm.forward(x.clone()), sampler);
+            let mlp = layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x.clone()), sampler);
             x = x.add(mlp);
         }
         if let Some(c) = cache {
             c.advance(seq);
         }
-        self.norm.forward(x)
+        rms_norm(&self.norm, x)
     }
 
     /// Logits from hidden states, `[..., hidden] -> [..., vocab]`.
