@@ -68,6 +68,133 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     }
 }
 
+/// `a b` over matching batch axes, `[.., m, k] x [.., k, n]`, each product
+/// one strided GEMM (the batches split over rayon's threads): `Ok` on the
+/// backends served, `Err` with the inputs when the batch axes differ
+/// (broadcasting is left to Burn) or the backend is another.
+#[allow(clippy::type_complexity)]
+pub(crate) fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    let (da, db) = (a.dims(), b.dims());
+    if D < 2 || da[..D - 2] != db[..D - 2] || da[D - 1] != db[D - 2] {
+        return Err((a, b));
+    }
+    match served::<B>() {
+        Served::Plain32 => matmul_plain::<B, NdArray<f32>, D>(a, b),
+        Served::Plain64 => matmul_plain::<B, NdArray<f64>, D>(a, b),
+        Served::Tracked32 => matmul_tracked::<B, NdArray<f32>, D>(a, b),
+        Served::Tracked64 => matmul_tracked::<B, NdArray<f64>, D>(a, b),
+        Served::Other => Err((a, b)),
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn matmul_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    let (ap, bp) = (primitive::<NB, D>(cast(a.clone())), primitive::<NB, D>(cast(b.clone())));
+    match batched(&ap, &bp, false, false) {
+        Some(out) => Ok(cast(Tensor::<NB, D>::from_primitive(TensorPrimitive::Float(out)))),
+        None => Err((a, b)),
+    }
+}
+
+#[allow(clippy::type_complexity)]
+fn matmul_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+    let (ap, bp) = (primitive::<Autodiff<NB>, D>(cast(a.clone())), primitive::<Autodiff<NB>, D>(cast(b.clone())));
+    let Some(out) = batched(&ap.primitive, &bp.primitive, false, false) else {
+        return Err((a, b));
+    };
+    let out = match BatchedBackward.prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(mut prep) => {
+            // a is needed for b's gradient only, and b for a's.
+            let a_state = bp.is_tracked().then(|| prep.checkpoint(&ap));
+            let b_state = ap.is_tracked().then(|| prep.checkpoint(&bp));
+            prep.finish((a_state, b_state), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    };
+    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
+}
+
+/// The backward step of [`matmul_tracked`]: `da = g b^T`, `db = a^T g`.
+#[derive(Debug)]
+struct BatchedBackward;
+
+impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>> Backward<NB, 2> for BatchedBackward {
+    type State = (Option<NodeId>, Option<NodeId>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
+        let [node_a, node_b] = ops.parents;
+        let grad = grads.consume::<NB>(&ops.node);
+        let (a_state, b_state) = ops.state;
+        if let Some(node) = node_a {
+            let b: NdArrayTensor = checkpointer.retrieve_node_output(b_state.expect("b is kept when a is tracked"));
+            let da = batched(&grad, &b, false, true).expect("the gradient has the forward's dtype");
+            grads.register::<NB>(node.id, da);
+        }
+        if let Some(node) = node_b {
+            let a: NdArrayTensor = checkpointer.retrieve_node_output(a_state.expect("a is kept when b is tracked"));
+            let db = batched(&a, &grad, true, false).expect("the gradient has the forward's dtype");
+            grads.register::<NB>(node.id, db);
+        }
+    }
+}
+
+/// `op(a) op(b)` per batch, `op` transposing the last two axes when asked;
+/// `None` unless both are f32 or both f64.
+fn batched(a: &NdArrayTensor, b: &NdArrayTensor, ta: bool, tb: bool) -> Option<NdArrayTensor> {
+    fn run<E: Elem>(a: ArrayViewD<'_, E>, b: ArrayViewD<'_, E>, ta: bool, tb: bool) -> ArrayD<E>
+    where
+        NdArrayTensor: From<SharedArray<E>>,
+    {
+        let nd = a.ndim();
+        // (rows, cols, row stride, col stride) of each operand's matrices.
+        let matrix = |v: &ArrayViewD<'_, E>, t: bool| {
+            let (sh, st) = (v.shape(), v.strides());
+            let m = (sh[nd - 2], sh[nd - 1], st[nd - 2], st[nd - 1]);
+            if t { (m.1, m.0, m.3, m.2) } else { m }
+        };
+        let ((m, k, rsa, csa), (k2, n, rsb, csb)) = (matrix(&a, ta), matrix(&b, tb));
+        assert_eq!(k, k2, "inner dimensions differ");
+        let batch: Vec<usize> = a.shape()[..nd - 2].to_vec();
+        let offset = |v: &ArrayViewD<'_, E>, mut i: usize| {
+            let mut off = 0isize;
+            for d in (0..nd - 2).rev() {
+                off += (i % batch[d]) as isize * v.strides()[d];
+                i /= batch[d];
+            }
+            off
+        };
+        let count: usize = batch.iter().product();
+        let mut out = vec![E::ZERO; count * m * n];
+        if m * n > 0 {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(i, c)| {
+                if k == 0 {
+                    return;
+                }
+                // SAFETY: the offsets and strides address elements of the
+                // views (batch index i, then the matrix); `c` is one m x n
+                // row-major block, written with beta = 0.
+                unsafe {
+                    E::gemm(m, k, n, a.as_ptr().offset(offset(&a, i)), rsa, csa, b.as_ptr().offset(offset(&b, i)), rsb, csb, c.as_mut_ptr(), n as isize)
+                }
+            });
+        }
+        let mut shape = batch;
+        shape.extend([m, n]);
+        ArrayD::from_shape_vec(IxDyn(&shape), out).expect("sizes agree")
+    }
+    match (a, b) {
+        (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared())),
+        (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared())),
+        _ => None,
+    }
+}
+
 /// `kernel` applied to `x` in one parallel pass (and its backward pass in
 /// one more): `Ok` on the backends served, otherwise `Err(x)`.
 pub(crate) fn unary<B: Backend, K: Unary, const D: usize>(x: Tensor<B, D>, kernel: K) -> Result<Tensor<B, D>, Tensor<B, D>> {
@@ -897,6 +1024,46 @@ mod tests {
             let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
             assert!((numeric - dx[i]).abs() < 1e-7, "dx[{i}]: {numeric} vs {}", dx[i]);
         }
+    }
+
+    #[test]
+    fn batched_matmul_equals_burns_with_strided_operands() {
+        type AD = Autodiff<NdArray<f64>>;
+        let device = Default::default();
+        let mut noise = NoiseSource::seeded(18);
+        // As in attention: q [2, 3, 4, 5] times k^T, a transposed view.
+        let a0 = noise.normal::<NdArray<f64>, 4>([2, 3, 4, 5], &device);
+        let b0 = noise.normal::<NdArray<f64>, 4>([2, 3, 6, 5], &device);
+        let weights = noise.normal::<AD, 4>([2, 3, 4, 6], &device);
+        for (a_tracked, b_tracked) in [(true, true), (true, false), (false, true)] {
+            let run = |fast: bool| {
+                let a = Tensor::<AD, 4>::from_inner(a0.clone());
+                let b = Tensor::<AD, 4>::from_inner(b0.clone());
+                let a = if a_tracked { a.require_grad() } else { a };
+                let b = if b_tracked { b.require_grad() } else { b };
+                let (ai, bi) = (a.clone().mul_scalar(1.5), b.clone().mul_scalar(0.5).swap_dims(2, 3));
+                let y = match fast {
+                    true => matmul(ai, bi).ok().expect("served"),
+                    false => ai.matmul(bi),
+                };
+                let grads = y.clone().mul(weights.clone()).sum().backward();
+                let get = |t: &Tensor<AD, 4>| t.grad(&grads).map(|g| g.into_data().to_vec::<f64>().unwrap());
+                (y.into_data().to_vec::<f64>().unwrap(), get(&a), get(&b))
+            };
+            let ((y, da, db), (ey, eda, edb)) = (run(true), run(false));
+            let close = |x: &[f64], y: &[f64]| x.len() == y.len() && x.iter().zip(y).all(|(x, y)| (x - y).abs() < 1e-12);
+            assert!(close(&y, &ey), "value, a {a_tracked} b {b_tracked}");
+            assert_eq!((da.is_some(), db.is_some()), (a_tracked, b_tracked));
+            if let (Some(da), Some(eda)) = (da, eda) {
+                assert!(close(&da, &eda), "da");
+            }
+            if let (Some(db), Some(edb)) = (db, edb) {
+                assert!(close(&db, &edb), "db");
+            }
+        }
+        // Broadcast batch axes are left to Burn.
+        let c = noise.normal::<NdArray<f64>, 4>([1, 3, 5, 2], &device);
+        assert!(matmul(a0, c).is_err());
     }
 
     #[test]

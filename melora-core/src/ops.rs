@@ -78,6 +78,19 @@ pub fn silu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
     y.add(x.sub(input).mul(slope))
 }
 
+/// `a.matmul(b)`. On the ndarray backend, when the batch axes match, each
+/// product is one GEMM reading the operands in place (a transposed view
+/// included), forward and backward; Burn's ndarray matmul copies both
+/// operands and the result.
+pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    #[cfg(feature = "ndarray")]
+    let (a, b) = match crate::fast::matmul(a, b) {
+        Ok(y) => return y,
+        Err(inputs) => inputs,
+    };
+    a.matmul(b)
+}
+
 /// `x.reshape(shape)`. On the ndarray backend a row-major `x` is reshaped
 /// in place (a view of the same buffer, forward and backward); Burn's
 /// ndarray `reshape` copies every time.

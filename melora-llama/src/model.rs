@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::ops::{linear_forward, reshape, rms_norm, rotary, silu, softmax_last};
+use melora_core::ops::{linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
 use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
@@ -213,13 +213,13 @@ pub fn grouped_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor
     let [_, kvh, t, _] = k.dims();
     let group = h / kvh;
     let q = reshape(q.mul_scalar(1.0 / (d as f64).sqrt()), [b, kvh, group * s, d]);
-    let scores = reshape(q.matmul(k.swap_dims(2, 3)), [b, h, s, t]);
+    let scores = reshape(matmul(q, k.swap_dims(2, 3)), [b, h, s, t]);
     let scores = match mask {
         Some(bias) => scores.add(bias),
         None => scores,
     };
     let probs = reshape(softmax_last(scores), [b, kvh, group * s, t]);
-    reshape(probs.matmul(v), [b, h, s, d])
+    reshape(matmul(probs, v), [b, h, s, d])
 }
 
 /// The seven projections of a layer with their paths inside it.
