@@ -136,7 +136,7 @@ impl<B: Backend> BlobLinear<B> {
             SamplingMode::PerExample => {
                 let eps = sampler.noise.normal::<B, 3>([batch, r, n], &device);
                 let a = mean.unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps));
-                x.matmul(a.swap_dims(1, 2))
+                crate::ops::matmul(x, a.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, n], &device));

@@ -173,7 +173,7 @@ impl<B: Backend> MeLoraLinear<B> {
                 let c = self.sample_c(1, sampler.noise).squeeze_dim::<2>(0);
                 flat_linear(u, c.transpose(), None)
             }
-            SamplingMode::PerExample => u.matmul(self.sample_c(batch, sampler.noise).swap_dims(1, 2)),
+            SamplingMode::PerExample => crate::ops::matmul(u, self.sample_c(batch, sampler.noise).swap_dims(1, 2)),
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, r], &device));
                 let sign_in = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
