@@ -59,13 +59,7 @@ pub(crate) fn linear<B: Backend, const D: usize>(
     x: Tensor<B, D>,
     weight: Tensor<B, 2>,
 ) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    match served::<B>() {
-        Served::Plain32 => plain::<B, NdArray<f32>, D>(x, weight),
-        Served::Plain64 => plain::<B, NdArray<f64>, D>(x, weight),
-        Served::Tracked32 => tracked::<B, NdArray<f32>, D>(x, weight),
-        Served::Tracked64 => tracked::<B, NdArray<f64>, D>(x, weight),
-        Served::Other => Err((x, weight)),
-    }
+    bilinear(x, weight, LinearProduct)
 }
 
 /// `a b` over matching batch axes, `[.., m, k] x [.., k, n]`, each product
@@ -78,37 +72,93 @@ pub(crate) fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D
     if D < 2 || da[..D - 2] != db[..D - 2] || da[D - 1] != db[D - 2] {
         return Err((a, b));
     }
+    bilinear(a, b, BatchedProduct)
+}
+
+/// A product of two tensors with its two gradients, on ndarray tensors
+/// (`None` unless both operands are f32 or both f64).
+trait Bilinear: Copy + Send + Sync + std::fmt::Debug + 'static {
+    fn forward(self, a: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor>;
+    /// `dL/da` from the output gradient `g` and `b`.
+    fn grad_a(self, g: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor>;
+    /// `dL/db` from `a` and the output gradient `g`.
+    fn grad_b(self, a: &NdArrayTensor, g: &NdArrayTensor) -> Option<NdArrayTensor>;
+}
+
+/// A linear layer: `x W`, `dx = g W^T`, `dW = x^T g`.
+#[derive(Debug, Clone, Copy)]
+struct LinearProduct;
+
+impl Bilinear for LinearProduct {
+    fn forward(self, x: &NdArrayTensor, w: &NdArrayTensor) -> Option<NdArrayTensor> {
+        Product::Forward.apply(x, w)
+    }
+    fn grad_a(self, g: &NdArrayTensor, w: &NdArrayTensor) -> Option<NdArrayTensor> {
+        Product::GradInput.apply(g, w)
+    }
+    fn grad_b(self, x: &NdArrayTensor, g: &NdArrayTensor) -> Option<NdArrayTensor> {
+        Product::GradWeight.apply(x, g)
+    }
+}
+
+/// A batched product: `a b`, `da = g b^T`, `db = a^T g` per batch.
+#[derive(Debug, Clone, Copy)]
+struct BatchedProduct;
+
+impl Bilinear for BatchedProduct {
+    fn forward(self, a: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor> {
+        batched(a, b, false, false)
+    }
+    fn grad_a(self, g: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor> {
+        batched(g, b, false, true)
+    }
+    fn grad_b(self, a: &NdArrayTensor, g: &NdArrayTensor) -> Option<NdArrayTensor> {
+        batched(a, g, true, false)
+    }
+}
+
+/// `kernel`'s product of `a` (rank `DA`, the output's rank) and `b`.
+#[allow(clippy::type_complexity)]
+fn bilinear<B: Backend, K: Bilinear, const DA: usize, const DB: usize>(
+    a: Tensor<B, DA>,
+    b: Tensor<B, DB>,
+    kernel: K,
+) -> Result<Tensor<B, DA>, (Tensor<B, DA>, Tensor<B, DB>)> {
     match served::<B>() {
-        Served::Plain32 => matmul_plain::<B, NdArray<f32>, D>(a, b),
-        Served::Plain64 => matmul_plain::<B, NdArray<f64>, D>(a, b),
-        Served::Tracked32 => matmul_tracked::<B, NdArray<f32>, D>(a, b),
-        Served::Tracked64 => matmul_tracked::<B, NdArray<f64>, D>(a, b),
+        Served::Plain32 => bilinear_plain::<B, NdArray<f32>, K, DA, DB>(a, b, kernel),
+        Served::Plain64 => bilinear_plain::<B, NdArray<f64>, K, DA, DB>(a, b, kernel),
+        Served::Tracked32 => bilinear_tracked::<B, NdArray<f32>, K, DA, DB>(a, b, kernel),
+        Served::Tracked64 => bilinear_tracked::<B, NdArray<f64>, K, DA, DB>(a, b, kernel),
         Served::Other => Err((a, b)),
     }
 }
 
+/// `B` is `NdArray<..>`, the backend `NB`.
 #[allow(clippy::type_complexity)]
-fn matmul_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
-    a: Tensor<B, D>,
-    b: Tensor<B, D>,
-) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    let (ap, bp) = (primitive::<NB, D>(cast(a.clone())), primitive::<NB, D>(cast(b.clone())));
-    match batched(&ap, &bp, false, false) {
-        Some(out) => Ok(cast(Tensor::<NB, D>::from_primitive(TensorPrimitive::Float(out)))),
+fn bilinear_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear, const DA: usize, const DB: usize>(
+    a: Tensor<B, DA>,
+    b: Tensor<B, DB>,
+    kernel: K,
+) -> Result<Tensor<B, DA>, (Tensor<B, DA>, Tensor<B, DB>)> {
+    let (ap, bp) = (primitive::<NB, DA>(cast(a.clone())), primitive::<NB, DB>(cast(b.clone())));
+    match kernel.forward(&ap, &bp) {
+        Some(out) => Ok(cast(Tensor::<NB, DA>::from_primitive(TensorPrimitive::Float(out)))),
         None => Err((a, b)),
     }
 }
 
+/// `B` is `Autodiff<NB>`.
 #[allow(clippy::type_complexity)]
-fn matmul_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
-    a: Tensor<B, D>,
-    b: Tensor<B, D>,
-) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
-    let (ap, bp) = (primitive::<Autodiff<NB>, D>(cast(a.clone())), primitive::<Autodiff<NB>, D>(cast(b.clone())));
-    let Some(out) = batched(&ap.primitive, &bp.primitive, false, false) else {
+fn bilinear_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear, const DA: usize, const DB: usize>(
+    a: Tensor<B, DA>,
+    b: Tensor<B, DB>,
+    kernel: K,
+) -> Result<Tensor<B, DA>, (Tensor<B, DA>, Tensor<B, DB>)> {
+    let (ap, bp) = (primitive::<Autodiff<NB>, DA>(cast(a.clone())), primitive::<Autodiff<NB>, DB>(cast(b.clone())));
+    let Some(out) = kernel.forward(&ap.primitive, &bp.primitive) else {
         return Err((a, b));
     };
-    let out = match BatchedBackward.prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()]).compute_bound().stateful() {
+    let out = match BilinearBackward(kernel).prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()]).compute_bound().stateful() {
         OpsKind::Tracked(mut prep) => {
             // a is needed for b's gradient only, and b for a's.
             let a_state = bp.is_tracked().then(|| prep.checkpoint(&ap));
@@ -117,29 +167,28 @@ fn matmul_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>,
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
+    Ok(cast(Tensor::<Autodiff<NB>, DA>::from_primitive(TensorPrimitive::Float(out))))
 }
 
-/// The backward step of [`matmul_tracked`]: `da = g b^T`, `db = a^T g`.
+/// The backward step of [`bilinear_tracked`].
 #[derive(Debug)]
-struct BatchedBackward;
+struct BilinearBackward<K>(K);
 
-impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>> Backward<NB, 2> for BatchedBackward {
+impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear> Backward<NB, 2> for BilinearBackward<K> {
     type State = (Option<NodeId>, Option<NodeId>);
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
         let [node_a, node_b] = ops.parents;
         let grad = grads.consume::<NB>(&ops.node);
         let (a_state, b_state) = ops.state;
+        // The gradient has the output's element type, which is the operands'.
         if let Some(node) = node_a {
             let b: NdArrayTensor = checkpointer.retrieve_node_output(b_state.expect("b is kept when a is tracked"));
-            let da = batched(&grad, &b, false, true).expect("the gradient has the forward's dtype");
-            grads.register::<NB>(node.id, da);
+            grads.register::<NB>(node.id, self.0.grad_a(&grad, &b).expect("operands and gradient of one dtype"));
         }
         if let Some(node) = node_b {
             let a: NdArrayTensor = checkpointer.retrieve_node_output(a_state.expect("a is kept when b is tracked"));
-            let db = batched(&a, &grad, true, false).expect("the gradient has the forward's dtype");
-            grads.register::<NB>(node.id, db);
+            grads.register::<NB>(node.id, self.0.grad_b(&a, &grad).expect("operands and gradient of one dtype"));
         }
     }
 }
@@ -584,66 +633,6 @@ fn cast<T: 'static, U: 'static>(value: T) -> U {
 
 fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
     t.into_primitive().tensor()
-}
-
-/// `B` is `NdArray<N>` for the backend `NB`.
-#[allow(clippy::type_complexity)]
-fn plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
-    x: Tensor<B, D>,
-    weight: Tensor<B, 2>,
-) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    let (xp, wp) = (primitive::<NB, D>(cast(x.clone())), primitive::<NB, 2>(cast(weight.clone())));
-    match Product::Forward.apply(&xp, &wp) {
-        Some(out) => Ok(cast(Tensor::<NB, D>::from_primitive(TensorPrimitive::Float(out)))),
-        None => Err((x, weight)),
-    }
-}
-
-/// `B` is `Autodiff<NB>`.
-#[allow(clippy::type_complexity)]
-fn tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D: usize>(
-    x: Tensor<B, D>,
-    weight: Tensor<B, 2>,
-) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, 2>)> {
-    let (xp, wp) = (primitive::<Autodiff<NB>, D>(cast(x.clone())), primitive::<Autodiff<NB>, 2>(cast(weight.clone())));
-    let Some(out) = Product::Forward.apply(&xp.primitive, &wp.primitive) else {
-        return Err((x, weight));
-    };
-    let out = match FastLinear.prepare::<NoCheckpointing>([xp.node.clone(), wp.node.clone()]).compute_bound().stateful() {
-        OpsKind::Tracked(mut prep) => {
-            // x is needed for W's gradient only, and W for x's.
-            let x_state = wp.is_tracked().then(|| prep.checkpoint(&xp));
-            let w_state = xp.is_tracked().then(|| prep.checkpoint(&wp));
-            prep.finish((x_state, w_state), out)
-        }
-        OpsKind::UnTracked(prep) => prep.finish(out),
-    };
-    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
-}
-
-/// The backward step of [`tracked`]: `dx = g W^T`, `dW = x^T g`.
-#[derive(Debug)]
-struct FastLinear;
-
-impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>> Backward<NB, 2> for FastLinear {
-    type State = (Option<NodeId>, Option<NodeId>);
-
-    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, checkpointer: &mut Checkpointer) {
-        let [node_x, node_w] = ops.parents;
-        let grad = grads.consume::<NB>(&ops.node);
-        let (x_state, w_state) = ops.state;
-        if let Some(node) = node_x {
-            let w: NdArrayTensor = checkpointer.retrieve_node_output(w_state.expect("W is kept when x is tracked"));
-            // Burn's path if the dtypes ever disagree.
-            let dx = Product::GradInput.apply(&grad, &w).unwrap_or_else(|| NB::linear_x_backward(w, grad.clone()));
-            grads.register::<NB>(node.id, dx);
-        }
-        if let Some(node) = node_w {
-            let x: NdArrayTensor = checkpointer.retrieve_node_output(x_state.expect("x is kept when W is tracked"));
-            let dw = Product::GradWeight.apply(&x, &grad).unwrap_or_else(|| NB::linear_weight_backward(x, grad));
-            grads.register::<NB>(node.id, dw);
-        }
-    }
 }
 
 /// The three products of a linear layer, on `[.., k]` activations and
