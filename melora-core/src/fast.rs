@@ -1,18 +1,25 @@
-//! `x W` on the ndarray backend without copies, forward and backward.
+//! The model's hot operations on the ndarray backend, without Burn's copies,
+//! forward and backward.
 //!
 //! Burn 0.21's ndarray `matmul` reshapes both operands to 3-D and the result
 //! back, and its `reshape` copies even a contiguous array (the reshaped view
 //! is made owned); the backward pass of `linear` also materialises `W^T`.
-//! Those copies run on one thread while the GEMM threads wait: in a SmolLM2
-//! training step they were a third of the main thread's time. Here `x W`,
-//! `g W^T` and `x^T g` are one strided GEMM each (matrixmultiply, the kernel
-//! Burn's ndarray backend uses too), reading the operands where they lie and
-//! writing a fresh row-major result.
+//! Those copies ran on one thread while the GEMM threads waited: in a SmolLM2
+//! training step they were a third of the main thread's time. Here:
+//! - [`linear`] (`x W`, `g W^T`, `x^T g`) and [`matmul`] (batched, matching
+//!   batch axes) are one strided GEMM per product (matrixmultiply, the kernel
+//!   Burn's ndarray backend uses too), reading the operands where they lie
+//!   and writing a fresh row-major result;
+//! - [`reshape`] is a view of the same buffer when the tensor is row-major;
+//! - [`unary`] runs a [`Unary`] kernel (SiLU, softmax, RMSNorm with a frozen
+//!   scale, RoPE) in one pass split over rayon's threads, saving what its
+//!   backward pass (one more pass) needs.
 //!
-//! [`linear`] takes this path when the backend is `NdArray<f32 | f64>` or
+//! Each takes this path when the backend is `NdArray<f32 | f64>` or
 //! `Autodiff` of it, found by `TypeId`, so the model code stays generic over
-//! `B: Backend`; any other backend falls back to Burn's `linear`. The
-//! gradients are the same as Burn's (tests below), up to summation order.
+//! `B: Backend`; any other backend gets `Err` back and the caller
+//! (`crate::ops`) composes Burn's ops. Values and gradients equal Burn's or
+//! the closed forms (tests below), up to summation order.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::NoCheckpointing;

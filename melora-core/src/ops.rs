@@ -15,7 +15,7 @@ use burn::tensor::{backend::Backend, Tensor};
 /// summation order.
 ///
 /// On the ndarray backend (plain or autodiff) the product goes through
-/// [`crate::fast`], which reads the operands in place instead of copying
+/// the crate's `fast` module, which reads the operands in place instead of copying
 /// them as Burn's ndarray matmul does.
 pub fn flat_linear<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
     #[cfg(feature = "ndarray")]
@@ -50,7 +50,7 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
 /// (the slope) where Burn's keeps two (input and sigmoid).
 ///
 /// On the ndarray backend (plain or autodiff) the same function and
-/// derivative are one parallel pass each ([`crate::fast`]); elsewhere
+/// derivative are one parallel pass each (the crate's `fast` module); elsewhere
 /// [`silu_composed`] builds them from Burn's tensor ops.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
@@ -105,7 +105,7 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, s
 
 /// `norm.forward(x)`. On the ndarray backend, when the scale is frozen
 /// (as in every adapter method here), the norm is one parallel pass forward
-/// and one backward ([`crate::fast`]); Burn's takes six passes and keeps
+/// and one backward (the crate's `fast` module); Burn's takes six passes and keeps
 /// four tensors for the backward pass.
 pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
@@ -146,7 +146,7 @@ pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &st
 
 /// Softmax over the last axis: Burn's `softmax(x, D - 1)`. On the ndarray
 /// backend it is one parallel pass over the rows, and its backward pass
-/// (`dx = y (g - sum(g y))`) another ([`crate::fast`]); Burn's takes five
+/// (`dx = y (g - sum(g y))`) another (the crate's `fast` module); Burn's takes five
 /// passes forward and keeps two tensors for the backward pass.
 pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
