@@ -105,8 +105,8 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, s
 
 /// `norm.forward(x)`. On the ndarray backend, when the scale is frozen
 /// (as in every adapter method here), the norm is one parallel pass forward
-/// and one backward (the crate's `fast` module); Burn's takes six passes and keeps
-/// four tensors for the backward pass.
+/// and one backward (the crate's `fast` module); Burn's composes it from
+/// six tensor operations, each a pass of its own.
 pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
     let x = {
@@ -146,8 +146,8 @@ pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &st
 
 /// Softmax over the last axis: Burn's `softmax(x, D - 1)`. On the ndarray
 /// backend it is one parallel pass over the rows, and its backward pass
-/// (`dx = y (g - sum(g y))`) another (the crate's `fast` module); Burn's takes five
-/// passes forward and keeps two tensors for the backward pass.
+/// (`dx = y (g - sum(g y))`) another (the crate's `fast` module); Burn's
+/// composes it from several tensor operations, each a pass of its own.
 pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
     let x = match crate::fast::unary(x, crate::fast::Softmax) {
