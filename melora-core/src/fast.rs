@@ -279,7 +279,7 @@ fn unary_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, 
     kernel: K,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let xp = primitive::<Autodiff<NB>, D>(cast(x.clone()));
-    let Some((out, saved)) = unary_forward(&kernel, &xp.primitive, kernel.saves() && xp.is_tracked()) else {
+    let Some((out, saved)) = unary_forward(&kernel, &xp.primitive, kernel.saves() != Saves::Nothing && xp.is_tracked()) else {
         return Err(x);
     };
     let out = match UnaryBackward(kernel).prepare::<NoCheckpointing>([xp.node.clone()]).compute_bound().stateful() {
@@ -388,15 +388,27 @@ impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Unary> Backward<NB, 1
 pub(crate) trait Unary: Send + Sync + std::fmt::Debug + 'static {
     /// Elements per independent row (1 for an element-wise function).
     fn row(&self, shape: &[usize]) -> usize;
-    /// Whether the backward pass needs a tensor saved by the forward pass.
-    fn saves(&self) -> bool {
-        true
+    /// What the backward pass needs from the forward pass.
+    fn saves(&self) -> Saves {
+        Saves::Buffer
     }
     /// `y = f(x)` on the rows `first_row ..` of the tensor; fills `saved`
-    /// (same length, when given) with what [`Unary::backward`] needs.
+    /// (same length; given when [`Unary::saves`] is `Buffer` and the input
+    /// is tracked) with what [`Unary::backward`] needs.
     fn forward<E: Elem>(&self, row: usize, first_row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>);
     /// `dx` from the output gradient `g` (and the saved rows, if any).
     fn backward<E: Elem>(&self, row: usize, first_row: usize, saved: Option<&[E]>, g: &[E], dx: &mut [E]);
+}
+
+/// What a [`Unary`] kernel keeps for its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Saves {
+    /// Nothing (the backward pass needs only the gradient).
+    Nothing,
+    /// A buffer the size of the input, filled by the forward pass.
+    Buffer,
+    /// The output itself (shared, not copied).
+    Output,
 }
 
 /// A multiple of `row`, so that every task gets whole rows.
@@ -437,11 +449,18 @@ fn unary_forward<K: Unary>(kernel: &K, x: &NdArrayTensor, save: bool) -> Option<
         let wrap = |v: Vec<E>| NdArrayTensor::from(ArrayD::from_shape_vec(IxDyn(&shape), v).expect("sizes agree").into_shared());
         (wrap(y), saved.map(wrap))
     }
-    match x {
-        NdArrayTensor::F32(x) => Some(run(kernel, x.view(), save)),
-        NdArrayTensor::F64(x) => Some(run(kernel, x.view(), save)),
-        _ => None,
-    }
+    // Whether the forward pass fills a buffer for the backward pass.
+    let buffer = save && kernel.saves() == Saves::Buffer;
+    let (y, saved) = match x {
+        NdArrayTensor::F32(x) => run(kernel, x.view(), buffer),
+        NdArrayTensor::F64(x) => run(kernel, x.view(), buffer),
+        _ => return None,
+    };
+    let saved = match save && kernel.saves() == Saves::Output {
+        true => Some(y.clone()),
+        false => saved,
+    };
+    Some((y, saved))
 }
 
 fn unary_backward<K: Unary>(kernel: &K, saved: Option<&NdArrayTensor>, grad: &NdArrayTensor) -> Option<NdArrayTensor> {
@@ -466,8 +485,8 @@ fn unary_backward<K: Unary>(kernel: &K, saved: Option<&NdArrayTensor>, grad: &Nd
     match (saved, grad) {
         (Some(NdArrayTensor::F32(s)), NdArrayTensor::F32(g)) => Some(run(kernel, Some(s.view()), g.view())),
         (Some(NdArrayTensor::F64(s)), NdArrayTensor::F64(g)) => Some(run(kernel, Some(s.view()), g.view())),
-        (None, NdArrayTensor::F32(g)) if !kernel.saves() => Some(run::<f32, K>(kernel, None, g.view())),
-        (None, NdArrayTensor::F64(g)) if !kernel.saves() => Some(run::<f64, K>(kernel, None, g.view())),
+        (None, NdArrayTensor::F32(g)) if kernel.saves() == Saves::Nothing => Some(run::<f32, K>(kernel, None, g.view())),
+        (None, NdArrayTensor::F64(g)) if kernel.saves() == Saves::Nothing => Some(run::<f64, K>(kernel, None, g.view())),
         _ => None,
     }
 }
@@ -505,7 +524,7 @@ impl Unary for Silu {
     }
 }
 
-/// Softmax over the last axis; saves the output `y`, and the backward pass
+/// Softmax over the last axis; keeps the output `y` (shared), and the backward pass
 /// is `dx = y (g - sum(g y))` per row. The same arithmetic as Burn's
 /// `softmax` (`exp(x - max) / sum`), so a row that is all `-inf` gives NaN
 /// as Burn's does.
@@ -516,7 +535,10 @@ impl Unary for Softmax {
     fn row(&self, shape: &[usize]) -> usize {
         *shape.last().unwrap_or(&1)
     }
-    fn forward<E: Elem>(&self, row: usize, _first_row: usize, x: &[E], y: &mut [E], saved: Option<&mut [E]>) {
+    fn saves(&self) -> Saves {
+        Saves::Output
+    }
+    fn forward<E: Elem>(&self, row: usize, _first_row: usize, x: &[E], y: &mut [E], _saved: Option<&mut [E]>) {
         for (y, x) in y.chunks_mut(row).zip(x.chunks(row)) {
             let max = x.iter().fold(E::NEG_INFINITY, |m, &v| if v > m { v } else { m });
             let mut sum = E::ZERO;
@@ -527,9 +549,6 @@ impl Unary for Softmax {
             for y in y.iter_mut() {
                 *y = *y / sum;
             }
-        }
-        if let Some(saved) = saved {
-            saved.copy_from_slice(y);
         }
     }
     fn backward<E: Elem>(&self, row: usize, _first_row: usize, y: Option<&[E]>, g: &[E], dx: &mut [E]) {
@@ -622,8 +641,8 @@ impl Unary for Rotary {
     fn row(&self, shape: &[usize]) -> usize {
         *shape.last().unwrap_or(&1)
     }
-    fn saves(&self) -> bool {
-        false
+    fn saves(&self) -> Saves {
+        Saves::Nothing
     }
     fn forward<E: Elem>(&self, row: usize, first_row: usize, x: &[E], y: &mut [E], _saved: Option<&mut [E]>) {
         self.each_head(row, first_row, x, y, |x1, x2, c, s| (x1 * c - x2 * s, x2 * c + x1 * s));
