@@ -814,6 +814,15 @@ mod tests {
         }
     }
 
+    /// `d loss / d x_i` at `x0` by central differences (step 1e-6).
+    fn central_difference(loss: &dyn Fn(&[f64]) -> f64, x0: &[f64], i: usize) -> f64 {
+        let h = 1e-6;
+        let (mut up, mut down) = (x0.to_vec(), x0.to_vec());
+        up[i] += h;
+        down[i] -= h;
+        (loss(&up) - loss(&down)) / (2.0 * h)
+    }
+
     /// Operands as the model produces them: `x` row-major or a transposed
     /// view, `W` row-major or a transposed view.
     fn operands<B: Backend>(noise: &mut NoiseSource, x_strided: bool, w_strided: bool) -> (Tensor<B, 3>, Tensor<B, 2>) {
@@ -900,20 +909,17 @@ mod tests {
         let mut noise = NoiseSource::seeded(13);
         let (x, w) = operands::<NdArray<f64>>(&mut noise, false, false);
         let r = noise.normal::<NdArray<f64>, 3>([2, 7, 4], &device);
-        let loss = |x: Tensor<NdArray<f64>, 3>| -> f64 { linear(x, w.clone()).ok().unwrap().mul(r.clone()).sum().into_scalar() };
+        let loss = |v: &[f64]| -> f64 {
+            let x = Tensor::<NdArray<f64>, 3>::from_data(burn::tensor::TensorData::new(v.to_vec(), [2, 7, 5]), &device);
+            linear(x, w.clone()).unwrap().mul(r.clone()).sum().into_scalar()
+        };
         let xa = Tensor::<AD, 3>::from_inner(x.clone()).require_grad();
         let wa = Tensor::<AD, 2>::from_inner(w.clone());
-        let grads = linear(xa.clone(), wa).ok().unwrap().mul(Tensor::from_inner(r.clone())).sum().backward();
+        let grads = linear(xa.clone(), wa).unwrap().mul(Tensor::from_inner(r.clone())).sum().backward();
         let dx: Vec<f64> = xa.grad(&grads).unwrap().into_data().to_vec().unwrap();
         let flat: Vec<f64> = x.clone().into_data().to_vec().unwrap();
-        let h = 1e-6;
         for i in [0, 9, 33, 69] {
-            let bump = |delta: f64| {
-                let mut v = flat.clone();
-                v[i] += delta;
-                Tensor::<NdArray<f64>, 3>::from_data(burn::tensor::TensorData::new(v, [2, 7, 5]), &device)
-            };
-            let numeric = (loss(bump(h)) - loss(bump(-h))) / (2.0 * h);
+            let numeric = central_difference(&loss, &flat, i);
             assert!((numeric - dx[i]).abs() < 1e-7, "element {i}: {numeric} vs {}", dx[i]);
         }
     }
@@ -925,7 +931,7 @@ mod tests {
         let mut noise = NoiseSource::seeded(15);
         let x0 = noise.normal::<NdArray<f64>, 3>([2, 3, 4], &device);
         // Row-major: the same buffer.
-        let y = reshape(x0.clone(), [6, 4]).ok().expect("served");
+        let y = reshape(x0.clone(), [6, 4]).expect("served");
         let ptr = |t: NdArrayTensor| match t {
             NdArrayTensor::F64(s) => s.view().as_ptr() as usize,
             _ => unreachable!(),
@@ -934,14 +940,14 @@ mod tests {
         assert_eq!(y.into_data(), x0.clone().reshape([6, 4]).into_data());
         // A transposed view: copied into row-major order, as Burn does.
         let t = x0.clone().swap_dims(1, 2);
-        assert_eq!(reshape(t.clone(), [2, 12]).ok().expect("served").into_data(), t.reshape([2, 12]).into_data());
+        assert_eq!(reshape(t.clone(), [2, 12]).expect("served").into_data(), t.reshape([2, 12]).into_data());
         // Gradients through both layouts equal Burn's.
         let w = noise.normal::<AD, 2>([8, 6], &device);
         for transposed in [false, true] {
             let run = |fast: bool| {
                 let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
                 let xi = if transposed { x.clone().mul_scalar(2.0).swap_dims(1, 2) } else { x.clone().mul_scalar(2.0) };
-                let y: Tensor<AD, 2> = if fast { reshape(xi, [8, 3]).ok().expect("served") } else { xi.reshape([8, 3]) };
+                let y: Tensor<AD, 2> = if fast { reshape(xi, [8, 3]).expect("served") } else { xi.reshape([8, 3]) };
                 let y = y.exp();
                 let grads = y.clone().mul(w.clone().narrow(1, 0, 3)).sum().backward();
                 let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
@@ -980,7 +986,7 @@ mod tests {
             let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
             let xi = x.clone().mul_scalar(1.5);
             let y = match fast {
-                true => unary(xi, kernel.clone()).ok().expect("served"),
+                true => unary(xi, kernel.clone()).expect("served"),
                 false => {
                     let x4 = xi.reshape([batch, seq, heads, head_dim]);
                     let swapped = Tensor::cat(vec![x4.clone().narrow(3, half, half), x4.clone().narrow(3, 0, half)], 3);
@@ -998,7 +1004,7 @@ mod tests {
         }
         // A rotation keeps each pair's norm.
         let x: Vec<f64> = x0.clone().into_data().to_vec().unwrap();
-        let y: Vec<f64> = unary(x0, kernel).ok().expect("served").into_data().to_vec().unwrap();
+        let y: Vec<f64> = unary(x0, kernel).expect("served").into_data().to_vec().unwrap();
         for (x, y) in x.chunks(head_dim).zip(y.chunks(head_dim)) {
             for i in 0..half {
                 let (nx, ny) = (x[i].hypot(x[i + half]), y[i].hypot(y[i + half]));
@@ -1025,18 +1031,14 @@ mod tests {
             }).sum()
         };
         let x = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(x0.clone(), [rows, d]), &device).require_grad();
-        let y = unary(x.clone().mul_scalar(1.0), kernel).ok().expect("served");
+        let y = unary(x.clone().mul_scalar(1.0), kernel).expect("served");
         let weights = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device);
         let value: f64 = y.clone().mul(weights).sum().into_scalar();
         assert!((value - loss(&x0)).abs() < 1e-12, "{value} vs {}", loss(&x0));
         let grads = y.mul(Tensor::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device)).sum().backward();
         let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
-        let h = 1e-6;
         for i in 0..rows * d {
-            let (mut up, mut down) = (x0.clone(), x0.clone());
-            up[i] += h;
-            down[i] -= h;
-            let numeric = (loss(&up) - loss(&down)) / (2.0 * h);
+            let numeric = central_difference(&loss, &x0, i);
             assert!((numeric - dx[i]).abs() < 1e-7, "dx[{i}]: {numeric} vs {}", dx[i]);
         }
     }
@@ -1058,7 +1060,7 @@ mod tests {
                 let b = if b_tracked { b.require_grad() } else { b };
                 let (ai, bi) = (a.clone().mul_scalar(1.5), b.clone().mul_scalar(0.5).swap_dims(2, 3));
                 let y = match fast {
-                    true => matmul(ai, bi).ok().expect("served"),
+                    true => matmul(ai, bi).expect("served"),
                     false => ai.matmul(bi),
                 };
                 let grads = y.clone().mul(weights.clone()).sum().backward();
@@ -1086,7 +1088,7 @@ mod tests {
         // Same crate, other integer type: not served, the inputs come back.
         type Other = NdArray<f64, i32>;
         let (x, w) = operands::<Other>(&mut NoiseSource::seeded(14), false, false);
-        let (x2, w2) = linear(x.clone(), w.clone()).err().expect("falls back");
+        let (x2, w2) = linear(x.clone(), w.clone()).expect_err("falls back");
         assert_eq!(x2.into_data(), x.into_data());
         assert_eq!(w2.into_data(), w.into_data());
     }
