@@ -122,8 +122,10 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             let logits = valid.class_logits(&batch, &label_ids, &mut Sampler::new(mode, &mut noise), &device);
             let _: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32");
             Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+            let seconds = start.elapsed().as_secs_f64();
+            eprintln!("{} pass {}/{}: {seconds:.3} s", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps);
             if i >= args.warmup {
-                times.push(start.elapsed().as_secs_f64());
+                times.push(seconds);
             }
         }
     } else {
@@ -136,8 +138,10 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             // The step reads the loss back after the forward pass; the
             // backward pass and the update may still be queued on a GPU.
             Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
+            let seconds = start.elapsed().as_secs_f64();
+            eprintln!("{} step {}/{}: {seconds:.3} s", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps);
             if i >= args.warmup {
-                times.push(start.elapsed().as_secs_f64());
+                times.push(seconds);
             }
             last_loss = Some(outcome.nll);
         }

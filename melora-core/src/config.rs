@@ -87,6 +87,34 @@ pub enum AnyAdapter<B: Backend> {
     MeLora(MeLoraLinear<B>),
 }
 
+/// The sum of the adapters' KL terms, shape `[1]` (0 without adapters).
+///
+/// Equal to summing [`Adapter::kl`], but the `ln det(A A^T)` terms of the
+/// Me-LoRA adapters (the `Subspace` KL, computed on the host) take one copy
+/// to the host and one back for all adapters, not one per adapter: on a GPU
+/// each copy waits for the device.
+pub fn total_kl<'a, B: Backend>(adapters: impl IntoIterator<Item = &'a AnyAdapter<B>>, prior_std: f64, device: &B::Device) -> Tensor<B, 1> {
+    let adapters: Vec<&AnyAdapter<B>> = adapters.into_iter().collect();
+    let inputs: Vec<Tensor<B, 2>> = adapters
+        .iter()
+        .filter_map(|a| match a {
+            AnyAdapter::MeLora(m) => m.logdet_input(),
+            _ => None,
+        })
+        .collect();
+    let mut logdets = crate::kl::logdet_gram_terms(inputs).into_iter();
+    adapters.into_iter().fold(Tensor::zeros([1], device), |total, adapter| {
+        let kl = match adapter {
+            AnyAdapter::MeLora(m) => {
+                let logdet = m.logdet_input().map(|_| logdets.next().expect("one ln det per Subspace adapter"));
+                m.kl_given(prior_std, logdet)
+            }
+            other => other.kl(prior_std),
+        };
+        total.add(kl)
+    })
+}
+
 macro_rules! dispatch {
     ($self:ident, $a:ident => $e:expr) => {
         match $self {

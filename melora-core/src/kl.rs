@@ -95,6 +95,25 @@ pub fn melora_kl<B: Backend>(
     a: Tensor<B, 2>,
     prior_std: f64,
 ) -> Tensor<B, 1> {
+    let logdet = (variant == MeLoraKl::Subspace).then(|| logdet_gram_term(a.clone()));
+    melora_kl_given(variant, mean, omega, a, prior_std, logdet)
+}
+
+/// [`melora_kl`] with `ln det(A A^T)` already computed (by
+/// [`logdet_gram_terms`], for many adapters in one host round trip); the
+/// `Subspace` variant needs it, the others ignore it.
+///
+/// # Panics
+///
+/// If the variant is `Subspace` and `logdet` is `None`.
+pub fn melora_kl_given<B: Backend>(
+    variant: MeLoraKl,
+    mean: Tensor<B, 2>,
+    omega: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    prior_std: f64,
+    logdet: Option<Tensor<B, 1>>,
+) -> Tensor<B, 1> {
     let [r, n] = a.dims();
     let two_var = 2.0 * prior_std * prior_std;
     let log_const = prior_std.ln() - 0.5;
@@ -124,7 +143,7 @@ pub fn melora_kl<B: Backend>(
             .add(v().sum())
             .div_scalar(two_var)
             .sub(sum_log_omega())
-            .sub(logdet_gram_term(a.clone()).mul_scalar(r as f64 / 2.0))
+            .sub(logdet.expect("the Subspace KL needs ln det(A A^T)").mul_scalar(r as f64 / 2.0))
             .add_scalar((r * r) as f64 * log_const),
     }
 }
@@ -133,17 +152,54 @@ pub fn melora_kl<B: Backend>(
 /// are computed in f64 on the host: `value + <grad, A - stopgrad(A)>`.
 /// Infinite (`-inf`) if `A` has rank below `r`.
 pub fn logdet_gram_term<B: Backend>(a: Tensor<B, 2>) -> Tensor<B, 1> {
-    let [r, n] = a.dims();
-    let device = a.device();
-    let host = a.clone().detach().into_data().convert::<f64>();
-    let host = Mat::new(r, n, host.to_vec::<f64>().expect("f64 data after convert"));
-    match logdet_gram(&host) {
-        Some((value, grad)) => {
-            let grad = Tensor::<B, 2>::from_data(TensorData::new(grad.data, [r, n]), &device);
-            a.clone().sub(a.detach()).mul(grad).sum().add_scalar(value)
+    logdet_gram_terms(vec![a]).pop().expect("one term per matrix")
+}
+
+/// [`logdet_gram_term`] of several matrices (of any shapes) with one copy
+/// to the host and one back: on a GPU each copy waits for the device, so a
+/// model's Me-LoRA adapters are done together (one round trip per step,
+/// not one per adapter).
+pub fn logdet_gram_terms<B: Backend>(matrices: Vec<Tensor<B, 2>>) -> Vec<Tensor<B, 1>> {
+    let Some(first) = matrices.first() else {
+        return Vec::new();
+    };
+    let device = first.device();
+    let flat: Vec<Tensor<B, 1>> = matrices.iter().map(|a| a.clone().detach().reshape([a.shape().num_elements()])).collect();
+    let host = Tensor::cat(flat, 0).into_data().convert::<f64>().to_vec::<f64>().expect("f64 data after convert");
+    let mut grads = Vec::with_capacity(host.len());
+    let mut values = Vec::with_capacity(matrices.len());
+    let mut offset = 0;
+    for a in &matrices {
+        let [r, n] = a.dims();
+        let block = Mat::new(r, n, host[offset..offset + r * n].to_vec());
+        offset += r * n;
+        match logdet_gram(&block) {
+            Some((value, grad)) => {
+                values.push(value);
+                grads.extend_from_slice(&grad.data);
+            }
+            None => {
+                values.push(f64::NEG_INFINITY);
+                grads.extend(std::iter::repeat_n(0.0, r * n));
+            }
         }
-        None => Tensor::<B, 1>::full([1], f64::NEG_INFINITY, &device),
     }
+    let grads = Tensor::<B, 1>::from_data(TensorData::new(grads, [offset]), &device);
+    let mut offset = 0;
+    matrices
+        .into_iter()
+        .zip(values)
+        .map(|(a, value)| {
+            let [r, n] = a.dims();
+            let grad = grads.clone().narrow(0, offset, r * n).reshape([r, n]);
+            offset += r * n;
+            if value.is_finite() {
+                a.clone().sub(a.detach()).mul(grad).sum().add_scalar(value)
+            } else {
+                Tensor::<B, 1>::full([1], f64::NEG_INFINITY, &device)
+            }
+        })
+        .collect()
 }
 
 /// BLoB's KL of `q(A) = N(M_A, Omega_A^2)` against `N(0, sigma^2)` per entry:

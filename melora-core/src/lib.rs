@@ -34,13 +34,13 @@ pub mod sampling;
 
 pub use adapter::{count_params, Adapter, LowRankConfig, ParamGroups, StdParam};
 pub use blob::{BlobLinear, BlobLinearConfig};
-pub use config::{AdapterConfig, AdapterKind, AnyAdapter};
+pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
 pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
 pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig};
 pub use metrics::{bayesian_average, ClassProbs, Metrics};
-pub use noise::NoiseSource;
+pub use noise::{NoiseDevice, NoiseSource};
 pub use sampling::{LoraTap, Sampler, SamplingMode, Taps};
 
 #[cfg(test)]

@@ -14,7 +14,7 @@
 
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups, StdParam};
 use crate::error::check;
-use crate::kl::{melora_kl, MeLoraKl};
+use crate::kl::{melora_kl, melora_kl_given, MeLoraKl};
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
 use crate::ops::{flat_linear, linear_forward};
@@ -151,6 +151,18 @@ impl<B: Backend> MeLoraLinear<B> {
     /// `Omega`, the std of `C`.
     pub fn omega(&self) -> Tensor<B, 2> {
         self.std_param.std(self.lora_h.val())
+    }
+
+    /// `A`, when this adapter's KL needs `ln det(A A^T)` (the `Subspace`
+    /// variant): see [`crate::total_kl`], which computes those terms for
+    /// all adapters at once.
+    pub fn logdet_input(&self) -> Option<Tensor<B, 2>> {
+        (self.kl == MeLoraKl::Subspace).then(|| self.lora_a.val())
+    }
+
+    /// The KL term with `ln det(A A^T)` given (for [`Self::logdet_input`]).
+    pub fn kl_given(&self, prior_std: f64, logdet: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
+        melora_kl_given(self.kl, self.lora_m.val(), self.omega(), self.lora_a.val(), prior_std, logdet)
     }
 
     /// `count` independent draws of `C`, `[count, r, r]`.

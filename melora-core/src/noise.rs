@@ -13,10 +13,66 @@
 //! - [`NoiseSource::backend`]: the backend's own generator
 //!   (`Tensor::random`), seeded with `B::seed`. Fast on GPUs; reproducible
 //!   only on the same backend and device.
+//!
+//! Training and prediction pick one per step or pass through [`NoiseDevice`]:
+//! by default the host generator on the CPU backend (ndarray) and the
+//! backend's generator elsewhere, because a training step of a 7B model
+//! draws ~3 * 10^8 dropout-mask entries, which on the host took most of a
+//! GPU step (see `experiments/results/gpu-h100.md`).
 
+use burn::config::Config;
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Shape, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+
+/// Which generator draws a step's noise (dropout masks, Flipout signs, the
+/// adapters' random weights).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum NoiseDevice {
+    /// The host generator on the CPU backend (ndarray), the backend's
+    /// generator on the others.
+    Auto,
+    /// Always the seeded host generator: the same draws on every backend,
+    /// at the cost of drawing and copying every mask on a GPU.
+    Host,
+    /// Always the backend's generator.
+    Backend,
+}
+
+impl Default for NoiseDevice {
+    fn default() -> Self {
+        Self::Auto
+    }
+}
+
+impl NoiseDevice {
+    /// The noise source for `seed` on `device`.
+    pub fn source<B: Backend>(self, seed: u64, device: &B::Device) -> NoiseSource {
+        let host = match self {
+            Self::Host => true,
+            Self::Backend => false,
+            // Burn names the CPU backend `ndarray` (`autodiff<ndarray>` under autodiff).
+            Self::Auto => B::name(device).contains("ndarray"),
+        };
+        if host {
+            NoiseSource::seeded(seed)
+        } else {
+            NoiseSource::backend::<B>(seed, device)
+        }
+    }
+}
+
+impl std::str::FromStr for NoiseDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "host" => Ok(Self::Host),
+            "backend" | "device" => Ok(Self::Backend),
+            _ => Err(format!("unknown noise device {s:?}: expected auto, host or backend")),
+        }
+    }
+}
 
 /// Where random numbers come from. See the [module docs](self).
 #[derive(Debug)]
@@ -135,6 +191,22 @@ pub fn standard_normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
 mod tests {
     use super::*;
     use crate::tests::TestBackend;
+
+    #[test]
+    fn noise_device_picks_the_host_generator_on_ndarray() {
+        let device = Default::default();
+        type Train = burn::backend::Autodiff<TestBackend>;
+        assert!(matches!(NoiseDevice::Auto.source::<TestBackend>(1, &device), NoiseSource::Seeded(_)));
+        assert!(matches!(NoiseDevice::Auto.source::<Train>(1, &device), NoiseSource::Seeded(_)));
+        assert!(matches!(NoiseDevice::Host.source::<Train>(1, &device), NoiseSource::Seeded(_)));
+        assert!(matches!(NoiseDevice::Backend.source::<Train>(1, &device), NoiseSource::Backend));
+        // Auto on the CPU is the seeded stream itself.
+        let auto = NoiseDevice::Auto.source::<TestBackend>(5, &device).normal::<TestBackend, 1>([64], &device);
+        let seeded = NoiseSource::seeded(5).normal::<TestBackend, 1>([64], &device);
+        assert_eq!(auto.to_data(), seeded.to_data());
+        assert_eq!("device".parse::<NoiseDevice>(), Ok(NoiseDevice::Backend));
+        assert!("gpu".parse::<NoiseDevice>().is_err());
+    }
 
     #[test]
     fn seeded_source_is_reproducible_and_standard_normal() {

@@ -269,3 +269,49 @@ fn initialisation_comes_from_the_noise_source_alone() {
     assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0), "A outside U(-1/8, 1/8)");
     assert!(a.iter().any(|v| v.abs() > 0.1), "A far inside its bound: not the Kaiming range");
 }
+
+/// `total_kl` (the Me-LoRA `ln det(A A^T)` terms of all adapters in one
+/// host round trip) equals the sum of the adapters' own KL terms, in value
+/// and in the gradient of every parameter, for adapters of mixed kinds,
+/// shapes and KL variants.
+#[test]
+fn total_kl_equals_the_sum_of_the_adapters_kls() {
+    use melora_core::{total_kl, MeLoraKl};
+    let mut adapters = vec![
+        random_adapter::<AD>(AdapterKind::MeLora, 7, 5, 2, 40),
+        random_adapter::<AD>(AdapterKind::Lora, 6, 4, 2, 41),
+        random_adapter::<AD>(AdapterKind::MeLora, 9, 3, 3, 42),
+        random_adapter::<AD>(AdapterKind::Blob, 5, 5, 2, 43),
+        random_adapter::<AD>(AdapterKind::MeLora, 4, 6, 2, 44),
+    ];
+    if let AnyAdapter::MeLora(m) = &mut adapters[4] {
+        m.kl = MeLoraKl::ExactC;
+    }
+    let device = Default::default();
+    let batched = total_kl(adapters.iter(), 0.3, &device);
+    let separate = adapters.iter().fold(Tensor::<AD, 1>::zeros([1], &device), |acc, a| acc.add(a.kl(0.3)));
+    let (b, s): (f64, f64) = (batched.clone().into_scalar(), separate.clone().into_scalar());
+    assert!((b - s).abs() < 1e-10 * s.abs().max(1.0), "{b} vs {s}");
+    let (gb, gs) = (batched.backward(), separate.backward());
+    let mut compared = 0;
+    for adapter in &adapters {
+        for (name, t) in match adapter {
+            AnyAdapter::MeLora(m) => vec![("A", m.lora_a.val()), ("M", m.lora_m.val()), ("H", m.lora_h.val())],
+            AnyAdapter::Blob(b) => vec![("A", b.lora_a.val()), ("A std", b.lora_a_std.val())],
+            AnyAdapter::Lora(_) => vec![],
+        } {
+            let (x, y) = (t.grad(&gb), t.grad(&gs));
+            assert_eq!(x.is_some(), y.is_some(), "{name}");
+            if let (Some(x), Some(y)) = (x, y) {
+                let (x, y): (Vec<f64>, Vec<f64>) = (x.into_data().to_vec().unwrap(), y.into_data().to_vec().unwrap());
+                for (p, q) in x.iter().zip(&y) {
+                    assert!((p - q).abs() < 1e-10 * q.abs().max(1.0), "{name}: {p} vs {q}");
+                }
+                compared += 1;
+            }
+        }
+    }
+    // A, M, H of the two Subspace adapters; M, H of the ExactC one (its KL
+    // does not involve A); BLoB's A and its std.
+    assert_eq!(compared, 6 + 2 + 2, "every gradient of the KL compared");
+}

@@ -6,7 +6,7 @@ use crate::data::{Encoded, Padding};
 use crate::model::Llama;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use melora_core::{ClassProbs, NoiseSource, Sampler, SamplingMode};
+use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode};
 use serde::{Deserialize, Serialize};
 
 /// How to predict.
@@ -25,12 +25,15 @@ pub struct PredictOptions {
     pub seed: u64,
     /// Padding side.
     pub padding: Padding,
+    /// Which generator draws the sampling noise.
+    #[serde(default)]
+    pub noise: NoiseDevice,
 }
 
 impl PredictOptions {
     /// One deterministic pass with the mean weights.
     pub fn mean(batch_size: usize) -> Self {
-        Self { samples: 1, mode: SamplingMode::Mean, dropout: false, batch_size, seed: 0, padding: Padding::Left }
+        Self { samples: 1, mode: SamplingMode::Mean, dropout: false, batch_size, seed: 0, padding: Padding::Left, noise: NoiseDevice::Auto }
     }
 }
 
@@ -52,7 +55,7 @@ pub fn predict<B: Backend>(
     let mut probs = vec![0f64; examples.len() * k];
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batches = length_batches(examples, &indices, options.batch_size);
-    let mut noise = NoiseSource::seeded(options.seed);
+    let mut noise = options.noise.source::<B>(options.seed, device);
     for (done, chunk) in batches.iter().enumerate() {
         // Each example repeated `samples` times: with per-example sampling
         // every copy gets its own draw.

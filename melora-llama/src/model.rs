@@ -352,7 +352,7 @@ impl<B: Backend> Llama<B> {
     /// The sum of the adapters' KL terms, shape `[1]`.
     pub fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
         let device = self.embed_tokens.weight.device();
-        self.adapters().into_iter().fold(Tensor::zeros([1], &device), |acc, (_, a)| acc.add(a.kl(prior_std)))
+        melora_core::total_kl(self.adapters().into_iter().map(|(_, a)| a), prior_std, &device)
     }
 
     /// The adapters' parameter ids, split into mean and std groups.

@@ -32,7 +32,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use melora_core::{
     AdapterConfig, AdapterKind, AnyAdapter, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
-    MeLoraLinearConfig, Metrics, NoiseSource, PriorConfig, Sampler, SamplingMode,
+    MeLoraLinearConfig, Metrics, NoiseDevice, NoiseSource, PriorConfig, Sampler, SamplingMode,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -206,6 +206,11 @@ pub struct TrainConfig {
     /// How the adapters sample during training.
     #[config(default = "SamplingMode::PerExample")]
     pub train_sampling: SamplingMode,
+    /// Which generator draws the dropout masks and weight noise: `Auto`
+    /// (the seeded host generator on the CPU, the backend's on a GPU),
+    /// `Host` (identical draws on every backend) or `Backend`.
+    #[config(default = "NoiseDevice::Auto")]
+    pub noise: NoiseDevice,
     /// Samples of the Bayesian model average at evaluation.
     #[config(default = 10)]
     pub eval_samples: usize,
@@ -298,7 +303,7 @@ impl TrainConfig {
     /// `eval_samples` per-example draws; LoRA and MAP use the mean weights.
     /// (Ensembles and Laplace have their own predictors.)
     pub fn eval_options(&self, batch_size: usize, seed: u64) -> PredictOptions {
-        let mean = PredictOptions { seed, ..PredictOptions::mean(batch_size) };
+        let mean = PredictOptions { seed, noise: self.noise, ..PredictOptions::mean(batch_size) };
         match self.method {
             Method::Mcd => PredictOptions { samples: self.eval_samples.max(1), dropout: self.dropout > 0.0, ..mean },
             Method::Blob | Method::MeLora if self.eval_samples > 1 => {
@@ -760,7 +765,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         n_train: usize,
         device: &B::Device,
     ) -> std::result::Result<StepOutcome, (&'static str, f64)> {
-        let mut noise = NoiseSource::seeded(mix(config.seed, step as u64));
+        let mut noise = config.noise.source::<B>(mix(config.seed, step as u64), device);
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
         let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
         let nll = cross_entropy(model.class_logits(batch, label_ids, &mut sampler, device), &batch.labels);

@@ -8,7 +8,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base, Quiet};
-use melora_core::{AdapterKind, SamplingMode};
+use melora_core::{AdapterKind, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::peft::load_adapter;
@@ -126,7 +126,7 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
         fit(&config(method, 10).with_dropout(0.0), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
         let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default()).unwrap().0;
         let probs = |samples: usize| -> Vec<f64> {
-            let options = PredictOptions { samples, mode: SamplingMode::PerExample, dropout: false, batch_size: 3, seed: 1, padding: Padding::Left };
+            let options = PredictOptions { samples, mode: SamplingMode::PerExample, dropout: false, batch_size: 3, seed: 1, padding: Padding::Left, noise: NoiseDevice::Host };
             let p = predict::<B>(&model, &test, &LABELS, 0, &options, &Default::default(), |_, _| {}).unwrap();
             p.rows().flatten().copied().collect()
         };
