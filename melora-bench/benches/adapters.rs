@@ -18,6 +18,8 @@ use melora_core::{
 type B = Autodiff<NdArray<f32>>;
 
 fn bench(c: &mut Criterion) {
+    // As the binaries do: the GEMMs split over rayon's threads.
+    melora_core::ops::init_cpu_threads();
     let device = Default::default();
     B::seed(&device, 0);
     let (d, r, batch, seq) = (4096, 8, 4, 300);

@@ -100,7 +100,7 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    backend::tune_allocator();
+    backend::tune_process();
     match Cli::parse().command {
         Command::Params { ranks, targets, json } => {
             let targets = Target::parse_list(&targets)?;

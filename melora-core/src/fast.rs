@@ -726,6 +726,12 @@ fn rows<E: Elem>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
 /// `a b` into a fresh row-major matrix: one GEMM over the operands' own
 /// strides.
 fn gemm<E: Elem>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
+    let ((m, k), (_, n)) = (a.dim(), b.dim());
+    gemm_split(a, b, gemm_parts(m, k, n))
+}
+
+/// [`gemm`] as `parts` blocks computed in parallel.
+fn gemm_split<E: Elem>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>, parts: usize) -> Array2<E> {
     let ((m, k), (k2, n)) = (a.dim(), b.dim());
     assert_eq!(k, k2, "inner dimensions differ");
     if k == 0 {
@@ -734,12 +740,57 @@ fn gemm<E: Elem>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>) -> Array2<E> {
     let mut out = Array2::<E>::uninit((m, n));
     if m > 0 && n > 0 {
         let (sa, sb) = (a.strides(), b.strides());
-        // SAFETY: the pointers and strides describe the views' elements;
-        // `out` is m x n row-major, written (not read) with beta = 0.
-        unsafe { E::gemm(m, k, n, a.as_ptr(), sa[0], sa[1], b.as_ptr(), sb[0], sb[1], out.as_mut_ptr().cast::<E>(), n as isize) };
+        let parts = parts.max(1);
+        let out_ptr = Shared(out.as_mut_ptr().cast::<E>());
+        let (a_ptr, b_ptr) = (Shared(a.as_ptr().cast_mut()), Shared(b.as_ptr().cast_mut()));
+        // Split the larger of m and n into `parts` blocks (multiples of 16):
+        // each thread packs its block of that operand and all of the other,
+        // so the smaller operand is the one packed twice.
+        let split_n = m <= n;
+        let len = if split_n { n } else { m };
+        let block = len.div_ceil(parts).next_multiple_of(16).min(len);
+        (0..len.div_ceil(block)).into_par_iter().for_each(|i| {
+            let (start, size) = (i * block, block.min(len - i * block));
+            let (a_ptr, b_ptr, out_ptr) = (&a_ptr, &b_ptr, &out_ptr);
+            // SAFETY: the pointers and strides describe the views' elements;
+            // `out` is m x n row-major and each block writes (beta = 0, no
+            // read) its own rows or columns of it.
+            unsafe {
+                if split_n {
+                    let b = b_ptr.0.offset(start as isize * sb[1]);
+                    E::gemm(m, k, size, a_ptr.0, sa[0], sa[1], b, sb[0], sb[1], out_ptr.0.add(start), n as isize)
+                } else {
+                    let a = a_ptr.0.offset(start as isize * sa[0]);
+                    E::gemm(size, k, n, a, sa[0], sa[1], b_ptr.0, sb[0], sb[1], out_ptr.0.add(start * n), n as isize)
+                }
+            }
+        });
     }
     // SAFETY: every element was written by the GEMM (or there are none).
     unsafe { out.assume_init() }
+}
+
+/// A raw pointer that may cross threads: the blocks of [`gemm`] read the
+/// shared operands and write disjoint parts of the output.
+struct Shared<E>(*mut E);
+// SAFETY: see the type's docs; the pointees outlive the parallel loop.
+unsafe impl<E> Send for Shared<E> {}
+// SAFETY: as above.
+unsafe impl<E> Sync for Shared<E> {}
+
+/// Into how many blocks [`gemm`] splits an `m x k x n` product: one per
+/// rayon thread (at most one per 2^17 multiply-adds) when matrixmultiply
+/// runs single-threaded (`MATMUL_NUM_THREADS=1`, see [`crate::ops::init_cpu_threads`]),
+/// else 1 and matrixmultiply splits the work itself (its own pool, with
+/// the packing of one operand on the calling thread: the other waits).
+fn gemm_parts(m: usize, k: usize, n: usize) -> usize {
+    static SINGLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let single = *SINGLE.get_or_init(|| std::env::var("MATMUL_NUM_THREADS").is_ok_and(|v| v.trim() == "1"));
+    if !single {
+        return 1;
+    }
+    let work = m * k * n >> 17;
+    rayon::current_num_threads().min(work).min(m.max(n).div_ceil(16)).max(1)
 }
 
 /// The element types served: f32 and f64.
@@ -836,6 +887,29 @@ mod tests {
             true => noise.normal::<B, 2>([4, 5], &device).transpose(),
         };
         (x, w)
+    }
+
+    /// The GEMM split into blocks of rows or of columns (as with
+    /// `MATMUL_NUM_THREADS=1`) equals the naive triple loop, for every
+    /// layout, block count and a shape of each orientation.
+    #[test]
+    fn split_gemm_equals_the_naive_product() {
+        let mut noise = NoiseSource::seeded(19);
+        let mut matrix = |rows: usize, cols: usize| -> ndarray::Array2<f64> {
+            let values: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * cols], &Default::default()).into_data().to_vec().unwrap();
+            ndarray::Array2::from_shape_vec((rows, cols), values).unwrap()
+        };
+        for (m, k, n) in [(37, 9, 70), (70, 9, 37), (16, 3, 16), (1, 4, 5), (33, 1, 2)] {
+            let (a, a_t, b, b_t) = (matrix(m, k), matrix(k, m), matrix(k, n), matrix(n, k));
+            for (a, b) in [(a.view(), b.view()), (a_t.t(), b.view()), (a.view(), b_t.t()), (a_t.t(), b_t.t())] {
+                let naive = ndarray::Array2::from_shape_fn((m, n), |(i, j)| (0..k).map(|l| a[[i, l]] * b[[l, j]]).sum::<f64>());
+                for parts in [1, 2, 3, 7] {
+                    let ours = gemm_split(a, b, parts);
+                    let diff = (&ours - &naive).iter().fold(0.0f64, |d, v| d.max(v.abs()));
+                    assert!(diff < 1e-12, "{m}x{k}x{n}, {parts} parts: {diff}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -78,6 +78,24 @@ pub fn silu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
     y.add(x.sub(input).mul(slope))
 }
 
+/// Sets up the CPU threads for the ndarray fast path; call it first thing
+/// in `main`, before any other thread exists.
+///
+/// matrixmultiply (the GEMM under Burn's ndarray backend and under
+/// [`matmul`]/[`linear_forward`] here) splits a product over its own pool
+/// but packs one operand on the calling thread while the others wait. This
+/// makes it single-threaded (`MATMUL_NUM_THREADS=1`, unless that variable
+/// is set already), and the fast path then splits each product into one
+/// block per rayon thread, each packing its own share: 8% less time over
+/// the SmolLM2 step's GEMM shapes on 2 cores (`experiments/results/compare-cpu.md`).
+/// Burn's own ndarray matmul, which the model no longer calls in its
+/// forward or backward pass, then runs on one thread.
+pub fn init_cpu_threads() {
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        std::env::set_var("MATMUL_NUM_THREADS", "1");
+    }
+}
+
 /// `a.matmul(b)`. On the ndarray backend, when the batch axes match, each
 /// product is one GEMM reading the operands in place (a transposed view
 /// included), forward and backward; Burn's ndarray matmul copies both

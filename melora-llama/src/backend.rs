@@ -50,15 +50,21 @@ pub fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
     Default::default()
 }
 
-/// Lets glibc keep freed memory for reuse instead of handing it back to the
-/// kernel. The CPU backend allocates a fresh buffer for every tensor
-/// operation; with glibc's defaults, buffers of a few MiB were unmapped or
-/// trimmed after each use and the next allocation paid for page faults and
-/// zeroed pages: a SmolLM2 training step took 5.1 s with the defaults and
-/// 4.0 s with these settings, at the same peak memory. Call it first thing
-/// in `main`; it does nothing off glibc.
+/// Process settings for the binaries; call it first thing in `main`,
+/// before any other thread exists.
+///
+/// - On the CPU backend, [`melora_core::ops::init_cpu_threads`]: the GEMMs
+///   split over rayon's threads instead of matrixmultiply's.
+/// - glibc keeps freed memory for reuse instead of handing it back to the
+///   kernel. The CPU backend allocates a fresh buffer for every tensor
+///   operation; with glibc's defaults, buffers of a few MiB were unmapped or
+///   trimmed after each use and the next allocation paid for page faults and
+///   zeroed pages: a SmolLM2 training step took 5.1 s with the defaults and
+///   4.0 s with these settings, at the same peak memory. Nothing off glibc.
 #[allow(dead_code)]
-pub fn tune_allocator() {
+pub fn tune_process() {
+    #[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu"))))]
+    melora_core::ops::init_cpu_threads();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes allocator parameters; called before any
     // other thread exists.

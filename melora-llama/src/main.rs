@@ -261,7 +261,7 @@ fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llam
 }
 
 fn main() -> Result<()> {
-    backend::tune_allocator();
+    backend::tune_process();
     let cli = Cli::parse();
     match cli.command {
         Command::Fetch => {
