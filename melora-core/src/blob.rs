@@ -152,8 +152,8 @@ impl<B: Backend> BlobLinear<B> {
 impl<B: Backend> Adapter<B> for BlobLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let u = self.project(sampler.dropout(x.clone(), self.dropout), sampler);
-        let update = flat_linear(u, self.lora_b.val().transpose(), None);
-        linear_forward(&self.base, x).add(update.mul_scalar(self.scaling))
+        let update = flat_linear(u.mul_scalar(self.scaling), self.lora_b.val().transpose(), None);
+        linear_forward(&self.base, x).add(update)
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

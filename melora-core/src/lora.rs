@@ -90,8 +90,10 @@ pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, noise: &mut NoiseS
 impl<B: Backend> Adapter<B> for LoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let dropped = sampler.dropout(x.clone(), self.dropout);
-        let update = flat_linear(flat_linear(dropped.clone(), self.lora_a.val().transpose(), None), self.lora_b.val().transpose(), None);
-        let out = linear_forward(&self.base, x).add(update.mul_scalar(self.scaling));
+        // The scale applied to the rank-r intermediate (a few hundred times
+        // smaller than the output; exact either way for alpha / r = 2).
+        let u = flat_linear(dropped.clone(), self.lora_a.val().transpose(), None).mul_scalar(self.scaling);
+        let out = linear_forward(&self.base, x).add(flat_linear(u, self.lora_b.val().transpose(), None));
         match sampler.taps.as_deref_mut() {
             Some(taps) => {
                 let probe = Tensor::zeros(out.dims(), &out.device()).require_grad();

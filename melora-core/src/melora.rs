@@ -201,8 +201,8 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let u = flat_linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
         let z = self.mix(u, sampler);
-        let update = flat_linear(z, self.lora_b.val().transpose(), None);
-        linear_forward(&self.base, x).add(update.mul_scalar(self.scaling))
+        let update = flat_linear(z.mul_scalar(self.scaling), self.lora_b.val().transpose(), None);
+        linear_forward(&self.base, x).add(update)
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

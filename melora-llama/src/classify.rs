@@ -41,8 +41,16 @@ impl<B: Backend> Llama<B> {
     pub fn class_logits(&self, batch: &Batch, label_ids: &[u32], sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), batch.shape), device);
         let padded = batch.mask.iter().any(|row| row.iter().any(|m| !m));
-        let hidden = self.hidden(tokens, padded.then_some(batch.mask.as_slice()), None, sampler);
-        let logits = self.label_logits(hidden, &batch.last, label_ids);
+        let padding = padded.then_some(batch.mask.as_slice());
+        // Only the answer position is read: the last layer computes it alone,
+        // unless the LoRA taps (Laplace's curvature) record every position.
+        let logits = if sampler.taps.is_none() {
+            let hidden = self.hidden_at(tokens, padding, &batch.last, sampler);
+            self.label_logits(hidden, &vec![0; batch.last.len()], label_ids)
+        } else {
+            let hidden = self.hidden(tokens, padding, None, sampler);
+            self.label_logits(hidden, &batch.last, label_ids)
+        };
         let k = label_ids.len();
         if batch.n_choices.iter().all(|&n| n >= k) {
             return logits;

@@ -166,12 +166,15 @@ impl<B: Backend> Rope<B> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// With `rows`, only the query at position `rows[b]` of each example
+    /// (keys and values still cover every position): `[batch, 1, hidden]`.
     fn forward(
         &self,
         x: Tensor<B, 3>,
         rope: &Rope<B>,
         mask: Option<Tensor<B, 4>>,
         cache: Option<&mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>)>,
+        rows: Option<&[usize]>,
         sampler: &mut Sampler,
     ) -> Tensor<B, 3> {
         let [batch, seq, _] = x.dims();
@@ -190,9 +193,33 @@ impl<B: Backend> Attention<B> {
             *cache_k = Some(k.clone());
             *cache_v = Some(v.clone());
         }
+        let (q, mask) = match rows {
+            Some(rows) => (pick_rows(q, 2, rows), mask.map(|m| pick_rows(m, 2, rows))),
+            None => (q, mask),
+        };
+        let queries = q.dims()[2];
         let out = grouped_attention(q, k, v, mask);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, seq, h * hd]), sampler)
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, queries, h * hd]), sampler)
     }
+}
+
+/// Row `rows[b]` of axis `dim` for each batch entry `b` (axis 0), keeping
+/// the axis (size 1). One slice when every row is the same (left padding:
+/// the last position), a gather otherwise.
+pub fn pick_rows<B: Backend, const D: usize>(t: Tensor<B, D>, dim: usize, rows: &[usize]) -> Tensor<B, D> {
+    let dims = t.dims();
+    assert_eq!(rows.len(), dims[0], "one row per batch entry");
+    if let Some(&first) = rows.first() {
+        if rows.iter().all(|&r| r == first) {
+            return t.narrow(dim, first, 1);
+        }
+    }
+    let mut shape = dims;
+    shape[dim] = 1;
+    let per_batch: usize = shape[1..].iter().product();
+    let index: Vec<i64> = rows.iter().flat_map(|&r| std::iter::repeat_n(r as i64, per_batch)).collect();
+    let device = t.device();
+    t.gather(dim, Tensor::<B, D, Int>::from_data(TensorData::new(index, shape), &device))
 }
 
 /// Scaled dot-product attention with grouped key/value heads.
@@ -298,7 +325,30 @@ impl<B: Backend> Llama<B> {
         &self,
         tokens: Tensor<B, 2, Int>,
         padding: Option<&[Vec<bool>]>,
+        cache: Option<&mut KvCache<B>>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
+        self.run(tokens, padding, cache, None, sampler)
+    }
+
+    /// The last hidden state at position `rows[b]` of each example only:
+    /// equal to `hidden` there, but the last layer computes its query,
+    /// attention output and MLP for that position alone (its keys and values
+    /// for all), which is all a classifier reading one position needs.
+    ///
+    /// # Shapes
+    ///
+    /// - tokens: `[batch, seq]`, output: `[batch, 1, hidden]`
+    pub fn hidden_at(&self, tokens: Tensor<B, 2, Int>, padding: Option<&[Vec<bool>]>, rows: &[usize], sampler: &mut Sampler) -> Tensor<B, 3> {
+        self.run(tokens, padding, None, Some(rows), sampler)
+    }
+
+    fn run(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: Option<&[Vec<bool>]>,
         mut cache: Option<&mut KvCache<B>>,
+        rows: Option<&[usize]>,
         sampler: &mut Sampler,
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
@@ -309,10 +359,16 @@ impl<B: Backend> Llama<B> {
         let mask = (seq > 1 || padding.is_some())
             .then(|| attention_mask::<B>(batch, past, seq, padding, &device));
         let mut x = self.embed_tokens.forward(tokens);
+        let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(i));
-            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &rope, mask.clone(), layer_cache, sampler);
-            x = x.add(attn);
+            let rows = rows.filter(|_| i == last);
+            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &rope, mask.clone(), layer_cache, rows, sampler);
+            x = match rows {
+                Some(rows) => pick_rows(x, 1, rows),
+                None => x,
+            }
+            .add(attn);
             let mlp = layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x.clone()), sampler);
             x = x.add(mlp);
         }

@@ -242,3 +242,59 @@ fn sharded_f16_and_bf16_folders_load() {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// `hidden_at` (the last layer at the read positions only) equals `hidden`
+/// at those positions, for the same row in every example (left padding) and
+/// for different rows (right padding): values, and the gradients of every
+/// adapter parameter with LoRA on all seven projections (o_proj and the MLP
+/// of the last layer then see one row per example).
+#[test]
+fn hidden_at_equals_hidden_at_those_rows() {
+    use burn::backend::Autodiff;
+    use melora_core::{AdapterConfig, LoraLinearConfig, LowRankConfig};
+    use melora_llama::weights::Target;
+    type AD = Autodiff<B>;
+    let device = Default::default();
+    let base = common::tiny_base::<AD>();
+    let lora = AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(2).with_alpha(4.0).with_dropout(0.0)));
+    let targets = Target::parse_list("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj").unwrap();
+    let mut noise = NoiseSource::seeded(5);
+    let mut model = base.with_adapters(&lora, &targets, &mut noise).unwrap();
+    // Non-zero B, so that every adapter parameter has a gradient.
+    for layer in model.layers.iter_mut() {
+        for (_, proj) in layer.projections_mut() {
+            if let melora_llama::model::Proj::Adapted(melora_core::AnyAdapter::Lora(a)) = proj {
+                let dims = a.lora_b.val().dims();
+                a.lora_b = burn::module::Param::from_tensor(noise.normal::<AD, 2>(dims, &device).mul_scalar(0.3));
+            }
+        }
+    }
+    let (batch, seq) = (3, 9);
+    let ids: Vec<i64> = (0..batch * seq).map(|i| (i as i64 * 37 + 11) % 250 + 3).collect();
+    let right_padded: Vec<Vec<bool>> = vec![(0..seq).map(|j| j < 9).collect(), (0..seq).map(|j| j < 6).collect(), (0..seq).map(|j| j < 4).collect()];
+    for (padding, rows) in [(None, vec![seq - 1; batch]), (Some(right_padded), vec![8, 5, 3])] {
+        let tokens = || Tensor::<AD, 2, Int>::from_data(TensorData::new(ids.clone(), [batch, seq]), &device);
+        let mut noise = NoiseSource::seeded(0);
+        let full = model.hidden(tokens(), padding.as_deref(), None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
+        let full = melora_llama::model::pick_rows(full, 1, &rows);
+        let at = model.hidden_at(tokens(), padding.as_deref(), &rows, &mut Sampler::new(SamplingMode::Mean, &mut noise));
+        assert_eq!(at.dims(), full.dims());
+        let (a, f): (Vec<f32>, Vec<f32>) = (at.to_data().to_vec().unwrap(), full.to_data().to_vec().unwrap());
+        assert!(max_abs_diff(&a, &f) < 1e-5, "rows {rows:?}: values differ by {}", max_abs_diff(&a, &f));
+        // A loss reading the rows with different weights per entry.
+        let weights = noise.normal::<AD, 3>(at.dims(), &device);
+        let (ga, gf) = (at.mul(weights.clone()).sum().backward(), full.mul(weights).sum().backward());
+        let mut compared = 0;
+        for (name, adapter) in model.adapters() {
+            let melora_core::AnyAdapter::Lora(a) = adapter else { unreachable!() };
+            for (which, p) in [("A", a.lora_a.val()), ("B", a.lora_b.val())] {
+                let x: Vec<f32> = p.grad(&ga).expect("gradient").into_data().to_vec().unwrap();
+                let y: Vec<f32> = p.grad(&gf).expect("gradient").into_data().to_vec().unwrap();
+                let scale = y.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+                assert!(max_abs_diff(&x, &y) < 1e-4 * scale, "rows {rows:?}: d/d{which} of {name} differs by {}", max_abs_diff(&x, &y));
+                compared += 1;
+            }
+        }
+        assert_eq!(compared, 2 * 7 * model.n_layers());
+    }
+}
