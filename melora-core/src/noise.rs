@@ -22,8 +22,9 @@
 
 use burn::config::Config;
 use burn::tensor::{backend::Backend, Distribution, ElementConversion, Shape, Tensor, TensorData};
-use rand::rngs::StdRng;
-use rand::{RngExt, SeedableRng};
+use chacha20::ChaCha12Rng;
+use rand::{Rng, RngExt, SeedableRng};
+use rayon::prelude::*;
 
 /// Which generator draws a step's noise (dropout masks, Flipout signs, the
 /// adapters' random weights).
@@ -77,8 +78,10 @@ impl std::str::FromStr for NoiseDevice {
 /// Where random numbers come from. See the [module docs](self).
 #[derive(Debug)]
 pub enum NoiseSource {
-    /// A seeded host generator: identical draws on every backend.
-    Seeded(StdRng),
+    /// A seeded host generator: identical draws on every backend. The same
+    /// stream as `rand::rngs::StdRng` seeded alike (ChaCha12; tested), held
+    /// as its own type because it can seek.
+    Seeded(ChaCha12Rng),
     /// The backend's generator, seeded through `Backend::seed`.
     Backend,
 }
@@ -86,7 +89,7 @@ pub enum NoiseSource {
 impl NoiseSource {
     /// A host generator seeded with `seed`.
     pub fn seeded(seed: u64) -> Self {
-        Self::Seeded(StdRng::seed_from_u64(seed))
+        Self::Seeded(ChaCha12Rng::seed_from_u64(seed))
     }
 
     /// The backend's generator, seeded now with `seed` on `device`.
@@ -169,20 +172,35 @@ impl NoiseSource {
 }
 
 /// `n` draws of `[u < p]` (1 or 0), `u = rng.random::<f64>()`, in bulk:
-/// the same numbers as drawing `u` one at a time (rand's `u` is the top 53
-/// bits of one `u64` times 2^-53, so `u < p` iff those bits, as a float, are
-/// below `p * 2^53`, both exact), with the generator filling a buffer at
-/// once instead of one call per entry (dropout masks: ~18 M entries per
-/// SmolLM2 step).
-fn bernoulli_draws(rng: &mut StdRng, n: usize, p: f64) -> Vec<f32> {
-    let mut words = vec![0u64; n];
-    rng.fill(&mut words[..]);
+/// the same numbers as drawing `u` one at a time, and the generator left
+/// where that would leave it. rand's `u` is the top 53 bits of one `u64`
+/// (two consecutive 32-bit words of the stream) times 2^-53, so `u < p` iff
+/// those bits, as a float, are below `p * 2^53` (both exact). Chunks of the
+/// stream are generated on rayon's threads, each by a generator with the same seed and
+/// stream moved to its chunk's word position (dropout masks: ~18 M
+/// entries per SmolLM2 step).
+fn bernoulli_draws(rng: &mut ChaCha12Rng, n: usize, p: f64) -> Vec<f32> {
+    const CHUNK: usize = 1 << 16;
+    let start = rng.get_word_pos();
     let threshold = p * (1u64 << 53) as f64;
-    words.into_iter().map(|w| if ((w >> 11) as f64) < threshold { 1.0 } else { 0.0 }).collect()
+    let (seed, stream) = (rng.get_seed(), rng.get_stream());
+    let mut values = vec![0f32; n];
+    values.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        let mut local = ChaCha12Rng::from_seed(seed);
+        local.set_stream(stream);
+        local.set_word_pos(start + 2 * (i * CHUNK) as u128);
+        let mut words = vec![0u64; out.len()];
+        local.fill(&mut words[..]);
+        for (o, w) in out.iter_mut().zip(words) {
+            *o = if ((w >> 11) as f64) < threshold { 1.0 } else { 0.0 };
+        }
+    });
+    rng.set_word_pos(start + 2 * n as u128);
+    values
 }
 
 /// `n` standard normal draws from `rng` (Box-Muller: two per pair of uniforms).
-pub fn standard_normals(rng: &mut StdRng, n: usize) -> Vec<f32> {
+pub fn standard_normals<R: Rng + ?Sized>(rng: &mut R, n: usize) -> Vec<f32> {
     let mut values = Vec::with_capacity(n);
     while values.len() < n {
         let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
@@ -206,9 +224,21 @@ mod tests {
     /// and leave the generator where those would (also from an odd word
     /// position, after a `u32`).
     #[test]
+    fn the_seeded_generator_is_rands_std_rng() {
+        use rand::rngs::StdRng;
+        for seed in [0, 1, 42, u64::MAX] {
+            let (mut ours, mut std) = (ChaCha12Rng::seed_from_u64(seed), StdRng::seed_from_u64(seed));
+            let a: Vec<u64> = (0..100).map(|_| ours.random()).collect();
+            let b: Vec<u64> = (0..100).map(|_| std.random()).collect();
+            assert_eq!(a, b, "seed {seed}");
+        }
+    }
+
+    #[test]
     fn bulk_bernoulli_draws_equal_one_at_a_time() {
-        for (n, p, skip_u32) in [(1000, 0.9, false), (37, 0.5, true), (4099, 0.1, true), (0, 0.5, false), (64, 1.0, false), (64, 0.0, true)] {
-            let (mut bulk, mut single) = (StdRng::seed_from_u64(3), StdRng::seed_from_u64(3));
+        // Sizes below, at and across the parallel chunks (2^16 entries).
+        for (n, p, skip_u32) in [(1000, 0.9, false), (37, 0.5, true), (4099, 0.1, true), (0, 0.5, false), (64, 1.0, false), (64, 0.0, true), (65536, 0.9, true), (200_003, 0.3, true), (131_072, 0.5, false)] {
+            let (mut bulk, mut single) = (ChaCha12Rng::seed_from_u64(3), ChaCha12Rng::seed_from_u64(3));
             if skip_u32 {
                 let _: u32 = bulk.random();
                 let _: u32 = single.random();
