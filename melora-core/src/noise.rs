@@ -176,9 +176,9 @@ impl NoiseSource {
 /// where that would leave it. rand's `u` is the top 53 bits of one `u64`
 /// (two consecutive 32-bit words of the stream) times 2^-53, so `u < p` iff
 /// those bits, as a float, are below `p * 2^53` (both exact). Chunks of the
-/// stream are generated on rayon's threads, each by a generator with the same seed and
-/// stream moved to its chunk's word position (dropout masks: ~18 M
-/// entries per SmolLM2 step).
+/// stream are generated on rayon's threads, each by a generator with the
+/// same seed and stream moved to its chunk's word position (dropout masks:
+/// ~18 M entries per SmolLM2 step).
 fn bernoulli_draws(rng: &mut ChaCha12Rng, n: usize, p: f64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let start = rng.get_word_pos();
@@ -220,9 +220,8 @@ mod tests {
     use super::*;
     use crate::tests::TestBackend;
 
-    /// The bulk Bernoulli draws equal one `random::<f64>() < p` per entry,
-    /// and leave the generator where those would (also from an odd word
-    /// position, after a `u32`).
+    /// `NoiseSource::Seeded`'s ChaCha12 stream is rand's `StdRng` stream for
+    /// the same `u64` seed, so earlier seeded results still reproduce.
     #[test]
     fn the_seeded_generator_is_rands_std_rng() {
         use rand::rngs::StdRng;
@@ -234,6 +233,9 @@ mod tests {
         }
     }
 
+    /// The bulk Bernoulli draws equal one `random::<f64>() < p` per entry,
+    /// and leave the generator where those would (also from an odd word
+    /// position, after a `u32`).
     #[test]
     fn bulk_bernoulli_draws_equal_one_at_a_time() {
         // Sizes below, at and across the parallel chunks (2^16 entries).
