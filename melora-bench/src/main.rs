@@ -4,6 +4,7 @@
 mod backend;
 mod compare;
 mod params;
+mod scoring;
 mod step;
 
 use anyhow::Result;
@@ -97,6 +98,23 @@ enum Command {
         #[arg(long, default_value_t = 2)]
         rounds: usize,
     },
+    /// Answer scoring against label scoring on the same ARC-Easy questions
+    /// (SmolLM2-135M, LoRA r = 8 on q and v): tokens and seconds per
+    /// question of training steps and of an evaluation pass, alternating.
+    Scoring {
+        /// Questions (a seeded subset of the validation split).
+        #[arg(long, default_value_t = 64)]
+        questions: usize,
+        /// Questions per step / evaluation pass.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Alternating rounds.
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// JSON instead of Markdown tables.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> Result<()> {
@@ -128,6 +146,14 @@ fn main() -> Result<()> {
             };
             let results = compare::compare(&python, &args, rounds)?;
             print!("{}", compare::markdown(&results));
+        }
+        Command::Scoring { questions, batch, rounds, json } => {
+            let rows = scoring::run(&scoring::ScoringArgs { questions, batch, rounds })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", scoring::markdown(&rows));
+            }
         }
         Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, json } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;

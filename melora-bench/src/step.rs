@@ -11,6 +11,7 @@ use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
 use melora_llama::pretrained::Pretrained;
+use melora_llama::scoring::{ScoreBatch, Scorer};
 use melora_llama::train::{Stepper, TrainConfig};
 use melora_llama::weights::Target;
 use rand::rngs::StdRng;
@@ -100,10 +101,9 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     let mut rng = StdRng::seed_from_u64(args.seed);
     let label_ids: Vec<u32> = (0..4).map(|i| 10 + i).collect();
     let examples: Vec<Encoded> = (0..args.batch)
-        .map(|_| Encoded {
-            ids: (0..args.seq).map(|_| rng.random_range(3..vocab as u32)).collect(),
-            label: rng.random_range(0..4),
-            n_choices: 4,
+        .map(|_| {
+            let ids = (0..args.seq).map(|_| rng.random_range(3..vocab as u32)).collect();
+            Encoded::label_scored(ids, rng.random_range(0..4), 4)
         })
         .collect();
     let refs: Vec<&Encoded> = examples.iter().collect();
@@ -130,10 +130,11 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         }
     } else {
         let mut stepper = Stepper::<Train>::new(&config, &model);
+        let scorer = Scorer::label(label_ids.clone(), 0);
         for i in 0..args.warmup + args.steps {
             let start = Instant::now();
             let outcome = stepper
-                .step(&mut model, &batch, &label_ids, &config, i, 10_000, &device)
+                .step(&mut model, &ScoreBatch::Label(batch.clone()), &scorer, &config, i, 10_000, &device)
                 .map_err(|(what, value)| anyhow::anyhow!("{what} is {value} at step {i}"))?;
             // The step reads the loss back after the forward pass; the
             // backward pass and the update may still be queued on a GPU.

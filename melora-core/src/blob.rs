@@ -130,16 +130,16 @@ impl<B: Backend> BlobLinear<B> {
         match sampler.mode {
             SamplingMode::Mean => flat_linear(x, mean.transpose(), None),
             SamplingMode::PerBatch => {
-                let a = mean.add(self.omega().mul(sampler.noise.normal::<B, 2>([r, n], &device)));
+                let a = mean.add(self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device)));
                 flat_linear(x, a.transpose(), None)
             }
             SamplingMode::PerExample => {
-                let eps = sampler.noise.normal::<B, 3>([batch, r, n], &device);
+                let eps = sampler.example_normals::<B, 3>(self.lora_a.id, [batch, r, n], &device);
                 let a = mean.unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps));
                 crate::ops::matmul(x, a.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
-                let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, n], &device));
+                let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device));
                 let sign_in = sampler.noise.signs::<B, 3>([batch, seq, n], &device);
                 let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(x.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);

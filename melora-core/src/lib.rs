@@ -38,10 +38,10 @@ pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
 pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
-pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig};
+pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig, StdInit};
 pub use metrics::{bayesian_average, ClassProbs, Metrics};
 pub use noise::{NoiseDevice, NoiseSource};
-pub use sampling::{LoraTap, Sampler, SamplingMode, Taps};
+pub use sampling::{LoraTap, Sampler, SamplingMode, SharedDraws, Taps};
 
 #[cfg(test)]
 pub(crate) mod tests {

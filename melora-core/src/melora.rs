@@ -4,9 +4,11 @@
 //! `2 r^2` per layer.
 //!
 //! Initialisation (the paper does not give one): `A` Kaiming-uniform and
-//! `B = 0` as in LoRA, `M = I` so Me-LoRA starts as LoRA, and `H ~ U(eps /
-//! sqrt(2), eps)` with `eps = 0.05`, so `Omega` starts in BLoB's range
-//! `[0.00125, 0.0025]`. Both are configurable.
+//! `B = 0` as in LoRA, `M = I` so Me-LoRA starts as LoRA, and `Omega`
+//! starting with the relative noise BLoB starts with ([`StdInit`]): BLoB's
+//! range `[eps^2 / 2, eps^2]` (`eps = 0.05`) scaled by `sqrt(3 n / r)`,
+//! because `C`'s entries are of order 1 where `A`'s are of order
+//! `1 / sqrt(3 n)` (docs/derivations.md section 1). Both are configurable.
 //!
 //! Sampling `PerExample` (the default of the training code) draws one `C` per
 //! sequence: `batch * r^2` normals and `r^2` extra multiply-adds per token
@@ -33,6 +35,19 @@ pub enum MeanInit {
     KaimingUniform,
 }
 
+/// How `Omega`, the std of `C`, starts.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum StdInit {
+    /// `Omega ~ [eps^2 / 2, eps^2]` entrywise, BLoB's numbers for `A`: with
+    /// `M = I` the noise is `sqrt(3 n / r)` times smaller relative to the
+    /// signal than BLoB's, and predictions barely vary (issue 14).
+    Blob,
+    /// The same range times `sqrt(3 n / r)` (`n` the layer's input width):
+    /// the rank-`r` intermediate `C A x` then starts with the relative
+    /// noise BLoB's `A x` starts with (the default).
+    BlobRelative,
+}
+
 /// Configuration of a [`MeLoraLinear`].
 #[derive(Config, Debug)]
 pub struct MeLoraLinearConfig {
@@ -45,9 +60,13 @@ pub struct MeLoraLinearConfig {
     /// How `M` starts.
     #[config(default = "MeanInit::Identity")]
     pub mean_init: MeanInit,
-    /// `eps` of the std initialisation: the std starts in `[eps^2/2, eps^2]`.
+    /// `eps` of the std initialisation: the std starts in `[eps^2/2, eps^2]`,
+    /// times `sqrt(3 n / r)` under [`StdInit::BlobRelative`].
     #[config(default = 0.05)]
     pub init_eps: f64,
+    /// How the std starts.
+    #[config(default = "StdInit::BlobRelative")]
+    pub std_init: StdInit,
     /// How `Omega` is obtained from `H`.
     #[config(default = "StdParam::Square")]
     pub std_param: StdParam,
@@ -96,7 +115,11 @@ impl MeLoraLinearConfig {
             MeanInit::Identity => Param::from_tensor(Tensor::eye(r, &device)),
             MeanInit::KaimingUniform => kaiming_a::<B>(r, r, noise, &device),
         };
-        let eps = self.init_eps;
+        // Omega = H^2: scaling Omega by sqrt(3 n / r) scales H by its square root.
+        let eps = match self.std_init {
+            StdInit::Blob => self.init_eps,
+            StdInit::BlobRelative => self.init_eps * (3.0 * d_input as f64 / r as f64).powf(0.25),
+        };
         let h = Param::from_tensor(noise.uniform([r, r], eps / 2f64.sqrt(), eps, &device));
         let h = match self.std_param {
             StdParam::Square => h,
@@ -169,8 +192,12 @@ impl<B: Backend> MeLoraLinear<B> {
     pub fn sample_c(&self, count: usize, noise: &mut NoiseSource) -> Tensor<B, 3> {
         let mean = self.lora_m.val();
         let [r, _] = mean.dims();
-        let eps = noise.normal::<B, 3>([count, r, r], &mean.device());
-        mean.unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps))
+        self.c_from(noise.normal::<B, 3>([count, r, r], &mean.device()))
+    }
+
+    /// `C = M + Omega * eps` for standard normals `eps`, `[count, r, r]`.
+    fn c_from(&self, eps: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.lora_m.val().unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps))
     }
 
     /// `z = C u` for the sampling mode, with `u = A x`; `[batch, seq, r]`.
@@ -182,12 +209,15 @@ impl<B: Backend> MeLoraLinear<B> {
         match sampler.mode {
             SamplingMode::Mean => flat_linear(u, mean.transpose(), None),
             SamplingMode::PerBatch => {
-                let c = self.sample_c(1, sampler.noise).squeeze_dim::<2>(0);
+                let c = self.c_from(sampler.batch_normals::<B, 3>(self.lora_a.id, [1, r, r], &device)).squeeze_dim::<2>(0);
                 flat_linear(u, c.transpose(), None)
             }
-            SamplingMode::PerExample => crate::ops::matmul(u, self.sample_c(batch, sampler.noise).swap_dims(1, 2)),
+            SamplingMode::PerExample => {
+                let c = self.c_from(sampler.example_normals::<B, 3>(self.lora_a.id, [batch, r, r], &device));
+                crate::ops::matmul(u, c.swap_dims(1, 2))
+            }
             SamplingMode::Flipout => {
-                let delta = self.omega().mul(sampler.noise.normal::<B, 2>([r, r], &device));
+                let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));
                 let sign_in = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
                 let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);

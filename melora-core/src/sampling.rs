@@ -7,7 +7,10 @@
 
 use crate::noise::NoiseSource;
 use burn::config::Config;
-use burn::tensor::{backend::Backend, Tensor};
+use burn::module::ParamId;
+use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use std::any::Any;
+use std::collections::HashMap;
 
 /// How an adapter draws its random weights in a forward pass.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -52,6 +55,84 @@ pub struct Sampler<'a> {
     /// their outputs (see [`LoraTap`]): Laplace-LoRA's curvature and
     /// Jacobians need the per-token inputs and output gradients.
     pub taps: Option<&'a mut Taps>,
+    /// When set, the weight draws of this forward pass are shared with
+    /// another pass over the same groups (answer scoring: a question's
+    /// prompt and its continuations see one weight sample): see
+    /// [`SharedDraws`].
+    pub shared: Option<&'a mut SharedDraws>,
+}
+
+/// The weight draws of one batch of groups (questions), shared by several
+/// forward passes over them.
+///
+/// Answer scoring computes a question's prompt once (one row per question)
+/// and then its `K` continuations (one row per choice) attending to the
+/// prompt's keys and values. Both passes must see the same weights: the
+/// same `C` (Me-LoRA) or `A` (BLoB) per question under per-example
+/// sampling, the same draw for the whole batch under per-batch sampling
+/// and Flipout. Each adapter asks for its draws under a key (its own
+/// parameter id and what the draw is for); the first pass that asks draws
+/// one per group and keeps it, later passes reuse it, expanded to their
+/// rows by [`SharedDraws::set_rows`]. Per-token noise (dropout masks,
+/// Flipout signs) is not shared: every token is computed once.
+#[derive(Default)]
+pub struct SharedDraws {
+    groups: usize,
+    rows: Option<Vec<usize>>,
+    draws: HashMap<(ParamId, u8), Box<dyn Any>>,
+}
+
+impl std::fmt::Debug for SharedDraws {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedDraws({} groups, {} draws)", self.groups, self.draws.len())
+    }
+}
+
+impl SharedDraws {
+    /// Draws for `groups` groups; the passes' rows are the groups until
+    /// [`Self::set_rows`] says otherwise.
+    pub fn new(groups: usize) -> Self {
+        Self { groups, rows: None, draws: HashMap::new() }
+    }
+
+    /// The group of each row of the passes that follow (`rows[j] < groups`).
+    pub fn set_rows(&mut self, rows: Vec<usize>) {
+        assert!(rows.iter().all(|&g| g < self.groups), "a row names a group that does not exist");
+        self.rows = Some(rows);
+    }
+
+    /// The number of groups.
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    fn get_or_draw<B: Backend, const D: usize>(&mut self, key: (ParamId, u8), draw: impl FnOnce(usize) -> Tensor<B, D>) -> Tensor<B, D> {
+        let groups = self.groups;
+        let stored = self.draws.entry(key).or_insert_with(|| Box::new(draw(groups)));
+        stored.downcast_ref::<Tensor<B, D>>().expect("a shared draw of this backend and rank").clone()
+    }
+
+    /// The stored per-group draw expanded to the current rows.
+    fn expand<B: Backend, const D: usize>(&self, per_group: Tensor<B, D>) -> Tensor<B, D> {
+        match &self.rows {
+            None => per_group,
+            Some(rows) => {
+                let device = per_group.device();
+                let index: Vec<i64> = rows.iter().map(|&g| g as i64).collect();
+                per_group.select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), &device))
+            }
+        }
+    }
+}
+
+/// What a shared draw is for (part of its key), so one adapter can keep
+/// several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrawKind {
+    /// One draw per example (per group when shared).
+    PerExample = 0,
+    /// One draw for the whole batch.
+    PerBatch = 1,
 }
 
 /// What a LoRA layer records in a tapped forward pass.
@@ -89,7 +170,46 @@ impl Taps {
 impl<'a> Sampler<'a> {
     /// A sampler with the given mode; dropout off.
     pub fn new(mode: SamplingMode, noise: &'a mut NoiseSource) -> Self {
-        Self { mode, dropout: false, noise, taps: None }
+        Self { mode, dropout: false, noise, taps: None, shared: None }
+    }
+
+    /// The same sampler sharing its weight draws through `shared`.
+    pub fn with_shared(mut self, shared: &'a mut SharedDraws) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// Standard normals `[batch, ...]` for per-example weight draws: every
+    /// row independent; under [`SharedDraws`], rows of one group equal
+    /// (drawn once per group under `key`, the adapter's parameter id).
+    pub fn example_normals<B: Backend, const D: usize>(&mut self, key: ParamId, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        match self.shared.as_deref_mut() {
+            None => self.noise.normal::<B, D>(shape, device),
+            Some(shared) => {
+                let noise = &mut *self.noise;
+                let per_group = shared.get_or_draw::<B, D>((key, DrawKind::PerExample as u8), |groups| {
+                    let mut grouped = shape;
+                    grouped[0] = groups;
+                    noise.normal::<B, D>(grouped, device)
+                });
+                let out = shared.expand(per_group);
+                assert_eq!(out.dims()[0], shape[0], "a shared per-example draw for a pass with other rows");
+                out
+            }
+        }
+    }
+
+    /// Standard normals of `shape` drawn once per forward pass (per-batch
+    /// sampling, Flipout's weight draw); under [`SharedDraws`], once for
+    /// all the passes that share it.
+    pub fn batch_normals<B: Backend, const D: usize>(&mut self, key: ParamId, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        match self.shared.as_deref_mut() {
+            None => self.noise.normal::<B, D>(shape, device),
+            Some(shared) => {
+                let noise = &mut *self.noise;
+                shared.get_or_draw::<B, D>((key, DrawKind::PerBatch as u8), |_| noise.normal::<B, D>(shape, device))
+            }
+        }
     }
 
     /// The same sampler recording LoRA layers into `taps`.
@@ -112,5 +232,51 @@ impl<'a> Sampler<'a> {
         }
         let keep = self.noise.bernoulli::<B, D>(x.dims(), 1.0 - p, &x.device());
         x.mul(keep).div_scalar(1.0 - p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+
+    type B = NdArray<f64>;
+
+    fn rows(t: Tensor<B, 3>) -> Vec<Vec<f64>> {
+        let [n, a, b] = t.dims();
+        let v: Vec<f64> = t.into_data().to_vec().unwrap();
+        (0..n).map(|i| v[i * a * b..(i + 1) * a * b].to_vec()).collect()
+    }
+
+    #[test]
+    fn shared_draws_give_each_group_one_draw_in_every_pass() {
+        let device = Default::default();
+        let key = ParamId::from(7);
+        let mut noise = NoiseSource::seeded(1);
+        let mut shared = SharedDraws::new(2);
+        let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_shared(&mut shared);
+        // The first pass (one row per group) draws; the second expands.
+        let first = rows(sampler.example_normals::<B, 3>(key, [2, 3, 3], &device));
+        assert_ne!(first[0], first[1], "two groups got one draw");
+        sampler.shared.as_deref_mut().unwrap().set_rows(vec![1, 0, 0, 1, 1]);
+        let second = rows(sampler.example_normals::<B, 3>(key, [5, 3, 3], &device));
+        for (row, group) in [1, 0, 0, 1, 1].into_iter().enumerate() {
+            assert_eq!(second[row], first[group], "row {row} of group {group}");
+        }
+        // Another key draws anew; the batch draw is one for every pass.
+        let other = rows(sampler.example_normals::<B, 3>(ParamId::from(8), [5, 3, 3], &device));
+        assert_ne!(other[1], second[1]);
+        let batch_a: Vec<f64> = sampler.batch_normals::<B, 2>(key, [3, 3], &device).into_data().to_vec().unwrap();
+        let batch_b: Vec<f64> = sampler.batch_normals::<B, 2>(key, [3, 3], &device).into_data().to_vec().unwrap();
+        assert_eq!(batch_a, batch_b);
+        // Without sharing, every call draws anew and the stream is the
+        // plain generator's.
+        let mut plain = NoiseSource::seeded(1);
+        let direct: Vec<f64> = plain.normal::<B, 3>([2, 3, 3], &device).into_data().to_vec().unwrap();
+        assert_eq!(direct, first.concat(), "the first shared draw is the generator's next draw");
+        let mut unshared = Sampler::new(SamplingMode::PerExample, &mut plain);
+        let a = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
+        let b = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
+        assert_ne!(a, b);
     }
 }

@@ -237,9 +237,17 @@ fn invalid_configs_name_the_setting() {
 #[test]
 fn initial_stds_lie_in_blobs_range() {
     let blob = BlobLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
-    let melora = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
+    let absolute = MeLoraLinearConfig::new().with_std_init(melora_core::StdInit::Blob);
+    let melora = absolute.init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
     for std in [blob.omega().into_data().to_vec::<f64>().unwrap(), melora.omega().into_data().to_vec::<f64>().unwrap()] {
         assert!(std.iter().all(|s| (0.00125 - 1e-12..=0.0025 + 1e-12).contains(s)), "{std:?}");
+    }
+    // The default: the same draws times sqrt(3 n / r) (n = 64, r = 8).
+    let relative = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
+    let scaled: Vec<f64> = relative.omega().into_data().to_vec().unwrap();
+    let plain: Vec<f64> = melora.omega().into_data().to_vec().unwrap();
+    for (s, p) in scaled.iter().zip(&plain) {
+        assert!((s / p - (3.0f64 * 64.0 / 8.0).sqrt()).abs() < 1e-12, "{s} vs {p}");
     }
     let m: Vec<f64> = melora.lora_m.val().into_data().to_vec().unwrap();
     let eye: Vec<f64> = Tensor::<B, 2>::eye(8, &Default::default()).into_data().to_vec().unwrap();
@@ -314,4 +322,54 @@ fn total_kl_equals_the_sum_of_the_adapters_kls() {
     // A, M, H of the two Subspace adapters; M, H of the ExactC one (its KL
     // does not involve A); BLoB's A and its std.
     assert_eq!(compared, 6 + 2 + 2, "every gradient of the KL compared");
+}
+
+/// At initialisation the default Me-LoRA std gives the rank-`r` intermediate
+/// `C A x` the relative noise BLoB's `A x` has (derivations.md section 1).
+/// Closed forms, each checked by Monte Carlo over the weights' draws for one
+/// input: Me-LoRA's `E||C u - u||^2 / ||u||^2 = r mean(Omega^2)` (`M = I`),
+/// BLoB's `E||A x - M_A x||^2 = Σ_j x_j^2 Σ_i Omega_ij^2` against its
+/// expected signal `E||M_A x||^2 = r ||x||^2 / (3 n)` (Kaiming-uniform);
+/// the two relative noises agree within the spread of the uniform std draws.
+#[test]
+fn melora_starts_with_blobs_relative_noise() {
+    let (n, r, draws) = (256, 8, 1000);
+    let device = Default::default();
+    let values = |t: Tensor<B, 2>| -> Vec<f64> { t.into_data().to_vec().unwrap() };
+    let x = normal::<B, 2>([1, n], 3, 1.0);
+    let xs = values(x.clone());
+    let blob = BlobLinearConfig::new().with_low_rank(low_rank(r)).init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4)).unwrap();
+    let melora = MeLoraLinearConfig::new().with_low_rank(low_rank(r)).init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4)).unwrap();
+    let mut noise = NoiseSource::seeded(9);
+    let sq = |v: &[f64], m: &[f64]| -> f64 { v.iter().zip(m).map(|(a, b)| (a - b).powi(2)).sum() };
+
+    let blob_mean = values(x.clone().matmul(blob.lora_a.val().transpose()));
+    let blob_noise: f64 = (0..draws)
+        .map(|_| {
+            let a = blob.lora_a.val().add(blob.omega().mul(noise.normal::<B, 2>([r, n], &device)));
+            sq(&values(x.clone().matmul(a.transpose())), &blob_mean)
+        })
+        .sum::<f64>()
+        / draws as f64;
+    let omega_b = values(blob.omega());
+    let blob_closed: f64 = (0..r).map(|i| (0..n).map(|j| xs[j] * xs[j] * omega_b[i * n + j].powi(2)).sum::<f64>()).sum();
+    assert!((blob_noise / blob_closed - 1.0).abs() < 0.1, "BLoB noise: Monte Carlo {blob_noise} vs {blob_closed}");
+    let x_sq: f64 = xs.iter().map(|v| v * v).sum();
+    let blob_relative = blob_closed / (r as f64 * x_sq / (3.0 * n as f64));
+
+    let u = x.matmul(melora.lora_a.val().transpose());
+    let us = values(u.clone());
+    let melora_noise: f64 = (0..draws)
+        .map(|_| sq(&values(u.clone().matmul(melora.sample_c(1, &mut noise).reshape([r, r]).transpose())), &us))
+        .sum::<f64>()
+        / draws as f64;
+    let omega_m = values(melora.omega());
+    let melora_closed: f64 = (0..r).map(|i| (0..r).map(|j| us[j] * us[j] * omega_m[i * r + j].powi(2)).sum::<f64>()).sum();
+    assert!((melora_noise / melora_closed - 1.0).abs() < 0.1, "Me-LoRA noise: Monte Carlo {melora_noise} vs {melora_closed}");
+    let melora_relative = melora_closed / us.iter().map(|v| v * v).sum::<f64>();
+    let mean_sq = omega_m.iter().map(|w| w * w).sum::<f64>() / omega_m.len() as f64;
+    assert!((melora_relative / (r as f64 * mean_sq) - 1.0).abs() < 0.35, "Me-LoRA relative noise {melora_relative} vs r mean(Omega^2)");
+
+    assert!((melora_relative / blob_relative - 1.0).abs() < 0.35, "relative noise at init: Me-LoRA {melora_relative:.5} vs BLoB {blob_relative:.5}");
+    assert!(blob_relative > 1e-3, "BLoB's relative noise {blob_relative} is not negligible");
 }

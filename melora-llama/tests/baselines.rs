@@ -18,6 +18,10 @@ type B = NdArray<f32>;
 
 const LABELS: [u32; 2] = [17, 42];
 
+fn label_scorer() -> melora_llama::scoring::Scorer {
+    melora_llama::scoring::Scorer::label(LABELS.to_vec(), 0)
+}
+
 fn config(method: Method) -> TrainConfig {
     TrainConfig::new()
         .with_model("tiny".into())
@@ -48,21 +52,21 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
     let train = parity_examples(8, 1);
     let test = parity_examples(6, 2);
     let run = run_dir("mcd");
-    fit(&config(Method::Mcd), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&config(Method::Mcd), &run, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
     let model = trained(&run);
     let device = Default::default();
-    let map = predict(&model, &test, &LABELS, 0, &PredictOptions::mean(4), &device, |_, _| {}).unwrap();
+    let map = predict(&model, &test, &label_scorer(), &PredictOptions::mean(4), &device, |_, _| {}).unwrap();
 
     // The MCD run's own predictor, with S = 1 and dropout off.
     let off = config(Method::Mcd).with_eval_samples(1).with_dropout(0.0).eval_options(4, 0);
     assert_eq!((off.samples, off.dropout), (1, false));
-    let mcd = predict(&model, &test, &LABELS, 0, &off, &device, |_, _| {}).unwrap();
+    let mcd = predict(&model, &test, &label_scorer(), &off, &device, |_, _| {}).unwrap();
     assert_eq!(mcd.probs(), map.probs(), "MCD with S = 1 and dropout off must be MAP");
 
     // The default MCD predictor (S = 3, dropout 0.1 on) is a different one.
     let on = config(Method::Mcd).with_eval_samples(3).eval_options(4, 0);
     assert_eq!((on.samples, on.dropout), (3, true));
-    let mcd = predict(&model, &test, &LABELS, 0, &on, &device, |_, _| {}).unwrap();
+    let mcd = predict(&model, &test, &label_scorer(), &on, &device, |_, _| {}).unwrap();
     let diff = mcd.probs().iter().zip(map.probs()).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
     assert!(diff > 1e-4, "MC dropout changed nothing (max difference {diff:e})");
 }
@@ -73,12 +77,12 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     let test = parity_examples(6, 4);
     let device = Default::default();
     let member_logits = |run: &RunDir, members: usize| -> Vec<Vec<f64>> {
-        (0..members).map(|k| predict_logits(&trained(&run.member(k)), &test, &LABELS, 0, 4, &device, |_, _| {})).collect()
+        (0..members).map(|k| predict_logits(&trained(&run.member(k)), &test, &label_scorer(), 4, &device, |_, _| {})).collect()
     };
 
     let same = run_dir("ens-same");
     let ens = config(Method::Ens).with_members(3).with_member_seeds(Some(vec![9, 9, 9]));
-    fit(&ens, &same, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&ens, &same, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&same, 3);
     let member = softmax_rows(&logits[0], 2);
     for average in [EnsembleAverage::Probabilities, EnsembleAverage::Logits] {
@@ -91,7 +95,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     assert_eq!((member_config.method, member_config.seed, member_config.weight_decay), (Method::Map, 9, 1e-5));
 
     let different = run_dir("ens-different");
-    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&different, 3);
     let probs = ensemble_probs(&logits, 2, EnsembleAverage::Probabilities);
     let diff = probs.iter().zip(&member).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

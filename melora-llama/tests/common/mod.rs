@@ -27,7 +27,7 @@ pub fn parity_examples(n: usize, seed: u64) -> Vec<melora_llama::data::Encoded> 
         .map(|_| {
             let len = rng.random_range(6..=12);
             let ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..256)).collect();
-            melora_llama::data::Encoded { label: (ids[0] % 2) as usize, ids, n_choices: 2 }
+            melora_llama::data::Encoded::label_scored(ids.clone(), (ids[0] % 2) as usize, 2)
         })
         .collect()
 }
@@ -95,4 +95,96 @@ pub fn read_npz(path: PathBuf) -> BTreeMap<String, Npy> {
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "lengths differ");
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// An answer-scored example from whole choice sequences: `shared` tokens
+/// every choice starts with, then per choice its own context tokens and its
+/// continuation (the scored tokens).
+pub fn cloze_example(shared: &[u32], choices: &[(&[u32], &[u32])], label: usize) -> melora_llama::data::Encoded {
+    use melora_llama::data::{split_shared_prefix, ChoiceSequence};
+    let sequences: Vec<ChoiceSequence> = choices
+        .iter()
+        .map(|(context, continuation)| {
+            let ids: Vec<u32> = shared.iter().chain(context.iter()).chain(continuation.iter()).copied().collect();
+            ChoiceSequence { first_target: shared.len() + context.len(), chars: 3 * continuation.len() + 1, ids }
+        })
+        .collect();
+    split_shared_prefix(&sequences, label, 0, 300)
+}
+
+/// Varied answer-scored questions over the tiny vocabulary: shared
+/// prefixes of different lengths (one empty), 2 to 4 choices of 1 to 5
+/// tokens, WinoGrande-like choices with their own context tokens.
+pub fn cloze_examples() -> Vec<melora_llama::data::Encoded> {
+    vec![
+        cloze_example(&[5, 9, 120, 44, 7], &[(&[], &[17]), (&[], &[42, 3]), (&[], &[99, 100, 101])], 1),
+        cloze_example(&[88, 2], &[(&[], &[60, 61, 62, 63, 64]), (&[], &[70])], 0),
+        // WinoGrande: the options differ (context), the continuation is shared.
+        cloze_example(&[30, 31, 32], &[(&[40], &[50, 51, 52]), (&[41, 45], &[50, 51, 52])], 1),
+        // No common first token: an empty shared prefix.
+        cloze_example(&[], &[(&[11, 12], &[13]), (&[14], &[15, 16]), (&[17, 18, 19], &[20]), (&[21], &[22])], 3),
+    ]
+}
+
+/// The answer scores `[1, K]` of `e` from one full forward per choice of
+/// its whole sequence (no shared prefix, no cache), summing the
+/// log-probabilities of the scored tokens as lm-eval does; `norm` divides
+/// each sum (per token or per character).
+pub fn full_forward_scores<B: burn::tensor::backend::Backend>(
+    model: &melora_llama::Llama<B>,
+    e: &melora_llama::data::Encoded,
+    norm: melora_llama::data::LengthNorm,
+    sampler: &mut melora_core::Sampler,
+) -> burn::tensor::Tensor<B, 2> {
+    use burn::tensor::{activation::log_softmax, Int, Tensor, TensorData};
+    use melora_llama::data::LengthNorm;
+    let device = Default::default();
+    let scores: Vec<Tensor<B, 1>> = e
+        .continuations
+        .iter()
+        .map(|c| {
+            let mut ids: Vec<i64> = e.ids.iter().chain(&c.input).map(|&t| t as i64).collect();
+            ids.push(*c.targets.last().unwrap() as i64);
+            let n = ids.len();
+            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.clone(), [1, n]), &device);
+            let logits = model.forward(tokens, None, sampler);
+            let vocab = logits.dims()[2];
+            let start = e.ids.len() + c.unscored;
+            // Every position's log-softmax, the scored ones picked by a gather.
+            let logp = log_softmax(logits.reshape([n, vocab]), 1);
+            let rows: Vec<i64> = (start..n - 1).map(|i| (i * vocab) as i64 + ids[i + 1]).collect();
+            let picked = logp.reshape([n * vocab]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device));
+            let terms = vec![picked];
+            let sum = Tensor::cat(terms, 0).sum();
+            match norm {
+                LengthNorm::None => sum,
+                LengthNorm::PerToken => sum.div_scalar(c.scored() as f64),
+                LengthNorm::PerChar => sum.div_scalar(c.chars as f64),
+            }
+        })
+        .collect();
+    let k = scores.len();
+    Tensor::cat(scores, 0).reshape([1, k])
+}
+
+/// `n` random answer-scored questions: a prompt of 4 to 8 tokens, two or
+/// three choices, each a marker token (200 + choice) and 1 to 3 random
+/// tokens; the right choice is the first prompt token modulo the number of
+/// choices.
+pub fn answer_examples(n: usize, seed: u64) -> Vec<melora_llama::data::Encoded> {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(4..=8);
+            let prompt: Vec<u32> = (0..len).map(|_| rng.random_range(3..200)).collect();
+            let k = rng.random_range(2..=3);
+            let choices: Vec<Vec<u32>> = (0..k)
+                .map(|c| std::iter::once(200 + c as u32).chain((0..rng.random_range(1..=3)).map(|_| rng.random_range(3..200))).collect())
+                .collect();
+            let refs: Vec<(&[u32], &[u32])> = choices.iter().map(|c| (&[][..], c.as_slice())).collect();
+            cloze_example(&prompt, &refs, prompt[0] as usize % k)
+        })
+        .collect()
 }
