@@ -2,8 +2,10 @@
 # The six methods of the paper (MAP, MCD, ENS, LAP, BLoB, Me-LoRA) on
 # SmolLM2-135M / ARC-Easy, sized for a 2-core CPU: each adapter trained for
 # STEPS steps of batch 4 (lr 1e-3), evaluated on the same seeded subset of
-# 100 validation examples. Writes one folder per method and table.md to
-# experiments/results/six-methods/, runs to runs/six/.
+# 100 validation examples, with the configs' answer scoring. Writes one
+# folder per method and table.md to experiments/results/six-methods/answer/,
+# runs to runs/six-answer/. (SCORING=label OUT=... RUNS=... gives the
+# label-scored table of experiments/results/six-methods/.)
 #
 #   MELORA=target/release/melora experiments/smollm2-135m/six-methods.sh
 set -euo pipefail
@@ -11,11 +13,12 @@ cd "$(dirname "$0")/../.."
 MELORA=${MELORA:-target/debug/melora}
 STEPS=${STEPS:-100}
 N=${N:-100}
-RUNS=${RUNS:-runs/six}
-OUT=${OUT:-experiments/results/six-methods}
+SCORING=${SCORING:-answer}
+RUNS=${RUNS:-runs/six-$SCORING}
+OUT=${OUT:-experiments/results/six-methods/$SCORING}
 CFG=experiments/smollm2-135m
 mkdir -p "$RUNS" "$OUT"
-common=(--steps "$STEPS" --set lr=0.001 --set eval_every=0 --set max_validation=20 --set checkpoint_every=25)
+common=(--steps "$STEPS" --scoring "$SCORING" --set lr=0.001 --set eval_every=0 --set max_validation=20 --set checkpoint_every=25)
 times="$OUT/times.tsv"
 [ -f "$times" ] || printf 'method\tphase\tseconds\n' > "$times"
 
@@ -60,14 +63,18 @@ for line in open(os.path.join(out, "times.tsv")).read().split("\n")[1:]:
     if line:
         m, p, s = line.split("\t")
         secs.setdefault(m, {})[p] = secs.setdefault(m, {}).get(p, 0) + int(s)
-rows = ["| method | n | S | ACC (%) | ECE (%) | NLL | Brier | train (s) | post hoc / eval (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+rows = ["| method | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std | std of p(gold) | epistemic (nats) | train (s) | post hoc / eval (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
 for key, label in names:
     r = json.load(open(os.path.join(out, key, "results.json")))[0]
     m = r["metrics"]
     t = secs.get(key, {})
     train = t.get("train", secs.get("map", {}).get("train", 0) if key == "lap" else 0)
     post = t.get("fit", 0) + t.get("eval", 0)
-    rows.append(f"| {label} | {m['count']} | {r['samples']} | {100*m['accuracy']:.2f} | {100*m['ece']:.2f} | {m['nll']:.4f} | {m['brier']:.4f} | {train} | {post} |")
+    sp = r.get("spread") or {}
+    ps = "-" if sp.get("posterior_std") is None else f"{sp['posterior_std']:.4f}"
+    gs = "-" if not sp else f"{sp['gold_std']:.4f}"
+    ep = "-" if not sp else f"{sp['epistemic']:.4f}"
+    rows.append(f"| {label} | {m['count']} | {r['samples']} | {100*m['accuracy']:.2f} | {100*m['ece']:.2f} | {m['nll']:.4f} | {m['brier']:.4f} | {ps} | {gs} | {ep} | {train} | {post} |")
 open(os.path.join(out, "table.md"), "w").write("\n".join(rows) + "\n")
 print("\n".join(rows))
 PY

@@ -525,7 +525,7 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &scorer, &validation, config.task, Split::Validation, &mean)?);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
     let lora = TrainConfig { method: Method::Lora, train_sampling: SamplingMode::Mean, ..config.clone() };
-    for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA"), (&config, out.join("melora"), "Me-LoRA")] {
+    for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA (MAP)"), (&config, out.join("melora"), "Me-LoRA")] {
         let run = RunDir { dir };
         if run.dir.exists() {
             std::fs::remove_dir_all(&run.dir).with_context(|| format!("clearing {}", run.dir.display()))?;

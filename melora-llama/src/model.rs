@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
-use melora_core::ops::{linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
+use melora_core::ops::{flat_linear, linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
 use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
@@ -399,6 +399,16 @@ impl<B: Backend> Llama<B> {
             Some(head) => head.forward(hidden),
             None => linear(hidden, self.embed_tokens.weight.val().transpose(), None),
         }
+    }
+
+    /// Logits of a set of hidden states, `[rows, hidden] -> [rows, vocab]`,
+    /// as one product that reads the (tied) output weight in place.
+    pub fn logits_rows(&self, hidden: Tensor<B, 2>) -> Tensor<B, 2> {
+        let weight = match &self.lm_head {
+            Some(head) => return linear_forward(head, hidden.unsqueeze::<3>()).squeeze_dim::<2>(0),
+            None => self.embed_tokens.weight.val().transpose(),
+        };
+        flat_linear(hidden.unsqueeze::<3>(), weight, None).squeeze_dim::<2>(0)
     }
 
     /// Logits for every position, `[batch, seq, vocab]`.

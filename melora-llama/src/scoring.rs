@@ -14,7 +14,8 @@
 //! batch under per-batch sampling and Flipout), and the prefix's dropout
 //! masks and Flipout signs are drawn once because the prefix is computed
 //! once. The continuation rows are sorted by length and cut into at most
-//! three passes ([`MAX_PARTS`]) that each pad to their own longest row. The
+//! three passes ([`MAX_PARTS`]) that each pad to their own longest row,
+//! where that saves more padding than a pass costs ([`PASS_COST`]). The
 //! score of choice `k` is `s_k = Σ_t log p(c_{k,t} | prompt,
 //! c_{k,<t})` (full-vocabulary log-softmax), optionally divided by its
 //! token or character count; the output layer runs at the scored
@@ -189,8 +190,14 @@ pub struct ContinuationPart {
     pub padding: Vec<Vec<bool>>,
 }
 
+/// What one more forward pass costs, in padded tokens: every pass packs
+/// every weight matrix again (forward and backward), which on the CPU
+/// costs about as much as a few dozen tokens' products.
+pub const PASS_COST: usize = 32;
+
 /// Cuts ascending lengths into at most `max` runs minimising the padded
-/// total `Σ rows × longest` (dynamic programming); the runs' ends.
+/// total `Σ rows × longest` plus [`PASS_COST`] per run (dynamic
+/// programming); the runs' ends.
 fn cut_sorted(lengths: &[usize], max: usize) -> Vec<usize> {
     let n = lengths.len();
     let parts = max.max(1).min(n.max(1));
@@ -212,7 +219,7 @@ fn cut_sorted(lengths: &[usize], max: usize) -> Vec<usize> {
             }
         }
     }
-    let p = (1..=parts).min_by_key(|&p| (best[p][n], p)).unwrap_or(1);
+    let p = (1..=parts).min_by_key(|&p| (best[p][n].saturating_add(p * PASS_COST), p)).unwrap_or(1);
     let mut ends = Vec::new();
     let (mut p, mut j) = (p, n);
     while p > 0 && j > 0 {
@@ -336,7 +343,7 @@ impl<B: Backend> Llama<B> {
         let n = batch.positions.len();
         let positions = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.positions.clone(), [n]), device);
         let at = Tensor::cat(outputs, 0).select(0, positions);
-        let logp = log_softmax(self.logits(at), 1);
+        let logp = log_softmax(self.logits_rows(at), 1);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [n, 1]), device);
         let picked = logp.gather(1, targets);
         let weights = Tensor::<B, 2>::from_data(TensorData::new(batch.weight_matrix(classes), [questions * classes, n]), device);

@@ -96,6 +96,11 @@ fn reference<Bk: Backend>(model: &Llama<Bk>, e: &Encoded, norm: LengthNorm, mode
 #[test]
 fn shared_prefix_scores_equal_full_forwards() {
     let examples = cloze_examples();
+    let scorer = Scorer::answer(CLASSES, LengthNorm::None, 0);
+    match scorer.batch(&examples, &(0..examples.len()).collect::<Vec<_>>(), Padding::Left) {
+        melora_llama::scoring::ScoreBatch::Answer(b) => assert!(b.parts.len() > 1, "the batch exercises several continuation passes"),
+        _ => unreachable!(),
+    }
     for kind in ["lora", "blob", "melora"] {
         let model = adapted::<B>(kind);
         for norm in [LengthNorm::None, LengthNorm::PerToken, LengthNorm::PerChar] {
@@ -150,13 +155,15 @@ fn shared_prefix_gradients_equal_full_forwards() {
                 // A loss that weighs every choice differently (masked ones 0).
                 let w: Vec<f64> = (0..CLASSES).map(|k| if k < e.n_choices { 0.3 + 0.7 * k as f64 - 0.2 * q as f64 } else { 0.0 }).collect();
                 let seed = 10 + q as u64;
+                // Each graph built and differentiated on its own.
                 let ours = batched(&model, std::slice::from_ref(e), LengthNorm::PerToken, mode, seed);
+                let v_ours = values(ours.clone());
+                let g_ours = adapter_grads(&model, weighted_sum(ours, &w));
                 let want = reference(&model, e, LengthNorm::PerToken, mode, seed);
-                let (v_ours, v_want) = (values(ours.clone()), values(want.clone()));
+                let v_want = values(want.clone());
+                let g_want = adapter_grads(&model, weighted_sum(want, &w[..e.n_choices]));
                 let err = max_rel(&v_ours[..e.n_choices], &v_want);
                 assert!(err < 1e-10, "{kind} {mode:?} question {q}: scores {v_ours:?} vs {v_want:?}");
-                let g_ours = adapter_grads(&model, weighted_sum(ours, &w));
-                let g_want = adapter_grads(&model, weighted_sum(want, &w[..e.n_choices]));
                 let mut nonzero = 0;
                 for ((name, a), (_, b)) in g_ours.iter().zip(&g_want) {
                     let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));

@@ -265,7 +265,7 @@ fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
     let train = cloze_examples();
     let curvature = accumulate(&model, &train, &scorer, &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
     let real: usize = train.iter().map(|e| e.ids.len() + e.continuations.iter().map(|c| c.input.len()).sum::<usize>()).sum();
-    assert_eq!((curvature.examples, curvature.tokens), (4, real), "every real token of both passes counts once");
+    assert_eq!((curvature.examples, curvature.tokens), (train.len(), real), "every real token of every pass counts once");
     let blocks = curvature.blocks(3.0, 3);
     let mut test = answer_examples(3, 12);
     test.push(cloze_examples().remove(2));
