@@ -204,3 +204,31 @@ pub fn ensemble_probs(members: &[Vec<f64>], k: usize, average: crate::train::Ens
         crate::train::EnsembleAverage::Logits => softmax_rows(&mean(members.to_vec()), k),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::SampledProbs;
+
+    fn entropy(p: &[f64]) -> f64 {
+        -p.iter().map(|v| v * v.ln()).sum::<f64>()
+    }
+
+    #[test]
+    fn sampled_probs_average_spread_and_mutual_information() {
+        // Two examples, two samples each: the first's samples disagree, the
+        // second's agree.
+        let sampled = SampledProbs { probs: vec![0.9, 0.1, 0.5, 0.5, 0.2, 0.8, 0.2, 0.8], samples: 2, classes: 2, labels: vec![0, 1] };
+        let avg = sampled.average();
+        assert_eq!(avg.probs(), &[0.7, 0.3, 0.2, 0.8]);
+        // The gold probability's std across samples: 0.2 and 0.
+        assert!((sampled.gold_std() - 0.1).abs() < 1e-15);
+        let (total, aleatoric, epistemic) = sampled.uncertainty();
+        let want_total = (entropy(&[0.7, 0.3]) + entropy(&[0.2, 0.8])) / 2.0;
+        let want_aleatoric = ((entropy(&[0.9, 0.1]) + entropy(&[0.5, 0.5])) / 2.0 + entropy(&[0.2, 0.8])) / 2.0;
+        assert!((total - want_total).abs() < 1e-15 && (aleatoric - want_aleatoric).abs() < 1e-15);
+        assert!((epistemic - (want_total - want_aleatoric)).abs() < 1e-15 && epistemic > 0.0);
+        // One sample: no spread and no epistemic part.
+        let one = SampledProbs { probs: vec![0.9, 0.1], samples: 1, classes: 2, labels: vec![0] };
+        assert_eq!((one.gold_std(), one.uncertainty().2), (0.0, 0.0));
+    }
+}
