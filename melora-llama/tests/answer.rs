@@ -36,6 +36,14 @@ type AD = Autodiff<NdArray<f64>>;
 
 const CLASSES: usize = 4;
 
+/// One test at a time (see `laplace.rs`: a race between concurrent
+/// autodiff tests of one process, seen there once in eight runs).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The tiny model with an adapter (r = 2, no dropout) on q, v and
 /// down_proj, `B` random so the adapters change the output.
 fn adapted<Bk: Backend>(kind: &str) -> Llama<Bk> {
@@ -95,6 +103,7 @@ fn reference<Bk: Backend>(model: &Llama<Bk>, e: &Encoded, norm: LengthNorm, mode
 
 #[test]
 fn shared_prefix_scores_equal_full_forwards() {
+    let _serial = serial();
     let examples = cloze_examples();
     let scorer = Scorer::answer(CLASSES, LengthNorm::None, 0);
     match scorer.batch(&examples, &(0..examples.len()).collect::<Vec<_>>(), Padding::Left) {
@@ -145,6 +154,7 @@ fn weighted_sum<Bk: AutodiffBackend>(scores: Tensor<Bk, 2>, weights: &[f64]) -> 
 
 #[test]
 fn shared_prefix_gradients_equal_full_forwards() {
+    let _serial = serial();
     let examples = cloze_examples();
     for kind in ["lora", "blob", "melora"] {
         let model = adapted::<AD>(kind);
@@ -189,6 +199,7 @@ fn shared_prefix_gradients_equal_full_forwards() {
 
 #[test]
 fn the_continuations_of_a_question_share_one_weight_draw() {
+    let _serial = serial();
     // Two identical choices, so equal scores mean an equal draw.
     let question = cloze_example(&[5, 9, 120], &[(&[], &[17, 3]), (&[], &[17, 3]), (&[], &[99])], 0);
     let examples = vec![question.clone(), question];
@@ -219,6 +230,7 @@ fn the_continuations_of_a_question_share_one_weight_draw() {
 /// shared-prefix gradient agrees with them to 1e-9.
 #[test]
 fn shared_prefix_gradients_match_central_differences() {
+    let _serial = serial();
     let e = cloze_example(&[5, 9, 120, 44, 7], &[(&[], &[42, 3]), (&[], &[99, 100, 101])], 1);
     for (kind, mode, which) in [("lora", SamplingMode::Mean, 0), ("melora", SamplingMode::PerExample, 1)] {
         let model = adapted::<AD>(kind);

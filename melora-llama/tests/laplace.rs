@@ -33,6 +33,16 @@ use nalgebra::{DMatrix, DVector};
 
 type AD = Autodiff<NdArray<f64>>;
 
+/// The tests of this file run one at a time: run concurrently in one
+/// process, the answer-scoring test's gradients were wrong about once in
+/// eight runs (never when run alone or one test at a time): a race in state
+/// the autodiff runtime shares between threads, not located yet.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 const LABELS: [u32; 3] = [17, 42, 99];
 
 fn label_scorer() -> melora_llama::scoring::Scorer {
@@ -113,6 +123,7 @@ fn max_rel(a: &DMatrix<f64>, b: &DMatrix<f64>) -> f64 {
 
 #[test]
 fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
+    let _serial = serial();
     let model = model();
     let one = example(&[37], 1);
     let config = LaplaceConfig::new().with_fisher(FisherKind::Exact).with_batch_size(1);
@@ -174,6 +185,7 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
 
 #[test]
 fn monte_carlo_fisher_approaches_the_exact_one() {
+    let _serial = serial();
     let model = model();
     let data = [example(&[37, 80], 0), example(&[5, 9, 120], 2)];
     let exact = accumulate(&model, &data, &label_scorer(), &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
@@ -191,6 +203,7 @@ fn monte_carlo_fisher_approaches_the_exact_one() {
 
 #[test]
 fn linearised_covariance_equals_dense_j_sigma_jt() {
+    let _serial = serial();
     let model = model();
     let train: Vec<Encoded> = (0..6).map(|i| example(&(0..(3 + i)).map(|t| (7 + 31 * i + 13 * t) as u32 % 250 + 3).collect::<Vec<_>>(), i % 3)).collect();
     let config = LaplaceConfig::new().with_batch_size(4);
@@ -259,6 +272,7 @@ fn dense_sigma(blocks: &[Block], lambda: f64) -> DMatrix<f64> {
 
 #[test]
 fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
+    let _serial = serial();
     let model = model();
     let classes = 4;
     let scorer = Scorer::answer(classes, LengthNorm::PerToken, 0);
@@ -288,7 +302,14 @@ fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
         for (r, c) in (0..classes).flat_map(|r| (0..classes).map(move |c| (r, c))).filter(|&(r, c)| r >= k || c >= k) {
             assert_eq!(full[(r, c)], 0.0, "example {i}: a missing choice has covariance at ({r}, {c})");
         }
-        let mean: Vec<f64> = scores().into_data().convert::<f64>().to_vec().unwrap();
+        // The mean without the autodiff graph (no graph left undifferentiated).
+        let mut noise = NoiseSource::seeded(0);
+        let valid = burn::module::AutodiffModule::valid(&model);
+        let mean: Vec<f64> = full_forward_scores(&valid, e, LengthNorm::PerToken, &mut Sampler::new(SamplingMode::Mean, &mut noise))
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .unwrap();
         for c in 0..k {
             assert!((lin.mean[i * classes + c] - mean[c]).abs() < 1e-10 * mean[c].abs().max(1.0), "example {i} choice {c}: mean {} vs {}", lin.mean[i * classes + c], mean[c]);
         }
