@@ -609,8 +609,10 @@ impl Unary for RmsNorm {
 /// Rotary position embedding (Llama's half-split layout) on rows of
 /// `[.., seq, heads * head_dim]`: in each head, `(x1, x2) -> (x1 c - x2 s,
 /// x2 c + x1 s)` with `c`, `s` the cosines and sines of the row's position
-/// (`[seq, head_dim / 2]`, row-major). The backward pass is the inverse
-/// rotation of the gradient; nothing is saved.
+/// (`[seq, head_dim / 2]`, row-major, the same for every example; or
+/// `[batch * seq, head_dim / 2]`, one row per token, with `seq` set to
+/// `batch * seq`). The backward pass is the inverse rotation of the
+/// gradient; nothing is saved.
 #[derive(Debug, Clone)]
 pub(crate) struct Rotary {
     pub cos: std::sync::Arc<[f64]>,
@@ -1038,51 +1040,60 @@ mod tests {
         let mut noise = NoiseSource::seeded(16);
         let (batch, seq, heads, head_dim) = (2, 5, 3, 4);
         let half = head_dim / 2;
-        let angles: Vec<f64> = noise.normal::<NdArray<f64>, 1>([seq * half], &device).mul_scalar(3.0).into_data().to_vec().unwrap();
-        let kernel = Rotary {
-            cos: angles.iter().map(|a| a.cos()).collect(),
-            sin: angles.iter().map(|a| a.sin()).collect(),
-            seq,
-            head_dim,
-        };
-        // The reference: [x1, x2] cos + [-x2, x1] sin per head, from Burn ops.
-        let table = |f: fn(f64) -> f64, sign: f64| {
-            let v: Vec<f64> = (0..seq).flat_map(|p| (0..head_dim).map(move |i| (p, i))).map(|(p, i)| {
-                let a = angles[p * half + i % half];
-                if i < half { sign * f(a) } else { f(a) }
-            }).collect();
-            Tensor::<AD, 4>::from_data(burn::tensor::TensorData::new(v, [1, seq, 1, head_dim]), &device)
-        };
-        let (cos, sin) = (table(f64::cos, 1.0), table(f64::sin, -1.0));
-        let x0 = noise.normal::<NdArray<f64>, 3>([batch, seq, heads * head_dim], &device);
-        let weights = noise.normal::<AD, 3>([batch, seq, heads * head_dim], &device);
-        let run = |fast: bool| {
-            let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
-            let xi = x.clone().mul_scalar(1.5);
-            let y = match fast {
-                true => unary(xi, kernel.clone()).expect("served"),
-                false => {
-                    let x4 = xi.reshape([batch, seq, heads, head_dim]);
-                    let swapped = Tensor::cat(vec![x4.clone().narrow(3, half, half), x4.clone().narrow(3, 0, half)], 3);
-                    x4.mul(cos.clone()).add(swapped.mul(sin.clone())).reshape([batch, seq, heads * head_dim])
-                }
+        // One table for every example (`[seq, half]`), or one per example
+        // and position (`[batch * seq, half]`, answer scoring's layout).
+        for per_example in [false, true] {
+            let tables = if per_example { batch } else { 1 };
+            let angles: Vec<f64> =
+                noise.normal::<NdArray<f64>, 1>([tables * seq * half], &device).mul_scalar(3.0).into_data().to_vec().unwrap();
+            let kernel = Rotary {
+                cos: angles.iter().map(|a| a.cos()).collect(),
+                sin: angles.iter().map(|a| a.sin()).collect(),
+                seq: tables * seq,
+                head_dim,
             };
-            let grads = y.clone().mul(weights.clone()).sum().backward();
-            let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
-            (y.into_data().to_vec::<f64>().unwrap(), dx)
-        };
-        let ((y, dx), (ey, edx)) = (run(true), run(false));
-        for i in 0..y.len() {
-            assert!((y[i] - ey[i]).abs() < 1e-12, "y[{i}]: {} vs {}", y[i], ey[i]);
-            assert!((dx[i] - edx[i]).abs() < 1e-12, "dx[{i}]: {} vs {}", dx[i], edx[i]);
-        }
-        // A rotation keeps each pair's norm.
-        let x: Vec<f64> = x0.clone().into_data().to_vec().unwrap();
-        let y: Vec<f64> = unary(x0, kernel).expect("served").into_data().to_vec().unwrap();
-        for (x, y) in x.chunks(head_dim).zip(y.chunks(head_dim)) {
-            for i in 0..half {
-                let (nx, ny) = (x[i].hypot(x[i + half]), y[i].hypot(y[i + half]));
-                assert!((nx - ny).abs() < 1e-12);
+            // The reference: [x1, x2] cos + [-x2, x1] sin per head, from Burn ops.
+            let table = |f: fn(f64) -> f64, sign: f64| {
+                let v: Vec<f64> = (0..tables * seq)
+                    .flat_map(|p| (0..head_dim).map(move |i| (p, i)))
+                    .map(|(p, i)| {
+                        let a = angles[p * half + i % half];
+                        if i < half { sign * f(a) } else { f(a) }
+                    })
+                    .collect();
+                Tensor::<AD, 4>::from_data(burn::tensor::TensorData::new(v, [tables, seq, 1, head_dim]), &device)
+            };
+            let (cos, sin) = (table(f64::cos, 1.0), table(f64::sin, -1.0));
+            let x0 = noise.normal::<NdArray<f64>, 3>([batch, seq, heads * head_dim], &device);
+            let weights = noise.normal::<AD, 3>([batch, seq, heads * head_dim], &device);
+            let run = |fast: bool| {
+                let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
+                let xi = x.clone().mul_scalar(1.5);
+                let y = match fast {
+                    true => unary(xi, kernel.clone()).expect("served"),
+                    false => {
+                        let x4 = xi.reshape([batch, seq, heads, head_dim]);
+                        let swapped = Tensor::cat(vec![x4.clone().narrow(3, half, half), x4.clone().narrow(3, 0, half)], 3);
+                        x4.mul(cos.clone()).add(swapped.mul(sin.clone())).reshape([batch, seq, heads * head_dim])
+                    }
+                };
+                let grads = y.clone().mul(weights.clone()).sum().backward();
+                let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
+                (y.into_data().to_vec::<f64>().unwrap(), dx)
+            };
+            let ((y, dx), (ey, edx)) = (run(true), run(false));
+            for i in 0..y.len() {
+                assert!((y[i] - ey[i]).abs() < 1e-12, "per example {per_example}: y[{i}]: {} vs {}", y[i], ey[i]);
+                assert!((dx[i] - edx[i]).abs() < 1e-12, "per example {per_example}: dx[{i}]: {} vs {}", dx[i], edx[i]);
+            }
+            // A rotation keeps each pair's norm.
+            let x: Vec<f64> = x0.clone().into_data().to_vec().unwrap();
+            let y: Vec<f64> = unary(x0, kernel).expect("served").into_data().to_vec().unwrap();
+            for (x, y) in x.chunks(head_dim).zip(y.chunks(head_dim)) {
+                for i in 0..half {
+                    let (nx, ny) = (x[i].hypot(x[i + half]), y[i].hypot(y[i + half]));
+                    assert!((nx - ny).abs() < 1e-12);
+                }
             }
         }
     }

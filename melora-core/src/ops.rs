@@ -146,17 +146,20 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tens
 /// Rotary position embedding (Llama's half-split layout) of `x`,
 /// `[batch, seq, heads * head_dim]`: in each head, `(x1, x2) -> (x1 c - x2 s,
 /// x2 c + x1 s)`, where `cos` and `sin` hold `c` and `s` for the `seq`
-/// positions, `[seq, head_dim / 2]` row-major. On the ndarray backend this
-/// is one parallel pass forward and one backward: `Ok`. Elsewhere `Err(x)`,
-/// and the caller composes it from tensor ops.
+/// positions, `[seq, head_dim / 2]` row-major (every example at the same
+/// positions), or for every token, `[batch * seq, head_dim / 2]` (each
+/// example at positions of its own). On the ndarray backend this is one
+/// parallel pass forward and one backward: `Ok`. Elsewhere `Err(x)`, and
+/// the caller composes it from tensor ops.
 pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &std::sync::Arc<[f64]>, head_dim: usize) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
-    let [_, seq, width] = x.dims();
+    let [batch, seq, width] = x.dims();
     assert!(head_dim % 2 == 0 && width % head_dim == 0, "rotary: width {width} is not whole heads of even size {head_dim}");
-    assert_eq!(cos.len(), seq * head_dim / 2, "rotary: table size");
+    let rows = cos.len() / (head_dim / 2).max(1);
+    assert!(cos.len() == rows * head_dim / 2 && (rows == seq || rows == batch * seq), "rotary: a table of {} values for {batch} x {seq} positions", cos.len());
     assert_eq!(sin.len(), cos.len(), "rotary: table size");
     #[cfg(feature = "ndarray")]
     {
-        crate::fast::unary(x, crate::fast::Rotary { cos: cos.clone(), sin: sin.clone(), seq, head_dim })
+        crate::fast::unary(x, crate::fast::Rotary { cos: cos.clone(), sin: sin.clone(), seq: rows, head_dim })
     }
     #[cfg(not(feature = "ndarray"))]
     Err(x)

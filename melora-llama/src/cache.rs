@@ -1,6 +1,6 @@
-//! The key/value cache: generation, and answer scoring's shared prefixes.
+//! The key/value cache of generation.
 
-use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor};
 
 /// Per layer, the keys and values of the positions seen so far,
 /// `[batch, kv_heads, positions, head_dim]`.
@@ -24,20 +24,6 @@ impl<B: Backend> KvCache<B> {
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// A cache whose row `j` is row `rows[j]` of this one (the same
-    /// positions): how the continuations of a question attend to its
-    /// prefix. Gradients flow back to the selected rows.
-    pub fn select_rows(&self, rows: &[usize]) -> Self {
-        let pick = |t: &Option<Tensor<B, 4>>| {
-            t.as_ref().map(|t| {
-                let device = t.device();
-                let index: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-                t.clone().select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), &device))
-            })
-        };
-        Self { layers: self.layers.iter().map(|(k, v)| (pick(k), pick(v))).collect(), len: self.len }
     }
 
     pub(crate) fn layer(&mut self, i: usize) -> &mut (Option<Tensor<B, 4>>, Option<Tensor<B, 4>>) {

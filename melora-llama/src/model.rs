@@ -103,11 +103,13 @@ pub struct Llama<B: Backend> {
     pub rope_theta: f64,
 }
 
-/// Rotary tables for a run of positions: `cos` and `sin`, `[1, 1, seq, head_dim]`;
-/// the first half of `sin` is negated, so that rotating is
-/// `x * cos + [x2, x1] * sin` with no negation pass. The same angles are
-/// kept as `[seq, head_dim / 2]` f64 tables for the one-pass kernel
-/// ([`melora_core::ops::rotary`]) that the ndarray backend uses.
+/// Rotary tables: `cos` and `sin`, `[1, 1, seq, head_dim]` for a run of
+/// positions every example shares, or `[batch, 1, seq, head_dim]` for a
+/// position per token; the first half of `sin` is negated, so that
+/// rotating is `x * cos + [x2, x1] * sin` with no negation pass. The same
+/// angles are kept as `[seq, head_dim / 2]` (or `[batch * seq, head_dim /
+/// 2]`) f64 tables for the one-pass kernel ([`melora_core::ops::rotary`])
+/// that the ndarray backend uses.
 pub struct Rope<B: Backend> {
     cos: Tensor<B, 4>,
     sin: Tensor<B, 4>,
@@ -120,19 +122,35 @@ impl<B: Backend> Rope<B> {
     /// Tables for positions `start .. start + seq` (half-split layout:
     /// frequency `i` at columns `i` and `i + head_dim / 2`).
     pub fn new(theta: f64, head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
+        Self::build(theta, head_dim, &(start..start + seq).collect::<Vec<_>>(), [1, seq], device)
+    }
+
+    /// Tables for a position per token: `positions`, `[batch * seq]`
+    /// row-major, is the position of token `j` of example `b` at `b * seq + j`.
+    ///
+    /// # Panics
+    ///
+    /// If `positions` does not hold `batch * seq` entries.
+    pub fn per_token(theta: f64, head_dim: usize, positions: &[usize], batch: usize, seq: usize, device: &B::Device) -> Self {
+        assert_eq!(positions.len(), batch * seq, "one rotary position per token");
+        Self::build(theta, head_dim, positions, [batch, seq], device)
+    }
+
+    fn build(theta: f64, head_dim: usize, positions: &[usize], [batch, seq]: [usize; 2], device: &B::Device) -> Self {
         let half = head_dim / 2;
-        let angles: Vec<f64> = (start..start + seq)
-            .flat_map(|pos| (0..half).map(move |i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)))
+        let angles: Vec<f64> = positions
+            .iter()
+            .flat_map(|&pos| (0..half).map(move |i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)))
             .collect();
-        let mut cos = Vec::with_capacity(seq * head_dim);
-        let mut sin = Vec::with_capacity(seq * head_dim);
-        for row in angles.chunks(half.max(1)).take(seq) {
+        let mut cos = Vec::with_capacity(positions.len() * head_dim);
+        let mut sin = Vec::with_capacity(positions.len() * head_dim);
+        for row in angles.chunks(half.max(1)).take(positions.len()) {
             for sign in [-1.0, 1.0] {
                 cos.extend(row.iter().map(|a| a.cos()));
                 sin.extend(row.iter().map(|a| sign * a.sin()));
             }
         }
-        let shape = [1, 1, seq, head_dim];
+        let shape = [batch, 1, seq, head_dim];
         Self {
             cos: Tensor::from_data(TensorData::new(cos, shape), device),
             sin: Tensor::from_data(TensorData::new(sin, shape), device),
@@ -343,26 +361,29 @@ impl<B: Backend> Llama<B> {
         self.run(tokens, padding, None, Some(rows), sampler)
     }
 
-    /// Runs `tokens` through the layers into `cache` (keys and values of
-    /// every position), for later tokens to attend to; with `rows`, the
-    /// last layer computes its attention output and MLP at those positions
-    /// only, as [`Self::hidden_at`] (nothing reads them).
-    pub fn prefill(
-        &self,
-        tokens: Tensor<B, 2, Int>,
-        padding: Option<&[Vec<bool>]>,
-        cache: &mut KvCache<B>,
-        rows: Option<&[usize]>,
-        sampler: &mut Sampler,
-    ) {
-        self.run(tokens, padding, Some(cache), rows, sampler);
+    /// The last hidden states of a batch laid out by the caller: the
+    /// rotary position of every token (`positions`, `[batch * seq]`
+    /// row-major) and the attention bias `mask`, `[batch, 1, seq, seq]`
+    /// (0 where a query may look, `-inf` elsewhere; every query must see
+    /// at least itself). How answer scoring runs a question's choices side
+    /// by side in one row, each restarting at its prefix's end and blind
+    /// to the others.
+    ///
+    /// # Shapes
+    ///
+    /// - tokens: `[batch, seq]`, output: `[batch, seq, hidden]`
+    pub fn hidden_laid_out(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], mask: Tensor<B, 4>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let [batch, seq] = tokens.dims();
+        let first = &self.layers[0].self_attn;
+        let rope = Rope::per_token(self.rope_theta, first.head_dim, positions, batch, seq, &tokens.device());
+        self.layers_forward(tokens, &rope, Some(mask), None, None, sampler)
     }
 
     fn run(
         &self,
         tokens: Tensor<B, 2, Int>,
         padding: Option<&[Vec<bool>]>,
-        mut cache: Option<&mut KvCache<B>>,
+        cache: Option<&mut KvCache<B>>,
         rows: Option<&[usize]>,
         sampler: &mut Sampler,
     ) -> Tensor<B, 3> {
@@ -373,12 +394,25 @@ impl<B: Backend> Llama<B> {
         let rope = Rope::new(self.rope_theta, first.head_dim, past, seq, &device);
         let mask = (seq > 1 || padding.is_some())
             .then(|| attention_mask::<B>(batch, past, seq, padding, &device));
+        self.layers_forward(tokens, &rope, mask, cache, rows, sampler)
+    }
+
+    fn layers_forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        rope: &Rope<B>,
+        mask: Option<Tensor<B, 4>>,
+        mut cache: Option<&mut KvCache<B>>,
+        rows: Option<&[usize]>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
+        let seq = tokens.dims()[1];
         let mut x = self.embed_tokens.forward(tokens);
         let last = self.layers.len() - 1;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(i));
             let rows = rows.filter(|_| i == last);
-            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), &rope, mask.clone(), layer_cache, rows, sampler);
+            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), rope, mask.clone(), layer_cache, rows, sampler);
             x = match rows {
                 Some(rows) => pick_rows(x, 1, rows),
                 None => x,

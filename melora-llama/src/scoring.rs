@@ -4,19 +4,17 @@
 //! a continuation of the question, method.md section 6.1).
 //!
 //! Answer scoring computes a question's shared prefix once and its `K`
-//! continuations after it: one forward pass over the prefixes of the
-//! batch's questions (left-padded, filling a [`KvCache`]), then one over
-//! the continuations of every choice (right-padded), each row attending to
-//! its question's cached keys and values, which gradients flow through.
-//! The weight sample is the question's: the adapters' draws are shared
-//! between the two passes through [`SharedDraws`] (one `C` per question
-//! for Me-LoRA under per-example sampling, one `A` for BLoB, one draw per
-//! batch under per-batch sampling and Flipout), and the prefix's dropout
-//! masks and Flipout signs are drawn once because the prefix is computed
-//! once. The continuation rows are sorted by length and cut into at most
-//! three passes ([`MAX_PARTS`]) that each pad to their own longest row,
-//! where that saves more padding than a pass costs ([`PASS_COST`]). The
-//! score of choice `k` is `s_k = Σ_t log p(c_{k,t} | prompt,
+//! continuations after it, in one forward pass of one row per question:
+//! the prefix, then each choice's continuation in turn (then padding).
+//! The attention mask lets a continuation see its question's prefix and
+//! its own earlier tokens, never another choice's, and its rotary
+//! positions restart at the prefix's end, so each choice is scored as a
+//! forward pass of the prefix and that choice alone would score it
+//! ([`Llama::hidden_laid_out`]). A question is one row, so the weight
+//! sample is the question's: one `C` per question for Me-LoRA under
+//! per-example sampling, one `A` for BLoB, and the prefix's dropout masks
+//! and Flipout signs are drawn once because the prefix is computed once.
+//! The score of choice `k` is `s_k = Σ_t log p(c_{k,t} | prompt,
 //! c_{k,<t})` (full-vocabulary log-softmax), optionally divided by its
 //! token or character count; the output layer runs at the scored
 //! positions only.
@@ -25,13 +23,12 @@
 //! same way, one full forward per choice; `tests/answer.rs` checks the
 //! shared-prefix scores and their gradients against those.
 
-use crate::cache::KvCache;
 use crate::classify::{batch_of, MASKED_LOGIT};
-use crate::data::{collate, Batch, Encoded, LengthNorm, Padding, Scoring};
+use crate::data::{Batch, Encoded, LengthNorm, Padding, Scoring};
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::{Sampler, SharedDraws};
+use melora_core::Sampler;
 
 /// What turns examples into class scores: the scoring, the answer-label
 /// tokens (label scoring), the pad token and the number of classes.
@@ -87,7 +84,7 @@ impl Scorer {
 pub enum ScoreBatch {
     /// Label scoring: padded prompts.
     Label(Batch),
-    /// Answer scoring: prefixes and continuations.
+    /// Answer scoring: each question's prefix and continuations in a row.
     Answer(ChoiceBatch),
 }
 
@@ -118,22 +115,11 @@ impl ScoreBatch {
         }
     }
 
-    /// The forward passes [`Scorer::scores`] runs, in order.
+    /// The forward passes [`Scorer::scores`] runs, in order (one).
     pub fn passes(&self) -> Vec<PassLayout> {
         match self {
             Self::Label(b) => vec![PassLayout { mask: b.mask.clone(), example: (0..b.shape[0]).collect() }],
-            Self::Answer(b) => {
-                let mut passes = Vec::new();
-                if b.prefix.shape[1] > 0 {
-                    passes.push(PassLayout { mask: b.prefix.mask.clone(), example: (0..b.prefix.shape[0]).collect() });
-                }
-                let past = b.prefix.shape[1];
-                passes.extend(b.parts.iter().map(|part| PassLayout {
-                    mask: part.padding.iter().map(|row| row[past..].to_vec()).collect(),
-                    example: part.rows.clone(),
-                }));
-                passes
-            }
+            Self::Answer(b) => vec![PassLayout { mask: b.real(), example: (0..b.shape[0]).collect() }],
         }
     }
 
@@ -141,24 +127,27 @@ impl ScoreBatch {
     pub fn padded_tokens(&self) -> usize {
         match self {
             Self::Label(b) => b.shape[0] * b.shape[1],
-            Self::Answer(b) => b.prefix.shape[0] * b.prefix.shape[1] + b.parts.iter().map(|p| p.shape[0] * p.shape[1]).sum::<usize>(),
+            Self::Answer(b) => b.shape[0] * b.shape[1],
         }
     }
 }
 
-/// A batch of answer-scored questions: their shared prefixes (left-padded,
-/// one row per question) and the continuations of all their choices (one
-/// row per choice, right-padded), the rows sorted by length and cut into at
-/// most [`MAX_PARTS`] parts, each a forward pass of its own padded to its
-/// longest row (choices' lengths vary far more than prompts').
+/// A batch of answer-scored questions, one row per question: its shared
+/// prefix, then the continuation of each choice in turn, right-padded to
+/// the batch's longest row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChoiceBatch {
-    /// The prefixes; `shape[1]` is 0 when no question has one.
-    pub prefix: Batch,
-    /// The continuation passes.
-    pub parts: Vec<ContinuationPart>,
-    /// The scored positions, as indices into the parts' flattened outputs
-    /// laid end to end (`[rows * seq]` of each part in turn).
+    /// Tokens, `[questions, seq]` row-major.
+    pub tokens: Vec<i64>,
+    /// `[questions, seq]`.
+    pub shape: [usize; 2],
+    /// The rotary position of every token, `[questions * seq]`: the
+    /// prefix from 0, each continuation from the prefix's length.
+    pub rope: Vec<usize>,
+    /// What each token of each row belongs to.
+    pub segments: Vec<Vec<Segment>>,
+    /// The scored positions, as indices into the flattened output
+    /// `[questions * seq]`.
     pub positions: Vec<i64>,
     /// The token each scored position predicts.
     pub targets: Vec<i64>,
@@ -174,61 +163,15 @@ pub struct ChoiceBatch {
     pub n_choices: Vec<usize>,
 }
 
-/// The most continuation passes a batch is cut into.
-pub const MAX_PARTS: usize = 3;
-
-/// One continuation pass of a [`ChoiceBatch`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct ContinuationPart {
-    /// The question of each row.
-    pub rows: Vec<usize>,
-    /// Tokens, `[rows, seq]` row-major.
-    pub tokens: Vec<i64>,
-    /// `[rows, seq]`.
-    pub shape: [usize; 2],
-    /// Per row, `true` for the real keys over the prefix's and its own positions.
-    pub padding: Vec<Vec<bool>>,
-}
-
-/// What one more forward pass costs, in padded tokens: every pass packs
-/// every weight matrix again (forward and backward), which on the CPU
-/// costs about as much as a few dozen tokens' products.
-pub const PASS_COST: usize = 32;
-
-/// Cuts ascending lengths into at most `max` runs minimising the padded
-/// total `Σ rows × longest` plus [`PASS_COST`] per run (dynamic
-/// programming); the runs' ends.
-fn cut_sorted(lengths: &[usize], max: usize) -> Vec<usize> {
-    let n = lengths.len();
-    let parts = max.max(1).min(n.max(1));
-    // best[p][j]: the least cost of the first j rows in p runs.
-    let mut best = vec![vec![usize::MAX; n + 1]; parts + 1];
-    let mut from = vec![vec![0usize; n + 1]; parts + 1];
-    best[0][0] = 0;
-    for p in 1..=parts {
-        for j in 1..=n {
-            for i in (p - 1)..j {
-                if best[p - 1][i] == usize::MAX {
-                    continue;
-                }
-                let cost = best[p - 1][i] + (j - i) * lengths[j - 1];
-                if cost < best[p][j] {
-                    best[p][j] = cost;
-                    from[p][j] = i;
-                }
-            }
-        }
-    }
-    let p = (1..=parts).min_by_key(|&p| (best[p][n].saturating_add(p * PASS_COST), p)).unwrap_or(1);
-    let mut ends = Vec::new();
-    let (mut p, mut j) = (p, n);
-    while p > 0 && j > 0 {
-        ends.push(j);
-        j = from[p][j];
-        p -= 1;
-    }
-    ends.reverse();
-    ends
+/// The part of a [`ChoiceBatch`] row a token belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Segment {
+    /// The question's shared prefix.
+    Prefix,
+    /// The continuation of a choice.
+    Choice(usize),
+    /// Padding.
+    Padding,
 }
 
 impl ChoiceBatch {
@@ -238,62 +181,78 @@ impl ChoiceBatch {
     ///
     /// If an example has no continuations (it was label-encoded).
     pub fn new(examples: &[&Encoded], pad: u32, norm: LengthNorm) -> Self {
-        let prefix = collate(examples, pad, Padding::Left);
-        let mut rows: Vec<(usize, usize)> = Vec::new();
-        for (q, example) in examples.iter().enumerate() {
-            assert!(!example.continuations.is_empty(), "an example without continuations under answer scoring");
-            rows.extend((0..example.continuations.len()).map(|k| (q, k)));
-        }
-        let length = |&(q, k): &(usize, usize)| examples[q].continuations[k].input.len();
-        rows.sort_by_key(|r| (length(r), r.0, r.1));
-        let ends = cut_sorted(&rows.iter().map(length).collect::<Vec<_>>(), MAX_PARTS);
+        let seq = examples.iter().map(|e| e.tokens()).max().unwrap_or(0);
         let mut batch = ChoiceBatch {
-            parts: Vec::new(),
+            tokens: Vec::with_capacity(examples.len() * seq),
+            shape: [examples.len(), seq],
+            rope: Vec::with_capacity(examples.len() * seq),
+            segments: Vec::with_capacity(examples.len()),
             positions: Vec::new(),
             targets: Vec::new(),
             slots: Vec::new(),
             weights: Vec::new(),
-            labels: prefix.labels.clone(),
+            labels: examples.iter().map(|e| e.label).collect(),
             n_choices: examples.iter().map(|e| e.continuations.len()).collect(),
-            prefix,
         };
-        let (mut begin, mut offset) = (0, 0);
-        for end in ends {
-            let members = &rows[begin..end];
-            let seq = members.iter().map(length).max().unwrap_or(0);
-            let mut part = ContinuationPart { rows: Vec::new(), tokens: Vec::new(), shape: [members.len(), seq], padding: Vec::new() };
-            for (row, &(q, k)) in members.iter().enumerate() {
-                let c = &examples[q].continuations[k];
+        for (q, example) in examples.iter().enumerate() {
+            assert!(!example.continuations.is_empty(), "an example without continuations under answer scoring");
+            let prefix = example.ids.len();
+            let mut segments = vec![Segment::Prefix; prefix];
+            batch.tokens.extend(example.ids.iter().map(|&t| t as i64));
+            batch.rope.extend(0..prefix);
+            for (k, c) in example.continuations.iter().enumerate() {
                 let divisor = match norm {
                     LengthNorm::None => 1.0,
                     LengthNorm::PerToken => c.scored().max(1) as f64,
                     LengthNorm::PerChar => c.chars.max(1) as f64,
                 };
-                part.tokens.extend(c.input.iter().map(|&t| t as i64));
-                part.tokens.extend(std::iter::repeat_n(pad as i64, seq - c.input.len()));
-                let mut keys = batch.prefix.mask[q].clone();
-                keys.extend((0..seq).map(|j| j < c.input.len()));
-                part.padding.push(keys);
-                part.rows.push(q);
+                let start = q * seq + segments.len();
                 for (i, &target) in c.targets.iter().enumerate().skip(c.unscored) {
-                    batch.positions.push((offset + row * seq + i) as i64);
+                    batch.positions.push((start + i) as i64);
                     batch.targets.push(target as i64);
                     batch.slots.push((q, k));
                     batch.weights.push(1.0 / divisor);
                 }
+                batch.tokens.extend(c.input.iter().map(|&t| t as i64));
+                batch.rope.extend(prefix..prefix + c.input.len());
+                segments.extend(std::iter::repeat_n(Segment::Choice(k), c.input.len()));
             }
-            offset += members.len() * seq;
-            batch.parts.push(part);
-            begin = end;
+            let fill = seq - segments.len();
+            batch.tokens.extend(std::iter::repeat_n(pad as i64, fill));
+            batch.rope.extend(std::iter::repeat_n(0, fill));
+            segments.extend(std::iter::repeat_n(Segment::Padding, fill));
+            batch.segments.push(segments);
         }
         batch
+    }
+
+    /// Per row, `true` for the real tokens.
+    pub fn real(&self) -> Vec<Vec<bool>> {
+        self.segments.iter().map(|row| row.iter().map(|&s| s != Segment::Padding).collect()).collect()
+    }
+
+    /// The attention bias `[questions, 1, seq, seq]`, row-major: a token
+    /// sees the earlier tokens of its own segment and, in a continuation,
+    /// the whole prefix; padding sees itself only.
+    pub fn attention_bias(&self) -> Vec<f32> {
+        let seq = self.shape[1];
+        let mut bias = Vec::with_capacity(self.shape[0] * seq * seq);
+        for row in &self.segments {
+            for (i, &query) in row.iter().enumerate() {
+                bias.extend(row.iter().enumerate().map(|(j, &key)| {
+                    let visible = j == i || (j < i && query != Segment::Padding && (key == query || key == Segment::Prefix));
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                }));
+            }
+        }
+        bias
     }
 
     /// The matrix `[questions * classes, positions]` that sums the weighted
     /// log-probabilities into their class slots.
     fn weight_matrix(&self, classes: usize) -> Vec<f64> {
         let n = self.positions.len();
-        let mut w = vec![0f64; self.prefix.shape[0] * classes * n];
+        let mut w = vec![0f64; self.shape[0] * classes * n];
         for (p, (&(q, k), &weight)) in self.slots.iter().zip(&self.weights).enumerate() {
             w[(q * classes + k) * n + p] = weight;
         }
@@ -306,43 +265,15 @@ impl<B: Backend> Llama<B> {
     /// choice's (normalised) log-likelihood, [`MASKED_LOGIT`] for the
     /// classes a question lacks. See the [module docs](self).
     pub fn choice_scores(&self, batch: &ChoiceBatch, classes: usize, sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
-        let questions = batch.prefix.shape[0];
+        let [questions, seq] = batch.shape;
         assert!(batch.n_choices.iter().all(|&n| n <= classes), "a question has more choices than classes");
-        let mut own = SharedDraws::new(questions);
-        let mut sampler = Sampler {
-            mode: sampler.mode,
-            dropout: sampler.dropout,
-            noise: &mut *sampler.noise,
-            taps: sampler.taps.as_deref_mut(),
-            shared: Some(&mut own),
-        };
-        // The prefix pass: its keys and values are all that is read (the
-        // last layer computes its attention output and MLP at one position,
-        // unless the LoRA taps of Laplace's curvature record every position).
-        let mut cache = KvCache::new(self.n_layers());
-        let [_, past] = batch.prefix.shape;
-        if past > 0 {
-            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.prefix.tokens.clone(), batch.prefix.shape), device);
-            let padded = batch.prefix.mask.iter().any(|row| row.iter().any(|m| !m));
-            let last = vec![past - 1; questions];
-            let rows = sampler.taps.is_none().then_some(last.as_slice());
-            self.prefill(tokens, padded.then_some(batch.prefix.mask.as_slice()), &mut cache, rows, &mut sampler);
-        }
-        // The continuation passes, every row after its question's prefix.
-        let mut outputs = Vec::with_capacity(batch.parts.len());
-        for part in &batch.parts {
-            if let Some(shared) = sampler.shared.as_deref_mut() {
-                shared.set_rows(part.rows.clone());
-            }
-            let mut cache = cache.select_rows(&part.rows);
-            let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(part.tokens.clone(), part.shape), device);
-            let hidden = self.hidden(tokens, Some(part.padding.as_slice()), (past > 0).then_some(&mut cache), &mut sampler);
-            let [rows, seq, d] = hidden.dims();
-            outputs.push(hidden.reshape([rows * seq, d]));
-        }
+        let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), batch.shape), device);
+        let bias = Tensor::<B, 4>::from_data(TensorData::new(batch.attention_bias(), [questions, 1, seq, seq]), device);
+        let hidden = self.hidden_laid_out(tokens, &batch.rope, bias, sampler);
+        let d = hidden.dims()[2];
         let n = batch.positions.len();
         let positions = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.positions.clone(), [n]), device);
-        let at = Tensor::cat(outputs, 0).select(0, positions);
+        let at = hidden.reshape([questions * seq, d]).select(0, positions);
         let logp = log_softmax(self.logits_rows(at), 1);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [n, 1]), device);
         let picked = logp.gather(1, targets);

@@ -123,8 +123,7 @@ pub fn cloze_examples() -> Vec<melora_llama::data::Encoded> {
         cloze_example(&[30, 31, 32], &[(&[40], &[50, 51, 52]), (&[41, 45], &[50, 51, 52])], 1),
         // No common first token: an empty shared prefix.
         cloze_example(&[], &[(&[11, 12], &[13]), (&[14], &[15, 16]), (&[17, 18, 19], &[20]), (&[21], &[22])], 3),
-        // One long choice among short ones: the continuations take two
-        // passes of their own lengths (scoring::PASS_COST).
+        // One long choice among short ones: the other rows are padded.
         cloze_example(&[7, 8], &[(&[], &[9]), (&[], &(60..105).collect::<Vec<u32>>())], 1),
     ]
 }
