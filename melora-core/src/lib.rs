@@ -39,7 +39,7 @@ pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
 pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig, StdInit};
-pub use metrics::{bayesian_average, ClassProbs, Metrics};
+pub use metrics::{auroc, bayesian_average, ClassProbs, Metrics, Uncertainty};
 pub use noise::{NoiseDevice, NoiseSource};
 pub use sampling::{LoraTap, Sampler, SamplingMode, SharedDraws, Taps};
 

@@ -1,4 +1,6 @@
-//! Calibration metrics on class probabilities, and the Bayesian model average.
+//! Calibration metrics on class probabilities, the Bayesian model average,
+//! the entropy decomposition of a sampled prediction and the AUROC of an
+//! out-of-distribution detector.
 //!
 //! method.md section 3: accuracy, NLL (mean over examples), ECE (top-label,
 //! 15 equal-width bins, L1, binned as torchmetrics does: bin `k` holds
@@ -211,6 +213,78 @@ pub fn bayesian_average<B: Backend>(logit_samples: Vec<Tensor<B, 2>>) -> Tensor<
     Tensor::cat(probs, 0).mean_dim(0).squeeze_dim::<2>(0)
 }
 
+/// The entropy (nats) of a probability vector; zero entries add nothing.
+pub fn entropy(p: &[f64]) -> f64 {
+    -p.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f64>()
+}
+
+/// The decomposition of one example's predictive uncertainty from its `S`
+/// sampled probability vectors (`samples`, `[S, k]` row-major): the total
+/// (the entropy of their mean), the aleatoric part (the mean of their
+/// entropies) and the epistemic part, their difference, the mutual
+/// information between the prediction and the weights (Depeweg et al.
+/// 2018). One sample: epistemic 0.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Uncertainty {
+    /// `H[mean_s p_s]`.
+    pub total: f64,
+    /// `mean_s H[p_s]`.
+    pub aleatoric: f64,
+    /// `total - aleatoric` (never negative: entropy is concave; 0 below
+    /// the entropies' rounding).
+    pub epistemic: f64,
+}
+
+impl Uncertainty {
+    /// The decomposition of `samples` (`[S, k]` row-major, `S >= 1`).
+    ///
+    /// # Panics
+    ///
+    /// If `k` is 0 or does not divide `samples.len()`.
+    pub fn of(samples: &[f64], k: usize) -> Self {
+        assert!(k > 0 && !samples.is_empty() && samples.len() % k == 0, "Uncertainty::of: {} values are not rows of {k}", samples.len());
+        let s = samples.len() / k;
+        let mean: Vec<f64> = (0..k).map(|c| samples.chunks(k).map(|r| r[c]).sum::<f64>() / s as f64).collect();
+        let total = entropy(&mean);
+        let aleatoric = samples.chunks(k).map(entropy).sum::<f64>() / s as f64;
+        // Samples that agree leave rounding (±1e-17) where the mutual
+        // information is 0: below the precision of the entropies, 0.
+        let epistemic = total - aleatoric;
+        let epistemic = if epistemic <= 1e-12 * total.max(1.0) { 0.0 } else { epistemic };
+        Self { total, aleatoric, epistemic }
+    }
+}
+
+/// The area under the ROC curve of a detector whose score should be
+/// higher on `positives` (out of distribution) than on `negatives` (in
+/// distribution): the probability that a random positive scores above a
+/// random negative, ties counting one half (the Mann-Whitney U statistic
+/// over `|positives| |negatives|`). `None` when either set is empty or a
+/// score is NaN.
+pub fn auroc(positives: &[f64], negatives: &[f64]) -> Option<f64> {
+    if positives.is_empty() || negatives.is_empty() || positives.iter().chain(negatives).any(|v| v.is_nan()) {
+        return None;
+    }
+    // Rank everything together (average ranks over ties), then U = the
+    // positives' rank sum minus its least value.
+    let mut all: Vec<(f64, bool)> = positives.iter().map(|&v| (v, true)).chain(negatives.iter().map(|&v| (v, false))).collect();
+    all.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut rank_sum = 0.0;
+    let mut i = 0;
+    while i < all.len() {
+        let mut j = i;
+        while j + 1 < all.len() && all[j + 1].0 == all[i].0 {
+            j += 1;
+        }
+        // Positions i..=j (0-based) share the rank (i + j) / 2 + 1.
+        let rank = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += rank * all[i..=j].iter().filter(|x| x.1).count() as f64;
+        i = j + 1;
+    }
+    let (p, n) = (positives.len() as f64, negatives.len() as f64);
+    Some((rank_sum - p * (p + 1.0) / 2.0) / (p * n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,5 +358,50 @@ mod tests {
         for (x, y) in one.iter().zip(&expected) {
             assert!((x - y).abs() < 1e-12);
         }
+    }
+
+    #[test]
+    fn uncertainty_of_known_distributions() {
+        let ln2 = std::f64::consts::LN_2;
+        // Two confident samples that disagree: all of the uncertainty is epistemic.
+        let u = Uncertainty::of(&[1.0, 0.0, 0.0, 1.0], 2);
+        assert!((u.total - ln2).abs() < 1e-15 && u.aleatoric == 0.0 && (u.epistemic - ln2).abs() < 1e-15);
+        // Identical uniform samples: all aleatoric.
+        let u = Uncertainty::of(&[0.25; 8], 4);
+        assert!((u.total - 4f64.ln()).abs() < 1e-15 && (u.aleatoric - 4f64.ln()).abs() < 1e-15 && u.epistemic == 0.0);
+        // One sample: total = aleatoric, no epistemic part.
+        let u = Uncertainty::of(&[0.7, 0.2, 0.1], 3);
+        let h = -(0.7f64 * 0.7f64.ln() + 0.2 * 0.2f64.ln() + 0.1 * 0.1f64.ln());
+        assert!((u.total - h).abs() < 1e-15 && u.aleatoric == u.total && u.epistemic == 0.0);
+        // A mixed case by hand: samples (0.9, 0.1) and (0.5, 0.5), mean (0.7, 0.3).
+        let u = Uncertainty::of(&[0.9, 0.1, 0.5, 0.5], 2);
+        let (h_mean, h1, h2) = (entropy(&[0.7, 0.3]), entropy(&[0.9, 0.1]), ln2);
+        assert!((u.total - h_mean).abs() < 1e-15 && (u.aleatoric - (h1 + h2) / 2.0).abs() < 1e-15);
+        assert!((u.epistemic - (h_mean - (h1 + h2) / 2.0)).abs() < 1e-15 && u.epistemic > 0.0);
+    }
+
+    #[test]
+    fn auroc_by_hand_with_ties() {
+        // Perfect separation, reversed, and nothing to tell apart.
+        assert_eq!(auroc(&[3.0, 4.0], &[1.0, 2.0]), Some(1.0));
+        assert_eq!(auroc(&[1.0, 2.0], &[3.0, 4.0]), Some(0.0));
+        assert_eq!(auroc(&[5.0, 5.0, 5.0], &[5.0, 5.0]), Some(0.5));
+        // Positives {0.8, 0.4, 0.4}, negatives {0.4, 0.1}: of the 6 pairs,
+        // 0.8 beats both (2), each 0.4 beats 0.1 (2) and ties 0.4 (2 x 1/2).
+        assert_eq!(auroc(&[0.8, 0.4, 0.4], &[0.4, 0.1]), Some(5.0 / 6.0));
+        // The same by brute force on seeded random scores with many ties.
+        let mut state = 7u64;
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) % 7) as f64
+        };
+        let pos: Vec<f64> = (0..40).map(|_| next() + 1.0).collect();
+        let neg: Vec<f64> = (0..31).map(|_| next()).collect();
+        let pairs: f64 = pos.iter().map(|p| neg.iter().map(|n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+        let want = pairs / (pos.len() * neg.len()) as f64;
+        assert!((auroc(&pos, &neg).unwrap() - want).abs() < 1e-12);
+        // Nothing to compare, or a NaN score: no AUROC.
+        assert_eq!(auroc(&[], &[1.0]), None);
+        assert_eq!(auroc(&[f64::NAN], &[1.0]), None);
     }
 }

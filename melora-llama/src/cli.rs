@@ -7,12 +7,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
 use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task};
-use melora_llama::eval::{predict_samples, PredictOptions};
+use melora_llama::eval::{predict_samples, softmax_rows, PredictOptions, SampledProbs};
 use melora_llama::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::peft::load_adapter;
 use melora_llama::pretrained::Pretrained;
-use melora_llama::report::{markdown, write_results, ResultRow, Spread};
+use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
 use melora_llama::data::{seeded_shuffle, SPLIT_SEED};
 use melora_llama::eval::{ensemble_probs, predict_logits};
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir, LaplaceMeta, PriorPrecision};
@@ -172,6 +172,15 @@ pub struct EvalArgs {
     pub batch_size: usize,
     pub seed: u64,
     pub out: Option<PathBuf>,
+    /// Out-of-distribution tasks, evaluated after `task` (same split and
+    /// subset size) with the AUROC of telling them apart from it.
+    pub ood: Vec<Task>,
+}
+
+/// One evaluated task: its row and every sample's probabilities.
+pub struct Evaluation {
+    pub row: ResultRow,
+    pub sampled: SampledProbs,
 }
 
 fn evaluate(
@@ -182,19 +191,15 @@ fn evaluate(
     task: Task,
     split: Split,
     options: &PredictOptions,
-) -> Result<ResultRow> {
+) -> Result<Evaluation> {
     let start = Instant::now();
     let (bar, callback) = batch_progress(name);
     let sampled = predict_samples(model, examples, scorer, options, &backend::device(), callback)?;
     finish_bar(bar);
-    let probs = sampled.average();
-    let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &probs);
-    if sampled.samples > 1 {
-        let (total, aleatoric, epistemic) = sampled.uncertainty();
-        row.spread = Some(Spread { posterior_std: model.posterior_std(), gold_std: sampled.gold_std(), total, aleatoric, epistemic });
-    }
+    let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &sampled.average());
+    row.spread = Some(Spread::of(&sampled, model.posterior_std()));
     log_row(&row, start);
-    Ok(row)
+    Ok(Evaluation { row, sampled })
 }
 
 /// A progress callback for prediction batches: a bar on a terminal, lines otherwise.
@@ -241,23 +246,35 @@ fn default_out(args: &EvalArgs) -> PathBuf {
     base.join(format!("eval-{}-{}", args.task.name(), args.split.name()))
 }
 
-fn finish_eval(args: &EvalArgs, row: ResultRow) -> Result<()> {
+/// Writes the evaluations (the first in distribution, the others out of
+/// it) and prints their table.
+fn finish_eval(args: &EvalArgs, evaluations: &[Evaluation]) -> Result<()> {
     let out = args.out.clone().unwrap_or_else(|| default_out(args));
-    let files = write_results(&out, std::slice::from_ref(&row))?;
-    print!("{}", markdown(&[row]));
+    let rows: Vec<ResultRow> = evaluations.iter().map(|e| e.row.clone()).collect();
+    let sets: Vec<(String, &SampledProbs)> = evaluations.iter().map(|e| (e.row.task.clone(), &e.sampled)).collect();
+    let ood = match sets.split_first() {
+        Some((first, rest)) if !rest.is_empty() => ood_detection((&first.0, first.1), &rest.iter().map(|(t, p)| (t.as_str(), *p)).collect::<Vec<_>>()),
+        _ => Vec::new(),
+    };
+    let files = write_evaluation(&out, &rows, &evaluations.iter().map(|e| &e.sampled).collect::<Vec<_>>(), &ood)?;
+    print!("{}", markdown(&rows));
+    if !ood.is_empty() {
+        print!("\n{}", ood_markdown(&ood));
+    }
     eprintln!("results in {} ({} diagram files)", out.display(), files.len());
     Ok(())
 }
 
-/// A deep ensemble: each member's logits in turn, then combined.
-fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<()> {
+/// A deep ensemble: each member's logits in turn, then combined; the
+/// members are the samples of the uncertainty decomposition.
+fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task) -> Result<Evaluation> {
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
     let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Inner>(&device)?;
     let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
     let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
-    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
     let average = args.ensemble_average.unwrap_or(config.ensemble_average);
     let start = Instant::now();
     let mut members = Vec::new();
@@ -270,16 +287,19 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig) -> Result<
         members.push(predict_logits(&model, &examples, &scorer, args.batch_size, &device, callback));
         finish_bar(bar);
     }
-    let probs = ensemble_probs(&members, scorer.classes, average);
-    let probs = ClassProbs::new(probs, scorer.classes, examples.iter().map(|e| e.label).collect())?;
+    let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
+    let probs = ClassProbs::new(ensemble_probs(&members, scorer.classes, average), scorer.classes, labels.clone())?;
+    let sampled = SampledProbs::from_members(&members.iter().map(|m| softmax_rows(m, scorer.classes)).collect::<Vec<_>>(), scorer.classes, labels);
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
-    let row = ResultRow::new(&name, args.task.name(), args.split.name(), config.members, &probs);
+    let mut row = ResultRow::new(&name, task.name(), args.split.name(), config.members, &probs);
+    row.spread = Some(Spread::of(&sampled, None));
     log_row(&row, start);
-    finish_eval(args, row)
+    Ok(Evaluation { row, sampled })
 }
 
-/// A Laplace posterior: the linearised predictive, probit (S = 1) or sampled.
-fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
+/// A Laplace posterior: the linearised predictive, probit (S = 1) or
+/// sampled (S logit draws, the samples of the uncertainty decomposition).
+fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let laplace = LaplaceDir { dir: dir.to_path_buf() };
     let (meta, blocks) = laplace.load()?;
     let config = load_config(Some(&dir.join("config.json")), &[])?;
@@ -294,34 +314,46 @@ fn eval_laplace(args: &EvalArgs, dir: &Path) -> Result<()> {
         "this Laplace posterior was fitted under {:?} scoring: its curvature does not hold for {scoring:?} scoring",
         config.scoring
     );
-    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
     let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &scorer, args.batch_size, &device, callback)?;
     finish_bar(bar);
     let k = scorer.classes;
     let samples = args.samples.unwrap_or(1);
-    let (probs, how) = if samples > 1 {
-        (laplace::sampled(&lin.mean, &lin.covariance[0], k, samples, args.seed), format!("sampled, S = {samples}"))
+    let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
+    let (sampled, how) = if samples > 1 {
+        let probs = laplace::draws(&lin.mean, &lin.covariance[0], k, samples, args.seed);
+        (SampledProbs { probs, samples, classes: k, labels }, format!("sampled, S = {samples}"))
     } else {
-        (laplace::probit(&lin.mean, &lin.covariance[0], k), "probit".to_string())
+        (SampledProbs { probs: laplace::probit(&lin.mean, &lin.covariance[0], k), samples: 1, classes: k, labels }, "probit".to_string())
     };
-    let probs = ClassProbs::new(probs, k, examples.iter().map(|e| e.label).collect())?;
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
-    let row = ResultRow::new(&name, args.task.name(), args.split.name(), samples, &probs);
+    let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
+    row.spread = Some(Spread::of(&sampled, None));
     log_row(&row, start);
-    finish_eval(args, row)
+    Ok(Evaluation { row, sampled })
 }
 
+/// `melora eval`: the task, then each out-of-distribution task.
 pub fn eval_command(args: EvalArgs) -> Result<()> {
+    let mut evaluations = Vec::with_capacity(1 + args.ood.len());
+    for task in std::iter::once(args.task).chain(args.ood.iter().copied()) {
+        evaluations.push(evaluate_task(&args, task)?);
+    }
+    finish_eval(&args, &evaluations)
+}
+
+/// One task's evaluation of the subject.
+fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     let (config, adapter_dir) = match &args.subject {
-        Subject::Run(dir) if LaplaceDir::is_laplace(dir) => return eval_laplace(&args, dir),
+        Subject::Run(dir) if LaplaceDir::is_laplace(dir) => return eval_laplace(args, dir, task),
         Subject::Run(dir) => {
             let run = RunDir { dir: dir.clone() };
             let config = load_config(Some(&run.config()), &[])?;
             if config.method == Method::Ens {
-                return eval_ensemble(&args, &run, &config);
+                return eval_ensemble(args, &run, &config, task);
             }
             let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
             (Some(config), Some(checkpoint))
@@ -355,15 +387,14 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
     // The run's scoring unless the flags say otherwise.
     let scoring = args.scoring.or(config.as_ref().map(|c| c.scoring)).unwrap_or(Scoring::Label);
     let norm = args.length_norm.or(config.as_ref().map(|c| c.length_norm)).unwrap_or(LengthNorm::None);
-    let scorer = scorer_for(args.task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(args.task, scoring, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
+    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
+    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
         _ => format!("{} (S = {samples})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
     };
-    eprintln!("{} {} examples, {scoring:?} scoring", args.task, args.split.name());
-    let row = evaluate(&name, &model, &scorer, &examples, args.task, args.split, &options)?;
-    finish_eval(&args, row)
+    eprintln!("{task} {} examples, {scoring:?} scoring", args.split.name());
+    evaluate(&name, &model, &scorer, &examples, task, args.split, &options)
 }
 
 /// Reads a Laplace configuration file (or the defaults) and applies
@@ -522,7 +553,7 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &scorer, &validation, config.task, Split::Validation, &mean)?);
+    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &scorer, &validation, config.task, Split::Validation, &mean)?.row);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
     let lora = TrainConfig { method: Method::Lora, train_sampling: SamplingMode::Mean, ..config.clone() };
     for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA (MAP)"), (&config, out.join("melora"), "Me-LoRA")] {
@@ -545,7 +576,7 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         } else {
             format!("{label}, {} steps", method_config.steps)
         };
-        rows.push(evaluate(&name, &trained, &scorer, &validation, config.task, Split::Validation, &options)?);
+        rows.push(evaluate(&name, &trained, &scorer, &validation, config.task, Split::Validation, &options)?.row);
     }
     write_results(&results, &rows)?;
     println!("\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n", validation.len(), config.scoring);

@@ -7,7 +7,7 @@ use crate::model::Llama;
 use crate::scoring::Scorer;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
-use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode};
+use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode, Uncertainty};
 use serde::{Deserialize, Serialize};
 
 /// How to predict.
@@ -52,8 +52,9 @@ pub fn predict<B: Backend>(
     Ok(predict_samples(model, examples, scorer, options, device, on_batch)?.average())
 }
 
-/// What [`predict_samples`] returns: every sample's class probabilities.
-#[derive(Debug, Clone, PartialEq)]
+/// What [`predict_samples`] returns: every sample's class probabilities
+/// (an evaluation's `predictions.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampledProbs {
     /// `[examples, samples, classes]` row-major.
     pub probs: Vec<f64>,
@@ -106,17 +107,30 @@ impl SampledProbs {
     /// examples: the entropy of the averaged prediction, the mean entropy of
     /// the samples, and their difference (the mutual information).
     pub fn uncertainty(&self) -> (f64, f64, f64) {
-        let (s, k) = (self.samples, self.classes);
-        let entropy = |p: &[f64]| -> f64 { -p.iter().filter(|&&v| v > 0.0).map(|&v| v * v.ln()).sum::<f64>() };
-        let n = self.labels.len().max(1) as f64;
-        let (mut total, mut aleatoric) = (0.0, 0.0);
-        for i in 0..self.labels.len() {
-            let rows = &self.probs[i * s * k..(i + 1) * s * k];
-            let mean: Vec<f64> = (0..k).map(|c| rows.chunks(k).map(|r| r[c]).sum::<f64>() / s as f64).collect();
-            total += entropy(&mean);
-            aleatoric += rows.chunks(k).map(entropy).sum::<f64>() / s as f64;
+        let per = self.per_example();
+        let n = per.len().max(1) as f64;
+        let mean = |f: fn(&Uncertainty) -> f64| per.iter().map(f).sum::<f64>() / n;
+        (mean(|u| u.total), mean(|u| u.aleatoric), mean(|u| u.epistemic))
+    }
+
+    /// Each example's uncertainty decomposition ([`Uncertainty::of`] its samples).
+    pub fn per_example(&self) -> Vec<Uncertainty> {
+        let sk = self.samples * self.classes;
+        (0..self.labels.len()).map(|i| Uncertainty::of(&self.probs[i * sk..(i + 1) * sk], self.classes)).collect()
+    }
+
+    /// Samples of `k` classes from per-member (or per-draw) probabilities,
+    /// each `[examples, k]` row-major: member `m` becomes sample `m`.
+    pub fn from_members(members: &[Vec<f64>], k: usize, labels: Vec<usize>) -> Self {
+        let (n, s) = (labels.len(), members.len());
+        let mut probs = vec![0f64; n * s * k];
+        for (m, member) in members.iter().enumerate() {
+            assert_eq!(member.len(), n * k, "a member's probabilities for every example");
+            for i in 0..n {
+                probs[(i * s + m) * k..(i * s + m + 1) * k].copy_from_slice(&member[i * k..(i + 1) * k]);
+            }
         }
-        (total / n, aleatoric / n, (total - aleatoric) / n)
+        Self { probs, samples: s, classes: k, labels }
     }
 }
 

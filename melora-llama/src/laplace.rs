@@ -582,13 +582,23 @@ pub fn probit(mean: &[f64], covariance: &[f64], k: usize) -> Vec<f64> {
 /// The Monte Carlo predictive: the mean softmax of `samples` draws of the
 /// logits from `N(μ, Σ)` per example.
 pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64) -> Vec<f64> {
+    let s = samples.max(1);
+    draws(mean, covariance, k, s, seed)
+        .chunks(s * k)
+        .flat_map(|rows| (0..k).map(move |j| rows.chunks(k).map(|r| r[j]).sum::<f64>() / s as f64))
+        .collect()
+}
+
+/// The softmax of each of `samples` draws of the logits from `N(μ, Σ)`
+/// per example, `[examples, samples, k]` row-major.
+pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64) -> Vec<f64> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = move || {
         // Box-Muller.
         let (u1, u2) = (1.0 - rng.random::<f64>(), rng.random::<f64>());
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     };
-    let mut out = Vec::with_capacity(mean.len());
+    let mut out = Vec::with_capacity(mean.len() * samples.max(1));
     for (mu, cov) in mean.chunks(k).zip(covariance.chunks(k * k)) {
         let mut sigma = DMatrix::from_row_slice(k, k, cov);
         let jitter = 1e-10 * (1.0 + sigma.diagonal().max());
@@ -596,15 +606,11 @@ pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed:
             sigma[(j, j)] += jitter;
         }
         let l = nalgebra::Cholesky::new(sigma).map(|c| c.l()).unwrap_or_else(|| DMatrix::zeros(k, k));
-        let mut acc = vec![0.0; k];
         for _ in 0..samples.max(1) {
             let z = nalgebra::DVector::from_fn(k, |_, _| normal());
             let f: Vec<f64> = (0..k).map(|j| mu[j] + (l.row(j) * &z)[0]).collect();
-            for (a, p) in acc.iter_mut().zip(crate::eval::softmax_rows(&f, k)) {
-                *a += p / samples.max(1) as f64;
-            }
+            out.extend(crate::eval::softmax_rows(&f, k));
         }
-        out.extend(acc);
     }
     out
 }

@@ -152,6 +152,12 @@ enum Command {
         /// Output folder (default: <run or adapter>/eval-<task>-<split>).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Out-of-distribution tasks (comma-separated), evaluated after
+        /// --task on the same split and subset size; adds the AUROC of
+        /// telling each (and all of them pooled) apart from --task by
+        /// total predictive entropy and by its epistemic part (ood.json).
+        #[arg(long, value_delimiter = ',')]
+        ood: Vec<Task>,
     },
     /// Laplace-LoRA on a MAP run: KFAC curvature of the LoRA matrices over
     /// the training data, prior precision by marginal likelihood (or on
@@ -171,6 +177,20 @@ enum Command {
         /// Where the posterior goes (default: <run>/laplace).
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The calibration study's tables (experiments/study.sh) from its run
+    /// folders: in distribution, out of distribution, uncertainty and OOD
+    /// detection (mean ± std over the seeds), times, reliability diagrams.
+    StudyReport {
+        /// The study's run folder.
+        #[arg(long, default_value = "runs/study")]
+        runs: PathBuf,
+        /// Where the tables go.
+        #[arg(long, default_value = "experiments/results/study")]
+        out: PathBuf,
+        /// The seeds (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        seeds: Vec<u64>,
     },
     /// Inspect the benchmark tasks.
     Data {
@@ -361,6 +381,7 @@ fn main() -> Result<()> {
             seed,
             ensemble_average,
             out,
+            ood,
         } => {
             let subject = match (run, adapter, zero_shot) {
                 (Some(r), _, _) => cli::Subject::Run(r),
@@ -383,7 +404,12 @@ fn main() -> Result<()> {
                 batch_size,
                 seed,
                 out,
+                ood,
             })?;
+        }
+        Command::StudyReport { runs, out, seeds } => {
+            print!("{}", melora_llama::study::report(&runs, &out, &seeds)?);
+            eprintln!("tables in {}", out.display());
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;

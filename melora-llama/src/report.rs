@@ -1,10 +1,13 @@
-//! Evaluation outputs: a results table (Markdown and JSON) and a reliability
-//! diagram (SVG always; PNG too when a TrueType font is found for the labels).
+//! Evaluation outputs: a results table (Markdown and JSON), every sample's
+//! probabilities (`predictions-<k>.json`), the out-of-distribution
+//! detection AUROC (`ood.json`) and a reliability diagram per row (SVG
+//! always; PNG too when a TrueType font is found for the labels).
 
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
+use crate::eval::SampledProbs;
 use melora_core::metrics::ReliabilityBin;
-use melora_core::{ClassProbs, Metrics};
+use melora_core::{auroc, ClassProbs, Metrics};
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -29,7 +32,9 @@ pub struct ResultRow {
     pub spread: Option<Spread>,
 }
 
-/// The posterior's spread in a sampled evaluation (issue 14, item 4).
+/// The posterior's spread in an evaluation, and the decomposition of its
+/// predictive uncertainty (a deterministic prediction: no spread, all of
+/// it aleatoric).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
     /// The mean posterior standard deviation of the adapters' random
@@ -47,6 +52,87 @@ pub struct Spread {
     pub epistemic: f64,
 }
 
+impl Spread {
+    /// The spread of `sampled`; `posterior_std` from the model
+    /// ([`crate::Llama::posterior_std`]).
+    pub fn of(sampled: &SampledProbs, posterior_std: Option<f64>) -> Self {
+        let (total, aleatoric, epistemic) = sampled.uncertainty();
+        Self { posterior_std, gold_std: sampled.gold_std(), total, aleatoric, epistemic }
+    }
+}
+
+/// How well one score tells out-of-distribution examples (positives) from
+/// in-distribution ones: the AUROC of each example's total predictive
+/// entropy and of its epistemic part (`None` where the prediction has one
+/// sample, whose epistemic part is 0 everywhere).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OodDetection {
+    /// The in-distribution task.
+    pub in_distribution: String,
+    /// The out-of-distribution tasks (pooled when several).
+    pub out_of_distribution: Vec<String>,
+    /// In-distribution examples.
+    pub n_in: usize,
+    /// Out-of-distribution examples.
+    pub n_out: usize,
+    /// The AUROC of the total predictive entropy.
+    pub auroc_total: Option<f64>,
+    /// The AUROC of the epistemic part (mutual information).
+    pub auroc_epistemic: Option<f64>,
+}
+
+impl OodDetection {
+    /// The detection of `ood` (pooled) against `id`.
+    pub fn new(id: (&str, &SampledProbs), ood: &[(&str, &SampledProbs)]) -> Self {
+        let inside = id.1.per_example();
+        let outside: Vec<_> = ood.iter().flat_map(|(_, p)| p.per_example()).collect();
+        let score = |f: fn(&melora_core::Uncertainty) -> f64| {
+            let pos: Vec<f64> = outside.iter().map(f).collect();
+            let neg: Vec<f64> = inside.iter().map(f).collect();
+            auroc(&pos, &neg)
+        };
+        let sampled = id.1.samples > 1 && ood.iter().all(|(_, p)| p.samples > 1);
+        Self {
+            in_distribution: id.0.to_string(),
+            out_of_distribution: ood.iter().map(|(t, _)| t.to_string()).collect(),
+            n_in: inside.len(),
+            n_out: outside.len(),
+            auroc_total: score(|u| u.total),
+            auroc_epistemic: if sampled { score(|u| u.epistemic) } else { None },
+        }
+    }
+}
+
+/// The detection of each out-of-distribution set against `id`, then of
+/// all of them pooled (when there are several).
+pub fn ood_detection(id: (&str, &SampledProbs), ood: &[(&str, &SampledProbs)]) -> Vec<OodDetection> {
+    let mut out: Vec<OodDetection> = ood.iter().map(|o| OodDetection::new(id, std::slice::from_ref(o))).collect();
+    if ood.len() > 1 {
+        out.push(OodDetection::new(id, ood));
+    }
+    out
+}
+
+/// The Markdown table of out-of-distribution detection results.
+pub fn ood_markdown(rows: &[OodDetection]) -> String {
+    let mut out = String::from(
+        "| in distribution | out of distribution | n in | n out | AUROC, total entropy | AUROC, epistemic |\n|---|---|---:|---:|---:|---:|\n",
+    );
+    let cell = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.4}", v));
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} |\n",
+            r.in_distribution,
+            r.out_of_distribution.join(" + "),
+            r.n_in,
+            r.n_out,
+            cell(r.auroc_total),
+            cell(r.auroc_epistemic)
+        ));
+    }
+    out
+}
+
 impl ResultRow {
     /// A row from predictions.
     pub fn new(name: &str, task: &str, split: &str, samples: usize, probs: &ClassProbs) -> Self {
@@ -62,27 +148,30 @@ impl ResultRow {
     }
 }
 
-/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier; for
-/// sampled predictions the posterior std of the random weights, the std
-/// across samples of the gold choice's probability and the epistemic part
-/// of the predictive entropy).
+/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier; the
+/// posterior std of the random weights, the std across samples of the
+/// gold choice's probability, and the predictive entropy with its
+/// aleatoric and epistemic parts, each a mean over examples).
 pub fn markdown(rows: &[ResultRow]) -> String {
     let mut out = String::from(
-        "| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std | std of p(gold) | epistemic (nats) |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std | std of p(gold) | total (nats) | aleatoric (nats) | epistemic (nats) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let m = &r.metrics;
-        let (posterior, gold, epistemic) = match &r.spread {
-            Some(s) => (
-                s.posterior_std.map_or("-".into(), |v| format!("{v:.4}")),
-                format!("{:.4}", s.gold_std),
-                format!("{:.4}", s.epistemic),
+        let spread = match &r.spread {
+            Some(s) => format!(
+                "{} | {} | {} | {} | {}",
+                s.posterior_std.map_or("-".into(), small),
+                small(s.gold_std),
+                small(s.total),
+                small(s.aleatoric),
+                small(s.epistemic)
             ),
-            None => ("-".into(), "-".into(), "-".into()),
+            None => "- | - | - | - | -".into(),
         };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {posterior} | {gold} | {epistemic} |\n",
+            "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {spread} |\n",
             r.name,
             r.task,
             r.split,
@@ -95,6 +184,38 @@ pub fn markdown(rows: &[ResultRow]) -> String {
         ));
     }
     out
+}
+
+/// Four decimals, or scientific notation for values too small to show in
+/// them (an epistemic part of 1e-5 nats is not 0).
+fn small(v: f64) -> String {
+    if v != 0.0 && v.abs() < 1e-3 {
+        format!("{v:.2e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+/// [`write_results`], then every row's sample probabilities
+/// (`predictions-<k>.json`, a [`SampledProbs`]) and, when there are
+/// out-of-distribution rows, `ood.json` with their table appended to
+/// `results.md`.
+pub fn write_evaluation(dir: &Path, rows: &[ResultRow], sampled: &[&SampledProbs], ood: &[OodDetection]) -> Result<Vec<PathBuf>> {
+    let files = write_results(dir, rows)?;
+    for (k, probs) in sampled.iter().enumerate() {
+        let text = serde_json::to_string(*probs).map_err(|e| LlamaError::Config(e.to_string()))?;
+        write_atomic(&dir.join(format!("predictions-{k}.json")), text.as_bytes())?;
+    }
+    if !ood.is_empty() {
+        write_atomic(&dir.join("ood.json"), to_json(&ood)?.as_bytes())?;
+        let table = format!("{}\n{}", markdown(rows), ood_markdown(ood));
+        write_atomic(&dir.join("results.md"), table.as_bytes())?;
+    }
+    Ok(files)
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|e| LlamaError::Config(e.to_string()))
 }
 
 /// Writes `results.json`, `results.md` and one reliability diagram per row
@@ -176,4 +297,33 @@ fn reliability_diagram<DB: DrawingBackend>(
     chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(1))).map_err(|e| err(&e))?;
     area.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn probs(p: &[f64], samples: usize) -> SampledProbs {
+        SampledProbs { probs: p.to_vec(), samples, classes: 2, labels: vec![0; p.len() / (2 * samples)] }
+    }
+
+    #[test]
+    fn ood_detection_per_task_then_pooled() {
+        // In distribution: confident; OOD task a: uncertain (detected), b: as confident (not).
+        let id = probs(&[0.99, 0.01, 0.95, 0.05], 1);
+        let a = probs(&[0.5, 0.5, 0.6, 0.4], 1);
+        let b = probs(&[0.99, 0.01, 0.95, 0.05], 1);
+        let rows = ood_detection(("arc-e", &id), &[("a", &a), ("b", &b)]);
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].auroc_total, rows[1].auroc_total), (Some(1.0), Some(0.5)));
+        // Pooled, 8 pairs: a's two beat both negatives (4); b's copies of the
+        // negatives each tie their twin (2 x 1/2) and the less confident
+        // one beats the more confident negative (1).
+        assert_eq!((rows[2].n_in, rows[2].n_out, rows[2].auroc_total), (2, 4, Some(6.0 / 8.0)));
+        // One sample: no epistemic part to rank by.
+        assert!(rows.iter().all(|r| r.auroc_epistemic.is_none()));
+        let sampled = ood_detection(("arc-e", &probs(&[0.9, 0.1, 0.9, 0.1], 2)), &[("a", &probs(&[0.9, 0.1, 0.1, 0.9], 2))]);
+        assert_eq!(sampled[0].auroc_epistemic, Some(1.0));
+        assert!(ood_markdown(&rows).contains("| arc-e | a + b | 2 | 4 | 0.7500 | - |"));
+    }
 }

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The calibration study at CPU scale (issue 15): the paper's Tables 2 and 3
+# on SmolLM2-135M with answer scoring, three seeds, plus the uncertainty
+# decomposition and OOD detection. Resumable: every training run, Laplace
+# fit and evaluation whose output exists is skipped, an interrupted training
+# run continues from its last checkpoint, and the tables are regenerated
+# from the run folders at the end (and by `melora study-report` at any time).
+#
+#   cargo build --release -p melora-llama
+#   cp target/release/melora runs/bin/melora      # a copy the build cannot change
+#   MELORA=runs/bin/melora nohup experiments/study.sh > runs/study.log 2>&1 &
+#
+# Protocol (see experiments/results/study/README.md): r = 8 on q_proj and
+# v_proj, batch 4, STEPS steps at LR for every method (from the LoRA pilot on
+# the validation split, experiments/results/study/pilot.md), the checkpoint
+# with the best validation accuracy (mean weights, all 570 questions, every
+# EVAL_EVERY steps); evaluation on a fixed seeded subset of N questions of
+# the ARC-Easy test split (in distribution) and of the ARC-Challenge test
+# split, and all of MMLU college chemistry, physics and mathematics (out of
+# distribution), in one `melora eval --ood` per run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MELORA=${MELORA:-target/release/melora}
+RUNS=${RUNS:-runs/study}
+OUT=${OUT:-experiments/results/study}
+SEEDS=${SEEDS:-0 1 2}
+STEPS=${STEPS:-600}
+LR=${LR:-0.001}
+EVAL_EVERY=${EVAL_EVERY:-100}
+N=${N:-1000}
+CFG=experiments/smollm2-135m
+OOD=arc-c,mmlu-chem,mmlu-phys,mmlu-math
+mkdir -p "$RUNS/evals" "$OUT"
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+times="$RUNS/times.tsv"
+[ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\n' > "$times"
+
+# Runs a phase, appending its wall time and peak memory to times.tsv.
+timed() { # run phase command...
+  local run=$1 phase=$2; shift 2
+  local t0 rss=-; t0=$(date +%s)
+  if [ -x /usr/bin/time ]; then
+    /usr/bin/time -f '%M' -o "$RUNS/.rss" "$@"
+    rss=$(( $(tail -n 1 "$RUNS/.rss") / 1024 ))
+  else
+    "$@"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\n' "$run" "$phase" "$(( $(date +%s) - t0 ))" "$rss" "$commit" >> "$times"
+}
+
+common=(--scoring answer --steps "$STEPS" --set lr="$LR" --set eval_every="$EVAL_EVERY"
+        --set max_validation=null --set checkpoint_every=50)
+
+train() { # name config seed [overrides...]
+  local name=$1 cfg=$2 seed=$3; shift 3
+  local dir="$RUNS/$name-seed$seed"
+  [ -f "$dir/done" ] && return
+  local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
+  echo "== train $name seed $seed"
+  timed "$name-seed$seed" train "$MELORA" train --config "$cfg" --seed "$seed" "${common[@]}" "$@" --out "$dir" "${resume[@]}"
+  touch "$dir/done"
+}
+
+evaluate() { # name subject-args...
+  local name=$1; shift
+  local out="$RUNS/evals/$name"
+  [ -f "$out/ood.json" ] && return
+  echo "== eval $name"
+  timed "$name" eval "$MELORA" eval "$@" --task arc-e --split test --max-examples "$N" --ood "$OOD" --out "$out"
+}
+
+evaluate zero-shot --zero-shot --scoring answer
+for seed in $SEEDS; do
+  train map "$CFG/arc-e-map.json" "$seed"
+  evaluate "map-seed$seed" --run "$RUNS/map-seed$seed"
+  train melora "$CFG/arc-e-melora.json" "$seed"
+  evaluate "melora-seed$seed" --run "$RUNS/melora-seed$seed"
+  # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
+  train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
+    --set train_sampling=PerBatch --set std_init=Blob
+  evaluate "melora-paper-seed$seed" --run "$RUNS/melora-paper-seed$seed"
+  train blob "$CFG/arc-e-blob.json" "$seed"
+  evaluate "blob-seed$seed" --run "$RUNS/blob-seed$seed"
+  train mcd "$CFG/arc-e-mcd.json" "$seed"
+  evaluate "mcd-seed$seed" --run "$RUNS/mcd-seed$seed"
+  # Laplace-LoRA on the MAP run: KFAC over 1000 training questions, prior
+  # precision by marginal likelihood, 10 draws of the linearised logits.
+  if [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+    echo "== laplace seed $seed"
+    timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000
+  fi
+  evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+done
+# ENS: the three MAP seeds as the members of one ensemble (no training of its own).
+"$MELORA" study-report --runs "$RUNS" --out "$OUT"

@@ -1,0 +1,359 @@
+//! The calibration study's tables (`experiments/study.sh`, issue 15),
+//! regenerated from its run folders: every evaluation folder's sample
+//! probabilities (`predictions-<k>.json`) are read back and summarised, so
+//! a table never holds a number that no file supports.
+//!
+//! Layout read: `<runs>/evals/<method>-seed<s>/` (and `zero-shot/`), each
+//! one `melora eval --ood` of ARC-Easy test and the out-of-distribution
+//! tasks; `<runs>/times.tsv`, the wall time and peak memory of each phase.
+//! ENS is built here from the MAP seeds' predictions (their probabilities
+//! averaged: one ensemble, members = the MAP runs).
+
+use crate::error::{LlamaError, Result};
+use crate::eval::SampledProbs;
+use crate::report::{write_results, ResultRow, Spread};
+use melora_core::{auroc, Metrics, Uncertainty};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The study's methods: folder name and table label, in table order.
+pub const METHODS: [(&str, &str); 8] = [
+    ("zero-shot", "SmolLM2-135M zero-shot"),
+    ("map", "MAP"),
+    ("mcd", "MCD"),
+    ("ens", "ENS (the 3 MAP runs)"),
+    ("lap", "LAP"),
+    ("blob", "BLoB"),
+    ("melora-paper", "Me-LoRA (paper: Eq. 8 KL, one C per batch)"),
+    ("melora", "Me-LoRA (melora: subspace KL, one C per example)"),
+];
+
+/// The in-distribution task and split.
+pub const IN_DISTRIBUTION: &str = "arc-e";
+/// The out-of-distribution tasks, in table order; the MMLU ones are pooled
+/// for detection.
+pub const OUT_OF_DISTRIBUTION: [&str; 4] = ["arc-c", "mmlu-chem", "mmlu-phys", "mmlu-math"];
+
+/// One evaluation folder: each task's sample probabilities.
+#[derive(Debug, Clone)]
+pub struct EvalSet {
+    /// Task name -> probabilities.
+    pub tasks: BTreeMap<String, SampledProbs>,
+}
+
+impl EvalSet {
+    /// Reads `dir` (its `results.json` names each row's task); `None` when
+    /// the evaluation has not finished (no `ood.json` yet).
+    pub fn load(dir: &Path) -> Result<Option<Self>> {
+        if !dir.join("ood.json").exists() {
+            return Ok(None);
+        }
+        let read = |name: &str| -> Result<String> {
+            let path = dir.join(name);
+            std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))
+        };
+        let rows: Vec<ResultRow> = serde_json::from_str(&read("results.json")?).map_err(|e| LlamaError::format(dir.join("results.json"), e.to_string()))?;
+        let mut tasks = BTreeMap::new();
+        for (k, row) in rows.iter().enumerate() {
+            let name = format!("predictions-{k}.json");
+            let probs: SampledProbs = serde_json::from_str(&read(&name)?).map_err(|e| LlamaError::format(dir.join(&name), e.to_string()))?;
+            tasks.insert(row.task.clone(), probs);
+        }
+        Ok(Some(Self { tasks }))
+    }
+
+    /// An ensemble of `members` (each one sample per example, the same
+    /// examples): member `m`'s probabilities become sample `m`.
+    pub fn ensemble(members: &[EvalSet]) -> Result<Self> {
+        let first = members.first().ok_or_else(|| LlamaError::Config("an ensemble of no members".into()))?;
+        let mut tasks = BTreeMap::new();
+        for (task, probs) in &first.tasks {
+            let mut rows = Vec::new();
+            for m in members {
+                let p = m.tasks.get(task).ok_or_else(|| LlamaError::Config(format!("an ensemble member has no {task} evaluation")))?;
+                if p.labels != probs.labels || p.classes != probs.classes {
+                    return Err(LlamaError::Config(format!("the ensemble members' {task} evaluations hold different examples")));
+                }
+                rows.push(p.average().probs().to_vec());
+            }
+            tasks.insert(task.clone(), SampledProbs::from_members(&rows, probs.classes, probs.labels.clone()));
+        }
+        Ok(Self { tasks })
+    }
+}
+
+/// What the tables report of one evaluation folder.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Samples per example.
+    pub samples: usize,
+    /// Metrics per task.
+    pub metrics: BTreeMap<String, Metrics>,
+    /// Mean uncertainty decomposition per task.
+    pub uncertainty: BTreeMap<String, Uncertainty>,
+    /// The AUROC of telling the pooled MMLU questions from the
+    /// in-distribution ones, by total entropy.
+    pub auroc_total: Option<f64>,
+    /// The same by the epistemic part (`None` for one sample).
+    pub auroc_epistemic: Option<f64>,
+}
+
+impl Summary {
+    /// The summary of `set`.
+    pub fn of(set: &EvalSet) -> Self {
+        let mut metrics = BTreeMap::new();
+        let mut uncertainty = BTreeMap::new();
+        for (task, probs) in &set.tasks {
+            metrics.insert(task.clone(), probs.average().metrics());
+            let (total, aleatoric, epistemic) = probs.uncertainty();
+            uncertainty.insert(task.clone(), Uncertainty { total, aleatoric, epistemic });
+        }
+        let inside: Vec<Uncertainty> = set.tasks.get(IN_DISTRIBUTION).map(|p| p.per_example()).unwrap_or_default();
+        let outside: Vec<Uncertainty> =
+            set.tasks.iter().filter(|(t, _)| t.starts_with("mmlu-")).flat_map(|(_, p)| p.per_example()).collect();
+        let score = |f: fn(&Uncertainty) -> f64| auroc(&outside.iter().map(f).collect::<Vec<_>>(), &inside.iter().map(f).collect::<Vec<_>>());
+        let samples = set.tasks.values().map(|p| p.samples).min().unwrap_or(1);
+        Self {
+            samples,
+            metrics,
+            uncertainty,
+            auroc_total: score(|u| u.total),
+            auroc_epistemic: if samples > 1 { score(|u| u.epistemic) } else { None },
+        }
+    }
+}
+
+/// Mean and sample standard deviation (`n - 1`; 0 for one value) of the
+/// present values, formatted with `digits` decimals after scaling by
+/// `scale`, with the count when it is not `want`.
+pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
+    let (mean, std) = (scale * mean, scale * var.sqrt());
+    // Values too small for `digits` decimals (an epistemic part of 1e-5 nats) in scientific notation.
+    if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) {
+        return format!("{mean:.2e} ± {std:.1e}{count}");
+    }
+    format!("{mean:.digits$} ± {std:.digits$}{count}")
+}
+
+/// Every method's summaries (one per seed; one for zero-shot and ENS).
+pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<(&'static str, &'static str, Vec<Summary>)>> {
+    let evals = runs.join("evals");
+    let mut out = Vec::new();
+    let mut map_sets = Vec::new();
+    for (key, label) in METHODS {
+        let mut summaries = Vec::new();
+        match key {
+            "zero-shot" => summaries.extend(EvalSet::load(&evals.join(key))?.map(|s| Summary::of(&s))),
+            "ens" => {
+                if map_sets.len() == seeds.len() && !map_sets.is_empty() {
+                    summaries.push(Summary::of(&EvalSet::ensemble(&map_sets)?));
+                }
+            }
+            _ => {
+                for seed in seeds {
+                    if let Some(set) = EvalSet::load(&evals.join(format!("{key}-seed{seed}")))? {
+                        summaries.push(Summary::of(&set));
+                        if key == "map" {
+                            map_sets.push(set);
+                        }
+                    }
+                }
+            }
+        }
+        out.push((key, label, summaries));
+    }
+    Ok(out)
+}
+
+fn metric_cells(s: &[Summary], task: &str, want: usize) -> String {
+    let get = |f: fn(&Metrics) -> f64| s.iter().filter_map(|x| x.metrics.get(task).map(f)).collect::<Vec<_>>();
+    format!(
+        "{} | {} | {} | {}",
+        mean_std(&get(|m| m.accuracy), 100.0, 2, want),
+        mean_std(&get(|m| m.ece), 100.0, 2, want),
+        mean_std(&get(|m| m.nll), 1.0, 3, want),
+        mean_std(&get(|m| m.brier), 1.0, 3, want)
+    )
+}
+
+/// The three tables (in distribution, out of distribution, uncertainty and
+/// detection) as Markdown.
+pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> (String, String, String) {
+    let want = |key: &str| if key == "zero-shot" || key == "ens" { 1 } else { seeds };
+    let header = "| method | S | ACC (%) | ECE (%) | NLL | Brier |\n|---|---:|---:|---:|---:|---:|\n";
+    let mut id = format!("ARC-Easy test ({IN_DISTRIBUTION}), mean ± std over the seeds\n\n{header}");
+    let mut ood = String::new();
+    for (key, label, s) in methods {
+        if let Some(first) = s.first() {
+            id.push_str(&format!("| {label} | {} | {} |\n", first.samples, metric_cells(s, IN_DISTRIBUTION, want(key))));
+        }
+    }
+    for task in OUT_OF_DISTRIBUTION {
+        ood.push_str(&format!("\n{task} (adapters trained on ARC-Easy), mean ± std over the seeds\n\n{header}"));
+        for (key, label, s) in methods {
+            if let Some(first) = s.first() {
+                ood.push_str(&format!("| {label} | {} | {} |\n", first.samples, metric_cells(s, task, want(key))));
+            }
+        }
+    }
+    let mut unc = String::from(
+        "Mean over examples of the predictive entropy (total), the expected entropy (aleatoric) and their difference \
+         (epistemic, the mutual information), in nats, on ARC-Easy test and on the pooled MMLU questions; the AUROC of \
+         telling MMLU questions from ARC-Easy ones by each example's total and epistemic uncertainty. Mean ± std over the seeds.\n\n\
+         | method | S | total, ARC-E | aleatoric, ARC-E | epistemic, ARC-E | epistemic, MMLU | AUROC, total | AUROC, epistemic |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for (key, label, s) in methods {
+        let Some(first) = s.first() else { continue };
+        let n = want(key);
+        let u = |task: &str, f: fn(&Uncertainty) -> f64| s.iter().filter_map(|x| x.uncertainty.get(task).map(f)).collect::<Vec<_>>();
+        let mmlu_epistemic: Vec<f64> = s
+            .iter()
+            .map(|x| {
+                // The pooled MMLU mean: the per-task means weighted by their counts.
+                let parts: Vec<(f64, f64)> = x
+                    .uncertainty
+                    .iter()
+                    .filter(|(t, _)| t.starts_with("mmlu-"))
+                    .map(|(t, v)| (v.epistemic, x.metrics[t].count as f64))
+                    .collect();
+                parts.iter().map(|(v, c)| v * c).sum::<f64>() / parts.iter().map(|p| p.1).sum::<f64>().max(1.0)
+            })
+            .collect();
+        let a = |f: fn(&Summary) -> Option<f64>| s.iter().filter_map(f).collect::<Vec<_>>();
+        unc.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {} | {} | {} |\n",
+            first.samples,
+            mean_std(&u(IN_DISTRIBUTION, |v| v.total), 1.0, 4, n),
+            mean_std(&u(IN_DISTRIBUTION, |v| v.aleatoric), 1.0, 4, n),
+            mean_std(&u(IN_DISTRIBUTION, |v| v.epistemic), 1.0, 4, n),
+            mean_std(&mmlu_epistemic, 1.0, 4, n),
+            mean_std(&a(|x| x.auroc_total), 1.0, 3, n),
+            mean_std(&a(|x| x.auroc_epistemic), 1.0, 3, n),
+        ));
+    }
+    (id, ood, unc)
+}
+
+/// The phases of `times.tsv` (run, phase, seconds, peak RSS MiB, commit)
+/// as a Markdown table, and their total seconds.
+pub fn times_table(tsv: &str) -> (String, u64) {
+    let mut out = String::from("| run | phase | seconds | peak RSS (MiB) | commit |\n|---|---|---:|---:|---|\n");
+    let mut total = 0;
+    for line in tsv.lines().skip(1).filter(|l| !l.trim().is_empty()) {
+        let f: Vec<&str> = line.split('\t').collect();
+        if f.len() < 5 {
+            continue;
+        }
+        total += f[2].parse::<u64>().unwrap_or(0);
+        out.push_str(&format!("| {} | {} | {} | {} | {} |\n", f[0], f[1], f[2], f[3], f[4]));
+    }
+    (out, total)
+}
+
+/// `melora study-report`: writes `in-distribution.md`, `ood.md`,
+/// `uncertainty.md`, `times.md`, `study.json` and a reliability diagram
+/// per method (seed 0, ARC-Easy test) into `out`; returns the three
+/// tables.
+pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
+    std::fs::create_dir_all(out).map_err(|e| LlamaError::io(out, e))?;
+    let methods = collect(runs, seeds)?;
+    let (id, ood, unc) = tables(&methods, seeds.len());
+    let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
+    write("in-distribution.md", &id)?;
+    write("ood.md", &ood)?;
+    write("uncertainty.md", &unc)?;
+    let tsv_path = runs.join("times.tsv");
+    if let Ok(tsv) = std::fs::read_to_string(&tsv_path) {
+        let (table, total) = times_table(&tsv);
+        write("times.md", &format!("{table}\nTotal: {total} s ({:.1} h) of wall time on this machine's 2 cores.\n", total as f64 / 3600.0))?;
+    }
+    let json: BTreeMap<&str, &Vec<Summary>> = methods.iter().map(|(k, _, s)| (*k, s)).collect();
+    write("study.json", &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::Config(e.to_string()))?)?;
+    // Reliability diagrams: seed 0 of each method (the ensemble, the zero-shot model).
+    let evals = runs.join("evals");
+    let mut map0 = Vec::new();
+    for (key, label) in METHODS {
+        let set = match key {
+            "zero-shot" => EvalSet::load(&evals.join(key))?,
+            "ens" => {
+                if map0.len() == seeds.len() && !map0.is_empty() {
+                    Some(EvalSet::ensemble(&map0)?)
+                } else {
+                    None
+                }
+            }
+            _ => {
+                if key == "map" {
+                    for seed in seeds {
+                        map0.extend(EvalSet::load(&evals.join(format!("map-seed{seed}")))?);
+                    }
+                }
+                match seeds.first() {
+                    Some(seed) => EvalSet::load(&evals.join(format!("{key}-seed{seed}")))?,
+                    None => None,
+                }
+            }
+        };
+        let Some(probs) = set.as_ref().and_then(|s| s.tasks.get(IN_DISTRIBUTION)) else { continue };
+        let mut row = ResultRow::new(label, IN_DISTRIBUTION, "test", probs.samples, &probs.average());
+        row.spread = Some(Spread::of(probs, None));
+        write_results(&out.join("reliability").join(key), &[row])?;
+    }
+    Ok(format!("{id}\n{ood}\n{unc}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(task_probs: &[(&str, Vec<f64>, usize)]) -> EvalSet {
+        let tasks = task_probs
+            .iter()
+            .map(|(t, p, s)| {
+                let n = p.len() / (2 * s);
+                (t.to_string(), SampledProbs { probs: p.clone(), samples: *s, classes: 2, labels: vec![0; n] })
+            })
+            .collect();
+        EvalSet { tasks }
+    }
+
+    #[test]
+    fn mean_std_uses_the_sample_std_and_says_when_seeds_are_missing() {
+        assert_eq!(mean_std(&[1.0, 2.0, 3.0], 1.0, 2, 3), "2.00 ± 1.00");
+        assert_eq!(mean_std(&[0.5], 100.0, 1, 3), "50.0 ± 0.0 (n = 1)");
+        assert_eq!(mean_std(&[], 1.0, 2, 3), "-");
+        assert_eq!(mean_std(&[2e-5, 4e-5], 1.0, 4, 2), "3.00e-5 ± 1.4e-5");
+        assert_eq!(mean_std(&[0.0, 0.0], 1.0, 4, 2), "0.0000 ± 0.0000");
+    }
+
+    #[test]
+    fn the_ensemble_averages_its_members_and_detection_pools_mmlu() {
+        // Two members that disagree on an ARC-E example: the ensemble's
+        // epistemic part is the disagreement.
+        let a = set(&[("arc-e", vec![0.9, 0.1, 0.5, 0.5], 1), ("mmlu-chem", vec![0.6, 0.4], 1), ("mmlu-math", vec![0.5, 0.5], 1)]);
+        let b = set(&[("arc-e", vec![0.1, 0.9, 0.5, 0.5], 1), ("mmlu-chem", vec![0.6, 0.4], 1), ("mmlu-math", vec![0.5, 0.5], 1)]);
+        let ens = EvalSet::ensemble(&[a.clone(), b]).unwrap();
+        let arc = &ens.tasks["arc-e"];
+        assert_eq!((arc.samples, arc.average().probs().to_vec()), (2, vec![0.5, 0.5, 0.5, 0.5]));
+        let s = Summary::of(&ens);
+        assert!(s.uncertainty["arc-e"].epistemic > 0.15);
+        // Total entropy: ARC-E (negatives) {ln 2, ln 2}, pooled MMLU
+        // (positives) {H(0.6, 0.4), ln 2}: H(0.6, 0.4) loses both pairs,
+        // ln 2 ties both, so AUROC = (0 + 0 + 1/2 + 1/2) / 4.
+        assert_eq!(s.auroc_total, Some(0.25));
+        // Epistemic: ARC-E {0.37, 0}, MMLU {0, 0} (its members agree):
+        // each MMLU question loses to the first and ties the second.
+        assert_eq!(s.auroc_epistemic, Some(0.25));
+        // One member: no epistemic AUROC.
+        assert_eq!(Summary::of(&a).auroc_epistemic, None);
+    }
+}
