@@ -56,25 +56,25 @@ pub struct Sampler<'a> {
     /// Jacobians need the per-token inputs and output gradients.
     pub taps: Option<&'a mut Taps>,
     /// When set, the weight draws of this forward pass are shared with
-    /// another pass over the same groups (answer scoring: a question's
-    /// prompt and its continuations see one weight sample): see
-    /// [`SharedDraws`].
+    /// other passes over the same groups (several forward passes that must
+    /// see one weight sample per group): see [`SharedDraws`].
     pub shared: Option<&'a mut SharedDraws>,
 }
 
-/// The weight draws of one batch of groups (questions), shared by several
-/// forward passes over them.
+/// The weight draws of one batch of groups, shared by several forward
+/// passes over them.
 ///
-/// Answer scoring computes a question's prompt once (one row per question)
-/// and then its `K` continuations (one row per choice) attending to the
-/// prompt's keys and values. Both passes must see the same weights: the
-/// same `C` (Me-LoRA) or `A` (BLoB) per question under per-example
-/// sampling, the same draw for the whole batch under per-batch sampling
-/// and Flipout. Each adapter asks for its draws under a key (its own
-/// parameter id and what the draw is for); the first pass that asks draws
-/// one per group and keeps it, later passes reuse it, expanded to their
-/// rows by [`SharedDraws::set_rows`]. Per-token noise (dropout masks,
-/// Flipout signs) is not shared: every token is computed once.
+/// For computations that split one group (a question) over several
+/// passes or rows that must see the same weights: the same `C` (Me-LoRA)
+/// or `A` (BLoB) per group under per-example sampling, the same draw for
+/// the whole batch under per-batch sampling and Flipout. (Answer scoring
+/// puts a question in one row and needs none of this; the tests' reference
+/// scores each choice in a forward pass of its own and shares the
+/// question's draw between them this way.) Each adapter asks for its draws
+/// under a key (its own parameter id and what the draw is for); the first
+/// pass that asks draws one per group and keeps it, later passes reuse it,
+/// expanded to their rows by [`SharedDraws::set_rows`]. Per-token noise
+/// (dropout masks, Flipout signs) is not shared.
 #[derive(Default)]
 pub struct SharedDraws {
     groups: usize,
