@@ -35,17 +35,19 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 times="$RUNS/times.tsv"
 [ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\n' > "$times"
 
-# Runs a phase, appending its wall time and peak memory to times.tsv.
+# Runs a phase, appending its wall time and peak memory to times.tsv;
+# returns the command's exit status.
 timed() { # run phase command...
   local run=$1 phase=$2; shift 2
-  local t0 rss=-; t0=$(date +%s)
+  local t0 rss=- status=0; t0=$(date +%s)
   if [ -x /usr/bin/time ]; then
-    /usr/bin/time -f '%M' -o "$RUNS/.rss" "$@"
+    /usr/bin/time -f '%M' -o "$RUNS/.rss" "$@" || status=$?
     rss=$(( $(tail -n 1 "$RUNS/.rss") / 1024 ))
   else
-    "$@"
+    "$@" || status=$?
   fi
   printf '%s\t%s\t%s\t%s\t%s\n' "$run" "$phase" "$(( $(date +%s) - t0 ))" "$rss" "$commit" >> "$times"
+  return "$status"
 }
 
 common=(--scoring answer --steps "$STEPS" --set lr="$LR" --set eval_every="$EVAL_EVERY"
@@ -57,8 +59,17 @@ train() { # name config seed [overrides...]
   [ -f "$dir/done" ] && return
   local resume=(); [ -f "$dir/config.json" ] && resume=(--resume)
   echo "== train $name seed $seed"
-  timed "$name-seed$seed" train "$MELORA" train --config "$cfg" --seed "$seed" "${common[@]}" "$@" --out "$dir" "${resume[@]}"
-  touch "$dir/done"
+  if timed "$name-seed$seed" train "$MELORA" train --config "$cfg" --seed "$seed" "${common[@]}" "$@" --out "$dir" "${resume[@]}"; then
+    touch "$dir/done"
+  else
+    # A run that stops (a non-finite loss: divergence) is a result, not the
+    # end of the study: it is marked, its best checkpoint so far (if any) is
+    # still evaluated, and the report says so.
+    echo "!! training $name seed $seed failed (see $dir/log.txt)"
+    printf '%s	%s	%s	%s	%s
+' "$name-seed$seed" train-failed 0 - "$commit" >> "$times"
+    touch "$dir/failed" "$dir/done"
+  fi
 }
 
 evaluate() { # name subject-args...
@@ -66,7 +77,11 @@ evaluate() { # name subject-args...
   local out="$RUNS/evals/$name"
   [ -f "$out/ood.json" ] && return
   echo "== eval $name"
-  timed "$name" eval "$MELORA" eval "$@" --task arc-e --split test --max-examples "$N" --ood "$OOD" --out "$out"
+  if ! timed "$name" eval "$MELORA" eval "$@" --task arc-e --split test --max-examples "$N" --ood "$OOD" --out "$out"; then
+    echo "!! evaluation $name failed"
+    printf '%s	%s	%s	%s	%s
+' "$name" eval-failed 0 - "$commit" >> "$times"
+  fi
 }
 
 evaluate zero-shot --zero-shot --scoring answer
@@ -87,7 +102,9 @@ for seed in $SEEDS; do
   # precision by marginal likelihood, 10 draws of the linearised logits.
   if [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
     echo "== laplace seed $seed"
-    timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000
+    timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000 ||
+      printf '%s	%s	%s	%s	%s
+' "lap-seed$seed" fit-failed 0 - "$commit" >> "$times"
   fi
   evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
 done
