@@ -826,8 +826,11 @@ impl<B: AutodiffBackend> Stepper<B> {
             *model = self.adamw.step(lr, current, grads);
             return Ok(StepOutcome { nll: nll_value, kl: 0.0, lr });
         }
-        let kl = current.kl(prior_std).mul_scalar(kl_weight);
-        let kl_value = kl.clone().into_scalar().elem::<f64>() / kl_weight;
+        // The KL itself is reported (dividing the weighted one by the
+        // weight would give 0/0 under a weight of 0).
+        let kl = current.kl(prior_std);
+        let kl_value = kl.clone().into_scalar().elem::<f64>();
+        let kl = kl.mul_scalar(kl_weight);
         if !kl_value.is_finite() {
             return Err(("KL", kl_value));
         }

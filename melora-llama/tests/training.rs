@@ -8,7 +8,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{answer_examples, parity_examples, tiny_base, Quiet};
-use melora_core::{AdapterKind, NoiseDevice, SamplingMode};
+use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::peft::load_adapter;
@@ -71,6 +71,26 @@ fn every_method_reduces_the_training_loss() {
         for file in ["config.json", "log.txt", "metrics.jsonl", "checkpoints/last/adapter_model.safetensors", "checkpoints/best/state.json"] {
             assert!(run.dir.join(file).is_file(), "{method:?}: {file} missing");
         }
+        std::fs::remove_dir_all(&run.dir).ok();
+    }
+}
+
+#[test]
+fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
+    // Validation accepts a constant KL weight of 0 (maximum likelihood
+    // with a Bayesian adapter); the KL is still reported, finite.
+    let train = parity_examples(8, 1);
+    let validation = parity_examples(8, 2);
+    for method in [AdapterKind::Blob, AdapterKind::MeLora] {
+        let run = run_dir(&format!("kl0-{method:?}"));
+        let mut config = config(method, 6);
+        config.kl_schedule = KlSchedule::Constant { weight: 0.0 };
+        let summary = fit(&config, &run, false, tiny_base::<AD>(), &train, &validation, &label_scorer(), &Default::default(), &mut Quiet);
+        let summary = summary.unwrap_or_else(|e| panic!("{method:?} with KL weight 0: {e}"));
+        assert!(summary.last_nll.is_finite());
+        let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
+        let kl: f64 = log.lines().last().unwrap().split(" kl ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        assert!(kl.is_finite(), "{method:?}: reported KL {kl}");
         std::fs::remove_dir_all(&run.dir).ok();
     }
 }
