@@ -126,7 +126,8 @@ impl Summary {
 
 /// Mean and sample standard deviation (`n - 1`; 0 for one value) of the
 /// present values, formatted with `digits` decimals after scaling by
-/// `scale`, with the count when it is not `want`.
+/// `scale`, with the count when it is not `want`; the value alone when one
+/// value is wanted (a single run by design).
 pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
     if values.is_empty() {
         return "-".into();
@@ -136,6 +137,10 @@ pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> Strin
     let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
     let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
     let (mean, std) = (scale * mean, scale * var.sqrt());
+    // One run by design (zero-shot, the ensemble): its value, no spread.
+    if want == 1 && values.len() == 1 {
+        return if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) { format!("{mean:.2e}") } else { format!("{mean:.digits$}") };
+    }
     // Values too small for `digits` decimals (an epistemic part of 1e-5 nats) in scientific notation.
     if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) {
         return format!("{mean:.2e} ± {std:.1e}{count}");
@@ -333,6 +338,7 @@ mod tests {
         assert_eq!(mean_std(&[], 1.0, 2, 3), "-");
         assert_eq!(mean_std(&[2e-5, 4e-5], 1.0, 4, 2), "3.00e-5 ± 1.4e-5");
         assert_eq!(mean_std(&[0.0, 0.0], 1.0, 4, 2), "0.0000 ± 0.0000");
+        assert_eq!(mean_std(&[0.5183], 100.0, 2, 1), "51.83");
     }
 
     #[test]
