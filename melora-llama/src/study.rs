@@ -148,32 +148,46 @@ pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> Strin
     format!("{mean:.digits$} ± {std:.digits$}{count}")
 }
 
-/// Every method's summaries (one per seed; one for zero-shot and ENS).
-pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<(&'static str, &'static str, Vec<Summary>)>> {
+/// One method's evaluations as the tables read them.
+pub struct Collected {
+    /// The method's folder name.
+    pub key: &'static str,
+    /// Its table label.
+    pub label: &'static str,
+    /// One summary per finished seed (one for zero-shot and ENS).
+    pub summaries: Vec<Summary>,
+    /// The first seed's evaluation (the ensemble, the zero-shot model):
+    /// its reliability diagram.
+    pub first: Option<EvalSet>,
+}
+
+/// Every method's summaries, each evaluation folder read once.
+pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<Collected>> {
     let evals = runs.join("evals");
     let mut out = Vec::new();
     let mut map_sets = Vec::new();
     for (key, label) in METHODS {
-        let mut summaries = Vec::new();
-        match key {
-            "zero-shot" => summaries.extend(EvalSet::load(&evals.join(key))?.map(|s| Summary::of(&s))),
-            "ens" => {
-                if map_sets.len() == seeds.len() && !map_sets.is_empty() {
-                    summaries.push(Summary::of(&EvalSet::ensemble(&map_sets)?));
-                }
-            }
+        let sets: Vec<(u64, EvalSet)> = match key {
+            "zero-shot" => EvalSet::load(&evals.join(key))?.map(|s| (0, s)).into_iter().collect(),
+            "ens" if map_sets.len() == seeds.len() && !map_sets.is_empty() => vec![(0, EvalSet::ensemble(&map_sets)?)],
+            "ens" => Vec::new(),
             _ => {
-                for seed in seeds {
+                let mut sets = Vec::new();
+                for &seed in seeds {
                     if let Some(set) = EvalSet::load(&evals.join(format!("{key}-seed{seed}")))? {
-                        summaries.push(Summary::of(&set));
-                        if key == "map" {
-                            map_sets.push(set);
-                        }
+                        sets.push((seed, set));
                     }
                 }
+                if key == "map" {
+                    map_sets = sets.iter().map(|(_, s)| s.clone()).collect();
+                }
+                sets
             }
-        }
-        out.push((key, label, summaries));
+        };
+        let summaries = sets.iter().map(|(_, s)| Summary::of(s)).collect();
+        let first_seed = if matches!(key, "zero-shot" | "ens") { Some(0) } else { seeds.first().copied() };
+        let first = sets.into_iter().find(|(seed, _)| Some(*seed) == first_seed).map(|(_, s)| s);
+        out.push(Collected { key, label, summaries, first });
     }
     Ok(out)
 }
@@ -270,7 +284,8 @@ pub fn times_table(tsv: &str) -> (String, u64) {
 /// tables.
 pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     std::fs::create_dir_all(out).map_err(|e| LlamaError::io(out, e))?;
-    let methods = collect(runs, seeds)?;
+    let collected = collect(runs, seeds)?;
+    let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());
     let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
     write("in-distribution.md", &id)?;
@@ -281,37 +296,14 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
         let (table, total) = times_table(&tsv);
         write("times.md", &format!("{table}\nTotal: {total} s ({:.1} h) of wall time on this machine's 2 cores.\n", total as f64 / 3600.0))?;
     }
-    let json: BTreeMap<&str, &Vec<Summary>> = methods.iter().map(|(k, _, s)| (*k, s)).collect();
+    let json: BTreeMap<&str, &Vec<Summary>> = collected.iter().map(|c| (c.key, &c.summaries)).collect();
     write("study.json", &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::Config(e.to_string()))?)?;
     // Reliability diagrams: seed 0 of each method (the ensemble, the zero-shot model).
-    let evals = runs.join("evals");
-    let mut map0 = Vec::new();
-    for (key, label) in METHODS {
-        let set = match key {
-            "zero-shot" => EvalSet::load(&evals.join(key))?,
-            "ens" => {
-                if map0.len() == seeds.len() && !map0.is_empty() {
-                    Some(EvalSet::ensemble(&map0)?)
-                } else {
-                    None
-                }
-            }
-            _ => {
-                if key == "map" {
-                    for seed in seeds {
-                        map0.extend(EvalSet::load(&evals.join(format!("map-seed{seed}")))?);
-                    }
-                }
-                match seeds.first() {
-                    Some(seed) => EvalSet::load(&evals.join(format!("{key}-seed{seed}")))?,
-                    None => None,
-                }
-            }
-        };
-        let Some(probs) = set.as_ref().and_then(|s| s.tasks.get(IN_DISTRIBUTION)) else { continue };
-        let mut row = ResultRow::new(label, IN_DISTRIBUTION, "test", probs.samples, &probs.average());
+    for c in &collected {
+        let Some(probs) = c.first.as_ref().and_then(|s| s.tasks.get(IN_DISTRIBUTION)) else { continue };
+        let mut row = ResultRow::new(c.label, IN_DISTRIBUTION, "test", probs.samples, &probs.average());
         row.spread = Some(Spread::of(probs, None));
-        write_results(&out.join("reliability").join(key), &[row])?;
+        write_results(&out.join("reliability").join(c.key), &[row])?;
     }
     Ok(format!("{id}\n{ood}\n{unc}"))
 }
