@@ -28,7 +28,7 @@ use burn::module::{AutodiffModule, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::grad_clipping::GradientClippingConfig;
-use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::record::{BinFileRecorder, FullPrecisionSettings, PrecisionSettings, Record, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use melora_core::{
@@ -626,8 +626,9 @@ pub fn fit<B: AutodiffBackend>(
         let path = dir.join("state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
-        let record = recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
-        stepper.adamw = stepper.adamw.load_record(record);
+        let record: Ordered<_> =
+            recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
+        stepper.adamw = stepper.adamw.load_record(record.0);
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
     progress.line(&format!(
@@ -651,7 +652,7 @@ pub fn fit<B: AutodiffBackend>(
     let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
         run.replace_checkpoint(target, |tmp| {
             save_adapter(model, &config.adapter(), tmp, &config.model)?;
-            recorder.record(adamw_record, tmp.join("adamw")).map_err(|e| LlamaError::Config(format!("saving the optimiser: {e}")))?;
+            recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::Config(format!("saving the optimiser: {e}")))?;
             let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::Config(e.to_string()))?;
             write_atomic(&tmp.join("state.json"), text.as_bytes())
         })
@@ -721,6 +722,33 @@ pub fn fit<B: AutodiffBackend>(
         step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
         steps_run: nlls.len(),
     })
+}
+
+/// An optimiser's per-parameter record written in the order of the
+/// parameter ids. Burn keeps it in a hash map whose iteration order is
+/// seeded anew in every process, so the same state gave different bytes
+/// in `adamw.bin` from one process to the next (issue 16). A map and a
+/// sequence of pairs have the same bincode encoding, so files written
+/// either way load either way.
+struct Ordered<M>(M);
+
+impl<B, T, M> Record<B> for Ordered<M>
+where
+    B: burn::tensor::backend::Backend,
+    T: Record<B>,
+    M: IntoIterator<Item = (ParamId, T)> + FromIterator<(ParamId, T)> + Send,
+{
+    type Item<S: PrecisionSettings> = Vec<(String, T::Item<S>)>;
+
+    fn into_item<S: PrecisionSettings>(self) -> Self::Item<S> {
+        let mut items: Vec<_> = self.0.into_iter().map(|(id, record)| (id.serialize(), record.into_item())).collect();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        items
+    }
+
+    fn from_item<S: PrecisionSettings>(item: Self::Item<S>, device: &B::Device) -> Self {
+        Self(item.into_iter().map(|(id, item)| (ParamId::deserialize(&id), T::from_item(item, device))).collect())
+    }
 }
 
 /// A deep ensemble: each member is a MAP run in `run/members/k` with its
@@ -869,4 +897,58 @@ fn nan_error(run: &RunDir, step: usize, what: &str, value: f64) -> LlamaError {
         step + 1,
         run.last().display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::{Autodiff, NdArray};
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::{Distribution, Tensor};
+
+    type AD = Autodiff<NdArray<f64>>;
+
+    /// An AdamW state after two steps on a small linear layer.
+    fn trained() -> (Linear<AD>, OptimizerAdaptor<AdamW, Linear<AD>, AD>) {
+        let device = Default::default();
+        let mut layer = LinearConfig::new(3, 2).init::<AD>(&device);
+        let mut adamw = AdamWConfig::new().init();
+        for _ in 0..2 {
+            let x = Tensor::<AD, 2>::random([4, 3], Distribution::Normal(0.0, 1.0), &device);
+            let grads = GradientsParams::from_grads(layer.forward(x).powf_scalar(2.0).sum().backward(), &layer);
+            layer = adamw.step(1e-2, layer, grads);
+        }
+        (layer, adamw)
+    }
+
+    /// Files of either layout load either way, to the same state: the
+    /// ordered layout changes the order of the pairs, not the format.
+    #[test]
+    fn the_ordered_optimiser_record_reads_and_is_read_as_burns_map() {
+        let (_, adamw) = trained();
+        let dir = std::env::temp_dir().join(format!("melora-ordered-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+        recorder.record(adamw.to_record(), dir.join("map")).unwrap();
+        recorder.record(Ordered(adamw.to_record()), dir.join("ordered")).unwrap();
+        let device = Default::default();
+        let as_ordered: Ordered<_> = recorder.load(dir.join("map"), &device).unwrap();
+        let as_map = recorder.load(dir.join("ordered"), &device).unwrap();
+        let original = adamw.to_record();
+        for loaded in [as_ordered.0, as_map] {
+            let reloaded = AdamWConfig::new().init::<AD, Linear<AD>>().load_record(loaded);
+            let text = |r| as_text(Ordered(r));
+            assert_eq!(text(reloaded.to_record()), text(original.clone()));
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// The ordered record's items as text (tensor values in full), for
+    /// comparing two states.
+    fn as_text<M>(record: Ordered<M>) -> String
+    where
+        Ordered<M>: Record<AD>,
+    {
+        serde_json::to_string(&record.into_item::<FullPrecisionSettings>()).unwrap()
+    }
 }

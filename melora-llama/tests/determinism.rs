@@ -1,52 +1,82 @@
 //! The same training in two processes gives the same bits (issue 16).
 //!
 //! The test runs itself twice as a child process (`MELORA_DETERMINISM_OUT`
-//! set: train a few steps of each adapter on the tiny fixture and write the
-//! adapters there), then compares the files byte for byte. Within one
-//! process the runs already agreed (`training.rs`'s resume test); across
-//! processes they did not while burn-ndarray's `simd` feature made f32
-//! `recip` (in the backward pass of `log` and `div`) an approximation on
-//! the aligned middle of each buffer (Cargo.toml). 3 steps of LoRA, BLoB
-//! and Me-LoRA, whose KL terms take logs.
+//! set: train 3 steps of every method on the tiny fixture, checkpointing
+//! and validating on the way), then compares every file but the logs byte
+//! for byte: adapters, optimiser states, training states, metrics. Within
+//! one process the runs already agreed (`training.rs`'s resume test);
+//! across processes they did not while burn-ndarray's `simd` feature made
+//! f32 `recip` (in the backward pass of `log` and `div`) an approximation
+//! on the aligned middle of each buffer (Cargo.toml), and the optimiser's
+//! record was written in the order of a hash map seeded anew in every
+//! process (`adamw.bin`).
 
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use common::{parity_examples, tiny_base, Quiet};
-use melora_core::AdapterKind;
+use melora_core::{AdapterKind, SamplingMode};
 use melora_llama::scoring::Scorer;
-use melora_llama::train::{fit, RunDir, TrainConfig};
+use melora_llama::train::{fit, Method, RunDir, TrainConfig};
 use std::path::{Path, PathBuf};
 
 type AD = Autodiff<NdArray<f32>>;
 
 const CHILD: &str = "MELORA_DETERMINISM_OUT";
 
+/// Every method (an ensemble of two members), and for BLoB and Me-LoRA
+/// every training sampling mode.
+fn runs() -> Vec<(String, TrainConfig)> {
+    let base = TrainConfig::new()
+        .with_model("tiny".into())
+        .with_rank(4)
+        .with_steps(3)
+        .with_batch_size(4)
+        .with_lr(1e-2)
+        .with_eval_every(2)
+        .with_checkpoint_every(2)
+        .with_eval_batch_size(4)
+        .with_members(2)
+        .with_seed(7);
+    let mut runs = Vec::new();
+    for method in Method::ALL {
+        if method.adapter_kind() == AdapterKind::Lora {
+            runs.push((format!("{method:?}"), base.clone().with_method(method).with_train_sampling(SamplingMode::Mean)));
+        } else {
+            for mode in [SamplingMode::PerBatch, SamplingMode::PerExample, SamplingMode::Flipout] {
+                runs.push((format!("{method:?}-{mode:?}"), base.clone().with_method(method).with_train_sampling(mode)));
+            }
+        }
+    }
+    runs
+}
+
 fn train_into(out: &Path) {
     let train = parity_examples(8, 1);
     let validation = parity_examples(4, 2);
-    for method in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
-        let config = TrainConfig::new()
-            .with_model("tiny".into())
-            .with_method(method.into())
-            .with_rank(4)
-            .with_steps(3)
-            .with_batch_size(4)
-            .with_lr(1e-2)
-            .with_eval_every(0)
-            .with_checkpoint_every(3)
-            .with_eval_batch_size(4)
-            .with_seed(7);
-        let run = RunDir { dir: out.join(format!("{method:?}")) };
+    for (name, config) in runs() {
+        let run = RunDir { dir: out.join(name) };
         fit(&config, &run, false, tiny_base::<AD>(), &train, &validation, &Scorer::label(vec![10, 11], 0), &Default::default(), &mut Quiet).unwrap();
     }
 }
 
+/// Every file the runs wrote but the logs (which hold step times), relative
+/// to `dir`, sorted.
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for method in ["Lora", "Blob", "MeLora"] {
-        out.push(dir.join(method).join("checkpoints/last/adapter_model.safetensors"));
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.file_name().unwrap() != "log.txt" {
+                out.push(path);
+            }
+        }
     }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    let mut out: Vec<PathBuf> = out.into_iter().map(|p| p.strip_prefix(dir).unwrap().to_path_buf()).collect();
+    out.sort();
     out
 }
 
@@ -70,12 +100,18 @@ fn training_gives_the_same_bits_in_two_processes() {
         assert!(status.success(), "child {k} failed");
         dirs.push(dir);
     }
-    let mut differ = Vec::new();
-    for (a, b) in files(&dirs[0]).iter().zip(files(&dirs[1])) {
-        if std::fs::read(a).unwrap() != std::fs::read(&b).unwrap() {
-            differ.push(a.strip_prefix(&dirs[0]).unwrap().display().to_string());
-        }
+    let written = files(&dirs[0]);
+    assert_eq!(written, files(&dirs[1]), "the two processes wrote different files");
+    let kinds = ["adapter_model.safetensors", "adamw.bin", "state.json", "metrics.jsonl"];
+    for kind in kinds {
+        assert!(written.iter().any(|p| p.ends_with(kind)), "no {kind} among {written:?}");
     }
+    let differ: Vec<String> = written
+        .iter()
+        .filter(|p| std::fs::read(dirs[0].join(p)).unwrap() != std::fs::read(dirs[1].join(p)).unwrap())
+        .map(|p| p.display().to_string())
+        .collect();
+    println!("{} files compared byte for byte ({} runs: every method, each sampling mode of BLoB and Me-LoRA)", written.len(), runs().len());
     std::fs::remove_dir_all(&base).ok();
     assert!(differ.is_empty(), "differ between two processes: {differ:?}");
 }
