@@ -324,10 +324,10 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let samples = args.samples.unwrap_or(1);
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let (sampled, how) = if samples > 1 {
-        let probs = laplace::draws(&lin.mean, &lin.covariance[0], k, samples, args.seed);
+        let probs = laplace::draws(&lin.mean, &lin.covariance[0], k, samples, args.seed, meta.prior_precision)?;
         (SampledProbs { probs, samples, classes: k, labels }, format!("sampled, S = {samples}"))
     } else {
-        (SampledProbs { probs: laplace::probit(&lin.mean, &lin.covariance[0], k), samples: 1, classes: k, labels }, "probit".to_string())
+        (SampledProbs { probs: laplace::probit(&lin.mean, &lin.covariance[0], k, meta.prior_precision)?, samples: 1, classes: k, labels }, "probit".to_string())
     };
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
@@ -443,7 +443,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     let curvature = laplace::accumulate(&model, &subset, &scorer, &config, &device, callback)?;
     finish_bar(bar);
     let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
-    let blocks = curvature.blocks(data_scale, config.factor_rank);
+    let blocks = curvature.blocks(data_scale, config.factor_rank)?;
     let curvature_seconds = start.elapsed().as_secs_f64();
     let train_nll = curvature.nll * data_scale;
     let map_norm = curvature.map_norm_sq();
@@ -474,10 +474,10 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
                 .iter()
                 .zip(&lin.covariance)
                 .map(|(&l, cov)| {
-                    let probs = ClassProbs::new(laplace::probit(&lin.mean, cov, lin.k), lin.k, labels.clone()).expect("probabilities");
-                    (l, probs.metrics().nll)
+                    let probs = ClassProbs::new(laplace::probit(&lin.mean, cov, lin.k, l)?, lin.k, labels.clone())?;
+                    Ok((l, probs.metrics().nll))
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             let best = search.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
             (best.0, search)
         }

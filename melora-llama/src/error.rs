@@ -56,6 +56,10 @@ pub enum LlamaError {
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A computation gave numbers that cannot be used (a covariance that
+    /// is not positive semi-definite, a curvature that overflowed).
+    #[error("numerical failure: {0}")]
+    Numerical(String),
     /// An adapter error from melora-core.
     #[error(transparent)]
     Core(#[from] melora_core::CoreError),

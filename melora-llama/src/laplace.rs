@@ -230,10 +230,22 @@ pub struct Posterior {
 impl Curvature {
     /// The posterior blocks, with the output factors scaled by
     /// `data_scale` (`N / n` when the curvature saw `n` of `N` examples).
-    pub fn blocks(&self, data_scale: f64, factor_rank: usize) -> Vec<Block> {
+    /// A layer whose accumulated curvature is not finite (an overflow in
+    /// its gradients or activations) is an error naming it.
+    pub fn blocks(&self, data_scale: f64, factor_rank: usize) -> crate::Result<Vec<Block>> {
         let tokens = self.tokens.max(1) as f64;
         let mut blocks = Vec::new();
         for layer in &self.layers {
+            for (what, m) in [("output gradients' (G)", &layer.gg), ("inputs' (A)", &layer.xx), ("rank-space inputs' (U)", &layer.uu)] {
+                let bad = m.iter().filter(|v| !v.is_finite()).count();
+                if bad > 0 {
+                    return Err(LlamaError::Numerical(format!(
+                        "the Laplace curvature of {}: {bad} of the {} entries of the {what} factor are not finite",
+                        layer.name,
+                        m.len()
+                    )));
+                }
+            }
             let s2 = layer.scaling * layer.scaling * data_scale;
             let g_a = layer.b.transpose() * &layer.gg * &layer.b * s2;
             blocks.push(Block {
@@ -247,7 +259,7 @@ impl Curvature {
                 input: Factor::of(&(&layer.uu / tokens), factor_rank),
             });
         }
-        blocks
+        Ok(blocks)
     }
 
     /// `Σ ||θ_MAP||^2` over every LoRA matrix.
@@ -569,29 +581,46 @@ pub fn linearise<B: AutodiffBackend>(
 }
 
 /// The probit approximation (multi-class, as in laplace-torch):
-/// `softmax(μ / sqrt(1 + π/8 diag Σ))` per example.
-pub fn probit(mean: &[f64], covariance: &[f64], k: usize) -> Vec<f64> {
-    let scaled: Vec<f64> = mean
-        .chunks(k)
-        .zip(covariance.chunks(k * k))
-        .flat_map(|(mu, cov)| (0..k).map(move |j| mu[j] / (1.0 + std::f64::consts::PI / 8.0 * cov[j * k + j]).sqrt()))
-        .collect();
-    crate::eval::softmax_rows(&scaled, k)
+/// `softmax(μ / sqrt(1 + π/8 diag Σ))` per example. A variance that is
+/// not finite or clearly negative is an error naming the example and
+/// the prior precision (`prior_precision`, for the message).
+pub fn probit(mean: &[f64], covariance: &[f64], k: usize, prior_precision: f64) -> crate::Result<Vec<f64>> {
+    let mut scaled = Vec::with_capacity(mean.len());
+    for (i, (mu, cov)) in mean.chunks(k).zip(covariance.chunks(k * k)).enumerate() {
+        let diagonal: Vec<f64> = (0..k).map(|j| cov[j * k + j]).collect();
+        let scale = diagonal.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        if let Some(v) = diagonal.iter().find(|v| !v.is_finite() || **v < -1e-9 * (1.0 + scale)) {
+            return Err(not_positive(i, prior_precision, &format!("a logit variance of {v:e}")));
+        }
+        scaled.extend((0..k).map(|j| mu[j] / (1.0 + std::f64::consts::PI / 8.0 * diagonal[j].max(0.0)).sqrt()));
+    }
+    Ok(crate::eval::softmax_rows(&scaled, k))
+}
+
+fn not_positive(example: usize, prior_precision: f64, what: &str) -> LlamaError {
+    LlamaError::Numerical(format!(
+        "Laplace: the linearised logit covariance of example {example} under prior precision {prior_precision:e} is not positive \
+         semi-definite ({what}); the posterior's factors are broken, or the prior precision is too small for f64 to keep \
+         J Σ J^T apart from its cancellation"
+    ))
 }
 
 /// The Monte Carlo predictive: the mean softmax of `samples` draws of the
 /// logits from `N(μ, Σ)` per example.
-pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64) -> Vec<f64> {
+pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<Vec<f64>> {
     let s = samples.max(1);
-    draws(mean, covariance, k, s, seed)
+    Ok(draws(mean, covariance, k, s, seed, prior_precision)?
         .chunks(s * k)
         .flat_map(|rows| (0..k).map(move |j| rows.chunks(k).map(|r| r[j]).sum::<f64>() / s as f64))
-        .collect()
+        .collect())
 }
 
 /// The softmax of each of `samples` draws of the logits from `N(μ, Σ)`
-/// per example, `[examples, samples, k]` row-major.
-pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64) -> Vec<f64> {
+/// per example, `[examples, samples, k]` row-major. A covariance whose
+/// Cholesky factorisation fails (after a jitter of 1e-10 of its largest
+/// variance) is an error naming the example and the prior precision
+/// (`prior_precision`, for the message), never a silent `Σ = 0`.
+pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = move || {
         // Box-Muller.
@@ -599,20 +628,26 @@ pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     };
     let mut out = Vec::with_capacity(mean.len() * samples.max(1));
-    for (mu, cov) in mean.chunks(k).zip(covariance.chunks(k * k)) {
+    for (i, (mu, cov)) in mean.chunks(k).zip(covariance.chunks(k * k)).enumerate() {
         let mut sigma = DMatrix::from_row_slice(k, k, cov);
+        if let Some(v) = sigma.iter().find(|v| !v.is_finite()) {
+            return Err(not_positive(i, prior_precision, &format!("an entry of {v}")));
+        }
         let jitter = 1e-10 * (1.0 + sigma.diagonal().max());
         for j in 0..k {
             sigma[(j, j)] += jitter;
         }
-        let l = nalgebra::Cholesky::new(sigma).map(|c| c.l()).unwrap_or_else(|| DMatrix::zeros(k, k));
+        let Some(l) = nalgebra::Cholesky::new(sigma.clone()).map(|c| c.l()) else {
+            let smallest = SymmetricEigen::new(sigma).eigenvalues.min();
+            return Err(not_positive(i, prior_precision, &format!("smallest eigenvalue {smallest:e} after a jitter of {jitter:e}")));
+        };
         for _ in 0..samples.max(1) {
             let z = nalgebra::DVector::from_fn(k, |_, _| normal());
             let f: Vec<f64> = (0..k).map(|j| mu[j] + (l.row(j) * &z)[0]).collect();
             out.extend(crate::eval::softmax_rows(&f, k));
         }
     }
-    out
+    Ok(out)
 }
 
 /// What `laplace.json` records.
@@ -693,6 +728,9 @@ impl LaplaceDir {
         let path = self.meta();
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         let meta: LaplaceMeta = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+        if !(meta.prior_precision.is_finite() && meta.prior_precision > 0.0) {
+            return Err(LlamaError::format(&path, format!("prior_precision {} is not a positive number", meta.prior_precision)));
+        }
         let path = self.factors();
         let bytes = std::fs::read(&path).map_err(|e| LlamaError::io(&path, e))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| LlamaError::format(&path, e.to_string()))?;
@@ -710,6 +748,12 @@ impl LaplaceDir {
             let (values, _) = read(&format!("{name}.values"))?;
             if shape.len() != 2 || shape[1] != values.len() {
                 return Err(LlamaError::format(&path, format!("{name}: vectors {shape:?} and {} values", values.len())));
+            }
+            if let Some(v) = vectors.iter().find(|v| !v.is_finite()) {
+                return Err(LlamaError::format(&path, format!("{name}.vectors holds {v}")));
+            }
+            if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
+                return Err(LlamaError::format(&path, format!("{name}.values holds {v} (eigenvalues of a curvature factor are finite and >= 0)")));
             }
             Ok(Factor { vectors: DMatrix::from_row_slice(shape[0], shape[1], &vectors), values })
         };

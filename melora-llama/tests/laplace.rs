@@ -129,7 +129,7 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
     let config = LaplaceConfig::new().with_fisher(FisherKind::Exact).with_batch_size(1);
     let curvature = accumulate(&model, std::slice::from_ref(&one), &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
     assert_eq!((curvature.examples, curvature.tokens), (1, 1));
-    let blocks = curvature.blocks(1.0, 1000);
+    let blocks = curvature.blocks(1.0, 1000).unwrap();
     assert_eq!(blocks.len(), 8);
 
     // Dense exact Fisher: Σ_c p_c ∇log p_c ∇log p_c^T.
@@ -166,7 +166,7 @@ fn kfac_blocks_equal_the_exact_fisher_and_ggn_for_one_token() {
     // Three tokens: the Kronecker structure is no longer exact.
     let three = example(&[37, 80, 5], 1);
     let curvature = accumulate(&model, std::slice::from_ref(&three), &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
-    let blocks = curvature.blocks(1.0, 1000);
+    let blocks = curvature.blocks(1.0, 1000).unwrap();
     let p = probabilities(&model, &three);
     let scores: Vec<DVector<f64>> = (0..LABELS.len())
         .map(|c| DVector::from_vec(flat_grad(&model, log_softmax(logits(&model, &three), 1).narrow(1, c, 1).sum())))
@@ -209,7 +209,7 @@ fn linearised_covariance_equals_dense_j_sigma_jt() {
     let config = LaplaceConfig::new().with_batch_size(4);
     let curvature = accumulate(&model, &train, &label_scorer(), &config, &Default::default(), |_, _| {}).unwrap();
     // Rank 3 truncates every factor larger than 3 (A's 64-dim input, B's outputs).
-    let blocks = curvature.blocks(2.5, 3);
+    let blocks = curvature.blocks(2.5, 3).unwrap();
     assert!(blocks.iter().any(|b| b.input.values.len() < b.input.dim()), "truncation is exercised");
     let lambdas = [0.7, 5.0];
     // Padded batches of two examples of different lengths.
@@ -280,7 +280,7 @@ fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
     let curvature = accumulate(&model, &train, &scorer, &LaplaceConfig::new().with_batch_size(2), &Default::default(), |_, _| {}).unwrap();
     let real: usize = train.iter().map(|e| e.ids.len() + e.continuations.iter().map(|c| c.input.len()).sum::<usize>()).sum();
     assert_eq!((curvature.examples, curvature.tokens), (train.len(), real), "every real token of every pass counts once");
-    let blocks = curvature.blocks(3.0, 3);
+    let blocks = curvature.blocks(3.0, 3).unwrap();
     let mut test = answer_examples(3, 12);
     test.push(cloze_examples().remove(2));
     let lambda = 2.0;
@@ -314,4 +314,66 @@ fn answer_scoring_covariance_equals_dense_j_sigma_jt() {
             assert!((lin.mean[i * classes + c] - mean[c]).abs() < 1e-10 * mean[c].abs().max(1.0), "example {i} choice {c}: mean {} vs {}", lin.mean[i * classes + c], mean[c]);
         }
     }
+}
+
+/// A logit covariance that cannot be factorised is an error naming the
+/// example and the prior precision (it once became `Σ = 0`, the MAP
+/// predictive, without a word); so is a variance that is not finite or
+/// clearly negative in the probit; rounding-sized negative variances are
+/// read as 0.
+#[test]
+fn a_broken_logit_covariance_is_an_error_naming_the_example_and_the_prior_precision() {
+    use melora_llama::laplace::{draws, probit, sampled};
+    let mean = [0.5, -0.5, 1.0, 0.0];
+    let good = [1.0, 0.2, 0.2, 0.5];
+    let indefinite = [1.0, 2.0, 2.0, 1.0];
+    let cov: Vec<f64> = good.iter().chain(&indefinite).copied().collect();
+    let message = draws(&mean, &cov, 2, 4, 0, 0.03).unwrap_err().to_string();
+    assert!(message.contains("example 1") && message.contains("3e-2") && message.contains("smallest eigenvalue -9.99"), "{message}");
+    assert!(sampled(&mean, &cov, 2, 4, 0, 0.03).is_err());
+    let nan: Vec<f64> = good.iter().chain(&[f64::NAN, 0.0, 0.0, 1.0]).copied().collect();
+    for broken in [&nan, &vec![1.0, 0.0, 0.0, 1.0, -0.5, 0.0, 0.0, 1.0]] {
+        let message = probit(&mean, broken, 2, 7.0).unwrap_err().to_string();
+        assert!(message.contains("example 1") && message.contains("7e0"), "{message}");
+    }
+    assert!(draws(&mean, &nan, 2, 4, 0, 7.0).unwrap_err().to_string().contains("example 1"));
+    // Positive definite: S draws per example that are distributions; a
+    // variance of -1e-15 is rounding and reads as 0.
+    let fine: Vec<f64> = good.iter().chain(&good).copied().collect();
+    let p = draws(&mean, &fine, 2, 4, 0, 0.03).unwrap();
+    assert_eq!(p.len(), 2 * 4 * 2);
+    assert!(p.chunks(2).all(|r| (r[0] + r[1] - 1.0).abs() < 1e-12));
+    let rounding = [1.0, 0.0, 0.0, -1e-15, 1.0, 0.0, 0.0, 1.0];
+    let q = probit(&mean, &rounding, 2, 1.0).unwrap();
+    let expected = 1.0 / (1.0 + (-(1.0 / (1.0 + std::f64::consts::PI / 8.0).sqrt() * 0.5 + 0.5)).exp());
+    assert!((q[0] - expected).abs() < 1e-12, "{} vs {expected}", q[0]);
+}
+
+/// A layer whose accumulated curvature is not finite stops the fit with
+/// an error naming the layer and the factor.
+#[test]
+fn a_non_finite_curvature_is_an_error_naming_the_layer() {
+    use melora_llama::laplace::{Curvature, LayerCurvature};
+    let eye = |n| DMatrix::<f64>::identity(n, n);
+    let layer = |name: &str, gg: DMatrix<f64>| LayerCurvature {
+        name: name.into(),
+        xx: eye(3),
+        uu: eye(2),
+        gg,
+        a: DMatrix::from_element(2, 3, 0.1),
+        b: DMatrix::from_element(4, 2, 0.1),
+        scaling: 1.0,
+    };
+    let mut broken = eye(4);
+    broken[(1, 2)] = f64::INFINITY;
+    let curvature = Curvature {
+        layers: vec![layer("model.layers.0.self_attn.q_proj", eye(4)), layer("model.layers.0.self_attn.v_proj", broken)],
+        examples: 1,
+        tokens: 1,
+        nll: 1.0,
+    };
+    let message = curvature.blocks(1.0, 8).unwrap_err().to_string();
+    assert!(message.contains("model.layers.0.self_attn.v_proj") && message.contains("(G)") && message.contains("1 of the 16"), "{message}");
+    let fine = Curvature { layers: vec![curvature.layers[0].clone()], ..curvature };
+    assert_eq!(fine.blocks(1.0, 8).unwrap().len(), 2);
 }
