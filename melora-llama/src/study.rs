@@ -283,7 +283,7 @@ pub fn times_table(tsv: &str) -> (String, u64) {
 /// per method (seed 0, ARC-Easy test) into `out`; returns the three
 /// tables.
 pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
-    std::fs::create_dir_all(out).map_err(|e| LlamaError::io(out, e))?;
+    std::fs::create_dir_all(out).map_err(|e| LlamaError::write(out, e))?;
     let collected = collect(runs, seeds)?;
     let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());

@@ -408,6 +408,12 @@ pub struct TrainState {
     pub step: usize,
     /// Best validation accuracy so far and its step.
     pub best: Option<(f64, usize)>,
+    /// The training NLLs since the last validation (whose mean the next
+    /// validation record reports), so that a resumed run writes the same
+    /// records as one that never stopped. JSON numbers read back exactly
+    /// (serde_json's `float_roundtrip`).
+    #[serde(default)]
+    pub since_eval: Vec<f64>,
 }
 
 /// One line of `metrics.jsonl`: a validation evaluation.
@@ -483,27 +489,68 @@ impl RunDir {
     /// Appends a line to a file of the run.
     pub fn append(&self, path: &Path, line: &str) -> crate::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| LlamaError::io(path, e))?;
-        writeln!(f, "{line}").map_err(|e| LlamaError::io(path, e))
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| LlamaError::write(path, e))?;
+        writeln!(f, "{line}").map_err(|e| LlamaError::write(path, e))
+    }
+
+    /// Drops the records of `metrics.jsonl` after `step`.
+    pub fn truncate_metrics(&self, step: usize) -> crate::Result<()> {
+        let path = self.metrics();
+        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let mut kept = String::new();
+        let lines: Vec<&str> = text.lines().collect();
+        for (i, line) in lines.iter().enumerate() {
+            let record: EvalRecord = match serde_json::from_str(line) {
+                Ok(record) => record,
+                // A last line cut short by a crash in the middle of its write.
+                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+                Err(e) => return Err(LlamaError::format(&path, format!("line {}: {e}", i + 1))),
+            };
+            if record.step <= step {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        if kept.len() != text.len() {
+            write_atomic(&path, kept.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// Replaces the checkpoint folder `target` by the one written with
-    /// `write` into a temporary folder: `target` is always either the old or
-    /// the new checkpoint, whole, even after a crash.
+    /// `write` into a temporary folder (each file synced to disk before the
+    /// renames): `target` is always either the old or the new checkpoint,
+    /// whole, even after a crash (then possibly under the name
+    /// `.{target}.old`, which [`RunDir::complete_checkpoint`] finds and the
+    /// next call moves back first). A checkpoint that cannot be written (a
+    /// read-only or full disk) is an error that names it and leaves the
+    /// previous one in place.
     pub fn replace_checkpoint(&self, target: &Path, write: impl FnOnce(&Path) -> crate::Result<()>) -> crate::Result<()> {
         let parent = target.parent().unwrap_or(&self.dir);
-        std::fs::create_dir_all(parent).map_err(|e| LlamaError::io(parent, e))?;
+        std::fs::create_dir_all(parent).map_err(|e| LlamaError::write(parent, e))?;
         let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
         let tmp = parent.join(format!(".{name}.tmp"));
         let old = parent.join(format!(".{name}.old"));
-        std::fs::remove_dir_all(&tmp).ok();
-        write(&tmp)?;
-        std::fs::remove_dir_all(&old).ok();
-        if target.exists() {
-            std::fs::rename(target, &old).map_err(|e| LlamaError::io(target, e))?;
+        // A crash between the two renames below left the previous
+        // checkpoint as `old` only: it becomes `target` again before
+        // anything removes `old`.
+        if !target.exists() && old.join("state.json").is_file() {
+            std::fs::rename(&old, target).map_err(|e| LlamaError::write(target, e))?;
         }
-        std::fs::rename(&tmp, target).map_err(|e| LlamaError::io(target, e))?;
-        std::fs::remove_dir_all(&old).ok();
+        remove_path(&tmp);
+        let written = write(&tmp).and_then(|()| sync_tree(&tmp));
+        if let Err(e) = written {
+            remove_path(&tmp);
+            let kept = if target.exists() { format!("{} is left as it was", target.display()) } else { "there was none before".into() };
+            return Err(LlamaError::format(target, format!("the checkpoint could not be written ({e}); the previous checkpoint: {kept}")));
+        }
+        remove_path(&old);
+        if target.exists() {
+            std::fs::rename(target, &old).map_err(|e| LlamaError::write(target, e))?;
+        }
+        std::fs::rename(&tmp, target).map_err(|e| LlamaError::write(target, e))?;
+        sync_dir(parent);
+        remove_path(&old);
         Ok(())
     }
 
@@ -515,6 +562,36 @@ impl RunDir {
         [target.to_path_buf(), parent.join(format!(".{name}.old"))]
             .into_iter()
             .find(|p| p.join("state.json").is_file())
+    }
+}
+
+/// Removes a file or a folder, if there is one.
+fn remove_path(path: &Path) {
+    if path.is_dir() {
+        std::fs::remove_dir_all(path).ok();
+    } else {
+        std::fs::remove_file(path).ok();
+    }
+}
+
+/// Syncs every file under `dir` and `dir` itself to disk.
+fn sync_tree(dir: &Path) -> crate::Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| LlamaError::io(dir, e))? {
+        let path = entry.map_err(|e| LlamaError::io(dir, e))?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| LlamaError::write(&path, e))?;
+        }
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Syncs a folder's entries (its renames) to disk where the platform can.
+fn sync_dir(dir: &Path) {
+    if let Ok(f) = std::fs::File::open(dir) {
+        f.sync_all().ok();
     }
 }
 
@@ -592,7 +669,7 @@ pub fn fit<B: AutodiffBackend>(
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
     config.validate()?;
-    std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::io(&run.dir, e))?;
+    std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::write(&run.dir, e))?;
     if config.method == Method::Ens {
         return fit_ensemble(config, run, resume, base, train_set, validation, scorer, device, progress);
     }
@@ -631,6 +708,9 @@ pub fn fit<B: AutodiffBackend>(
         stepper.adamw = stepper.adamw.load_record(record.0);
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
+    // Validation records past the checkpoint (written before a crash) are
+    // dropped: the resumed run writes them again, so each step has one.
+    run.truncate_metrics(state.step)?;
     progress.line(&format!(
         "{} on {} with {:?}: {} trainable parameters, {} training / {} validation examples, steps {}..{}",
         config.model,
@@ -646,13 +726,13 @@ pub fn fit<B: AutodiffBackend>(
     let mut order_epoch = usize::MAX;
     let mut order: Vec<usize> = Vec::new();
     let mut nlls: Vec<f64> = Vec::new();
-    let mut since_eval: Vec<f64> = Vec::new();
+    let mut since_eval: Vec<f64> = std::mem::take(&mut state.since_eval);
     let mut step_times: Vec<f64> = Vec::new();
 
     let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
         run.replace_checkpoint(target, |tmp| {
             save_adapter(model, &config.adapter(), tmp, &config.model)?;
-            recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::Config(format!("saving the optimiser: {e}")))?;
+            recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::format(tmp.join("adamw.bin"), format!("cannot write the optimiser state: {e}")))?;
             let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::Config(e.to_string()))?;
             write_atomic(&tmp.join("state.json"), text.as_bytes())
         })
@@ -704,11 +784,13 @@ pub fn fit<B: AutodiffBackend>(
                 ));
                 if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
                     state.best = Some((metrics.accuracy, state.step));
+                    state.since_eval.clear();
                     save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.best())?;
                 }
             }
         }
         if state.step % config.checkpoint_every.max(1) == 0 || at_end {
+            state.since_eval.clone_from(&since_eval);
             save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.last())?;
         }
     }

@@ -14,11 +14,11 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use common::{parity_examples, tiny_base, Quiet};
+use common::{parity_examples, run_files as files, tiny_base, Quiet};
 use melora_core::{AdapterKind, SamplingMode};
 use melora_llama::scoring::Scorer;
 use melora_llama::train::{fit, Method, RunDir, TrainConfig};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 type AD = Autodiff<NdArray<f32>>;
 
@@ -58,26 +58,6 @@ fn train_into(out: &Path) {
         let run = RunDir { dir: out.join(name) };
         fit(&config, &run, false, tiny_base::<AD>(), &train, &validation, &Scorer::label(vec![10, 11], 0), &Default::default(), &mut Quiet).unwrap();
     }
-}
-
-/// Every file the runs wrote but the logs (which hold step times), relative
-/// to `dir`, sorted.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else if path.file_name().unwrap() != "log.txt" {
-                out.push(path);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(dir, &mut out);
-    let mut out: Vec<PathBuf> = out.into_iter().map(|p| p.strip_prefix(dir).unwrap().to_path_buf()).collect();
-    out.sort();
-    out
 }
 
 #[test]

@@ -190,3 +190,33 @@ pub fn answer_examples(n: usize, seed: u64) -> Vec<melora_llama::data::Encoded> 
         })
         .collect()
 }
+
+/// Every file a run folder holds but its log (which has step times),
+/// relative to `dir`, sorted.
+#[allow(dead_code)]
+pub fn run_files(dir: &std::path::Path) -> Vec<PathBuf> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.file_name().unwrap() != "log.txt" {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    let mut out: Vec<PathBuf> = out.into_iter().map(|p| p.strip_prefix(dir).unwrap().to_path_buf()).collect();
+    out.sort();
+    out
+}
+
+/// The files of `run_files(a)` whose bytes differ in `b` (all of them
+/// must exist in both).
+#[allow(dead_code)]
+pub fn differing_files(a: &std::path::Path, b: &std::path::Path) -> Vec<String> {
+    let files = run_files(a);
+    assert_eq!(files, run_files(b), "{} and {} hold different files", a.display(), b.display());
+    files.iter().filter(|p| std::fs::read(a.join(p)).unwrap() != std::fs::read(b.join(p)).unwrap()).map(|p| p.display().to_string()).collect()
+}
