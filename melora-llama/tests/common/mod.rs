@@ -3,6 +3,7 @@
 //! NumPy `.npy` / `.npz` files.
 #![allow(dead_code)]
 
+pub mod fake_data;
 pub mod gguf_writer;
 
 use std::collections::BTreeMap;
