@@ -63,57 +63,12 @@ impl Progress for Reporter {
     }
 }
 
-/// Reads a config file and applies `key=value` overrides (dotted keys reach
-/// nested settings; values are JSON, or strings).
-fn apply_overrides(mut json: serde_json::Value, overrides: &[String]) -> Result<serde_json::Value> {
-    for item in overrides {
-        let (key, value) = item.split_once('=').with_context(|| format!("override {item:?} is not key=value"))?;
-        let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::Value::String(value.to_string()));
-        let mut slot = &mut json;
-        for part in key.split('.') {
-            let object = slot.as_object_mut().with_context(|| format!("override {key}: {part} is not inside an object"))?;
-            let known = object.keys().cloned().collect::<Vec<_>>().join(", ");
-            slot = object.get_mut(part).with_context(|| format!("override {key}: unknown setting {part:?} (known: {known})"))?;
-        }
-        *slot = value;
-    }
-    Ok(json)
-}
-
-/// `json` laid over `defaults`, key by key: settings a file leaves out (for
-/// example ones added after it was written) take their default values, and
-/// a key the defaults lack is an error (a misspelt setting is not ignored).
-fn with_defaults(defaults: serde_json::Value, json: serde_json::Value, what: &str) -> Result<serde_json::Value> {
-    let mut merged = defaults;
-    let (Some(base), serde_json::Value::Object(file)) = (merged.as_object_mut(), json) else {
-        bail!("{what} must be a JSON object");
-    };
-    for (key, value) in file {
-        anyhow::ensure!(base.contains_key(&key), "{what}: unknown setting {key:?} (known: {})", base.keys().cloned().collect::<Vec<_>>().join(", "));
-        base.insert(key, value);
-    }
-    Ok(merged)
-}
-
-/// Reads a JSON configuration (the defaults when there is no file), fills
-/// in missing settings from `defaults` and applies `key=value` overrides.
 fn load_json<T: serde::Serialize + serde::de::DeserializeOwned>(path: Option<&Path>, overrides: &[String], defaults: T, what: &str) -> Result<T> {
-    let defaults = serde_json::to_value(defaults)?;
-    let json = match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            serde_json::from_str::<serde_json::Value>(&text).with_context(|| format!("{} is not valid JSON", path.display()))?
-        }
-        None => defaults.clone(),
-    };
-    let json = with_defaults(defaults, json, what)?;
-    serde_json::from_value(apply_overrides(json, overrides)?).with_context(|| format!("invalid {what}"))
+    Ok(melora_llama::settings::load(path, overrides, defaults, what)?)
 }
 
 pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainConfig> {
-    let config = load_json(path, overrides, TrainConfig::new(), "training configuration")?;
-    config.validate()?;
-    Ok(config)
+    Ok(TrainConfig::load(path, overrides)?)
 }
 
 pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool) -> Result<()> {
@@ -527,8 +482,13 @@ pub const QUICKSTART: &str = include_str!("../../experiments/smollm2-135m/quicks
 /// with a Bayesian model average), table.
 pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> Result<()> {
     let start = Instant::now();
-    let json = with_defaults(serde_json::to_value(TrainConfig::new())?, serde_json::from_str(QUICKSTART)?, "experiments/smollm2-135m/quickstart.json")?;
-    let mut config: TrainConfig = serde_json::from_value(json).context("experiments/smollm2-135m/quickstart.json")?;
+    let mut config: TrainConfig = melora_llama::settings::parse(
+        QUICKSTART,
+        Path::new("experiments/smollm2-135m/quickstart.json"),
+        &[],
+        TrainConfig::new(),
+        "training configuration",
+    )?;
     config.max_validation = max_validation;
     config.validate()?;
     let assets = ensure_assets(&config.model)?;

@@ -58,8 +58,8 @@ pub enum LlamaError {
         /// The supported types.
         supported: &'static str,
     },
-    /// A model configuration is invalid.
-    #[error("invalid model configuration: {0}")]
+    /// A configuration (of the model, a run, an adapter) is invalid.
+    #[error("invalid configuration: {0}")]
     Config(String),
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]

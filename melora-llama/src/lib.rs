@@ -21,6 +21,7 @@ pub mod model;
 pub mod peft;
 pub mod report;
 pub mod scoring;
+pub mod settings;
 pub mod study;
 pub mod pretrained;
 pub mod tokenizer;

@@ -257,6 +257,19 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     /// Checks the settings; messages name the setting.
+    /// Reads a run's settings from `path` (the defaults when there is
+    /// none) with `overrides` applied (see [`crate::settings::load`]) and
+    /// validates them; errors name the file.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> crate::Result<Self> {
+        let config: Self = crate::settings::load(path, overrides, Self::new(), "training configuration")?;
+        config.validate().map_err(|e| match path {
+            Some(p) => LlamaError::format(p, e.to_string()),
+            None => e,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that every setting is in its range.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(LlamaError::Config(m));
         if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {

@@ -23,7 +23,8 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ops::Range;
+use std::time::{Duration, Instant, SystemTime};
 
 const KILLS: usize = 6;
 
@@ -91,15 +92,19 @@ fn start(setup: &Setup, config_path: &Path, out: &Path) -> Child {
 }
 
 /// A checkpoint folder being written (`.last.tmp`, `.best.tmp`) anywhere
-/// in the run folder.
-fn half_written(dir: &Path) -> Option<PathBuf> {
+/// in the run folder, created (or last changed) at `since` or later: one
+/// left by an earlier killed process does not count.
+fn half_written(dir: &Path, since: SystemTime) -> Option<PathBuf> {
     let mut dirs = vec![dir.to_path_buf()];
     while let Some(d) = dirs.pop() {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let path = entry.path();
             if path.is_dir() {
                 if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".tmp")) {
-                    return Some(path);
+                    if std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t >= since) {
+                        return Some(path);
+                    }
+                    continue;
                 }
                 dirs.push(path);
             }
@@ -128,7 +133,9 @@ fn say(report: &mut Vec<String>, line: String) {
 
 /// Trains `method` once without interruption and once under `KILLS`
 /// SIGKILLs; returns the report lines. Panics when a file differs.
-fn chaos(setup: &Setup, method: Method, steps: usize, seed: u64) -> Vec<String> {
+/// Even-numbered kills come at a moment drawn from `delay` (fractions of
+/// the uninterrupted run's wall time) after the start.
+fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u64) -> Vec<String> {
     let config = config(&setup.model, method, steps);
     let base = setup.root.join(format!("{method:?}"));
     std::fs::create_dir_all(&base).unwrap();
@@ -149,22 +156,20 @@ fn chaos(setup: &Setup, method: Method, steps: usize, seed: u64) -> Vec<String> 
         if kills == KILLS {
             break;
         }
+        let since = SystemTime::now();
         let mut child = start(setup, &config_path, &killed);
         let started = Instant::now();
         // Odd attempts wait for a checkpoint folder to appear and kill at
         // once; even ones at a seeded moment within a fraction of the run.
-        let (when, what) = if attempt % 2 == 1 {
-            let mut tmp = None;
-            while tmp.is_none() && child.try_wait().unwrap().is_none() {
-                tmp = half_written(&killed);
-            }
-            (started.elapsed(), tmp)
+        let when = if attempt % 2 == 1 {
+            while half_written(&killed, since).is_none() && child.try_wait().unwrap().is_none() {}
+            started.elapsed()
         } else {
-            let delay = wall.mul_f64(rng.random_range(0.02..0.15));
+            let delay = wall.mul_f64(rng.random_range(delay.clone()));
             while started.elapsed() < delay && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_micros(200));
             }
-            (started.elapsed(), None)
+            started.elapsed()
         };
         if child.try_wait().unwrap().is_some() {
             say(&mut report, format!("  attempt {attempt}: the run ended before the kill"));
@@ -173,7 +178,7 @@ fn chaos(setup: &Setup, method: Method, steps: usize, seed: u64) -> Vec<String> 
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
         kills += 1;
-        let caught = what.as_deref().map(|p| p.exists()).unwrap_or(false) || half_written(&killed).is_some();
+        let caught = half_written(&killed, since).is_some();
         during_write += caught as usize;
         say(&mut report, format!(
             "  kill {kills}: SIGKILL after {:.3} s{}; newest checkpoint: {}",
@@ -205,7 +210,7 @@ fn training_killed_again_and_again_ends_with_the_uninterrupted_runs_bytes() {
     let setup = tiny_setup();
     let mut report = Vec::new();
     for (k, method) in [Method::Lora, Method::Blob, Method::MeLora, Method::Ens].into_iter().enumerate() {
-        report.extend(chaos(&setup, method, 60, k as u64));
+        report.extend(chaos(&setup, method, 60, 0.02..0.15, k as u64));
     }
     println!("\nsummary\n{}", report.join("\n"));
     std::fs::remove_dir_all(&setup.root).ok();
@@ -219,6 +224,6 @@ fn smollm2_training_killed_again_and_again_ends_with_the_uninterrupted_runs_byte
     let root = std::env::temp_dir().join(format!("melora-chaos-smollm2-{}", std::process::id()));
     std::fs::remove_dir_all(&root).ok();
     let setup = Setup { home: assets.home.clone(), model: "smollm2-135m".into(), root };
-    chaos(&setup, Method::MeLora, 6, 9);
+    chaos(&setup, Method::MeLora, 8, 0.2..0.6, 9);
     std::fs::remove_dir_all(&setup.root).ok();
 }
