@@ -30,7 +30,9 @@ impl LowRankConfig {
     /// Checks every field; the error names the field and the value.
     pub fn validate(&self) -> crate::Result<()> {
         check(self.rank > 0, "rank", self.rank, "must be at least 1")?;
-        check(self.alpha.is_finite() && self.alpha > 0.0, "alpha", self.alpha, "must be finite and positive")?;
+        // Up to 1e4: far beyond any scaling in use (alpha = 2r or 16), short
+        // of the values only a typo or a corrupt file gives.
+        check(self.alpha > 0.0 && self.alpha <= 1e4, "alpha", self.alpha, "must be in (0, 1e4]")?;
         check((0.0..1.0).contains(&self.dropout), "dropout", self.dropout, "must be in [0, 1)")
     }
 

@@ -1,7 +1,7 @@
 //! One configuration and one module type for "any adapter", so the model can
 //! hold LoRA, BLoB or Me-LoRA layers chosen at run time.
 
-use crate::adapter::{Adapter, ParamGroups};
+use crate::adapter::{Adapter, LowRankConfig, ParamGroups};
 use crate::blob::{BlobLinear, BlobLinearConfig};
 
 use crate::lora::{LoraLinear, LoraLinearConfig};
@@ -54,6 +54,24 @@ impl AdapterConfig {
             Self::Lora(_) => AdapterKind::Lora,
             Self::Blob(_) => AdapterKind::Blob,
             Self::MeLora(_) => AdapterKind::MeLora,
+        }
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> crate::Result<()> {
+        match self {
+            Self::Lora(c) => c.low_rank.validate(),
+            Self::Blob(c) => c.validate(),
+            Self::MeLora(c) => c.validate(),
+        }
+    }
+
+    /// Rank, scaling and dropout.
+    pub fn low_rank(&self) -> &LowRankConfig {
+        match self {
+            Self::Lora(c) => &c.low_rank,
+            Self::Blob(c) => &c.low_rank,
+            Self::MeLora(c) => &c.low_rank,
         }
     }
 

@@ -101,7 +101,7 @@ impl MeLoraLinearConfig {
     /// Checks every field.
     pub fn validate(&self) -> crate::Result<()> {
         self.low_rank.validate()?;
-        check(self.init_eps.is_finite() && self.init_eps > 0.0, "init_eps", self.init_eps, "must be finite and positive")
+        check(self.init_eps > 0.0 && self.init_eps <= 1.0, "init_eps", self.init_eps, "must be in (0, 1]")
     }
 
     /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.

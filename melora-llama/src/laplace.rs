@@ -728,8 +728,18 @@ impl LaplaceDir {
         let path = self.meta();
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         let meta: LaplaceMeta = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
-        if !(meta.prior_precision.is_finite() && meta.prior_precision > 0.0) {
-            return Err(LlamaError::format(&path, format!("prior_precision {} is not a positive number", meta.prior_precision)));
+        if !(meta.prior_precision > 0.0 && meta.prior_precision <= 1e12) {
+            return Err(LlamaError::format(&path, format!("prior_precision {} must be in (0, 1e12]", meta.prior_precision)));
+        }
+        // The summed training NLL: a mean above 1e4 nats per example is no MAP fit.
+        if !(meta.train_nll >= 0.0 && meta.train_nll <= 1e4 * meta.n_train.max(1) as f64) {
+            return Err(LlamaError::format(&path, format!("train_nll {} must be in [0, 1e4 n_train]", meta.train_nll)));
+        }
+        if meta.curvature_examples > meta.n_train {
+            return Err(LlamaError::format(
+                &path,
+                format!("curvature_examples {} exceeds n_train {}", meta.curvature_examples, meta.n_train),
+            ));
         }
         let path = self.factors();
         let bytes = std::fs::read(&path).map_err(|e| LlamaError::io(&path, e))?;

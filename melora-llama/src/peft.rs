@@ -44,36 +44,71 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
     let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
     let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
     let bad = |m: &str| LlamaError::format(&path, m.to_string());
-    let peft_type = json.get("peft_type").and_then(|v| v.as_str()).unwrap_or("LORA");
-    if peft_type != "LORA" {
-        return Err(bad(&format!("peft_type {peft_type:?} is not supported (only LORA)")));
+    if let Some(v) = json.get("peft_type").filter(|v| v.as_str() != Some("LORA")) {
+        return Err(bad(&format!("peft_type {v} is not supported (only \"LORA\")")));
     }
+    let flag = |key: &str| -> Result<bool> {
+        match json.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(false),
+            Some(v) => v.as_bool().ok_or_else(|| bad(&format!("{key} {v} is not true or false"))),
+        }
+    };
+    for unsupported in ["use_dora", "fan_in_fan_out"] {
+        if flag(unsupported)? {
+            return Err(bad(&format!("{unsupported} = true is not supported")));
+        }
+    }
+    let rslora = flag("use_rslora")?;
+    let dropout = match json.get("lora_dropout") {
+        None => 0.0,
+        Some(v) => v.as_f64().ok_or_else(|| bad(&format!("lora_dropout {v} is not a number")))?,
+    };
+    if let Some(v) = json.get("bias").filter(|v| v.as_str() != Some("none")) {
+        return Err(bad(&format!("bias {v} is not supported (only \"none\": melora trains no biases)")));
+    }
+    let in_file = |e: LlamaError| match e {
+        LlamaError::Config(m) => bad(&format!("target_modules: {m}")),
+        other => other,
+    };
     let targets = match json.get("target_modules") {
         Some(serde_json::Value::Array(items)) => {
-            let names: Vec<&str> = items.iter().filter_map(|v| v.as_str()).collect();
-            Target::parse_list(&names.join(","))?
+            let names: Vec<&str> = items
+                .iter()
+                .map(|v| v.as_str().ok_or_else(|| bad(&format!("target_modules holds {v}, not a module name"))))
+                .collect::<Result<_>>()?;
+            Target::parse_list(&names.join(",")).map_err(in_file)?
         }
-        Some(serde_json::Value::String(s)) => Target::parse_list(s)?,
+        Some(serde_json::Value::String(s)) => Target::parse_list(s).map_err(in_file)?,
         _ => return Err(bad("target_modules missing")),
     };
     let config = match json.get("melora") {
-        Some(melora) => serde_json::from_value::<AdapterConfig>(melora.clone())
-            .map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?,
-        None => {
-            let rank = json.get("r").and_then(|v| v.as_u64()).ok_or_else(|| bad("r missing"))? as usize;
-            let alpha = json.get("lora_alpha").and_then(|v| v.as_f64()).ok_or_else(|| bad("lora_alpha missing"))?;
-            let dropout = json.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0);
-            let rslora = json.get("use_rslora").and_then(|v| v.as_bool()).unwrap_or(false);
-            for unsupported in ["use_dora", "fan_in_fan_out"] {
-                if json.get(unsupported).and_then(|v| v.as_bool()) == Some(true) {
-                    return Err(bad(&format!("{unsupported} = true is not supported")));
+        Some(melora) => {
+            let config: AdapterConfig =
+                crate::settings::strict(melora.clone()).map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?;
+            // PEFT reads the top-level fields; they must say what the section says.
+            let low_rank = config.low_rank();
+            for (key, ours) in [("r", low_rank.rank as f64), ("lora_alpha", low_rank.alpha), ("lora_dropout", low_rank.dropout)] {
+                if let Some(v) = json.get(key).filter(|v| v.as_f64() != Some(ours)) {
+                    return Err(bad(&format!("{key} = {v} disagrees with the \"melora\" section ({ours})")));
                 }
             }
+            if json.get("use_rslora").is_some() && rslora != low_rank.rslora {
+                return Err(bad(&format!("use_rslora = {rslora} disagrees with the \"melora\" section ({})", low_rank.rslora)));
+            }
+            config
+        }
+        None => {
+            let number = |key: &str| -> Result<&serde_json::Value> {
+                json.get(key).filter(|v| v.is_number()).ok_or_else(|| bad(&format!("{key} missing or not a number")))
+            };
+            let rank = number("r")?.as_u64().ok_or_else(|| bad("r must be a positive integer"))? as usize;
+            let alpha = number("lora_alpha")?.as_f64().expect("a number");
             AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(
                 LowRankConfig::new().with_rank(rank).with_alpha(alpha).with_dropout(dropout).with_rslora(rslora),
             ))
         }
     };
+    config.validate().map_err(|e| LlamaError::format(&path, e.to_string()))?;
     Ok(AdapterMeta { config, targets })
 }
 
@@ -81,6 +116,13 @@ fn tensor<B: Backend>(source: &mut SafetensorsSource, name: &str, device: &B::De
     let t = source.load(name)?.ok_or_else(|| LlamaError::Missing { name: name.into(), source_name: source.describe() })?;
     if t.shape.len() != 2 {
         return Err(LlamaError::Shape { name: name.into(), expected: vec![0, 0], found: t.shape });
+    }
+    let bad = t.values.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(LlamaError::format(
+            source.describe(),
+            format!("{name}: {bad} of its {} values are NaN or infinite (a diverged run or a corrupt file)", t.values.len()),
+        ));
     }
     Ok(Tensor::from_data(TensorData::new(t.values, [t.shape[0], t.shape[1]]), device))
 }
@@ -107,15 +149,17 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device)
             used.push(name.clone());
             tensor::<B>(&mut source, &name, device)
         };
+        // Shapes the model has no place for: the file and the module.
+        let wrap = |e: melora_core::CoreError| LlamaError::format(&file, format!("{PREFIX}{path}: {e}"));
         Ok(match &config {
-            AdapterConfig::Lora(c) => AnyAdapter::Lora(c.init_with(base, get("lora_A")?, get("lora_B")?)?),
+            AdapterConfig::Lora(c) => AnyAdapter::Lora(c.init_with(base, get("lora_A")?, get("lora_B")?).map_err(wrap)?),
             AdapterConfig::Blob(c) => {
                 let (a, a_std, b) = (get("lora_A")?, get("lora_A_std")?, get("lora_B")?);
-                AnyAdapter::Blob(c.init_with(base, a, a_std, b)?)
+                AnyAdapter::Blob(c.init_with(base, a, a_std, b).map_err(wrap)?)
             }
             AdapterConfig::MeLora(c) => {
                 let (a, b, m, h) = (get("lora_A")?, get("lora_B")?, get("lora_M")?, get("lora_H")?);
-                AnyAdapter::MeLora(c.init_with(base, a, b, m, h)?)
+                AnyAdapter::MeLora(c.init_with(base, a, b, m, h).map_err(wrap)?)
             }
         })
     })?;

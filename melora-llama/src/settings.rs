@@ -1,7 +1,8 @@
 //! Settings files (training, Laplace): JSON laid over the defaults key by
 //! key, then `key=value` overrides; every error names the file and the
 //! setting (`serde_path_to_error` gives the path of a bad value inside the
-//! JSON, for example `prior.std`).
+//! JSON, for example `prior.std`), and a key no setting has, at any depth,
+//! is an error (`serde_ignored` reports what serde would skip).
 
 use crate::error::LlamaError;
 use serde::de::DeserializeOwned;
@@ -24,7 +25,7 @@ pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[S
         None => {
             let json = serde_json::to_value(defaults).map_err(|e| LlamaError::Config(e.to_string()))?;
             let json = apply_overrides(json, overrides).map_err(|m| LlamaError::Config(format!("{what}: {m}")))?;
-            serde_path_to_error::deserialize(json).map_err(|e| LlamaError::Config(format!("{what}: setting {:?}: {}", e.path().to_string(), e.inner())))
+            strict(json).map_err(|m| LlamaError::Config(format!("{what}: {m}")))
         }
     }
 }
@@ -36,7 +37,21 @@ pub fn parse<T: Serialize + DeserializeOwned>(text: &str, path: &Path, overrides
     let json = serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
     let json = with_defaults(defaults, json, what).map_err(fail)?;
     let json = apply_overrides(json, overrides).map_err(fail)?;
-    serde_path_to_error::deserialize(json).map_err(|e| fail(format!("{what}: setting {:?}: {}", e.path().to_string(), e.inner())))
+    strict(json).map_err(|m| fail(format!("{what}: {m}")))
+}
+
+/// `json` as a `T`: a value of the wrong kind is an error naming its
+/// setting (`setting "prior.std": invalid type ...`), and so is a key that
+/// `T` has no setting for, at any depth.
+pub fn strict<T: DeserializeOwned>(json: Value) -> Result<T, String> {
+    let mut unknown = Vec::new();
+    let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(json, &mut note))
+        .map_err(|e| format!("setting {:?}: {}", e.path().to_string(), e.inner()))?;
+    if !unknown.is_empty() {
+        return Err(format!("unknown setting {}", unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ")));
+    }
+    Ok(value)
 }
 
 /// `json` laid over `defaults`, key by key.

@@ -275,8 +275,24 @@ impl TrainConfig {
         if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
             return bad("steps, batch_size and eval_batch_size must be positive".into());
         }
-        if !(self.lr > 0.0 && self.lr.is_finite()) || !(self.kl_lr >= 0.0) {
-            return bad(format!("lr = {} must be positive and kl_lr = {} non-negative", self.lr, self.kl_lr));
+        // Ranges wide enough for any experiment: a value outside them is a
+        // typo or a corrupt file, caught here rather than as a diverged run.
+        if !(self.lr > 0.0 && self.lr <= 1.0) || !(0.0..=1.0).contains(&self.kl_lr) {
+            return bad(format!("lr = {} must be in (0, 1] and kl_lr = {} in [0, 1]", self.lr, self.kl_lr));
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return bad(format!("weight_decay = {} must be in [0, 1]", self.weight_decay));
+        }
+        if let Some(clip) = self.grad_clip.filter(|c| !(*c > 0.0 && *c <= 1e6)) {
+            return bad(format!("grad_clip = {clip} must be in (0, 1e6] (or null: no clipping)"));
+        }
+        if !(self.prior.std <= 1e3) {
+            return bad(format!("prior.std = {} must be at most 1e3", self.prior.std));
+        }
+        if let KlSchedule::Constant { weight } = self.kl_schedule {
+            if !(weight <= 1e6) {
+                return bad(format!("kl_schedule.Constant.weight = {weight} must be at most 1e6"));
+            }
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             return bad(format!("warmup_ratio = {} must be in [0, 1)", self.warmup_ratio));
@@ -287,7 +303,10 @@ impl TrainConfig {
         LowRankConfig::new().with_rank(self.rank).with_alpha(self.alpha).with_dropout(self.dropout).validate()?;
         self.prior.validate()?;
         self.kl_schedule.validate()?;
-        Target::parse_list(&self.targets)?;
+        Target::parse_list(&self.targets).map_err(|e| match e {
+            LlamaError::Config(m) => LlamaError::Config(format!("targets: {m}")),
+            other => other,
+        })?;
         if self.method == Method::Ens {
             if self.members == 0 {
                 return bad("an ensemble needs members >= 1".into());

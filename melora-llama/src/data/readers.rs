@@ -39,6 +39,9 @@ pub fn read_request_docs(path: &Path) -> Result<Vec<serde_json::Value>> {
             docs.push(doc);
         }
     }
+    if docs.is_empty() {
+        return Err(LlamaError::format(path, "holds no requests: the split is empty (a partial download? run `melora fetch` again)"));
+    }
     Ok(docs)
 }
 
@@ -108,6 +111,9 @@ pub fn read_mmlu_arrow(path: &Path) -> Result<Vec<MmluRow>> {
             })?;
             rows.push(MmluRow { question, choices: options, answer });
         }
+    }
+    if rows.is_empty() {
+        return Err(LlamaError::format(path, "holds no rows: the split is empty (a partial download? run `melora fetch` again)"));
     }
     Ok(rows)
 }
