@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MELORA=${1:-target/release/melora}
+export RUST_BACKTRACE=0
 if [ "$(id -u)" != 0 ]; then echo "skipped: mounting a tmpfs needs root"; exit 0; fi
 mnt=$(mktemp -d)
 trap 'umount "$mnt" 2>/dev/null || true; rm -rf "$mnt" "$mnt.moved"' EXIT
