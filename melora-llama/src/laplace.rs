@@ -108,8 +108,8 @@ impl LaplaceConfig {
             return bad("batch_size, factor_rank and mc_samples must be positive".into());
         }
         if let PriorPrecision::Fixed(l) = self.prior_precision {
-            if !(l > 0.0 && l.is_finite()) {
-                return bad(format!("prior_precision Fixed({l}) must be positive"));
+            if !(l > 0.0 && l <= 1e12) {
+                return bad(format!("prior_precision Fixed({l}) must be in (0, 1e12] (the grid searches 1e-4 .. 1e6)"));
             }
         }
         Ok(())

@@ -256,7 +256,6 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks the settings; messages name the setting.
     /// Reads a run's settings from `path` (the defaults when there is
     /// none) with `overrides` applied (see [`crate::settings::load`]) and
     /// validates them; errors name the file.
@@ -269,7 +268,7 @@ impl TrainConfig {
         Ok(config)
     }
 
-    /// Checks that every setting is in its range.
+    /// Checks that every setting is in its range; messages name the setting.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(LlamaError::Config(m));
         if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
