@@ -15,7 +15,7 @@
 mod common;
 
 use common::fake_data::{fake_olmo_data, word_tokenizer};
-use common::{differing_files, fixture, run_files};
+use common::{differing_files, fixture, run_files, with_method_preset};
 use melora_llama::assets::Assets;
 use melora_llama::data::Scoring;
 use melora_llama::train::{Method, TrainConfig};
@@ -52,9 +52,8 @@ fn tiny_setup() -> Setup {
 }
 
 fn config(model: &str, method: Method, steps: usize) -> TrainConfig {
-    let mut config = TrainConfig::new()
+    let config = TrainConfig::new()
         .with_model(model.into())
-        .with_method(method)
         .with_scoring(Scoring::Answer)
         .with_rank(4)
         .with_steps(steps)
@@ -66,15 +65,7 @@ fn config(model: &str, method: Method, steps: usize) -> TrainConfig {
         .with_eval_batch_size(4)
         .with_members(2)
         .with_seed(3);
-    for preset in method.preset() {
-        let (key, value) = preset.split_once('=').unwrap();
-        match key {
-            "weight_decay" => config.weight_decay = value.parse().unwrap(),
-            "eval_samples" => config.eval_samples = value.parse().unwrap(),
-            _ => unreachable!("{preset}"),
-        }
-    }
-    config
+    with_method_preset(config, method)
 }
 
 fn start(setup: &Setup, config_path: &Path, out: &Path) -> Child {

@@ -7,7 +7,7 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::{answer_examples, parity_examples, tiny_base, Quiet};
+use common::{answer_examples, parity_examples, tiny_base, with_method_preset, Quiet};
 use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::eval::{predict, PredictOptions};
@@ -103,15 +103,7 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
     let device = Default::default();
     for method in Method::ALL {
         let run = run_dir(&format!("answer-{method:?}"));
-        let mut config = config(AdapterKind::Lora, 40).with_method(method).with_scoring(Scoring::Answer).with_members(2);
-        for preset in method.preset() {
-            let (key, value) = preset.split_once('=').unwrap();
-            match key {
-                "weight_decay" => config.weight_decay = value.parse().unwrap(),
-                "eval_samples" => config.eval_samples = value.parse().unwrap(),
-                _ => unreachable!("{preset}"),
-            }
-        }
+        let mut config = with_method_preset(config(AdapterKind::Lora, 40).with_scoring(Scoring::Answer).with_members(2), method);
         if method.adapter_kind() == AdapterKind::Lora {
             config.train_sampling = SamplingMode::Mean;
         }
