@@ -7,7 +7,8 @@
 # from the run folders at the end (and by `melora study-report` at any time).
 #
 #   cargo build --release -p melora-llama
-#   cp target/release/melora runs/bin/melora      # a copy the build cannot change
+#   mkdir -p runs/bin && cp target/release/melora runs/bin/melora   # a copy the build cannot change
+#   git rev-parse --short HEAD > runs/bin/COMMIT
 #   MELORA=runs/bin/melora nohup experiments/study.sh > runs/study.log 2>&1 &
 #
 # Protocol (see experiments/results/study/README.md): r = 8 on q_proj and
@@ -30,10 +31,41 @@ EVAL_EVERY=${EVAL_EVERY:-100}
 N=${N:-1000}
 CFG=experiments/smollm2-135m
 OOD=arc-c,mmlu-chem,mmlu-phys,mmlu-math
-mkdir -p "$RUNS/evals" "$OUT"
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+mkdir -p "$RUNS/evals" "$OUT/evals"
+# The commit of the binary's code: a COMMIT file beside it (written when it
+# was copied), else the checkout's.
+commit=$(cat "$(dirname "$MELORA")/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
 times="$RUNS/times.tsv"
+
+# Finished evaluations (their results and gzipped sample probabilities) and
+# the phase times are kept in $OUT/evals and $OUT/times.tsv, which are
+# committed: a new machine, with no run folders, restores them here and
+# redoes only what is missing. ood.json, the mark of a finished
+# evaluation, is restored last.
+[ -f "$times" ] || { [ -f "$OUT/times.tsv" ] && cp "$OUT/times.tsv" "$times"; } || true
 [ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\n' > "$times"
+for kept in "$OUT"/evals/*/; do
+  [ -f "$kept/ood.json" ] || continue
+  name=$(basename "$kept"); dir="$RUNS/evals/$name"
+  [ -f "$dir/ood.json" ] && continue
+  mkdir -p "$dir"
+  cp "$kept"/results.json "$kept"/results.md "$dir"/
+  for gz in "$kept"/predictions-*.json.gz; do gzip -dc "$gz" > "$dir/$(basename "$gz" .gz)"; done
+  cp "$kept/ood.json" "$dir/ood.json"
+  echo "== restored the evaluation $name from $OUT/evals"
+done
+
+# Copies a finished evaluation into $OUT/evals (and the times).
+keep() { # name
+  local dir="$RUNS/evals/$1" kept="$OUT/evals/$1"
+  mkdir -p "$kept"
+  cp "$dir"/results.json "$dir"/results.md "$kept"/
+  for p in "$dir"/predictions-*.json; do gzip -9 -n -c "$p" > "$kept/$(basename "$p").gz"; done
+  cp "$dir/ood.json" "$kept/ood.json"
+  cp "$times" "$OUT/times.tsv"
+  "$MELORA" study-report --runs "$RUNS" --out "$OUT" > /dev/null
+}
+evaluated() { [ -f "$RUNS/evals/$1/ood.json" ]; }
 
 # Runs a phase, appending its wall time and peak memory to times.tsv;
 # returns the command's exit status.
@@ -81,32 +113,36 @@ evaluate() { # name subject-args...
     echo "!! evaluation $name failed"
     printf '%s	%s	%s	%s	%s
 ' "$name" eval-failed 0 - "$commit" >> "$times"
+    return
   fi
+  keep "$name"
 }
 
 evaluate zero-shot --zero-shot --scoring answer
 for seed in $SEEDS; do
-  train map "$CFG/arc-e-map.json" "$seed"
+  # MAP first, then Laplace-LoRA on it while its run folder is here (a
+  # training run whose evaluations are kept is not redone).
+  evaluated "map-seed$seed" && evaluated "lap-seed$seed" || train map "$CFG/arc-e-map.json" "$seed"
   evaluate "map-seed$seed" --run "$RUNS/map-seed$seed"
-  train melora "$CFG/arc-e-melora.json" "$seed"
-  evaluate "melora-seed$seed" --run "$RUNS/melora-seed$seed"
-  # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
-  train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
-    --set train_sampling=PerBatch --set std_init=Blob
-  evaluate "melora-paper-seed$seed" --run "$RUNS/melora-paper-seed$seed"
-  train blob "$CFG/arc-e-blob.json" "$seed"
-  evaluate "blob-seed$seed" --run "$RUNS/blob-seed$seed"
-  train mcd "$CFG/arc-e-mcd.json" "$seed"
-  evaluate "mcd-seed$seed" --run "$RUNS/mcd-seed$seed"
   # Laplace-LoRA on the MAP run: KFAC over 1000 training questions, prior
   # precision by marginal likelihood, 10 draws of the linearised logits.
-  if [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+  if ! evaluated "lap-seed$seed" && [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
     echo "== laplace seed $seed"
     timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000 ||
       printf '%s	%s	%s	%s	%s
 ' "lap-seed$seed" fit-failed 0 - "$commit" >> "$times"
   fi
   evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+  evaluated "melora-seed$seed" || train melora "$CFG/arc-e-melora.json" "$seed"
+  evaluate "melora-seed$seed" --run "$RUNS/melora-seed$seed"
+  # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
+  evaluated "melora-paper-seed$seed" || train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
+    --set train_sampling=PerBatch --set std_init=Blob
+  evaluate "melora-paper-seed$seed" --run "$RUNS/melora-paper-seed$seed"
+  evaluated "blob-seed$seed" || train blob "$CFG/arc-e-blob.json" "$seed"
+  evaluate "blob-seed$seed" --run "$RUNS/blob-seed$seed"
+  evaluated "mcd-seed$seed" || train mcd "$CFG/arc-e-mcd.json" "$seed"
+  evaluate "mcd-seed$seed" --run "$RUNS/mcd-seed$seed"
 done
 # ENS: the three MAP seeds as the members of one ensemble (no training of its own).
 "$MELORA" study-report --runs "$RUNS" --out "$OUT"
