@@ -19,7 +19,10 @@ type B = Autodiff<NdArray<f32>>;
 
 fn bench(c: &mut Criterion) {
     // As the binaries do: the GEMMs split over rayon's threads.
-    melora_core::ops::init_cpu_threads();
+    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+        std::env::set_var("MATMUL_NUM_THREADS", "1");
+    }
+    melora_kernels::split_products(std::env::var("MATMUL_NUM_THREADS").is_ok_and(|v| v.trim() == "1"));
     let device = Default::default();
     B::seed(&device, 0);
     let (d, r, batch, seq) = (4096, 8, 4, 300);
@@ -37,7 +40,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("base layer only", |b| {
         let frozen = burn::module::Module::no_grad(base.clone());
         b.iter(|| {
-            let loss = melora_core::ops::linear_forward(&frozen, x.clone()).powi_scalar(2).mean();
+            let loss = melora_kernels::linear_forward(&frozen, x.clone()).powi_scalar(2).mean();
             let value: f32 = loss.clone().into_scalar();
             let grads = loss.backward();
             let _ = x.grad(&grads);

@@ -10,7 +10,7 @@ use crate::error::check;
 use crate::kl::blob_kl;
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
-use crate::ops::{flat_linear, linear_forward};
+use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -136,7 +136,7 @@ impl<B: Backend> BlobLinear<B> {
             SamplingMode::PerExample => {
                 let eps = sampler.example_normals::<B, 3>(self.lora_a.id, [batch, r, n], &device);
                 let a = mean.unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps));
-                crate::ops::matmul(x, a.swap_dims(1, 2))
+                melora_kernels::matmul(x, a.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device));

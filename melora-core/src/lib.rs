@@ -20,15 +20,12 @@ pub mod adapter;
 pub mod blob;
 pub mod config;
 pub mod error;
-#[cfg(feature = "ndarray")]
-mod fast;
 pub mod kl;
 pub mod linalg;
 pub mod lora;
 pub mod melora;
 pub mod metrics;
 pub mod noise;
-pub mod ops;
 pub mod params;
 pub mod sampling;
 

@@ -8,7 +8,7 @@
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
 
 use crate::noise::NoiseSource;
-use crate::ops::{flat_linear, linear_forward};
+use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};

@@ -19,7 +19,7 @@ use crate::error::check;
 use crate::kl::{melora_kl, melora_kl_given, MeLoraKl};
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
-use crate::ops::{flat_linear, linear_forward};
+use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
@@ -214,7 +214,7 @@ impl<B: Backend> MeLoraLinear<B> {
             }
             SamplingMode::PerExample => {
                 let c = self.c_from(sampler.example_normals::<B, 3>(self.lora_a.id, [batch, r, r], &device));
-                crate::ops::matmul(u, c.swap_dims(1, 2))
+                melora_kernels::matmul(u, c.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));

@@ -53,8 +53,14 @@ pub fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
 /// Process settings for the binaries; call it first thing in `main`,
 /// before any other thread exists.
 ///
-/// - On the CPU backend, [`melora_core::ops::init_cpu_threads`]: the GEMMs
-///   split over rayon's threads instead of matrixmultiply's.
+/// - On the CPU backend, matrixmultiply (the GEMM under Burn's ndarray
+///   backend and under melora-kernels' products) runs single-threaded
+///   (`MATMUL_NUM_THREADS=1`, unless that variable is set already: it packs
+///   one operand on the calling thread while its other threads wait), and
+///   melora-kernels splits each product into one block per rayon thread
+///   instead ([`melora_kernels::split_products`]): 8% less time over the
+///   SmolLM2 step's GEMM shapes on 2 cores
+///   (`experiments/results/compare-cpu.md`).
 /// - glibc keeps freed memory for reuse instead of handing it back to the
 ///   kernel. The CPU backend allocates a fresh buffer for every tensor
 ///   operation; with glibc's defaults, buffers of a few MiB were unmapped or
@@ -64,7 +70,12 @@ pub fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
 #[allow(dead_code)]
 pub fn tune_process() {
     #[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu"))))]
-    melora_core::ops::init_cpu_threads();
+    {
+        if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
+            std::env::set_var("MATMUL_NUM_THREADS", "1");
+        }
+        melora_kernels::split_products(std::env::var("MATMUL_NUM_THREADS").is_ok_and(|v| v.trim() == "1"));
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: `mallopt` only changes allocator parameters; called before any
     // other thread exists.

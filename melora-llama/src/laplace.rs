@@ -349,7 +349,7 @@ fn probe_grads<B: AutodiffBackend>(taps: &[&LoraTap<B>], grads: &B::Gradients, m
 fn gram<B: burn::tensor::backend::Backend>(x: Tensor<B, 3>) -> DMatrix<f64> {
     let [b, t, d] = x.dims();
     let flat = x.reshape([b * t, d]);
-    to_matrix(melora_core::ops::matmul(flat.clone().transpose(), flat))
+    to_matrix(melora_kernels::matmul(flat.clone().transpose(), flat))
 }
 
 /// Accumulates the KFAC curvature of `model`'s LoRA layers over `examples`.

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
-use melora_core::ops::{flat_linear, linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
+use melora_kernels::{flat_linear, linear_forward, matmul, reshape, rms_norm, rotary, silu, softmax_last};
 use std::sync::Arc;
 use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
 
@@ -108,7 +108,7 @@ pub struct Llama<B: Backend> {
 /// position per token; the first half of `sin` is negated, so that
 /// rotating is `x * cos + [x2, x1] * sin` with no negation pass. The same
 /// angles are kept as `[seq, head_dim / 2]` (or `[batch * seq, head_dim /
-/// 2]`) f64 tables for the one-pass kernel ([`melora_core::ops::rotary`])
+/// 2]`) f64 tables for the one-pass kernel ([`melora_kernels::rotary`])
 /// that the ndarray backend uses.
 pub struct Rope<B: Backend> {
     cos: Tensor<B, 4>,

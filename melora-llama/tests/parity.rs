@@ -175,9 +175,9 @@ fn silu_in_f32_is_accurate_and_repeatable() {
     let x = melora_core::NoiseSource::seeded(5).normal::<B, 1>([4099], &device).mul_scalar(3.0);
     assert_eq!(x.dtype(), burn::tensor::DType::F32);
     let xs: Vec<f32> = x.clone().into_data().to_vec().unwrap();
-    let first: Vec<f32> = melora_core::ops::silu(x.clone()).into_data().to_vec().unwrap();
+    let first: Vec<f32> = melora_kernels::silu(x.clone()).into_data().to_vec().unwrap();
     for _ in 0..20 {
-        let again: Vec<f32> = melora_core::ops::silu(x.clone()).into_data().to_vec().unwrap();
+        let again: Vec<f32> = melora_kernels::silu(x.clone()).into_data().to_vec().unwrap();
         assert_eq!(again, first);
     }
     for (x, y) in xs.iter().zip(&first) {

@@ -17,8 +17,8 @@
 //!
 //! Each takes this path when the backend is `NdArray<f32 | f64>` or
 //! `Autodiff` of it, found by `TypeId`, so the model code stays generic over
-//! `B: Backend`; any other backend gets `Err` back and the caller
-//! (`crate::ops`) composes Burn's ops. Values and gradients equal Burn's or
+//! `B: Backend`; any other backend gets `Err` back and the caller (the
+//! crate's functions) composes Burn's ops. Values and gradients equal Burn's or
 //! the closed forms (tests below), up to summation order.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -782,13 +782,11 @@ unsafe impl<E> Sync for Shared<E> {}
 
 /// Into how many blocks [`gemm`] splits an `m x k x n` product: one per
 /// rayon thread (at most one per 2^17 multiply-adds) when matrixmultiply
-/// runs single-threaded (`MATMUL_NUM_THREADS=1`, see [`crate::ops::init_cpu_threads`]),
+/// runs single-threaded (the process said so with [`crate::split_products`]),
 /// else 1 and matrixmultiply splits the work itself (its own pool, with
 /// the packing of one operand on the calling thread: the other waits).
 fn gemm_parts(m: usize, k: usize, n: usize) -> usize {
-    static SINGLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let single = *SINGLE.get_or_init(|| std::env::var("MATMUL_NUM_THREADS").is_ok_and(|v| v.trim() == "1"));
-    if !single {
+    if !crate::products_split() {
         return 1;
     }
     let work = m * k * n >> 17;
@@ -847,7 +845,7 @@ gemm_element!(f64, matrixmultiply::dgemm);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::NoiseSource;
+    use crate::tests::NoiseSource;
     use burn::tensor::module::linear as burn_linear;
 
     /// Largest absolute difference, relative to the largest magnitude.

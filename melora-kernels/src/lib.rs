@@ -1,8 +1,51 @@
-//! Tensor helpers shared by the adapters and the model.
+#![warn(missing_docs)]
+//! # melora-kernels
+//!
+//! The CPU fast paths of melora's adapters and Llama, in one place: each
+//! function here is a Burn operation (`x W`, `matmul`, `reshape`, SiLU,
+//! softmax over the last axis, RMSNorm, RoPE) that, with the `ndarray`
+//! feature and on Burn's ndarray backend (plain or `Autodiff`, `f32` or
+//! `f64`, found by `TypeId`), runs a kernel of its own (`src/cpu.rs`; its
+//! module docs say why: Burn 0.21's ndarray ops copy their operands and compose
+//! these functions from several passes). On every other backend, and
+//! without the feature, it is the Burn composition written beside it, so
+//! the callers stay generic over `B: Backend`. Values and gradients equal
+//! Burn's or the closed forms, up to summation order (tests here and in
+//! the `cpu` module).
+//!
+//! Process set-up is the binaries' job, not this crate's: a binary that
+//! makes matrixmultiply single-threaded (`MATMUL_NUM_THREADS=1`, read by
+//! matrixmultiply at its first product) should call [`split_products`]
+//! so that each product is split over rayon's threads instead
+//! (`melora_llama::backend::tune_process` does both).
+
+#[cfg(feature = "ndarray")]
+mod cpu;
 
 use burn::nn::Linear;
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, Tensor};
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static SPLIT_PRODUCTS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the ndarray products are split into one block per rayon thread
+/// (each packing its own share of the operands). Turn it on only when
+/// matrixmultiply runs single-threaded (`MATMUL_NUM_THREADS=1`), which a
+/// library cannot know and only the process can arrange: 8% less time over
+/// the SmolLM2 step's GEMM shapes on 2 cores
+/// (`experiments/results/compare-cpu.md`). Off by default, and then
+/// matrixmultiply splits the work itself. Results are the same either way
+/// (the blocks split rows and columns, never the summed axis).
+pub fn split_products(on: bool) {
+    SPLIT_PRODUCTS.store(on, Ordering::Relaxed);
+}
+
+/// See [`split_products`].
+pub fn products_split() -> bool {
+    SPLIT_PRODUCTS.load(Ordering::Relaxed)
+}
 
 /// `x W (+ b)` for `x` `[batch, seq, d_in]` and `W` `[d_in, d_out]`, computed
 /// as one `[batch * seq, d_in] x [d_in, d_out]` product.
@@ -15,12 +58,12 @@ use burn::tensor::{backend::Backend, Tensor};
 /// summation order.
 ///
 /// On the ndarray backend (plain or autodiff) the product goes through
-/// the crate's `fast` module, which reads the operands in place instead of copying
+/// the `cpu` module, which reads the operands in place instead of copying
 /// them as Burn's ndarray matmul does.
 pub fn flat_linear<B: Backend>(x: Tensor<B, 3>, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Tensor<B, 3> {
     #[cfg(feature = "ndarray")]
     let (x, weight) = match bias {
-        None => match crate::fast::linear(x, weight) {
+        None => match crate::cpu::linear(x, weight) {
             Ok(out) => return out,
             Err(inputs) => inputs,
         },
@@ -50,11 +93,11 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
 /// (the slope) where Burn's keeps two (input and sigmoid).
 ///
 /// On the ndarray backend (plain or autodiff) the same function and
-/// derivative are one parallel pass each (the crate's `fast` module); elsewhere
+/// derivative are one parallel pass each (the `cpu` module); elsewhere
 /// [`silu_composed`] builds them from Burn's tensor ops.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    let x = match crate::fast::unary(x, crate::fast::Silu) {
+    let x = match crate::cpu::unary(x, crate::cpu::Silu) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -78,31 +121,13 @@ pub fn silu_composed<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D
     y.add(x.sub(input).mul(slope))
 }
 
-/// Sets up the CPU threads for the ndarray fast path; call it first thing
-/// in `main`, before any other thread exists.
-///
-/// matrixmultiply (the GEMM under Burn's ndarray backend and under
-/// [`matmul`]/[`linear_forward`] here) splits a product over its own pool
-/// but packs one operand on the calling thread while the others wait. This
-/// makes it single-threaded (`MATMUL_NUM_THREADS=1`, unless that variable
-/// is set already), and the fast path then splits each product into one
-/// block per rayon thread, each packing its own share: 8% less time over
-/// the SmolLM2 step's GEMM shapes on 2 cores (`experiments/results/compare-cpu.md`).
-/// Burn's own ndarray matmul, which the model no longer calls in its
-/// forward or backward pass, then runs on one thread.
-pub fn init_cpu_threads() {
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        std::env::set_var("MATMUL_NUM_THREADS", "1");
-    }
-}
-
 /// `a.matmul(b)`. On the ndarray backend, when the batch axes match, each
 /// product is one GEMM reading the operands in place (a transposed view
 /// included), forward and backward; Burn's ndarray matmul copies both
 /// operands and the result.
 pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    let (a, b) = match crate::fast::matmul(a, b) {
+    let (a, b) = match crate::cpu::matmul(a, b) {
         Ok(y) => return y,
         Err(inputs) => inputs,
     };
@@ -114,7 +139,7 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
 /// ndarray `reshape` copies every time.
 pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Tensor<B, D2> {
     #[cfg(feature = "ndarray")]
-    let x = match crate::fast::reshape(x, shape) {
+    let x = match crate::cpu::reshape(x, shape) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -123,7 +148,7 @@ pub fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, s
 
 /// `norm.forward(x)`. On the ndarray backend, when the scale is frozen
 /// (as in every adapter method here), the norm is one parallel pass forward
-/// and one backward (the crate's `fast` module); Burn's composes it from
+/// and one backward (the `cpu` module); Burn's composes it from
 /// six tensor operations, each a pass of its own.
 pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
@@ -133,7 +158,7 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tens
             true => x,
             false => {
                 let gamma: Vec<f64> = gamma.into_data().convert::<f64>().to_vec().expect("f64 scale");
-                match crate::fast::unary(x, crate::fast::RmsNorm { gamma: gamma.into(), epsilon: norm.epsilon }) {
+                match crate::cpu::unary(x, crate::cpu::RmsNorm { gamma: gamma.into(), epsilon: norm.epsilon }) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -159,7 +184,7 @@ pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &st
     assert_eq!(sin.len(), cos.len(), "rotary: table size");
     #[cfg(feature = "ndarray")]
     {
-        crate::fast::unary(x, crate::fast::Rotary { cos: cos.clone(), sin: sin.clone(), seq: rows, head_dim })
+        crate::cpu::unary(x, crate::cpu::Rotary { cos: cos.clone(), sin: sin.clone(), seq: rows, head_dim })
     }
     #[cfg(not(feature = "ndarray"))]
     Err(x)
@@ -167,11 +192,11 @@ pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &st
 
 /// Softmax over the last axis: Burn's `softmax(x, D - 1)`. On the ndarray
 /// backend it is one parallel pass over the rows, and its backward pass
-/// (`dx = y (g - sum(g y))`) another (the crate's `fast` module); Burn's
+/// (`dx = y (g - sum(g y))`) another (the `cpu` module); Burn's
 /// composes it from several tensor operations, each a pass of its own.
 pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    let x = match crate::fast::unary(x, crate::fast::Softmax) {
+    let x = match crate::cpu::unary(x, crate::cpu::Softmax) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -179,10 +204,34 @@ pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::tests::TestBackend;
-    use crate::NoiseSource;
+    use rand::{RngExt, SeedableRng};
+
+    /// The kernels are tested in f64 on ndarray (and in f32 where a test says so).
+    pub type TestBackend = burn::backend::NdArray<f64>;
+
+    /// Seeded standard normal test inputs (melora-core's `NoiseSource`
+    /// lives above this crate).
+    pub struct NoiseSource(rand::rngs::StdRng);
+
+    impl NoiseSource {
+        pub fn seeded(seed: u64) -> Self {
+            Self(rand::rngs::StdRng::seed_from_u64(seed))
+        }
+
+        /// Box-Muller normals of the given shape.
+        pub fn normal<B: burn::tensor::backend::Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+            let n: usize = shape.iter().product();
+            let values: Vec<f64> = (0..n)
+                .map(|_| {
+                    let (u, v): (f64, f64) = (self.0.random(), self.0.random());
+                    (-2.0 * (1.0 - u).ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+                })
+                .collect();
+            Tensor::from_data(burn::tensor::TensorData::new(values, shape), device)
+        }
+    }
     use burn::nn::LinearConfig;
 
     #[test]
