@@ -80,7 +80,7 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
             let train = time_it(|| {
                 for (i, chunk) in batches.iter().enumerate() {
                     let batch = scorer.batch(examples, chunk, Padding::Left);
-                    stepper.step(&mut model, &batch, scorer, &config, i, 10_000, &device).map_err(|(w, v)| anyhow::anyhow!("{w} is {v}"))?;
+                    stepper.step(&mut model, &batch, scorer, &config, i, 10_000, &device)?;
                 }
                 Ok(())
             })?;

@@ -135,7 +135,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             let start = Instant::now();
             let outcome = stepper
                 .step(&mut model, &ScoreBatch::Label(batch.clone()), &scorer, &config, i, 10_000, &device)
-                .map_err(|(what, value)| anyhow::anyhow!("{what} is {value} at step {i}"))?;
+                .map_err(|bad| anyhow::anyhow!("{bad} at step {i}"))?;
             // The step reads the loss back after the forward pass; the
             // backward pass and the update may still be queued on a GPU.
             Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;

@@ -117,6 +117,27 @@ impl ParamGroups {
     }
 }
 
+/// What a parameter is to the two-optimiser scheme of method.md section 2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamRole {
+    /// A mean parameter (`A`, `B`, `M`, `M_A`): AdamW on the data NLL.
+    Mean,
+    /// A standard-deviation parameter (`H`, `G_A`): SGD on NLL + KL.
+    Std,
+}
+
+/// One of an adapter's tensors, as [`Adapter::named_params`] lists it.
+#[derive(Debug)]
+pub struct NamedParam<'a, B: Backend> {
+    /// Its name in adapter files: PEFT's key suffix (`lora_A`, `lora_B`,
+    /// and melora's `lora_A_std`, `lora_M`, `lora_H`).
+    pub name: &'static str,
+    /// Mean or std parameter.
+    pub role: ParamRole,
+    /// The parameter.
+    pub param: &'a Param<Tensor<B, 2>>,
+}
+
 /// The interface the model uses for any adapted linear layer.
 pub trait Adapter<B: Backend>: Module<B> {
     /// The adapted layer's output.
@@ -138,8 +159,28 @@ pub trait Adapter<B: Backend>: Module<B> {
     /// The frozen base layer.
     fn base(&self) -> &Linear<B>;
 
-    /// The mean parameters and the std parameters.
-    fn param_groups(&self) -> ParamGroups;
+    /// Every trainable tensor of the adapter with its file name and role:
+    /// the one list of an adapter's tensors that saving, loading, stable
+    /// parameter ids and the optimiser groups walk. Its order is the order
+    /// of the tensors in the adapter's `init_with`.
+    fn named_params(&self) -> Vec<NamedParam<'_, B>>;
+
+    /// The same tensors as [`Adapter::named_params`], in the same order, to
+    /// replace.
+    fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)>;
+
+    /// The mean parameters and the std parameters, in
+    /// [`Adapter::named_params`] order.
+    fn param_groups(&self) -> ParamGroups {
+        let mut groups = ParamGroups::default();
+        for p in self.named_params() {
+            match p.role {
+                ParamRole::Mean => groups.mean.push(p.param.id),
+                ParamRole::Std => groups.std.push(p.param.id),
+            }
+        }
+        groups
+    }
 
     /// A plain linear layer with the mean update merged into the base weight.
     /// Fails if the result has a NaN or an infinity.

@@ -5,7 +5,7 @@
 //! `B = 0`, `G_A ~ U(eps / sqrt(2), eps)` with `eps = 0.05`, so the initial
 //! std lies in `[eps^2 / 2, eps^2] = [0.00125, 0.0025]`.
 
-use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups, StdParam};
+use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, NamedParam, ParamRole, StdParam};
 use crate::error::check;
 use crate::kl::blob_kl;
 use crate::lora::kaiming_a;
@@ -168,7 +168,16 @@ impl<B: Backend> Adapter<B> for BlobLinear<B> {
         &self.base
     }
 
-    fn param_groups(&self) -> ParamGroups {
-        ParamGroups { mean: vec![self.lora_a.id, self.lora_b.id], std: vec![self.lora_a_std.id] }
+    fn named_params(&self) -> Vec<NamedParam<'_, B>> {
+        use ParamRole::{Mean, Std};
+        vec![
+            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
+            NamedParam { name: "lora_A_std", role: Std, param: &self.lora_a_std },
+            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
+        ]
+    }
+
+    fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
+        vec![("lora_A", &mut self.lora_a), ("lora_A_std", &mut self.lora_a_std), ("lora_B", &mut self.lora_b)]
     }
 }

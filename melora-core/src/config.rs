@@ -1,7 +1,7 @@
 //! One configuration and one module type for "any adapter", so the model can
 //! hold LoRA, BLoB or Me-LoRA layers chosen at run time.
 
-use crate::adapter::{Adapter, LowRankConfig, ParamGroups};
+use crate::adapter::{Adapter, LowRankConfig, NamedParam, ParamGroups};
 use crate::blob::{BlobLinear, BlobLinearConfig};
 
 use crate::lora::{LoraLinear, LoraLinearConfig};
@@ -9,7 +9,7 @@ use crate::melora::{MeLoraLinear, MeLoraLinearConfig};
 use crate::noise::NoiseSource;
 use crate::sampling::Sampler;
 use burn::config::Config;
-use burn::module::Module;
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 
@@ -84,6 +84,33 @@ impl AdapterConfig {
         }
     }
 
+    /// The names of the adapter's tensors ([`Adapter::named_params`]'s), in
+    /// the order [`AdapterConfig::init_named`] takes them.
+    pub fn param_names(&self) -> &'static [&'static str] {
+        match self {
+            Self::Lora(_) => &["lora_A", "lora_B"],
+            Self::Blob(_) => &["lora_A", "lora_A_std", "lora_B"],
+            Self::MeLora(_) => &["lora_A", "lora_B", "lora_M", "lora_H"],
+        }
+    }
+
+    /// Wraps `base` with an adapter of this configuration holding the given
+    /// tensors, one per name of [`AdapterConfig::param_names`] in that
+    /// order (shapes checked; the error names the tensor).
+    pub fn init_named<B: Backend>(&self, base: Linear<B>, tensors: Vec<Tensor<B, 2>>) -> crate::Result<AnyAdapter<B>> {
+        let names = self.param_names();
+        if tensors.len() != names.len() {
+            return Err(crate::CoreError::TensorCount { expected: names.join(", "), found: tensors.len() });
+        }
+        let mut t = tensors.into_iter();
+        let mut next = || t.next().expect("counted above");
+        Ok(match self {
+            Self::Lora(c) => AnyAdapter::Lora(c.init_with(base, next(), next())?),
+            Self::Blob(c) => AnyAdapter::Blob(c.init_with(base, next(), next(), next())?),
+            Self::MeLora(c) => AnyAdapter::MeLora(c.init_with(base, next(), next(), next(), next())?),
+        })
+    }
+
     /// Wraps `base` with a fresh adapter of this configuration, drawn from `noise`.
     pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<AnyAdapter<B>> {
         Ok(match self {
@@ -155,6 +182,12 @@ impl<B: Backend> Adapter<B> for AnyAdapter<B> {
     }
     fn base(&self) -> &Linear<B> {
         dispatch!(self, a => a.base())
+    }
+    fn named_params(&self) -> Vec<NamedParam<'_, B>> {
+        dispatch!(self, a => a.named_params())
+    }
+    fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
+        dispatch!(self, a => a.named_params_mut())
     }
     fn param_groups(&self) -> ParamGroups {
         dispatch!(self, a => a.param_groups())

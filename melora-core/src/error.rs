@@ -25,6 +25,14 @@ pub enum CoreError {
         /// The shape found.
         found: Vec<usize>,
     },
+    /// An adapter was given the wrong number of tensors.
+    #[error("an adapter takes the tensors {expected}; {found} were given")]
+    TensorCount {
+        /// The tensors' names, in order.
+        expected: String,
+        /// How many were given.
+        found: usize,
+    },
     /// Merging produced a NaN or an infinite weight.
     #[error("merging the adapter into the base weight produced non-finite values")]
     NonFiniteMerge,

@@ -29,7 +29,7 @@ pub mod noise;
 pub mod params;
 pub mod sampling;
 
-pub use adapter::{count_params, Adapter, LowRankConfig, ParamGroups, StdParam};
+pub use adapter::{count_params, Adapter, LowRankConfig, NamedParam, ParamGroups, ParamRole, StdParam};
 pub use blob::{BlobLinear, BlobLinearConfig};
 pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
 pub use error::{CoreError, Result};

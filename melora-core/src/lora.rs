@@ -5,7 +5,7 @@
 //! `B` is zero so the adapted layer equals the base layer at initialisation.
 //! `A` is stored `[r, d_input]` and `B` `[d_output, r]`, PEFT's layout.
 
-use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups};
+use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, NamedParam, ParamRole};
 
 use crate::noise::NoiseSource;
 use melora_kernels::{flat_linear, linear_forward};
@@ -116,7 +116,15 @@ impl<B: Backend> Adapter<B> for LoraLinear<B> {
         &self.base
     }
 
-    fn param_groups(&self) -> ParamGroups {
-        ParamGroups { mean: vec![self.lora_a.id, self.lora_b.id], std: vec![] }
+    fn named_params(&self) -> Vec<NamedParam<'_, B>> {
+        use ParamRole::Mean;
+        vec![
+            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
+            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
+        ]
+    }
+
+    fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
+        vec![("lora_A", &mut self.lora_a), ("lora_B", &mut self.lora_b)]
     }
 }

@@ -14,7 +14,7 @@
 //! sequence: `batch * r^2` normals and `r^2` extra multiply-adds per token
 //! (derivations.md section 4).
 
-use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, ParamGroups, StdParam};
+use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, NamedParam, ParamRole, StdParam};
 use crate::error::check;
 use crate::kl::{melora_kl, melora_kl_given, MeLoraKl};
 use crate::lora::kaiming_a;
@@ -247,10 +247,17 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
         &self.base
     }
 
-    fn param_groups(&self) -> ParamGroups {
-        ParamGroups {
-            mean: vec![self.lora_a.id, self.lora_b.id, self.lora_m.id],
-            std: vec![self.lora_h.id],
-        }
+    fn named_params(&self) -> Vec<NamedParam<'_, B>> {
+        use ParamRole::{Mean, Std};
+        vec![
+            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
+            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
+            NamedParam { name: "lora_M", role: Mean, param: &self.lora_m },
+            NamedParam { name: "lora_H", role: Std, param: &self.lora_h },
+        ]
+    }
+
+    fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
+        vec![("lora_A", &mut self.lora_a), ("lora_B", &mut self.lora_b), ("lora_M", &mut self.lora_m), ("lora_H", &mut self.lora_h)]
     }
 }

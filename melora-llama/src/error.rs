@@ -61,6 +61,50 @@ pub enum LlamaError {
     /// A configuration (of the model, a run, an adapter) is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Training stopped because a loss term was not finite; the last good
+    /// checkpoint is kept.
+    #[error("training stopped at step {step}: the {what} is {value}; the last good checkpoint is kept in {checkpoint}")]
+    Stopped {
+        /// The 1-based step that failed.
+        step: usize,
+        /// The term: `NLL` or `KL`.
+        what: &'static str,
+        /// Its value.
+        value: f64,
+        /// The checkpoint kept.
+        checkpoint: PathBuf,
+    },
+    /// Something could not be serialised (JSON, safetensors).
+    #[error("cannot serialise {what}: {message}")]
+    Serialize {
+        /// What was being written.
+        what: String,
+        /// The serialiser's message.
+        message: String,
+    },
+    /// An external command is missing or failed.
+    #[error("{command}: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What went wrong and what to do.
+        message: String,
+    },
+    /// A model, tokenizer or data set the job needs is not available.
+    #[error("not available: {0}")]
+    Unavailable(String),
+    /// Inputs that are each valid do not fit together (a posterior and an
+    /// adapter, the members of an ensemble, labels and classes).
+    #[error("inputs do not match: {0}")]
+    Mismatch(String),
+    /// A task's data cannot be used (no examples, an empty continuation).
+    #[error("task {task}: {message}")]
+    Data {
+        /// The task.
+        task: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The tokenizer failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -82,6 +126,11 @@ impl LlamaError {
     /// A write error for `path`.
     pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Write { path: path.into(), source }
+    }
+
+    /// A serialisation error while writing `what`.
+    pub fn serialize(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
+        Self::Serialize { what: what.into(), message: error.to_string() }
     }
 
     /// An I/O error for `path`.

@@ -166,7 +166,7 @@ pub fn predict_samples<B: Backend>(
         on_batch(done + 1, batches.len());
     }
     if examples.iter().any(|e| e.label >= k) {
-        return Err(crate::LlamaError::Config(format!("an example's label is out of range for {k} classes")));
+        return Err(crate::LlamaError::Mismatch(format!("an example's label is out of range for {k} classes")));
     }
     let labels = examples.iter().map(|e| e.label).collect();
     Ok(SampledProbs { probs, samples, classes: k, labels })

@@ -320,11 +320,11 @@ fn lora_layers<B: AutodiffBackend>(model: &Llama<B>) -> crate::Result<Vec<(Strin
         .into_iter()
         .map(|(name, adapter)| match adapter {
             AnyAdapter::Lora(a) => Ok((name, a.lora_a.val().inner(), a.lora_b.val().inner(), a.scaling)),
-            _ => Err(LlamaError::Config(format!("Laplace-LoRA needs LoRA adapters (a map run); {name} is not one"))),
+            _ => Err(LlamaError::Mismatch(format!("Laplace-LoRA needs LoRA adapters (a map run); {name} is not one"))),
         })
         .collect::<crate::Result<_>>()?;
     if layers.is_empty() {
-        return Err(LlamaError::Config("the model has no LoRA adapters".into()));
+        return Err(LlamaError::Mismatch("the model has no LoRA adapters".into()));
     }
     Ok(layers)
 }
@@ -488,12 +488,12 @@ pub fn linearise<B: AutodiffBackend>(
 ) -> crate::Result<Linearised> {
     let layers = lora_layers(model)?;
     if blocks.len() != 2 * layers.len() {
-        return Err(LlamaError::Config(format!("the posterior has {} blocks for {} LoRA layers", blocks.len(), layers.len())));
+        return Err(LlamaError::Mismatch(format!("the posterior has {} blocks for {} LoRA layers", blocks.len(), layers.len())));
     }
     for (j, (name, a, b, _)) in layers.iter().enumerate() {
         let ([r, n], [m, _]) = (a.dims(), b.dims());
         if blocks[2 * j].shape() != (r, n) || blocks[2 * j + 1].shape() != (m, r) || !blocks[2 * j].name.starts_with(name.as_str()) {
-            return Err(LlamaError::Config(format!("the posterior's block {} does not match the adapter {name}", blocks[2 * j].name)));
+            return Err(LlamaError::Mismatch(format!("the posterior's block {} does not match the adapter {name}", blocks[2 * j].name)));
         }
     }
     let k = scorer.classes;
@@ -713,13 +713,13 @@ impl LaplaceDir {
         }
         let views: Vec<(String, TensorView)> = buffers
             .iter()
-            .map(|(name, bytes, shape)| Ok((name.clone(), TensorView::new(Dtype::F64, shape.clone(), bytes).map_err(|e| LlamaError::Config(e.to_string()))?)))
+            .map(|(name, bytes, shape)| Ok((name.clone(), TensorView::new(Dtype::F64, shape.clone(), bytes).map_err(|e| LlamaError::serialize(name.as_str(), e))?)))
             .collect::<crate::Result<_>>()?;
         let order: Vec<String> = blocks.iter().map(|b| b.name.clone()).collect();
         let metadata = std::collections::HashMap::from([("blocks".to_string(), order.join(","))]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::Config(e.to_string()))?;
+        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("the posterior's tensors", e))?;
         write_atomic(&self.factors(), &bytes)?;
-        let text = serde_json::to_string_pretty(meta).map_err(|e| LlamaError::Config(e.to_string()))?;
+        let text = serde_json::to_string_pretty(meta).map_err(|e| LlamaError::serialize("laplace.json", e))?;
         write_atomic(&self.meta(), text.as_bytes())
     }
 

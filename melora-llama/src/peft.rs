@@ -23,7 +23,7 @@ use crate::model::Llama;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::{Target, WeightSource};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
-use melora_core::{AdapterConfig, AnyAdapter, LoraLinearConfig, LowRankConfig};
+use melora_core::{Adapter, AdapterConfig, LoraLinearConfig, LowRankConfig};
 use serde_json::json;
 use std::path::Path;
 
@@ -144,24 +144,17 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device)
     let mut used = Vec::new();
     let config = meta.config.clone();
     let model = model.map_projections(&meta.targets, |path, base| {
-        let mut get = |suffix: &str| {
-            let name = format!("{PREFIX}{path}.{suffix}.weight");
-            used.push(name.clone());
-            tensor::<B>(&mut source, &name, device)
-        };
+        let tensors = config
+            .param_names()
+            .iter()
+            .map(|suffix| {
+                let name = format!("{PREFIX}{path}.{suffix}.weight");
+                used.push(name.clone());
+                tensor::<B>(&mut source, &name, device)
+            })
+            .collect::<Result<Vec<_>>>()?;
         // Shapes the model has no place for: the file and the module.
-        let wrap = |e: melora_core::CoreError| LlamaError::format(&file, format!("{PREFIX}{path}: {e}"));
-        Ok(match &config {
-            AdapterConfig::Lora(c) => AnyAdapter::Lora(c.init_with(base, get("lora_A")?, get("lora_B")?).map_err(wrap)?),
-            AdapterConfig::Blob(c) => {
-                let (a, a_std, b) = (get("lora_A")?, get("lora_A_std")?, get("lora_B")?);
-                AnyAdapter::Blob(c.init_with(base, a, a_std, b).map_err(wrap)?)
-            }
-            AdapterConfig::MeLora(c) => {
-                let (a, b, m, h) = (get("lora_A")?, get("lora_B")?, get("lora_M")?, get("lora_H")?);
-                AnyAdapter::MeLora(c.init_with(base, a, b, m, h).map_err(wrap)?)
-            }
-        })
+        config.init_named(base, tensors).map_err(|e| LlamaError::format(&file, format!("{PREFIX}{path}: {e}")))
     })?;
     let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
     if !unused.is_empty() {
@@ -181,7 +174,7 @@ fn host<B: Backend>(t: Tensor<B, 2>) -> (Vec<usize>, Vec<u8>) {
 pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &Path, base_model: &str) -> Result<()> {
     let adapters = model.adapters();
     if adapters.is_empty() {
-        return Err(LlamaError::Config("the model has no adapter to save".into()));
+        return Err(LlamaError::Mismatch("the model has no adapter to save".into()));
     }
     let mut targets: Vec<&str> = Vec::new();
     let mut tensors: Vec<(String, (Vec<usize>, Vec<u8>))> = Vec::new();
@@ -190,34 +183,19 @@ pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &
         if !targets.contains(&module) {
             targets.push(module);
         }
-        let mut put = |suffix: &str, t: Tensor<B, 2>| tensors.push((format!("{PREFIX}{path}.{suffix}.weight"), host(t)));
-        match adapter {
-            AnyAdapter::Lora(a) => {
-                put("lora_A", a.lora_a.val());
-                put("lora_B", a.lora_b.val());
-            }
-            AnyAdapter::Blob(a) => {
-                put("lora_A", a.lora_a.val());
-                put("lora_A_std", a.lora_a_std.val());
-                put("lora_B", a.lora_b.val());
-            }
-            AnyAdapter::MeLora(a) => {
-                put("lora_A", a.lora_a.val());
-                put("lora_B", a.lora_b.val());
-                put("lora_M", a.lora_m.val());
-                put("lora_H", a.lora_h.val());
-            }
+        for p in adapter.named_params() {
+            tensors.push((format!("{PREFIX}{path}.{}.weight", p.name), host(p.param.val())));
         }
     }
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(name, (shape, bytes))| {
             let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map_err(|e| LlamaError::Config(format!("{name}: {e}")))?;
+                .map_err(|e| LlamaError::serialize(name, e))?;
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let bytes = safetensors::serialize(views, None).map_err(|e| LlamaError::serialize("adapter_model.safetensors", e))?;
     write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
     let low_rank = match config {
         AdapterConfig::Lora(c) => &c.low_rank,
@@ -239,8 +217,8 @@ pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &
         "init_lora_weights": true,
     });
     if !matches!(config, AdapterConfig::Lora(_)) {
-        json["melora"] = serde_json::to_value(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+        json["melora"] = serde_json::to_value(config).map_err(|e| LlamaError::serialize("the adapter configuration", e))?;
     }
-    let text = serde_json::to_string_pretty(&json).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let text = serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("adapter_config.json", e))?;
     write_atomic(&dir.join("adapter_config.json"), text.as_bytes())
 }

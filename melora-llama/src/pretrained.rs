@@ -39,7 +39,7 @@ impl Pretrained {
         if model.eq_ignore_ascii_case("smollm2-135m") {
             let path = assets.smollm2_gguf();
             if !path.is_file() {
-                return Err(LlamaError::Config(format!(
+                return Err(LlamaError::Unavailable(format!(
                     "SmolLM2-135M is not in {}: run `melora fetch` first (or set MELORA_HOME)",
                     assets.home.display()
                 )));

@@ -203,7 +203,7 @@ fn small(v: f64) -> String {
 pub fn write_evaluation(dir: &Path, rows: &[ResultRow], sampled: &[&SampledProbs], ood: &[OodDetection]) -> Result<Vec<PathBuf>> {
     let files = write_results(dir, rows)?;
     for (k, probs) in sampled.iter().enumerate() {
-        let text = serde_json::to_string(*probs).map_err(|e| LlamaError::Config(e.to_string()))?;
+        let text = serde_json::to_string(*probs).map_err(|e| LlamaError::serialize("sample probabilities", e))?;
         write_atomic(&dir.join(format!("predictions-{k}.json")), text.as_bytes())?;
     }
     if !ood.is_empty() {
@@ -215,7 +215,7 @@ pub fn write_evaluation(dir: &Path, rows: &[ResultRow], sampled: &[&SampledProbs
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
-    serde_json::to_string_pretty(value).map_err(|e| LlamaError::Config(e.to_string()))
+    serde_json::to_string_pretty(value).map_err(|e| LlamaError::serialize("a JSON result", e))
 }
 
 /// Writes `results.json`, `results.md` and one reliability diagram per row
@@ -223,7 +223,7 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<String> {
 /// Returns the diagram files written.
 pub fn write_results(dir: &Path, rows: &[ResultRow]) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|e| LlamaError::write(dir, e))?;
-    let json = serde_json::to_string_pretty(rows).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let json = serde_json::to_string_pretty(rows).map_err(|e| LlamaError::serialize("results.json", e))?;
     write_atomic(&dir.join("results.json"), json.as_bytes())?;
     write_atomic(&dir.join("results.md"), markdown(rows).as_bytes())?;
     let mut files = Vec::new();

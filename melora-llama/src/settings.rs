@@ -23,7 +23,7 @@ pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[S
             parse(&text, path, overrides, defaults, what)
         }
         None => {
-            let json = serde_json::to_value(defaults).map_err(|e| LlamaError::Config(e.to_string()))?;
+            let json = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
             let json = apply_overrides(json, overrides).map_err(|m| LlamaError::Config(format!("{what}: {m}")))?;
             strict(json).map_err(|m| LlamaError::Config(format!("{what}: {m}")))
         }
@@ -33,7 +33,7 @@ pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[S
 /// [`load`] of the settings `text` read from `path` (named in errors).
 pub fn parse<T: Serialize + DeserializeOwned>(text: &str, path: &Path, overrides: &[String], defaults: T, what: &str) -> crate::Result<T> {
     let fail = |message: String| LlamaError::format(path, message);
-    let defaults = serde_json::to_value(defaults).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let defaults = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
     let json = serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
     let json = with_defaults(defaults, json, what).map_err(fail)?;
     let json = apply_overrides(json, overrides).map_err(fail)?;

@@ -66,14 +66,14 @@ impl EvalSet {
     /// An ensemble of `members` (each one sample per example, the same
     /// examples): member `m`'s probabilities become sample `m`.
     pub fn ensemble(members: &[EvalSet]) -> Result<Self> {
-        let first = members.first().ok_or_else(|| LlamaError::Config("an ensemble of no members".into()))?;
+        let first = members.first().ok_or_else(|| LlamaError::Mismatch("an ensemble of no members".into()))?;
         let mut tasks = BTreeMap::new();
         for (task, probs) in &first.tasks {
             let mut rows = Vec::new();
             for m in members {
-                let p = m.tasks.get(task).ok_or_else(|| LlamaError::Config(format!("an ensemble member has no {task} evaluation")))?;
+                let p = m.tasks.get(task).ok_or_else(|| LlamaError::Mismatch(format!("an ensemble member has no {task} evaluation")))?;
                 if p.labels != probs.labels || p.classes != probs.classes {
-                    return Err(LlamaError::Config(format!("the ensemble members' {task} evaluations hold different examples")));
+                    return Err(LlamaError::Mismatch(format!("the ensemble members' {task} evaluations hold different examples")));
                 }
                 rows.push(p.average().probs().to_vec());
             }
@@ -297,7 +297,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
         write("times.md", &format!("{table}\nTotal: {total} s ({:.1} h) of wall time on this machine's 2 cores.\n", total as f64 / 3600.0))?;
     }
     let json: BTreeMap<&str, &Vec<Summary>> = collected.iter().map(|c| (c.key, &c.summaries)).collect();
-    write("study.json", &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::Config(e.to_string()))?)?;
+    write("study.json", &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("study.json", e))?)?;
     // Reliability diagrams: seed 0 of each method (the ensemble, the zero-shot model).
     for c in &collected {
         let Some(probs) = c.first.as_ref().and_then(|s| s.tasks.get(IN_DISTRIBUTION)) else { continue };

@@ -32,7 +32,7 @@ use burn::record::{BinFileRecorder, FullPrecisionSettings, PrecisionSettings, Re
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::ElementConversion;
 use melora_core::{
-    AdapterConfig, AdapterKind, AnyAdapter, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
+    Adapter, AdapterConfig, AdapterKind, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
     MeLoraLinearConfig, Metrics, NoiseDevice, NoiseSource, PriorConfig, Sampler, SamplingMode, StdInit,
 };
 use serde::{Deserialize, Serialize};
@@ -409,22 +409,8 @@ pub fn stable_adapter_ids<B: burn::tensor::backend::Backend>(mut model: Llama<B>
         for (name, slot) in layer.projections_mut() {
             let path = format!("model.layers.{i}.{name}");
             if let Proj::Adapted(adapter) = slot {
-                match adapter {
-                    AnyAdapter::Lora(a) => {
-                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
-                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
-                    }
-                    AnyAdapter::Blob(a) => {
-                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
-                        a.lora_a_std = renamed(a.lora_a_std.clone(), &path, "lora_A_std");
-                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
-                    }
-                    AnyAdapter::MeLora(a) => {
-                        a.lora_a = renamed(a.lora_a.clone(), &path, "lora_A");
-                        a.lora_b = renamed(a.lora_b.clone(), &path, "lora_B");
-                        a.lora_m = renamed(a.lora_m.clone(), &path, "lora_M");
-                        a.lora_h = renamed(a.lora_h.clone(), &path, "lora_H");
-                    }
+                for (name, param) in adapter.named_params_mut() {
+                    *param = renamed(param.clone(), &path, name);
                 }
             }
         }
@@ -676,7 +662,7 @@ pub fn train<B: AutodiffBackend>(
 ) -> crate::Result<TrainSummary> {
     config.validate()?;
     let (base, tokenizer, _) = Pretrained::open(&config.model, assets)?.build::<B>(device)?;
-    let tokenizer = tokenizer.ok_or_else(|| LlamaError::Config(format!("{} comes with no tokenizer", config.model)))?;
+    let tokenizer = tokenizer.ok_or_else(|| LlamaError::Unavailable(format!("{} comes with no tokenizer", config.model)))?;
     let train_set = encode_split(config.task, config.scoring, Split::Train, &tokenizer, assets, None, config.max_tokens)?;
     let validation =
         encode_split(config.task, config.scoring, Split::Validation, &tokenizer, assets, config.max_validation, config.max_tokens)?;
@@ -713,7 +699,7 @@ pub fn fit<B: AutodiffBackend>(
     } else {
         None
     };
-    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
     write_atomic(&run.config(), text.as_bytes())?;
     let mut model = match &checkpoint {
         Some(dir) => load_adapter(base, dir, device)?.0,
@@ -723,7 +709,7 @@ pub fn fit<B: AutodiffBackend>(
     };
     model = stable_adapter_ids(model);
     if train_set.is_empty() {
-        return Err(LlamaError::Config(format!("task {} has no training examples", config.task)));
+        return Err(LlamaError::Data { task: config.task.to_string(), message: "no training examples".into() });
     }
     let n_train = train_set.len();
 
@@ -764,7 +750,7 @@ pub fn fit<B: AutodiffBackend>(
         run.replace_checkpoint(target, |tmp| {
             save_adapter(model, &config.adapter(), tmp, &config.model)?;
             recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::format(tmp.join("adamw.bin"), format!("cannot write the optimiser state: {e}")))?;
-            let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::Config(e.to_string()))?;
+            let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::serialize("the training state", e))?;
             write_atomic(&tmp.join("state.json"), text.as_bytes())
         })
     };
@@ -785,7 +771,7 @@ pub fn fit<B: AutodiffBackend>(
         let outcome = stepper.step(&mut model, &batch, scorer, config, step, n_train, device);
         let (nll_value, kl_value, lr) = match outcome {
             Ok(o) => (o.nll, o.kl, o.lr),
-            Err((what, value)) => return Err(nan_error(run, step, what, value)),
+            Err(bad) => return Err(nan_error(run, step, bad)),
         };
         state.step += 1;
         nlls.push(nll_value);
@@ -808,7 +794,7 @@ pub fn fit<B: AutodiffBackend>(
                 let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
                 since_eval.clear();
                 let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
-                run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::Config(e.to_string()))?)?;
+                run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
                 progress.line(&format!(
                     "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
                     state.step, metrics.accuracy, metrics.nll, metrics.ece
@@ -878,7 +864,7 @@ fn fit_ensemble<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
-    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::Config(e.to_string()))?;
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
     write_atomic(&run.config(), text.as_bytes())?;
     let seeds = config.ensemble_seeds();
     let mut summaries = Vec::new();
@@ -930,8 +916,8 @@ impl<B: AutodiffBackend> Stepper<B> {
 
     /// One step at 0-based `step` on `batch`; all randomness (prior noise,
     /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`.
-    /// A non-finite NLL or KL is returned as `Err((what, value))` with the
-    /// model left untouched.
+    /// A non-finite NLL or KL is returned as [`NonFinite`], with the model
+    /// left untouched.
     #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
@@ -942,14 +928,14 @@ impl<B: AutodiffBackend> Stepper<B> {
         step: usize,
         n_train: usize,
         device: &B::Device,
-    ) -> std::result::Result<StepOutcome, (&'static str, f64)> {
+    ) -> std::result::Result<StepOutcome, NonFinite> {
         let mut noise = config.noise.source::<B>(mix(config.seed, step as u64), device);
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
         let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
         let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
         let nll_value: f64 = nll.clone().into_scalar().elem();
         if !nll_value.is_finite() {
-            return Err(("NLL", nll_value));
+            return Err(NonFinite { what: "NLL", value: nll_value });
         }
         let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
         let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
@@ -973,7 +959,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         let kl_value = kl.clone().into_scalar().elem::<f64>();
         let kl = kl.mul_scalar(kl_weight);
         if !kl_value.is_finite() {
-            return Err(("KL", kl_value));
+            return Err(NonFinite { what: "KL", value: kl_value });
         }
         *model = match config.optimizer {
             OptimizerSplit::Single => {
@@ -1004,12 +990,19 @@ impl<B: AutodiffBackend> Stepper<B> {
     }
 }
 
-fn nan_error(run: &RunDir, step: usize, what: &str, value: f64) -> LlamaError {
-    LlamaError::Config(format!(
-        "training stopped at step {}: the {what} is {value}; the last good checkpoint is kept in {}",
-        step + 1,
-        run.last().display()
-    ))
+fn nan_error(run: &RunDir, step: usize, bad: NonFinite) -> LlamaError {
+    LlamaError::Stopped { step: step + 1, what: bad.what, value: bad.value, checkpoint: run.last() }
+}
+
+/// A loss term that is not finite: what [`Stepper::step`] returns instead
+/// of stepping.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the {what} is {value}")]
+pub struct NonFinite {
+    /// `NLL` or `KL`.
+    pub what: &'static str,
+    /// Its value.
+    pub value: f64,
 }
 
 #[cfg(test)]

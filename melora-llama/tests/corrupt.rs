@@ -23,8 +23,8 @@ fn exercise_gguf(bytes: &[u8]) -> bool {
             }
             true
         }
-        Err(message) => {
-            assert!(!message.is_empty());
+        Err(error) => {
+            assert!(!error.to_string().is_empty());
             false
         }
     }

@@ -113,5 +113,6 @@ fn dequantisation_of_known_blocks() {
     let mut info = gguf.tensors[0].clone();
     info.type_id = 12;
     let err = gguf.dequantize(&info, &template).unwrap_err();
-    assert!(err.contains("tensor t: unsupported GGML type 12"), "{err}");
+    assert_eq!(err, melora_llama::weights::gguf::GgufError::Type { tensor: "t".into(), type_id: 12 });
+    assert!(err.to_string().contains("tensor t: unsupported GGML type 12"), "{err}");
 }

@@ -208,8 +208,12 @@ fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let mut broken = tiny_base::<AD>();
     broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
     let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &train, &[], &label_scorer(), &Default::default(), &mut Quiet)
-        .unwrap_err()
-        .to_string();
+        .unwrap_err();
+    assert!(
+        matches!(&err, melora_llama::LlamaError::Stopped { step: 5, what: "NLL", value, checkpoint } if value.is_nan() && *checkpoint == run.last()),
+        "{err:?}"
+    );
+    let err = err.to_string();
     assert!(err.contains("training stopped at step 5") && err.contains("NLL is NaN") && err.contains("last good checkpoint"), "{err}");
     let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 4);

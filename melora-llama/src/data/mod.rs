@@ -527,7 +527,7 @@ pub fn encode_cloze(item: &Item, task: Task, tokenizer: &Tokenizer, max_tokens: 
         let first_target = ids.len();
         let continuation = tokenizer.encode_plain(&request.continuation)?;
         if continuation.is_empty() {
-            return Err(LlamaError::Config(format!("the continuation {:?} of a {task} example has no tokens", request.continuation)));
+            return Err(LlamaError::Data { task: task.to_string(), message: format!("the continuation {:?} of an example has no tokens", request.continuation) });
         }
         ids.extend(continuation);
         sequences.push(ChoiceSequence { ids, first_target, chars: request.continuation.chars().count() });

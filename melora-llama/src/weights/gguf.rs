@@ -168,15 +168,40 @@ pub struct Gguf {
     pub data_start: usize,
 }
 
+/// What is wrong with a GGUF file (its path is added by the loader).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GgufError {
+    /// The file does not start with GGUF's magic bytes.
+    #[error("not a GGUF file (bad magic)")]
+    NotGguf,
+    /// A GGUF version other than 2 and 3.
+    #[error("unsupported GGUF version {0} (supported: 2, 3)")]
+    Version(u32),
+    /// A tensor of a GGML type melora cannot dequantise.
+    #[error("tensor {tensor}: unsupported GGML type {type_id} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    Type {
+        /// The tensor's GGUF name.
+        tensor: String,
+        /// The GGML type id.
+        type_id: u32,
+    },
+    /// The file ends before something it declares.
+    #[error("truncated: {0}")]
+    Truncated(String),
+    /// A value no valid file holds.
+    #[error("corrupt: {0}")]
+    Corrupt(String),
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], String> {
+    fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], GgufError> {
         let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            format!("truncated: {what} needs {n} bytes at offset {}, the file has {}", self.pos, self.bytes.len())
+            GgufError::Truncated(format!("{what} needs {n} bytes at offset {}, the file has {}", self.pos, self.bytes.len()))
         })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
@@ -185,32 +210,32 @@ impl<'a> Reader<'a> {
     fn remaining(&self) -> usize {
         self.bytes.len() - self.pos
     }
-    fn u8(&mut self) -> std::result::Result<u8, String> {
+    fn u8(&mut self) -> std::result::Result<u8, GgufError> {
         Ok(self.take(1, "u8")?[0])
     }
-    fn u16(&mut self) -> std::result::Result<u16, String> {
+    fn u16(&mut self) -> std::result::Result<u16, GgufError> {
         Ok(u16::from_le_bytes(self.take(2, "u16")?.try_into().unwrap()))
     }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
+    fn u32(&mut self) -> std::result::Result<u32, GgufError> {
         Ok(u32::from_le_bytes(self.take(4, "u32")?.try_into().unwrap()))
     }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
+    fn u64(&mut self) -> std::result::Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.take(8, "u64")?.try_into().unwrap()))
     }
     /// A count that must fit in the remaining bytes at `min_size` bytes each.
-    fn count(&mut self, what: &str, min_size: usize) -> std::result::Result<usize, String> {
+    fn count(&mut self, what: &str, min_size: usize) -> std::result::Result<usize, GgufError> {
         let n = self.u64()?;
         if n > (self.remaining() / min_size.max(1)) as u64 {
-            return Err(format!("corrupt: {what} count {n} exceeds what the remaining {} bytes can hold", self.remaining()));
+            return Err(GgufError::Corrupt(format!("{what} count {n} exceeds what the remaining {} bytes can hold", self.remaining())));
         }
         Ok(n as usize)
     }
-    fn string(&mut self) -> std::result::Result<String, String> {
+    fn string(&mut self) -> std::result::Result<String, GgufError> {
         let n = self.count("string length", 1)?;
         let bytes = self.take(n, "string")?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| format!("corrupt: invalid UTF-8 in a string at offset {}", self.pos - n))
+        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::Corrupt(format!("invalid UTF-8 in a string at offset {}", self.pos - n)))
     }
-    fn value(&mut self, type_id: u32, depth: usize) -> std::result::Result<GgufValue, String> {
+    fn value(&mut self, type_id: u32, depth: usize) -> std::result::Result<GgufValue, GgufError> {
         Ok(match type_id {
             0 => GgufValue::U8(self.u8()?),
             1 => GgufValue::I8(self.u8()? as i8),
@@ -222,12 +247,12 @@ impl<'a> Reader<'a> {
             7 => match self.u8()? {
                 0 => GgufValue::Bool(false),
                 1 => GgufValue::Bool(true),
-                b => return Err(format!("corrupt: bool value {b}")),
+                b => return Err(GgufError::Corrupt(format!("bool value {b}"))),
             },
             8 => GgufValue::String(self.string()?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err("corrupt: arrays nested too deeply".into());
+                    return Err(GgufError::Corrupt("arrays nested too deeply".into()));
                 }
                 let inner = self.u32()?;
                 let n = self.count("array", 1)?;
@@ -240,7 +265,7 @@ impl<'a> Reader<'a> {
             10 => GgufValue::U64(self.u64()?),
             11 => GgufValue::I64(self.u64()? as i64),
             12 => GgufValue::F64(f64::from_bits(self.u64()?)),
-            t => return Err(format!("corrupt: unknown metadata value type {t}")),
+            t => return Err(GgufError::Corrupt(format!("unknown metadata value type {t}"))),
         })
     }
 }
@@ -248,14 +273,14 @@ impl<'a> Reader<'a> {
 impl Gguf {
     /// Parses the header of a GGUF file held in `bytes` and checks that
     /// every tensor of a supported type lies inside the file.
-    pub fn parse(bytes: &[u8]) -> std::result::Result<Self, String> {
+    pub fn parse(bytes: &[u8]) -> std::result::Result<Self, GgufError> {
         let mut r = Reader { bytes, pos: 0 };
         if r.take(4, "magic")? != MAGIC {
-            return Err("not a GGUF file (bad magic)".into());
+            return Err(GgufError::NotGguf);
         }
         let version = r.u32()?;
         if !(2..=3).contains(&version) {
-            return Err(format!("unsupported GGUF version {version} (supported: 2, 3)"));
+            return Err(GgufError::Version(version));
         }
         let n_tensors = r.count("tensor", 24)?;
         let n_kv = r.count("metadata", 12)?;
@@ -271,22 +296,22 @@ impl Gguf {
             let name = r.string()?;
             let n_dims = r.u32()?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(format!("corrupt: tensor {name} has {n_dims} dimensions"));
+                return Err(GgufError::Corrupt(format!("tensor {name} has {n_dims} dimensions")));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             let mut elements: usize = 1;
             for _ in 0..n_dims {
-                let d = usize::try_from(r.u64()?).map_err(|_| format!("corrupt: tensor {name} dimension too large"))?;
-                elements = elements.checked_mul(d).ok_or_else(|| format!("corrupt: tensor {name} has too many elements"))?;
+                let d = usize::try_from(r.u64()?).map_err(|_| GgufError::Corrupt(format!("tensor {name} dimension too large")))?;
+                elements = elements.checked_mul(d).ok_or_else(|| GgufError::Corrupt(format!("tensor {name} has too many elements")))?;
                 dims.push(d);
             }
             let type_id = r.u32()?;
-            let offset = usize::try_from(r.u64()?).map_err(|_| format!("corrupt: tensor {name} offset too large"))?;
+            let offset = usize::try_from(r.u64()?).map_err(|_| GgufError::Corrupt(format!("tensor {name} offset too large")))?;
             tensors.push(GgufTensorInfo { name, dims, type_id, offset, elements });
         }
         let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(32) as usize;
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(format!("corrupt: general.alignment = {alignment}"));
+            return Err(GgufError::Corrupt(format!("general.alignment = {alignment}")));
         }
         let data_start = r.pos.div_ceil(alignment) * alignment;
         let gguf = Self { version, metadata, tensors, data_start };
@@ -299,30 +324,25 @@ impl Gguf {
     }
 
     /// The byte range of a tensor of a supported type inside a file of `len` bytes.
-    fn byte_range(&self, info: &GgufTensorInfo, len: usize) -> std::result::Result<std::ops::Range<usize>, String> {
-        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| format!("tensor {}: unsupported type {}", info.name, info.type_id))?;
+    fn byte_range(&self, info: &GgufTensorInfo, len: usize) -> std::result::Result<std::ops::Range<usize>, GgufError> {
+        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type { tensor: info.name.clone(), type_id: info.type_id })?;
         let (per_block, block_bytes) = ty.block();
         if info.dims[0] % per_block != 0 {
-            return Err(format!("corrupt: tensor {} has a row of {} values, not a multiple of {per_block}", info.name, info.dims[0]));
+            return Err(GgufError::Corrupt(format!("tensor {} has a row of {} values, not a multiple of {per_block}", info.name, info.dims[0])));
         }
         let size = (info.elements / per_block)
             .checked_mul(block_bytes)
-            .ok_or_else(|| format!("corrupt: tensor {} too large", info.name))?;
-        let start = self.data_start.checked_add(info.offset).ok_or_else(|| format!("corrupt: tensor {} offset", info.name))?;
+            .ok_or_else(|| GgufError::Corrupt(format!("tensor {} too large", info.name)))?;
+        let start = self.data_start.checked_add(info.offset).ok_or_else(|| GgufError::Corrupt(format!("tensor {} offset", info.name)))?;
         let end = start.checked_add(size).filter(|&e| e <= len).ok_or_else(|| {
-            format!("truncated: tensor {} needs bytes up to {} but the file has {len}", info.name, start.saturating_add(size))
+            GgufError::Truncated(format!("tensor {} needs bytes up to {} but the file has {len}", info.name, start.saturating_add(size)))
         })?;
         Ok(start..end)
     }
 
     /// Dequantises the tensor `info` from the whole file `bytes` to f32.
-    pub fn dequantize(&self, info: &GgufTensorInfo, bytes: &[u8]) -> std::result::Result<Vec<f32>, String> {
-        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| {
-            format!(
-                "tensor {}: unsupported GGML type {} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)",
-                info.name, info.type_id
-            )
-        })?;
+    pub fn dequantize(&self, info: &GgufTensorInfo, bytes: &[u8]) -> std::result::Result<Vec<f32>, GgufError> {
+        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type { tensor: info.name.clone(), type_id: info.type_id })?;
         let data = &bytes[self.byte_range(info, bytes.len())?];
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut out = Vec::with_capacity(info.elements);
@@ -426,7 +446,7 @@ impl GgufSource {
         let file = File::open(path).map_err(|e| LlamaError::io(path, e))?;
         // SAFETY: read-only mapping of a file melora does not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LlamaError::io(path, e))?;
-        let gguf = Gguf::parse(&mmap).map_err(|m| LlamaError::format(path, m))?;
+        let gguf = Gguf::parse(&mmap).map_err(|e| LlamaError::format(path, e.to_string()))?;
         let names = gguf.tensors.iter().enumerate().filter_map(|(i, t)| hf_name(&t.name).map(|n| (n, i))).collect();
         Ok(Self { path: path.to_path_buf(), mmap, gguf, names })
     }
@@ -497,7 +517,7 @@ impl WeightSource for GgufSource {
     fn load(&mut self, name: &str) -> Result<Option<HostTensor>> {
         let Some(&i) = self.names.get(name) else { return Ok(None) };
         let info = &self.gguf.tensors[i];
-        let mut values = self.gguf.dequantize(info, &self.mmap).map_err(|m| LlamaError::format(&self.path, m))?;
+        let mut values = self.gguf.dequantize(info, &self.mmap).map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
         let heads = if name.ends_with("q_proj.weight") {
             Some(self.meta_u64("attention.head_count")?)
