@@ -3,6 +3,19 @@
 //! setting (`serde_path_to_error` gives the path of a bad value inside the
 //! JSON, for example `prior.std`), and a key no setting has, at any depth,
 //! is an error (`serde_ignored` reports what serde would skip).
+//!
+//! A file may name a base, nanoGPT-style: `"base": "base.json"` (a path
+//! relative to the file) lays the file's keys over that file's settings
+//! (itself resolved the same way), so an experiment is a few lines saying
+//! what it changes:
+//!
+//! ```json
+//! { "base": "base.json", "task": "arc-e", "method": "MeLora", "prior": { "noise": true } }
+//! ```
+//!
+//! A nested object whose keys all exist in the base's object changes just
+//! those keys (`prior.noise` above); any other value replaces the base's
+//! (so `"kl_schedule": {"Linear": {...}}` replaces a `Constant` schedule).
 
 use crate::error::LlamaError;
 use serde::de::DeserializeOwned;
@@ -35,6 +48,7 @@ pub fn parse<T: Serialize + DeserializeOwned>(text: &str, path: &Path, overrides
     let fail = |message: String| LlamaError::format(path, message);
     let defaults = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
     let json = serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
+    let json = with_bases(path, json, 0).map_err(fail)?;
     let json = with_defaults(defaults, json, what).map_err(fail)?;
     let json = apply_overrides(json, overrides).map_err(fail)?;
     strict(json).map_err(|m| fail(format!("{what}: {m}")))
@@ -52,6 +66,57 @@ pub fn strict<T: DeserializeOwned>(json: Value) -> Result<T, String> {
         return Err(format!("unknown setting {}", unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ")));
     }
     Ok(value)
+}
+
+/// The key that names a settings file's base.
+pub const BASE: &str = "base";
+
+/// Bases deeper than this are refused (a cycle).
+const MAX_BASES: usize = 8;
+
+/// `json`, read from `path`, laid over its base (if it names one), the
+/// base resolved first.
+fn with_bases(path: &Path, json: Value, depth: usize) -> Result<Value, String> {
+    let Value::Object(mut file) = json else { return Ok(json) };
+    let Some(base) = file.remove(BASE) else { return Ok(Value::Object(file)) };
+    let Value::String(name) = base else {
+        return Err(format!("{BASE:?} must name a settings file, found {base}"));
+    };
+    if depth >= MAX_BASES {
+        return Err(format!("more than {MAX_BASES} nested bases (does a base name itself?) at {name:?}"));
+    }
+    let base_path = path.parent().unwrap_or(Path::new("")).join(&name);
+    let text = std::fs::read_to_string(&base_path).map_err(|e| format!("cannot read its base {}: {e}", base_path.display()))?;
+    let base = serde_json::from_str::<Value>(&text).map_err(|e| format!("its base {}: not valid JSON: {e}", base_path.display()))?;
+    if !base.is_object() {
+        return Err(format!("its base {} is not a JSON object", base_path.display()));
+    }
+    let Value::Object(mut merged) = with_bases(&base_path, base, depth + 1)? else { unreachable!("an object stays an object") };
+    // Every key of the file, new ones included, is laid over the base.
+    for (key, value) in file {
+        let value = match merged.remove(&key) {
+            Some(base) => overlay(base, value),
+            None => value,
+        };
+        merged.insert(key, value);
+    }
+    Ok(Value::Object(merged))
+}
+
+/// A nested value `top` laid over `base`: an object whose keys all exist
+/// in `base`'s object changes those keys (recursively); anything else
+/// replaces.
+fn overlay(base: Value, top: Value) -> Value {
+    match (base, top) {
+        (Value::Object(mut base), Value::Object(top)) if top.keys().all(|k| base.contains_key(k)) => {
+            for (key, value) in top {
+                let merged = overlay(base.remove(&key).expect("checked above"), value);
+                base.insert(key, merged);
+            }
+            Value::Object(base)
+        }
+        (_, top) => top,
+    }
 }
 
 /// `json` laid over `defaults`, key by key.
@@ -82,4 +147,93 @@ pub fn apply_overrides(mut json: Value, overrides: &[String]) -> Result<Value, S
         *slot = value;
     }
     Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Inner {
+        std: f64,
+        noise: bool,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    enum Schedule {
+        Constant { weight: f64 },
+        Linear { steps: usize },
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Settings {
+        task: String,
+        lr: f64,
+        prior: Inner,
+        schedule: Schedule,
+    }
+
+    fn defaults() -> Settings {
+        Settings { task: "arc-e".into(), lr: 1e-4, prior: Inner { std: 0.2, noise: false }, schedule: Schedule::Constant { weight: 1.0 } }
+    }
+
+    fn folder(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("melora-settings-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        dir
+    }
+
+    #[test]
+    fn a_file_is_laid_over_its_base_chain() {
+        let dir = folder(
+            "chain",
+            &[
+                ("base.json", r#"{"lr": 0.001, "prior": {"std": 0.5, "noise": false}}"#),
+                ("sub/mid.json", r#"{"base": "../base.json", "task": "boolq"}"#),
+                // A nested object with known keys changes those; one with a
+                // key the base's lacks (another enum variant) replaces it.
+                ("sub/run.json", r#"{"base": "mid.json", "prior": {"noise": true}, "schedule": {"Linear": {"steps": 7}}}"#),
+            ],
+        );
+        let s: Settings = load(Some(&dir.join("sub/run.json")), &["lr=0.002".into()], defaults(), "settings").unwrap();
+        assert_eq!(
+            s,
+            Settings { task: "boolq".into(), lr: 0.002, prior: Inner { std: 0.5, noise: true }, schedule: Schedule::Linear { steps: 7 } }
+        );
+        // Without the file's own keys, the base's values.
+        let s: Settings = load(Some(&dir.join("sub/mid.json")), &[], defaults(), "settings").unwrap();
+        assert_eq!(s.lr, 0.001);
+        assert_eq!(s.prior, Inner { std: 0.5, noise: false });
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn bad_bases_are_refused_naming_the_files() {
+        let dir = folder(
+            "bad",
+            &[
+                ("missing.json", r#"{"base": "nowhere.json"}"#),
+                ("number.json", r#"{"base": 3}"#),
+                ("loop.json", r#"{"base": "loop.json", "lr": 0.1}"#),
+                ("list.json", r#"[1]"#),
+                ("over-list.json", r#"{"base": "list.json"}"#),
+                ("typo.json", r#"{"lr": 0.1, "prior": {"std": 1.0, "noise": false, "sd": 1.0}}"#),
+                ("over-typo.json", r#"{"base": "typo.json"}"#),
+            ],
+        );
+        let err = |file: &str| load::<Settings>(Some(&dir.join(file)), &[], defaults(), "settings").unwrap_err().to_string();
+        let e = err("missing.json");
+        assert!(e.contains("missing.json") && e.contains("nowhere.json"), "{e}");
+        assert!(err("number.json").contains("\"base\" must name a settings file"), "{}", err("number.json"));
+        assert!(err("loop.json").contains("nested bases"), "{}", err("loop.json"));
+        assert!(err("over-list.json").contains("is not a JSON object"), "{}", err("over-list.json"));
+        // A base's misspelt key is refused like the file's own.
+        let e = err("over-typo.json");
+        assert!(e.contains("over-typo.json") && e.contains("sd"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
 }
