@@ -1,7 +1,6 @@
 //! `melora-bench`: parameter tables and benchmarks for melora.
 
-#[path = "../../melora-llama/src/backend.rs"]
-mod backend;
+use melora_llama::backend;
 mod compare;
 mod params;
 mod scoring;

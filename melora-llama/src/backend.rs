@@ -1,5 +1,8 @@
-//! The backend the binaries run on, chosen by cargo feature: `cuda` first,
-//! then `wgpu`, then `ndarray` (the default).
+//! The backend the binaries (`melora`, `melora-bench`) and examples run on,
+//! chosen by this crate's cargo features: `cuda` first, then `wgpu`, then
+//! `ndarray` (the default); and [`tune_process`], the process set-up they
+//! do first thing in `main`. The library itself is generic over
+//! `B: Backend` and uses none of this.
 
 #[cfg(feature = "cuda")]
 mod chosen {
@@ -7,25 +10,30 @@ mod chosen {
     pub type Inner = burn::backend::Cuda<f32, i32>;
     /// Its name, for messages.
     pub const NAME: &str = "cuda";
-    /// The same backend in bf16 and f16 (`melora-bench step --dtype`).
+    /// The same backend in bf16 (`melora-bench step --dtype`).
     #[allow(dead_code)]
     pub type Bf16 = burn::backend::Cuda<burn::tensor::bf16, i32>;
+    /// The same backend in f16.
     #[allow(dead_code)]
     pub type F16 = burn::backend::Cuda<burn::tensor::f16, i32>;
 }
 
 #[cfg(all(feature = "wgpu", not(feature = "cuda")))]
 mod chosen {
+    /// The inference backend.
     pub type Inner = burn::backend::Wgpu<f32, i32>;
+    /// Its name, for messages.
     pub const NAME: &str = "wgpu";
-    /// WGSL has f16 but no bf16.
+    /// The same backend in f16 (WGSL has f16 but no bf16).
     #[allow(dead_code)]
     pub type F16 = burn::backend::Wgpu<burn::tensor::f16, i32>;
 }
 
 #[cfg(all(feature = "ndarray", not(any(feature = "cuda", feature = "wgpu"))))]
 mod chosen {
+    /// The inference backend.
     pub type Inner = burn::backend::NdArray<f32>;
+    /// Its name, for messages.
     pub const NAME: &str = "ndarray (CPU)";
 }
 
@@ -50,8 +58,9 @@ pub fn device() -> <Inner as burn::tensor::backend::BackendTypes>::Device {
     Default::default()
 }
 
-/// Process settings for the binaries; call it first thing in `main`,
-/// before any other thread exists.
+/// Process settings for a binary; call it first thing in `main`, before
+/// any other thread exists (it sets an environment variable and glibc's
+/// allocator parameters, which only a process may decide).
 ///
 /// - On the CPU backend, matrixmultiply (the GEMM under Burn's ndarray
 ///   backend and under melora-kernels' products) runs single-threaded

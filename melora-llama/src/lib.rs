@@ -9,6 +9,7 @@
 //! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
 
 pub mod assets;
+pub mod backend;
 pub mod cache;
 pub mod classify;
 pub mod config;

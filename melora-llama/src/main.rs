@@ -1,7 +1,7 @@
 //! `melora`: fetch the model and data, generate, measure perplexity, train
 //! and evaluate Bayesian low-rank adapters.
 
-mod backend;
+use melora_llama::backend;
 mod cli;
 
 use anyhow::{Context, Result};

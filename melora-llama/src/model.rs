@@ -506,3 +506,14 @@ impl<B: Backend> Llama<B> {
         self.layers.len()
     }
 }
+
+/// The Llama trains with melora-core's ELBO step.
+impl<B: burn::tensor::backend::AutodiffBackend> melora_core::Bayesian<B> for Llama<B> {
+    fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
+        Llama::kl(self, prior_std)
+    }
+
+    fn param_groups(&self) -> ParamGroups {
+        Llama::param_groups(self)
+    }
+}

@@ -25,30 +25,18 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::Target;
 use burn::config::Config;
 use burn::module::{AutodiffModule, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
-use burn::grad_clipping::GradientClippingConfig;
+use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, PrecisionSettings, Record, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::ElementConversion;
 use melora_core::{
-    Adapter, AdapterConfig, AdapterKind, ParamGroups, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
+    Adapter, AdapterConfig, AdapterKind, ElboConfig, ElboStep, KlTerm, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraKl,
     MeLoraLinearConfig, Metrics, NoiseDevice, NoiseSource, PriorConfig, Sampler, SamplingMode, StdInit,
 };
+pub use melora_core::{NonFinite, OptimizerSplit};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Which optimisers update which parameters.
-#[derive(Config, Debug, Copy, PartialEq, Eq)]
-pub enum OptimizerSplit {
-    /// AdamW on the NLL for the mean parameters; SGD on the KL for the mean
-    /// parameters and on NLL + KL for the std parameters (BLoB's code, the
-    /// paper's Table 7).
-    TwoOptimizers,
-    /// AdamW on NLL + KL for every parameter.
-    Single,
-}
 
 /// What a run trains: one of the three adapters, or one of the paper's
 /// baselines built on LoRA (method.md section 4).
@@ -722,7 +710,7 @@ pub fn fit<B: AutodiffBackend>(
         state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
         let record: Ordered<_> =
             recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
-        stepper.adamw = stepper.adamw.load_record(record.0);
+        stepper.elbo.adamw = stepper.elbo.adamw.load_record(record.0);
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
     // Validation records past the checkpoint (written before a crash) are
@@ -802,13 +790,13 @@ pub fn fit<B: AutodiffBackend>(
                 if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
                     state.best = Some((metrics.accuracy, state.step));
                     state.since_eval.clear();
-                    save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.best())?;
+                    save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.best())?;
                 }
             }
         }
         if state.step % config.checkpoint_every.max(1) == 0 || at_end {
             state.since_eval.clone_from(&since_eval);
-            save_checkpoint(&model, stepper.adamw.to_record(), &state, &run.last())?;
+            save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
         }
     }
     let tenth = (nlls.len() / 10).max(1);
@@ -894,24 +882,24 @@ pub struct StepOutcome {
     pub lr: f64,
 }
 
-/// The optimisers and parameter groups of a run; [`Stepper::step`] is one
-/// training step (shared by `fit` and the benchmarks).
+/// The optimisers of a run and the Llama side of a step (scores, NLL, the
+/// learning-rate and KL-weight schedules); [`Stepper::step`] is one
+/// training step (shared by `fit` and the benchmarks), its update
+/// [`melora_core::ElboStep`].
 pub struct Stepper<B: AutodiffBackend> {
-    /// AdamW (mean parameters, or everything in single-optimiser mode).
-    pub adamw: OptimizerAdaptor<AdamW, Llama<B>, B>,
-    /// SGD for the KL step.
-    pub sgd: OptimizerAdaptor<Sgd<B::InnerBackend>, Llama<B>, B>,
-    groups: ParamGroups,
+    /// The optimisers and parameter groups.
+    pub elbo: ElboStep<B, Llama<B>>,
 }
 
 impl<B: AutodiffBackend> Stepper<B> {
     /// Optimisers for `model`'s adapters as `config` says.
     pub fn new(config: &TrainConfig, model: &Llama<B>) -> Self {
-        let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
-        if let Some(clip) = config.grad_clip {
-            adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
-        }
-        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), groups: model.param_groups() }
+        let elbo = ElboConfig::new()
+            .with_weight_decay(config.weight_decay)
+            .with_grad_clip(config.grad_clip)
+            .with_kl_lr(config.kl_lr)
+            .with_optimizer(config.optimizer);
+        Self { elbo: ElboStep::new(elbo, model) }
     }
 
     /// One step at 0-based `step` on `batch`; all randomness (prior noise,
@@ -933,10 +921,6 @@ impl<B: AutodiffBackend> Stepper<B> {
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
         let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
         let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
-        let nll_value: f64 = nll.clone().into_scalar().elem();
-        if !nll_value.is_finite() {
-            return Err(NonFinite { what: "NLL", value: nll_value });
-        }
         let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
         let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
         let steps_per_epoch = n_train.div_ceil(config.batch_size).max(1);
@@ -947,46 +931,9 @@ impl<B: AutodiffBackend> Stepper<B> {
             KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch) * period as f64,
             KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
         } / n_train as f64;
-        let current = model.clone();
-        if !config.is_bayesian() {
-            let grads = GradientsParams::from_grads(nll.backward(), &current);
-            *model = self.adamw.step(lr, current, grads);
-            return Ok(StepOutcome { nll: nll_value, kl: 0.0, lr });
-        }
-        // The KL itself is reported (dividing the weighted one by the
-        // weight would give 0/0 under a weight of 0).
-        let kl = current.kl(prior_std);
-        let kl_value = kl.clone().into_scalar().elem::<f64>();
-        let kl = kl.mul_scalar(kl_weight);
-        if !kl_value.is_finite() {
-            return Err(NonFinite { what: "KL", value: kl_value });
-        }
-        *model = match config.optimizer {
-            OptimizerSplit::Single => {
-                let grads = GradientsParams::from_grads(nll.add(kl).backward(), &current);
-                self.adamw.step(lr, current, grads)
-            }
-            OptimizerSplit::TwoOptimizers => {
-                let groups = &self.groups;
-                let mut nll_grads = nll.backward();
-                let mut kl_grads = kl.backward();
-                let mean = GradientsParams::from_params(&mut nll_grads, &current, &groups.mean);
-                let std_nll = GradientsParams::from_params(&mut nll_grads, &current, &groups.std);
-                let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &current, &groups.all());
-                for id in &groups.std {
-                    if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
-                        let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
-                            Some(k) => g.add(k),
-                            None => g,
-                        };
-                        sgd_grads.register(*id, total);
-                    }
-                }
-                let updated = self.adamw.step(lr, current, mean);
-                self.sgd.step(config.kl_lr, updated, sgd_grads)
-            }
-        };
-        Ok(StepOutcome { nll: nll_value, kl: kl_value, lr })
+        let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight: kl_weight });
+        let values = self.elbo.step(model, nll, lr, kl)?;
+        Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })
     }
 }
 
@@ -994,22 +941,13 @@ fn nan_error(run: &RunDir, step: usize, bad: NonFinite) -> LlamaError {
     LlamaError::Stopped { step: step + 1, what: bad.what, value: bad.value, checkpoint: run.last() }
 }
 
-/// A loss term that is not finite: what [`Stepper::step`] returns instead
-/// of stepping.
-#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
-#[error("the {what} is {value}")]
-pub struct NonFinite {
-    /// `NLL` or `KL`.
-    pub what: &'static str,
-    /// Its value.
-    pub value: f64,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use burn::backend::{Autodiff, NdArray};
     use burn::nn::{Linear, LinearConfig};
+    use burn::optim::adaptor::OptimizerAdaptor;
+    use burn::optim::{AdamW, AdamWConfig, GradientsParams};
     use burn::tensor::{Distribution, Tensor};
 
     type AD = Autodiff<NdArray<f64>>;

@@ -1,0 +1,164 @@
+//! The ELBO training step of method.md section 2, for any Burn module that
+//! reports its KL and its mean/std parameter groups ([`Bayesian`]): a
+//! researcher's own model trains with it as melora's Llama does.
+//!
+//! With [`OptimizerSplit::TwoOptimizers`] (BLoB's code, the paper's Table
+//! 7), AdamW steps the mean parameters on the data NLL, then SGD steps the
+//! mean parameters on the weighted KL and the std parameters on NLL + KL;
+//! with [`OptimizerSplit::Single`], AdamW steps everything on NLL + KL. A
+//! deterministic model (no KL term) takes a plain AdamW step. Burn's
+//! optimisers do the updates (AdamW with optional gradient-norm clipping,
+//! SGD).
+
+use crate::adapter::ParamGroups;
+use burn::config::Config;
+use burn::grad_clipping::GradientClippingConfig;
+use burn::module::AutodiffModule;
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{ElementConversion, Tensor};
+
+/// A module with Bayesian adapters: what [`ElboStep`] needs of it.
+pub trait Bayesian<B: AutodiffBackend>: AutodiffModule<B> {
+    /// The sum of the adapters' KL terms against a prior of standard
+    /// deviation `prior_std`, shape `[1]` ([`crate::total_kl`] for a list
+    /// of adapters).
+    fn kl(&self, prior_std: f64) -> Tensor<B, 1>;
+
+    /// The mean and std parameters of every adapter
+    /// ([`crate::Adapter::param_groups`], extended over the adapters).
+    fn param_groups(&self) -> ParamGroups;
+}
+
+/// Which optimisers update which parameters.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum OptimizerSplit {
+    /// AdamW on the NLL for the mean parameters; SGD on the KL for the mean
+    /// parameters and on NLL + KL for the std parameters (BLoB's code, the
+    /// paper's Table 7).
+    TwoOptimizers,
+    /// AdamW on NLL + KL for every parameter.
+    Single,
+}
+
+/// The optimiser settings of an [`ElboStep`] (the learning rate is given
+/// per step, for schedules).
+#[derive(Config, Debug)]
+pub struct ElboConfig {
+    /// AdamW's decoupled weight decay.
+    #[config(default = 0.0)]
+    pub weight_decay: f64,
+    /// Gradient-norm clipping of AdamW's step (`None`: none).
+    #[config(default = "None")]
+    pub grad_clip: Option<f64>,
+    /// SGD's learning rate for the KL step.
+    #[config(default = 0.01)]
+    pub kl_lr: f64,
+    /// Which optimisers update which parameters.
+    #[config(default = "OptimizerSplit::TwoOptimizers")]
+    pub optimizer: OptimizerSplit,
+}
+
+/// The KL term of a step: the prior's standard deviation and the weight
+/// the KL enters the loss with (`weight * KL`; for the per-example ELBO,
+/// one over the number of training examples).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KlTerm {
+    /// The prior's standard deviation.
+    pub prior_std: f64,
+    /// The KL's weight in the loss.
+    pub weight: f64,
+}
+
+/// What one step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepValues {
+    /// The NLL given.
+    pub nll: f64,
+    /// The unweighted KL (0 without a KL term).
+    pub kl: f64,
+}
+
+/// A loss term that is not finite: what [`ElboStep::step`] returns instead
+/// of stepping.
+#[derive(Debug, Clone, Copy, PartialEq, thiserror::Error)]
+#[error("the {what} is {value}")]
+pub struct NonFinite {
+    /// `NLL` or `KL`.
+    pub what: &'static str,
+    /// Its value.
+    pub value: f64,
+}
+
+/// The optimisers and parameter groups of a training run.
+pub struct ElboStep<B: AutodiffBackend, M: Bayesian<B>> {
+    /// AdamW (mean parameters, or everything in single-optimiser mode).
+    pub adamw: OptimizerAdaptor<AdamW, M, B>,
+    /// SGD for the KL step.
+    pub sgd: OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>,
+    groups: ParamGroups,
+    config: ElboConfig,
+}
+
+impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
+    /// Optimisers for `model`'s adapters.
+    pub fn new(config: ElboConfig, model: &M) -> Self {
+        let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
+        if let Some(clip) = config.grad_clip {
+            adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
+        }
+        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), groups: model.param_groups(), config }
+    }
+
+    /// One step of `model` on `nll` (the batch's mean NLL, computed by
+    /// `model`, shape `[1]`) at AdamW learning rate `lr`, plus the KL term
+    /// when `kl` is given. A non-finite NLL or KL is returned as
+    /// [`NonFinite`], with the model left untouched.
+    pub fn step(&mut self, model: &mut M, nll: Tensor<B, 1>, lr: f64, kl: Option<KlTerm>) -> Result<StepValues, NonFinite> {
+        let nll_value: f64 = nll.clone().into_scalar().elem();
+        if !nll_value.is_finite() {
+            return Err(NonFinite { what: "NLL", value: nll_value });
+        }
+        let current = model.clone();
+        let Some(term) = kl else {
+            let grads = GradientsParams::from_grads(nll.backward(), &current);
+            *model = self.adamw.step(lr, current, grads);
+            return Ok(StepValues { nll: nll_value, kl: 0.0 });
+        };
+        // The KL itself is reported (dividing the weighted one by the
+        // weight would give 0/0 under a weight of 0).
+        let kl = current.kl(term.prior_std);
+        let kl_value = kl.clone().into_scalar().elem::<f64>();
+        let kl = kl.mul_scalar(term.weight);
+        if !kl_value.is_finite() {
+            return Err(NonFinite { what: "KL", value: kl_value });
+        }
+        *model = match self.config.optimizer {
+            OptimizerSplit::Single => {
+                let grads = GradientsParams::from_grads(nll.add(kl).backward(), &current);
+                self.adamw.step(lr, current, grads)
+            }
+            OptimizerSplit::TwoOptimizers => {
+                let groups = &self.groups;
+                let mut nll_grads = nll.backward();
+                let mut kl_grads = kl.backward();
+                let mean = GradientsParams::from_params(&mut nll_grads, &current, &groups.mean);
+                let std_nll = GradientsParams::from_params(&mut nll_grads, &current, &groups.std);
+                let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &current, &groups.all());
+                for id in &groups.std {
+                    if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
+                        let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
+                            Some(k) => g.add(k),
+                            None => g,
+                        };
+                        sgd_grads.register(*id, total);
+                    }
+                }
+                let updated = self.adamw.step(lr, current, mean);
+                self.sgd.step(self.config.kl_lr, updated, sgd_grads)
+            }
+        };
+        Ok(StepValues { nll: nll_value, kl: kl_value })
+    }
+}
