@@ -97,10 +97,17 @@ train() { # name config seed [overrides...]
     # A run that stops (a non-finite loss: divergence) is a result, not the
     # end of the study: it is marked, its best checkpoint so far (if any) is
     # still evaluated, and the report says so.
-    echo "!! training $name seed $seed failed (see $dir/log.txt)"
-    printf '%s	%s	%s	%s	%s
+    if [ -f "$dir/config.json" ]; then
+      echo "!! training $name seed $seed failed (see $dir/log.txt)"
+      printf '%s	%s	%s	%s	%s
 ' "$name-seed$seed" train-failed 0 - "$commit" >> "$times"
-    touch "$dir/failed" "$dir/done"
+      touch "$dir/failed" "$dir/done"
+    else
+      # It never started (a settings error, a missing model): not a result;
+      # nothing is marked, so a rerun tries again.
+      echo "!! training $name seed $seed did not start (see the message above)"
+      sed -i "/^$name-seed$seed	train	/d" "$times"
+    fi
   fi
 }
 
