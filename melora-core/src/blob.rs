@@ -149,6 +149,9 @@ impl<B: Backend> BlobLinear<B> {
     }
 }
 
+/// BLoB's tensors, in [`Adapter::named_params`] order: `M_A`, `G_A`, `B`.
+pub const BLOB_PARAMS: [&str; 3] = ["lora_A", "lora_A_std", "lora_B"];
+
 impl<B: Backend> Adapter<B> for BlobLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let u = self.project(sampler.dropout(x.clone(), self.dropout), sampler);
@@ -170,14 +173,16 @@ impl<B: Backend> Adapter<B> for BlobLinear<B> {
 
     fn named_params(&self) -> Vec<NamedParam<'_, B>> {
         use ParamRole::{Mean, Std};
+        let [a, a_std, b] = BLOB_PARAMS;
         vec![
-            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
-            NamedParam { name: "lora_A_std", role: Std, param: &self.lora_a_std },
-            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
+            NamedParam { name: a, role: Mean, param: &self.lora_a },
+            NamedParam { name: a_std, role: Std, param: &self.lora_a_std },
+            NamedParam { name: b, role: Mean, param: &self.lora_b },
         ]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
-        vec![("lora_A", &mut self.lora_a), ("lora_A_std", &mut self.lora_a_std), ("lora_B", &mut self.lora_b)]
+        let [a, a_std, b] = BLOB_PARAMS;
+        vec![(a, &mut self.lora_a), (a_std, &mut self.lora_a_std), (b, &mut self.lora_b)]
     }
 }

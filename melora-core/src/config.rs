@@ -88,9 +88,9 @@ impl AdapterConfig {
     /// the order [`AdapterConfig::init_named`] takes them.
     pub fn param_names(&self) -> &'static [&'static str] {
         match self {
-            Self::Lora(_) => &["lora_A", "lora_B"],
-            Self::Blob(_) => &["lora_A", "lora_A_std", "lora_B"],
-            Self::MeLora(_) => &["lora_A", "lora_B", "lora_M", "lora_H"],
+            Self::Lora(_) => &crate::lora::LORA_PARAMS,
+            Self::Blob(_) => &crate::blob::BLOB_PARAMS,
+            Self::MeLora(_) => &crate::melora::MELORA_PARAMS,
         }
     }
 

@@ -38,6 +38,9 @@ pub struct LoraLinear<B: Backend> {
     pub dropout: f64,
 }
 
+/// LoRA's tensors, in [`Adapter::named_params`] order: `A`, `B`.
+pub const LORA_PARAMS: [&str; 2] = ["lora_A", "lora_B"];
+
 impl LoraLinearConfig {
     /// Wraps `base` (frozen here) with a fresh adapter: `A` Kaiming-uniform
     /// (drawn from `noise`), `B = 0`.
@@ -118,13 +121,12 @@ impl<B: Backend> Adapter<B> for LoraLinear<B> {
 
     fn named_params(&self) -> Vec<NamedParam<'_, B>> {
         use ParamRole::Mean;
-        vec![
-            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
-            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
-        ]
+        let [a, b] = LORA_PARAMS;
+        vec![NamedParam { name: a, role: Mean, param: &self.lora_a }, NamedParam { name: b, role: Mean, param: &self.lora_b }]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
-        vec![("lora_A", &mut self.lora_a), ("lora_B", &mut self.lora_b)]
+        let [a, b] = LORA_PARAMS;
+        vec![(a, &mut self.lora_a), (b, &mut self.lora_b)]
     }
 }

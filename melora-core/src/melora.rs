@@ -227,6 +227,9 @@ impl<B: Backend> MeLoraLinear<B> {
     }
 }
 
+/// Me-LoRA's tensors, in [`Adapter::named_params`] order: `A`, `B`, `M`, `H`.
+pub const MELORA_PARAMS: [&str; 4] = ["lora_A", "lora_B", "lora_M", "lora_H"];
+
 impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let u = flat_linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
@@ -249,15 +252,17 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
 
     fn named_params(&self) -> Vec<NamedParam<'_, B>> {
         use ParamRole::{Mean, Std};
+        let [a, b, m, h] = MELORA_PARAMS;
         vec![
-            NamedParam { name: "lora_A", role: Mean, param: &self.lora_a },
-            NamedParam { name: "lora_B", role: Mean, param: &self.lora_b },
-            NamedParam { name: "lora_M", role: Mean, param: &self.lora_m },
-            NamedParam { name: "lora_H", role: Std, param: &self.lora_h },
+            NamedParam { name: a, role: Mean, param: &self.lora_a },
+            NamedParam { name: b, role: Mean, param: &self.lora_b },
+            NamedParam { name: m, role: Mean, param: &self.lora_m },
+            NamedParam { name: h, role: Std, param: &self.lora_h },
         ]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
-        vec![("lora_A", &mut self.lora_a), ("lora_B", &mut self.lora_b), ("lora_M", &mut self.lora_m), ("lora_H", &mut self.lora_h)]
+        let [a, b, m, h] = MELORA_PARAMS;
+        vec![(a, &mut self.lora_a), (b, &mut self.lora_b), (m, &mut self.lora_m), (h, &mut self.lora_h)]
     }
 }

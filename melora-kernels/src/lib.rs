@@ -36,8 +36,8 @@ static SPLIT_PRODUCTS: AtomicBool = AtomicBool::new(false);
 /// library cannot know and only the process can arrange: 8% less time over
 /// the SmolLM2 step's GEMM shapes on 2 cores
 /// (`experiments/results/compare-cpu.md`). Off by default, and then
-/// matrixmultiply splits the work itself. Results are the same either way
-/// (the blocks split rows and columns, never the summed axis).
+/// matrixmultiply splits the work itself. The blocks split rows or
+/// columns of the product, never the summed axis.
 pub fn split_products(on: bool) {
     SPLIT_PRODUCTS.store(on, Ordering::Relaxed);
 }
