@@ -66,6 +66,14 @@ keep() { # name
   "$MELORA" study-report --runs "$RUNS" --out "$OUT" > /dev/null
 }
 evaluated() { [ -f "$RUNS/evals/$1/ood.json" ]; }
+# Evaluates a training run, once its training has finished (a run that did
+# not start has nothing to evaluate).
+evaluate_run() { # name run-folder [args...]
+  local name=$1 dir=$2; shift 2
+  evaluated "$name" && return
+  if [ ! -f "$dir/done" ]; then echo "!! $name: its training has not finished; not evaluated"; return; fi
+  evaluate "$name" --run "$dir" "$@"
+}
 
 # Runs a phase, appending its wall time and peak memory to times.tsv;
 # returns the command's exit status.
@@ -130,26 +138,28 @@ for seed in $SEEDS; do
   # MAP first, then Laplace-LoRA on it while its run folder is here (a
   # training run whose evaluations are kept is not redone).
   evaluated "map-seed$seed" && evaluated "lap-seed$seed" || train map "$CFG/arc-e-map.json" "$seed"
-  evaluate "map-seed$seed" --run "$RUNS/map-seed$seed"
+  evaluate_run "map-seed$seed" "$RUNS/map-seed$seed"
   # Laplace-LoRA on the MAP run: KFAC over 1000 training questions, prior
   # precision by marginal likelihood, 10 draws of the linearised logits.
-  if ! evaluated "lap-seed$seed" && [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+  if ! evaluated "lap-seed$seed" && [ -f "$RUNS/map-seed$seed/done" ] && [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
     echo "== laplace seed $seed"
     timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000 ||
       printf '%s	%s	%s	%s	%s
 ' "lap-seed$seed" fit-failed 0 - "$commit" >> "$times"
   fi
-  evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+  if [ -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+    evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+  fi
   evaluated "melora-seed$seed" || train melora "$CFG/arc-e-melora.json" "$seed"
-  evaluate "melora-seed$seed" --run "$RUNS/melora-seed$seed"
+  evaluate_run "melora-seed$seed" "$RUNS/melora-seed$seed"
   # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
   evaluated "melora-paper-seed$seed" || train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
     --set train_sampling=PerBatch --set std_init=Blob
-  evaluate "melora-paper-seed$seed" --run "$RUNS/melora-paper-seed$seed"
+  evaluate_run "melora-paper-seed$seed" "$RUNS/melora-paper-seed$seed"
   evaluated "blob-seed$seed" || train blob "$CFG/arc-e-blob.json" "$seed"
-  evaluate "blob-seed$seed" --run "$RUNS/blob-seed$seed"
+  evaluate_run "blob-seed$seed" "$RUNS/blob-seed$seed"
   evaluated "mcd-seed$seed" || train mcd "$CFG/arc-e-mcd.json" "$seed"
-  evaluate "mcd-seed$seed" --run "$RUNS/mcd-seed$seed"
+  evaluate_run "mcd-seed$seed" "$RUNS/mcd-seed$seed"
 done
 # ENS: the three MAP seeds as the members of one ensemble (no training of its own).
 "$MELORA" study-report --runs "$RUNS" --out "$OUT"

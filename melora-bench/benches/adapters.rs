@@ -18,11 +18,8 @@ use melora_core::{
 type B = Autodiff<NdArray<f32>>;
 
 fn bench(c: &mut Criterion) {
-    // As the binaries do: the GEMMs split over rayon's threads.
-    if std::env::var_os("MATMUL_NUM_THREADS").is_none() {
-        std::env::set_var("MATMUL_NUM_THREADS", "1");
-    }
-    melora_kernels::split_products(std::env::var("MATMUL_NUM_THREADS").is_ok_and(|v| v.trim() == "1"));
+    // The binaries' process set-up: the GEMMs split over rayon's threads.
+    melora_llama::backend::tune_process();
     let device = Default::default();
     B::seed(&device, 0);
     let (d, r, batch, seq) = (4096, 8, 4, 300);

@@ -43,7 +43,8 @@ pub fn split_products(on: bool) {
 }
 
 /// See [`split_products`].
-pub fn products_split() -> bool {
+#[cfg_attr(not(feature = "ndarray"), allow(dead_code))]
+pub(crate) fn products_split() -> bool {
     SPLIT_PRODUCTS.load(Ordering::Relaxed)
 }
 
