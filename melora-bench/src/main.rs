@@ -8,7 +8,7 @@ mod step;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use melora_llama::weights::Target;
+use melora_llama::model::Target;
 
 /// Parameter tables, step-time benchmarks and comparisons for melora.
 #[derive(Parser)]

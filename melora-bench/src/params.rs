@@ -8,7 +8,7 @@ use crate::backend::Inner;
 use burn::nn::LinearConfig;
 use melora_core::{Adapter, AdapterKind, NoiseSource};
 use melora_llama::train::TrainConfig;
-use melora_llama::weights::Target;
+use melora_llama::model::Target;
 use melora_llama::LlamaConfig;
 use serde::Serialize;
 

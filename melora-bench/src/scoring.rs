@@ -6,17 +6,16 @@
 
 use crate::backend::{self, Train};
 use crate::step::peak_rss_mib;
-use anyhow::{Context, Result};
+use anyhow::Result;
 use burn::module::AutodiffModule;
 use burn::tensor::backend::Backend;
 use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
-use melora_llama::classify::length_batches;
-use melora_llama::data::{Encoded, LengthNorm, Padding, Scoring, Split, Task};
-use melora_llama::pretrained::Pretrained;
-use melora_llama::scoring::Scorer;
-use melora_llama::train::{encode_split, scorer_for, Method, Stepper, TrainConfig};
-use melora_llama::weights::Target;
+use melora_llama::data::length_batches;
+use melora_llama::data::{Encoded, LengthNorm, Padding, Scoring, Split, Task, TaskSetup};
+use melora_llama::weights::pretrained::Pretrained;
+use melora_llama::model::scoring::Scorer;
+use melora_llama::train::{Method, Stepper, TrainConfig};
 use serde::Serialize;
 use std::time::Instant;
 
@@ -57,16 +56,15 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
     let assets = Assets::from_env();
     anyhow::ensure!(assets.is_complete(), "SmolLM2-135M and the data are not fetched: run `melora fetch` first");
     let device = backend::device();
-    let (base, tokenizer, _) = Pretrained::open("smollm2-135m", &assets)?.build::<Train>(&device)?;
-    let tokenizer = tokenizer.context("no tokenizer")?;
+    let (base, tokenizer) = Pretrained::load::<Train>("smollm2-135m", &assets, &device)?;
     let mut prepared = Vec::new();
     for scoring in [Scoring::Label, Scoring::Answer] {
-        let scorer = scorer_for(Task::ArcE, scoring, LengthNorm::None, &tokenizer)?;
-        let examples = encode_split(Task::ArcE, scoring, Split::Validation, &tokenizer, &assets, Some(args.questions), 300)?;
-        prepared.push((scoring, scorer, examples));
+        let setup = TaskSetup::new(Task::ArcE, scoring, LengthNorm::None, 300, tokenizer.clone(), &assets)?;
+        let examples = setup.split(Split::Validation, Some(args.questions))?;
+        prepared.push((scoring, setup.scorer, examples));
     }
     let config = TrainConfig::new().with_method(Method::Lora).with_train_sampling(SamplingMode::Mean).with_steps(10_000).with_lr(1e-4);
-    let model = base.with_adapters(&config.adapter(), &Target::parse_list(&config.targets)?, &mut NoiseSource::seeded(0))?;
+    let model = base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(0))?;
     let mut rows = Vec::new();
     for round in 1..=args.rounds {
         for (scoring, scorer, examples) in &prepared {
@@ -76,11 +74,11 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
                 (r + chunk.iter().map(|&i| examples[i].tokens()).sum::<usize>(), p + batch.padded_tokens())
             });
             let mut model = model.clone();
-            let mut stepper = Stepper::<Train>::new(&config, &model);
+            let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
             let train = time_it(|| {
                 for (i, chunk) in batches.iter().enumerate() {
                     let batch = scorer.batch(examples, chunk, Padding::Left);
-                    stepper.step(&mut model, &batch, scorer, &config, i, 10_000, &device)?;
+                    stepper.step(&mut model, &batch, scorer, i, &device)?;
                 }
                 Ok(())
             })?;

@@ -10,10 +10,10 @@ use burn::tensor::backend::AutodiffBackend;
 use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
-use melora_llama::pretrained::Pretrained;
-use melora_llama::scoring::{ScoreBatch, Scorer};
+use melora_llama::weights::pretrained::Pretrained;
+use melora_llama::model::scoring::{ScoreBatch, Scorer};
 use melora_llama::train::{Stepper, TrainConfig};
-use melora_llama::weights::Target;
+use melora_llama::model::Target;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -91,13 +91,13 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     let config = TrainConfig::new()
         .with_method(args.method.into())
         .with_rank(args.rank)
-        .with_targets(args.targets.clone())
+        .with_targets(Target::parse_list(&args.targets)?)
         .with_steps(args.warmup + args.steps)
         .with_batch_size(args.batch)
         .with_seed(args.seed)
         .with_train_sampling(if args.method == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample });
     config.validate()?;
-    let mut model = base.with_adapters(&config.adapter(), &Target::parse_list(&args.targets)?, &mut NoiseSource::seeded(args.seed))?;
+    let mut model = base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(args.seed))?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let label_ids: Vec<u32> = (0..4).map(|i| 10 + i).collect();
     let examples: Vec<Encoded> = (0..args.batch)
@@ -129,12 +129,12 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             }
         }
     } else {
-        let mut stepper = Stepper::<Train>::new(&config, &model);
+        let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
         let scorer = Scorer::label(label_ids.clone(), 0);
         for i in 0..args.warmup + args.steps {
             let start = Instant::now();
             let outcome = stepper
-                .step(&mut model, &ScoreBatch::Label(batch.clone()), &scorer, &config, i, 10_000, &device)
+                .step(&mut model, &ScoreBatch::Label(batch.clone()), &scorer, i, &device)
                 .map_err(|bad| anyhow::anyhow!("{bad} at step {i}"))?;
             // The step reads the loss back after the forward pass; the
             // backward pass and the update may still be queued on a GPU.

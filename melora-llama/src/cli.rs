@@ -6,19 +6,15 @@ use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
-use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task};
-use melora_llama::eval::{predict_samples, softmax_rows, PredictOptions, SampledProbs};
-use melora_llama::scoring::Scorer;
+use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task, TaskSetup};
+use melora_llama::eval::{predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs};
+use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
+use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
-use melora_llama::peft::load_adapter;
-use melora_llama::pretrained::Pretrained;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
-use melora_llama::data::{seeded_shuffle, SPLIT_SEED};
-use melora_llama::eval::{ensemble_probs, predict_logits};
-use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir, LaplaceMeta, PriorPrecision};
-use melora_llama::peft::save_adapter;
-use melora_llama::train::{encode_split, fit, scorer_for, train, EnsembleAverage, Method, Progress, RunDir, TrainConfig};
-use melora_core::ClassProbs;
+use melora_llama::train::{fit, train, Method, Progress, RunDir, TrainConfig, TrainData};
+use melora_llama::weights::peft::{load_adapter, save_adapter};
+use melora_llama::Pretrained;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -178,6 +174,37 @@ fn finish_bar(bar: Option<ProgressBar>) {
     }
 }
 
+/// Progress of work in named phases (ensemble members, Laplace's
+/// curvature then validation): a bar per phase on a terminal, lines
+/// otherwise.
+#[derive(Default)]
+struct PhaseBars {
+    phase: String,
+    bar: Option<ProgressBar>,
+}
+
+impl PhaseBars {
+    fn update(&mut self, phase: &str, done: usize, total: usize) {
+        if phase != self.phase {
+            self.finish();
+            self.phase = phase.to_string();
+            self.bar = std::io::stderr().is_terminal().then(|| ProgressBar::new(total as u64).with_message(phase.to_string()));
+        }
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            }
+            None if done % 10 == 0 || done == total => eprintln!("{phase}: batch {done}/{total}"),
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {
+        finish_bar(self.bar.take());
+    }
+}
+
 /// One line with an evaluation's metrics and time.
 fn log_row(row: &ResultRow, start: Instant) {
     eprintln!(
@@ -225,31 +252,35 @@ fn finish_eval(args: &EvalArgs, evaluations: &[Evaluation]) -> Result<()> {
 fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task) -> Result<Evaluation> {
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
-    let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Inner>(&device)?;
-    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
-    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
-    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let (base, tokenizer) = Pretrained::load::<Inner>(&config.model, &assets, &device)?;
+    let setup = eval_setup(args, config, task, tokenizer, &assets)?;
+    let examples = setup.split(args.split, args.max_examples)?;
     let average = args.ensemble_average.unwrap_or(config.ensemble_average);
     let start = Instant::now();
-    let mut members = Vec::new();
-    for k in 0..config.members {
+    let members = (0..config.members).map(|k| {
         let member = run.member(k);
-        let checkpoint = member.final_checkpoint().with_context(|| format!("ensemble member {} has no checkpoint", member.dir.display()))?;
-        let model = load_adapter(base.clone(), &checkpoint, &device)?.0;
-        let name = format!("member {}/{}", k + 1, config.members);
-        let (bar, callback) = batch_progress(&name);
-        members.push(predict_logits(&model, &examples, &scorer, args.batch_size, &device, callback));
-        finish_bar(bar);
-    }
-    let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
-    let probs = ClassProbs::new(ensemble_probs(&members, scorer.classes, average), scorer.classes, labels.clone())?;
-    let sampled = SampledProbs::from_members(&members.iter().map(|m| softmax_rows(m, scorer.classes)).collect::<Vec<_>>(), scorer.classes, labels);
+        let checkpoint = member.final_checkpoint().ok_or_else(|| {
+            melora_llama::LlamaError::Unavailable(format!("ensemble member {} has no checkpoint", member.dir.display()))
+        })?;
+        Ok(load_adapter(base.clone(), &checkpoint, &device)?.0)
+    });
+    let mut bars = PhaseBars::default();
+    let (probs, sampled) = predict_ensemble(members, &examples, &setup.scorer, args.batch_size, average, &device, |k, done, total| {
+        bars.update(&format!("member {}/{}", k + 1, config.members), done, total)
+    })?;
+    bars.finish();
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), config.members, &probs);
     row.spread = Some(Spread::of(&sampled, None));
     log_row(&row, start);
     Ok(Evaluation { row, sampled })
+}
+
+/// The task set-up an evaluation of a run uses: the run's scoring and
+/// length normalisation unless the flags say otherwise.
+fn eval_setup(args: &EvalArgs, config: &TrainConfig, task: Task, tokenizer: melora_llama::Tokenizer, assets: &Assets) -> Result<TaskSetup> {
+    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
+    Ok(TaskSetup::new(task, scoring, norm, config.max_tokens, tokenizer, assets)?)
 }
 
 /// A Laplace posterior: the linearised predictive, probit (S = 1) or
@@ -260,22 +291,21 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let config = load_config(Some(&dir.join("config.json")), &[])?;
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
-    let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
-    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", config.model))?;
+    let (base, tokenizer) = Pretrained::load::<Train>(&config.model, &assets, &device)?;
     let model = load_adapter(base, &laplace.adapter(), &device)?.0;
-    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
+    let setup = eval_setup(args, &config, task, tokenizer, &assets)?;
     anyhow::ensure!(
-        scoring == config.scoring,
-        "this Laplace posterior was fitted under {:?} scoring: its curvature does not hold for {scoring:?} scoring",
-        config.scoring
+        setup.scoring == config.scoring,
+        "this Laplace posterior was fitted under {:?} scoring: its curvature does not hold for {:?} scoring",
+        config.scoring,
+        setup.scoring
     );
-    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, config.max_tokens)?;
+    let examples = setup.split(args.split, args.max_examples)?;
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
-    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &scorer, args.batch_size, &device, callback)?;
+    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &setup.scorer, args.batch_size, &device, callback)?;
     finish_bar(bar);
-    let k = scorer.classes;
+    let k = setup.scorer.classes;
     let samples = args.samples.unwrap_or(1);
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let (sampled, how) = if samples > 1 {
@@ -319,8 +349,7 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     let model_name = args.model.clone().or(config.as_ref().map(|c| c.model.clone())).unwrap_or_else(|| "smollm2-135m".into());
     let assets = ensure_assets(&model_name)?;
     let device = backend::device();
-    let (model, tokenizer, _) = Pretrained::open(&model_name, &assets)?.build::<Inner>(&device)?;
-    let tokenizer = tokenizer.with_context(|| format!("{model_name} has no tokenizer"))?;
+    let (model, tokenizer) = Pretrained::load::<Inner>(&model_name, &assets, &device)?;
     let (model, bayesian) = match &adapter_dir {
         Some(dir) => {
             let (model, meta) = load_adapter(model, dir, &device)?;
@@ -331,25 +360,20 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     // The run's own way of predicting, then the flags on top.
     let defaults = match &config {
         Some(c) => c.eval_options(args.batch_size, args.seed),
-        None if bayesian => PredictOptions { samples: 10, mode: SamplingMode::PerExample, ..PredictOptions::mean(args.batch_size) },
-        None => PredictOptions::mean(args.batch_size),
+        None => PredictOptions::for_adapter(bayesian, args.batch_size),
     };
-    let dropout = args.dropout || defaults.dropout;
-    let samples = args.samples.unwrap_or(if args.dropout && !defaults.dropout { 10 } else { defaults.samples });
-    let mode = args.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
-    let options = PredictOptions { samples, mode, dropout, seed: args.seed, ..defaults };
-    let max_tokens = config.as_ref().map_or(melora_llama::data::MAX_TOKENS, |c| c.max_tokens);
-    // The run's scoring unless the flags say otherwise.
-    let scoring = args.scoring.or(config.as_ref().map(|c| c.scoring)).unwrap_or(Scoring::Label);
-    let norm = args.length_norm.or(config.as_ref().map(|c| c.length_norm)).unwrap_or(LengthNorm::None);
-    let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
-    let examples = encode_split(task, scoring, args.split, &tokenizer, &assets, args.max_examples, max_tokens)?;
+    let flags = PredictFlags { samples: args.samples, mode: args.mode, dropout: args.dropout, seed: args.seed };
+    let options = flags.apply(defaults, bayesian);
+    // The run's scoring and prompt length unless the flags say otherwise.
+    let config = config.unwrap_or_else(|| TrainConfig::new().with_max_tokens(melora_llama::data::MAX_TOKENS));
+    let setup = eval_setup(args, &config, task, tokenizer, &assets)?;
+    let examples = setup.split(args.split, args.max_examples)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
-        _ => format!("{} (S = {samples})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()),
+        _ => format!("{} (S = {})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(), options.samples),
     };
-    eprintln!("{task} {} examples, {scoring:?} scoring", args.split.name());
-    evaluate(&name, &model, &scorer, &examples, task, args.split, &options)
+    eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring);
+    evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options)
 }
 
 /// Reads a Laplace configuration file (or the defaults) and applies
@@ -373,15 +397,15 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?;
     let assets = ensure_assets(&train_config.model)?;
     let device = backend::device();
-    let (base, tokenizer, _) = Pretrained::open(&train_config.model, &assets)?.build::<Train>(&device)?;
-    let tokenizer = tokenizer.with_context(|| format!("{} has no tokenizer", train_config.model))?;
+    let (base, tokenizer) = Pretrained::load::<Train>(&train_config.model, &assets, &device)?;
     let (model, adapter_meta) = load_adapter(base, &checkpoint, &device)?;
-    let scorer = train_config.scorer(&tokenizer)?;
-    let scoring = train_config.scoring;
-    let all = encode_split(train_config.task, scoring, Split::Train, &tokenizer, &assets, None, train_config.max_tokens)?;
-    let n_train = all.len();
-    let mut subset = seeded_shuffle(all, SPLIT_SEED);
-    subset.truncate(config.max_examples.unwrap_or(n_train));
+    let setup = train_config.task_setup(tokenizer, &assets)?;
+    let train_set = setup.split(Split::Train, None)?;
+    let validation = match config.prior_precision {
+        laplace::PriorPrecision::Validation => setup.split(Split::Validation, Some(config.max_validation))?,
+        _ => Vec::new(),
+    };
+    let n_train = train_set.len();
     eprintln!(
         "Laplace on {} ({} Fisher{}): curvature over {} of {} training examples",
         checkpoint.display(),
@@ -390,71 +414,23 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
             laplace::FisherKind::MonteCarlo => "Monte Carlo",
         },
         if config.fisher == laplace::FisherKind::MonteCarlo { format!(", {} samples", config.mc_samples) } else { String::new() },
-        subset.len(),
+        config.max_examples.unwrap_or(n_train).min(n_train),
         n_train
     );
-    let start = Instant::now();
-    let (bar, callback) = batch_progress("curvature");
-    let curvature = laplace::accumulate(&model, &subset, &scorer, &config, &device, callback)?;
-    finish_bar(bar);
-    let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
-    let blocks = curvature.blocks(data_scale, config.factor_rank)?;
-    let curvature_seconds = start.elapsed().as_secs_f64();
-    let train_nll = curvature.nll * data_scale;
-    let map_norm = curvature.map_norm_sq();
-    let start = Instant::now();
+    let data = TrainData { train: &train_set, validation: &validation, scorer: &setup.scorer };
+    let mut bars = PhaseBars::default();
+    let (meta, blocks) = laplace::fit_posterior(&model, &data, &config, &run_dir, &device, |phase, done, total| bars.update(phase, done, total))?;
+    bars.finish();
     let grid = laplace::precision_grid();
-    let (prior_precision, search) = match config.prior_precision {
-        PriorPrecision::Fixed(l) => (l, vec![]),
-        PriorPrecision::MarginalLikelihood => {
-            let search: Vec<(f64, f64)> = grid.iter().map(|&l| (l, laplace::log_marginal_likelihood(&blocks, train_nll, map_norm, l))).collect();
-            let best = search.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
-            (best.0, search)
-        }
-        PriorPrecision::Validation => {
-            let validation = encode_split(
-                train_config.task,
-                scoring,
-                Split::Validation,
-                &tokenizer,
-                &assets,
-                Some(config.max_validation),
-                train_config.max_tokens,
-            )?;
-            let (bar, callback) = batch_progress("validation");
-            let lin = laplace::linearise(&model, &blocks, &grid, &validation, &scorer, config.batch_size, &device, callback)?;
-            finish_bar(bar);
-            let labels: Vec<usize> = validation.iter().map(|e| e.label).collect();
-            let search: Vec<(f64, f64)> = grid
-                .iter()
-                .zip(&lin.covariance)
-                .map(|(&l, cov)| {
-                    let probs = ClassProbs::new(laplace::probit(&lin.mean, cov, lin.k, l)?, lin.k, labels.clone())?;
-                    Ok((l, probs.metrics().nll))
-                })
-                .collect::<Result<_>>()?;
-            let best = search.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
-            (best.0, search)
-        }
-    };
-    if !matches!(config.prior_precision, PriorPrecision::Fixed(_)) && (prior_precision == grid[0] || prior_precision == grid[grid.len() - 1]) {
+    let at_edge = !matches!(config.prior_precision, laplace::PriorPrecision::Fixed(_)) && (meta.prior_precision == grid[0] || meta.prior_precision == grid[grid.len() - 1]);
+    if at_edge {
         eprintln!(
-            "warning: the chosen prior precision {prior_precision:.1e} is at the edge of the searched grid ({:.0e}..{:.0e}); the optimum may lie beyond it",
+            "warning: the chosen prior precision {:.1e} is at the edge of the searched grid ({:.0e}..{:.0e}); the optimum may lie beyond it",
+            meta.prior_precision,
             grid[0],
             grid[grid.len() - 1]
         );
     }
-    let meta = LaplaceMeta {
-        run: run_dir.clone(),
-        config: config.clone(),
-        prior_precision,
-        n_train,
-        curvature_examples: curvature.examples,
-        curvature_tokens: curvature.tokens,
-        train_nll,
-        search,
-        seconds: (curvature_seconds, start.elapsed().as_secs_f64()),
-    };
     let laplace = LaplaceDir { dir: out.clone() };
     save_adapter(&model, &adapter_meta.config, &laplace.adapter(), &train_config.model)?;
     let text = serde_json::to_string_pretty(&train_config)?;
@@ -465,7 +441,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
         "{} blocks ({} curvature directions kept), prior precision {:.3e} by {:?}; curvature {:.0} s, search {:.0} s",
         blocks.len(),
         kept,
-        prior_precision,
+        meta.prior_precision,
         config.prior_precision,
         meta.seconds.0,
         meta.seconds.1
@@ -482,22 +458,16 @@ pub const QUICKSTART: &str = include_str!("../../experiments/smollm2-135m/quicks
 /// with a Bayesian model average), table.
 pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> Result<()> {
     let start = Instant::now();
-    let mut config: TrainConfig = melora_llama::settings::parse(
-        QUICKSTART,
-        Path::new("experiments/smollm2-135m/quickstart.json"),
-        &[],
-        TrainConfig::new(),
-        "training configuration",
-    )?;
+    let mut config = TrainConfig::parse(QUICKSTART, Path::new("experiments/smollm2-135m/quickstart.json"), &[])?;
     config.max_validation = max_validation;
     config.validate()?;
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
-    let (base, tokenizer, _) = Pretrained::open(&config.model, &assets)?.build::<Train>(&device)?;
-    let tokenizer = tokenizer.context("no tokenizer")?;
-    let scorer = config.scorer(&tokenizer)?;
-    let train_set = encode_split(config.task, config.scoring, Split::Train, &tokenizer, &assets, None, config.max_tokens)?;
-    let validation = encode_split(config.task, config.scoring, Split::Validation, &tokenizer, &assets, max_validation, config.max_tokens)?;
+    let (base, tokenizer) = Pretrained::load::<Train>(&config.model, &assets, &device)?;
+    let setup = config.task_setup(tokenizer, &assets)?;
+    let scorer = &setup.scorer;
+    let train_set = setup.split(Split::Train, None)?;
+    let validation = setup.split(Split::Validation, max_validation)?;
     let subset = if max_validation.is_some() { " (a seeded subset)" } else { "" };
     eprintln!(
         "quickstart: {} on {} with {:?} scoring, LoRA and Me-LoRA, {} steps of batch {} each ({} of {} training examples seen), {} validation examples{subset}, Me-LoRA S = {}",
@@ -513,9 +483,9 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), &scorer, &validation, config.task, Split::Validation, &mean)?.row);
+    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean)?.row);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
-    let lora = TrainConfig { method: Method::Lora, train_sampling: SamplingMode::Mean, ..config.clone() };
+    let lora = TrainConfig { train_sampling: SamplingMode::Mean, ..Method::Lora.preset(config.clone()) };
     for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA (MAP)"), (&config, out.join("melora"), "Me-LoRA")] {
         let run = RunDir { dir };
         if run.dir.exists() {
@@ -524,7 +494,8 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         eprintln!("training {label} in {}", run.dir.display());
         let mut reporter = Reporter::new(method_config.steps as u64);
         // No validation during training: the table's numbers are the only evaluation.
-        let summary = fit(method_config, &run, false, base.clone(), &train_set, &[], &scorer, &device, &mut reporter)?;
+        let data = TrainData { train: &train_set, validation: &[], scorer };
+        let summary = fit(method_config, &run, false, base.clone(), &data, &device, &mut reporter)?;
         eprintln!(
             "{label}: {} steps at {:.2} s/step, training NLL {:.4} -> {:.4}",
             summary.steps_run, summary.step_seconds, summary.first_nll, summary.last_nll
@@ -536,7 +507,7 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         } else {
             format!("{label}, {} steps", method_config.steps)
         };
-        rows.push(evaluate(&name, &trained, &scorer, &validation, config.task, Split::Validation, &options)?.row);
+        rows.push(evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options)?.row);
     }
     write_results(&results, &rows)?;
     println!("\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n", validation.len(), config.scoring);

@@ -10,26 +10,19 @@
 
 pub mod assets;
 pub mod backend;
-pub mod cache;
-pub mod classify;
-pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
-pub mod generate;
 pub mod laplace;
 pub mod model;
-pub mod peft;
 pub mod report;
-pub mod scoring;
 pub mod settings;
 pub mod study;
-pub mod pretrained;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;
 
-pub use config::LlamaConfig;
 pub use error::{LlamaError, Result};
-pub use model::Llama;
+pub use model::{Llama, LlamaConfig};
 pub use tokenizer::Tokenizer;
+pub use weights::pretrained::Pretrained;

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use melora_llama::assets::Assets;
 use melora_llama::data::{load_task, LengthNorm, Scoring, Split, Task};
-use melora_llama::generate::{generate, perplexity, GenerateOptions};
-use melora_llama::pretrained::Pretrained;
+use melora_llama::model::generate::{generate, perplexity, GenerateOptions};
+use melora_llama::weights::pretrained::Pretrained;
 use melora_core::SamplingMode;
 use std::io::Write;
 use std::path::PathBuf;
@@ -148,7 +148,7 @@ enum Command {
         seed: u64,
         /// Deep ensembles: average probabilities (default) or logits.
         #[arg(long)]
-        ensemble_average: Option<melora_llama::train::EnsembleAverage>,
+        ensemble_average: Option<melora_llama::eval::EnsembleAverage>,
         /// Output folder (default: <run or adapter>/eval-<task>-<split>).
         #[arg(long)]
         out: Option<PathBuf>,
@@ -335,27 +335,20 @@ fn main() -> Result<()> {
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
         Command::Train { config, method, task, steps, seed, scoring, set, out, resume } => {
-            // The method's preset first, so that `--set` can change it.
-            let mut overrides = Vec::new();
-            if let Some(m) = method {
-                let method: melora_llama::train::Method = m.parse().map_err(anyhow::Error::msg)?;
-                overrides.extend(method.preset());
-                overrides.push(format!("method={}", serde_json::to_string(&method)?));
-            }
-            if let Some(t) = task {
-                overrides.push(format!("task=\"{t}\""));
-            }
-            if let Some(n) = steps {
-                overrides.push(format!("steps={n}"));
-            }
-            if let Some(s) = seed {
-                overrides.push(format!("seed={s}"));
-            }
-            if let Some(s) = scoring {
-                overrides.push(format!("scoring={}", serde_json::to_string(&s)?));
-            }
-            overrides.extend(set);
-            let config = cli::load_config(config.as_deref(), &overrides)?;
+            let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
+            // The typed flags (the method with its preset first), then the
+            // `--set`s, which can change anything they set.
+            let flags = |mut c: melora_llama::train::TrainConfig| {
+                if let Some(m) = method {
+                    c = m.preset(c);
+                }
+                c.task = task.unwrap_or(c.task);
+                c.steps = steps.unwrap_or(c.steps);
+                c.seed = seed.unwrap_or(c.seed);
+                c.scoring = scoring.unwrap_or(c.scoring);
+                c
+            };
+            let config = melora_llama::train::TrainConfig::load_with(config.as_deref(), flags, &set)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
             cli::train_command(config, out, resume)?;
         }

@@ -30,14 +30,28 @@ use std::path::Path;
 /// keys reach nested settings; values are JSON, or strings). `what` names
 /// the kind of settings in messages.
 pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[String], defaults: T, what: &str) -> crate::Result<T> {
+    load_with(path, overrides, defaults, what, |_| {})
+}
+
+/// [`load`], with `legacy` rewriting older spellings of settings into
+/// today's: applied to the file's JSON (after its bases) and again after
+/// the overrides.
+pub fn load_with<T: Serialize + DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+    defaults: T,
+    what: &str,
+    legacy: fn(&mut Value),
+) -> crate::Result<T> {
     match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
-            parse(&text, path, overrides, defaults, what)
+            parse_with(&text, path, overrides, defaults, what, legacy)
         }
         None => {
             let json = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
-            let json = apply_overrides(json, overrides).map_err(|m| LlamaError::Config(format!("{what}: {m}")))?;
+            let mut json = apply_overrides(json, overrides).map_err(|m| LlamaError::Config(format!("{what}: {m}")))?;
+            legacy(&mut json);
             strict(json).map_err(|m| LlamaError::Config(format!("{what}: {m}")))
         }
     }
@@ -45,12 +59,26 @@ pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[S
 
 /// [`load`] of the settings `text` read from `path` (named in errors).
 pub fn parse<T: Serialize + DeserializeOwned>(text: &str, path: &Path, overrides: &[String], defaults: T, what: &str) -> crate::Result<T> {
+    parse_with(text, path, overrides, defaults, what, |_| {})
+}
+
+/// [`parse`] with [`load_with`]'s `legacy`.
+pub fn parse_with<T: Serialize + DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+    defaults: T,
+    what: &str,
+    legacy: fn(&mut Value),
+) -> crate::Result<T> {
     let fail = |message: String| LlamaError::format(path, message);
     let defaults = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
     let json = serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
-    let json = with_bases(path, json, 0).map_err(fail)?;
+    let mut json = with_bases(path, json, 0).map_err(fail)?;
+    legacy(&mut json);
     let json = with_defaults(defaults, json, what).map_err(fail)?;
-    let json = apply_overrides(json, overrides).map_err(fail)?;
+    let mut json = apply_overrides(json, overrides).map_err(fail)?;
+    legacy(&mut json);
     strict(json).map_err(|m| fail(format!("{what}: {m}")))
 }
 
@@ -119,16 +147,18 @@ fn overlay(base: Value, top: Value) -> Value {
     }
 }
 
-/// `json` laid over `defaults`, key by key.
+/// `json` laid over `defaults`, key by key; a nested object is laid over
+/// the default's as a base's is ([`overlay`]), so `"prior": {"noise": true}`
+/// keeps the prior's other defaults.
 fn with_defaults(mut defaults: Value, json: Value, what: &str) -> Result<Value, String> {
     let (Some(base), Value::Object(file)) = (defaults.as_object_mut(), json) else {
         return Err(format!("{what} must be a JSON object"));
     };
     for (key, value) in file {
-        if !base.contains_key(&key) {
+        let Some(default) = base.remove(&key) else {
             return Err(format!("{what}: unknown setting {key:?} (known: {})", base.keys().cloned().collect::<Vec<_>>().join(", ")));
-        }
-        base.insert(key, value);
+        };
+        base.insert(key, overlay(default, value));
     }
     Ok(defaults)
 }
@@ -235,5 +265,15 @@ mod tests {
         let e = err("over-typo.json");
         assert!(e.contains("over-typo.json") && e.contains("sd"), "{e}");
         std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A nested object in a file changes just its keys of the defaults'.
+    #[test]
+    fn a_nested_object_keeps_the_defaults_it_leaves_out() {
+        let got: Settings = parse(r#"{"prior": {"noise": true}}"#, Path::new("a.json"), &[], defaults(), "settings").unwrap();
+        assert_eq!(got.prior, Inner { std: 0.2, noise: true });
+        // Another enum variant replaces the default's.
+        let got: Settings = parse(r#"{"schedule": {"Linear": {"steps": 3}}}"#, Path::new("a.json"), &[], defaults(), "settings").unwrap();
+        assert_eq!(got.schedule, Schedule::Linear { steps: 3 });
     }
 }

@@ -12,6 +12,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::AddedToken;
 
 /// A tokenizer and the special tokens melora needs.
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     /// Beginning-of-sequence token, when the model uses one.

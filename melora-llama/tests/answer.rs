@@ -27,8 +27,8 @@ use melora_core::{
 };
 use melora_llama::data::{Encoded, LengthNorm, Padding};
 use melora_llama::model::Proj;
-use melora_llama::scoring::{Scorer, Segment};
-use melora_llama::weights::Target;
+use melora_llama::model::scoring::{Scorer, Segment};
+use melora_llama::model::Target;
 use melora_llama::Llama;
 
 type B = NdArray<f64>;
@@ -107,7 +107,7 @@ fn shared_prefix_scores_equal_full_forwards() {
     let examples = cloze_examples();
     let scorer = Scorer::answer(CLASSES, LengthNorm::None, 0);
     match scorer.batch(&examples, &(0..examples.len()).collect::<Vec<_>>(), Padding::Left) {
-        melora_llama::scoring::ScoreBatch::Answer(b) => {
+        melora_llama::model::scoring::ScoreBatch::Answer(b) => {
             // Rows of different lengths (padding), one without a prefix.
             assert!(b.segments.iter().any(|row| row.contains(&Segment::Padding)), "the batch exercises padding");
             assert!(b.segments.iter().any(|row| row[0] != Segment::Prefix), "the batch has a question without a prefix");

@@ -11,8 +11,8 @@ use burn::tensor::backend::Backend;
 use common::{cloze_example, cloze_examples, fixture, full_forward_scores, read_npy, tiny_base};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::data::{Encoded, LengthNorm, Padding};
-use melora_llama::peft::load_adapter;
-use melora_llama::scoring::Scorer;
+use melora_llama::weights::peft::load_adapter;
+use melora_llama::model::scoring::Scorer;
 use melora_llama::Llama;
 
 type B = NdArray<f32>;

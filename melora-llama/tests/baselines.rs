@@ -9,8 +9,9 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base, Quiet};
 use melora_llama::eval::{ensemble_probs, predict, predict_logits, softmax_rows, PredictOptions};
-use melora_llama::peft::load_adapter;
-use melora_llama::train::{fit, EnsembleAverage, Method, RunDir, TrainConfig};
+use melora_llama::weights::peft::load_adapter;
+use melora_llama::eval::EnsembleAverage;
+use melora_llama::train::{fit, Method, RunDir, TrainConfig, TrainData};
 use melora_llama::Llama;
 
 type AD = Autodiff<NdArray<f32>>;
@@ -18,8 +19,8 @@ type B = NdArray<f32>;
 
 const LABELS: [u32; 2] = [17, 42];
 
-fn label_scorer() -> melora_llama::scoring::Scorer {
-    melora_llama::scoring::Scorer::label(LABELS.to_vec(), 0)
+fn label_scorer() -> melora_llama::model::scoring::Scorer {
+    melora_llama::model::scoring::Scorer::label(LABELS.to_vec(), 0)
 }
 
 fn config(method: Method) -> TrainConfig {
@@ -52,7 +53,7 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
     let train = parity_examples(8, 1);
     let test = parity_examples(6, 2);
     let run = run_dir("mcd");
-    fit(&config(Method::Mcd), &run, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
+    fit(&config(Method::Mcd), &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
     let model = trained(&run);
     let device = Default::default();
     let map = predict(&model, &test, &label_scorer(), &PredictOptions::mean(4), &device, |_, _| {}).unwrap();
@@ -82,7 +83,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
 
     let same = run_dir("ens-same");
     let ens = config(Method::Ens).with_members(3).with_member_seeds(Some(vec![9, 9, 9]));
-    fit(&ens, &same, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
+    fit(&ens, &same, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&same, 3);
     let member = softmax_rows(&logits[0], 2);
     for average in [EnsembleAverage::Probabilities, EnsembleAverage::Logits] {
@@ -95,7 +96,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     assert_eq!((member_config.method, member_config.seed, member_config.weight_decay), (Method::Map, 9, 1e-5));
 
     let different = run_dir("ens-different");
-    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, tiny_base::<AD>(), &train, &[], &label_scorer(), &Default::default(), &mut Quiet).unwrap();
+    fit(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
     let logits = member_logits(&different, 3);
     let probs = ensemble_probs(&logits, 2, EnsembleAverage::Probabilities);
     let diff = probs.iter().zip(&member).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);

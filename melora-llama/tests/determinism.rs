@@ -16,8 +16,8 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use common::{differing_files, parity_examples, run_files as files, tiny_base, Quiet};
 use melora_core::{AdapterKind, SamplingMode};
-use melora_llama::scoring::Scorer;
-use melora_llama::train::{fit, Method, RunDir, TrainConfig};
+use melora_llama::model::scoring::Scorer;
+use melora_llama::train::{fit, Method, RunDir, TrainConfig, TrainData};
 use std::path::Path;
 
 type AD = Autodiff<NdArray<f32>>;
@@ -56,7 +56,7 @@ fn train_into(out: &Path) {
     let validation = parity_examples(4, 2);
     for (name, config) in runs() {
         let run = RunDir { dir: out.join(name) };
-        fit(&config, &run, false, tiny_base::<AD>(), &train, &validation, &Scorer::label(vec![10, 11], 0), &Default::default(), &mut Quiet).unwrap();
+        fit(&config, &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &Scorer::label(vec![10, 11], 0) }, &Default::default(), &mut Quiet).unwrap();
     }
 }
 

@@ -24,10 +24,10 @@ use burn::tensor::Tensor;
 use common::{answer_examples, cloze_examples, full_forward_scores, tiny_base};
 use melora_core::{AdapterConfig, AnyAdapter, LoraLinearConfig, LowRankConfig, NoiseSource, Sampler, SamplingMode};
 use melora_llama::data::{collate, Encoded, LengthNorm, Padding};
-use melora_llama::scoring::Scorer;
+use melora_llama::model::scoring::Scorer;
 use melora_llama::laplace::{accumulate, linearise, log_marginal_likelihood, Block, FisherKind, LaplaceConfig};
 use melora_llama::model::Proj;
-use melora_llama::weights::Target;
+use melora_llama::model::Target;
 use melora_llama::Llama;
 use nalgebra::{DMatrix, DVector};
 
@@ -45,8 +45,8 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 
 const LABELS: [u32; 3] = [17, 42, 99];
 
-fn label_scorer() -> melora_llama::scoring::Scorer {
-    melora_llama::scoring::Scorer::label(LABELS.to_vec(), 0)
+fn label_scorer() -> melora_llama::model::scoring::Scorer {
+    melora_llama::model::scoring::Scorer::label(LABELS.to_vec(), 0)
 }
 
 /// The tiny model with LoRA (r = 2, alpha 4, no dropout) on q and v, and

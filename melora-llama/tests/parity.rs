@@ -109,7 +109,7 @@ fn kv_cache_generation_matches_the_full_forward() {
     let first: Vec<i64> = ids.i64[..seq].to_vec();
     let full = model.forward(Tensor::from_data(TensorData::new(first.clone(), [1, seq]), &device), None, &mut sampler);
     let full: Vec<f32> = full.into_data().to_vec().unwrap();
-    let mut cache = melora_llama::cache::KvCache::new(model.n_layers());
+    let mut cache = melora_llama::model::cache::KvCache::new(model.n_layers());
     let split = 10;
     let prefix = Tensor::<B, 2, Int>::from_data(TensorData::new(first[..split].to_vec(), [1, split]), &device);
     let mut cached: Vec<f32> = model.logits(model.hidden(prefix, None, Some(&mut cache), &mut sampler)).into_data().to_vec().unwrap();
@@ -252,7 +252,7 @@ fn sharded_f16_and_bf16_folders_load() {
 fn hidden_at_equals_hidden_at_those_rows() {
     use burn::backend::Autodiff;
     use melora_core::{AdapterConfig, LoraLinearConfig, LowRankConfig};
-    use melora_llama::weights::Target;
+    use melora_llama::model::Target;
     type AD = Autodiff<B>;
     let device = Default::default();
     let base = common::tiny_base::<AD>();

@@ -14,8 +14,9 @@ use common::{fixture, max_abs_diff, read_npy, read_npz};
 use melora_core::{
     AdapterConfig, AnyAdapter, BlobLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource, Sampler, SamplingMode,
 };
-use melora_llama::peft::{load_adapter, save_adapter};
-use melora_llama::weights::{build, safetensors::SafetensorsSource, Target};
+use melora_llama::weights::peft::{load_adapter, save_adapter};
+use melora_llama::model::Target;
+use melora_llama::weights::{build, safetensors::SafetensorsSource};
 use melora_llama::{Llama, LlamaConfig};
 
 type B = NdArray<f32>;

@@ -12,7 +12,7 @@
 //! its RoPE, so the half-split RoPE of transformers applies to both formats.
 
 use super::{HostTensor, WeightSource};
-use crate::config::LlamaConfig;
+use crate::model::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;

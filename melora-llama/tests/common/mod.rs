@@ -223,11 +223,8 @@ pub fn differing_files(a: &std::path::Path, b: &std::path::Path) -> Vec<String> 
 }
 
 /// `config` with `method` and the settings its `--method` preset sets (MAP's
-/// weight decay, MC dropout's samples), through the library's override
-/// parser, as the binary applies them.
+/// weight decay, MC dropout's samples), as the binary applies them.
 #[allow(dead_code)]
 pub fn with_method_preset(config: melora_llama::train::TrainConfig, method: melora_llama::train::Method) -> melora_llama::train::TrainConfig {
-    let json = serde_json::to_value(config.with_method(method)).unwrap();
-    let json = melora_llama::settings::apply_overrides(json, &method.preset()).unwrap();
-    melora_llama::settings::strict(json).unwrap()
+    method.preset(config)
 }

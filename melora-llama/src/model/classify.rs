@@ -1,7 +1,7 @@
 //! Multiple choice as next-token prediction: the logits of the answer-label
 //! tokens at each example's answer position (BLoB, Laplace-LoRA).
 
-use crate::data::{Batch, Encoded, Padding, collate};
+use crate::data::Batch;
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -67,18 +67,4 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, labels: &[usize]) -> Tens
     let targets: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
     let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [labels.len(), 1]), &device);
     log_softmax(logits, 1).gather(1, targets).mean().neg()
-}
-
-/// Groups example indices into batches of similar length (less padding),
-/// in a deterministic order.
-pub fn length_batches(examples: &[Encoded], indices: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
-    let mut sorted = indices.to_vec();
-    sorted.sort_by_key(|&i| (examples[i].tokens(), i));
-    sorted.chunks(batch_size.max(1)).map(|c| c.to_vec()).collect()
-}
-
-/// A padded batch of the given examples.
-pub fn batch_of(examples: &[Encoded], indices: &[usize], pad: u32, padding: Padding) -> Batch {
-    let refs: Vec<&Encoded> = indices.iter().map(|&i| &examples[i]).collect();
-    collate(&refs, pad, padding)
 }

@@ -1,7 +1,7 @@
 //! Opening a model by name: a preset, a Hugging Face folder or a GGUF file.
 
 use crate::assets::Assets;
-use crate::config::LlamaConfig;
+use crate::model::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
@@ -92,5 +92,13 @@ impl Pretrained {
         }
         let (model, report) = build(&self.config, self.source.as_mut(), device)?;
         Ok((model, self.tokenizer, report))
+    }
+
+    /// Opens and builds `model` with its tokenizer, the set-up of every
+    /// command that reads text: an error when the model comes without one.
+    pub fn load<B: Backend>(model: &str, assets: &Assets, device: &B::Device) -> Result<(Llama<B>, Tokenizer)> {
+        let (built, tokenizer, _) = Self::open(model, assets)?.build::<B>(device)?;
+        let tokenizer = tokenizer.ok_or_else(|| LlamaError::Unavailable(format!("{model} comes with no tokenizer")))?;
+        Ok((built, tokenizer))
     }
 }

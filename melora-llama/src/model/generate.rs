@@ -1,7 +1,7 @@
 //! Text generation (greedy, or temperature with nucleus sampling) with a KV
 //! cache, and perplexity.
 
-use crate::cache::KvCache;
+use crate::model::cache::KvCache;
 use crate::error::{LlamaError, Result};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;

@@ -1,14 +1,17 @@
 //! Prediction with a Bayesian model average over `S` samples, and the
 //! metrics of method.md section 3.
 
-use crate::classify::length_batches;
+use crate::data::length_batches;
 use crate::data::{Encoded, Padding};
 use crate::model::Llama;
-use crate::scoring::Scorer;
+use crate::model::scoring::Scorer;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode, Uncertainty};
 use serde::{Deserialize, Serialize};
+
+mod ensemble;
+pub use ensemble::{ensemble_probs, predict_ensemble, EnsembleAverage};
 
 /// How to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -35,6 +38,45 @@ impl PredictOptions {
     /// One deterministic pass with the mean weights.
     pub fn mean(batch_size: usize) -> Self {
         Self { samples: 1, mode: SamplingMode::Mean, dropout: false, batch_size, seed: 0, padding: Padding::Left, noise: NoiseDevice::Auto }
+    }
+
+    /// How an adapter with no run configuration beside it predicts: a
+    /// Bayesian one (BLoB, Me-LoRA) averages 10 per-example draws, LoRA
+    /// uses its weights.
+    pub fn for_adapter(bayesian: bool, batch_size: usize) -> Self {
+        match bayesian {
+            true => Self { samples: 10, mode: SamplingMode::PerExample, ..Self::mean(batch_size) },
+            false => Self::mean(batch_size),
+        }
+    }
+}
+
+/// What a user asks of an evaluation on top of a model's own way of
+/// predicting (`melora eval`'s flags).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PredictFlags {
+    /// Samples `S`.
+    pub samples: Option<usize>,
+    /// Sampling mode.
+    pub mode: Option<SamplingMode>,
+    /// Keep adapter dropout on (MC dropout on any adapter).
+    pub dropout: bool,
+    /// Seed of the sampling noise.
+    pub seed: u64,
+}
+
+impl PredictFlags {
+    /// `defaults` (the run's way of predicting, or
+    /// [`PredictOptions::for_adapter`]) with the flags on top: dropout
+    /// asked of a model that does not already sample with it means 10 MC
+    /// dropout samples unless `samples` says otherwise; a Bayesian adapter
+    /// with more than one sample draws per example unless `mode` says
+    /// otherwise.
+    pub fn apply(self, defaults: PredictOptions, bayesian: bool) -> PredictOptions {
+        let dropout = self.dropout || defaults.dropout;
+        let samples = self.samples.unwrap_or(if self.dropout && !defaults.dropout { 10 } else { defaults.samples });
+        let mode = self.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
+        PredictOptions { samples, mode, dropout, seed: self.seed, ..defaults }
     }
 }
 
@@ -174,7 +216,7 @@ pub fn predict_samples<B: Backend>(
 
 /// The class scores `[examples, classes]` (row-major) of a deterministic
 /// pass with the mean weights; labels an example lacks get
-/// [`crate::classify::MASKED_LOGIT`].
+/// [`crate::model::classify::MASKED_LOGIT`].
 pub fn predict_logits<B: Backend>(
     model: &Llama<B>,
     examples: &[Encoded],
@@ -203,20 +245,6 @@ pub fn predict_logits<B: Backend>(
 /// Softmax of each row of `logits` (`k` columns), in f64.
 pub fn softmax_rows(logits: &[f64], k: usize) -> Vec<f64> {
     logits.chunks(k).flat_map(melora_core::metrics::softmax_f64).collect()
-}
-
-/// A deep ensemble's probabilities from its members' logits (each
-/// `[examples, k]` row-major): the mean of the members' softmaxes, or the
-/// softmax of their mean logits.
-pub fn ensemble_probs(members: &[Vec<f64>], k: usize, average: crate::train::EnsembleAverage) -> Vec<f64> {
-    let n = members.first().map_or(0, |m| m.len());
-    let mean = |rows: Vec<Vec<f64>>| -> Vec<f64> {
-        (0..n).map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / rows.len() as f64).collect()
-    };
-    match average {
-        crate::train::EnsembleAverage::Probabilities => mean(members.iter().map(|m| softmax_rows(m, k)).collect()),
-        crate::train::EnsembleAverage::Logits => softmax_rows(&mean(members.to_vec()), k),
-    }
 }
 
 #[cfg(test)]

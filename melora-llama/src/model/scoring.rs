@@ -1,6 +1,6 @@
 //! How a batch of multiple-choice examples becomes class scores: label
 //! scoring (the answer-label logits at the prompt's last position,
-//! [`crate::classify`]) or answer scoring (each choice's log-likelihood as
+//! [`crate::model::classify`]) or answer scoring (each choice's log-likelihood as
 //! a continuation of the question, method.md section 6.1).
 //!
 //! Answer scoring computes a question's shared prefix once and its `K`
@@ -23,7 +23,8 @@
 //! same way, one full forward per choice; `tests/answer.rs` checks the
 //! shared-prefix scores and their gradients against those.
 
-use crate::classify::{batch_of, MASKED_LOGIT};
+use crate::data::batch_of;
+use crate::model::classify::MASKED_LOGIT;
 use crate::data::{Batch, Encoded, LengthNorm, Padding, Scoring};
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;

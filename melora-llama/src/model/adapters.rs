@@ -1,0 +1,99 @@
+//! Where adapters are placed: the projections a run adapts ([`Target`]) and
+//! putting fresh adapters on them.
+
+use super::{Llama, Proj};
+use crate::error::{LlamaError, Result};
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use melora_core::{AdapterConfig, AnyAdapter, NoiseSource};
+use serde::{Deserialize, Serialize};
+
+/// Which projections get an adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Target {
+    /// `self_attn.q_proj`
+    #[serde(rename = "q_proj")]
+    Q,
+    /// `self_attn.k_proj`
+    #[serde(rename = "k_proj")]
+    K,
+    /// `self_attn.v_proj`
+    #[serde(rename = "v_proj")]
+    V,
+    /// `self_attn.o_proj`
+    #[serde(rename = "o_proj")]
+    O,
+    /// `mlp.gate_proj`
+    #[serde(rename = "gate_proj")]
+    Gate,
+    /// `mlp.up_proj`
+    #[serde(rename = "up_proj")]
+    Up,
+    /// `mlp.down_proj`
+    #[serde(rename = "down_proj")]
+    Down,
+}
+
+impl Target {
+    /// Every target, with its Hugging Face module name.
+    pub const ALL: [(Target, &'static str); 7] = [
+        (Target::Q, "q_proj"),
+        (Target::K, "k_proj"),
+        (Target::V, "v_proj"),
+        (Target::O, "o_proj"),
+        (Target::Gate, "gate_proj"),
+        (Target::Up, "up_proj"),
+        (Target::Down, "down_proj"),
+    ];
+
+    /// The module name (`q_proj`, ...).
+    pub fn name(self) -> &'static str {
+        Self::ALL.iter().find(|(t, _)| *t == self).map(|(_, n)| *n).unwrap_or("?")
+    }
+
+    /// Parses a comma-separated list such as `q_proj,v_proj`.
+    pub fn parse_list(list: &str) -> Result<Vec<Target>> {
+        let mut out = Vec::new();
+        for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let target = Self::ALL.iter().find(|(_, n)| *n == item).map(|(t, _)| *t).ok_or_else(|| {
+                LlamaError::Config(format!(
+                    "unknown adapter target {item:?}: expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                ))
+            })?;
+            if !out.contains(&target) {
+                out.push(target);
+            }
+        }
+        if out.is_empty() {
+            return Err(LlamaError::Config(format!("no adapter target in {list:?}")));
+        }
+        Ok(out)
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    /// Puts a fresh adapter of `config` on every `targets` projection, in
+    /// layer order, with initial weights drawn from `noise`.
+    pub fn with_adapters(self, config: &AdapterConfig, targets: &[Target], noise: &mut NoiseSource) -> Result<Self> {
+        self.map_projections(targets, |_, base| Ok(config.init(base, noise)?))
+    }
+
+    /// Replaces every `targets` projection that has no adapter yet by
+    /// `make(module_path, base)`, e.g. `make("model.layers.0.self_attn.q_proj", base)`.
+    pub fn map_projections(
+        mut self,
+        targets: &[Target],
+        mut make: impl FnMut(&str, Linear<B>) -> Result<AnyAdapter<B>>,
+    ) -> Result<Self> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, slot) in layer.projections_mut() {
+                let wanted = targets.iter().any(|t| name.ends_with(t.name()));
+                if let (true, Proj::Base(base)) = (wanted, &*slot) {
+                    let adapter = make(&format!("model.layers.{i}.{name}"), base.clone())?;
+                    *slot = Proj::Adapted(adapter);
+                }
+            }
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,457 @@
+//! A run's settings: the method and everything a training run needs.
+
+use crate::assets::Assets;
+use crate::data::TaskSetup;
+use crate::error::LlamaError;
+use crate::eval::{EnsembleAverage, PredictOptions};
+use crate::model::Target;
+use crate::data::{LengthNorm, Scoring, Task};
+use crate::tokenizer::Tokenizer;
+use burn::config::Config;
+use melora_core::{
+    AdapterConfig, AdapterKind, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseDevice,
+    PriorConfig, SamplingMode,
+};
+use melora_core::OptimizerSplit;
+use serde_json::Value;
+use std::path::Path;
+
+/// What a run trains: one of the three adapters, or one of the paper's
+/// baselines built on LoRA (method.md section 4).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LoRA.
+    Lora,
+    /// MAP: LoRA with weight decay (`--method map` sets 1e-5, BLoB's scripts).
+    Map,
+    /// MC dropout: LoRA whose adapter dropout stays on at evaluation,
+    /// averaged over `eval_samples` passes (`--method mcd` sets 3).
+    Mcd,
+    /// Deep ensemble: `members` LoRA adapters trained with the MAP recipe
+    /// from different seeds, predictions averaged.
+    Ens,
+    /// BLoB.
+    Blob,
+    /// Me-LoRA.
+    MeLora,
+}
+
+impl Method {
+    /// Every method.
+    pub const ALL: [Method; 6] = [Method::Lora, Method::Map, Method::Mcd, Method::Ens, Method::Blob, Method::MeLora];
+
+    /// The adapter family the method trains.
+    pub fn adapter_kind(self) -> AdapterKind {
+        match self {
+            Self::Lora | Self::Map | Self::Mcd | Self::Ens => AdapterKind::Lora,
+            Self::Blob => AdapterKind::Blob,
+            Self::MeLora => AdapterKind::MeLora,
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "lora",
+            Self::Map => "map",
+            Self::Mcd => "mcd",
+            Self::Ens => "ens",
+            Self::Blob => "blob",
+            Self::MeLora => "melora",
+        }
+    }
+
+    /// `config` set to train this method with the settings `--method NAME`
+    /// implies: MAP and ensembles a weight decay of 1e-5 (BLoB's scripts),
+    /// MC dropout 3 evaluation passes.
+    pub fn preset(self, config: TrainConfig) -> TrainConfig {
+        let config = TrainConfig { method: self, ..config };
+        match self {
+            Self::Map | Self::Ens => config.with_weight_decay(1e-5),
+            Self::Mcd => config.with_eval_samples(3),
+            Self::Lora | Self::Blob | Self::MeLora => config,
+        }
+    }
+}
+
+impl From<AdapterKind> for Method {
+    fn from(kind: AdapterKind) -> Self {
+        match kind {
+            AdapterKind::Lora => Self::Lora,
+            AdapterKind::Blob => Self::Blob,
+            AdapterKind::MeLora => Self::MeLora,
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let key = s.to_ascii_lowercase().replace(['-', '_'], "");
+        Self::ALL.into_iter().find(|m| m.name() == key).ok_or_else(|| {
+            format!("unknown method {s:?}: expected lora, map, mcd, ens, blob or melora (Laplace: `melora laplace --run DIR` on a map run)")
+        })
+    }
+}
+
+/// Everything a training run needs; saved as `config.json` in the run folder.
+#[derive(Config, Debug)]
+pub struct TrainConfig {
+    /// A preset (`smollm2-135m`), a Hugging Face folder or a GGUF file.
+    #[config(default = "String::from(\"smollm2-135m\")")]
+    pub model: String,
+    /// The task.
+    #[config(default = "Task::ArcE")]
+    pub task: Task,
+    /// How choices are scored: `Label` (the answer-label logits, the
+    /// paper's protocol) or `Answer` (each choice's log-likelihood as a
+    /// continuation of the question; method.md section 6.1).
+    #[config(default = "Scoring::Label")]
+    pub scoring: Scoring,
+    /// Answer scoring's length normalisation of a choice's log-likelihood.
+    #[config(default = "LengthNorm::None")]
+    pub length_norm: LengthNorm,
+    /// The method.
+    #[config(default = "Method::MeLora")]
+    pub method: Method,
+    /// Adapted projections (`["q_proj", "v_proj"]`).
+    #[config(default = "vec![Target::Q, Target::V]")]
+    pub targets: Vec<Target>,
+    /// What every adapter shares: rank `r`, `alpha` (the update is scaled
+    /// by `alpha / r`, or `alpha / sqrt(r)` with `rslora`) and the adapter's
+    /// input dropout.
+    #[config(default = "LowRankConfig::new()")]
+    pub low_rank: LowRankConfig,
+    /// BLoB's own settings (`init_eps`, `std_param`), used by `blob` runs;
+    /// their rank, alpha and dropout are `low_rank`'s (its own `low_rank`
+    /// must stay unset).
+    #[config(default = "BlobLinearConfig::new()")]
+    pub blob: BlobLinearConfig,
+    /// Me-LoRA's own settings, used by `melora` runs: the KL variant
+    /// (`kl`), how the mean and std start (`mean_init`, `init_eps`,
+    /// `std_init`: `BlobRelative`, BLoB's relative noise, or `Blob`, its
+    /// absolute numbers, docs/derivations.md section 1) and the std's
+    /// parameterisation (`std_param`); rank, alpha and dropout are
+    /// `low_rank`'s (its own `low_rank` must stay unset).
+    #[config(default = "MeLoraLinearConfig::new()")]
+    pub melora: MeLoraLinearConfig,
+    /// The prior.
+    #[config(default = "PriorConfig::new()")]
+    pub prior: PriorConfig,
+    /// KL weighting over steps (the KL enters as `weight * KL / N_train`;
+    /// BLoB's cycle weights are multiplied by the cycle length so that they
+    /// average to 1).
+    #[config(default = "KlSchedule::Constant { weight: 1.0 }")]
+    pub kl_schedule: KlSchedule,
+    /// Optimiser split.
+    #[config(default = "OptimizerSplit::TwoOptimizers")]
+    pub optimizer: OptimizerSplit,
+    /// Training steps.
+    #[config(default = 5000)]
+    pub steps: usize,
+    /// Examples per step.
+    #[config(default = 4)]
+    pub batch_size: usize,
+    /// AdamW learning rate (peak).
+    #[config(default = 1e-4)]
+    pub lr: f64,
+    /// AdamW weight decay.
+    #[config(default = 0.0)]
+    pub weight_decay: f64,
+    /// Fraction of the steps with a linear warm-up (then linear decay to 0).
+    #[config(default = 0.02)]
+    pub warmup_ratio: f64,
+    /// SGD learning rate for the KL step (BLoB's scripts: 0.01).
+    #[config(default = 0.01)]
+    pub kl_lr: f64,
+    /// Clip the AdamW gradient to this L2 norm.
+    pub grad_clip: Option<f64>,
+    /// How the adapters sample during training.
+    #[config(default = "SamplingMode::PerExample")]
+    pub train_sampling: SamplingMode,
+    /// Which generator draws the dropout masks and weight noise: `Auto`
+    /// (the seeded host generator on the CPU, the backend's on a GPU),
+    /// `Host` (identical draws on every backend) or `Backend`.
+    #[config(default = "NoiseDevice::Auto")]
+    pub noise: NoiseDevice,
+    /// Samples of the Bayesian model average at evaluation.
+    #[config(default = 10)]
+    pub eval_samples: usize,
+    /// Evaluate on the validation split every this many steps (0: only at the end).
+    #[config(default = 100)]
+    pub eval_every: usize,
+    /// Write a checkpoint every this many steps.
+    #[config(default = 100)]
+    pub checkpoint_every: usize,
+    /// Use at most this many validation examples (a fixed, seeded subset).
+    pub max_validation: Option<usize>,
+    /// Longest prompt in tokens.
+    #[config(default = 300)]
+    pub max_tokens: usize,
+    /// Examples per evaluation forward pass.
+    #[config(default = 8)]
+    pub eval_batch_size: usize,
+    /// Seed of initialisation, data order and noise.
+    #[config(default = 0)]
+    pub seed: u64,
+    /// Deep ensembles: the number of members.
+    #[config(default = 3)]
+    pub members: usize,
+    /// Deep ensembles: the members' seeds (default `seed, seed + 1, ...`).
+    pub member_seeds: Option<Vec<u64>>,
+    /// Deep ensembles: how predictions are combined.
+    #[config(default = "EnsembleAverage::Probabilities")]
+    pub ensemble_average: EnsembleAverage,
+}
+
+impl TrainConfig {
+    /// Reads a run's settings from `path` (the defaults when there is
+    /// none) with `overrides` applied (see [`crate::settings::load`]) and
+    /// validates them; errors name the file.
+    ///
+    /// Older spellings still read (run folders written before them, and
+    /// short `--set` keys): `targets` as one comma-separated string, and
+    /// `rank`, `alpha`, `dropout` for `low_rank.*`, `kl`, `std_init` for
+    /// `melora.*`.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> crate::Result<Self> {
+        Self::load_with(path, |config| config, overrides)
+    }
+
+    /// [`TrainConfig::load`] with `edit` applied to the file's settings
+    /// before the overrides (the command line's typed flags: `--method`,
+    /// `--task`, ...; the `--set`s come last and win).
+    pub fn load_with(path: Option<&Path>, edit: impl FnOnce(Self) -> Self, overrides: &[String]) -> crate::Result<Self> {
+        let file: Self = crate::settings::load_with(path, &[], Self::new(), WHAT, legacy)?;
+        Self::finish(edit(file), overrides, path)
+    }
+
+    /// The settings in `text`, read from `path` (named in errors), with
+    /// `overrides` applied.
+    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> crate::Result<Self> {
+        let file: Self = crate::settings::parse_with(text, path, &[], Self::new(), WHAT, legacy)?;
+        Self::finish(file, overrides, Some(path))
+    }
+
+    /// `config` with `overrides` applied, validated.
+    fn finish(config: Self, overrides: &[String], path: Option<&Path>) -> crate::Result<Self> {
+        let json = serde_json::to_value(config).map_err(|e| LlamaError::serialize("the training configuration", e))?;
+        let overrides: Vec<String> = overrides.iter().map(|o| alias(o)).collect();
+        let mut json = crate::settings::apply_overrides(json, &overrides).map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
+        legacy(&mut json);
+        let config: Self = crate::settings::strict(json).map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
+        config.validate().map_err(|e| match path {
+            Some(p) => LlamaError::format(p, e.to_string()),
+            None => e,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks that every setting is in its range; messages name the setting.
+    pub fn validate(&self) -> crate::Result<()> {
+        let bad = |m: String| Err(LlamaError::Config(m));
+        if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
+            return bad("steps, batch_size and eval_batch_size must be positive".into());
+        }
+        // Ranges wide enough for any experiment: a value outside them is a
+        // typo or a corrupt file, caught here rather than as a diverged run.
+        if !(self.lr > 0.0 && self.lr <= 1.0) || !(0.0..=1.0).contains(&self.kl_lr) {
+            return bad(format!("lr = {} must be in (0, 1] and kl_lr = {} in [0, 1]", self.lr, self.kl_lr));
+        }
+        if !(0.0..=1.0).contains(&self.weight_decay) {
+            return bad(format!("weight_decay = {} must be in [0, 1]", self.weight_decay));
+        }
+        if let Some(clip) = self.grad_clip.filter(|c| !(*c > 0.0 && *c <= 1e6)) {
+            return bad(format!("grad_clip = {clip} must be in (0, 1e6] (or null: no clipping)"));
+        }
+        if !(self.prior.std <= 1e3) {
+            return bad(format!("prior.std = {} must be at most 1e3", self.prior.std));
+        }
+        if let KlSchedule::Constant { weight } = self.kl_schedule {
+            if !(weight <= 1e6) {
+                return bad(format!("kl_schedule.Constant.weight = {weight} must be at most 1e6"));
+            }
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad(format!("warmup_ratio = {} must be in [0, 1)", self.warmup_ratio));
+        }
+        if self.max_tokens < 8 {
+            return bad(format!("max_tokens = {} is too small for a prompt", self.max_tokens));
+        }
+        if self.targets.is_empty() {
+            return bad("targets: no adapter target (expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)".into());
+        }
+        // One place for rank, alpha and dropout: the adapters' own copies
+        // are filled from `low_rank`, so a value there would be ignored.
+        let unset = serde_json::to_value(LowRankConfig::new()).map_err(|e| LlamaError::serialize("the low-rank defaults", e))?;
+        for (name, low_rank) in [("blob", &self.blob.low_rank), ("melora", &self.melora.low_rank)] {
+            if serde_json::to_value(low_rank).ok().as_ref() != Some(&unset) {
+                return bad(format!("{name}.low_rank is set: rank, alpha, rslora and dropout go in low_rank, which every adapter uses"));
+            }
+        }
+        self.adapter().validate()?;
+        self.prior.validate()?;
+        self.kl_schedule.validate()?;
+        if self.method == Method::Ens {
+            if self.members == 0 {
+                return bad("an ensemble needs members >= 1".into());
+            }
+            if let Some(seeds) = &self.member_seeds {
+                if seeds.len() != self.members {
+                    return bad(format!("member_seeds has {} seeds for members = {}", seeds.len(), self.members));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The same settings with rank `r` (`low_rank.rank`).
+    pub fn with_rank(mut self, rank: usize) -> Self {
+        self.low_rank.rank = rank;
+        self
+    }
+
+    /// The same settings with adapter dropout `p` (`low_rank.dropout`).
+    pub fn with_dropout(mut self, dropout: f64) -> Self {
+        self.low_rank.dropout = dropout;
+        self
+    }
+
+    /// The seeds of an ensemble's members.
+    pub fn ensemble_seeds(&self) -> Vec<u64> {
+        self.member_seeds.clone().unwrap_or_else(|| (0..self.members as u64).map(|k| self.seed + k).collect())
+    }
+
+    /// The configuration of ensemble member `k`: a MAP run with its seed.
+    pub fn member(&self, k: usize) -> TrainConfig {
+        let mut member = self.clone();
+        member.method = Method::Map;
+        member.seed = self.ensemble_seeds()[k];
+        member.member_seeds = None;
+        member
+    }
+
+    /// The adapter configuration.
+    pub fn adapter(&self) -> AdapterConfig {
+        let low_rank = self.low_rank.clone();
+        match self.method.adapter_kind() {
+            AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
+            AdapterKind::Blob => AdapterConfig::Blob(self.blob.clone().with_low_rank(low_rank)),
+            AdapterKind::MeLora => AdapterConfig::MeLora(self.melora.clone().with_low_rank(low_rank)),
+        }
+    }
+
+    /// How a run of this configuration predicts at evaluation: MC dropout
+    /// keeps dropout on over `eval_samples` passes; BLoB and Me-LoRA average
+    /// `eval_samples` per-example draws; LoRA and MAP use the mean weights.
+    /// (Ensembles and Laplace have their own predictors.)
+    pub fn eval_options(&self, batch_size: usize, seed: u64) -> PredictOptions {
+        let mean = PredictOptions { seed, noise: self.noise, ..PredictOptions::mean(batch_size) };
+        match self.method {
+            Method::Mcd => PredictOptions { samples: self.eval_samples.max(1), dropout: self.low_rank.dropout > 0.0, ..mean },
+            Method::Blob | Method::MeLora if self.eval_samples > 1 => {
+                PredictOptions { samples: self.eval_samples, mode: SamplingMode::PerExample, ..mean }
+            }
+            _ => mean,
+        }
+    }
+
+    /// The set-up of this run's task, scoring and prompt length, read
+    /// with `tokenizer` from `assets`.
+    pub fn task_setup(&self, tokenizer: Tokenizer, assets: &Assets) -> crate::Result<TaskSetup> {
+        TaskSetup::new(self.task, self.scoring, self.length_norm, self.max_tokens, tokenizer, assets)
+    }
+
+    /// Whether the method has random weights (and a KL term).
+    pub fn is_bayesian(&self) -> bool {
+        self.method.adapter_kind() != AdapterKind::Lora
+    }
+}
+
+/// What a training configuration is called in messages.
+const WHAT: &str = "training configuration";
+
+/// Settings that moved into the adapters' own configurations: the old
+/// top-level key and the section that holds it now.
+const MOVED: [(&str, &str); 5] = [("rank", "low_rank"), ("alpha", "low_rank"), ("dropout", "low_rank"), ("kl", "melora"), ("std_init", "melora")];
+
+/// A `key=value` override with an old key ([`MOVED`]) spelt as today's
+/// (`rank=4` is `low_rank.rank=4`).
+fn alias(item: &str) -> String {
+    match item.split_once('=') {
+        Some((key, value)) => match MOVED.iter().find(|(old, _)| *old == key) {
+            Some((old, section)) => format!("{section}.{old}={value}"),
+            None => item.to_string(),
+        },
+        None => item.to_string(),
+    }
+}
+
+/// Older spellings of a training configuration's JSON read as today's:
+/// `targets` as a comma-separated string becomes a list, and the keys of
+/// [`MOVED`] go into their sections (laid over the section's defaults, or
+/// over what the file already has there).
+fn legacy(json: &mut Value) {
+    let Some(map) = json.as_object_mut() else { return };
+    if let Some(Value::String(list)) = map.get("targets") {
+        let items = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_string())).collect();
+        map.insert("targets".into(), Value::Array(items));
+    }
+    for (old, section) in MOVED {
+        let Some(value) = map.remove(old) else { continue };
+        let defaults = match section {
+            "low_rank" => serde_json::to_value(LowRankConfig::new()),
+            _ => serde_json::to_value(MeLoraLinearConfig::new()),
+        };
+        let slot = map.entry(section.to_string()).or_insert_with(|| defaults.unwrap_or(Value::Null));
+        if let Some(section) = slot.as_object_mut() {
+            section.insert(old.to_string(), value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use melora_core::{MeLoraKl, StdInit};
+
+    /// A run folder's `config.json` from before the adapters' sections, and
+    /// the short `--set` keys, read as today's settings.
+    #[test]
+    fn older_spellings_are_read_as_todays() {
+        let old = r#"{"targets": "q_proj, down_proj", "rank": 4, "alpha": 8.0, "dropout": 0.0, "kl": "Paper", "std_init": "Blob", "method": "MeLora"}"#;
+        let config = TrainConfig::parse(old, Path::new("config.json"), &[]).unwrap();
+        assert_eq!(config.targets, vec![Target::Q, Target::Down]);
+        assert_eq!((config.low_rank.rank, config.low_rank.alpha, config.low_rank.dropout, config.low_rank.rslora), (4, 8.0, 0.0, false));
+        assert_eq!((config.melora.kl, config.melora.std_init), (MeLoraKl::Paper, StdInit::Blob));
+        // The adapter is built from the one low-rank section.
+        let AdapterConfig::MeLora(adapter) = config.adapter() else { panic!("a Me-LoRA adapter") };
+        assert_eq!((adapter.low_rank.rank, adapter.kl, adapter.std_init), (4, MeLoraKl::Paper, StdInit::Blob));
+        let set = ["rank=2", "kl=Subspace", "targets=v_proj", "low_rank.rslora=true", "melora.init_eps=0.5"].map(String::from);
+        let config = TrainConfig::load(None, &set).unwrap();
+        assert_eq!((config.low_rank.rank, config.low_rank.rslora, config.melora.kl, config.melora.init_eps), (2, true, MeLoraKl::Subspace, 0.5));
+        assert_eq!(config.targets, vec![Target::V]);
+    }
+
+    /// Rank and dropout have one home: a value in an adapter's own
+    /// `low_rank` is refused rather than ignored; so are no targets.
+    #[test]
+    fn an_adapters_own_low_rank_and_empty_targets_are_refused() {
+        let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()]).unwrap_err().to_string();
+        assert!(err.contains("melora.low_rank is set"), "{err}");
+        let err = TrainConfig::load(None, &["targets=[]".into()]).unwrap_err().to_string();
+        assert!(err.contains("no adapter target"), "{err}");
+        let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()]).unwrap_err().to_string();
+        assert!(err.contains("x_proj"), "{err}");
+    }
+
+    /// Presets are functions of a configuration; the typed flags come
+    /// before the `--set`s, which win.
+    #[test]
+    fn presets_then_overrides() {
+        let map = Method::Map.preset(TrainConfig::new());
+        assert_eq!((map.method, map.weight_decay), (Method::Map, 1e-5));
+        assert_eq!(Method::Mcd.preset(TrainConfig::new()).eval_samples, 3);
+        let config = TrainConfig::load_with(None, |c| Method::Ens.preset(c), &["weight_decay=0.01".into()]).unwrap();
+        assert_eq!((config.method, config.weight_decay), (Method::Ens, 0.01));
+    }
+}

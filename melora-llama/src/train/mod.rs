@@ -1,0 +1,279 @@
+//! Fine-tuning with LoRA, BLoB or Me-LoRA: the training loop, its
+//! checkpoints and its run folder.
+//!
+//! The loop is melora's own rather than `burn-train`'s `Learner`: the
+//! two-optimiser split of method.md section 2 steps AdamW on the data NLL
+//! and SGD on the KL (and on NLL + KL for the std parameters), which the
+//! learner's single optimiser cannot express. It uses Burn's optimisers
+//! (AdamW, SGD, gradient clipping) and records.
+//!
+//! Restart safety: the data order, the sampling noise, dropout and the prior
+//! noise of step `t` are all drawn from a generator seeded by `(seed, t)`,
+//! and adapter parameters get ids derived from their names, so a run resumed
+//! from a checkpoint continues exactly as the uninterrupted run would.
+
+mod config;
+mod run;
+mod step;
+
+pub use config::{Method, TrainConfig};
+pub use melora_core::{NonFinite, OptimizerSplit};
+pub use run::{EvalRecord, RunDir, TrainState};
+pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};
+
+use crate::assets::{write_atomic, Assets};
+use crate::data::{seeded_shuffle, Encoded, Padding, Split};
+use crate::error::LlamaError;
+use crate::eval::{predict, PredictOptions};
+use crate::model::scoring::Scorer;
+use crate::model::Llama;
+use crate::weights::peft::{load_adapter, save_adapter};
+use crate::weights::pretrained::Pretrained;
+use burn::module::AutodiffModule;
+use burn::optim::Optimizer;
+use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use melora_core::NoiseSource;
+use run::Ordered;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    /// The run folder.
+    pub dir: PathBuf,
+    /// Training NLL (mean over the first and the last 10% of steps run).
+    pub first_nll: f64,
+    /// Same, last 10%.
+    pub last_nll: f64,
+    /// Seconds per step (median of the steps run in this process).
+    pub step_seconds: f64,
+    /// Steps run in this process.
+    pub steps_run: usize,
+}
+
+/// Where progress goes: an interactive bar or plain lines.
+pub trait Progress {
+    /// A new step finished.
+    fn step(&mut self, step: usize, total: usize, message: &str);
+    /// A line for the log.
+    fn line(&mut self, line: &str);
+}
+
+/// Trains per `config` in `run` (loading the model and the task); with
+/// `resume`, continues from the last checkpoint. The run folder holds
+/// everything; the summary says how it went.
+pub fn train<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    assets: &Assets,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    config.validate()?;
+    let (base, tokenizer) = Pretrained::load::<B>(&config.model, assets, device)?;
+    let setup = config.task_setup(tokenizer, assets)?;
+    let train_set = setup.split(Split::Train, None)?;
+    let validation = setup.split(Split::Validation, config.max_validation)?;
+    let data = TrainData { train: &train_set, validation: &validation, scorer: &setup.scorer };
+    fit(config, run, resume, base, &data, device, progress)
+}
+
+/// The examples a run trains on and validates with, and how they are scored.
+#[derive(Clone, Copy)]
+pub struct TrainData<'a> {
+    /// Training examples.
+    pub train: &'a [Encoded],
+    /// Validation examples (none: no validation during training).
+    pub validation: &'a [Encoded],
+    /// The task's scorer.
+    pub scorer: &'a Scorer,
+}
+
+/// The training loop on prepared data: `base` is the model without
+/// adapters; fresh adapters are attached (or the last checkpoint's with
+/// `resume`).
+pub fn fit<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    data: &TrainData<'_>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    config.validate()?;
+    std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::write(&run.dir, e))?;
+    if config.method == Method::Ens {
+        return fit_ensemble(config, run, resume, base, data, device, progress);
+    }
+    let TrainData { train: train_set, validation, scorer } = *data;
+    let checkpoint = if resume {
+        let found = run.complete_checkpoint(&run.last());
+        if found.is_none() {
+            progress.line("no checkpoint to resume from: starting from step 0");
+        }
+        found
+    } else {
+        None
+    };
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+    write_atomic(&run.config(), text.as_bytes())?;
+    let mut model = match &checkpoint {
+        Some(dir) => load_adapter(base, dir, device)?.0,
+        None => {
+            base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(config.seed))?
+        }
+    };
+    model = stable_adapter_ids(model);
+    if train_set.is_empty() {
+        return Err(LlamaError::Data { task: config.task.to_string(), message: "no training examples".into() });
+    }
+    let n_train = train_set.len();
+
+    let mut stepper = Stepper::new(config, &model, n_train);
+    let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
+    let mut state = TrainState::default();
+    if let Some(dir) = &checkpoint {
+        let path = dir.join("state.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
+        state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+        let record: Ordered<_> =
+            recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
+        stepper.elbo.adamw = stepper.elbo.adamw.load_record(record.0);
+        progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
+    }
+    // Validation records past the checkpoint (written before a crash) are
+    // dropped: the resumed run writes them again, so each step has one.
+    run.truncate_metrics(state.step)?;
+    progress.line(&format!(
+        "{} on {} with {:?}: {} trainable parameters, {} training / {} validation examples, steps {}..{}",
+        config.model,
+        config.task,
+        config.method,
+        model.num_trainable(),
+        n_train,
+        validation.len(),
+        state.step,
+        config.steps
+    ));
+
+    let mut order_epoch = usize::MAX;
+    let mut order: Vec<usize> = Vec::new();
+    let mut nlls: Vec<f64> = Vec::new();
+    let mut since_eval: Vec<f64> = std::mem::take(&mut state.since_eval);
+    let mut step_times: Vec<f64> = Vec::new();
+
+    let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
+        run.replace_checkpoint(target, |tmp| {
+            save_adapter(model, &config.adapter(), tmp, &config.model)?;
+            recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::format(tmp.join("adamw.bin"), format!("cannot write the optimiser state: {e}")))?;
+            let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::serialize("the training state", e))?;
+            write_atomic(&tmp.join("state.json"), text.as_bytes())
+        })
+    };
+
+    while state.step < config.steps {
+        let step = state.step;
+        let started = Instant::now();
+        // Data order: a seeded permutation per epoch.
+        let epoch = step * config.batch_size / n_train;
+        if epoch != order_epoch {
+            order = seeded_shuffle((0..n_train).collect(), mix(config.seed, 1_000_000 + epoch as u64));
+            order_epoch = epoch;
+        }
+        let start = (step * config.batch_size) % n_train;
+        let indices: Vec<usize> = (0..config.batch_size).map(|i| order[(start + i) % n_train]).collect();
+        let batch = scorer.batch(train_set, &indices, Padding::Left);
+
+        let outcome = stepper.step(&mut model, &batch, scorer, step, device);
+        let (nll_value, kl_value, lr) = match outcome {
+            Ok(o) => (o.nll, o.kl, o.lr),
+            Err(bad) => return Err(nan_error(run, step, bad)),
+        };
+        state.step += 1;
+        nlls.push(nll_value);
+        since_eval.push(nll_value);
+        step_times.push(started.elapsed().as_secs_f64());
+        let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
+        progress.step(state.step, config.steps, &message);
+        run.append(&run.log(), &format!("step {} {message} {:.2}s", state.step, step_times.last().unwrap()))?;
+
+        let at_end = state.step == config.steps;
+        if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
+            let metrics = if validation.is_empty() {
+                None
+            } else {
+                let valid = model.valid();
+                let probs = predict(&valid, validation, scorer, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
+                Some(probs.metrics())
+            };
+            if let Some(metrics) = metrics {
+                let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
+                since_eval.clear();
+                let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
+                run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
+                progress.line(&format!(
+                    "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
+                    state.step, metrics.accuracy, metrics.nll, metrics.ece
+                ));
+                if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
+                    state.best = Some((metrics.accuracy, state.step));
+                    state.since_eval.clear();
+                    save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.best())?;
+                }
+            }
+        }
+        if state.step % config.checkpoint_every.max(1) == 0 || at_end {
+            state.since_eval.clone_from(&since_eval);
+            save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
+        }
+    }
+    let tenth = (nlls.len() / 10).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    step_times.sort_by(f64::total_cmp);
+    Ok(TrainSummary {
+        dir: run.dir.clone(),
+        first_nll: mean(&nlls[..tenth.min(nlls.len())]),
+        last_nll: mean(&nlls[nlls.len().saturating_sub(tenth)..]),
+        step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
+        steps_run: nlls.len(),
+    })
+}
+
+/// A deep ensemble: each member is a MAP run in `run/members/k` with its
+/// own seed, trained one after the other (each resumable on its own).
+fn fit_ensemble<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    data: &TrainData<'_>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+) -> crate::Result<TrainSummary> {
+    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+    write_atomic(&run.config(), text.as_bytes())?;
+    let seeds = config.ensemble_seeds();
+    let mut summaries = Vec::new();
+    for (k, seed) in seeds.iter().enumerate() {
+        progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
+        let member = run.member(k);
+        summaries.push(fit(&config.member(k), &member, resume, base.clone(), data, device, progress)?);
+    }
+    let mean = |f: fn(&TrainSummary) -> f64| summaries.iter().map(f).sum::<f64>() / summaries.len() as f64;
+    Ok(TrainSummary {
+        dir: run.dir.clone(),
+        first_nll: mean(|s| s.first_nll),
+        last_nll: mean(|s| s.last_nll),
+        step_seconds: mean(|s| s.step_seconds),
+        steps_run: summaries.iter().map(|s| s.steps_run).sum(),
+    })
+}
+
+fn nan_error(run: &RunDir, step: usize, bad: NonFinite) -> LlamaError {
+    LlamaError::Stopped { step: step + 1, what: bad.what, value: bad.value, checkpoint: run.last() }
+}

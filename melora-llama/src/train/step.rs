@@ -1,0 +1,126 @@
+//! One training step of a run: scores, NLL, the learning-rate and
+//! KL-weight schedules, then the ELBO update of [`melora_core::ElboStep`].
+
+use super::TrainConfig;
+use crate::model::classify::cross_entropy;
+use crate::model::scoring::{ScoreBatch, Scorer};
+use crate::model::{Llama, Proj};
+use burn::module::{Param, ParamId};
+use burn::tensor::backend::AutodiffBackend;
+use melora_core::{Adapter, ElboConfig, ElboStep, KlSchedule, KlTerm, NonFinite, Sampler};
+
+/// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
+/// 0-based `step` of `total`, rising linearly over `warmup` steps, then
+/// falling linearly to 0 (a pure function of the step: resumes exactly).
+pub fn linear_warmup_decay(step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return step as f64 / warmup.max(1) as f64;
+    }
+    ((total - step.min(total)) as f64 / (total - warmup).max(1) as f64).max(0.0)
+}
+
+/// A 64-bit mix of a seed and a counter (SplitMix64).
+pub fn mix(seed: u64, counter: u64) -> u64 {
+    let mut z = seed.wrapping_add(counter.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn stable_id(path: &str, name: &str) -> ParamId {
+    // FNV-1a of "path.name": the same adapter parameter gets the same id in
+    // every process, so optimiser states saved with a checkpoint map back.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in path.bytes().chain(std::iter::once(b'.')).chain(name.bytes()) {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    ParamId::from(h)
+}
+
+fn renamed<B: burn::tensor::backend::Backend>(p: Param<burn::tensor::Tensor<B, 2>>, path: &str, name: &str) -> Param<burn::tensor::Tensor<B, 2>> {
+    Param::initialized(stable_id(path, name), p.val().detach().require_grad())
+}
+
+/// Gives every adapter parameter an id derived from its module path.
+pub fn stable_adapter_ids<B: burn::tensor::backend::Backend>(mut model: Llama<B>) -> Llama<B> {
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        for (name, slot) in layer.projections_mut() {
+            let path = format!("model.layers.{i}.{name}");
+            if let Proj::Adapted(adapter) = slot {
+                for (name, param) in adapter.named_params_mut() {
+                    *param = renamed(param.clone(), &path, name);
+                }
+            }
+        }
+    }
+    model
+}
+
+/// What one training step measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepOutcome {
+    /// The batch's mean NLL.
+    pub nll: f64,
+    /// The KL term (unweighted; 0 for LoRA).
+    pub kl: f64,
+    /// The AdamW learning rate used.
+    pub lr: f64,
+}
+
+/// The optimisers of a run and the Llama side of a step (scores, NLL, the
+/// learning-rate and KL-weight schedules); [`Stepper::step`] is one
+/// training step (shared by `fit` and the benchmarks), its update
+/// [`melora_core::ElboStep`].
+pub struct Stepper<B: AutodiffBackend> {
+    /// The optimisers and parameter groups.
+    pub elbo: ElboStep<B, Llama<B>>,
+    /// The run's settings (schedules, sampling, noise, seed).
+    pub config: TrainConfig,
+    /// Training examples `N` (the KL enters as `weight * KL / N`).
+    pub n_train: usize,
+}
+
+impl<B: AutodiffBackend> Stepper<B> {
+    /// Optimisers for `model`'s adapters as `config` says, for a training
+    /// set of `n_train` examples.
+    pub fn new(config: &TrainConfig, model: &Llama<B>, n_train: usize) -> Self {
+        let elbo = ElboConfig::new()
+            .with_weight_decay(config.weight_decay)
+            .with_grad_clip(config.grad_clip)
+            .with_kl_lr(config.kl_lr)
+            .with_optimizer(config.optimizer);
+        Self { elbo: ElboStep::new(elbo, model), config: config.clone(), n_train }
+    }
+
+    /// One step at 0-based `step` on `batch`; all randomness (prior noise,
+    /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`.
+    /// A non-finite NLL or KL is returned as [`NonFinite`], with the model
+    /// left untouched.
+    pub fn step(
+        &mut self,
+        model: &mut Llama<B>,
+        batch: &ScoreBatch,
+        scorer: &Scorer,
+        step: usize,
+        device: &B::Device,
+    ) -> std::result::Result<StepOutcome, NonFinite> {
+        let (config, n_train) = (&self.config, self.n_train);
+        let mut noise = config.noise.source::<B>(mix(config.seed, step as u64), device);
+        let prior_std = config.prior.draw_std::<B>(&mut noise, device);
+        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
+        let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
+        let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
+        let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
+        let steps_per_epoch = n_train.div_ceil(config.batch_size).max(1);
+        // The KL enters as weight * KL / N: with a constant weight of 1 the
+        // per-example ELBO; BLoB's cycle weights (summing to 1 per cycle) are
+        // scaled by the cycle length so they average to 1.
+        let kl_weight = match config.kl_schedule {
+            KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch) * period as f64,
+            KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
+        } / n_train as f64;
+        let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight: kl_weight });
+        let values = self.elbo.step(model, nll, lr, kl)?;
+        Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })
+    }
+}
