@@ -9,12 +9,38 @@
 #   experiments/redesign/same-numbers.sh BEFORE_BINARY runs/same-before
 #   experiments/redesign/same-numbers.sh AFTER_BINARY runs/same-after
 #   experiments/redesign/same-numbers.sh --compare runs/same-before runs/same-after
+#
+# A run's config.json changed spelling with the typed settings (targets a
+# list; rank, alpha, dropout under low_rank; kl, std_init under melora): a
+# pair of them counts as the same when every setting of the first, read
+# the new way, has the same value in the second, whose further keys are
+# the adapters' settings that were not reachable before (at their
+# defaults; listed).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$1" = --compare ]; then
   a=$2 b=$3 differ=0 same=0
   while IFS= read -r f; do
-    if cmp -s "$a/$f" "$b/$f"; then same=$((same + 1)); else differ=$((differ + 1)); echo "differs: $f"; fi
+    if cmp -s "$a/$f" "$b/$f"; then same=$((same + 1))
+    elif [ "$(basename "$f")" = config.json ] && python3 - "$a/$f" "$b/$f" <<'PY'
+import json, sys
+old, new = (json.load(open(p)) for p in sys.argv[1:])
+if isinstance(old.get("targets"), str):
+    old["targets"] = [t.strip() for t in old["targets"].split(",") if t.strip()]
+for key, section in [("rank", "low_rank"), ("alpha", "low_rank"), ("dropout", "low_rank"), ("kl", "melora"), ("std_init", "melora")]:
+    if key in old:
+        old.setdefault(section, {})[key] = old.pop(key)
+def same(o, n, path):
+    if isinstance(o, dict) and isinstance(n, dict):
+        extra = sorted(set(n) - set(o))
+        if extra:
+            print(f"  {sys.argv[2]}: new settings {path or '.'}: {', '.join(extra)}")
+        return all(k in n and same(o[k], n[k], f"{path}.{k}" if path else k) for k in o)
+    return o == n
+sys.exit(0 if same(old, new, "") else 1)
+PY
+    then same=$((same + 1)); echo "same settings, new spelling: $f"
+    else differ=$((differ + 1)); echo "differs: $f"; fi
   done < <(cd "$a" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort)
   missing=$(comm -3 <(cd "$a" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort) <(cd "$b" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort) | wc -l)
   echo "$same files identical, $differ differ, $missing in one folder only"

@@ -70,6 +70,9 @@ pub mod config;
 pub mod elbo;
 pub mod error;
 pub mod kl;
+/// Small dense `f64` linear algebra behind the subspace KL; public for the
+/// derivation tests (`tests/derivations.rs`), not part of the API.
+#[doc(hidden)]
 pub mod linalg;
 pub mod lora;
 pub mod melora;

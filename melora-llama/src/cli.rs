@@ -421,9 +421,8 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
     let mut bars = PhaseBars::default();
     let (meta, blocks) = laplace::fit_posterior(&model, &data, &config, &run_dir, &device, |phase, done, total| bars.update(phase, done, total))?;
     bars.finish();
-    let grid = laplace::precision_grid();
-    let at_edge = !matches!(config.prior_precision, laplace::PriorPrecision::Fixed(_)) && (meta.prior_precision == grid[0] || meta.prior_precision == grid[grid.len() - 1]);
-    if at_edge {
+    if meta.at_grid_edge() {
+        let grid = laplace::precision_grid();
         eprintln!(
             "warning: the chosen prior precision {:.1e} is at the edge of the searched grid ({:.0e}..{:.0e}); the optimum may lie beyond it",
             meta.prior_precision,

@@ -151,7 +151,6 @@ impl Curvature {
 }
 
 /// Accumulates the KFAC curvature of `model`'s LoRA layers over `examples`.
-#[allow(clippy::too_many_arguments)]
 pub fn accumulate<B: AutodiffBackend>(
     model: &Llama<B>,
     examples: &[Encoded],

@@ -152,6 +152,16 @@ pub struct LaplaceMeta {
     pub seconds: (f64, f64),
 }
 
+impl LaplaceMeta {
+    /// Whether the prior precision was searched and came out at an end of
+    /// [`precision_grid`]: the optimum may lie beyond it.
+    pub fn at_grid_edge(&self) -> bool {
+        let grid = precision_grid();
+        !matches!(self.config.prior_precision, PriorPrecision::Fixed(_))
+            && (self.prior_precision == grid[0] || self.prior_precision == grid[grid.len() - 1])
+    }
+}
+
 /// `laplace.json`, the blocks' factors and a copy of the MAP adapter.
 pub struct LaplaceDir {
     /// The folder.
