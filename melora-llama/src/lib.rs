@@ -5,6 +5,29 @@
 //! melora's adapters; loaders for Hugging Face folders (safetensors) and GGUF
 //! files; tokenizers; PEFT-format adapter files; the `melora` binary.
 //!
+//! Fine-tuning SmolLM2 with Me-LoRA and evaluating it with a Bayesian model
+//! average, as a library (what `melora train` and `melora eval` do; needs
+//! `melora fetch` first):
+//!
+//! ```no_run
+//! use burn::backend::{ndarray::NdArray, Autodiff};
+//! use burn::module::AutodiffModule;
+//! use melora_llama::{assets::Assets, data::Split, eval::predict, train::*, Pretrained};
+//!
+//! let (assets, device) = (Assets::from_env(), Default::default());
+//! let config = TrainConfig::load(Some("experiments/smollm2-135m/arc-e-melora.json".as_ref()), &[])?;
+//! let (base, tokenizer) = Pretrained::load::<Autodiff<NdArray>>(&config.model, &assets, &device)?;
+//! let task = config.task_setup(tokenizer, &assets)?;
+//! let (train, validation) = (task.split(Split::Train, None)?, task.split(Split::Validation, Some(100))?);
+//! let data = TrainData { train: &train, validation: &validation, scorer: &task.scorer };
+//! let run = RunDir { dir: "runs/library-example".into() };
+//! fit(&config, &run, false, base.clone(), &data, &device, &mut Quiet)?;
+//! let model = melora_llama::weights::peft::load_adapter(base.valid(), &run.last(), &device)?.0;
+//! let probs = predict(&model, &validation, &task.scorer, &config.eval_options(8, 0), &device, |_, _| {})?;
+//! println!("{:?}", probs.metrics());
+//! # Ok::<(), melora_llama::LlamaError>(())
+//! ```
+//!
 //! Reference implementations read while writing it: transformers'
 //! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
 

@@ -62,6 +62,14 @@ pub trait Progress {
     fn line(&mut self, line: &str);
 }
 
+/// Progress that goes nowhere (the run folder's log still has every step).
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn step(&mut self, _: usize, _: usize, _: &str) {}
+    fn line(&mut self, _: &str) {}
+}
+
 /// Trains per `config` in `run` (loading the model and the task); with
 /// `resume`, continues from the last checkpoint. The run folder holds
 /// everything; the summary says how it went.
