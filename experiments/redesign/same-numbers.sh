@@ -19,7 +19,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 if [ "$1" = --compare ]; then
-  a=$2 b=$3 differ=0 same=0
+  a=$2 b=$3 differ=0 same=0 respelt=0
   while IFS= read -r f; do
     if cmp -s "$a/$f" "$b/$f"; then same=$((same + 1))
     elif [ "$(basename "$f")" = config.json ] && python3 - "$a/$f" "$b/$f" <<'PY'
@@ -39,11 +39,11 @@ def same(o, n, path):
     return o == n
 sys.exit(0 if same(old, new, "") else 1)
 PY
-    then same=$((same + 1)); echo "same settings, new spelling: $f"
+    then respelt=$((respelt + 1)); echo "same settings, new spelling: $f"
     else differ=$((differ + 1)); echo "differs: $f"; fi
   done < <(cd "$a" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort)
   missing=$(comm -3 <(cd "$a" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort) <(cd "$b" && find . -type f ! -name 'log.txt' ! -name '*.log' | sort) | wc -l)
-  echo "$same files identical, $differ differ, $missing in one folder only"
+  echo "$same files identical, $respelt the same settings spelt anew, $differ differ, $missing in one folder only"
   [ "$differ" = 0 ] && [ "$missing" = 0 ]
   exit
 fi

@@ -10,7 +10,7 @@ use burn::tensor::backend::AutodiffBackend;
 use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
-use melora_llama::weights::pretrained::Pretrained;
+use melora_llama::pretrained::Pretrained;
 use melora_llama::model::scoring::{ScoreBatch, Scorer};
 use melora_llama::train::{Stepper, TrainConfig};
 use melora_llama::model::Target;

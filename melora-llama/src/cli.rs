@@ -6,7 +6,8 @@ use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
-use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task, TaskSetup};
+use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task};
+use melora_llama::task::TaskSetup;
 use melora_llama::eval::{predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs};
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::model::scoring::Scorer;
@@ -305,15 +306,10 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let (bar, callback) = batch_progress("laplace");
     let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &setup.scorer, args.batch_size, &device, callback)?;
     finish_bar(bar);
-    let k = setup.scorer.classes;
     let samples = args.samples.unwrap_or(1);
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
-    let (sampled, how) = if samples > 1 {
-        let probs = laplace::draws(&lin.mean, &lin.covariance[0], k, samples, args.seed, meta.prior_precision)?;
-        (SampledProbs { probs, samples, classes: k, labels }, format!("sampled, S = {samples}"))
-    } else {
-        (SampledProbs { probs: laplace::probit(&lin.mean, &lin.covariance[0], k, meta.prior_precision)?, samples: 1, classes: k, labels }, "probit".to_string())
-    };
+    let sampled = laplace::predictive(&lin, labels, samples, args.seed, meta.prior_precision)?;
+    let how = if samples > 1 { format!("sampled, S = {samples}") } else { "probit".to_string() };
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
     row.spread = Some(Spread::of(&sampled, None));

@@ -5,8 +5,8 @@
 
 use burn::backend::NdArray;
 use melora_llama::assets::Assets;
-use melora_llama::model::generate::{generate, perplexity, GenerateOptions};
-use melora_llama::weights::pretrained::Pretrained;
+use melora_llama::generate::{generate, perplexity, GenerateOptions};
+use melora_llama::pretrained::Pretrained;
 use burn::module::Module;
 use melora_llama::{Llama, Tokenizer};
 

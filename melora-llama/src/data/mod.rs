@@ -22,13 +22,11 @@
 mod batch;
 mod encode;
 mod load;
-mod setup;
 pub mod readers;
 
 pub use batch::{batch_of, collate, length_batches, Batch, Padding};
 pub use encode::{encode, encode_cloze, label_tokens, split_shared_prefix, ChoiceSequence, Continuation, Encoded};
 pub use load::{load_task, seeded_shuffle, TaskData};
-pub use setup::{scorer_for, TaskSetup};
 
 use serde::{Deserialize, Serialize};
 

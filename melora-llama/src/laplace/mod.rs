@@ -39,7 +39,7 @@ mod predictive;
 
 pub use curvature::{accumulate, Block, Curvature, Factor, LayerCurvature};
 pub use posterior::{choose_prior_precision, fit_posterior, log_marginal_likelihood, LaplaceDir, LaplaceMeta, Posterior, PriorChoice};
-pub use predictive::{draws, linearise, probit, sampled, Linearised};
+pub use predictive::{draws, linearise, predictive, probit, sampled, Linearised};
 
 use crate::error::LlamaError;
 use crate::model::scoring::{PassLayout, ScoreBatch, Scorer};

@@ -4,6 +4,7 @@
 use super::{lora_layers, lora_taps, probe_grads, rows_to_examples, tapped, token_mask, Block};
 use crate::data::{length_batches, Encoded, Padding};
 use crate::error::LlamaError;
+use crate::eval::SampledProbs;
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
 use burn::tensor::backend::AutodiffBackend;
@@ -199,4 +200,18 @@ pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u
         }
     }
     Ok(out)
+}
+
+/// The predictive of `lin` (one prior precision, `λ`): the probit
+/// approximation for `samples = 1`, else `samples` draws of the logit
+/// Gaussian per example (the samples of the uncertainty decomposition;
+/// seeded by `seed`).
+pub fn predictive(lin: &Linearised, labels: Vec<usize>, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<SampledProbs> {
+    let k = lin.k;
+    let cov = lin.covariance.first().ok_or_else(|| LlamaError::Mismatch("a linearised predictive with no covariance".into()))?;
+    Ok(if samples > 1 {
+        SampledProbs { probs: draws(&lin.mean, cov, k, samples, seed, prior_precision)?, samples, classes: k, labels }
+    } else {
+        SampledProbs { probs: probit(&lin.mean, cov, k, prior_precision)?, samples: 1, classes: k, labels }
+    })
 }

@@ -12,7 +12,6 @@ mod attention;
 pub mod cache;
 pub mod classify;
 pub mod config;
-pub mod generate;
 mod mlp;
 pub mod scoring;
 

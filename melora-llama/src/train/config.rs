@@ -1,7 +1,7 @@
 //! A run's settings: the method and everything a training run needs.
 
 use crate::assets::Assets;
-use crate::data::TaskSetup;
+use crate::task::TaskSetup;
 use crate::error::LlamaError;
 use crate::eval::{EnsembleAverage, PredictOptions};
 use crate::model::Target;

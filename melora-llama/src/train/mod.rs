@@ -28,7 +28,7 @@ use crate::eval::{predict, PredictOptions};
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
 use crate::weights::peft::{load_adapter, save_adapter};
-use crate::weights::pretrained::Pretrained;
+use crate::pretrained::Pretrained;
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};

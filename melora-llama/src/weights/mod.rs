@@ -8,7 +8,6 @@
 
 pub mod gguf;
 pub mod peft;
-pub mod pretrained;
 pub mod safetensors;
 
 use crate::model::config::LlamaConfig;

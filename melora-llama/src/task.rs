@@ -1,7 +1,9 @@
 //! A task as a run sees it: its tokenizer, its scorer and its encoded
-//! splits ([`TaskSetup`]).
+//! splits ([`TaskSetup`]), the set-up training, evaluation and Laplace
+//! share (it joins the data, the tokenizer and the model's scorer, so it
+//! sits above all three).
 
-use super::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, LengthNorm, Scoring, Split, Task, SPLIT_SEED};
+use crate::data::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, LengthNorm, Scoring, Split, Task, SPLIT_SEED};
 use crate::assets::Assets;
 use crate::error::Result;
 use crate::model::scoring::Scorer;
