@@ -37,6 +37,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;
+pub mod gguf;
 pub mod laplace;
 pub mod model;
 pub mod pretrained;

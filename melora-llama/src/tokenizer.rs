@@ -2,7 +2,7 @@
 //! from GGUF metadata (`tokenizer.ggml.*`) with the `tokenizers` crate.
 
 use crate::error::{LlamaError, Result};
-use crate::weights::gguf::{Gguf, GgufValue};
+use crate::gguf::{Gguf, GgufValue};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;

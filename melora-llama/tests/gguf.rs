@@ -9,7 +9,8 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::gguf_writer::{encode, fixture_as_gguf, write, Meta, Quant};
 use common::{fixture, max_abs_diff, read_npy};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
-use melora_llama::weights::gguf::{Gguf, GgufSource};
+use melora_llama::gguf::Gguf;
+use melora_llama::weights::gguf::GgufSource;
 use melora_llama::weights::build;
 use melora_llama::LlamaConfig;
 
@@ -113,6 +114,6 @@ fn dequantisation_of_known_blocks() {
     let mut info = gguf.tensors[0].clone();
     info.type_id = 12;
     let err = gguf.dequantize(&info, &template).unwrap_err();
-    assert_eq!(err, melora_llama::weights::gguf::GgufError::Type { tensor: "t".into(), type_id: 12 });
+    assert_eq!(err, melora_llama::gguf::GgufError::Type { tensor: "t".into(), type_id: 12 });
     assert!(err.to_string().contains("tensor t: unsupported GGML type 12"), "{err}");
 }
