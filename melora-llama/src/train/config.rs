@@ -288,7 +288,12 @@ impl TrainConfig {
                 return bad(format!("{name}.low_rank is set: rank, alpha, rslora and dropout go in low_rank, which every adapter uses"));
             }
         }
-        self.adapter().validate()?;
+        // Every section, the method's or not: a bad value is a typo
+        // whichever adapter the run trains.
+        self.low_rank.validate()?;
+        let section = |name: &str, e: melora_core::CoreError| LlamaError::Config(format!("{name}: {e}"));
+        self.blob.clone().with_low_rank(self.low_rank.clone()).validate().map_err(|e| section("blob", e))?;
+        self.melora.clone().with_low_rank(self.low_rank.clone()).validate().map_err(|e| section("melora", e))?;
         self.prior.validate()?;
         self.kl_schedule.validate()?;
         if self.method == Method::Ens {
@@ -438,6 +443,8 @@ mod tests {
     fn an_adapters_own_low_rank_and_empty_targets_are_refused() {
         let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()]).unwrap_err().to_string();
         assert!(err.contains("melora.low_rank is set"), "{err}");
+        let err = TrainConfig::load(None, &["blob.init_eps=-1".into()]).unwrap_err().to_string();
+        assert!(err.contains("blob: ") && err.contains("init_eps"), "{err}");
         let err = TrainConfig::load(None, &["targets=[]".into()]).unwrap_err().to_string();
         assert!(err.contains("no adapter target"), "{err}");
         let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()]).unwrap_err().to_string();
