@@ -189,7 +189,11 @@ impl PhaseBars {
         if phase != self.phase {
             self.finish();
             self.phase = phase.to_string();
-            self.bar = std::io::stderr().is_terminal().then(|| ProgressBar::new(total as u64).with_message(phase.to_string()));
+            self.bar = std::io::stderr().is_terminal().then(|| {
+                let style = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} batches [{elapsed_precise}, {eta} left]")
+                    .expect("a valid template");
+                ProgressBar::new(total as u64).with_style(style).with_message(phase.to_string())
+            });
         }
         match &self.bar {
             Some(bar) => {

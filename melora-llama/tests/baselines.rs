@@ -8,7 +8,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base, Quiet};
-use melora_llama::eval::{ensemble_probs, predict, predict_logits, softmax_rows, PredictOptions};
+use melora_llama::eval::{ensemble_probs, predict, predict_ensemble, predict_logits, softmax_rows, PredictOptions};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::eval::EnsembleAverage;
 use melora_llama::train::{fit, Method, RunDir, TrainConfig, TrainData};
@@ -103,6 +103,17 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     assert!(diff > 1e-4, "different seeds gave the same ensemble (max difference {diff:e})");
     let by_logits = ensemble_probs(&logits, 2, EnsembleAverage::Logits);
     assert!(probs.iter().zip(&by_logits).any(|(a, b)| (a - b).abs() > 1e-9), "the two averages coincide");
+    // The library's ensemble predictor (members loaded one at a time) gives
+    // the same probabilities, and its samples are the members: a spread
+    // between different seeds, none between identical ones.
+    let members = |run: &RunDir| (0..3).map(|k| Ok(trained(&run.member(k)))).collect::<Vec<_>>();
+    let (predicted, sampled) =
+        predict_ensemble(members(&different), &test, &label_scorer(), 4, EnsembleAverage::Probabilities, &device, |_, _, _| {}).unwrap();
+    assert_eq!(predicted.probs(), &probs[..]);
+    assert_eq!(sampled.samples, 3);
+    assert!(sampled.uncertainty().2 > 0.0, "different members, no epistemic part");
+    let (_, sampled) = predict_ensemble(members(&same), &test, &label_scorer(), 4, EnsembleAverage::Logits, &device, |_, _, _| {}).unwrap();
+    assert!(sampled.uncertainty().2.abs() < 1e-12, "identical members disagree: {}", sampled.uncertainty().2);
     std::fs::remove_dir_all(&same.dir).ok();
     std::fs::remove_dir_all(&different.dir).ok();
 }

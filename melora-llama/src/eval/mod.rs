@@ -273,4 +273,27 @@ mod tests {
         let one = SampledProbs { probs: vec![0.9, 0.1], samples: 1, classes: 2, labels: vec![0] };
         assert_eq!((one.gold_std(), one.uncertainty().2), (0.0, 0.0));
     }
+
+    /// `melora eval`'s flags over a model's own way of predicting.
+    #[test]
+    fn flags_over_the_defaults() {
+        use super::{PredictFlags, PredictOptions};
+        use melora_core::SamplingMode;
+        let none = PredictFlags { seed: 3, ..Default::default() };
+        // A LoRA adapter: the mean weights; a Bayesian one: 10 per-example draws.
+        let lora = none.apply(PredictOptions::for_adapter(false, 8), false);
+        assert_eq!((lora.samples, lora.mode, lora.dropout, lora.seed), (1, SamplingMode::Mean, false, 3));
+        let bayes = none.apply(PredictOptions::for_adapter(true, 8), true);
+        assert_eq!((bayes.samples, bayes.mode, bayes.dropout), (10, SamplingMode::PerExample, false));
+        // --dropout on LoRA: MC dropout with 10 samples, or --samples.
+        let mcd = PredictFlags { dropout: true, ..none }.apply(PredictOptions::mean(8), false);
+        assert_eq!((mcd.samples, mcd.mode, mcd.dropout), (10, SamplingMode::Mean, true));
+        let mcd = PredictFlags { dropout: true, samples: Some(4), ..none }.apply(PredictOptions::mean(8), false);
+        assert_eq!(mcd.samples, 4);
+        // --samples 1 on a Bayesian adapter: the mean weights; --mode wins.
+        let one = PredictFlags { samples: Some(1), ..none }.apply(PredictOptions::for_adapter(true, 8), true);
+        assert_eq!((one.samples, one.mode), (1, SamplingMode::Mean));
+        let batch = PredictFlags { mode: Some(SamplingMode::PerBatch), ..none }.apply(PredictOptions::for_adapter(true, 8), true);
+        assert_eq!((batch.samples, batch.mode), (10, SamplingMode::PerBatch));
+    }
 }
