@@ -5,7 +5,7 @@ use super::{Item, Task};
 use crate::error::{LlamaError, Result};
 use crate::tokenizer::Tokenizer;
 
-/// A tokenized example: prompt ids (at most [`MAX_TOKENS`]), its label and
+/// A tokenized example: prompt ids (at most [`MAX_TOKENS`](super::MAX_TOKENS)), its label and
 /// how many labels it can take. Under answer scoring, `ids` is the prefix
 /// that every choice's sequence shares and `continuations` holds the rest
 /// of each choice's sequence; under label scoring `continuations` is empty.
@@ -49,7 +49,7 @@ pub struct Continuation {
     pub targets: Vec<u32>,
     /// How many leading targets are context, not scored.
     pub unscored: usize,
-    /// Characters of the scored text (for [`LengthNorm::PerChar`]).
+    /// Characters of the scored text (for [`LengthNorm::PerChar`](super::LengthNorm::PerChar)).
     pub chars: usize,
 }
 
