@@ -6,7 +6,7 @@ use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
-use melora_llama::data::{Encoded, LengthNorm, Scoring, Split, Task};
+use melora_llama::data::{Encoded, Item, LengthNorm, Scoring, Split, Task};
 use melora_llama::task::TaskSetup;
 use melora_llama::eval::{predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs};
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
@@ -127,12 +127,17 @@ pub struct EvalArgs {
     /// Out-of-distribution tasks, evaluated after `task` (same split and
     /// subset size) with the AUROC of telling them apart from it.
     pub ood: Vec<Task>,
+    /// Questions of one's own, asked instead of the split (`melora
+    /// predict`), in `task`'s prompt format.
+    pub questions: Option<Vec<Item>>,
 }
 
-/// One evaluated task: its row and every sample's probabilities.
+/// One evaluated task: its row, every sample's probabilities and the
+/// seconds it took.
 pub struct Evaluation {
     pub row: ResultRow,
     pub sampled: SampledProbs,
+    pub seconds: f64,
 }
 
 fn evaluate(
@@ -150,8 +155,7 @@ fn evaluate(
     finish_bar(bar);
     let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &sampled.average());
     row.spread = Some(Spread::of(&sampled, model.posterior_std()));
-    log_row(&row, start);
-    Ok(Evaluation { row, sampled })
+    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// A progress callback for prediction batches: a bar on a terminal, lines otherwise.
@@ -211,13 +215,14 @@ impl PhaseBars {
 }
 
 /// One line with an evaluation's metrics and time.
-fn log_row(row: &ResultRow, start: Instant) {
+fn log_row(evaluation: &Evaluation) {
+    let row = &evaluation.row;
     eprintln!(
         "{}: {} examples, S = {}, {:.0} s: ACC {:.4} ECE {:.4} NLL {:.4}",
         row.name,
         row.metrics.count,
         row.samples,
-        start.elapsed().as_secs_f64(),
+        evaluation.seconds,
         row.metrics.accuracy,
         row.metrics.ece,
         row.metrics.nll
@@ -259,7 +264,7 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task
     let device = backend::device();
     let (base, tokenizer) = Pretrained::load::<Inner>(&config.model, &assets, &device)?;
     let setup = eval_setup(args, config, task, tokenizer, &assets)?;
-    let examples = setup.split(args.split, args.max_examples)?;
+    let examples = examples_of(args, &setup)?;
     let average = args.ensemble_average.unwrap_or(config.ensemble_average);
     let start = Instant::now();
     let members = (0..config.members).map(|k| {
@@ -277,8 +282,15 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), config.members, &probs);
     row.spread = Some(Spread::of(&sampled, None));
-    log_row(&row, start);
-    Ok(Evaluation { row, sampled })
+    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
+}
+
+/// The examples an evaluation reads: the user's questions, or the split.
+fn examples_of(args: &EvalArgs, setup: &TaskSetup) -> Result<Vec<Encoded>> {
+    Ok(match &args.questions {
+        Some(items) => setup.encode(items)?,
+        None => setup.split(args.split, args.max_examples)?,
+    })
 }
 
 /// The task set-up an evaluation of a run uses: the run's scoring and
@@ -305,7 +317,7 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
         config.scoring,
         setup.scoring
     );
-    let examples = setup.split(args.split, args.max_examples)?;
+    let examples = examples_of(args, &setup)?;
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
     let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &setup.scorer, args.batch_size, &device, callback)?;
@@ -317,15 +329,16 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
     row.spread = Some(Spread::of(&sampled, None));
-    log_row(&row, start);
-    Ok(Evaluation { row, sampled })
+    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
 }
 
 /// `melora eval`: the task, then each out-of-distribution task.
 pub fn eval_command(args: EvalArgs) -> Result<()> {
     let mut evaluations = Vec::with_capacity(1 + args.ood.len());
     for task in std::iter::once(args.task).chain(args.ood.iter().copied()) {
-        evaluations.push(evaluate_task(&args, task)?);
+        let evaluation = evaluate_task(&args, task)?;
+        log_row(&evaluation);
+        evaluations.push(evaluation);
     }
     finish_eval(&args, &evaluations)
 }
@@ -367,13 +380,111 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     // The run's scoring and prompt length unless the flags say otherwise.
     let config = config.unwrap_or_else(|| TrainConfig::new().with_max_tokens(melora_llama::data::MAX_TOKENS));
     let setup = eval_setup(args, &config, task, tokenizer, &assets)?;
-    let examples = setup.split(args.split, args.max_examples)?;
+    let examples = examples_of(args, &setup)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
         _ => format!("{} (S = {})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(), options.samples),
     };
     eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring);
     evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options)
+}
+
+/// `melora predict`: the subject's Bayesian-model-average prediction of
+/// each of `args.questions`, with its confidence and uncertainty split, as
+/// a table (or JSON with `json`); with `answered`, which ones are right.
+pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()> {
+    let items = args.questions.clone().context("no questions")?;
+    let evaluation = evaluate_task(&args, args.task)?;
+    let n_choices: Vec<usize> = items.iter().map(Item::n_choices).collect();
+    let answers = evaluation.sampled.answers(&n_choices);
+    eprintln!("{}: {} questions, S = {}, {:.0} s", evaluation.row.name, items.len(), evaluation.row.samples, evaluation.seconds);
+    let letter = |i: usize| (b'A' + i as u8) as char;
+    if json {
+        let rows: Vec<serde_json::Value> = items
+            .iter()
+            .zip(&answers)
+            .map(|(item, a)| {
+                let Item::Choice { question, choices, label } = item else { unreachable!("questions are multiple choice") };
+                let mut row = serde_json::json!({
+                    "question": question, "choices": choices, "probabilities": a.probabilities,
+                    "prediction": a.prediction, "confidence": a.confidence,
+                    "total": a.uncertainty.total, "aleatoric": a.uncertainty.aleatoric, "epistemic": a.uncertainty.epistemic,
+                    "samples": evaluation.row.samples,
+                });
+                if answered {
+                    row["answer"] = serde_json::json!(label);
+                    row["right"] = serde_json::json!(*label == a.prediction);
+                }
+                row
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let right = if answered { " right |" } else { "" };
+    println!("| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}");
+    println!("|---:|---|---|---:|---|---:|---:|---:|{}", if answered { "---|" } else { "" });
+    for (i, (item, a)) in items.iter().zip(&answers).enumerate() {
+        let Item::Choice { question, choices, label } = item else { unreachable!("questions are multiple choice") };
+        let short: String = if question.chars().count() > 60 { question.chars().take(57).chain("...".chars()).collect() } else { question.clone() };
+        let probs: Vec<String> = a.probabilities.iter().enumerate().map(|(k, p)| format!("{} {p:.3}", letter(k))).collect();
+        let mark = if !answered { String::new() } else if *label == a.prediction { " yes |".into() } else { format!(" no ({}) |", letter(*label)) };
+        println!(
+            "| {} | {} | {}) {} | {:.3} | {} | {:.4} | {:.4} | {:.2e} |{mark}",
+            i + 1,
+            short.replace('|', "\\|").replace('\n', " "),
+            letter(a.prediction),
+            choices[a.prediction].replace('|', "\\|"),
+            a.confidence,
+            probs.join(", "),
+            a.uncertainty.total,
+            a.uncertainty.aleatoric,
+            a.uncertainty.epistemic
+        );
+    }
+    Ok(())
+}
+
+/// `melora export`: the adapter of `subject` (a run's final checkpoint, a
+/// Laplace posterior's MAP adapter, or an adapter folder on `model`) merged
+/// into the base weights, written to `out` as a Hugging Face folder.
+pub fn export_command(subject: Subject, model: Option<String>, out: PathBuf) -> Result<()> {
+    let (model_name, adapter) = match subject {
+        Subject::Run(dir) if LaplaceDir::is_laplace(&dir) => {
+            let config = load_config(Some(&dir.join("config.json")), &[])?;
+            (config.model, LaplaceDir { dir }.adapter())
+        }
+        Subject::Run(dir) => {
+            let run = RunDir { dir: dir.clone() };
+            let config = load_config(Some(&run.config()), &[])?;
+            anyhow::ensure!(
+                config.method != Method::Ens,
+                "{} is an ensemble: it has no single adapter to merge; export a member (--run {})",
+                dir.display(),
+                run.member(0).dir.display()
+            );
+            let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
+            (model.unwrap_or(config.model), checkpoint)
+        }
+        Subject::Adapter(dir) => (model.unwrap_or_else(|| "smollm2-135m".into()), dir),
+        Subject::ZeroShot => bail!("give --run DIR or --adapter DIR: the base model alone needs no export"),
+    };
+    let assets = ensure_assets(&model_name)?;
+    let device = backend::device();
+    let pretrained = Pretrained::open(&model_name, &assets)?;
+    let config = pretrained.config.clone();
+    let (base, tokenizer, _) = pretrained.build::<Inner>(&device)?;
+    let (model, meta) = load_adapter(base, &adapter, &device)?;
+    let merged = model.merged()?;
+    melora_llama::weights::export::save_hf(&merged, &config, tokenizer.as_ref(), &out)?;
+    eprintln!(
+        "{} ({:?}, its mean weights) merged into {model_name}: a Hugging Face folder in {} (load it with --model {})",
+        adapter.display(),
+        meta.config.kind(),
+        out.display(),
+        out.display()
+    );
+    Ok(())
 }
 
 /// Reads a Laplace configuration file (or the defaults) and applies
@@ -482,7 +593,9 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    rows.push(evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean)?.row);
+    let zero_shot = evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean)?;
+    log_row(&zero_shot);
+    rows.push(zero_shot.row);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
     let lora = TrainConfig { train_sampling: SamplingMode::Mean, ..Method::Lora.preset(config.clone()) };
     for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA (MAP)"), (&config, out.join("melora"), "Me-LoRA")] {
@@ -506,7 +619,9 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         } else {
             format!("{label}, {} steps", method_config.steps)
         };
-        rows.push(evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options)?.row);
+        let evaluation = evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options)?;
+        log_row(&evaluation);
+        rows.push(evaluation.row);
     }
     write_results(&results, &rows)?;
     println!("\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n", validation.len(), config.scoring);

@@ -7,7 +7,7 @@ mod cli;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use melora_llama::assets::Assets;
-use melora_llama::data::{load_task, LengthNorm, Scoring, Split, Task};
+use melora_llama::data::{load_task, Item, LengthNorm, Scoring, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
 use melora_llama::pretrained::Pretrained;
 use melora_core::SamplingMode;
@@ -158,6 +158,81 @@ enum Command {
         /// total predictive entropy and by its epistemic part (ood.json).
         #[arg(long, value_delimiter = ',')]
         ood: Vec<Task>,
+    },
+    /// Ask a run, an adapter or the base model questions of one's own: each
+    /// choice's Bayesian-model-average probability, the prediction, its
+    /// confidence and its uncertainty (total, aleatoric, epistemic).
+    Predict {
+        /// A training run folder (its best checkpoint; an ensemble or a
+        /// Laplace posterior too).
+        #[arg(long, conflicts_with_all = ["adapter", "zero_shot"])]
+        run: Option<PathBuf>,
+        /// An adapter folder (PEFT format).
+        #[arg(long, conflicts_with = "zero_shot")]
+        adapter: Option<PathBuf>,
+        /// The base model without adapter.
+        #[arg(long)]
+        zero_shot: bool,
+        /// The base model (default: the run's, or smollm2-135m).
+        #[arg(long)]
+        model: Option<String>,
+        /// A question (with --choices).
+        #[arg(long, requires = "choices", conflicts_with = "file")]
+        question: Option<String>,
+        /// Its choices, separated by '|': "Paris|Lyon|Nice".
+        #[arg(long, requires = "question")]
+        choices: Option<String>,
+        /// A JSONL file of questions: {"question": ..., "choices": [...]}
+        /// with an optional "answer" (index or letter).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// The prompt format and label set: arc-e (up to 5 choices, the
+        /// default), mmlu-chem (4), ...
+        #[arg(long, default_value = "arc-e")]
+        task: Task,
+        /// Samples of the model average (default: the run's; 10 for a
+        /// Bayesian adapter or a Laplace posterior).
+        #[arg(long)]
+        samples: Option<usize>,
+        /// Sampling mode: mean, per-batch, per-example, flipout.
+        #[arg(long)]
+        mode: Option<SamplingMode>,
+        /// Keep adapter dropout on (MC dropout).
+        #[arg(long)]
+        dropout: bool,
+        /// How choices are scored: label or answer (default: the run's).
+        #[arg(long)]
+        scoring: Option<Scoring>,
+        /// Answer scoring's length normalisation (default: the run's).
+        #[arg(long)]
+        length_norm: Option<LengthNorm>,
+        /// Seed of the sampling noise.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Deep ensembles: average probabilities (default) or logits.
+        #[arg(long)]
+        ensemble_average: Option<melora_llama::eval::EnsembleAverage>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Merge a run's adapter (its mean weights) into the base model and write
+    /// a Hugging Face folder (config.json, model.safetensors, tokenizer.json)
+    /// that transformers and `--model FOLDER` load.
+    Export {
+        /// A training run folder (its final checkpoint) or a Laplace
+        /// posterior (its MAP adapter).
+        #[arg(long, conflicts_with = "adapter")]
+        run: Option<PathBuf>,
+        /// An adapter folder (PEFT format), on --model.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// The base model (default: the run's, or smollm2-135m).
+        #[arg(long)]
+        model: Option<String>,
+        /// The folder to write.
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Laplace-LoRA on a MAP run: KFAC curvature of the LoRA matrices over
     /// the training data, prior precision by marginal likelihood (or on
@@ -398,7 +473,72 @@ fn main() -> Result<()> {
                 seed,
                 out,
                 ood,
+                questions: None,
             })?;
+        }
+        Command::Predict {
+            run,
+            adapter,
+            zero_shot,
+            model,
+            question,
+            choices,
+            file,
+            task,
+            samples,
+            mode,
+            dropout,
+            scoring,
+            length_norm,
+            seed,
+            ensemble_average,
+            json,
+        } => {
+            let (questions, answered) = match (question, choices, file) {
+                (Some(q), Some(c), None) => {
+                    let choices: Vec<String> = c.split('|').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                    (vec![Item::Choice { question: q, choices, label: 0 }], false)
+                }
+                (None, None, Some(f)) => melora_llama::data::read_questions(&f)?,
+                _ => anyhow::bail!("give --question TEXT --choices 'A|B|C', or --file QUESTIONS.jsonl"),
+            };
+            // A Laplace posterior predicts by probit unless asked for
+            // samples: the uncertainty split needs draws.
+            let laplace = run.as_deref().is_some_and(melora_llama::laplace::LaplaceDir::is_laplace);
+            let samples = samples.or(laplace.then_some(10));
+            let subject = match (run, adapter, zero_shot) {
+                (Some(r), _, _) => cli::Subject::Run(r),
+                (_, Some(a), _) => cli::Subject::Adapter(a),
+                (_, _, true) => cli::Subject::ZeroShot,
+                _ => anyhow::bail!("give --run DIR, --adapter DIR or --zero-shot"),
+            };
+            let args = cli::EvalArgs {
+                subject,
+                ensemble_average,
+                model,
+                task,
+                split: Split::Test,
+                samples,
+                mode,
+                dropout,
+                scoring,
+                length_norm,
+                max_examples: None,
+                batch_size: 8,
+                seed,
+                out: None,
+                ood: Vec::new(),
+                questions: Some(questions),
+            };
+            cli::predict_command(args, answered, json)?;
+        }
+        Command::Export { run, adapter, model, out } => {
+            let subject = match (run, adapter) {
+                (Some(r), _) => cli::Subject::Run(r),
+                (_, Some(a)) => cli::Subject::Adapter(a),
+                _ => anyhow::bail!("give --run DIR or --adapter DIR"),
+            };
+            cli::export_command(subject, model, out)?;
         }
         Command::StudyReport { runs, out, seeds } => {
             print!("{}", melora_llama::study::report(&runs, &out, &seeds)?);

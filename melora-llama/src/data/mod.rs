@@ -26,7 +26,7 @@ pub mod readers;
 
 pub use batch::{batch_of, collate, length_batches, Batch, Padding};
 pub use encode::{encode, encode_cloze, label_tokens, split_shared_prefix, ChoiceSequence, Continuation, Encoded};
-pub use load::{load_task, seeded_shuffle, TaskData};
+pub use load::{load_task, read_questions, seeded_shuffle, TaskData};
 
 use serde::{Deserialize, Serialize};
 

@@ -161,6 +161,26 @@ impl SampledProbs {
         (0..self.labels.len()).map(|i| Uncertainty::of(&self.probs[i * sk..(i + 1) * sk], self.classes)).collect()
     }
 
+    /// Each example's answer: the model-average probabilities of its
+    /// `n_choices[i]` choices (the padding classes of a shorter question,
+    /// whose probability is 0, dropped), the most probable choice, its
+    /// probability, and the uncertainty decomposition of the samples.
+    pub fn answers(&self, n_choices: &[usize]) -> Vec<Answer> {
+        let average = self.average();
+        let per = self.per_example();
+        average
+            .rows()
+            .zip(per)
+            .zip(n_choices)
+            .map(|((row, uncertainty), &n)| {
+                let probabilities = row[..n.min(row.len())].to_vec();
+                let (prediction, confidence) =
+                    probabilities.iter().copied().enumerate().fold((0, f64::NEG_INFINITY), |best, (i, p)| if p > best.1 { (i, p) } else { best });
+                Answer { probabilities, prediction, confidence, uncertainty }
+            })
+            .collect()
+    }
+
     /// Samples of `k` classes from per-member (or per-draw) probabilities,
     /// each `[examples, k]` row-major: member `m` becomes sample `m`.
     pub fn from_members(members: &[Vec<f64>], k: usize, labels: Vec<usize>) -> Self {
@@ -174,6 +194,19 @@ impl SampledProbs {
         }
         Self { probs, samples: s, classes: k, labels }
     }
+}
+
+/// One question's prediction ([`SampledProbs::answers`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Answer {
+    /// The Bayesian-model-average probability of each choice.
+    pub probabilities: Vec<f64>,
+    /// The most probable choice.
+    pub prediction: usize,
+    /// Its probability.
+    pub confidence: f64,
+    /// Total, aleatoric and epistemic (mutual information) uncertainty, in nats.
+    pub uncertainty: Uncertainty,
 }
 
 /// Every sample's class probabilities of `examples`, `[examples, samples,

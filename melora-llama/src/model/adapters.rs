@@ -5,7 +5,7 @@ use super::{Llama, Proj};
 use crate::error::{LlamaError, Result};
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
-use melora_core::{AdapterConfig, AnyAdapter, NoiseSource};
+use melora_core::{Adapter, AdapterConfig, AnyAdapter, NoiseSource};
 use serde::{Deserialize, Serialize};
 
 /// Which projections get an adapter.
@@ -76,6 +76,22 @@ impl<B: Backend> Llama<B> {
     /// layer order, with initial weights drawn from `noise`.
     pub fn with_adapters(self, config: &AdapterConfig, targets: &[Target], noise: &mut NoiseSource) -> Result<Self> {
         self.map_projections(targets, |_, base| Ok(config.init(base, noise)?))
+    }
+
+    /// The model with each adapter's mean update merged into its base
+    /// weight: a plain Llama that computes what the adapted one computes
+    /// with the mean weights. A merge with a NaN or an infinity is an error
+    /// naming the projection.
+    pub fn merged(mut self) -> Result<Self> {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, slot) in layer.projections_mut() {
+                if let Proj::Adapted(adapter) = &*slot {
+                    let base = adapter.merge().map_err(|e| LlamaError::Numerical(format!("model.layers.{i}.{name}: {e}")))?;
+                    *slot = Proj::Base(base);
+                }
+            }
+        }
+        Ok(self)
     }
 
     /// Replaces every `targets` projection that has no adapter yet by

@@ -6,6 +6,7 @@
 //! its shape (the error names the tensor and both shapes), and reports the
 //! keys it did not use. Candle's `VarBuilder` is the model for this design.
 
+pub mod export;
 pub mod gguf;
 pub mod peft;
 pub mod safetensors;

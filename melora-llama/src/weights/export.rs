@@ -1,0 +1,107 @@
+//! A model as a Hugging Face folder (`config.json`, `model.safetensors`,
+//! `tokenizer.json`): the format [`crate::weights::safetensors`] reads and
+//! transformers' `LlamaForCausalLM.from_pretrained` loads. Weights are
+//! written in f32 under Hugging Face names, linear weights `[out, in]`.
+
+use crate::assets::write_atomic;
+use crate::error::{LlamaError, Result};
+use crate::model::{Llama, LlamaConfig, Proj};
+use crate::tokenizer::Tokenizer;
+use burn::tensor::backend::Backend;
+use burn::tensor::Tensor;
+use std::path::Path;
+
+/// `config`'s Hugging Face `config.json`.
+pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_json::Value {
+    let mut json = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "max_position_embeddings": config.max_position_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": false,
+        "mlp_bias": false,
+        "torch_dtype": "float32",
+    });
+    if let Some(t) = tokenizer {
+        for (key, id) in [("bos_token_id", t.bos), ("eos_token_id", t.eos), ("pad_token_id", t.pad)] {
+            if let Some(id) = id {
+                json[key] = id.into();
+            }
+        }
+    }
+    json
+}
+
+/// The model's weights by Hugging Face name, `(name, shape, values)`, in
+/// the order of the model; an adapted projection is an error (merge first,
+/// [`Llama::merged`]).
+pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
+        let shape = t.dims().to_vec();
+        (shape, t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values"))
+    }
+    let mut out = Vec::new();
+    let mut push = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| out.push((name, shape, values));
+    push("model.embed_tokens.weight".into(), values(model.embed_tokens.weight.val()));
+    for (i, layer) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        for (name, proj) in layer.projections() {
+            let Proj::Base(linear) = proj else {
+                return Err(LlamaError::Mismatch(format!("{p}.{name} still has an adapter: merge it before exporting")));
+            };
+            // Burn keeps `[in, out]`; Hugging Face `[out, in]`.
+            push(format!("{p}.{name}.weight"), values(linear.weight.val().transpose()));
+        }
+        push(format!("{p}.input_layernorm.weight"), values(layer.input_layernorm.gamma.val()));
+        push(format!("{p}.post_attention_layernorm.weight"), values(layer.post_attention_layernorm.gamma.val()));
+    }
+    push("model.norm.weight".into(), values(model.norm.gamma.val()));
+    if let Some(head) = &model.lm_head {
+        push("lm_head.weight".into(), values(head.weight.val().transpose()));
+    }
+    Ok(out)
+}
+
+/// Writes `model` (no adapters left) to `dir` as a Hugging Face folder:
+/// `config.json`, `model.safetensors` and, when there is a tokenizer,
+/// `tokenizer.json`. Every file is written atomically.
+pub fn save_hf<B: Backend>(model: &Llama<B>, config: &LlamaConfig, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+    if config.tie_word_embeddings != model.lm_head.is_none() {
+        return Err(LlamaError::Mismatch("the configuration's tie_word_embeddings disagrees with the model's output layer".into()));
+    }
+    let tensors = hf_tensors(model)?;
+    if let Some((name, _, _)) = tensors.iter().find(|(_, _, v)| v.iter().any(|x| !x.is_finite())) {
+        return Err(LlamaError::Numerical(format!("{name} has a NaN or an infinity: not exported")));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| LlamaError::write(dir, e))?;
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, shape, _), b)| {
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map_err(|e| LlamaError::serialize(name, e))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("model.safetensors", e))?;
+    write_atomic(&dir.join("model.safetensors"), &data)?;
+    let text = serde_json::to_string_pretty(&hf_config(config, tokenizer)).map_err(|e| LlamaError::serialize("config.json", e))?;
+    write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    if let Some(t) = tokenizer {
+        let tmp = dir.join("tokenizer.json.tmp");
+        t.save(&tmp)?;
+        std::fs::rename(&tmp, dir.join("tokenizer.json")).map_err(|e| LlamaError::write(dir.join("tokenizer.json"), e))?;
+    }
+    Ok(())
+}
