@@ -68,15 +68,26 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
     Ok(TrainConfig::load(path, overrides)?)
 }
 
-pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool) -> Result<()> {
+pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: bool) -> Result<()> {
     let assets = ensure_assets(&config.model)?;
     let run = RunDir { dir: out };
     if !resume && (run.last().exists() || run.config().exists()) {
         bail!("{} already holds a run: pass --resume to continue it, or choose another --out", run.dir.display());
     }
-    let mut reporter = Reporter::new(config.steps as u64);
     let start = Instant::now();
-    let summary = train::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter)?;
+    // Burn's dashboard on a terminal (unless --plain), a bar or lines otherwise.
+    let summary = if !plain && std::io::stdout().is_terminal() {
+        std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
+        let mut dashboard = crate::dashboard::Dashboard::new(run.log());
+        train::<Train>(&config, &run, resume, &assets, &backend::device(), &mut dashboard)?
+    } else {
+        let mut reporter = Reporter::new(config.steps as u64);
+        train::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter)?
+    };
+    if summary.stopped {
+        eprintln!("stopped on request; continue with: melora train --config {} --resume --out {}", run.config().display(), run.dir.display());
+        return Ok(());
+    }
     eprintln!(
         "done in {:.0} s: {} steps at {:.2} s/step (median), training NLL {:.4} -> {:.4}; run folder {}",
         start.elapsed().as_secs_f64(),
@@ -385,7 +396,10 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
         Subject::ZeroShot => "zero-shot".to_string(),
         _ => format!("{} (S = {})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(), options.samples),
     };
-    eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring);
+    match &args.questions {
+        Some(q) => eprintln!("{} question{} in {task}'s format, {:?} scoring", q.len(), if q.len() == 1 { "" } else { "s" }, setup.scoring),
+        None => eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring),
+    }
     evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options)
 }
 
@@ -397,7 +411,7 @@ pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()>
     let evaluation = evaluate_task(&args, args.task)?;
     let n_choices: Vec<usize> = items.iter().map(Item::n_choices).collect();
     let answers = evaluation.sampled.answers(&n_choices);
-    eprintln!("{}: {} questions, S = {}, {:.0} s", evaluation.row.name, items.len(), evaluation.row.samples, evaluation.seconds);
+    eprintln!("{}: S = {}, {:.0} s", evaluation.row.name, evaluation.row.samples, evaluation.seconds);
     let letter = |i: usize| (b'A' + i as u8) as char;
     if json {
         let rows: Vec<serde_json::Value> = items

@@ -3,6 +3,7 @@
 
 use melora_llama::backend;
 mod cli;
+mod dashboard;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -98,6 +99,9 @@ enum Command {
         /// Continue the run in --out from its last checkpoint.
         #[arg(long)]
         resume: bool,
+        /// Plain progress lines even on a terminal (no dashboard).
+        #[arg(long)]
+        plain: bool,
     },
     /// Evaluate a run, an adapter or the base model (ACC, ECE, NLL, Brier,
     /// reliability diagram).
@@ -409,7 +413,7 @@ fn main() -> Result<()> {
         }
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
-        Command::Train { config, method, task, steps, seed, scoring, set, out, resume } => {
+        Command::Train { config, method, task, steps, seed, scoring, set, out, resume, plain } => {
             let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
             // The typed flags (the method with its preset first), then the
             // `--set`s, which can change anything they set.
@@ -425,7 +429,7 @@ fn main() -> Result<()> {
             };
             let config = melora_llama::train::TrainConfig::load_with(config.as_deref(), flags, &set)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
-            cli::train_command(config, out, resume)?;
+            cli::train_command(config, out, resume, plain)?;
         }
         Command::Laplace { run, config, set, out } => {
             let config = cli::load_laplace_config(config.as_deref(), &set)?;

@@ -33,7 +33,7 @@ use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use melora_core::NoiseSource;
+use melora_core::{Metrics, NoiseSource};
 use run::Ordered;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -52,6 +52,22 @@ pub struct TrainSummary {
     pub step_seconds: f64,
     /// Steps run in this process.
     pub steps_run: usize,
+    /// Whether the run stopped early because [`Progress::stop_requested`]
+    /// said so (its last checkpoint is written: `--resume` continues it).
+    pub stopped: bool,
+}
+
+/// One training step's numbers, for a dashboard.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// The batch's mean NLL.
+    pub nll: f64,
+    /// The KL term (0 for LoRA).
+    pub kl: f64,
+    /// The AdamW learning rate.
+    pub lr: f64,
+    /// Seconds the step took.
+    pub seconds: f64,
 }
 
 /// Where progress goes: an interactive bar or plain lines.
@@ -60,6 +76,16 @@ pub trait Progress {
     fn step(&mut self, step: usize, total: usize, message: &str);
     /// A line for the log.
     fn line(&mut self, line: &str);
+    /// The numbers of step `step` of `total` (after [`Progress::step`]).
+    fn step_values(&mut self, _step: usize, _total: usize, _report: &StepReport) {}
+    /// A validation evaluation after step `step` (mean weights).
+    fn validation(&mut self, _step: usize, _metrics: &Metrics) {}
+    /// Whether the user asked the run to stop: checked after each step's
+    /// checkpointing; the run then writes its last checkpoint and returns
+    /// with [`TrainSummary::stopped`].
+    fn stop_requested(&mut self) -> bool {
+        false
+    }
 }
 
 /// Progress that goes nowhere (the run folder's log still has every step).
@@ -174,6 +200,7 @@ pub fn fit<B: AutodiffBackend>(
     let mut nlls: Vec<f64> = Vec::new();
     let mut since_eval: Vec<f64> = std::mem::take(&mut state.since_eval);
     let mut step_times: Vec<f64> = Vec::new();
+    let mut stopped = false;
 
     let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
         run.replace_checkpoint(target, |tmp| {
@@ -208,6 +235,8 @@ pub fn fit<B: AutodiffBackend>(
         step_times.push(started.elapsed().as_secs_f64());
         let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
         progress.step(state.step, config.steps, &message);
+        let seconds = *step_times.last().expect("a step time");
+        progress.step_values(state.step, config.steps, &StepReport { nll: nll_value, kl: kl_value, lr, seconds });
         run.append(&run.log(), &format!("step {} {message} {:.2}s", state.step, step_times.last().unwrap()))?;
 
         let at_end = state.step == config.steps;
@@ -228,6 +257,7 @@ pub fn fit<B: AutodiffBackend>(
                     "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
                     state.step, metrics.accuracy, metrics.nll, metrics.ece
                 ));
+                progress.validation(state.step, &metrics);
                 if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
                     state.best = Some((metrics.accuracy, state.step));
                     state.since_eval.clear();
@@ -235,9 +265,15 @@ pub fn fit<B: AutodiffBackend>(
                 }
             }
         }
-        if state.step % config.checkpoint_every.max(1) == 0 || at_end {
+        let stop = !at_end && progress.stop_requested();
+        if state.step % config.checkpoint_every.max(1) == 0 || at_end || stop {
             state.since_eval.clone_from(&since_eval);
             save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
+        }
+        if stop {
+            progress.line(&format!("stopped at step {} of {}: its checkpoint is written, --resume continues", state.step, config.steps));
+            stopped = true;
+            break;
         }
     }
     let tenth = (nlls.len() / 10).max(1);
@@ -249,6 +285,7 @@ pub fn fit<B: AutodiffBackend>(
         last_nll: mean(&nlls[nlls.len().saturating_sub(tenth)..]),
         step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
         steps_run: nlls.len(),
+        stopped,
     })
 }
 
@@ -271,6 +308,9 @@ fn fit_ensemble<B: AutodiffBackend>(
         progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
         let member = run.member(k);
         summaries.push(fit(&config.member(k), &member, resume, base.clone(), data, device, progress)?);
+        if summaries.last().is_some_and(|s| s.stopped) {
+            break;
+        }
     }
     let mean = |f: fn(&TrainSummary) -> f64| summaries.iter().map(f).sum::<f64>() / summaries.len() as f64;
     Ok(TrainSummary {
@@ -279,6 +319,7 @@ fn fit_ensemble<B: AutodiffBackend>(
         last_nll: mean(|s| s.last_nll),
         step_seconds: mean(|s| s.step_seconds),
         steps_run: summaries.iter().map(|s| s.steps_run).sum(),
+        stopped: summaries.iter().any(|s| s.stopped),
     })
 }
 
