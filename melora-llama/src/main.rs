@@ -6,7 +6,7 @@ mod cli;
 mod dashboard;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use melora_llama::assets::Assets;
 use melora_llama::data::{load_task, Item, LengthNorm, Scoring, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
@@ -22,6 +22,30 @@ use std::time::Instant;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// How `eval` and `predict` predict, on top of the run's own way.
+#[derive(Args)]
+struct How {
+    /// Samples of the Bayesian model average (default: the run's; 10 for a
+    /// Bayesian adapter; a Laplace posterior: the probit in `eval`, 10
+    /// draws in `predict`).
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Sampling mode: mean, per-batch, per-example, flipout.
+    #[arg(long)]
+    mode: Option<SamplingMode>,
+    /// Keep adapter dropout on (MC dropout).
+    #[arg(long)]
+    dropout: bool,
+    /// How choices are scored: label or answer (default: the run's
+    /// scoring, label otherwise).
+    #[arg(long)]
+    scoring: Option<Scoring>,
+    /// Answer scoring's length normalisation: none, per-token or per-char
+    /// (default: the run's, none otherwise).
+    #[arg(long)]
+    length_norm: Option<LengthNorm>,
 }
 
 #[derive(Subcommand)]
@@ -124,23 +148,8 @@ enum Command {
         /// The split.
         #[arg(long, default_value = "test")]
         split: Split,
-        /// Samples of the Bayesian model average (default: 10 for Bayesian adapters, 1 otherwise).
-        #[arg(long)]
-        samples: Option<usize>,
-        /// Sampling mode: mean, per-batch, per-example, flipout.
-        #[arg(long)]
-        mode: Option<SamplingMode>,
-        /// Keep adapter dropout on (MC dropout).
-        #[arg(long)]
-        dropout: bool,
-        /// How choices are scored: label or answer (default: the run's
-        /// scoring, label otherwise).
-        #[arg(long)]
-        scoring: Option<Scoring>,
-        /// Answer scoring's length normalisation: none, per-token or
-        /// per-char (default: the run's, none otherwise).
-        #[arg(long)]
-        length_norm: Option<LengthNorm>,
+        #[command(flatten)]
+        how: How,
         /// Evaluate a fixed, seeded subset of at most this many examples.
         #[arg(long)]
         max_examples: Option<usize>,
@@ -194,22 +203,8 @@ enum Command {
         /// default), mmlu-chem (4), ...
         #[arg(long, default_value = "arc-e")]
         task: Task,
-        /// Samples of the model average (default: the run's; 10 for a
-        /// Bayesian adapter or a Laplace posterior).
-        #[arg(long)]
-        samples: Option<usize>,
-        /// Sampling mode: mean, per-batch, per-example, flipout.
-        #[arg(long)]
-        mode: Option<SamplingMode>,
-        /// Keep adapter dropout on (MC dropout).
-        #[arg(long)]
-        dropout: bool,
-        /// How choices are scored: label or answer (default: the run's).
-        #[arg(long)]
-        scoring: Option<Scoring>,
-        /// Answer scoring's length normalisation (default: the run's).
-        #[arg(long)]
-        length_norm: Option<LengthNorm>,
+        #[command(flatten)]
+        how: How,
         /// Seed of the sampling noise.
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -443,11 +438,7 @@ fn main() -> Result<()> {
             model,
             task,
             split,
-            samples,
-            mode,
-            dropout,
-            scoring,
-            length_norm,
+            how: How { samples, mode, dropout, scoring, length_norm },
             max_examples,
             batch_size,
             seed,
@@ -489,11 +480,7 @@ fn main() -> Result<()> {
             choices,
             file,
             task,
-            samples,
-            mode,
-            dropout,
-            scoring,
-            length_norm,
+            how: How { samples, mode, dropout, scoring, length_norm },
             seed,
             ensemble_average,
             json,
