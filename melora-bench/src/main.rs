@@ -72,6 +72,11 @@ enum Command {
         /// f32, or bf16 / f16 on a GPU backend.
         #[arg(long, default_value = "f32")]
         dtype: String,
+        /// Data-parallel peers of a training step (threads sharing the CPU on
+        /// ndarray, one per GPU on CUDA): the batch split over them, the
+        /// gradients all-reduced (burn-collective).
+        #[arg(long, default_value_t = 1)]
+        peers: usize,
         /// JSON instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -142,6 +147,7 @@ fn main() -> Result<()> {
                 samples: 1,
                 seed: 0,
                 dtype: "f32".into(),
+                peers: 1,
             };
             let results = compare::compare(&python, &args, rounds)?;
             print!("{}", compare::markdown(&results));
@@ -154,15 +160,15 @@ fn main() -> Result<()> {
                 print!("{}", scoring::markdown(&rows));
             }
         }
-        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, json } => {
+        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, peers, json } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;
             let report =
-                step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype })?;
+                step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, peers })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!(
-                    "{} {} {} on {} ({}): batch {} x seq {} (S = {}): median {:.3} s (min {:.3}), {:.0} tokens/s, peak RSS {}",
+                    "{} {} {} on {} ({}): batch {} x seq {} (S = {}), {} peer(s): median {:.3} s (min {:.3}), {:.0} tokens/s, peak RSS {}",
                     report.model,
                     report.method,
                     report.mode,
@@ -171,6 +177,7 @@ fn main() -> Result<()> {
                     report.batch,
                     report.seq,
                     report.samples,
+                    report.peers,
                     report.median_seconds,
                     report.min_seconds,
                     report.tokens_per_second,

@@ -12,7 +12,9 @@ use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
 use melora_llama::pretrained::Pretrained;
 use melora_llama::model::scoring::{ScoreBatch, Scorer};
-use melora_llama::train::{Stepper, TrainConfig};
+use melora_llama::train::{parallel, Cluster, Peer, Stepper, TrainConfig};
+use melora_llama::Llama;
+use std::sync::Mutex;
 use melora_llama::model::Target;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -31,6 +33,9 @@ pub struct StepReport {
     pub seq: usize,
     pub samples: usize,
     pub steps: usize,
+    /// Data-parallel peers (threads on the CPU, one per GPU) the batch was
+    /// split over.
+    pub peers: usize,
     pub median_seconds: f64,
     pub min_seconds: f64,
     pub tokens_per_second: f64,
@@ -64,6 +69,8 @@ pub struct StepArgs {
     /// Floating-point type of weights and activations: f32, or bf16 / f16
     /// on the GPU backends.
     pub dtype: String,
+    /// Data-parallel peers of a training step (`melora train --devices`).
+    pub peers: usize,
 }
 
 /// Runs the measurement on the chosen backend in `args.dtype`.
@@ -83,6 +90,8 @@ pub fn run(args: &StepArgs) -> Result<StepReport> {
 
 fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     anyhow::ensure!(args.batch > 0 && args.seq > 1 && args.steps > 0, "--batch, --seq (> 1) and --steps must be positive");
+    anyhow::ensure!(args.peers >= 1 && args.peers <= args.batch, "--peers must be in 1..=--batch");
+    anyhow::ensure!(args.peers == 1 || !args.inference, "--peers times training steps, not --inference");
     let assets = Assets::from_env();
     let device: Train::Device = Default::default();
     let pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
@@ -128,6 +137,45 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
                 times.push(seconds);
             }
         }
+    } else if args.peers > 1 {
+        // The batch split over the peers, each on its device (threads
+        // sharing the CPU on ndarray); the lead times each step, which ends
+        // for every peer at the same all-reduces.
+        let cluster = Cluster { devices: args.peers, nodes: None };
+        let replicas: Vec<Mutex<Option<Llama<Train>>>> = (0..args.peers)
+            .map(|d| {
+                let target = parallel::peer_device::<Train>(&device, d);
+                Mutex::new(Some(if target == device { model.clone() } else { model.clone().fork(&target) }))
+            })
+            .collect();
+        let scorer = Scorer::label(label_ids.clone(), 0);
+        let whole = ScoreBatch::Label(batch.clone());
+        let body = |peer: Peer, device: Train::Device| -> melora_llama::Result<(Vec<f64>, Option<f64>)> {
+            let mut model = replicas[peer.local].lock().expect("a replica").take().expect("taken once");
+            let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
+            let rows = peer.share(args.batch);
+            let mine = whole.rows(rows.clone());
+            let (mut times, mut last) = (Vec::new(), None);
+            for i in 0..args.warmup + args.steps {
+                let start = Instant::now();
+                let outcome = stepper
+                    .step_peer(&mut model, &mine, rows.start, args.batch, &scorer, i, &peer, &device)?
+                    .map_err(|bad| melora_llama::LlamaError::Peers(format!("{bad} at step {i}")))?;
+                let _ = Train::sync(&device);
+                let seconds = start.elapsed().as_secs_f64();
+                if peer.lead() {
+                    eprintln!("{} step {}/{}: {seconds:.3} s ({} peers)", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps, peer.peers);
+                }
+                if i >= args.warmup {
+                    times.push(seconds);
+                }
+                last = Some(outcome.nll);
+            }
+            Ok((times, last))
+        };
+        let (t, l) = parallel::run_peers::<Train, _>(&cluster, args.batch, &device, |p, d| body(p, d), &body)?;
+        times = t;
+        last_loss = l;
     } else {
         let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
         let scorer = Scorer::label(label_ids.clone(), 0);
@@ -159,6 +207,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         seq: args.seq,
         samples,
         steps: args.steps,
+        peers: args.peers,
         median_seconds: median,
         min_seconds: times[0],
         tokens_per_second: (args.batch * args.seq * samples) as f64 / median,

@@ -140,8 +140,8 @@ impl<B: Backend> BlobLinear<B> {
             }
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device));
-                let sign_in = sampler.noise.signs::<B, 3>([batch, seq, n], &device);
-                let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
+                let sign_in = sampler.row_signs::<B, 3>([batch, seq, n], &device);
+                let sign_out = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(x.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
                 flat_linear(x, mean.transpose(), None).add(noise)
             }

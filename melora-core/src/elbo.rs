@@ -13,7 +13,7 @@
 use crate::adapter::ParamGroups;
 use burn::config::Config;
 use burn::grad_clipping::GradientClippingConfig;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::tensor::backend::AutodiffBackend;
@@ -117,12 +117,56 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
     /// [`NonFinite`], with the model left untouched.
     pub fn step(&mut self, model: &mut M, nll: Tensor<B, 1>, lr: f64, kl: Option<KlTerm>) -> Result<StepValues, NonFinite> {
         let nll_value: f64 = nll.clone().into_scalar().elem();
+        self.run::<std::convert::Infallible>(model, nll, nll_value, lr, kl, None).map_err(|e| match e {
+            ReducedStepError::NonFinite(bad) => bad,
+            ReducedStepError::Reduce(never) => match never {},
+        })
+    }
+
+    /// One step of one data-parallel peer. `nll` is this peer's part of
+    /// the batch NLL, weighted so that the peers' parts sum to the batch's
+    /// mean NLL; `nll_total` is that sum (checked and reported); `reduce`
+    /// sums data gradients over the peers (an all-reduce). The KL term
+    /// depends on the parameters only: every replica computes the same KL
+    /// gradient itself, and it is not reduced. With an identity `reduce`
+    /// and one peer this is [`Self::step`] (the single-optimiser split then
+    /// runs two backward passes instead of one: the same gradient up to
+    /// rounding).
+    ///
+    /// The adapters' parameters are taken to be matrices (rank 2), as
+    /// melora's are.
+    pub fn step_reduced<E>(
+        &mut self,
+        model: &mut M,
+        nll: Tensor<B, 1>,
+        nll_total: f64,
+        lr: f64,
+        kl: Option<KlTerm>,
+        reduce: &mut dyn FnMut(GradientsParams) -> Result<GradientsParams, E>,
+    ) -> Result<StepValues, ReducedStepError<E>> {
+        self.run(model, nll, nll_total, lr, kl, Some(reduce))
+    }
+
+    fn run<E>(
+        &mut self,
+        model: &mut M,
+        nll: Tensor<B, 1>,
+        nll_value: f64,
+        lr: f64,
+        kl: Option<KlTerm>,
+        mut reduce: Option<&mut dyn FnMut(GradientsParams) -> Result<GradientsParams, E>>,
+    ) -> Result<StepValues, ReducedStepError<E>> {
         if !nll_value.is_finite() {
-            return Err(NonFinite { what: "NLL", value: nll_value });
+            return Err(ReducedStepError::NonFinite(NonFinite { what: "NLL", value: nll_value }));
         }
+        let parallel = reduce.is_some();
+        let mut reduced = |grads: GradientsParams| match reduce.as_deref_mut() {
+            Some(f) => f(grads).map_err(ReducedStepError::Reduce),
+            None => Ok(grads),
+        };
         let current = model.clone();
         let Some(term) = kl else {
-            let grads = GradientsParams::from_grads(nll.backward(), &current);
+            let grads = reduced(GradientsParams::from_grads(nll.backward(), &current))?;
             *model = self.adamw.step(lr, current, grads);
             return Ok(StepValues { nll: nll_value, kl: 0.0 });
         };
@@ -132,33 +176,56 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         let kl_value = kl.clone().into_scalar().elem::<f64>();
         let kl = kl.mul_scalar(term.weight);
         if !kl_value.is_finite() {
-            return Err(NonFinite { what: "KL", value: kl_value });
+            return Err(ReducedStepError::NonFinite(NonFinite { what: "KL", value: kl_value }));
         }
+        let groups = &self.groups;
         *model = match self.config.optimizer {
-            OptimizerSplit::Single => {
+            OptimizerSplit::Single if !parallel => {
                 let grads = GradientsParams::from_grads(nll.add(kl).backward(), &current);
                 self.adamw.step(lr, current, grads)
             }
+            OptimizerSplit::Single => {
+                let data = reduced(GradientsParams::from_grads(nll.backward(), &current))?;
+                let mut grads = GradientsParams::from_grads(kl.backward(), &current);
+                add_into::<B>(&mut grads, data, &groups.all());
+                self.adamw.step(lr, current, grads)
+            }
             OptimizerSplit::TwoOptimizers => {
-                let groups = &self.groups;
                 let mut nll_grads = nll.backward();
                 let mut kl_grads = kl.backward();
-                let mean = GradientsParams::from_params(&mut nll_grads, &current, &groups.mean);
-                let std_nll = GradientsParams::from_params(&mut nll_grads, &current, &groups.std);
+                let mean = reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.mean))?;
+                let std_nll = reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.std))?;
                 let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &current, &groups.all());
-                for id in &groups.std {
-                    if let Some(g) = std_nll.get::<B::InnerBackend, 2>(*id) {
-                        let total = match sgd_grads.remove::<B::InnerBackend, 2>(*id) {
-                            Some(k) => g.add(k),
-                            None => g,
-                        };
-                        sgd_grads.register(*id, total);
-                    }
-                }
+                add_into::<B>(&mut sgd_grads, std_nll, &groups.std);
                 let updated = self.adamw.step(lr, current, mean);
                 self.sgd.step(self.config.kl_lr, updated, sgd_grads)
             }
         };
         Ok(StepValues { nll: nll_value, kl: kl_value })
     }
+}
+
+/// Adds the gradients of `ids` in `extra` into `grads` (a gradient only one
+/// of them has is taken as it is).
+fn add_into<B: AutodiffBackend>(grads: &mut GradientsParams, mut extra: GradientsParams, ids: &[ParamId]) {
+    for id in ids {
+        if let Some(g) = extra.remove::<B::InnerBackend, 2>(*id) {
+            let total = match grads.remove::<B::InnerBackend, 2>(*id) {
+                Some(k) => g.add(k),
+                None => g,
+            };
+            grads.register(*id, total);
+        }
+    }
+}
+
+/// What stopped a data-parallel step ([`ElboStep::step_reduced`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReducedStepError<E> {
+    /// A loss term is not finite (on every peer: the NLL checked is the sum).
+    #[error(transparent)]
+    NonFinite(NonFinite),
+    /// The gradient reduction failed.
+    #[error("the gradient reduction failed")]
+    Reduce(E),
 }

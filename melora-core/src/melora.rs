@@ -218,8 +218,8 @@ impl<B: Backend> MeLoraLinear<B> {
             }
             SamplingMode::Flipout => {
                 let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));
-                let sign_in = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
-                let sign_out = sampler.noise.signs::<B, 3>([batch, seq, r], &device);
+                let sign_in = sampler.row_signs::<B, 3>([batch, seq, r], &device);
+                let sign_out = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
                 flat_linear(u, mean.transpose(), None).add(noise)
             }

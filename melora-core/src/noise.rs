@@ -179,6 +179,64 @@ impl NoiseSource {
 /// stream are generated on rayon's threads, each by a generator with the
 /// same seed and stream moved to its chunk's word position (dropout masks:
 /// ~18 M entries per SmolLM2 step).
+/// Per-example noise streams: row `j` of a batch whose first example has
+/// index `first` draws from stream `first + j + 1` of a ChaCha generator
+/// seeded with `seed` (stream 0 is the step's shared [`NoiseSource`]).
+///
+/// A training step sets one (through [`crate::Sampler::with_rows`]) so
+/// that an example's dropout masks, Flipout signs and per-example weight
+/// draws depend on `(seed, step, example index)` only: the rows of a batch
+/// split over several data-parallel peers draw exactly what one device
+/// drawing the whole batch draws. Row `j` reads its stream in order, so
+/// its `t`-th token gets the same draw whatever the batch's padded length,
+/// as long as the rows keep their length.
+#[derive(Debug)]
+pub struct RowNoise {
+    seed: u64,
+    first: u64,
+    streams: Vec<ChaCha12Rng>,
+}
+
+impl RowNoise {
+    /// Streams for rows `first, first + 1, ...` under `seed`.
+    pub fn new(seed: u64, first: usize) -> Self {
+        Self { seed, first: first as u64, streams: Vec::new() }
+    }
+
+    fn streams(&mut self, rows: usize) -> &mut [ChaCha12Rng] {
+        while self.streams.len() < rows {
+            let mut rng = ChaCha12Rng::seed_from_u64(self.seed);
+            rng.set_stream(self.first + self.streams.len() as u64 + 1);
+            self.streams.push(rng);
+        }
+        &mut self.streams[..rows]
+    }
+
+    /// Standard normals `[rows, ...]`, row `j` from its own stream.
+    pub fn normal<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        let per_row: usize = shape[1..].iter().product();
+        let rows: Vec<Vec<f32>> = self.streams(shape[0]).par_iter_mut().map(|rng| standard_normals(rng, per_row)).collect();
+        Tensor::from_data(TensorData::new(rows.concat(), Shape::new(shape)), device)
+    }
+
+    /// Draws equal to 1 with probability `p`, `[rows, ...]`, row `j` from
+    /// its own stream (the same numbers as [`NoiseSource::bernoulli`] on
+    /// that stream).
+    pub fn bernoulli<B: Backend, const D: usize>(&mut self, shape: [usize; D], p: f64, device: &B::Device) -> Tensor<B, D> {
+        let per_row: usize = shape[1..].iter().product();
+        let mut values = Vec::with_capacity(shape.iter().product());
+        for rng in self.streams(shape[0]) {
+            values.extend(bernoulli_draws(rng, per_row, p));
+        }
+        Tensor::from_data(TensorData::new(values, Shape::new(shape)), device)
+    }
+
+    /// Random signs, `[rows, ...]`.
+    pub fn signs<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        self.bernoulli::<B, D>(shape, 0.5, device).mul_scalar(2.0).sub_scalar(1.0)
+    }
+}
+
 fn bernoulli_draws(rng: &mut ChaCha12Rng, n: usize, p: f64) -> Vec<f32> {
     const CHUNK: usize = 1 << 16;
     let start = rng.get_word_pos();

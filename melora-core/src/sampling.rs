@@ -5,7 +5,7 @@
 //! default, derivations.md section 4), `Flipout` (per-token random signs,
 //! BLoB's official code).
 
-use crate::noise::NoiseSource;
+use crate::noise::{NoiseSource, RowNoise};
 use burn::config::Config;
 use burn::module::ParamId;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -59,6 +59,12 @@ pub struct Sampler<'a> {
     /// other passes over the same groups (several forward passes that must
     /// see one weight sample per group): see [`SharedDraws`].
     pub shared: Option<&'a mut SharedDraws>,
+    /// When set (training steps), the per-row noise (per-example weight
+    /// draws, dropout masks, Flipout signs) comes from each example's own
+    /// stream instead of the shared source, when that source is the seeded
+    /// host generator: see [`RowNoise`]. The backend's generator has no
+    /// streams and keeps drawing everything.
+    pub rows: Option<RowNoise>,
 }
 
 /// The weight draws of one batch of groups, shared by several forward
@@ -170,7 +176,7 @@ impl Taps {
 impl<'a> Sampler<'a> {
     /// A sampler with the given mode; dropout off.
     pub fn new(mode: SamplingMode, noise: &'a mut NoiseSource) -> Self {
-        Self { mode, dropout: false, noise, taps: None, shared: None }
+        Self { mode, dropout: false, noise, taps: None, shared: None, rows: None }
     }
 
     /// The same sampler sharing its weight draws through `shared`.
@@ -179,10 +185,38 @@ impl<'a> Sampler<'a> {
         self
     }
 
+    /// The same sampler drawing its per-row noise from the examples' own
+    /// streams ([`RowNoise`]).
+    pub fn with_rows(mut self, rows: RowNoise) -> Self {
+        self.rows = Some(rows);
+        self
+    }
+
+    /// The per-row streams, when set and the source is the host generator.
+    fn row_streams(&mut self) -> Option<&mut RowNoise> {
+        match self.noise {
+            NoiseSource::Seeded(_) => self.rows.as_mut(),
+            NoiseSource::Backend => None,
+        }
+    }
+
+    /// Random signs `[batch, seq, n]` for Flipout: per row.
+    pub fn row_signs<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        match self.row_streams() {
+            Some(rows) => rows.signs::<B, D>(shape, device),
+            None => self.noise.signs::<B, D>(shape, device),
+        }
+    }
+
     /// Standard normals `[batch, ...]` for per-example weight draws: every
     /// row independent; under [`SharedDraws`], rows of one group equal
     /// (drawn once per group under `key`, the adapter's parameter id).
     pub fn example_normals<B: Backend, const D: usize>(&mut self, key: ParamId, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        if self.shared.is_none() {
+            if let Some(rows) = self.row_streams() {
+                return rows.normal::<B, D>(shape, device);
+            }
+        }
         match self.shared.as_deref_mut() {
             None => self.noise.normal::<B, D>(shape, device),
             Some(shared) => {
@@ -230,7 +264,11 @@ impl<'a> Sampler<'a> {
         if !self.dropout || p <= 0.0 {
             return x;
         }
-        let keep = self.noise.bernoulli::<B, D>(x.dims(), 1.0 - p, &x.device());
+        let (dims, device) = (x.dims(), x.device());
+        let keep = match self.row_streams() {
+            Some(rows) => rows.bernoulli::<B, D>(dims, 1.0 - p, &device),
+            None => self.noise.bernoulli::<B, D>(dims, 1.0 - p, &device),
+        };
         x.mul(keep).div_scalar(1.0 - p)
     }
 }
@@ -278,5 +316,57 @@ mod tests {
         let a = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
         let b = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn row_streams_split_a_batch_as_one_device_draws_it() {
+        let device = Default::default();
+        let key = ParamId::from(3);
+        // One sampler over rows 0..5, and two over rows 0..2 and 2..5: a
+        // step's draws (dropout, per-example normals, Flipout signs, a
+        // per-batch draw) in the order a forward pass makes them.
+        let draws = |first: usize, rows: usize| {
+            let mut noise = NoiseSource::seeded(11);
+            let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_dropout(true).with_rows(RowNoise::new(11, first));
+            let x = Tensor::<B, 3>::ones([rows, 4, 6], &device);
+            let dropped: Vec<f64> = sampler.dropout(x, 0.3).into_data().to_vec().unwrap();
+            let eps: Vec<f64> = sampler.example_normals::<B, 3>(key, [rows, 2, 2], &device).into_data().to_vec().unwrap();
+            let signs: Vec<f64> = sampler.row_signs::<B, 3>([rows, 4, 2], &device).into_data().to_vec().unwrap();
+            let batch: Vec<f64> = sampler.batch_normals::<B, 2>(key, [2, 2], &device).into_data().to_vec().unwrap();
+            (dropped, eps, signs, batch)
+        };
+        let whole = draws(0, 5);
+        let (a, b) = (draws(0, 2), draws(2, 3));
+        assert_eq!(whole.0, [a.0.clone(), b.0].concat(), "dropout masks");
+        assert_eq!(whole.1, [a.1.clone(), b.1].concat(), "per-example normals");
+        assert_eq!(whole.2, [a.2.clone(), b.2].concat(), "Flipout signs");
+        // The per-batch draw is the shared source's: the same on every peer.
+        assert_eq!(whole.3, a.3);
+        assert_eq!(whole.3, b.3);
+        assert!(whole.1.iter().any(|&v| v != 0.0) && whole.0.iter().any(|&v| v == 0.0));
+        // Rows differ from one another and from the shared stream.
+        let mut plain = NoiseSource::seeded(11);
+        let shared: Vec<f64> = plain.normal::<B, 3>([5, 2, 2], &device).into_data().to_vec().unwrap();
+        assert_ne!(shared, whole.1);
+        assert_ne!(whole.1[..4], whole.1[4..8]);
+    }
+
+    #[test]
+    fn a_rows_tokens_keep_their_draws_whatever_the_padded_length() {
+        let device = Default::default();
+        let short: Vec<f64> = RowNoise::new(5, 7).bernoulli::<B, 3>([2, 3, 4], 0.5, &device).into_data().to_vec().unwrap();
+        let long: Vec<f64> = RowNoise::new(5, 7).bernoulli::<B, 3>([2, 9, 4], 0.5, &device).into_data().to_vec().unwrap();
+        for row in 0..2 {
+            assert_eq!(short[row * 12..row * 12 + 12], long[row * 36..row * 36 + 12], "row {row}");
+        }
+    }
+
+    #[test]
+    fn the_backend_generator_ignores_row_streams() {
+        let device = Default::default();
+        let mut noise = NoiseSource::Backend;
+        let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_rows(RowNoise::new(1, 0));
+        assert!(sampler.row_streams().is_none());
+        assert_eq!(sampler.row_signs::<B, 3>([2, 3, 4], &device).dims(), [2, 3, 4]);
     }
 }

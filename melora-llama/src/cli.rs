@@ -13,7 +13,7 @@ use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
-use melora_llama::train::{fit, train, Method, Progress, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{fit, train_on, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
 use std::io::IsTerminal;
@@ -68,21 +68,56 @@ pub fn load_config(path: Option<&Path>, overrides: &[String]) -> Result<TrainCon
     Ok(TrainConfig::load(path, overrides)?)
 }
 
-pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: bool) -> Result<()> {
+/// The machines of a data-parallel run over several processes.
+#[derive(clap::Args, Debug)]
+pub struct NodeArgs {
+    /// Processes (machines) in a multi-node run, each a node with --devices
+    /// peers; every node runs the same command with its own --node-rank.
+    #[arg(long, requires_all = ["node_rank", "lead"])]
+    nodes: Option<u32>,
+    /// This node's index, 0..nodes; node 0 leads: it listens on --lead's
+    /// port and writes the run folder.
+    #[arg(long, requires = "nodes")]
+    node_rank: Option<u32>,
+    /// Node 0's address, HOST:PORT, as the other nodes reach it.
+    #[arg(long, requires = "nodes")]
+    lead: Option<String>,
+    /// Seconds a node waits for the others (to connect, to answer) before
+    /// it gives up.
+    #[arg(long, default_value_t = 3600)]
+    peer_timeout: u64,
+}
+
+impl NodeArgs {
+    /// The node settings, when a multi-node run was asked for.
+    pub fn nodes(&self) -> Option<Nodes> {
+        let count = self.nodes?;
+        Some(Nodes {
+            count,
+            rank: self.node_rank.expect("clap requires it"),
+            lead: self.lead.clone().expect("clap requires it"),
+            timeout_seconds: self.peer_timeout,
+        })
+    }
+}
+
+pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Option<Nodes>) -> Result<()> {
     let assets = ensure_assets(&config.model)?;
     let run = RunDir { dir: out };
-    if !resume && (run.last().exists() || run.config().exists()) {
+    let lead_node = nodes.as_ref().is_none_or(|n| n.rank == 0);
+    if lead_node && !resume && (run.last().exists() || run.config().exists()) {
         bail!("{} already holds a run: pass --resume to continue it, or choose another --out", run.dir.display());
     }
+    let nodes = nodes.as_ref();
     let start = Instant::now();
     // Burn's dashboard on a terminal (unless --plain), a bar or lines otherwise.
     let summary = if !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());
-        train::<Train>(&config, &run, resume, &assets, &backend::device(), &mut dashboard)?
+        train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut dashboard, nodes)?
     } else {
         let mut reporter = Reporter::new(config.steps as u64);
-        train::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter)?
+        train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter, nodes)?
     };
     if summary.stopped {
         eprintln!("stopped on request; continue with: melora train --config {} --resume --out {}", run.config().display(), run.dir.display());

@@ -61,6 +61,10 @@ pub enum LlamaError {
     /// A configuration (of the model, a run, an adapter) is invalid.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// Data-parallel training: a peer, the all-reduce or the cluster
+    /// settings.
+    #[error("data-parallel training: {0}")]
+    Peers(String),
     /// Training stopped because a loss term was not finite; the last good
     /// checkpoint is kept.
     #[error("training stopped at step {step}: the {what} is {value}; the last good checkpoint is kept in {checkpoint}")]

@@ -126,6 +126,13 @@ enum Command {
         /// Plain progress lines even on a terminal (no dashboard).
         #[arg(long)]
         plain: bool,
+        /// Override: data-parallel peers in this process, one per device
+        /// (GPUs 0..N on CUDA; threads sharing the CPU on ndarray); every
+        /// batch is split over them and the gradients all-reduced.
+        #[arg(long)]
+        devices: Option<usize>,
+        #[command(flatten)]
+        nodes: cli::NodeArgs,
     },
     /// Evaluate a run, an adapter or the base model (ACC, ECE, NLL, Brier,
     /// reliability diagram).
@@ -408,7 +415,7 @@ fn main() -> Result<()> {
         }
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
-        Command::Train { config, method, task, steps, seed, scoring, set, out, resume, plain } => {
+        Command::Train { config, method, task, steps, seed, scoring, set, out, resume, plain, devices, nodes } => {
             let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
             // The typed flags (the method with its preset first), then the
             // `--set`s, which can change anything they set.
@@ -420,11 +427,12 @@ fn main() -> Result<()> {
                 c.steps = steps.unwrap_or(c.steps);
                 c.seed = seed.unwrap_or(c.seed);
                 c.scoring = scoring.unwrap_or(c.scoring);
+                c.devices = devices.unwrap_or(c.devices);
                 c
             };
             let config = melora_llama::train::TrainConfig::load_with(config.as_deref(), flags, &set)?;
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
-            cli::train_command(config, out, resume, plain)?;
+            cli::train_command(config, out, resume, plain, nodes.nodes())?;
         }
         Command::Laplace { run, config, set, out } => {
             let config = cli::load_laplace_config(config.as_deref(), &set)?;

@@ -30,6 +30,22 @@ pub struct Batch {
     pub n_choices: Vec<usize>,
 }
 
+impl Batch {
+    /// Rows `rows` of the batch, with the whole batch's padded length.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {
+        let seq = self.shape[1];
+        assert!(rows.start <= rows.end && rows.end <= self.shape[0], "rows {rows:?} of a batch of {}", self.shape[0]);
+        Batch {
+            tokens: self.tokens[rows.start * seq..rows.end * seq].to_vec(),
+            shape: [rows.len(), seq],
+            mask: self.mask[rows.clone()].to_vec(),
+            last: self.last[rows.clone()].to_vec(),
+            labels: self.labels[rows.clone()].to_vec(),
+            n_choices: self.n_choices[rows].to_vec(),
+        }
+    }
+}
+
 /// Pads `examples` into one batch with `pad` tokens.
 pub fn collate(examples: &[&Encoded], pad: u32, padding: Padding) -> Batch {
     let seq = examples.iter().map(|e| e.ids.len()).max().unwrap_or(0);

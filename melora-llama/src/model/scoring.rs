@@ -124,6 +124,16 @@ impl ScoreBatch {
         }
     }
 
+    /// Rows `rows` of the batch, padded as the whole batch is (a
+    /// data-parallel peer's share: each row's tokens keep their positions,
+    /// so each example computes and draws what it does in the whole batch).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> ScoreBatch {
+        match self {
+            Self::Label(b) => ScoreBatch::Label(b.rows(rows)),
+            Self::Answer(b) => ScoreBatch::Answer(b.rows(rows)),
+        }
+    }
+
     /// Tokens the passes compute, padding included.
     pub fn padded_tokens(&self) -> usize {
         match self {
@@ -223,6 +233,34 @@ impl ChoiceBatch {
             batch.rope.extend(std::iter::repeat_n(0, fill));
             segments.extend(std::iter::repeat_n(Segment::Padding, fill));
             batch.segments.push(segments);
+        }
+        batch
+    }
+
+    /// Rows `rows` of the batch, with the whole batch's padded length.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> ChoiceBatch {
+        let seq = self.shape[1];
+        let (start, end) = (rows.start, rows.end);
+        assert!(start <= end && end <= self.shape[0], "rows {start}..{end} of a batch of {}", self.shape[0]);
+        let mut batch = ChoiceBatch {
+            tokens: self.tokens[start * seq..end * seq].to_vec(),
+            shape: [end - start, seq],
+            rope: self.rope[start * seq..end * seq].to_vec(),
+            segments: self.segments[rows.clone()].to_vec(),
+            positions: Vec::new(),
+            targets: Vec::new(),
+            slots: Vec::new(),
+            weights: Vec::new(),
+            labels: self.labels[rows.clone()].to_vec(),
+            n_choices: self.n_choices[rows.clone()].to_vec(),
+        };
+        for (p, &(q, k)) in self.slots.iter().enumerate() {
+            if rows.contains(&q) {
+                batch.positions.push(self.positions[p] - (start * seq) as i64);
+                batch.targets.push(self.targets[p]);
+                batch.slots.push((q - start, k));
+                batch.weights.push(self.weights[p]);
+            }
         }
         batch
     }

@@ -202,6 +202,12 @@ pub struct TrainConfig {
     /// Deep ensembles: how predictions are combined.
     #[config(default = "EnsembleAverage::Probabilities")]
     pub ensemble_average: EnsembleAverage,
+    /// Data-parallel peers in this process (one per device; on the CPU
+    /// they share it), each computing its share of every batch: the same
+    /// steps as one device, up to the order of the gradient sums
+    /// (`train::parallel`).
+    #[config(default = 1)]
+    pub devices: usize,
 }
 
 impl TrainConfig {
@@ -251,6 +257,9 @@ impl TrainConfig {
         let bad = |m: String| Err(LlamaError::Config(m));
         if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
             return bad("steps, batch_size and eval_batch_size must be positive".into());
+        }
+        if self.devices == 0 || self.devices > self.batch_size {
+            return bad(format!("devices = {} must be in 1..=batch_size ({}): every peer takes at least one example of a batch", self.devices, self.batch_size));
         }
         // Ranges wide enough for any experiment: a value outside them is a
         // typo or a corrupt file, caught here rather than as a diverged run.

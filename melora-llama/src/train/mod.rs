@@ -13,11 +13,13 @@
 //! from a checkpoint continues exactly as the uninterrupted run would.
 
 mod config;
+pub mod parallel;
 mod run;
 mod step;
 
 pub use config::{Method, TrainConfig};
 pub use melora_core::{NonFinite, OptimizerSplit};
+pub use parallel::{Cluster, Nodes, Peer};
 pub use run::{EvalRecord, RunDir, TrainState};
 pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};
 
@@ -29,11 +31,12 @@ use crate::model::scoring::Scorer;
 use crate::model::Llama;
 use crate::weights::peft::{load_adapter, save_adapter};
 use crate::pretrained::Pretrained;
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use melora_core::{Metrics, NoiseSource};
+use parallel::Agreement;
 use run::Ordered;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -107,13 +110,27 @@ pub fn train<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
+    train_on::<B>(config, run, resume, assets, device, progress, None)
+}
+
+/// [`train`] as one node of a run over several processes (machines):
+/// see [`parallel`].
+pub fn train_on<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    assets: &Assets,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+    nodes: Option<&Nodes>,
+) -> crate::Result<TrainSummary> {
     config.validate()?;
     let (base, tokenizer) = Pretrained::load::<B>(&config.model, assets, device)?;
     let setup = config.task_setup(tokenizer, assets)?;
     let train_set = setup.split(Split::Train, None)?;
     let validation = setup.split(Split::Validation, config.max_validation)?;
     let data = TrainData { train: &train_set, validation: &validation, scorer: &setup.scorer };
-    fit(config, run, resume, base, &data, device, progress)
+    fit_on(config, run, resume, base, &data, device, progress, nodes)
 }
 
 /// The examples a run trains on and validates with, and how they are scored.
@@ -130,6 +147,9 @@ pub struct TrainData<'a> {
 /// The training loop on prepared data: `base` is the model without
 /// adapters; fresh adapters are attached (or the last checkpoint's with
 /// `resume`).
+///
+/// With `config.devices > 1` the run is data-parallel over that many
+/// peers ([`parallel`]), the same steps as on one device.
 pub fn fit<B: AutodiffBackend>(
     config: &TrainConfig,
     run: &RunDir,
@@ -139,11 +159,63 @@ pub fn fit<B: AutodiffBackend>(
     device: &B::Device,
     progress: &mut dyn Progress,
 ) -> crate::Result<TrainSummary> {
+    fit_on(config, run, resume, base, data, device, progress, None)
+}
+
+/// [`fit`] as one node of a run over several processes (machines), each
+/// with `config.devices` peers; node 0 writes the run folder.
+#[allow(clippy::too_many_arguments)]
+pub fn fit_on<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    data: &TrainData<'_>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+    nodes: Option<&Nodes>,
+) -> crate::Result<TrainSummary> {
     config.validate()?;
-    std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::write(&run.dir, e))?;
-    if config.method == Method::Ens {
-        return fit_ensemble(config, run, resume, base, data, device, progress);
+    let cluster = Cluster { devices: config.devices, nodes: nodes.cloned() };
+    let lead_node = nodes.is_none_or(|n| n.rank == 0);
+    if lead_node {
+        std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::write(&run.dir, e))?;
     }
+    if config.method == Method::Ens {
+        return fit_ensemble(config, run, resume, base, data, device, progress, nodes);
+    }
+    if !cluster.is_parallel() {
+        return fit_peer(config, run, resume, base, data, device, progress, None);
+    }
+    // One replica per local peer, moved to its device (on the CPU the
+    // peers share the device, and the frozen weights with it).
+    let replicas: Vec<std::sync::Mutex<Option<Llama<B>>>> = (0..cluster.devices)
+        .map(|d| {
+            let target = parallel::peer_device::<B>(device, d);
+            let replica = if target == *device { base.clone() } else { base.clone().fork(&target) };
+            std::sync::Mutex::new(Some(replica))
+        })
+        .collect();
+    drop(base);
+    let take = |d: usize| replicas[d].lock().expect("a replica").take().expect("each replica is taken once");
+    let others = |peer: Peer, peer_device: B::Device| fit_peer(config, run, resume, take(peer.local), data, &peer_device, &mut Quiet, Some(&peer));
+    let lead = |peer: Peer, peer_device: B::Device| fit_peer(config, run, resume, take(0), data, &peer_device, progress, Some(&peer));
+    parallel::run_peers::<B, TrainSummary>(&cluster, config.batch_size, device, lead, &others)
+}
+
+/// The training loop of one peer (`None`: the only one).
+#[allow(clippy::too_many_arguments)]
+fn fit_peer<B: AutodiffBackend>(
+    config: &TrainConfig,
+    run: &RunDir,
+    resume: bool,
+    base: Llama<B>,
+    data: &TrainData<'_>,
+    device: &B::Device,
+    progress: &mut dyn Progress,
+    peer: Option<&Peer>,
+) -> crate::Result<TrainSummary> {
+    let lead = peer.is_none_or(|p| p.lead());
     let TrainData { train: train_set, validation, scorer } = *data;
     let checkpoint = if resume {
         let found = run.complete_checkpoint(&run.last());
@@ -154,8 +226,10 @@ pub fn fit<B: AutodiffBackend>(
     } else {
         None
     };
-    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
-    write_atomic(&run.config(), text.as_bytes())?;
+    if lead {
+        let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+        write_atomic(&run.config(), text.as_bytes())?;
+    }
     let mut model = match &checkpoint {
         Some(dir) => load_adapter(base, dir, device)?.0,
         None => {
@@ -182,9 +256,24 @@ pub fn fit<B: AutodiffBackend>(
     }
     // Validation records past the checkpoint (written before a crash) are
     // dropped: the resumed run writes them again, so each step has one.
-    run.truncate_metrics(state.step)?;
+    if let Some(peer) = peer {
+        // Every peer must start where the lead does (a node resuming
+        // without the lead's checkpoint would train other batches).
+        let sum = peer.sum::<B::InnerBackend>(&[state.step as f64], device)?[0];
+        if sum != (state.step * peer.peers) as f64 {
+            return Err(LlamaError::Peers(format!(
+                "the peers start at different steps (this one at {}, the mean {:.1}): every node needs the lead's run folder (its checkpoints/last) to resume",
+                state.step,
+                sum / peer.peers as f64
+            )));
+        }
+    }
+    if lead {
+        run.truncate_metrics(state.step)?;
+    }
+    let peers = peer.map_or(String::new(), |p| format!(", {} data-parallel peers", p.peers));
     progress.line(&format!(
-        "{} on {} with {:?}: {} trainable parameters, {} training / {} validation examples, steps {}..{}",
+        "{} on {} with {:?}: {} trainable parameters, {} training / {} validation examples, steps {}..{}{peers}",
         config.model,
         config.task,
         config.method,
@@ -224,7 +313,13 @@ pub fn fit<B: AutodiffBackend>(
         let indices: Vec<usize> = (0..config.batch_size).map(|i| order[(start + i) % n_train]).collect();
         let batch = scorer.batch(train_set, &indices, Padding::Left);
 
-        let outcome = stepper.step(&mut model, &batch, scorer, step, device);
+        let outcome = match peer {
+            None => stepper.step(&mut model, &batch, scorer, step, device),
+            Some(peer) => {
+                let rows = peer.share(config.batch_size);
+                stepper.step_peer(&mut model, &batch.rows(rows.clone()), rows.start, config.batch_size, scorer, step, peer, device)?
+            }
+        };
         let (nll_value, kl_value, lr) = match outcome {
             Ok(o) => (o.nll, o.kl, o.lr),
             Err(bad) => return Err(nan_error(run, step, bad)),
@@ -233,43 +328,60 @@ pub fn fit<B: AutodiffBackend>(
         nlls.push(nll_value);
         since_eval.push(nll_value);
         step_times.push(started.elapsed().as_secs_f64());
-        let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
-        progress.step(state.step, config.steps, &message);
-        let seconds = *step_times.last().expect("a step time");
-        progress.step_values(state.step, config.steps, &StepReport { nll: nll_value, kl: kl_value, lr, seconds });
-        run.append(&run.log(), &format!("step {} {message} {:.2}s", state.step, step_times.last().unwrap()))?;
-
         let at_end = state.step == config.steps;
-        if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
-            let metrics = if validation.is_empty() {
-                None
-            } else {
-                let valid = model.valid();
-                let probs = predict(&valid, validation, scorer, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
-                Some(probs.metrics())
-            };
-            if let Some(metrics) = metrics {
-                let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
-                since_eval.clear();
-                let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
-                run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
-                progress.line(&format!(
-                    "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
-                    state.step, metrics.accuracy, metrics.nll, metrics.ece
-                ));
-                progress.validation(state.step, &metrics);
-                if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
-                    state.best = Some((metrics.accuracy, state.step));
-                    state.since_eval.clear();
-                    save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.best())?;
+        // The lead's part: the log, validation, checkpoints, the stop key.
+        let mut lead_work = || -> crate::Result<bool> {
+            if !lead {
+                return Ok(false);
+            }
+            let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
+            progress.step(state.step, config.steps, &message);
+            let seconds = *step_times.last().expect("a step time");
+            progress.step_values(state.step, config.steps, &StepReport { nll: nll_value, kl: kl_value, lr, seconds });
+            run.append(&run.log(), &format!("step {} {message} {seconds:.2}s", state.step))?;
+            if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
+                let metrics = if validation.is_empty() {
+                    None
+                } else {
+                    let valid = model.valid();
+                    let probs = predict(&valid, validation, scorer, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
+                    Some(probs.metrics())
+                };
+                if let Some(metrics) = metrics {
+                    let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
+                    since_eval.clear();
+                    let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
+                    run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
+                    progress.line(&format!(
+                        "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
+                        state.step, metrics.accuracy, metrics.nll, metrics.ece
+                    ));
+                    progress.validation(state.step, &metrics);
+                    if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
+                        state.best = Some((metrics.accuracy, state.step));
+                        state.since_eval.clear();
+                        save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.best())?;
+                    }
                 }
             }
-        }
-        let stop = !at_end && progress.stop_requested();
-        if state.step % config.checkpoint_every.max(1) == 0 || at_end || stop {
-            state.since_eval.clone_from(&since_eval);
-            save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
-        }
+            let stop = !at_end && progress.stop_requested();
+            if state.step % config.checkpoint_every.max(1) == 0 || at_end || stop {
+                state.since_eval.clone_from(&since_eval);
+                save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
+            }
+            Ok(stop)
+        };
+        let work = lead_work();
+        let stop = match peer {
+            None => work?,
+            // Every peer learns whether the lead failed or stops.
+            Some(peer) => match (peer.agree::<B::InnerBackend>(work.is_err(), *work.as_ref().unwrap_or(&false), device)?, work) {
+                (_, Err(e)) => return Err(e),
+                (Agreement::Failed, Ok(_)) => return Err(LlamaError::Peers("another peer failed".into())),
+                (Agreement::Stop, Ok(_)) => true,
+                (Agreement::Continue, Ok(stop)) => stop,
+            },
+        };
         if stop {
             progress.line(&format!("stopped at step {} of {}: its checkpoint is written, --resume continues", state.step, config.steps));
             stopped = true;
@@ -291,6 +403,7 @@ pub fn fit<B: AutodiffBackend>(
 
 /// A deep ensemble: each member is a MAP run in `run/members/k` with its
 /// own seed, trained one after the other (each resumable on its own).
+#[allow(clippy::too_many_arguments)]
 fn fit_ensemble<B: AutodiffBackend>(
     config: &TrainConfig,
     run: &RunDir,
@@ -299,15 +412,18 @@ fn fit_ensemble<B: AutodiffBackend>(
     data: &TrainData<'_>,
     device: &B::Device,
     progress: &mut dyn Progress,
+    nodes: Option<&Nodes>,
 ) -> crate::Result<TrainSummary> {
-    let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
-    write_atomic(&run.config(), text.as_bytes())?;
+    if nodes.is_none_or(|n| n.rank == 0) {
+        let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+        write_atomic(&run.config(), text.as_bytes())?;
+    }
     let seeds = config.ensemble_seeds();
     let mut summaries = Vec::new();
     for (k, seed) in seeds.iter().enumerate() {
         progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
         let member = run.member(k);
-        summaries.push(fit(&config.member(k), &member, resume, base.clone(), data, device, progress)?);
+        summaries.push(fit_on(&config.member(k), &member, resume, base.clone(), data, device, progress, nodes)?);
         if summaries.last().is_some_and(|s| s.stopped) {
             break;
         }

@@ -7,7 +7,9 @@ use crate::model::scoring::{ScoreBatch, Scorer};
 use crate::model::{Llama, Proj};
 use burn::module::{Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
-use melora_core::{Adapter, ElboConfig, ElboStep, KlSchedule, KlTerm, NonFinite, Sampler};
+use super::parallel::Peer;
+use burn::tensor::{ElementConversion, Tensor};
+use melora_core::{Adapter, ElboConfig, ElboStep, KlSchedule, KlTerm, NonFinite, ReducedStepError, RowNoise, Sampler};
 
 /// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
 /// 0-based `step` of `total`, rising linearly over `warmup` steps, then
@@ -93,7 +95,8 @@ impl<B: AutodiffBackend> Stepper<B> {
     }
 
     /// One step at 0-based `step` on `batch`; all randomness (prior noise,
-    /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`.
+    /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`,
+    /// each example's own noise from its stream of it ([`RowNoise`]).
     /// A non-finite NLL or KL is returned as [`NonFinite`], with the model
     /// left untouched.
     pub fn step(
@@ -104,10 +107,58 @@ impl<B: AutodiffBackend> Stepper<B> {
         step: usize,
         device: &B::Device,
     ) -> std::result::Result<StepOutcome, NonFinite> {
+        let (nll, lr, kl) = self.forward(model, batch, scorer, step, 0, device);
+        let values = self.elbo.step(model, nll, lr, kl)?;
+        Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })
+    }
+
+    /// One data-parallel peer's step at `step`: `rows` is the peer's share
+    /// of the batch (rows `first..first + rows` of a batch of `batch_size`,
+    /// padded as the whole batch), its NLL weighted by its share; the NLL
+    /// and the data gradients are summed over the peers. The step every
+    /// peer takes is the one a single device takes on the whole batch (up to
+    /// the order of the gradient sums). A non-finite NLL or KL, which every
+    /// peer sees alike, is the inner error; a failed all-reduce the outer.
+    pub fn step_peer(
+        &mut self,
+        model: &mut Llama<B>,
+        rows: &ScoreBatch,
+        first: usize,
+        batch_size: usize,
+        scorer: &Scorer,
+        step: usize,
+        peer: &Peer,
+        device: &B::Device,
+    ) -> crate::Result<std::result::Result<StepOutcome, NonFinite>> {
+        let (nll, lr, kl) = self.forward(model, rows, scorer, step, first, device);
+        let nll = nll.mul_scalar(rows.labels().len() as f64 / batch_size as f64);
+        let part: f64 = nll.clone().into_scalar().elem();
+        let total = peer.sum::<B::InnerBackend>(&[part], device)?[0];
+        let ids = melora_core::Bayesian::param_groups(model).all();
+        let mut reduce = |grads| peer.sum_grads::<B>(grads, &ids);
+        match self.elbo.step_reduced(model, nll, total, lr, kl, &mut reduce) {
+            Ok(values) => Ok(Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })),
+            Err(ReducedStepError::NonFinite(bad)) => Ok(Err(bad)),
+            Err(ReducedStepError::Reduce(e)) => Err(e),
+        }
+    }
+
+    /// The NLL of `batch` (rows from `first` of the step's batch), the
+    /// learning rate and the KL term of step `step`.
+    fn forward(
+        &self,
+        model: &Llama<B>,
+        batch: &ScoreBatch,
+        scorer: &Scorer,
+        step: usize,
+        first: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 1>, f64, Option<KlTerm>) {
         let (config, n_train) = (&self.config, self.n_train);
-        let mut noise = config.noise.source::<B>(mix(config.seed, step as u64), device);
+        let seed = mix(config.seed, step as u64);
+        let mut noise = config.noise.source::<B>(seed, device);
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
-        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true);
+        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true).with_rows(RowNoise::new(seed, first));
         let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
         let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
         let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
@@ -120,7 +171,6 @@ impl<B: AutodiffBackend> Stepper<B> {
             KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
         } / n_train as f64;
         let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight: kl_weight });
-        let values = self.elbo.step(model, nll, lr, kl)?;
-        Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })
+        (nll, lr, kl)
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod fake_data;
 pub mod gguf_writer;
+pub mod parallel;
 
 use std::collections::BTreeMap;
 use std::io::Read;
