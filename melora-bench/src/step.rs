@@ -5,14 +5,14 @@
 
 use crate::backend;
 use anyhow::{bail, Context, Result};
-use burn::module::AutodiffModule;
+use burn::module::{AutodiffModule, Module};
 use burn::tensor::backend::AutodiffBackend;
 use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
 use melora_llama::pretrained::Pretrained;
 use melora_llama::model::scoring::{ScoreBatch, Scorer};
-use melora_llama::train::{parallel, Cluster, Peer, Stepper, TrainConfig};
+use melora_llama::train::{parallel, stable_adapter_ids, Cluster, Peer, Stepper, TrainConfig};
 use melora_llama::Llama;
 use std::sync::Mutex;
 use melora_llama::model::Target;
@@ -106,7 +106,12 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         .with_seed(args.seed)
         .with_train_sampling(if args.method == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample });
     config.validate()?;
-    let mut model = base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(args.seed))?;
+    // Adapters with ids from their names (as training gives them): the
+    // peers' replicas below must list their gradients in the same order.
+    let with_adapters = |base: Llama<Train>| -> Result<Llama<Train>> {
+        Ok(stable_adapter_ids(base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(args.seed))?))
+    };
+    let mut model = with_adapters(base.clone())?;
     let mut rng = StdRng::seed_from_u64(args.seed);
     let label_ids: Vec<u32> = (0..4).map(|i| 10 + i).collect();
     let examples: Vec<Encoded> = (0..args.batch)
@@ -142,12 +147,16 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         // sharing the CPU on ndarray); the lead times each step, which ends
         // for every peer at the same all-reduces.
         let cluster = Cluster { devices: args.peers, nodes: None };
+        // Each replica gets adapters of its own (the same values, new
+        // tensors): replicas sharing their trainable tensors would share
+        // one autodiff graph, which two threads must not step at once.
         let replicas: Vec<Mutex<Option<Llama<Train>>>> = (0..args.peers)
             .map(|d| {
                 let target = parallel::peer_device::<Train>(&device, d);
-                Mutex::new(Some(if target == device { model.clone() } else { model.clone().fork(&target) }))
+                let base = if target == device { base.clone() } else { base.clone().fork(&target) };
+                Ok(Mutex::new(Some(with_adapters(base)?)))
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let scorer = Scorer::label(label_ids.clone(), 0);
         let whole = ScoreBatch::Label(batch.clone());
         let body = |peer: Peer, device: Train::Device| -> melora_llama::Result<(Vec<f64>, Option<f64>)> {

@@ -8,9 +8,11 @@
 //! (AdamW, SGD, gradient clipping) and records.
 //!
 //! Restart safety: the data order, the sampling noise, dropout and the prior
-//! noise of step `t` are all drawn from a generator seeded by `(seed, t)`,
-//! and adapter parameters get ids derived from their names, so a run resumed
-//! from a checkpoint continues exactly as the uninterrupted run would.
+//! noise of step `t` are all drawn from generators seeded by `(seed, t)`
+//! (each example's own noise by `(seed, t, its index in the batch)`, which
+//! data-parallel peers need: [`parallel`]), and adapter parameters get ids
+//! derived from their names, so a run resumed from a checkpoint continues
+//! exactly as the uninterrupted run would.
 
 mod config;
 pub mod parallel;
@@ -254,8 +256,6 @@ fn fit_peer<B: AutodiffBackend>(
         stepper.elbo.adamw = stepper.elbo.adamw.load_record(record.0);
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
-    // Validation records past the checkpoint (written before a crash) are
-    // dropped: the resumed run writes them again, so each step has one.
     if let Some(peer) = peer {
         // Every peer must start where the lead does (a node resuming
         // without the lead's checkpoint would train other batches).
@@ -268,6 +268,8 @@ fn fit_peer<B: AutodiffBackend>(
             )));
         }
     }
+    // Validation records past the checkpoint (written before a crash) are
+    // dropped: the resumed run writes them again, so each step has one.
     if lead {
         run.truncate_metrics(state.step)?;
     }

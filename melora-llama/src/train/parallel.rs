@@ -290,7 +290,7 @@ fn io_error(what: &str, e: std::io::Error, timeout: Duration) -> LlamaError {
 impl NodeLink {
     /// Node 0 waits for the other nodes to connect, the others connect to
     /// it (retrying until the timeout).
-    pub fn connect(nodes: &Nodes) -> crate::Result<Self> {
+    pub fn connect(nodes: &Nodes, devices: usize) -> crate::Result<Self> {
         let timeout = Duration::from_secs(nodes.timeout_seconds.max(1));
         let deadline = std::time::Instant::now() + timeout;
         let port = lead_port(&nodes.lead).ok_or_else(|| LlamaError::Peers(format!("the lead's address {:?} is not HOST:PORT", nodes.lead)))?;
@@ -303,15 +303,19 @@ impl NodeLink {
                     Ok((mut stream, from)) => {
                         stream.set_nonblocking(false).map_err(|e| io_error("accepting", e, timeout))?;
                         stream.set_read_timeout(Some(timeout)).map_err(|e| io_error("accepting", e, timeout))?;
-                        let mut hello = [0u8; 16];
+                        let mut hello = [0u8; 20];
                         stream.read_exact(&mut hello).map_err(|e| io_error(&format!("the greeting of {from}"), e, timeout))?;
                         let rank = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
                         let count = u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes"));
+                        let theirs = u32::from_le_bytes(hello[16..20].try_into().expect("4 bytes"));
                         if &hello[..8] != HELLO || count != nodes.count || rank == 0 || rank >= count {
                             return Err(LlamaError::Peers(format!(
                                 "{from} is not a node of this run (it says node {rank} of {count}; this run has {} nodes)",
                                 nodes.count
                             )));
+                        }
+                        if theirs as usize != devices {
+                            return Err(LlamaError::Peers(format!("node {rank} has {theirs} devices and node 0 has {devices}: every node needs the same --devices")));
                         }
                         let slot = &mut slots[rank as usize - 1];
                         if slot.is_some() {
@@ -344,6 +348,7 @@ impl NodeLink {
             let mut hello = HELLO.to_vec();
             hello.extend(nodes.rank.to_le_bytes());
             hello.extend(nodes.count.to_le_bytes());
+            hello.extend((devices as u32).to_le_bytes());
             stream.write_all(&hello).map_err(|e| io_error("greeting node 0", e, timeout))?;
             vec![stream]
         };
@@ -444,7 +449,7 @@ pub fn run_peers<B: AutodiffBackend, T: Send>(
     let collective = cluster.collective();
     let peers = cluster.peers();
     let node = cluster.nodes.as_ref().map_or(0, |n| n.rank as usize);
-    let link = cluster.nodes.as_ref().map(NodeLink::connect).transpose()?.map(|l| Arc::new(Mutex::new(l)));
+    let link = cluster.nodes.as_ref().map(|n| NodeLink::connect(n, cluster.devices)).transpose()?.map(|l| Arc::new(Mutex::new(l)));
     let failed = Arc::new(AtomicBool::new(false));
     reset_collective::<B::InnerBackend>();
     let run_one = |d: usize, body: &mut dyn FnMut(Peer, B::Device) -> crate::Result<T>| -> crate::Result<T> {
