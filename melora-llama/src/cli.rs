@@ -110,8 +110,9 @@ pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: boo
     }
     let nodes = nodes.as_ref();
     let start = Instant::now();
-    // Burn's dashboard on a terminal (unless --plain), a bar or lines otherwise.
-    let summary = if !plain && std::io::stdout().is_terminal() {
+    // Burn's dashboard on a terminal (unless --plain), a bar or lines
+    // otherwise; a node other than node 0 has no steps to show.
+    let summary = if lead_node && !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());
         train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut dashboard, nodes)?

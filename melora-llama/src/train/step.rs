@@ -96,7 +96,7 @@ impl<B: AutodiffBackend> Stepper<B> {
 
     /// One step at 0-based `step` on `batch`; all randomness (prior noise,
     /// sampling, dropout) is drawn from a generator seeded by `(seed, step)`,
-    /// each example's own noise from its stream of it ([`RowNoise`]).
+    /// each example's own noise from its own stream ([`RowNoise`]).
     /// A non-finite NLL or KL is returned as [`NonFinite`], with the model
     /// left untouched.
     pub fn step(
