@@ -407,11 +407,13 @@ fn read_frame(stream: &mut TcpStream, out: &mut [f32]) -> Result<(), FrameError>
     let mut len = [0u8; 8];
     stream.read_exact(&mut len).map_err(FrameError::Io)?;
     let len = u64::from_le_bytes(len);
-    let mut bytes = vec![0u8; 4 * len as usize];
-    stream.read_exact(&mut bytes).map_err(FrameError::Io)?;
-    if len as usize != out.len() {
+    // Checked before anything is read or allocated: a frame of another
+    // length is another run's (or no frame at all).
+    if len != out.len() as u64 {
         return Err(FrameError::Length(len));
     }
+    let mut bytes = vec![0u8; 4 * out.len()];
+    stream.read_exact(&mut bytes).map_err(FrameError::Io)?;
     for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     }
