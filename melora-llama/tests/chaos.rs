@@ -116,6 +116,13 @@ fn checkpoint_step(dir: &Path) -> String {
     if found.is_empty() { "no checkpoint yet".into() } else { found.join(", ") }
 }
 
+/// The step of `dir/checkpoints/last` (0 without one; an ensemble's
+/// members have their own).
+fn done_steps(dir: &Path) -> usize {
+    let text = std::fs::read_to_string(dir.join("checkpoints/last/state.json")).unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["step"].as_u64()).unwrap_or(0) as usize
+}
+
 /// Prints `line` (with `--nocapture`) and keeps it for the summary.
 fn say(report: &mut Vec<String>, line: String) {
     println!("{line}");
@@ -156,7 +163,12 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
             while half_written(&killed, since).is_none() && child.try_wait().unwrap().is_none() {}
             started.elapsed()
         } else {
-            let delay = wall.mul_f64(rng.random_range(delay.clone()));
+            // A fraction of what is left of the run: a resumed run has
+            // fewer steps to go, and a delay drawn from the whole run's
+            // time let it finish first, so that no later attempt could kill
+            // it (seen on SmolLM2's 8 steps).
+            let left = 1.0 - done_steps(&killed) as f64 / steps as f64;
+            let delay = wall.mul_f64(rng.random_range(delay.clone()) * left);
             while started.elapsed() < delay && child.try_wait().unwrap().is_none() {
                 std::thread::sleep(Duration::from_micros(200));
             }
