@@ -14,8 +14,8 @@
 
 mod common;
 
-use common::fake_data::{fake_olmo_data, word_tokenizer};
-use common::{differing_files, fixture, run_files, with_method_preset};
+use common::fake_data::{tiny_home, TinyHome};
+use common::{differing_files, run_files, with_method_preset};
 use melora_llama::assets::Assets;
 use melora_llama::data::Scoring;
 use melora_llama::train::{Method, TrainConfig};
@@ -37,17 +37,7 @@ struct Setup {
 /// A `MELORA_HOME` with ARC-Easy (and every other task) in the real
 /// format, and the tiny fixture model with a tokenizer.
 fn tiny_setup() -> Setup {
-    let data = fake_olmo_data("chaos");
-    let root = data.parent().unwrap().to_path_buf();
-    let home = root.join("home");
-    std::fs::create_dir_all(home.join("data")).unwrap();
-    std::fs::rename(&data, home.join("data/olmo_data")).unwrap();
-    let model = root.join("tiny");
-    std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tied").join(file), model.join(file)).unwrap();
-    }
-    word_tokenizer(&model);
+    let TinyHome { root, home, model } = tiny_home("chaos");
     Setup { home, model: model.display().to_string(), root }
 }
 

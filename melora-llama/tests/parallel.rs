@@ -15,9 +15,9 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use common::fake_data::{fake_olmo_data, word_tokenizer};
+use common::fake_data::{tiny_home, TinyHome};
 use common::parallel::*;
-use common::{fixture, Quiet};
+use common::Quiet;
 use melora_core::SamplingMode;
 use melora_llama::data::Scoring;
 use melora_llama::error::LlamaError;
@@ -167,17 +167,7 @@ fn free_port() -> u16 {
 fn two_processes_take_the_steps_one_device_takes_and_stop_when_one_dies() {
     // The binary on the tiny model with a word tokenizer and ARC-Easy data
     // in the real format (as the chaos test runs it).
-    let data = fake_olmo_data("parallel-nodes");
-    let root = data.parent().unwrap().to_path_buf();
-    let home = root.join("home");
-    std::fs::create_dir_all(home.join("data")).unwrap();
-    std::fs::rename(&data, home.join("data/olmo_data")).unwrap();
-    let model = root.join("tiny");
-    std::fs::create_dir_all(&model).unwrap();
-    for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tied").join(file), model.join(file)).unwrap();
-    }
-    word_tokenizer(&model);
+    let TinyHome { root, home, model } = tiny_home("parallel-nodes");
     let mut config = config(Method::MeLora, Scoring::Answer, 4).with_max_validation(Some(4));
     config.model = model.display().to_string();
     let config_path = root.join("config.json");

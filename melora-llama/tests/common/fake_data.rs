@@ -119,3 +119,27 @@ pub fn word_tokenizer(dir: &Path) -> Tokenizer {
     Tokenizer::from_file(&path).unwrap()
 }
 
+/// A `MELORA_HOME` with every task's data in the real format
+/// (`home/data/olmo_data`), and the tied tiny fixture model with a word
+/// tokenizer (`model`), under a fresh temporary `root`: what the tests
+/// that run the `melora` binary train on.
+pub struct TinyHome {
+    pub root: PathBuf,
+    pub home: PathBuf,
+    pub model: PathBuf,
+}
+
+pub fn tiny_home(name: &str) -> TinyHome {
+    let data = fake_olmo_data(name);
+    let root = data.parent().unwrap().to_path_buf();
+    let home = root.join("home");
+    std::fs::create_dir_all(home.join("data")).unwrap();
+    std::fs::rename(&data, home.join("data/olmo_data")).unwrap();
+    let model = root.join("tiny");
+    std::fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(super::fixture("tied").join(file), model.join(file)).unwrap();
+    }
+    word_tokenizer(&model);
+    TinyHome { root, home, model }
+}
