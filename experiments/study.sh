@@ -22,6 +22,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MELORA=${MELORA:-target/release/melora}
+# The binary that writes the tables (`study-report` only reads the kept
+# evaluations): the study's own unless a newer report is wanted.
+REPORT=${REPORT:-$MELORA}
 RUNS=${RUNS:-runs/study}
 OUT=${OUT:-experiments/results/study}
 SEEDS=${SEEDS:-0 1 2}
@@ -63,16 +66,30 @@ keep() { # name
   for p in "$dir"/predictions-*.json; do gzip -9 -n -c "$p" > "$kept/$(basename "$p").gz"; done
   cp "$dir/ood.json" "$kept/ood.json"
   cp "$times" "$OUT/times.tsv"
-  "$MELORA" study-report --runs "$RUNS" --out "$OUT" > /dev/null
+  "$REPORT" study-report --runs "$RUNS" --out "$OUT" > /dev/null
 }
 evaluated() { [ -f "$RUNS/evals/$1/ood.json" ]; }
+# Keeps, beside a kept evaluation, the record of the run it evaluated: its
+# resolved settings (config.json), the Laplace fit's laplace.json, and its
+# log (every step's loss and time, each validation, the checkpoint chosen),
+# gzipped; small files, committed (the run folder itself is not).
+keep_run() { # name run-folder
+  local kept="$OUT/evals/$1/run" dir=$2 f
+  evaluated "$1" && [ -d "$dir" ] || return 0
+  mkdir -p "$kept"
+  for f in config.json laplace.json; do [ -f "$dir/$f" ] && cp "$dir/$f" "$kept/$f"; done
+  [ -f "$dir/log.txt" ] && gzip -9 -n -c "$dir/log.txt" > "$kept/log.txt.gz"
+  return 0
+}
 # Evaluates a training run, once its training has finished (a run that did
 # not start has nothing to evaluate).
 evaluate_run() { # name run-folder [args...]
   local name=$1 dir=$2; shift 2
-  evaluated "$name" && return
-  if [ ! -f "$dir/done" ]; then echo "!! $name: its training has not finished; not evaluated"; return; fi
-  evaluate "$name" --run "$dir" "$@"
+  if ! evaluated "$name"; then
+    if [ ! -f "$dir/done" ]; then echo "!! $name: its training has not finished; not evaluated"; return; fi
+    evaluate "$name" --run "$dir" "$@"
+  fi
+  keep_run "$name" "$dir"
 }
 
 # Runs a phase, appending its wall time and peak memory to times.tsv;
@@ -149,6 +166,7 @@ for seed in $SEEDS; do
   fi
   if [ -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
     evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+    keep_run "lap-seed$seed" "$RUNS/map-seed$seed/laplace"
   fi
   evaluated "melora-seed$seed" || train melora "$CFG/arc-e-melora.json" "$seed"
   evaluate_run "melora-seed$seed" "$RUNS/melora-seed$seed"
@@ -162,4 +180,4 @@ for seed in $SEEDS; do
   evaluate_run "mcd-seed$seed" "$RUNS/mcd-seed$seed"
 done
 # ENS: the three MAP seeds as the members of one ensemble (no training of its own).
-"$MELORA" study-report --runs "$RUNS" --out "$OUT"
+"$REPORT" study-report --runs "$RUNS" --out "$OUT"
