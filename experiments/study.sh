@@ -70,14 +70,15 @@ keep() { # name
 }
 evaluated() { [ -f "$RUNS/evals/$1/ood.json" ]; }
 # Keeps, beside a kept evaluation, the record of the run it evaluated: its
-# resolved settings (config.json), the Laplace fit's laplace.json, and its
-# log (every step's loss and time, each validation, the checkpoint chosen),
-# gzipped; small files, committed (the run folder itself is not).
+# resolved settings (config.json), its validation curve (metrics.jsonl:
+# the checkpoint chosen is the best accuracy there), the Laplace fit's
+# laplace.json, and its log (every step's loss and time), gzipped; small
+# files, committed (the run folder itself is not).
 keep_run() { # name run-folder
   local kept="$OUT/evals/$1/run" dir=$2 f
   evaluated "$1" && [ -d "$dir" ] || return 0
   mkdir -p "$kept"
-  for f in config.json laplace.json; do [ -f "$dir/$f" ] && cp "$dir/$f" "$kept/$f"; done
+  for f in config.json metrics.jsonl laplace.json; do [ -f "$dir/$f" ] && cp "$dir/$f" "$kept/$f"; done
   [ -f "$dir/log.txt" ] && gzip -9 -n -c "$dir/log.txt" > "$kept/log.txt.gz"
   return 0
 }

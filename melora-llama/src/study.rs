@@ -124,10 +124,11 @@ impl Summary {
     }
 }
 
-/// Mean and sample standard deviation (`n - 1`; 0 for one value) of the
-/// present values, formatted with `digits` decimals after scaling by
-/// `scale`, with the count when it is not `want`; the value alone when one
-/// value is wanted (a single run by design).
+/// Mean and sample standard deviation (`n - 1`) of the present values,
+/// formatted with `digits` decimals after scaling by `scale`, with the
+/// count when it is not `want`; one value has no spread, so it is printed
+/// alone (with its count when more were wanted: a method whose other seeds
+/// have not finished).
 pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
     if values.is_empty() {
         return "-".into();
@@ -137,9 +138,11 @@ pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> Strin
     let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
     let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
     let (mean, std) = (scale * mean, scale * var.sqrt());
-    // One run by design (zero-shot, the ensemble): its value, no spread.
-    if want == 1 && values.len() == 1 {
-        return if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) { format!("{mean:.2e}") } else { format!("{mean:.digits$}") };
+    // One value (a single run by design, zero-shot or the ensemble, or the
+    // one finished seed so far): its value, no spread.
+    if values.len() == 1 {
+        let value = if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) { format!("{mean:.2e}") } else { format!("{mean:.digits$}") };
+        return format!("{value}{count}");
     }
     // Values too small for `digits` decimals (an epistemic part of 1e-5 nats) in scientific notation.
     if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) {
@@ -326,7 +329,9 @@ mod tests {
     #[test]
     fn mean_std_uses_the_sample_std_and_says_when_seeds_are_missing() {
         assert_eq!(mean_std(&[1.0, 2.0, 3.0], 1.0, 2, 3), "2.00 ± 1.00");
-        assert_eq!(mean_std(&[0.5], 100.0, 1, 3), "50.0 ± 0.0 (n = 1)");
+        assert_eq!(mean_std(&[0.5], 100.0, 1, 3), "50.0 (n = 1)");
+        assert_eq!(mean_std(&[2e-5], 1.0, 4, 3), "2.00e-5 (n = 1)");
+        assert_eq!(mean_std(&[0.25], 1.0, 3, 1), "0.250");
         assert_eq!(mean_std(&[], 1.0, 2, 3), "-");
         assert_eq!(mean_std(&[2e-5, 4e-5], 1.0, 4, 2), "3.00e-5 ± 1.4e-5");
         assert_eq!(mean_std(&[0.0, 0.0], 1.0, 4, 2), "0.0000 ± 0.0000");
