@@ -297,7 +297,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     let tsv_path = runs.join("times.tsv");
     if let Ok(tsv) = std::fs::read_to_string(&tsv_path) {
         let (table, total) = times_table(&tsv);
-        write("times.md", &format!("{table}\nTotal: {total} s ({:.1} h) of wall time on this machine's 2 cores.\n", total as f64 / 3600.0))?;
+        write("times.md", &format!("{table}\nTotal: {total} s ({:.1} h) of wall time, summed over the phases (each on the machine that ran it).\n", total as f64 / 3600.0))?;
     }
     let json: BTreeMap<&str, &Vec<Summary>> = collected.iter().map(|c| (c.key, &c.summaries)).collect();
     write("study.json", &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("study.json", e))?)?;
