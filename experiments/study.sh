@@ -28,6 +28,14 @@ REPORT=${REPORT:-$MELORA}
 RUNS=${RUNS:-runs/study}
 OUT=${OUT:-experiments/results/study}
 SEEDS=${SEEDS:-0 1 2}
+# The methods, in the order they run for each seed; a subset (say
+# METHODS="mcd") packs a session's hours with runs that finish in them.
+# LAP trains its MAP run when that is missing.
+ALL_METHODS="map lap melora melora-paper blob mcd"
+METHODS=${METHODS:-$ALL_METHODS}
+for m in $METHODS; do
+  case " $ALL_METHODS " in *" $m "*) ;; *) echo "unknown method '$m' in METHODS (known: $ALL_METHODS)" >&2; exit 2;; esac
+done
 STEPS=${STEPS:-600}
 LR=${LR:-0.001}
 EVAL_EVERY=${EVAL_EVERY:-100}
@@ -153,32 +161,43 @@ evaluate() { # name subject-args...
 
 evaluate zero-shot --zero-shot --scoring answer
 for seed in $SEEDS; do
-  # MAP first, then Laplace-LoRA on it while its run folder is here (a
-  # training run whose evaluations are kept is not redone).
-  evaluated "map-seed$seed" && evaluated "lap-seed$seed" || train map "$CFG/arc-e-map.json" "$seed"
-  evaluate_run "map-seed$seed" "$RUNS/map-seed$seed"
-  # Laplace-LoRA on the MAP run: KFAC over 1000 training questions, prior
-  # precision by marginal likelihood, 10 draws of the linearised logits.
-  if ! evaluated "lap-seed$seed" && [ -f "$RUNS/map-seed$seed/done" ] && [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
-    echo "== laplace seed $seed"
-    timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000 ||
-      printf '%s	%s	%s	%s	%s
-' "lap-seed$seed" fit-failed 0 - "$commit" >> "$times"
-  fi
-  if [ -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
-    evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
-    keep_run "lap-seed$seed" "$RUNS/map-seed$seed/laplace"
-  fi
-  evaluated "melora-seed$seed" || train melora "$CFG/arc-e-melora.json" "$seed"
-  evaluate_run "melora-seed$seed" "$RUNS/melora-seed$seed"
-  # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
-  evaluated "melora-paper-seed$seed" || train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
-    --set train_sampling=PerBatch --set std_init=Blob
-  evaluate_run "melora-paper-seed$seed" "$RUNS/melora-paper-seed$seed"
-  evaluated "blob-seed$seed" || train blob "$CFG/arc-e-blob.json" "$seed"
-  evaluate_run "blob-seed$seed" "$RUNS/blob-seed$seed"
-  evaluated "mcd-seed$seed" || train mcd "$CFG/arc-e-mcd.json" "$seed"
-  evaluate_run "mcd-seed$seed" "$RUNS/mcd-seed$seed"
+  for method in $METHODS; do
+    case $method in
+      map)
+        # A training run whose evaluations are kept is not redone; LAP
+        # (next) retrains its MAP run where the run folder was lost.
+        evaluated "map-seed$seed" || train map "$CFG/arc-e-map.json" "$seed"
+        evaluate_run "map-seed$seed" "$RUNS/map-seed$seed" ;;
+      lap)
+        # Laplace-LoRA on the MAP run: KFAC over 1000 training questions,
+        # prior precision by marginal likelihood, 10 draws of the
+        # linearised logits.
+        evaluated "lap-seed$seed" || train map "$CFG/arc-e-map.json" "$seed"
+        if ! evaluated "lap-seed$seed" && [ -f "$RUNS/map-seed$seed/done" ] && [ ! -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+          echo "== laplace seed $seed"
+          timed "lap-seed$seed" fit "$MELORA" laplace --run "$RUNS/map-seed$seed" --config "$CFG/laplace.json" --set max_examples=1000 ||
+            printf '%s\t%s\t%s\t%s\t%s\n' "lap-seed$seed" fit-failed 0 - "$commit" >> "$times"
+        fi
+        if [ -f "$RUNS/map-seed$seed/laplace/laplace.json" ]; then
+          evaluate "lap-seed$seed" --run "$RUNS/map-seed$seed/laplace" --samples 10
+          keep_run "lap-seed$seed" "$RUNS/map-seed$seed/laplace"
+        fi ;;
+      melora)
+        evaluated "melora-seed$seed" || train melora "$CFG/arc-e-melora.json" "$seed"
+        evaluate_run "melora-seed$seed" "$RUNS/melora-seed$seed" ;;
+      melora-paper)
+        # The paper's Me-LoRA: Eq. 8's KL with prior noise, one C per batch, BLoB's std initialisation.
+        evaluated "melora-paper-seed$seed" || train melora-paper "$CFG/arc-e-melora.json" "$seed" --set kl=Paper --set prior.noise=true \
+          --set train_sampling=PerBatch --set std_init=Blob
+        evaluate_run "melora-paper-seed$seed" "$RUNS/melora-paper-seed$seed" ;;
+      blob)
+        evaluated "blob-seed$seed" || train blob "$CFG/arc-e-blob.json" "$seed"
+        evaluate_run "blob-seed$seed" "$RUNS/blob-seed$seed" ;;
+      mcd)
+        evaluated "mcd-seed$seed" || train mcd "$CFG/arc-e-mcd.json" "$seed"
+        evaluate_run "mcd-seed$seed" "$RUNS/mcd-seed$seed" ;;
+    esac
+  done
 done
 # ENS: the three MAP seeds as the members of one ensemble (no training of its own).
 "$REPORT" study-report --runs "$RUNS" --out "$OUT"
