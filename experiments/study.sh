@@ -105,10 +105,12 @@ evaluate_run() { # name run-folder [args...]
 # returns the command's exit status.
 timed() { # run phase command...
   local run=$1 phase=$2; shift 2
-  local t0 rss=- status=0; t0=$(date +%s)
+  # The peak-memory file is the phase's own: two studies may run at once
+  # on one machine (different methods or seeds, one $RUNS).
+  local t0 rss=- status=0 rss_file="$RUNS/.rss-$run-$phase"; t0=$(date +%s)
   if [ -x /usr/bin/time ]; then
-    /usr/bin/time -f '%M' -o "$RUNS/.rss" "$@" || status=$?
-    rss=$(( $(tail -n 1 "$RUNS/.rss") / 1024 ))
+    /usr/bin/time -f '%M' -o "$rss_file" "$@" || status=$?
+    rss=$(( $(tail -n 1 "$rss_file") / 1024 ))
   else
     "$@" || status=$?
   fi
