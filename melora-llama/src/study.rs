@@ -159,6 +159,8 @@ pub struct Collected {
     pub label: &'static str,
     /// One summary per finished seed (one for zero-shot and ENS).
     pub summaries: Vec<Summary>,
+    /// The seed of each summary (0 for zero-shot and ENS).
+    pub seeds: Vec<u64>,
     /// The first seed's evaluation (the ensemble, the zero-shot model):
     /// its reliability diagram.
     pub first: Option<EvalSet>,
@@ -188,9 +190,10 @@ pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<Collected>> {
             }
         };
         let summaries = sets.iter().map(|(_, s)| Summary::of(s)).collect();
+        let seeds_done = sets.iter().map(|(seed, _)| *seed).collect();
         let first_seed = if matches!(key, "zero-shot" | "ens") { Some(0) } else { seeds.first().copied() };
         let first = sets.into_iter().find(|(seed, _)| Some(*seed) == first_seed).map(|(_, s)| s);
-        out.push(Collected { key, label, summaries, first });
+        out.push(Collected { key, label, summaries, seeds: seeds_done, first });
     }
     Ok(out)
 }
@@ -265,6 +268,84 @@ pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> (String, 
     (id, ood, unc)
 }
 
+/// A difference's mean and sample standard deviation over its pairs, signed,
+/// after scaling by `scale`, with the count when it is not `want` (one pair:
+/// its value alone).
+fn difference_cell(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
+    if values.is_empty() {
+        return "-".into();
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
+    if values.len() == 1 {
+        return format!("{:+.digits$}{count}", scale * mean);
+    }
+    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    format!("{:+.digits$} ± {:.digits$}{count}", scale * mean, scale * std)
+}
+
+/// The comparisons the study is about: each Me-LoRA against each baseline
+/// and against the other Me-LoRA, and every method against MAP, on
+/// ARC-Easy test. Two per-seed methods are paired by seed (a seed gives
+/// every method the same training questions in the same order, and every
+/// evaluation the same test questions), so the spread is that of the
+/// paired difference; against the one ensemble, each seed of the method
+/// minus the ensemble (and the ensemble minus each MAP seed).
+pub fn differences(methods: &[(&str, &str, Vec<(u64, Summary)>)], seeds: usize) -> String {
+    let find = |key: &str| methods.iter().find(|(k, _, _)| *k == key);
+    let mut out = String::from(
+        "ARC-Easy test: method minus baseline, mean ± std over the seeds both have finished (paired by seed; \
+         ENS, the one ensemble, against each seed of the other side). Higher ACC is better; lower ECE, NLL \
+         and Brier are better.\n\n\
+         | method | minus | seeds | ΔACC (points) | ΔECE (points) | ΔNLL | ΔBrier |\n\
+         |---|---|---|---:|---:|---:|---:|\n",
+    );
+    let mut row = |(key, label, runs): &(&str, &str, Vec<(u64, Summary)>), (base_key, base_label, base): &(&str, &str, Vec<(u64, Summary)>)| {
+        // (seed, method, baseline): the one ensemble against every seed of the other side.
+        let pairs: Vec<(u64, &Summary, &Summary)> = match (*key, *base_key) {
+            ("ens", _) => runs.first().map(|(_, e)| base.iter().map(|(seed, b)| (*seed, e, b)).collect()).unwrap_or_default(),
+            (_, "ens") => base.first().map(|(_, e)| runs.iter().map(|(seed, s)| (*seed, s, e)).collect()).unwrap_or_default(),
+            _ => runs.iter().filter_map(|(seed, s)| base.iter().find(|(b, _)| b == seed).map(|(_, b)| (*seed, s, b))).collect(),
+        };
+        let d = |f: fn(&Metrics) -> f64| -> Vec<f64> {
+            pairs
+                .iter()
+                .filter_map(|(_, s, b)| Some(f(s.metrics.get(IN_DISTRIBUTION)?) - f(b.metrics.get(IN_DISTRIBUTION)?)))
+                .collect()
+        };
+        if pairs.is_empty() {
+            return;
+        }
+        let seed_list = pairs.iter().map(|(seed, _, _)| seed.to_string()).collect::<Vec<_>>().join(", ");
+        out.push_str(&format!(
+            "| {label} | {base_label} | {seed_list} | {} | {} | {} | {} |\n",
+            difference_cell(&d(|m| m.accuracy), 100.0, 2, seeds),
+            difference_cell(&d(|m| m.ece), 100.0, 2, seeds),
+            difference_cell(&d(|m| m.nll), 1.0, 3, seeds),
+            difference_cell(&d(|m| m.brier), 1.0, 3, seeds),
+        ));
+    };
+    for key in ["melora", "melora-paper"] {
+        let Some(m) = find(key) else { continue };
+        for base in ["map", "mcd", "ens", "lap", "blob", "melora-paper"] {
+            if base != key {
+                if let Some(b) = find(base) {
+                    row(m, b);
+                }
+            }
+        }
+    }
+    if let Some(map) = find("map") {
+        for key in ["mcd", "ens", "lap", "blob"] {
+            if let Some(m) = find(key) {
+                row(m, map);
+            }
+        }
+    }
+    out
+}
+
 /// The phases of `times.tsv` (run, phase, seconds, peak RSS MiB, commit)
 /// as a Markdown table, and their total seconds.
 pub fn times_table(tsv: &str) -> (String, u64) {
@@ -282,18 +363,22 @@ pub fn times_table(tsv: &str) -> (String, u64) {
 }
 
 /// `melora study-report`: writes `in-distribution.md`, `ood.md`,
-/// `uncertainty.md`, `times.md`, `study.json` and a reliability diagram
-/// per method (seed 0, ARC-Easy test) into `out`; returns the three
-/// tables.
+/// `uncertainty.md`, `differences.md`, `times.md`, `study.json` and a
+/// reliability diagram per method (seed 0, ARC-Easy test) into `out`;
+/// returns the four tables.
 pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     std::fs::create_dir_all(out).map_err(|e| LlamaError::write(out, e))?;
     let collected = collect(runs, seeds)?;
     let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());
+    let seeded: Vec<(&str, &str, Vec<(u64, Summary)>)> =
+        collected.iter().map(|c| (c.key, c.label, c.seeds.iter().copied().zip(c.summaries.iter().cloned()).collect())).collect();
+    let diff = differences(&seeded, seeds.len());
     let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
     write("in-distribution.md", &id)?;
     write("ood.md", &ood)?;
     write("uncertainty.md", &unc)?;
+    write("differences.md", &diff)?;
     let tsv_path = runs.join("times.tsv");
     if let Ok(tsv) = std::fs::read_to_string(&tsv_path) {
         let (table, total) = times_table(&tsv);
@@ -308,7 +393,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
         row.spread = Some(Spread::of(probs, None));
         write_results(&out.join("reliability").join(c.key), &[row])?;
     }
-    Ok(format!("{id}\n{ood}\n{unc}"))
+    Ok(format!("{id}\n{ood}\n{unc}\n{diff}"))
 }
 
 #[cfg(test)]
@@ -358,5 +443,41 @@ mod tests {
         assert_eq!(s.auroc_epistemic, Some(0.25));
         // One member: no epistemic AUROC.
         assert_eq!(Summary::of(&a).auroc_epistemic, None);
+    }
+    fn summary(accuracy: f64, nll: f64) -> Summary {
+        let m = Metrics { count: 1000, accuracy, nll, ece: accuracy / 10.0, brier: nll / 4.0 };
+        Summary {
+            samples: 1,
+            metrics: BTreeMap::from([(IN_DISTRIBUTION.to_string(), m)]),
+            uncertainty: BTreeMap::new(),
+            auroc_total: None,
+            auroc_epistemic: None,
+        }
+    }
+
+    #[test]
+    fn differences_pair_by_seed_and_the_ensemble_with_every_seed() {
+        let map = ("map", "MAP", vec![(0, summary(0.70, 1.0)), (1, summary(0.71, 1.1)), (2, summary(0.72, 1.2))]);
+        let ens = ("ens", "ENS", vec![(0, summary(0.75, 0.9))]);
+        let lap = ("lap", "LAP", vec![(1, summary(0.68, 1.0))]);
+        // BLoB has only seed 2, melora's Me-LoRA only 0 and 1: no pair.
+        let blob = ("blob", "BLoB", vec![(2, summary(0.80, 1.0))]);
+        let melora = ("melora", "Me-LoRA", vec![(0, summary(0.72, 1.05)), (1, summary(0.71, 1.0))]);
+        let table = differences(&[map, ens, lap, blob, melora], 3);
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+        // Me-LoRA minus MAP on seeds 0 and 1: ACC +2 and 0 points, NLL
+        // +0.05 and -0.1; ECE is ACC / 10, Brier NLL / 4.
+        assert_eq!(rows[0], "| Me-LoRA | MAP | 0, 1 | +1.00 ± 1.41 (n = 2) | +0.10 ± 0.14 (n = 2) | -0.025 ± 0.106 (n = 2) | -0.006 ± 0.027 (n = 2) |");
+        // Me-LoRA minus the ensemble: each of its seeds against the one ENS.
+        assert_eq!(rows[1], "| Me-LoRA | ENS | 0, 1 | -3.50 ± 0.71 (n = 2) | -0.35 ± 0.07 (n = 2) | +0.125 ± 0.035 (n = 2) | +0.031 ± 0.009 (n = 2) |");
+        // LAP's only seed is 1, which Me-LoRA has: one pair, no spread.
+        assert_eq!(rows[2], "| Me-LoRA | LAP | 1 | +3.00 (n = 1) | +0.30 (n = 1) | +0.000 (n = 1) | +0.000 (n = 1) |");
+        // Against MAP: ENS minus each MAP seed (3 pairs), LAP on seed 1;
+        // BLoB's seed 2 against MAP's seed 2.
+        assert_eq!(rows[3], "| ENS | MAP | 0, 1, 2 | +4.00 ± 1.00 | +0.40 ± 0.10 | -0.200 ± 0.100 | -0.050 ± 0.025 |");
+        assert_eq!(rows[4], "| LAP | MAP | 1 | -3.00 (n = 1) | -0.30 (n = 1) | -0.100 (n = 1) | -0.025 (n = 1) |");
+        assert_eq!(rows[5], "| BLoB | MAP | 2 | +8.00 (n = 1) | +0.80 (n = 1) | -0.200 (n = 1) | -0.050 (n = 1) |");
+        // Me-LoRA against BLoB (no common seed) and methods that are missing: no rows.
+        assert_eq!(rows.len(), 6);
     }
 }
