@@ -444,6 +444,7 @@ mod tests {
         // One member: no epistemic AUROC.
         assert_eq!(Summary::of(&a).auroc_epistemic, None);
     }
+
     fn summary(accuracy: f64, nll: f64) -> Summary {
         let m = Metrics { count: 1000, accuracy, nll, ece: accuracy / 10.0, brier: nll / 4.0 };
         Summary {
