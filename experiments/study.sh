@@ -110,7 +110,9 @@ timed() { # run phase command...
   local t0 rss=- status=0 rss_file="$RUNS/.rss-$run-$phase"; t0=$(date +%s)
   if [ -x /usr/bin/time ]; then
     /usr/bin/time -f '%M' -o "$rss_file" "$@" || status=$?
-    rss=$(( $(tail -n 1 "$rss_file") / 1024 ))
+    # A command killed by a signal leaves no peak in the file: then "-".
+    local kib; kib=$(tail -n 1 "$rss_file" 2>/dev/null || true)
+    [[ $kib =~ ^[0-9]+$ ]] && rss=$(( kib / 1024 ))
   else
     "$@" || status=$?
   fi
