@@ -86,6 +86,8 @@ impl EvalSet {
 /// What the tables report of one evaluation folder.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
+    /// The run's seed (`None` for the zero-shot model and the ensemble).
+    pub seed: Option<u64>,
     /// Samples per example.
     pub samples: usize,
     /// Metrics per task.
@@ -115,6 +117,7 @@ impl Summary {
         let score = |f: fn(&Uncertainty) -> f64| auroc(&outside.iter().map(f).collect::<Vec<_>>(), &inside.iter().map(f).collect::<Vec<_>>());
         let samples = set.tasks.values().map(|p| p.samples).min().unwrap_or(1);
         Self {
+            seed: None,
             samples,
             metrics,
             uncertainty,
@@ -124,20 +127,27 @@ impl Summary {
     }
 }
 
+/// The scaled mean and sample standard deviation (`n - 1`; 0 for one
+/// value) of `values`, and " (n = k)" when their count is not `want`;
+/// `None` for no values.
+fn spread(values: &[f64], scale: f64, want: usize) -> Option<(f64, f64, String)> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
+    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
+    Some((scale * mean, scale * var.sqrt(), count))
+}
+
 /// Mean and sample standard deviation (`n - 1`) of the present values,
 /// formatted with `digits` decimals after scaling by `scale`, with the
 /// count when it is not `want`; one value has no spread, so it is printed
 /// alone (with its count when more were wanted: a method whose other seeds
 /// have not finished).
 pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
-    if values.is_empty() {
-        return "-".into();
-    }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
-    let (mean, std) = (scale * mean, scale * var.sqrt());
+    let Some((mean, std, count)) = spread(values, scale, want) else { return "-".into() };
     // One value (a single run by design, zero-shot or the ensemble, or the
     // one finished seed so far): its value, no spread.
     if values.len() == 1 {
@@ -159,8 +169,6 @@ pub struct Collected {
     pub label: &'static str,
     /// One summary per finished seed (one for zero-shot and ENS).
     pub summaries: Vec<Summary>,
-    /// The seed of each summary (0 for zero-shot and ENS).
-    pub seeds: Vec<u64>,
     /// The first seed's evaluation (the ensemble, the zero-shot model):
     /// its reliability diagram.
     pub first: Option<EvalSet>,
@@ -189,11 +197,11 @@ pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<Collected>> {
                 sets
             }
         };
-        let summaries = sets.iter().map(|(_, s)| Summary::of(s)).collect();
-        let seeds_done = sets.iter().map(|(seed, _)| *seed).collect();
-        let first_seed = if matches!(key, "zero-shot" | "ens") { Some(0) } else { seeds.first().copied() };
+        let per_seed = !matches!(key, "zero-shot" | "ens");
+        let summaries = sets.iter().map(|(seed, s)| Summary { seed: per_seed.then_some(*seed), ..Summary::of(s) }).collect();
+        let first_seed = if per_seed { seeds.first().copied() } else { Some(0) };
         let first = sets.into_iter().find(|(seed, _)| Some(*seed) == first_seed).map(|(_, s)| s);
-        out.push(Collected { key, label, summaries, seeds: seeds_done, first });
+        out.push(Collected { key, label, summaries, first });
     }
     Ok(out)
 }
@@ -272,17 +280,11 @@ pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> (String, 
 /// after scaling by `scale`, with the count when it is not `want` (one pair:
 /// its value alone).
 fn difference_cell(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
-    if values.is_empty() {
-        return "-".into();
+    match spread(values, scale, want) {
+        None => "-".into(),
+        Some((mean, _, count)) if values.len() == 1 => format!("{mean:+.digits$}{count}"),
+        Some((mean, std, count)) => format!("{mean:+.digits$} ± {std:.digits$}{count}"),
     }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
-    if values.len() == 1 {
-        return format!("{:+.digits$}{count}", scale * mean);
-    }
-    let std = (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-    format!("{:+.digits$} ± {:.digits$}{count}", scale * mean, scale * std)
 }
 
 /// The comparisons the study is about: each Me-LoRA against each baseline
@@ -292,7 +294,7 @@ fn difference_cell(values: &[f64], scale: f64, digits: usize, want: usize) -> St
 /// evaluation the same test questions), so the spread is that of the
 /// paired difference; against the one ensemble, each seed of the method
 /// minus the ensemble (and the ensemble minus each MAP seed).
-pub fn differences(methods: &[(&str, &str, Vec<(u64, Summary)>)], seeds: usize) -> String {
+pub fn differences(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> String {
     let find = |key: &str| methods.iter().find(|(k, _, _)| *k == key);
     let mut out = String::from(
         "ARC-Easy test: method minus baseline, mean ± std over the seeds both have finished (paired by seed; \
@@ -301,12 +303,12 @@ pub fn differences(methods: &[(&str, &str, Vec<(u64, Summary)>)], seeds: usize) 
          | method | minus | seeds | ΔACC (points) | ΔECE (points) | ΔNLL | ΔBrier |\n\
          |---|---|---|---:|---:|---:|---:|\n",
     );
-    let mut row = |(key, label, runs): &(&str, &str, Vec<(u64, Summary)>), (base_key, base_label, base): &(&str, &str, Vec<(u64, Summary)>)| {
+    let mut row = |(key, label, runs): &(&str, &str, Vec<Summary>), (base_key, base_label, base): &(&str, &str, Vec<Summary>)| {
         // (seed, method, baseline): the one ensemble against every seed of the other side.
-        let pairs: Vec<(u64, &Summary, &Summary)> = match (*key, *base_key) {
-            ("ens", _) => runs.first().map(|(_, e)| base.iter().map(|(seed, b)| (*seed, e, b)).collect()).unwrap_or_default(),
-            (_, "ens") => base.first().map(|(_, e)| runs.iter().map(|(seed, s)| (*seed, s, e)).collect()).unwrap_or_default(),
-            _ => runs.iter().filter_map(|(seed, s)| base.iter().find(|(b, _)| b == seed).map(|(_, b)| (*seed, s, b))).collect(),
+        let pairs: Vec<(Option<u64>, &Summary, &Summary)> = match (*key, *base_key) {
+            ("ens", _) => runs.first().map(|e| base.iter().map(|b| (b.seed, e, b)).collect()).unwrap_or_default(),
+            (_, "ens") => base.first().map(|e| runs.iter().map(|s| (s.seed, s, e)).collect()).unwrap_or_default(),
+            _ => runs.iter().filter_map(|s| base.iter().find(|b| b.seed == s.seed).map(|b| (s.seed, s, b))).collect(),
         };
         let d = |f: fn(&Metrics) -> f64| -> Vec<f64> {
             pairs
@@ -317,7 +319,7 @@ pub fn differences(methods: &[(&str, &str, Vec<(u64, Summary)>)], seeds: usize) 
         if pairs.is_empty() {
             return;
         }
-        let seed_list = pairs.iter().map(|(seed, _, _)| seed.to_string()).collect::<Vec<_>>().join(", ");
+        let seed_list = pairs.iter().filter_map(|(seed, _, _)| seed.map(|s| s.to_string())).collect::<Vec<_>>().join(", ");
         out.push_str(&format!(
             "| {label} | {base_label} | {seed_list} | {} | {} | {} | {} |\n",
             difference_cell(&d(|m| m.accuracy), 100.0, 2, seeds),
@@ -371,9 +373,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     let collected = collect(runs, seeds)?;
     let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());
-    let seeded: Vec<(&str, &str, Vec<(u64, Summary)>)> =
-        collected.iter().map(|c| (c.key, c.label, c.seeds.iter().copied().zip(c.summaries.iter().cloned()).collect())).collect();
-    let diff = differences(&seeded, seeds.len());
+    let diff = differences(&methods, seeds.len());
     let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
     write("in-distribution.md", &id)?;
     write("ood.md", &ood)?;
@@ -445,9 +445,10 @@ mod tests {
         assert_eq!(Summary::of(&a).auroc_epistemic, None);
     }
 
-    fn summary(accuracy: f64, nll: f64) -> Summary {
+    fn summary(seed: Option<u64>, accuracy: f64, nll: f64) -> Summary {
         let m = Metrics { count: 1000, accuracy, nll, ece: accuracy / 10.0, brier: nll / 4.0 };
         Summary {
+            seed,
             samples: 1,
             metrics: BTreeMap::from([(IN_DISTRIBUTION.to_string(), m)]),
             uncertainty: BTreeMap::new(),
@@ -458,12 +459,12 @@ mod tests {
 
     #[test]
     fn differences_pair_by_seed_and_the_ensemble_with_every_seed() {
-        let map = ("map", "MAP", vec![(0, summary(0.70, 1.0)), (1, summary(0.71, 1.1)), (2, summary(0.72, 1.2))]);
-        let ens = ("ens", "ENS", vec![(0, summary(0.75, 0.9))]);
-        let lap = ("lap", "LAP", vec![(1, summary(0.68, 1.0))]);
+        let map = ("map", "MAP", vec![summary(Some(0), 0.70, 1.0), summary(Some(1), 0.71, 1.1), summary(Some(2), 0.72, 1.2)]);
+        let ens = ("ens", "ENS", vec![summary(None, 0.75, 0.9)]);
+        let lap = ("lap", "LAP", vec![summary(Some(1), 0.68, 1.0)]);
         // BLoB has only seed 2, melora's Me-LoRA only 0 and 1: no pair.
-        let blob = ("blob", "BLoB", vec![(2, summary(0.80, 1.0))]);
-        let melora = ("melora", "Me-LoRA", vec![(0, summary(0.72, 1.05)), (1, summary(0.71, 1.0))]);
+        let blob = ("blob", "BLoB", vec![summary(Some(2), 0.80, 1.0)]);
+        let melora = ("melora", "Me-LoRA", vec![summary(Some(0), 0.72, 1.05), summary(Some(1), 0.71, 1.0)]);
         let table = differences(&[map, ens, lap, blob, melora], 3);
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
         // Me-LoRA minus MAP on seeds 0 and 1: ACC +2 and 0 points, NLL
