@@ -12,7 +12,10 @@
 use crate::error::{LlamaError, Result};
 use crate::eval::SampledProbs;
 use crate::report::{write_results, ResultRow, Spread};
-use melora_core::{auroc, Metrics, Uncertainty};
+use melora_core::metrics::ECE_BINS;
+use melora_core::{auroc, ClassProbs, Metrics, Uncertainty};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -172,6 +175,9 @@ pub struct Collected {
     /// The first seed's evaluation (the ensemble, the zero-shot model):
     /// its reliability diagram.
     pub first: Option<EvalSet>,
+    /// Each summary's seed and in-distribution predictions (the model
+    /// average), in the order of `summaries`: the bootstrap over questions.
+    pub in_distribution: Vec<(Option<u64>, ClassProbs)>,
 }
 
 /// Every method's summaries, each evaluation folder read once.
@@ -198,10 +204,15 @@ pub fn collect(runs: &Path, seeds: &[u64]) -> Result<Vec<Collected>> {
             }
         };
         let per_seed = !matches!(key, "zero-shot" | "ens");
-        let summaries = sets.iter().map(|(seed, s)| Summary { seed: per_seed.then_some(*seed), ..Summary::of(s) }).collect();
+        let summaries: Vec<Summary> = sets.iter().map(|(seed, s)| Summary { seed: per_seed.then_some(*seed), ..Summary::of(s) }).collect();
+        let in_distribution = sets
+            .iter()
+            .zip(&summaries)
+            .filter_map(|((_, set), summary)| set.tasks.get(IN_DISTRIBUTION).map(|p| (summary.seed, p.average())))
+            .collect();
         let first_seed = if per_seed { seeds.first().copied() } else { Some(0) };
         let first = sets.into_iter().find(|(seed, _)| Some(*seed) == first_seed).map(|(_, s)| s);
-        out.push(Collected { key, label, summaries, first });
+        out.push(Collected { key, label, summaries, first, in_distribution });
     }
     Ok(out)
 }
@@ -287,15 +298,48 @@ fn difference_cell(values: &[f64], scale: f64, digits: usize, want: usize) -> St
     }
 }
 
-/// The comparisons the study is about: each Me-LoRA against each baseline
-/// and against the other Me-LoRA, and every method against MAP, on
-/// ARC-Easy test. Two per-seed methods are paired by seed (a seed gives
-/// every method the same training questions in the same order, and every
-/// evaluation the same test questions), so the spread is that of the
-/// paired difference; against the one ensemble, each seed of the method
-/// minus the ensemble (and the ensemble minus each MAP seed).
+/// The comparisons the study is about, in `differences.md`'s order (method,
+/// baseline): each Me-LoRA against each baseline and against the other
+/// Me-LoRA, then every method against MAP.
+fn comparisons() -> Vec<(&'static str, &'static str)> {
+    let mut out = Vec::new();
+    for key in ["melora", "melora-paper"] {
+        for base in ["map", "mcd", "ens", "lap", "blob", "melora-paper"] {
+            if base != key {
+                out.push((key, base));
+            }
+        }
+    }
+    out.extend(["mcd", "ens", "lap", "blob"].map(|key| (key, "map")));
+    out
+}
+
+/// The pairs of one comparison, `(seed, method's, baseline's)`: two
+/// per-seed methods paired by seed (a seed gives every method the same
+/// training questions in the same order, and every evaluation the same
+/// test questions); the one ensemble against every seed of the other side.
+fn pair_up<'a, T>(
+    (key, runs): (&str, &'a [(Option<u64>, T)]),
+    (base_key, base): (&str, &'a [(Option<u64>, T)]),
+) -> Vec<(Option<u64>, &'a T, &'a T)> {
+    match (key, base_key) {
+        ("ens", _) => runs.first().map(|(_, e)| base.iter().map(|(seed, b)| (*seed, e, b)).collect()).unwrap_or_default(),
+        (_, "ens") => base.first().map(|(_, e)| runs.iter().map(|(seed, s)| (*seed, s, e)).collect()).unwrap_or_default(),
+        _ => runs
+            .iter()
+            .filter_map(|(seed, s)| base.iter().find(|(b_seed, _)| b_seed == seed).map(|(_, b)| (*seed, s, b)))
+            .collect(),
+    }
+}
+
+/// The seeds of some pairs, as a table cell.
+fn seed_list<T, U>(pairs: &[(Option<u64>, T, U)]) -> String {
+    pairs.iter().filter_map(|(seed, _, _)| seed.map(|s| s.to_string())).collect::<Vec<_>>().join(", ")
+}
+
+/// The comparisons of [`comparisons`] on ARC-Easy test, as Markdown: each
+/// difference's mean and standard deviation over its pairs ([`pair_up`]).
 pub fn differences(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> String {
-    let find = |key: &str| methods.iter().find(|(k, _, _)| *k == key);
     let mut out = String::from(
         "ARC-Easy test: method minus baseline, mean ± std over the seeds both have finished (paired by seed; \
          ENS, the one ensemble, against each seed of the other side). Higher ACC is better; lower ECE, NLL \
@@ -303,47 +347,154 @@ pub fn differences(methods: &[(&str, &str, Vec<Summary>)], seeds: usize) -> Stri
          | method | minus | seeds | ΔACC (points) | ΔECE (points) | ΔNLL | ΔBrier |\n\
          |---|---|---|---:|---:|---:|---:|\n",
     );
-    let mut row = |(key, label, runs): &(&str, &str, Vec<Summary>), (base_key, base_label, base): &(&str, &str, Vec<Summary>)| {
-        // (seed, method, baseline): the one ensemble against every seed of the other side.
-        let pairs: Vec<(Option<u64>, &Summary, &Summary)> = match (*key, *base_key) {
-            ("ens", _) => runs.first().map(|e| base.iter().map(|b| (b.seed, e, b)).collect()).unwrap_or_default(),
-            (_, "ens") => base.first().map(|e| runs.iter().map(|s| (s.seed, s, e)).collect()).unwrap_or_default(),
-            _ => runs.iter().filter_map(|s| base.iter().find(|b| b.seed == s.seed).map(|b| (s.seed, s, b))).collect(),
+    let by_seed = |s: &[Summary]| -> Vec<(Option<u64>, Summary)> { s.iter().map(|x| (x.seed, x.clone())).collect() };
+    for (key, base_key) in comparisons() {
+        let (Some((_, label, runs)), Some((_, base_label, base))) =
+            (methods.iter().find(|m| m.0 == key), methods.iter().find(|m| m.0 == base_key))
+        else {
+            continue;
         };
+        let (runs, base) = (by_seed(runs), by_seed(base));
+        let pairs = pair_up((key, &runs), (base_key, &base));
+        if pairs.is_empty() {
+            continue;
+        }
         let d = |f: fn(&Metrics) -> f64| -> Vec<f64> {
             pairs
                 .iter()
                 .filter_map(|(_, s, b)| Some(f(s.metrics.get(IN_DISTRIBUTION)?) - f(b.metrics.get(IN_DISTRIBUTION)?)))
                 .collect()
         };
-        if pairs.is_empty() {
-            return;
-        }
-        let seed_list = pairs.iter().filter_map(|(seed, _, _)| seed.map(|s| s.to_string())).collect::<Vec<_>>().join(", ");
         out.push_str(&format!(
-            "| {label} | {base_label} | {seed_list} | {} | {} | {} | {} |\n",
+            "| {label} | {base_label} | {} | {} | {} | {} | {} |\n",
+            seed_list(&pairs),
             difference_cell(&d(|m| m.accuracy), 100.0, 2, seeds),
             difference_cell(&d(|m| m.ece), 100.0, 2, seeds),
             difference_cell(&d(|m| m.nll), 1.0, 3, seeds),
             difference_cell(&d(|m| m.brier), 1.0, 3, seeds),
         ));
-    };
-    for key in ["melora", "melora-paper"] {
-        let Some(m) = find(key) else { continue };
-        for base in ["map", "mcd", "ens", "lap", "blob", "melora-paper"] {
-            if base != key {
-                if let Some(b) = find(base) {
-                    row(m, b);
-                }
-            }
-        }
     }
-    if let Some(map) = find("map") {
-        for key in ["mcd", "ens", "lap", "blob"] {
-            if let Some(m) = find(key) {
-                row(m, map);
-            }
+    out
+}
+
+/// One example's share of the summary metrics: whether its top class is
+/// the label, its NLL and Brier terms, its top-label confidence and ECE bin.
+struct ExampleScore {
+    correct: f64,
+    nll: f64,
+    brier: f64,
+    confidence: f64,
+    bin: usize,
+}
+
+/// Each example's [`ExampleScore`], from [`ClassProbs`]' own metrics of the
+/// example alone (so a resample's metrics are those `ClassProbs` would
+/// give for the resampled questions).
+fn example_scores(probs: &ClassProbs) -> Vec<ExampleScore> {
+    probs
+        .rows()
+        .zip(probs.labels())
+        .map(|(row, &y)| {
+            let one = ClassProbs::new(row.to_vec(), probs.classes(), vec![y]).expect("a row of a valid ClassProbs");
+            let m = one.metrics();
+            let bin = one.reliability(ECE_BINS).iter().position(|b| b.count == 1).expect("one example in one bin");
+            ExampleScore { correct: m.accuracy, nll: m.nll, brier: m.brier, confidence: one.top()[0].1, bin }
+        })
+        .collect()
+}
+
+/// Accuracy, ECE, NLL and Brier of the examples `idx` (repeats allowed).
+fn resampled_metrics(scores: &[ExampleScore], idx: &[usize]) -> [f64; 4] {
+    let n = idx.len().max(1) as f64;
+    let (mut correct, mut nll, mut brier) = (0.0, 0.0, 0.0);
+    // Per bin, the sum of (correct - confidence): n_b |acc_b - conf_b|.
+    let mut gap = [0f64; ECE_BINS];
+    for &i in idx {
+        let e = &scores[i];
+        correct += e.correct;
+        nll += e.nll;
+        brier += e.brier;
+        gap[e.bin] += e.correct - e.confidence;
+    }
+    [correct / n, gap.iter().map(|g| g.abs()).sum::<f64>() / n, nll / n, brier / n]
+}
+
+/// The paired bootstrap over test questions of a comparison's difference
+/// in accuracy, ECE, NLL and Brier, averaged over its pairs `(method,
+/// baseline)`: each of `resamples` draws takes the questions with
+/// replacement (the same draw for every pair: every evaluation holds the
+/// same questions) and recomputes every metric; returns each metric's
+/// central 95% interval of the draws, `None` when the pairs do not hold
+/// the same labels (not the same questions) or there are none.
+pub fn paired_bootstrap(pairs: &[(&ClassProbs, &ClassProbs)], resamples: usize, seed: u64) -> Option<[(f64, f64); 4]> {
+    let labels = pairs.first()?.0.labels();
+    if labels.is_empty() || resamples == 0 || pairs.iter().any(|(a, b)| a.labels() != labels || b.labels() != labels) {
+        return None;
+    }
+    let scored: Vec<(Vec<ExampleScore>, Vec<ExampleScore>)> = pairs.iter().map(|(a, b)| (example_scores(a), example_scores(b))).collect();
+    let n = labels.len();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut draws: [Vec<f64>; 4] = Default::default();
+    let mut idx = vec![0usize; n];
+    for _ in 0..resamples {
+        idx.iter_mut().for_each(|i| *i = rng.random_range(0..n));
+        let mut mean = [0f64; 4];
+        for (a, b) in &scored {
+            let (ma, mb) = (resampled_metrics(a, &idx), resampled_metrics(b, &idx));
+            (0..4).for_each(|m| mean[m] += (ma[m] - mb[m]) / scored.len() as f64);
         }
+        (0..4).for_each(|m| draws[m].push(mean[m]));
+    }
+    Some(draws.map(|mut d| {
+        d.sort_by(|x, y| x.total_cmp(y));
+        let at = |q: f64| d[((d.len() - 1) as f64 * q).round() as usize];
+        (at(0.025), at(0.975))
+    }))
+}
+
+/// The bootstrap resamples behind `differences.md`'s intervals.
+pub const BOOTSTRAP_RESAMPLES: usize = 2000;
+
+/// [`differences`]' comparisons with [`paired_bootstrap`]'s 95% interval
+/// of each seed-mean difference over test questions, as Markdown: what the
+/// choice of the 1000 test questions alone could move a difference by
+/// (the seed-to-seed spread is the other table's). An interval that
+/// excludes 0 is in bold.
+pub fn bootstrap_differences(methods: &[(&str, &str, Vec<(Option<u64>, ClassProbs)>)], resamples: usize) -> String {
+    let mut out = format!(
+        "ARC-Easy test: the same differences, averaged over the paired seeds, with the central 95% interval of that \
+         mean over {resamples} paired bootstrap resamples of the test questions (the same resample for every run: \
+         what the choice of test questions alone could move the difference by, given the trained models; the seed \
+         spread is the table above). In bold: an interval that excludes 0.\n\n\
+         | method | minus | seeds | ΔACC (points) | ΔECE (points) | ΔNLL | ΔBrier |\n\
+         |---|---|---|---:|---:|---:|---:|\n"
+    );
+    for (k, (key, base_key)) in comparisons().into_iter().enumerate() {
+        let (Some((_, label, runs)), Some((_, base_label, base))) =
+            (methods.iter().find(|m| m.0 == key), methods.iter().find(|m| m.0 == base_key))
+        else {
+            continue;
+        };
+        let pairs = pair_up((key, runs), (base_key, base));
+        let probs: Vec<(&ClassProbs, &ClassProbs)> = pairs.iter().map(|(_, a, b)| (*a, *b)).collect();
+        // Each comparison its own seeded stream: a row does not move when another is added.
+        let Some(intervals) = paired_bootstrap(&probs, resamples, k as u64) else { continue };
+        let cell = |(lo, hi): (f64, f64), scale: f64, digits: usize| {
+            let text = format!("{:+.digits$} to {:+.digits$}", scale * lo, scale * hi);
+            if lo > 0.0 || hi < 0.0 {
+                format!("**{text}**")
+            } else {
+                text
+            }
+        };
+        out.push_str(&format!(
+            "| {label} | {base_label} | {} | {} | {} | {} | {} |\n",
+            seed_list(&pairs),
+            cell(intervals[0], 100.0, 2),
+            cell(intervals[1], 100.0, 2),
+            cell(intervals[2], 1.0, 3),
+            cell(intervals[3], 1.0, 3),
+        ));
     }
     out
 }
@@ -373,7 +524,9 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     let collected = collect(runs, seeds)?;
     let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());
-    let diff = differences(&methods, seeds.len());
+    let predictions: Vec<(&str, &str, Vec<(Option<u64>, ClassProbs)>)> =
+        collected.iter().map(|c| (c.key, c.label, c.in_distribution.clone())).collect();
+    let diff = format!("{}\n{}", differences(&methods, seeds.len()), bootstrap_differences(&predictions, BOOTSTRAP_RESAMPLES));
     let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
     write("in-distribution.md", &id)?;
     write("ood.md", &ood)?;
@@ -481,5 +634,82 @@ mod tests {
         assert_eq!(rows[5], "| BLoB | MAP | 2 | +8.00 (n = 1) | +0.80 (n = 1) | -0.200 (n = 1) | -0.050 (n = 1) |");
         // Me-LoRA against BLoB (no common seed) and methods that are missing: no rows.
         assert_eq!(rows.len(), 6);
+    }
+
+    /// `n` examples of 3 classes whose top confidences fall in many ECE
+    /// bins, the label the top class on every other example.
+    fn spread_probs(n: usize) -> ClassProbs {
+        let mut probs = Vec::new();
+        let mut labels = Vec::new();
+        for i in 0..n {
+            let top = 0.34 + 0.65 * (i as f64 / n as f64);
+            probs.extend([top, (1.0 - top) * 0.7, (1.0 - top) * 0.3]);
+            labels.push(if i % 2 == 0 { 0 } else { 1 + i % 2 });
+        }
+        ClassProbs::new(probs, 3, labels).unwrap()
+    }
+
+    #[test]
+    fn every_question_once_gives_the_class_probs_own_metrics() {
+        let probs = spread_probs(97);
+        let m = probs.metrics();
+        let got = resampled_metrics(&example_scores(&probs), &(0..97).collect::<Vec<_>>());
+        for (g, want) in got.iter().zip([m.accuracy, m.ece, m.nll, m.brier]) {
+            assert!((g - want).abs() < 1e-12, "{got:?} against {m:?}");
+        }
+        // A repeated question counts twice: the metrics of the set with it written twice.
+        let twice = ClassProbs::new([probs.probs(), &probs.probs()[..3]].concat(), 3, [probs.labels(), &probs.labels()[..1]].concat()).unwrap();
+        let m = twice.metrics();
+        let got = resampled_metrics(&example_scores(&probs), &[(0..97).collect::<Vec<_>>(), vec![0]].concat());
+        for (g, want) in got.iter().zip([m.accuracy, m.ece, m.nll, m.brier]) {
+            assert!((g - want).abs() < 1e-12, "{got:?} against {m:?}");
+        }
+    }
+
+    #[test]
+    fn the_paired_bootstrap_on_hand_computed_cases() {
+        // A run against itself: every resample's difference is 0.
+        let a = spread_probs(50);
+        assert_eq!(paired_bootstrap(&[(&a, &a)], 200, 1), Some([(0.0, 0.0); 4]));
+        // Always right with certainty (ECE 0, NLL 0, Brier 0) against always
+        // wrong with certainty (ECE 1, NLL -ln(f64::MIN_POSITIVE) = 708,
+        // Brier 2): ΔACC +1, ΔECE -1, ΔNLL -708, ΔBrier -2 on every resample.
+        let right = ClassProbs::new(vec![1.0, 0.0, 1.0, 0.0, 0.0, 1.0], 2, vec![0, 0, 1]).unwrap();
+        let wrong = ClassProbs::new(vec![0.0, 1.0, 0.0, 1.0, 1.0, 0.0], 2, vec![0, 0, 1]).unwrap();
+        let [acc, ece, nll, brier] = paired_bootstrap(&[(&right, &wrong)], 100, 2).unwrap();
+        assert_eq!((acc, ece, brier), ((1.0, 1.0), (-1.0, -1.0), (-2.0, -2.0)));
+        assert!(nll.0 == nll.1 && nll.0 < -700.0);
+        // Two questions; the method is right on the first only, the
+        // baseline on neither (both certain): a resample's ΔACC is the
+        // share of its two draws that are the first question, 0, 1/2 or 1
+        // with probabilities 1/4, 1/2, 1/4, so the central 95% runs from 0
+        // to 1. Averaged over two identical pairs: the same.
+        let method = ClassProbs::new(vec![1.0, 0.0, 1.0, 0.0], 2, vec![0, 1]).unwrap();
+        let base = ClassProbs::new(vec![0.0, 1.0, 1.0, 0.0], 2, vec![0, 1]).unwrap();
+        assert_eq!(paired_bootstrap(&[(&method, &base)], 2000, 3).unwrap()[0], (0.0, 1.0));
+        assert_eq!(paired_bootstrap(&[(&method, &base), (&method, &base)], 2000, 3).unwrap()[0], (0.0, 1.0));
+        // Different questions (labels) or nothing to pair: no interval.
+        let other = ClassProbs::new(vec![1.0, 0.0, 1.0, 0.0], 2, vec![0, 0]).unwrap();
+        assert_eq!(paired_bootstrap(&[(&method, &other)], 100, 4), None);
+        assert_eq!(paired_bootstrap(&[(&method, &base), (&other, &other)], 100, 4), None);
+        assert_eq!(paired_bootstrap(&[], 100, 4), None);
+    }
+
+    #[test]
+    fn bootstrap_rows_pair_by_seed_and_bold_the_intervals_that_exclude_zero() {
+        let right = ClassProbs::new(vec![0.9, 0.1, 0.2, 0.8], 2, vec![0, 1]).unwrap();
+        let wrong = ClassProbs::new(vec![0.3, 0.7, 0.6, 0.4], 2, vec![0, 1]).unwrap();
+        let map = ("map", "MAP", vec![(Some(0), wrong.clone()), (Some(1), wrong.clone())]);
+        // BLoB has seed 1 only; melora seeds 0 and 2 (2 has no MAP): one pair each.
+        let blob = ("blob", "BLoB", vec![(Some(1), right.clone())]);
+        let melora = ("melora", "Me-LoRA", vec![(Some(0), wrong.clone()), (Some(2), right.clone())]);
+        let table = bootstrap_differences(&[map, blob, melora], 100);
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+        // Me-LoRA seed 0 is MAP seed 0: 0 on every resample, not bold.
+        assert_eq!(rows[0], "| Me-LoRA | MAP | 0 | +0.00 to +0.00 | +0.00 to +0.00 | +0.000 to +0.000 | +0.000 to +0.000 |");
+        // BLoB is right on both questions where MAP is wrong on both: ΔACC
+        // +100 points on every resample, bold; Me-LoRA and BLoB share no seed.
+        assert!(rows[1].starts_with("| BLoB | MAP | 1 | **+100.00 to +100.00** |"), "{}", rows[1]);
+        assert_eq!(rows.len(), 2);
     }
 }
