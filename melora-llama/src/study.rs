@@ -164,6 +164,10 @@ pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> Strin
     format!("{mean:.digits$} ± {std:.digits$}{count}")
 }
 
+/// A method's in-distribution predictions (the model average), each with
+/// its seed (`None` for the zero-shot model and the ensemble).
+pub type SeedPredictions = Vec<(Option<u64>, ClassProbs)>;
+
 /// One method's evaluations as the tables read them.
 pub struct Collected {
     /// The method's folder name.
@@ -177,7 +181,7 @@ pub struct Collected {
     pub first: Option<EvalSet>,
     /// Each summary's seed and in-distribution predictions (the model
     /// average), in the order of `summaries`: the bootstrap over questions.
-    pub in_distribution: Vec<(Option<u64>, ClassProbs)>,
+    pub in_distribution: SeedPredictions,
 }
 
 /// Every method's summaries, each evaluation folder read once.
@@ -460,7 +464,7 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 /// choice of the 1000 test questions alone could move a difference by
 /// (the seed-to-seed spread is the other table's). An interval that
 /// excludes 0 is in bold.
-pub fn bootstrap_differences(methods: &[(&str, &str, Vec<(Option<u64>, ClassProbs)>)], resamples: usize) -> String {
+pub fn bootstrap_differences(methods: &[(&str, &str, SeedPredictions)], resamples: usize) -> String {
     let mut out = format!(
         "ARC-Easy test: the same differences, averaged over the paired seeds, with the central 95% interval of that \
          mean over {resamples} paired bootstrap resamples of the test questions (the same resample for every run: \
@@ -524,7 +528,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     let collected = collect(runs, seeds)?;
     let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key, c.label, c.summaries.clone())).collect();
     let (id, ood, unc) = tables(&methods, seeds.len());
-    let predictions: Vec<(&str, &str, Vec<(Option<u64>, ClassProbs)>)> =
+    let predictions: Vec<(&str, &str, SeedPredictions)> =
         collected.iter().map(|c| (c.key, c.label, c.in_distribution.clone())).collect();
     let diff = format!("{}\n{}", differences(&methods, seeds.len()), bootstrap_differences(&predictions, BOOTSTRAP_RESAMPLES));
     let write = |name: &str, text: &str| crate::assets::write_atomic(&out.join(name), text.as_bytes());
