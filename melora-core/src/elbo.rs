@@ -2,13 +2,16 @@
 //! reports its KL and its mean/std parameter groups ([`Bayesian`]): a
 //! researcher's own model trains with it as melora's Llama does.
 //!
-//! With [`OptimizerSplit::TwoOptimizers`] (BLoB's code, the paper's Table
-//! 7), AdamW steps the mean parameters on the data NLL, then SGD steps the
-//! mean parameters on the weighted KL and the std parameters on NLL + KL;
-//! with [`OptimizerSplit::Single`], AdamW steps everything on NLL + KL. A
-//! deterministic model (no KL term) takes a plain AdamW step. Burn's
-//! optimisers do the updates (AdamW with optional gradient-norm clipping,
-//! SGD).
+//! With [`OptimizerSplit::StdAdam`] (the default), AdamW steps the mean
+//! parameters and a second Adam the std parameters, both on NLL + KL, each
+//! at its own learning rate; with [`OptimizerSplit::TwoOptimizers`] (BLoB's
+//! code, the paper's Table 7), AdamW steps the mean parameters on the data
+//! NLL, then SGD steps the mean parameters on the weighted KL and the std
+//! parameters on NLL + KL; with [`OptimizerSplit::Single`], AdamW steps
+//! everything on NLL + KL. A deterministic model (no KL term) takes a plain
+//! AdamW step. Burn's optimisers do the updates (AdamW with optional
+//! gradient-norm clipping, SGD). docs/derivations.md section 7 says why the
+//! default is the one whose posterior reaches the ELBO's optimum.
 
 use crate::adapter::ParamGroups;
 use burn::config::Config;
@@ -40,23 +43,46 @@ pub enum OptimizerSplit {
     TwoOptimizers,
     /// AdamW on NLL + KL for every parameter.
     Single,
+    /// AdamW on NLL + KL for the mean parameters at [`Rates::lr`]; Adam
+    /// (no weight decay) on NLL + KL for the std parameters at
+    /// [`Rates::kl_lr`]. Every parameter follows the ELBO's gradient with a
+    /// step of its own scale, so the std parameters reach the optimum in
+    /// as many steps as the means.
+    StdAdam,
 }
 
-/// The optimiser settings of an [`ElboStep`] (the learning rate is given
-/// per step, for schedules).
+/// The learning rates of one step (their schedules are the caller's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rates {
+    /// AdamW's: the mean parameters' (every parameter's under
+    /// [`OptimizerSplit::Single`] and without a KL term).
+    pub lr: f64,
+    /// The second optimiser's: SGD's under [`OptimizerSplit::TwoOptimizers`],
+    /// the std parameters' Adam under [`OptimizerSplit::StdAdam`]; unused
+    /// otherwise.
+    pub kl_lr: f64,
+}
+
+impl Rates {
+    /// AdamW at `lr`, the second optimiser at `kl_lr`.
+    pub fn new(lr: f64, kl_lr: f64) -> Self {
+        Self { lr, kl_lr }
+    }
+}
+
+/// The optimiser settings of an [`ElboStep`] (the learning rates are given
+/// per step, for schedules: [`Rates`]).
 #[derive(Config, Debug)]
 pub struct ElboConfig {
-    /// AdamW's decoupled weight decay.
+    /// AdamW's decoupled weight decay (of the mean parameters; the std
+    /// parameters' Adam of [`OptimizerSplit::StdAdam`] has none).
     #[config(default = 0.0)]
     pub weight_decay: f64,
-    /// Gradient-norm clipping of AdamW's step (`None`: none).
+    /// Gradient-norm clipping of the Adam steps (`None`: none).
     #[config(default = "None")]
     pub grad_clip: Option<f64>,
-    /// SGD's learning rate for the KL step.
-    #[config(default = 0.01)]
-    pub kl_lr: f64,
     /// Which optimisers update which parameters.
-    #[config(default = "OptimizerSplit::TwoOptimizers")]
+    #[config(default = "OptimizerSplit::StdAdam")]
     pub optimizer: OptimizerSplit,
 }
 
@@ -95,8 +121,10 @@ pub struct NonFinite {
 pub struct ElboStep<B: AutodiffBackend, M: Bayesian<B>> {
     /// AdamW (mean parameters, or everything in single-optimiser mode).
     pub adamw: OptimizerAdaptor<AdamW, M, B>,
-    /// SGD for the KL step.
+    /// SGD for the KL step ([`OptimizerSplit::TwoOptimizers`]).
     pub sgd: OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>,
+    /// Adam for the std parameters ([`OptimizerSplit::StdAdam`]).
+    pub std_adam: OptimizerAdaptor<AdamW, M, B>,
     groups: ParamGroups,
     config: ElboConfig,
 }
@@ -104,18 +132,17 @@ pub struct ElboStep<B: AutodiffBackend, M: Bayesian<B>> {
 impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
     /// Optimisers for `model`'s adapters.
     pub fn new(config: ElboConfig, model: &M) -> Self {
-        let mut adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32);
-        if let Some(clip) = config.grad_clip {
-            adamw = adamw.with_grad_clipping(Some(GradientClippingConfig::Norm(clip as f32)));
-        }
-        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), groups: model.param_groups(), config }
+        let clip = config.grad_clip.map(|clip| GradientClippingConfig::Norm(clip as f32));
+        let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).with_grad_clipping(clip.clone());
+        let std_adam = AdamWConfig::new().with_weight_decay(0.0).with_grad_clipping(clip);
+        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), std_adam: std_adam.init(), groups: model.param_groups(), config }
     }
 
     /// One step of `model` on `nll` (the batch's mean NLL, computed by
-    /// `model`, shape `[1]`) at AdamW learning rate `lr`, plus the KL term
-    /// when `kl` is given. A non-finite NLL or KL is returned as
-    /// [`NonFinite`], with the model left untouched.
-    pub fn step(&mut self, model: &mut M, nll: Tensor<B, 1>, lr: f64, kl: Option<KlTerm>) -> Result<StepValues, NonFinite> {
+    /// `model`, shape `[1]`) at learning rates `lr`, plus the KL term when
+    /// `kl` is given. A non-finite NLL or KL is returned as [`NonFinite`],
+    /// with the model left untouched.
+    pub fn step(&mut self, model: &mut M, nll: Tensor<B, 1>, lr: Rates, kl: Option<KlTerm>) -> Result<StepValues, NonFinite> {
         let nll_value: f64 = nll.clone().into_scalar().elem();
         self.run::<std::convert::Infallible>(model, nll, nll_value, lr, kl, None).map_err(|e| match e {
             ReducedStepError::NonFinite(bad) => bad,
@@ -140,7 +167,7 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         model: &mut M,
         nll: Tensor<B, 1>,
         nll_total: f64,
-        lr: f64,
+        lr: Rates,
         kl: Option<KlTerm>,
         reduce: &mut dyn FnMut(GradientsParams) -> Result<GradientsParams, E>,
     ) -> Result<StepValues, ReducedStepError<E>> {
@@ -152,7 +179,7 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         model: &mut M,
         nll: Tensor<B, 1>,
         nll_value: f64,
-        lr: f64,
+        lr: Rates,
         kl: Option<KlTerm>,
         mut reduce: Option<&mut dyn FnMut(GradientsParams) -> Result<GradientsParams, E>>,
     ) -> Result<StepValues, ReducedStepError<E>> {
@@ -167,7 +194,7 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         let current = model.clone();
         let Some(term) = kl else {
             let grads = reduced(GradientsParams::from_grads(nll.backward(), &current))?;
-            *model = self.adamw.step(lr, current, grads);
+            *model = self.adamw.step(lr.lr, current, grads);
             return Ok(StepValues { nll: nll_value, kl: 0.0 });
         };
         // The KL itself is reported (dividing the weighted one by the
@@ -182,13 +209,29 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         *model = match self.config.optimizer {
             OptimizerSplit::Single if !parallel => {
                 let grads = GradientsParams::from_grads(nll.add(kl).backward(), &current);
-                self.adamw.step(lr, current, grads)
+                self.adamw.step(lr.lr, current, grads)
             }
             OptimizerSplit::Single => {
                 let data = reduced(GradientsParams::from_grads(nll.backward(), &current))?;
                 let mut grads = GradientsParams::from_grads(kl.backward(), &current);
                 add_into::<B>(&mut grads, data, &groups.all());
-                self.adamw.step(lr, current, grads)
+                self.adamw.step(lr.lr, current, grads)
+            }
+            OptimizerSplit::StdAdam => {
+                let (mean, std) = if parallel {
+                    let mut nll_grads = nll.backward();
+                    let mut kl_grads = kl.backward();
+                    let mut mean = GradientsParams::from_params(&mut kl_grads, &current, &groups.mean);
+                    let mut std = GradientsParams::from_params(&mut kl_grads, &current, &groups.std);
+                    add_into::<B>(&mut mean, reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.mean))?, &groups.mean);
+                    add_into::<B>(&mut std, reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.std))?, &groups.std);
+                    (mean, std)
+                } else {
+                    let mut grads = nll.add(kl).backward();
+                    (GradientsParams::from_params(&mut grads, &current, &groups.mean), GradientsParams::from_params(&mut grads, &current, &groups.std))
+                };
+                let updated = self.adamw.step(lr.lr, current, mean);
+                self.std_adam.step(lr.kl_lr, updated, std)
             }
             OptimizerSplit::TwoOptimizers => {
                 let mut nll_grads = nll.backward();
@@ -197,8 +240,8 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
                 let std_nll = reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.std))?;
                 let mut sgd_grads = GradientsParams::from_params(&mut kl_grads, &current, &groups.all());
                 add_into::<B>(&mut sgd_grads, std_nll, &groups.std);
-                let updated = self.adamw.step(lr, current, mean);
-                self.sgd.step(self.config.kl_lr, updated, sgd_grads)
+                let updated = self.adamw.step(lr.lr, current, mean);
+                self.sgd.step(lr.kl_lr, updated, sgd_grads)
             }
         };
         Ok(StepValues { nll: nll_value, kl: kl_value })

@@ -218,18 +218,35 @@ pub fn blob_kl<B: Backend>(mean: Tensor<B, 2>, omega: Tensor<B, 2>, prior_std: f
         .add_scalar(count * (prior_std.ln() - 0.5))
 }
 
-/// How the KL term is weighted at each step (method.md section 2).
+/// How the KL term is weighted at each step: [`KlSchedule::weight`] is the
+/// weight the summed KL enters a step's loss with, beside the batch's mean
+/// NLL.
 #[derive(Config, Debug, Copy, PartialEq)]
 pub enum KlSchedule {
-    /// BLoB's schedule: within each cycle of `period` steps, step `i`
-    /// (0-based) has weight `2^i / (2^period - 1)`; a cycle's weights sum to 1.
+    /// BLoB's cycle, averaging to the per-example ELBO: within each cycle
+    /// of `period` steps, counted over the whole run, step `i` (0-based)
+    /// has weight `2^i / (2^period - 1) * period / N`; a cycle's weights sum
+    /// to `period / N`.
     Blob {
-        /// The cycle length `M` (BLoB: the number of minibatches per epoch).
+        /// The cycle length.
         period: usize,
     },
-    /// A constant weight.
+    /// The weighting of BLoB's code (bayesian-peft, `modelwrappers/blob.py`,
+    /// `BLoB.fit` with `--bayes-klreweighting`): the 0-based step `t`,
+    /// counted over the whole run, has weight `2^i / (2^(M+1) - 1)` with
+    /// `i = t mod M + 1`, on the summed KL (not divided by `N`). With
+    /// `gamma` (`--bayes-datasetrescaling`, as every script of theirs runs)
+    /// `M = floor(100 N^(pi / gamma) / batch)`, `batch` the examples per
+    /// step over all devices (their `num_processes * batch_size`); without,
+    /// `M` is the number of steps per epoch, `ceil(N / batch)`.
+    BlobCode {
+        /// `--bayes-gamma` (8 in their scripts), or `None` for no dataset
+        /// rescaling.
+        gamma: Option<f64>,
+    },
+    /// A constant weight on the per-example ELBO: `weight / N`.
     Constant {
-        /// The weight (BLoB's alternative: `1 / M`).
+        /// The weight (1: the ELBO).
         weight: f64,
     },
 }
@@ -239,22 +256,48 @@ impl KlSchedule {
     pub fn validate(&self) -> crate::Result<()> {
         match *self {
             Self::Blob { period } => check(period > 0, "KL schedule period", period, "must be at least 1"),
+            Self::BlobCode { gamma: Some(gamma) } => {
+                check(gamma.is_finite() && gamma > 0.0, "KL schedule gamma", gamma, "must be finite and positive")
+            }
+            Self::BlobCode { gamma: None } => Ok(()),
             Self::Constant { weight } => {
                 check(weight.is_finite() && weight >= 0.0, "KL weight", weight, "must be finite and >= 0")
             }
         }
     }
 
-    /// The KL weight at 0-based training step `step`.
-    pub fn weight(&self, step: usize) -> f64 {
+    /// The cycle length of the BLoB schedules for `n_train` examples and
+    /// `batch` examples per step (`None` for a constant weight).
+    pub fn period(&self, n_train: usize, batch: usize) -> Option<usize> {
+        match *self {
+            Self::Blob { period } => Some(period),
+            Self::BlobCode { gamma: Some(gamma) } => {
+                let m = 100.0 * (n_train as f64).powf(std::f64::consts::PI / gamma) / batch.max(1) as f64;
+                Some((m.floor() as usize).max(1))
+            }
+            Self::BlobCode { gamma: None } => Some(n_train.div_ceil(batch.max(1)).max(1)),
+            Self::Constant { .. } => None,
+        }
+    }
+
+    /// The weight of the summed KL at 0-based training step `step` (counted
+    /// over the whole run), for `n_train` training examples and `batch`
+    /// examples per step.
+    pub fn weight(&self, step: usize, n_train: usize, batch: usize) -> f64 {
+        let n = n_train.max(1) as f64;
         match *self {
             Self::Blob { period } => {
-                let i = (step % period) as f64;
-                let m = period as f64;
+                let (i, m) = ((step % period) as f64, period as f64);
                 // 2^i / (2^M - 1) = 2^(i - M) / (1 - 2^-M): no overflow for any M.
-                (i - m).exp2() / (1.0 - (-m).exp2())
+                (i - m).exp2() / (1.0 - (-m).exp2()) * m / n
             }
-            Self::Constant { weight } => weight,
+            Self::BlobCode { .. } => {
+                let period = self.period(n_train, batch).expect("a cycle");
+                let (i, m) = ((step % period + 1) as f64, period as f64);
+                // 2^i / (2^(M+1) - 1), written without overflow.
+                (i - m - 1.0).exp2() / (1.0 - (-m - 1.0).exp2())
+            }
+            Self::Constant { weight } => weight / n,
         }
     }
 }

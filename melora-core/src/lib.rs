@@ -52,7 +52,7 @@
 //! for _ in 0..30 {
 //!     let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise);
 //!     let nll = loss.forward(model.layer.forward(x.clone(), &mut sampler).reshape([16, 2]), y.clone());
-//!     step.step(&mut model, nll, 0.05, Some(KlTerm { prior_std: 0.2, weight: 1.0 / 16.0 })).unwrap();
+//!     step.step(&mut model, nll, Rates::new(0.05, 0.01), Some(KlTerm { prior_std: 0.2, weight: 1.0 / 16.0 })).unwrap();
 //! }
 //! // Predict: S = 10 weight samples per example, probabilities averaged.
 //! let samples: Vec<Tensor<B, 2>> = (0..10)
@@ -84,7 +84,7 @@ pub mod sampling;
 pub use adapter::{count_params, Adapter, LowRankConfig, NamedParam, ParamGroups, ParamRole, StdParam};
 pub use blob::{BlobLinear, BlobLinearConfig};
 pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
-pub use elbo::{Bayesian, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, ReducedStepError, StepValues};
+pub use elbo::{Bayesian, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, StepValues};
 pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};

@@ -316,19 +316,65 @@ fn prior_noise_quadratic_weight_matches_closed_form() {
     assert_eq!(PriorConfig::new().draw_std::<B>(&mut noise, &Default::default()), 0.2);
 }
 
+/// `Blob`: cycle weights `2^i / (2^M - 1)` times `M / N`, on a counter
+/// that runs over the whole run (no restart at an epoch boundary).
 #[test]
-fn blob_schedule_cycles_sum_to_one_without_overflow() {
+fn blob_schedule_cycles_average_to_the_elbo_without_overflow() {
+    // N = 10 examples, batch 4: an epoch is 3 steps, the cycle 4.
     let small = KlSchedule::Blob { period: 4 };
     for i in 0..4 {
-        assert!((small.weight(i) - 2f64.powi(i as i32) / 15.0).abs() < 1e-15);
-        assert_eq!(small.weight(i), small.weight(i + 4), "the schedule repeats");
+        assert!((small.weight(i, 10, 4) - 2f64.powi(i as i32) / 15.0 * 4.0 / 10.0).abs() < 1e-15);
+        assert_eq!(small.weight(i, 10, 4), small.weight(i + 4, 10, 4), "the schedule repeats");
     }
+    // Step 3 opens the second epoch and is still the cycle's heaviest step.
+    assert!((small.weight(3, 10, 4) - 8.0 / 15.0 * 0.4).abs() < 1e-15);
     for period in [1, 10, 1024, 5000, 1_000_000] {
         let schedule = KlSchedule::Blob { period };
-        let total: f64 = (0..period).map(|i| schedule.weight(i)).sum();
-        assert!((total - 1.0).abs() < 1e-9, "period {period}: cycle sums to {total}");
-        assert!((0..period).all(|i| schedule.weight(i).is_finite()));
+        let total: f64 = (0..period).map(|i| schedule.weight(i, 1000, 4)).sum();
+        assert!((total - period as f64 / 1000.0).abs() < 1e-9 * period as f64, "period {period}: cycle sums to {total}");
+        assert!((0..period).all(|i| schedule.weight(i, 1000, 4).is_finite()));
     }
-    assert_eq!(KlSchedule::Constant { weight: 0.25 }.weight(17), 0.25);
+    assert_eq!(KlSchedule::Constant { weight: 0.25 }.weight(17, 10, 4), 0.025);
     assert!(KlSchedule::Blob { period: 0 }.validate().is_err());
+}
+
+/// `BlobCode`: bayesian-peft's `pi = 2^i / (2^(M+1) - 1)` with `i` running
+/// 1..=M over a global step counter (`self.i` in `modelwrappers/blob.py`),
+/// on the summed KL, and `M = int(100 * N^(pi / gamma) / batch)`; values
+/// worked out by hand.
+#[test]
+fn blob_code_schedule_matches_bayesian_peft_by_hand() {
+    // No rescaling: M = ceil(10 / 4) = 3 steps per epoch; 2^4 - 1 = 15.
+    let epoch = KlSchedule::BlobCode { gamma: None };
+    assert_eq!(epoch.period(10, 4), Some(3));
+    let expected = [2.0 / 15.0, 4.0 / 15.0, 8.0 / 15.0, 2.0 / 15.0, 4.0 / 15.0];
+    for (t, w) in expected.iter().enumerate() {
+        assert!((epoch.weight(t, 10, 4) - w).abs() < 1e-15, "step {t}");
+    }
+    // ARC-Easy (N = 2251) at batch 4, gamma 8: 100 * 2251^(pi/8) / 4 =
+    // 518.10, M = 518; their two-GPU scripts (2 x 4 per step) give 259.
+    let arc = KlSchedule::BlobCode { gamma: Some(8.0) };
+    assert_eq!(arc.period(2251, 4), Some(518));
+    assert_eq!(arc.period(2251, 8), Some(259));
+    assert_eq!(arc.period(640, 4), Some(316));
+    // The first step weighs 2 / (2^519 - 1), the cycle's last 2^518 / (2^519 - 1),
+    // just over one half; the next cycle starts over.
+    assert!((arc.weight(0, 2251, 4) / (2.0 / (2f64.powi(519) - 1.0)) - 1.0).abs() < 1e-12);
+    assert!((arc.weight(517, 2251, 4) - 2f64.powi(518) / (2f64.powi(519) - 1.0)).abs() < 1e-15);
+    assert_eq!(arc.weight(518, 2251, 4), arc.weight(0, 2251, 4));
+    // A cycle longer than an epoch: N = 16, batch 4 is 4 steps an epoch, and
+    // gamma 4 gives 100 * 16^(pi/4) / 4 = 220.6, M = 220; the epoch
+    // boundary at step 4 does not restart the cycle (i = 5 there).
+    let long = KlSchedule::BlobCode { gamma: Some(4.0) };
+    assert_eq!(long.period(16, 4), Some(220));
+    assert!((long.weight(4, 16, 4) / (32.0 / (2f64.powi(221) - 1.0)) - 1.0).abs() < 1e-12);
+    assert!((long.weight(219, 16, 4) - 2f64.powi(220) / (2f64.powi(221) - 1.0)).abs() < 1e-15);
+    // A cycle's weights sum to (2^(M+1) - 2) / (2^(M+1) - 1), finite for any M.
+    for gamma in [4.0, 8.0, 16.0] {
+        let schedule = KlSchedule::BlobCode { gamma: Some(gamma) };
+        let m = schedule.period(100_000, 4).unwrap();
+        let total: f64 = (0..m).map(|t| schedule.weight(t, 100_000, 4)).sum();
+        assert!((total - 1.0).abs() < 1e-9, "gamma {gamma}, M {m}: {total}");
+    }
+    assert!(KlSchedule::BlobCode { gamma: Some(0.0) }.validate().is_err());
 }

@@ -90,6 +90,8 @@ fn config(split: OptimizerSplit) -> ElboConfig {
 }
 
 const KL: Option<KlTerm> = Some(KlTerm { prior_std: 0.3, weight: 0.05 });
+const RATES: Rates = Rates { lr: 1e-2, kl_lr: 1e-2 };
+const SPLITS: [OptimizerSplit; 3] = [OptimizerSplit::TwoOptimizers, OptimizerSplit::Single, OptimizerSplit::StdAdam];
 
 /// One replica on the whole batch, `steps` plain steps.
 fn whole(kind: AdapterKind, split: OptimizerSplit, mode: SamplingMode, steps: u64) -> Vec<(String, Vec<f64>)> {
@@ -97,7 +99,7 @@ fn whole(kind: AdapterKind, split: OptimizerSplit, mode: SamplingMode, steps: u6
     let mut elbo = ElboStep::new(config(split), &model);
     for step in 0..steps {
         let loss = nll(&model, 0..BATCH, step, mode);
-        elbo.step(&mut model, loss, 1e-2, KL).unwrap();
+        elbo.step(&mut model, loss, RATES, KL).unwrap();
     }
     values(&model)
 }
@@ -140,7 +142,7 @@ fn split(kind: AdapterKind, opt: OptimizerSplit, mode: SamplingMode, steps: u64)
                 ntx.send(part).unwrap();
                 let total = part + nrx.recv().unwrap();
                 let mut reduce = |g: GradientsParams| Ok::<_, ()>(exchange(g, &ids, &tx, &rx));
-                elbo.step_reduced(&mut model, loss, total, 1e-2, KL, &mut reduce).unwrap();
+                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut reduce).unwrap();
             }
             values(&model)
         }
@@ -157,7 +159,7 @@ fn max_diff(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) -> f64 {
 #[test]
 fn two_replicas_on_halves_take_the_whole_batchs_steps() {
     for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
-        for opt in [OptimizerSplit::TwoOptimizers, OptimizerSplit::Single] {
+        for opt in SPLITS {
             let mode = if kind == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample };
             let reference = whole(kind, opt, mode, 5);
             let before = values(&net(kind));
@@ -174,21 +176,21 @@ fn two_replicas_on_halves_take_the_whole_batchs_steps() {
 #[test]
 fn an_identity_reduction_is_the_plain_step() {
     for kind in [AdapterKind::Blob, AdapterKind::MeLora] {
-        for opt in [OptimizerSplit::TwoOptimizers, OptimizerSplit::Single] {
+        for opt in SPLITS {
             let reference = whole(kind, opt, SamplingMode::PerExample, 3);
             let mut model = net(kind);
             let mut elbo = ElboStep::new(config(opt), &model);
             for step in 0..3 {
                 let loss = nll(&model, 0..BATCH, step, SamplingMode::PerExample);
                 let total: f64 = loss.clone().into_scalar().elem();
-                elbo.step_reduced(&mut model, loss, total, 1e-2, KL, &mut |g| Ok::<_, ()>(g)).unwrap();
+                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut |g| Ok::<_, ()>(g)).unwrap();
             }
             let diff = max_diff(&values(&model), &reference);
             match opt {
                 // The same backward passes: the same numbers.
                 OptimizerSplit::TwoOptimizers => assert_eq!(diff, 0.0, "{kind:?}"),
                 // Two backward passes summed instead of one of the sum.
-                OptimizerSplit::Single => assert!(diff < 1e-13, "{kind:?}: {diff:e}"),
+                OptimizerSplit::Single | OptimizerSplit::StdAdam => assert!(diff < 1e-13, "{kind:?} {opt:?}: {diff:e}"),
             }
         }
     }
@@ -200,11 +202,11 @@ fn a_non_finite_total_stops_every_replica_before_any_update() {
     let before = values(&model);
     let mut elbo = ElboStep::new(config(OptimizerSplit::TwoOptimizers), &model);
     let loss = nll(&model, 0..3, 0, SamplingMode::PerExample);
-    let err = elbo.step_reduced(&mut model, loss, f64::NAN, 1e-2, KL, &mut |g| Ok::<_, ()>(g)).unwrap_err();
+    let err = elbo.step_reduced(&mut model, loss, f64::NAN, RATES, KL, &mut |g| Ok::<_, ()>(g)).unwrap_err();
     assert!(matches!(err, ReducedStepError::NonFinite(NonFinite { what: "NLL", .. })), "{err:?}");
     assert_eq!(values(&model), before);
     let loss = nll(&model, 0..3, 0, SamplingMode::PerExample);
-    let err = elbo.step_reduced(&mut model, loss, 1.0, 1e-2, KL, &mut |_| Err::<GradientsParams, _>("peer gone")).unwrap_err();
+    let err = elbo.step_reduced(&mut model, loss, 1.0, RATES, KL, &mut |_| Err::<GradientsParams, _>("peer gone")).unwrap_err();
     assert!(matches!(err, ReducedStepError::Reduce("peer gone")), "{err:?}");
     assert_eq!(values(&model), before);
 }

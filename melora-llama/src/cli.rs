@@ -12,6 +12,7 @@ use melora_llama::eval::{predict_ensemble, predict_samples, EnsembleAverage, Pre
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
+use melora_llama::posterior::PosteriorStats;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
 use melora_llama::train::{fit, train_on, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
@@ -187,6 +188,7 @@ pub struct Evaluation {
     pub seconds: f64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn evaluate(
     name: &str,
     model: &Llama<Inner>,
@@ -195,13 +197,14 @@ fn evaluate(
     task: Task,
     split: Split,
     options: &PredictOptions,
+    std_init: Option<f64>,
 ) -> Result<Evaluation> {
     let start = Instant::now();
     let (bar, callback) = batch_progress(name);
     let sampled = predict_samples(model, examples, scorer, options, &backend::device(), callback)?;
     finish_bar(bar);
     let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &sampled.average());
-    row.spread = Some(Spread::of(&sampled, model.posterior_std()));
+    row.spread = Some(Spread::of(&sampled, PosteriorStats::of(model).as_ref(), std_init));
     Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
 }
 
@@ -328,7 +331,7 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task
     bars.finish();
     let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), config.members, &probs);
-    row.spread = Some(Spread::of(&sampled, None));
+    row.spread = Some(Spread::of(&sampled, None, None));
     Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
 }
 
@@ -375,7 +378,7 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let how = if samples > 1 { format!("sampled, S = {samples}") } else { "probit".to_string() };
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
-    row.spread = Some(Spread::of(&sampled, None));
+    row.spread = Some(Spread::of(&sampled, None, None));
     Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
 }
 
@@ -436,7 +439,15 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
         Some(q) => eprintln!("{} question{} in {task}'s format, {:?} scoring", q.len(), if q.len() == 1 { "" } else { "s" }, setup.scoring),
         None => eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring),
     }
-    evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options)
+    let std_init = adapter_dir.as_deref().and_then(checkpoint_std_init);
+    evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options, std_init)
+}
+
+/// The mean posterior std a training checkpoint records for the start of
+/// its run (`state.json`; `None` for an adapter folder without one).
+fn checkpoint_std_init(dir: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
+    serde_json::from_str::<melora_llama::train::TrainState>(&text).ok()?.std_init
 }
 
 /// `melora predict`: the subject's Bayesian-model-average prediction of
@@ -643,7 +654,7 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    let zero_shot = evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean)?;
+    let zero_shot = evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean, None)?;
     log_row(&zero_shot);
     rows.push(zero_shot.row);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
@@ -669,7 +680,8 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         } else {
             format!("{label}, {} steps", method_config.steps)
         };
-        let evaluation = evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options)?;
+        let std_init = summary.posterior.as_ref().and_then(|(_, init)| *init);
+        let evaluation = evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options, std_init)?;
         log_row(&evaluation);
         rows.push(evaluation.row);
     }

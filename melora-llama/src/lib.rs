@@ -40,6 +40,7 @@ pub mod generate;
 pub mod gguf;
 pub mod laplace;
 pub mod model;
+pub mod posterior;
 pub mod pretrained;
 pub mod report;
 pub mod settings;

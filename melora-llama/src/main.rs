@@ -100,6 +100,11 @@ enum Command {
         /// `melora laplace --run DIR` on a map run.
         #[arg(long)]
         method: Option<String>,
+        /// A named recipe over the configuration (before the `--set`s):
+        /// blob-official (BLoB's code as its scripts run it) or study
+        /// (the recipe of melora's 600-step calibration study).
+        #[arg(long)]
+        recipe: Option<String>,
         /// Override: the task.
         #[arg(long)]
         task: Option<Task>,
@@ -415,13 +420,17 @@ fn main() -> Result<()> {
         }
         Command::Data { command } => data_command(command)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
-        Command::Train { config, method, task, steps, seed, scoring, set, out, resume, plain, devices, nodes } => {
+        Command::Train { config, method, recipe, task, steps, seed, scoring, set, out, resume, plain, devices, nodes } => {
             let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
-            // The typed flags (the method with its preset first), then the
-            // `--set`s, which can change anything they set.
+            let recipe: Option<melora_llama::train::Recipe> = recipe.map(|r| r.parse()).transpose().map_err(anyhow::Error::msg)?;
+            // The typed flags (the method with its preset first, then the
+            // recipe), then the `--set`s, which can change anything they set.
             let flags = |mut c: melora_llama::train::TrainConfig| {
                 if let Some(m) = method {
                     c = m.preset(c);
+                }
+                if let Some(r) = recipe {
+                    c = r.apply(c);
                 }
                 c.task = task.unwrap_or(c.task);
                 c.steps = steps.unwrap_or(c.steps);

@@ -6,6 +6,7 @@
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
 use crate::eval::SampledProbs;
+use crate::posterior::PosteriorStats;
 use melora_core::metrics::ReliabilityBin;
 use melora_core::{auroc, ClassProbs, Metrics};
 use plotters::prelude::*;
@@ -41,6 +42,14 @@ pub struct Spread {
     /// matrices (Me-LoRA's `C`, BLoB's `A`); `None` when the weights are not
     /// random (MC dropout).
     pub posterior_std: Option<f64>,
+    /// That std over the root mean square of the corresponding means
+    /// ([`crate::posterior::StdSummary::relative`]).
+    #[serde(default)]
+    pub std_relative: Option<f64>,
+    /// The mean posterior std at the start of training (a training run's
+    /// checkpoint records it).
+    #[serde(default)]
+    pub std_init: Option<f64>,
     /// The mean over examples of the standard deviation across samples of
     /// the gold choice's probability.
     pub gold_std: f64,
@@ -53,11 +62,20 @@ pub struct Spread {
 }
 
 impl Spread {
-    /// The spread of `sampled`; `posterior_std` from the model
-    /// ([`crate::Llama::posterior_std`]).
-    pub fn of(sampled: &SampledProbs, posterior_std: Option<f64>) -> Self {
+    /// The spread of `sampled`, with the model's posterior `stats`
+    /// ([`PosteriorStats::of`]; `None` for weights that are not random)
+    /// and the mean posterior std the training started from.
+    pub fn of(sampled: &SampledProbs, stats: Option<&PosteriorStats>, std_init: Option<f64>) -> Self {
         let (total, aleatoric, epistemic) = sampled.uncertainty();
-        Self { posterior_std, gold_std: sampled.gold_std(), total, aleatoric, epistemic }
+        Self {
+            posterior_std: stats.map(|s| s.all.mean),
+            std_relative: stats.map(|s| s.all.relative),
+            std_init,
+            gold_std: sampled.gold_std(),
+            total,
+            aleatoric,
+            epistemic,
+        }
     }
 }
 
@@ -148,27 +166,30 @@ impl ResultRow {
     }
 }
 
-/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier; the
-/// posterior std of the random weights, the std across samples of the
+/// The Markdown table of `rows` (ACC and ECE in %, NLL, Brier; the mean
+/// posterior std of the random weights at the start of training and now,
+/// now relative to the size of their means, the std across samples of the
 /// gold choice's probability, and the predictive entropy with its
 /// aleatoric and epistemic parts, each a mean over examples).
 pub fn markdown(rows: &[ResultRow]) -> String {
     let mut out = String::from(
-        "| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std | std of p(gold) | total (nats) | aleatoric (nats) | epistemic (nats) |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| model | task | split | n | S | ACC (%) | ECE (%) | NLL | Brier | posterior std at init | posterior std | std / rms mean | std of p(gold) | total (nats) | aleatoric (nats) | epistemic (nats) |\n\
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let m = &r.metrics;
         let spread = match &r.spread {
             Some(s) => format!(
-                "{} | {} | {} | {} | {}",
+                "{} | {} | {} | {} | {} | {} | {}",
+                s.std_init.map_or("-".into(), small),
                 s.posterior_std.map_or("-".into(), small),
+                s.std_relative.map_or("-".into(), small),
                 small(s.gold_std),
                 small(s.total),
                 small(s.aleatoric),
                 small(s.epistemic)
             ),
-            None => "- | - | - | - | -".into(),
+            None => "- | - | - | - | - | - | -".into(),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {spread} |\n",

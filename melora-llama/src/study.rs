@@ -547,7 +547,7 @@ pub fn report(runs: &Path, out: &Path, seeds: &[u64]) -> Result<String> {
     for c in &collected {
         let Some(probs) = c.first.as_ref().and_then(|s| s.tasks.get(IN_DISTRIBUTION)) else { continue };
         let mut row = ResultRow::new(c.label, IN_DISTRIBUTION, "test", probs.samples, &probs.average());
-        row.spread = Some(Spread::of(probs, None));
+        row.spread = Some(Spread::of(probs, None, None));
         write_results(&out.join("reliability").join(c.key), &[row])?;
     }
     Ok(format!("{id}\n{ood}\n{unc}\n{diff}"))

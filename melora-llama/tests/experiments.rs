@@ -18,6 +18,14 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
 
+/// Settings changed on purpose since the fixture was written: (file, key,
+/// value now). The quickstart trains Me-LoRA with the std parameters' own
+/// Adam at a peak rate of 0.02 (docs/derivations.md section 7).
+fn changed_since() -> Vec<(&'static str, &'static str, Value)> {
+    let quickstart = "experiments/smollm2-135m/quickstart.json";
+    vec![(quickstart, "optimizer", Value::from("StdAdam")), (quickstart, "kl_lr", Value::from(0.02))]
+}
+
 #[test]
 fn every_experiment_file_resolves_to_its_former_settings() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -38,7 +46,13 @@ fn every_experiment_file_resolves_to_its_former_settings() {
     for file in &files {
         let config = TrainConfig::load(Some(&root.join(file)), &[]).unwrap_or_else(|e| panic!("{file}: {e}"));
         let resolved = serde_json::to_value(&config).unwrap();
-        let old = &expected[file];
+        let mut old = expected[file].clone();
+        for (changed, key, value) in changed_since() {
+            if changed == file {
+                old[key] = value;
+            }
+        }
+        let old = &old;
         let former = TrainConfig::parse(&old.to_string(), Path::new(file), &[]).unwrap_or_else(|e| panic!("{file} (fixture): {e}"));
         assert_eq!(resolved, serde_json::to_value(&former).unwrap(), "{file}: resolved settings changed");
         // The moved settings, against the fixture's keys themselves.

@@ -89,8 +89,20 @@ fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
         let summary = summary.unwrap_or_else(|e| panic!("{method:?} with KL weight 0: {e}"));
         assert!(summary.last_nll.is_finite());
         let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
-        let kl: f64 = log.lines().last().unwrap().split(" kl ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let last_step = log.lines().filter(|l| l.starts_with("step ")).last().unwrap();
+        let kl: f64 = last_step.split(" kl ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
         assert!(kl.is_finite(), "{method:?}: reported KL {kl}");
+        // The posterior's diagnostics: at the start, at the validation, and
+        // the verdict at the end.
+        assert!(log.contains("posterior at initialisation: std "), "{log}");
+        assert!(log.contains("posterior at step 6: std "), "{log}");
+        let verdict = log.lines().last().unwrap();
+        assert!(verdict.starts_with("posterior: converged") || verdict.starts_with("posterior: still moving"), "{verdict}");
+        let metrics = std::fs::read_to_string(run.dir.join("metrics.jsonl")).unwrap();
+        let record: melora_llama::train::EvalRecord = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+        let posterior = record.posterior.unwrap_or_else(|| panic!("{method:?}: no posterior diagnostics in {metrics}"));
+        assert_eq!((posterior.kl_weight, posterior.gold_std_on), (0.0, Some((4, 8))), "{method:?}");
+        assert!(posterior.kl.is_finite() && posterior.stats.all.mean > 0.0 && posterior.gold_std.unwrap() >= 0.0);
         std::fs::remove_dir_all(&run.dir).ok();
     }
 }

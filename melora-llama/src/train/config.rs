@@ -74,6 +74,80 @@ impl Method {
     }
 }
 
+/// A named training recipe (`melora train --recipe NAME`): settings that go
+/// together, applied over the configuration file and the typed flags and
+/// before the `--set`s. It does not choose the method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// BLoB's code as its scripts run it (bayesian-peft,
+    /// `scripts/blob/blob-llama-all.sh` with `modelwrappers/blob.py`):
+    /// AdamW at 1e-4 without weight decay on the NLL for the means; SGD at
+    /// 0.01 on the KL for the means and on NLL + KL for the std
+    /// parameters, both on a 6% linear warm-up and a linear decay; the KL
+    /// weighted as their code does ([`KlSchedule::BlobCode`], gamma 8);
+    /// prior std 0.2, `eps` 0.05, Flipout, adapter dropout 0; the last
+    /// step's checkpoint. Their scripts also adapt the output projection
+    /// (`lm_head`), which melora does not yet.
+    BlobOfficial,
+    /// What melora's calibration study of 600 steps ran (for comparison):
+    /// the two-optimiser split with SGD at a constant 0.01 and the
+    /// per-example ELBO's KL weight.
+    Study,
+}
+
+impl Recipe {
+    /// Every recipe.
+    pub const ALL: [Recipe; 2] = [Recipe::BlobOfficial, Recipe::Study];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BlobOfficial => "blob-official",
+            Self::Study => "study",
+        }
+    }
+
+    /// `config` with this recipe's settings.
+    pub fn apply(self, config: TrainConfig) -> TrainConfig {
+        match self {
+            Self::BlobOfficial => {
+                let mut c = TrainConfig {
+                    optimizer: OptimizerSplit::TwoOptimizers,
+                    kl_lr: 0.01,
+                    kl_lr_schedule: true,
+                    kl_schedule: KlSchedule::BlobCode { gamma: Some(8.0) },
+                    lr: 1e-4,
+                    weight_decay: 0.0,
+                    warmup_ratio: 0.06,
+                    train_sampling: SamplingMode::Flipout,
+                    select_best: false,
+                    ..config
+                };
+                c.prior.std = 0.2;
+                c.prior.noise = false;
+                c.blob.init_eps = 0.05;
+                c.low_rank.dropout = 0.0;
+                c
+            }
+            Self::Study => TrainConfig {
+                optimizer: OptimizerSplit::TwoOptimizers,
+                kl_lr: 0.01,
+                kl_lr_schedule: false,
+                kl_schedule: KlSchedule::Constant { weight: 1.0 },
+                ..config
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let key = s.to_ascii_lowercase().replace('_', "-");
+        Self::ALL.into_iter().find(|r| r.name() == key).ok_or_else(|| format!("unknown recipe {s:?}: expected blob-official or study"))
+    }
+}
+
 impl From<AdapterKind> for Method {
     fn from(kind: AdapterKind) -> Self {
         match kind {
@@ -138,13 +212,18 @@ pub struct TrainConfig {
     /// The prior.
     #[config(default = "PriorConfig::new()")]
     pub prior: PriorConfig,
-    /// KL weighting over steps (the KL enters as `weight * KL / N_train`;
-    /// BLoB's cycle weights are multiplied by the cycle length so that they
-    /// average to 1).
+    /// KL weighting over steps: `Constant` (the KL enters as `weight * KL /
+    /// N_train`; 1 is the ELBO), `Blob` (BLoB's cycle, averaging to the
+    /// ELBO) or `BlobCode` (the weighting of BLoB's code, on the summed
+    /// KL): [`KlSchedule`].
     #[config(default = "KlSchedule::Constant { weight: 1.0 }")]
     pub kl_schedule: KlSchedule,
-    /// Optimiser split.
-    #[config(default = "OptimizerSplit::TwoOptimizers")]
+    /// Which optimisers step which parameters: `StdAdam` (AdamW for the
+    /// means at `lr`, Adam for the std parameters at `kl_lr`, both on NLL +
+    /// KL), `TwoOptimizers` (BLoB's code: AdamW on the NLL for the means,
+    /// SGD at `kl_lr` on the KL and on the std parameters' NLL) or `Single`
+    /// (AdamW on everything).
+    #[config(default = "OptimizerSplit::StdAdam")]
     pub optimizer: OptimizerSplit,
     /// Training steps.
     #[config(default = 5000)]
@@ -161,9 +240,15 @@ pub struct TrainConfig {
     /// Fraction of the steps with a linear warm-up (then linear decay to 0).
     #[config(default = 0.02)]
     pub warmup_ratio: f64,
-    /// SGD learning rate for the KL step (BLoB's scripts: 0.01).
+    /// The second optimiser's peak learning rate: the std parameters'
+    /// Adam under `StdAdam` (on `lr`'s warm-up and decay), SGD's on the KL
+    /// under `TwoOptimizers` (BLoB's scripts: 0.01).
     #[config(default = 0.01)]
     pub kl_lr: f64,
+    /// Under `TwoOptimizers`, whether SGD's learning rate follows `lr`'s
+    /// warm-up and decay (BLoB's code) or stays at `kl_lr`.
+    #[config(default = false)]
+    pub kl_lr_schedule: bool,
     /// Clip the AdamW gradient to this L2 norm.
     pub grad_clip: Option<f64>,
     /// How the adapters sample during training.
@@ -183,8 +268,21 @@ pub struct TrainConfig {
     /// Write a checkpoint every this many steps.
     #[config(default = 100)]
     pub checkpoint_every: usize,
+    /// Keep the checkpoint of the best validation accuracy (of the mean
+    /// weights), the one `eval --run` takes (the paper's rule); `false`:
+    /// the last step's (the rule of BLoB's code).
+    #[config(default = true)]
+    pub select_best: bool,
     /// Use at most this many validation examples (a fixed, seeded subset).
     pub max_validation: Option<usize>,
+    /// Bayesian runs: posterior samples per example of the validation
+    /// diagnostic (the spread of the gold answer's probability).
+    #[config(default = 4)]
+    pub posterior_samples: usize,
+    /// Bayesian runs: validation examples that diagnostic uses (the first
+    /// ones of the validation set; 0: none).
+    #[config(default = 100)]
+    pub posterior_examples: usize,
     /// Longest prompt in tokens.
     #[config(default = 300)]
     pub max_tokens: usize,
@@ -458,6 +556,22 @@ mod tests {
         assert!(err.contains("no adapter target"), "{err}");
         let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()]).unwrap_err().to_string();
         assert!(err.contains("x_proj"), "{err}");
+    }
+
+    /// BLoB's official recipe sets what their scripts set and leaves the
+    /// method alone; `--set` still wins over it.
+    #[test]
+    fn the_official_blob_recipe() {
+        let c = "blob-official".parse::<Recipe>().unwrap().apply(Method::Blob.preset(TrainConfig::new()));
+        assert_eq!((c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule), (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true));
+        assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
+        assert_eq!((c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout), (1e-4, 0.0, 0.06, 0.0));
+        assert_eq!((c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps), (SamplingMode::Flipout, false, 0.2, 0.05));
+        let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();
+        assert_eq!((melora.method, melora.lr, melora.kl_lr_schedule), (Method::MeLora, 2e-4, true));
+        assert!("blob".parse::<Recipe>().is_err());
+        // The default recipe: the std parameters' own Adam.
+        assert_eq!(TrainConfig::new().optimizer, OptimizerSplit::StdAdam);
     }
 
     /// Presets are functions of a configuration; the typed flags come

@@ -19,7 +19,7 @@ pub mod parallel;
 mod run;
 mod step;
 
-pub use config::{Method, TrainConfig};
+pub use config::{Method, Recipe, TrainConfig};
 pub use melora_core::{NonFinite, OptimizerSplit};
 pub use parallel::{Cluster, Nodes, Peer};
 pub use run::{EvalRecord, RunDir, TrainState};
@@ -28,16 +28,17 @@ pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Steppe
 use crate::assets::{write_atomic, Assets};
 use crate::data::{seeded_shuffle, Encoded, Padding, Split};
 use crate::error::LlamaError;
-use crate::eval::{predict, PredictOptions};
+use crate::eval::{predict, predict_samples, PredictOptions};
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
 use crate::weights::peft::{load_adapter, save_adapter};
+use crate::posterior::{last_fifth_start, verdict, Diagnostics, PosteriorStats, Verdict};
 use crate::pretrained::Pretrained;
 use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
 use burn::tensor::backend::AutodiffBackend;
-use melora_core::{Metrics, NoiseSource};
+use melora_core::{Metrics, NoiseSource, SamplingMode};
 use parallel::Agreement;
 use run::Ordered;
 use std::path::{Path, PathBuf};
@@ -60,6 +61,11 @@ pub struct TrainSummary {
     /// Whether the run stopped early because [`Progress::stop_requested`]
     /// said so (its last checkpoint is written: `--resume` continues it).
     pub stopped: bool,
+    /// A Bayesian run's posterior at the end, and the mean posterior std at
+    /// initialisation.
+    pub posterior: Option<(PosteriorStats, Option<f64>)>,
+    /// A finished Bayesian run's verdict on its posterior, and its line.
+    pub verdict: Option<(Verdict, String)>,
 }
 
 /// One training step's numbers, for a dashboard.
@@ -69,6 +75,10 @@ pub struct StepReport {
     pub nll: f64,
     /// The KL term (0 for LoRA).
     pub kl: f64,
+    /// The weight the KL entered the loss with (0 for LoRA).
+    pub kl_weight: f64,
+    /// The mean posterior std after the step (Bayesian runs).
+    pub posterior_std: Option<f64>,
     /// The AdamW learning rate.
     pub lr: f64,
     /// Seconds the step took.
@@ -83,8 +93,9 @@ pub trait Progress {
     fn line(&mut self, line: &str);
     /// The numbers of step `step` of `total` (after [`Progress::step`]).
     fn step_values(&mut self, _step: usize, _total: usize, _report: &StepReport) {}
-    /// A validation evaluation after step `step` (mean weights).
-    fn validation(&mut self, _step: usize, _metrics: &Metrics) {}
+    /// A validation evaluation after step `step` (mean weights), with a
+    /// Bayesian run's posterior diagnostics.
+    fn validation(&mut self, _step: usize, _metrics: &Metrics, _posterior: Option<&Diagnostics>) {}
     /// Whether the user asked the run to stop: checked after each step's
     /// checkpointing; the run then writes its last checkpoint and returns
     /// with [`TrainSummary::stopped`].
@@ -254,6 +265,13 @@ fn fit_peer<B: AutodiffBackend>(
         let record: Ordered<_> =
             recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
         stepper.elbo.adamw = stepper.elbo.adamw.load_record(record.0);
+        // The std parameters' Adam (`StdAdam`); checkpoints of the other
+        // splits have none.
+        if config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian() {
+            let record: Ordered<_> =
+                recorder.load(dir.join("std-adam"), device).map_err(|e| LlamaError::format(dir.join("std-adam.bin"), e.to_string()))?;
+            stepper.elbo.std_adam = stepper.elbo.std_adam.load_record(record.0);
+        }
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
     }
     if let Some(peer) = peer {
@@ -272,6 +290,16 @@ fn fit_peer<B: AutodiffBackend>(
     // dropped: the resumed run writes them again, so each step has one.
     if lead {
         run.truncate_metrics(state.step)?;
+    }
+    if state.step == 0 {
+        if let Some(stats) = PosteriorStats::of(&model) {
+            state.std_init = Some(stats.all.mean);
+            let line = format!("posterior at initialisation: {}", stats.line());
+            progress.line(&line);
+            if lead {
+                run.append(&run.log(), &line)?;
+            }
+        }
     }
     let peers = peer.map_or(String::new(), |p| format!(", {} data-parallel peers", p.peers));
     progress.line(&format!(
@@ -293,10 +321,14 @@ fn fit_peer<B: AutodiffBackend>(
     let mut step_times: Vec<f64> = Vec::new();
     let mut stopped = false;
 
-    let save_checkpoint = |model: &Llama<B>, adamw_record, state: &TrainState, target: &Path| -> crate::Result<()> {
+    let save_checkpoint = |model: &Llama<B>, stepper: &Stepper<B>, state: &TrainState, target: &Path| -> crate::Result<()> {
         run.replace_checkpoint(target, |tmp| {
             save_adapter(model, &config.adapter(), tmp, &config.model)?;
-            recorder.record(Ordered(adamw_record), tmp.join("adamw")).map_err(|e| LlamaError::format(tmp.join("adamw.bin"), format!("cannot write the optimiser state: {e}")))?;
+            let cannot = |file: &str, e| LlamaError::format(tmp.join(file), format!("cannot write the optimiser state: {e}"));
+            recorder.record(Ordered(stepper.elbo.adamw.to_record()), tmp.join("adamw")).map_err(|e| cannot("adamw.bin", e))?;
+            if config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian() {
+                recorder.record(Ordered(stepper.elbo.std_adam.to_record()), tmp.join("std-adam")).map_err(|e| cannot("std-adam.bin", e))?;
+            }
             let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::serialize("the training state", e))?;
             write_atomic(&tmp.join("state.json"), text.as_bytes())
         })
@@ -322,11 +354,15 @@ fn fit_peer<B: AutodiffBackend>(
                 stepper.step_peer(&mut model, &batch.rows(rows.clone()), rows.start, config.batch_size, scorer, step, peer, device)?
             }
         };
-        let (nll_value, kl_value, lr) = match outcome {
-            Ok(o) => (o.nll, o.kl, o.lr),
+        let (nll_value, kl_value, kl_weight, lr) = match outcome {
+            Ok(o) => (o.nll, o.kl, o.kl_weight, o.lr),
             Err(bad) => return Err(nan_error(run, step, bad)),
         };
         state.step += 1;
+        let posterior_std = config.is_bayesian().then(|| model.posterior_std()).flatten();
+        if state.step == last_fifth_start(config.steps) {
+            state.std_last_fifth = posterior_std;
+        }
         nlls.push(nll_value);
         since_eval.push(nll_value);
         step_times.push(started.elapsed().as_secs_f64());
@@ -336,10 +372,12 @@ fn fit_peer<B: AutodiffBackend>(
             if !lead {
                 return Ok(false);
             }
-            let message = format!("nll {nll_value:.4} kl {kl_value:.1} lr {lr:.2e}");
+            let std = posterior_std.map_or(String::new(), |s| format!(" std {s:.4}"));
+            let message = format!("nll {nll_value:.4} kl {kl_value:.1}{std} lr {lr:.2e}");
             progress.step(state.step, config.steps, &message);
             let seconds = *step_times.last().expect("a step time");
-            progress.step_values(state.step, config.steps, &StepReport { nll: nll_value, kl: kl_value, lr, seconds });
+            let report = StepReport { nll: nll_value, kl: kl_value, kl_weight, posterior_std, lr, seconds };
+            progress.step_values(state.step, config.steps, &report);
             run.append(&run.log(), &format!("step {} {message} {seconds:.2}s", state.step))?;
             if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
                 let metrics = if validation.is_empty() {
@@ -352,24 +390,31 @@ fn fit_peer<B: AutodiffBackend>(
                 if let Some(metrics) = metrics {
                     let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
                     since_eval.clear();
-                    let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll };
+                    let posterior = diagnostics(config, &model, validation, scorer, kl_value, kl_weight, device)?;
+                    let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll, posterior: posterior.clone() };
                     run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
                     progress.line(&format!(
                         "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
                         state.step, metrics.accuracy, metrics.nll, metrics.ece
                     ));
-                    progress.validation(state.step, &metrics);
-                    if state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
+                    if let Some(d) = &posterior {
+                        let gold = d.gold_std.map_or(String::new(), |g| format!(", std of p(gold) {g:.4}"));
+                        let line = format!("posterior at step {}: {}; kl {:.1} x {:.3e}{gold}", state.step, d.stats.line(), d.kl, d.kl_weight);
+                        progress.line(&line);
+                        run.append(&run.log(), &line)?;
+                    }
+                    progress.validation(state.step, &metrics, posterior.as_ref());
+                    if config.select_best && state.best.is_none_or(|(acc, _)| metrics.accuracy > acc) {
                         state.best = Some((metrics.accuracy, state.step));
                         state.since_eval.clear();
-                        save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.best())?;
+                        save_checkpoint(&model, &stepper, &state, &run.best())?;
                     }
                 }
             }
             let stop = !at_end && progress.stop_requested();
             if state.step % config.checkpoint_every.max(1) == 0 || at_end || stop {
                 state.since_eval.clone_from(&since_eval);
-                save_checkpoint(&model, stepper.elbo.adamw.to_record(), &state, &run.last())?;
+                save_checkpoint(&model, &stepper, &state, &run.last())?;
             }
             Ok(stop)
         };
@@ -390,6 +435,21 @@ fn fit_peer<B: AutodiffBackend>(
             break;
         }
     }
+    let posterior = PosteriorStats::of(&model).map(|stats| (stats, state.std_init));
+    let verdict = match (&posterior, state.std_last_fifth) {
+        (Some((stats, _)), Some(before)) if state.step == config.steps => Some(verdict(state.std_init, before, stats.all.mean, config.steps)),
+        _ => None,
+    };
+    if lead {
+        if let Some((stats, _)) = &posterior {
+            progress.line(&format!("posterior after step {}: {}", state.step, stats.line()));
+            run.append(&run.log(), &format!("posterior after step {}: {}", state.step, stats.line()))?;
+        }
+        if let Some((_, line)) = &verdict {
+            progress.line(line);
+            run.append(&run.log(), line)?;
+        }
+    }
     let tenth = (nlls.len() / 10).max(1);
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     step_times.sort_by(f64::total_cmp);
@@ -400,6 +460,8 @@ fn fit_peer<B: AutodiffBackend>(
         step_seconds: step_times.get(step_times.len() / 2).copied().unwrap_or(0.0),
         steps_run: nlls.len(),
         stopped,
+        posterior,
+        verdict,
     })
 }
 
@@ -438,7 +500,36 @@ fn fit_ensemble<B: AutodiffBackend>(
         step_seconds: mean(|s| s.step_seconds),
         steps_run: summaries.iter().map(|s| s.steps_run).sum(),
         stopped: summaries.iter().any(|s| s.stopped),
+        posterior: None,
+        verdict: None,
     })
+}
+
+/// A Bayesian run's posterior diagnostics at a validation: the spread of
+/// its random weights, the last step's KL and weight, and the std across
+/// `posterior_samples` draws of the gold answer's probability on the first
+/// `posterior_examples` validation examples.
+#[allow(clippy::too_many_arguments)]
+fn diagnostics<B: AutodiffBackend>(
+    config: &TrainConfig,
+    model: &Llama<B>,
+    validation: &[Encoded],
+    scorer: &Scorer,
+    kl: f64,
+    kl_weight: f64,
+    device: &B::Device,
+) -> crate::Result<Option<Diagnostics>> {
+    let Some(stats) = PosteriorStats::of(model) else { return Ok(None) };
+    let examples = &validation[..config.posterior_examples.min(validation.len())];
+    let samples = config.posterior_samples;
+    let (gold_std, gold_std_on) = if examples.is_empty() || samples < 2 {
+        (None, None)
+    } else {
+        let options = PredictOptions { samples, mode: SamplingMode::PerExample, ..config.eval_options(config.eval_batch_size, 0) };
+        let sampled = predict_samples(&model.valid(), examples, scorer, &options, device, |_, _| {})?;
+        (Some(sampled.gold_std()), Some((samples, examples.len())))
+    };
+    Ok(Some(Diagnostics { stats, kl, kl_weight, gold_std, gold_std_on }))
 }
 
 fn nan_error(run: &RunDir, step: usize, bad: NonFinite) -> LlamaError {

@@ -22,6 +22,13 @@ pub struct TrainState {
     /// (serde_json's `float_roundtrip`).
     #[serde(default)]
     pub since_eval: Vec<f64>,
+    /// The mean posterior std at initialisation (Bayesian runs).
+    #[serde(default)]
+    pub std_init: Option<f64>,
+    /// The mean posterior std where the last fifth of the steps begins
+    /// ([`crate::posterior::last_fifth_start`]), for the verdict at the end.
+    #[serde(default)]
+    pub std_last_fifth: Option<f64>,
 }
 
 /// One line of `metrics.jsonl`: a validation evaluation.
@@ -33,6 +40,10 @@ pub struct EvalRecord {
     pub metrics: Metrics,
     /// Mean training NLL since the previous evaluation.
     pub train_nll: f64,
+    /// A Bayesian run's posterior: its spread, the KL and its weight, and
+    /// the spread of the gold answer's probability across samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub posterior: Option<crate::posterior::Diagnostics>,
 }
 
 /// The run folder's files.

@@ -9,7 +9,7 @@ use burn::module::{Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use super::parallel::Peer;
 use burn::tensor::{ElementConversion, Tensor};
-use melora_core::{Adapter, ElboConfig, ElboStep, KlSchedule, KlTerm, NonFinite, ReducedStepError, RowNoise, Sampler};
+use melora_core::{Adapter, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, RowNoise, Sampler};
 
 /// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
 /// 0-based `step` of `total`, rising linearly over `warmup` steps, then
@@ -65,6 +65,8 @@ pub struct StepOutcome {
     pub nll: f64,
     /// The KL term (unweighted; 0 for LoRA).
     pub kl: f64,
+    /// The weight the KL entered the loss with (0 for LoRA).
+    pub kl_weight: f64,
     /// The AdamW learning rate used.
     pub lr: f64,
 }
@@ -89,7 +91,6 @@ impl<B: AutodiffBackend> Stepper<B> {
         let elbo = ElboConfig::new()
             .with_weight_decay(config.weight_decay)
             .with_grad_clip(config.grad_clip)
-            .with_kl_lr(config.kl_lr)
             .with_optimizer(config.optimizer);
         Self { elbo: ElboStep::new(elbo, model), config: config.clone(), n_train }
     }
@@ -109,7 +110,7 @@ impl<B: AutodiffBackend> Stepper<B> {
     ) -> std::result::Result<StepOutcome, NonFinite> {
         let (nll, lr, kl) = self.forward(model, batch, scorer, step, 0, device);
         let values = self.elbo.step(model, nll, lr, kl)?;
-        Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })
+        Ok(StepOutcome { nll: values.nll, kl: values.kl, kl_weight: kl.map_or(0.0, |k| k.weight), lr: lr.lr })
     }
 
     /// One data-parallel peer's step at `step`: `rows` is the peer's share
@@ -136,15 +137,16 @@ impl<B: AutodiffBackend> Stepper<B> {
         let total = peer.sum::<B::InnerBackend>(&[part], device)?[0];
         let ids = melora_core::Bayesian::param_groups(model).all();
         let mut reduce = |grads| peer.sum_grads::<B>(grads, &ids);
+        let kl_weight = kl.map_or(0.0, |k| k.weight);
         match self.elbo.step_reduced(model, nll, total, lr, kl, &mut reduce) {
-            Ok(values) => Ok(Ok(StepOutcome { nll: values.nll, kl: values.kl, lr })),
+            Ok(values) => Ok(Ok(StepOutcome { nll: values.nll, kl: values.kl, kl_weight, lr: lr.lr })),
             Err(ReducedStepError::NonFinite(bad)) => Ok(Err(bad)),
             Err(ReducedStepError::Reduce(e)) => Err(e),
         }
     }
 
     /// The NLL of `batch` (rows from `first` of the step's batch), the
-    /// learning rate and the KL term of step `step`.
+    /// learning rates and the KL term of step `step`.
     fn forward(
         &self,
         model: &Llama<B>,
@@ -153,7 +155,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         step: usize,
         first: usize,
         device: &B::Device,
-    ) -> (Tensor<B, 1>, f64, Option<KlTerm>) {
+    ) -> (Tensor<B, 1>, Rates, Option<KlTerm>) {
         let (config, n_train) = (&self.config, self.n_train);
         let seed = mix(config.seed, step as u64);
         let mut noise = config.noise.source::<B>(seed, device);
@@ -161,16 +163,13 @@ impl<B: AutodiffBackend> Stepper<B> {
         let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true).with_rows(RowNoise::new(seed, first));
         let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
         let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
-        let lr = config.lr * linear_warmup_decay(step, config.steps, warmup);
-        let steps_per_epoch = n_train.div_ceil(config.batch_size).max(1);
-        // The KL enters as weight * KL / N: with a constant weight of 1 the
-        // per-example ELBO; BLoB's cycle weights (summing to 1 per cycle) are
-        // scaled by the cycle length so they average to 1.
-        let kl_weight = match config.kl_schedule {
-            KlSchedule::Blob { period } => config.kl_schedule.weight(step % steps_per_epoch) * period as f64,
-            KlSchedule::Constant { .. } => config.kl_schedule.weight(step),
-        } / n_train as f64;
-        let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight: kl_weight });
+        let factor = linear_warmup_decay(step, config.steps, warmup);
+        // The std parameters' Adam decays with AdamW; BLoB's SGD does when
+        // `kl_lr_schedule` says so (BLoB's code: its `scheduler2`).
+        let kl_factor = if config.optimizer == OptimizerSplit::StdAdam || config.kl_lr_schedule { factor } else { 1.0 };
+        let lr = Rates::new(config.lr * factor, config.kl_lr * kl_factor);
+        let weight = config.kl_schedule.weight(step, n_train, config.batch_size);
+        let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight });
         (nll, lr, kl)
     }
 }
