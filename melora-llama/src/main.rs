@@ -4,6 +4,7 @@
 use melora_llama::backend;
 mod cli;
 mod dashboard;
+mod pilot;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -278,6 +279,17 @@ enum Command {
         #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
         seeds: Vec<u64>,
     },
+    /// The posterior pilot's plot and table (experiments/posterior/pilot.sh)
+    /// from the runs it kept: the mean posterior std over the steps
+    /// (std.svg, std.png) and each run's evaluation (table.md).
+    PosteriorReport {
+        /// The kept runs (one folder each, with std.tsv).
+        #[arg(long, default_value = "experiments/results/posterior/runs")]
+        runs: PathBuf,
+        /// Where the plot and the table go.
+        #[arg(long, default_value = "experiments/results/posterior")]
+        out: PathBuf,
+    },
     /// Inspect the benchmark tasks.
     Data {
         #[command(subcommand)]
@@ -419,6 +431,7 @@ fn main() -> Result<()> {
             eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
         }
         Command::Data { command } => data_command(command)?,
+        Command::PosteriorReport { runs, out } => pilot::posterior_report(&runs, &out)?,
         Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
         Command::Train { config, method, recipe, task, steps, seed, scoring, set, out, resume, plain, devices, nodes } => {
             let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;

@@ -149,7 +149,7 @@ pub fn verdict(at_start: Option<f64>, before: f64, end: f64, steps: usize) -> (V
     };
     let start = at_start.map_or(String::new(), |s| format!("{s:.4} at initialisation, "));
     let line = format!(
-        "posterior: {word}: mean std {start}{before:.4} at step {}, {end:.4} at step {steps} ({:+.1}% over the last fifth; converged means within ±{:.0}%; the learning rates decay over that fifth, so read it with the curve in metrics.jsonl)",
+        "posterior: {word}: mean std {start}{before:.4} at step {}, {end:.4} at step {steps} ({:+.1}% over the last fifth; converged means within ±{:.0}%; the learning rates decay over that fifth: read it with the curve, every step's std is in log.txt)",
         last_fifth_start(steps),
         100.0 * change,
         100.0 * CONVERGED_WITHIN

@@ -272,7 +272,7 @@ const FONT_PATHS: [&str; 3] = [
 ];
 
 /// Registers a system TrueType font for PNG text, once; whether one was found.
-fn font_available() -> bool {
+pub fn font_available() -> bool {
     static FOUND: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FOUND.get_or_init(|| {
         FONT_PATHS.iter().any(|path| match std::fs::read(path) {
