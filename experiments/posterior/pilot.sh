@@ -6,7 +6,8 @@
 #   study     the calibration study's (two optimisers, SGD at a constant
 #             0.01 on the ELBO's KL, lr 1e-3)
 #   official  BLoB's code (`--recipe blob-official`: SGD on AdamW's
-#             schedule, BLoB's KL weighting, Flipout, dropout 0, lr 1e-4)
+#             schedule, BLoB's KL weighting, Flipout, dropout 0, lr 1e-4,
+#             an adapter on lm_head too)
 #   default   melora's default (the std parameters' own Adam at kl_lr 0.01
 #             on the ELBO's KL, lr 1e-3)
 # Validation (all 570 questions) every 100 steps with the posterior

@@ -41,10 +41,12 @@ fn shape(config: &LlamaConfig, target: Target) -> (usize, usize) {
         Target::O => (h, q),
         Target::Gate | Target::Up => (f, h),
         Target::Down => (h, f),
+        Target::LmHead => (config.vocab_size, h),
     }
 }
 
-/// Trainable values of the adapters on `targets` of every layer: one
+/// Trainable values of the adapters on `targets` of every layer (and of
+/// the output projection for `lm_head`): one
 /// adapter is built per distinct shape (on a base layer of that shape) and
 /// its parameters counted by a module visitor.
 pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Target]) -> anyhow::Result<usize> {
@@ -54,7 +56,9 @@ pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Ta
         let (d_out, d_in) = shape(config, target);
         let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<Inner>(&device);
         let adapter = TrainConfig::new().with_method(kind.into()).with_rank(rank).adapter().init(base, &mut NoiseSource::seeded(0))?;
-        total += adapter.num_trainable() * config.num_hidden_layers;
+        // One output projection; one of the others per layer.
+        let copies = if target == Target::LmHead { 1 } else { config.num_hidden_layers };
+        total += adapter.num_trainable() * copies;
     }
     Ok(total)
 }

@@ -148,6 +148,22 @@ pub trait Adapter<B: Backend>: Module<B> {
     /// - output: `[batch, seq, d_output]`
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3>;
 
+    /// The update's rank-`r` code of `x`, drawn as `forward` draws it and
+    /// scaled: `scaling * A dropout(x)` (LoRA), with `A` sampled (BLoB),
+    /// `scaling * C A dropout(x)` with `C` sampled (Me-LoRA). The update
+    /// is `code B^T`, so `forward(x) = base(x) + code(x) B^T`; a caller
+    /// that needs the update at a few rows only (an output layer's logits
+    /// at the scored positions) multiplies those rows by [`Adapter::lora_b`].
+    ///
+    /// # Shapes
+    ///
+    /// - x: `[batch, seq, d_input]`
+    /// - output: `[batch, seq, r]`
+    fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3>;
+
+    /// `B`, `[d_output, r]`.
+    fn lora_b(&self) -> Tensor<B, 2>;
+
     /// The KL term of this layer against its prior with standard deviation
     /// `prior_std` (zero for deterministic adapters). Shape `[1]`.
     fn kl(&self, prior_std: f64) -> Tensor<B, 1>;

@@ -154,9 +154,16 @@ pub const BLOB_PARAMS: [&str; 3] = ["lora_A", "lora_A_std", "lora_B"];
 
 impl<B: Backend> Adapter<B> for BlobLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let u = self.project(sampler.dropout(x.clone(), self.dropout), sampler);
-        let update = flat_linear(u.mul_scalar(self.scaling), self.lora_b.val().transpose(), None);
+        let update = flat_linear(self.code(x.clone(), sampler), self.lora_b.val().transpose(), None);
         linear_forward(&self.base, x).add(update)
+    }
+
+    fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        self.project(sampler.dropout(x, self.dropout), sampler).mul_scalar(self.scaling)
+    }
+
+    fn lora_b(&self) -> Tensor<B, 2> {
+        self.lora_b.val()
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

@@ -174,6 +174,12 @@ impl<B: Backend> Adapter<B> for AnyAdapter<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         dispatch!(self, a => a.forward(x, sampler))
     }
+    fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        dispatch!(self, a => a.code(x, sampler))
+    }
+    fn lora_b(&self) -> Tensor<B, 2> {
+        dispatch!(self, a => a.lora_b())
+    }
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
         dispatch!(self, a => a.kl(prior_std))
     }

@@ -107,6 +107,14 @@ impl<B: Backend> Adapter<B> for LoraLinear<B> {
         }
     }
 
+    fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        flat_linear(sampler.dropout(x, self.dropout), self.lora_a.val().transpose(), None).mul_scalar(self.scaling)
+    }
+
+    fn lora_b(&self) -> Tensor<B, 2> {
+        self.lora_b.val()
+    }
+
     fn kl(&self, _prior_std: f64) -> Tensor<B, 1> {
         Tensor::zeros([1], &self.lora_a.device())
     }

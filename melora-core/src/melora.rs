@@ -232,10 +232,17 @@ pub const MELORA_PARAMS: [&str; 4] = ["lora_A", "lora_B", "lora_M", "lora_H"];
 
 impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let u = flat_linear(sampler.dropout(x.clone(), self.dropout), self.lora_a.val().transpose(), None);
-        let z = self.mix(u, sampler);
-        let update = flat_linear(z.mul_scalar(self.scaling), self.lora_b.val().transpose(), None);
+        let update = flat_linear(self.code(x.clone(), sampler), self.lora_b.val().transpose(), None);
         linear_forward(&self.base, x).add(update)
+    }
+
+    fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let u = flat_linear(sampler.dropout(x, self.dropout), self.lora_a.val().transpose(), None);
+        self.mix(u, sampler).mul_scalar(self.scaling)
+    }
+
+    fn lora_b(&self) -> Tensor<B, 2> {
+        self.lora_b.val()
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {

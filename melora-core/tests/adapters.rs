@@ -213,6 +213,28 @@ fn per_example_draws_differ_across_examples_and_repeat_with_the_seed() {
     }
 }
 
+/// `forward(x) = base(x) + code(x) B^T` with the same draws, in every
+/// sampling mode and with dropout on: an output layer can take the update
+/// at a few rows only.
+#[test]
+fn forward_is_the_base_plus_the_code_times_b() {
+    let x = normal::<B, 3>([3, 4, 6], 17, 1.0);
+    for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
+        let adapter = random_adapter::<B>(kind, 6, 5, 3, 50);
+        for mode in MODES {
+            let mut noise = NoiseSource::seeded(9);
+            let whole = host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise).with_dropout(true)));
+            let mut noise = NoiseSource::seeded(9);
+            let code = adapter.code(x.clone(), &mut Sampler::new(mode, &mut noise).with_dropout(true));
+            assert_eq!(code.dims(), [3, 4, 3]);
+            let b = adapter.lora_b().transpose().unsqueeze::<3>();
+            let parts = host(melora_kernels::linear_forward(adapter.base(), x.clone()).add(code.matmul(b)));
+            let gap = whole.iter().zip(&parts).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            assert!(gap < 1e-12, "{kind:?} {mode:?}: {gap:e}");
+        }
+    }
+}
+
 #[test]
 fn lora_is_deterministic_in_every_mode() {
     let x = normal::<B, 3>([2, 3, 6], 14, 1.0);

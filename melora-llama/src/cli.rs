@@ -533,10 +533,12 @@ pub fn export_command(subject: Subject, model: Option<String>, out: PathBuf) -> 
     let assets = ensure_assets(&model_name)?;
     let device = backend::device();
     let pretrained = Pretrained::open(&model_name, &assets)?;
-    let config = pretrained.config.clone();
+    let mut config = pretrained.config.clone();
     let (base, tokenizer, _) = pretrained.build::<Inner>(&device)?;
     let (model, meta) = load_adapter(base, &adapter, &device)?;
     let merged = model.merged()?;
+    // An adapter on a tied output layer unties it.
+    config.tie_word_embeddings = merged.lm_head.is_none();
     melora_llama::weights::export::save_hf(&merged, &config, tokenizer.as_ref(), &out)?;
     eprintln!(
         "{} ({:?}, its mean weights) merged into {model_name}: a Hugging Face folder in {} (load it with --model {})",

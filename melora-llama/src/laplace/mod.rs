@@ -166,6 +166,9 @@ fn lora_layers<B: AutodiffBackend>(model: &Llama<B>) -> crate::Result<Vec<(Strin
         .adapters()
         .into_iter()
         .map(|(name, adapter)| match adapter {
+            _ if name == "lm_head" => Err(LlamaError::Mismatch(
+                "Laplace-LoRA covers the decoder layers' LoRA adapters; this run also adapts lm_head (train the map run without it)".into(),
+            )),
             AnyAdapter::Lora(a) => Ok((name, a.lora_a.val().inner(), a.lora_b.val().inner(), a.scaling)),
             _ => Err(LlamaError::Mismatch(format!("Laplace-LoRA needs LoRA adapters (a map run); {name} is not one"))),
         })

@@ -1,8 +1,15 @@
 //! Where adapters are placed: the projections a run adapts ([`Target`]) and
 //! putting fresh adapters on them.
+//!
+//! The output projection (`lm_head`, BLoB's `--apply-classhead-lora`) is a
+//! target too. Its adapter wraps the output layer as it is, or, with tied
+//! embeddings, a frozen view of the embedding matrix: the update applies
+//! to the output only, the input embedding stays the base one (PEFT's
+//! `lm_head` LoRA on a tied model does the same).
 
 use super::{Llama, Proj};
 use crate::error::{LlamaError, Result};
+use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
 use melora_core::{Adapter, AdapterConfig, AnyAdapter, NoiseSource};
@@ -32,11 +39,14 @@ pub enum Target {
     /// `mlp.down_proj`
     #[serde(rename = "down_proj")]
     Down,
+    /// The output projection, `lm_head`.
+    #[serde(rename = "lm_head")]
+    LmHead,
 }
 
 impl Target {
     /// Every target, with its Hugging Face module name.
-    pub const ALL: [(Target, &'static str); 7] = [
+    pub const ALL: [(Target, &'static str); 8] = [
         (Target::Q, "q_proj"),
         (Target::K, "k_proj"),
         (Target::V, "v_proj"),
@@ -44,6 +54,7 @@ impl Target {
         (Target::Gate, "gate_proj"),
         (Target::Up, "up_proj"),
         (Target::Down, "down_proj"),
+        (Target::LmHead, "lm_head"),
     ];
 
     /// The module name (`q_proj`, ...).
@@ -57,7 +68,7 @@ impl Target {
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             let target = Self::ALL.iter().find(|(_, n)| *n == item).map(|(t, _)| *t).ok_or_else(|| {
                 LlamaError::Config(format!(
-                    "unknown adapter target {item:?}: expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"
+                    "unknown adapter target {item:?}: expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"
                 ))
             })?;
             if !out.contains(&target) {
@@ -91,11 +102,27 @@ impl<B: Backend> Llama<B> {
                 }
             }
         }
+        // An output adapter unties a tied output layer: the merged output
+        // weight differs from the input embedding.
+        if let Some(head) = self.head_adapter.take() {
+            self.lm_head = Some(head.merge().map_err(|e| LlamaError::Numerical(format!("lm_head: {e}")))?);
+        }
         Ok(self)
     }
 
+    /// The output layer as a linear layer: `lm_head`, or with tied
+    /// embeddings a frozen `[hidden, vocab]` view of the embedding matrix.
+    pub fn output_layer(&self) -> Linear<B> {
+        match &self.lm_head {
+            Some(head) => head.clone(),
+            None => Linear { weight: Param::from_tensor(self.embed_tokens.weight.val().transpose().set_require_grad(false)), bias: None },
+        }
+    }
+
     /// Replaces every `targets` projection that has no adapter yet by
-    /// `make(module_path, base)`, e.g. `make("model.layers.0.self_attn.q_proj", base)`.
+    /// `make(module_path, base)`, e.g. `make("model.layers.0.self_attn.q_proj", base)`,
+    /// in layer order, then the output projection (`make("lm_head", output)`)
+    /// when [`Target::LmHead`] is a target.
     pub fn map_projections(
         mut self,
         targets: &[Target],
@@ -109,6 +136,10 @@ impl<B: Backend> Llama<B> {
                     *slot = Proj::Adapted(adapter);
                 }
             }
+        }
+        if targets.contains(&Target::LmHead) && self.head_adapter.is_none() {
+            let output = self.output_layer();
+            self.head_adapter = Some(make("lm_head", output)?);
         }
         Ok(self)
     }

@@ -5,19 +5,20 @@ use crate::data::Batch;
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::Sampler;
+use melora_core::{Adapter, Sampler};
 
 /// Logit given to labels an example does not have (e.g. "E" for a
 /// four-choice question): its probability is 0 after the softmax.
 pub const MASKED_LOGIT: f32 = -1.0e4;
 
 impl<B: Backend> Llama<B> {
-    /// The logits of the `label_ids` tokens at `positions[b]` of each row.
+    /// The logits of the `label_ids` tokens at `positions[b]` of each row
+    /// (an output adapter drawn by `sampler`).
     ///
     /// # Shapes
     ///
     /// - hidden: `[batch, seq, hidden]`, output: `[batch, labels]`
-    pub fn label_logits(&self, hidden: Tensor<B, 3>, positions: &[usize], label_ids: &[u32]) -> Tensor<B, 2> {
+    pub fn label_logits(&self, hidden: Tensor<B, 3>, positions: &[usize], label_ids: &[u32], sampler: &mut Sampler) -> Tensor<B, 2> {
         let [batch, _, d] = hidden.dims();
         let device = hidden.device();
         let index: Vec<i64> = positions.iter().flat_map(|&p| std::iter::repeat_n(p as i64, d)).collect();
@@ -27,10 +28,19 @@ impl<B: Backend> Llama<B> {
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [label_ids.len()]), &device);
         let rows = match &self.lm_head {
             // Burn's linear weight is [hidden, vocab]: pick the label columns.
-            Some(head) => head.weight.val().select(1, ids),
-            None => self.embed_tokens.weight.val().select(0, ids).transpose(),
+            Some(head) => head.weight.val().select(1, ids.clone()),
+            None => self.embed_tokens.weight.val().select(0, ids.clone()).transpose(),
         };
-        last.matmul(rows)
+        let code = self.head_adapter.as_ref().map(|head| {
+            let code = head.code(last.clone().unsqueeze_dim::<3>(1), sampler);
+            let r = code.dims()[2];
+            code.reshape([batch, r])
+        });
+        let logits = last.matmul(rows);
+        match code.and_then(|code| self.head_update(code, Some(ids))) {
+            Some(update) => logits.add(update),
+            None => logits,
+        }
     }
 
     /// Class logits of a padded batch, labels an example lacks masked out.
@@ -46,10 +56,10 @@ impl<B: Backend> Llama<B> {
         // unless the LoRA taps (Laplace's curvature) record every position.
         let logits = if sampler.taps.is_none() {
             let hidden = self.hidden_at(tokens, padding, &batch.last, sampler);
-            self.label_logits(hidden, &vec![0; batch.last.len()], label_ids)
+            self.label_logits(hidden, &vec![0; batch.last.len()], label_ids, sampler)
         } else {
             let hidden = self.hidden(tokens, padding, None, sampler);
-            self.label_logits(hidden, &batch.last, label_ids)
+            self.label_logits(hidden, &batch.last, label_ids, sampler)
         };
         let k = label_ids.len();
         if batch.n_choices.iter().all(|&n| n >= k) {

@@ -26,7 +26,7 @@ use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
 use melora_kernels::{flat_linear, linear_forward, rms_norm};
-use melora_core::{Adapter, AnyAdapter, ParamGroups, Sampler};
+use melora_core::{Adapter, AnyAdapter, NoiseSource, ParamGroups, Sampler, SamplingMode};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
 #[derive(Module, Debug)]
@@ -81,6 +81,9 @@ pub struct Llama<B: Backend> {
     pub norm: RmsNorm<B>,
     /// Output layer; `None` when tied to the embedding.
     pub lm_head: Option<Linear<B>>,
+    /// An adapter on the output projection ([`Target::LmHead`]): the
+    /// logits are the output layer's plus its update.
+    pub head_adapter: Option<AnyAdapter<B>>,
     /// RoPE base frequency.
     pub rope_theta: f64,
 }
@@ -229,12 +232,36 @@ impl<B: Backend> Llama<B> {
         rms_norm(&self.norm, x)
     }
 
-    /// Logits from hidden states, `[..., hidden] -> [..., vocab]`.
-    pub fn logits<const D: usize>(&self, hidden: Tensor<B, D>) -> Tensor<B, D> {
-        match &self.lm_head {
+    /// Logits from hidden states, `[batch, seq, hidden] -> [batch, seq,
+    /// vocab]`, with an output adapter's mean weights.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let mut noise = NoiseSource::seeded(0);
+        self.logits_sampled(hidden, &mut Sampler::new(SamplingMode::Mean, &mut noise))
+    }
+
+    /// [`Llama::logits`] with an output adapter drawn by `sampler`.
+    pub fn logits_sampled(&self, hidden: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        let code = self.head_adapter.as_ref().map(|head| (head.code(hidden.clone(), sampler), head.lora_b()));
+        let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => linear(hidden, self.embed_tokens.weight.val().transpose(), None),
+        };
+        match code {
+            Some((code, b)) => logits.add(flat_linear(code, b.transpose(), None)),
+            None => logits,
         }
+    }
+
+    /// The output adapter's update at some positions: `code` is its code
+    /// ([`Adapter::code`]) at those positions, `[rows, r]`; the update of
+    /// the vocabulary entries `ids` (all of them with `None`), `[rows, ids]`.
+    pub fn head_update(&self, code: Tensor<B, 2>, ids: Option<Tensor<B, 1, Int>>) -> Option<Tensor<B, 2>> {
+        let head = self.head_adapter.as_ref()?;
+        let b = match ids {
+            Some(ids) => head.lora_b().select(0, ids),
+            None => head.lora_b(),
+        };
+        Some(code.matmul(b.transpose()))
     }
 
     /// Logits of a set of hidden states, `[rows, hidden] -> [rows, vocab]`,
@@ -249,11 +276,13 @@ impl<B: Backend> Llama<B> {
 
     /// Logits for every position, `[batch, seq, vocab]`.
     pub fn forward(&self, tokens: Tensor<B, 2, Int>, padding: Option<&[Vec<bool>]>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        self.logits(self.hidden(tokens, padding, None, sampler))
+        let hidden = self.hidden(tokens, padding, None, sampler);
+        self.logits_sampled(hidden, sampler)
     }
 
     /// Every adapted projection, with its Hugging Face module path
-    /// (`model.layers.0.self_attn.q_proj`).
+    /// (`model.layers.0.self_attn.q_proj`), in layer order, then the output
+    /// projection's (`lm_head`).
     pub fn adapters(&self) -> Vec<(String, &AnyAdapter<B>)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -262,6 +291,9 @@ impl<B: Backend> Llama<B> {
                     out.push((format!("model.layers.{i}.{name}"), adapter));
                 }
             }
+        }
+        if let Some(head) = &self.head_adapter {
+            out.push(("lm_head".to_string(), head));
         }
         out
     }

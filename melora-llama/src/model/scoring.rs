@@ -29,7 +29,7 @@ use crate::data::{Batch, Encoded, LengthNorm, Padding, Scoring};
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
-use melora_core::Sampler;
+use melora_core::{Adapter, Sampler};
 
 /// What turns examples into class scores: the scoring, the answer-label
 /// tokens (label scoring), the pad token and the number of classes.
@@ -312,8 +312,20 @@ impl<B: Backend> Llama<B> {
         let d = hidden.dims()[2];
         let n = batch.positions.len();
         let positions = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.positions.clone(), [n]), device);
+        // An output adapter draws its code over the whole batch (one draw
+        // per question under per-example sampling), then takes its update
+        // at the scored positions only.
+        let head = self.head_adapter.as_ref().map(|head| {
+            let code = head.code(hidden.clone(), sampler);
+            let r = code.dims()[2];
+            code.reshape([questions * seq, r]).select(0, positions.clone())
+        });
         let at = hidden.reshape([questions * seq, d]).select(0, positions);
-        let logp = log_softmax(self.logits_rows(at), 1);
+        let mut logits = self.logits_rows(at);
+        if let Some(update) = head.and_then(|code| self.head_update(code, None)) {
+            logits = logits.add(update);
+        }
+        let logp = log_softmax(logits, 1);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [n, 1]), device);
         let picked = logp.gather(1, targets);
         let weights = Tensor::<B, 2>::from_data(TensorData::new(batch.weight_matrix(classes), [questions * classes, n]), device);

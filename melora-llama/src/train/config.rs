@@ -86,8 +86,8 @@ pub enum Recipe {
     /// parameters, both on a 6% linear warm-up and a linear decay; the KL
     /// weighted as their code does ([`KlSchedule::BlobCode`], gamma 8);
     /// prior std 0.2, `eps` 0.05, Flipout, adapter dropout 0; the last
-    /// step's checkpoint. Their scripts also adapt the output projection
-    /// (`lm_head`), which melora does not yet.
+    /// step's checkpoint; and an adapter on the output projection too
+    /// (`lm_head` added to the targets: their `--apply-classhead-lora`).
     BlobOfficial,
     /// What melora's calibration study of 600 steps ran (for comparison):
     /// the two-optimiser split with SGD at a constant 0.01 and the
@@ -125,6 +125,9 @@ impl Recipe {
                 };
                 c.prior.std = 0.2;
                 c.prior.noise = false;
+                if !c.targets.contains(&Target::LmHead) {
+                    c.targets.push(Target::LmHead);
+                }
                 c.blob.init_eps = 0.05;
                 c.low_rank.dropout = 0.0;
                 c
@@ -567,6 +570,7 @@ mod tests {
         assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
         assert_eq!((c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout), (1e-4, 0.0, 0.06, 0.0));
         assert_eq!((c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps), (SamplingMode::Flipout, false, 0.2, 0.05));
+        assert_eq!(c.targets, vec![Target::Q, Target::V, Target::LmHead]);
         let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();
         assert_eq!((melora.method, melora.lr, melora.kl_lr_schedule), (Method::MeLora, 2e-4, true));
         assert!("blob".parse::<Recipe>().is_err());

@@ -55,6 +55,11 @@ pub fn stable_adapter_ids<B: burn::tensor::backend::Backend>(mut model: Llama<B>
             }
         }
     }
+    if let Some(head) = &mut model.head_adapter {
+        for (name, param) in head.named_params_mut() {
+            *param = renamed(param.clone(), "lm_head", name);
+        }
+    }
     model
 }
 

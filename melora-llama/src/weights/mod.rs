@@ -158,7 +158,7 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
     };
     let used = loader.used;
     let unused = source.names().into_iter().filter(|n| !used.contains(n)).collect();
-    let model = Llama { embed_tokens, layers, norm, lm_head, rope_theta: c.rope_theta };
+    let model = Llama { embed_tokens, layers, norm, lm_head, head_adapter: None, rope_theta: c.rope_theta };
     Ok((model.no_grad(), LoadReport { unused }))
 }
 

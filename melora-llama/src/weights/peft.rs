@@ -16,6 +16,11 @@
 //!
 //! and the full melora adapter configuration under the config's `"melora"`
 //! key (PEFT ignores it).
+//!
+//! An adapter on the output projection is `base_model.model.lm_head.*`, as
+//! in PEFT; the copy of the output layer's base weight PEFT saves beside it
+//! (`lm_head.base_layer.weight`) is read and checked against the model's,
+//! and not written.
 
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
@@ -23,7 +28,7 @@ use crate::model::Llama;
 use crate::weights::safetensors::SafetensorsSource;
 use crate::model::Target;
 use crate::weights::WeightSource;
-use burn::tensor::{backend::Backend, Tensor, TensorData};
+use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use melora_core::{Adapter, AdapterConfig, LoraLinearConfig, LowRankConfig};
 use serde_json::json;
 use std::path::Path;
@@ -157,6 +162,22 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device)
         // Shapes the model has no place for: the file and the module.
         config.init_named(base, tensors).map_err(|e| LlamaError::format(&file, format!("{PREFIX}{path}: {e}")))
     })?;
+    // PEFT saves the output layer's base weight beside an lm_head adapter
+    // (`save_embedding_layers`, for a vocabulary it may have resized); it
+    // must be the model's own output layer.
+    let head_base = format!("{PREFIX}lm_head.base_layer.weight");
+    if model.head_adapter.is_some() && source.names().contains(&head_base) {
+        let saved = tensor::<B>(&mut source, &head_base, device)?;
+        let ours = model.output_layer().weight.val().transpose();
+        if saved.dims() != ours.dims() {
+            return Err(LlamaError::format(&file, format!("{head_base} is {:?}, the model's output layer {:?}: another base model", saved.dims(), ours.dims())));
+        }
+        let gap: f32 = saved.sub(ours).abs().max().into_scalar().elem();
+        if gap > 1e-5 {
+            return Err(LlamaError::format(&file, format!("{head_base} differs from the model's output layer (by up to {gap:e}): another base model")));
+        }
+        used.push(head_base);
+    }
     let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
     if !unused.is_empty() {
         return Err(LlamaError::format(&file, format!("tensors the model has no place for: {}", unused.join(", "))));
