@@ -81,6 +81,10 @@ pub struct ElboConfig {
     /// Gradient-norm clipping of the Adam steps (`None`: none).
     #[config(default = "None")]
     pub grad_clip: Option<f64>,
+    /// The Adam steps' epsilon (Burn's default; BLoB's scripts 1e-6,
+    /// PyTorch's default 1e-8).
+    #[config(default = 1e-5)]
+    pub epsilon: f64,
     /// Which optimisers update which parameters.
     #[config(default = "OptimizerSplit::StdAdam")]
     pub optimizer: OptimizerSplit,
@@ -133,8 +137,9 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
     /// Optimisers for `model`'s adapters.
     pub fn new(config: ElboConfig, model: &M) -> Self {
         let clip = config.grad_clip.map(|clip| GradientClippingConfig::Norm(clip as f32));
-        let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).with_grad_clipping(clip.clone());
-        let std_adam = AdamWConfig::new().with_weight_decay(0.0).with_grad_clipping(clip);
+        let epsilon = config.epsilon as f32;
+        let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).with_epsilon(epsilon).with_grad_clipping(clip.clone());
+        let std_adam = AdamWConfig::new().with_weight_decay(0.0).with_epsilon(epsilon).with_grad_clipping(clip);
         Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), std_adam: std_adam.init(), groups: model.param_groups(), config }
     }
 

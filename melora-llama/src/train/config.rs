@@ -81,7 +81,7 @@ impl Method {
 pub enum Recipe {
     /// BLoB's code as its scripts run it (bayesian-peft,
     /// `scripts/blob/blob-llama-all.sh` with `modelwrappers/blob.py`):
-    /// AdamW at 1e-4 without weight decay on the NLL for the means; SGD at
+    /// AdamW at 1e-4 (epsilon 1e-6) without weight decay on the NLL for the means; SGD at
     /// 0.01 on the KL for the means and on NLL + KL for the std
     /// parameters, both on a 6% linear warm-up and a linear decay; the KL
     /// weighted as their code does ([`KlSchedule::BlobCode`], gamma 8);
@@ -119,6 +119,7 @@ impl Recipe {
                     lr: 1e-4,
                     weight_decay: 0.0,
                     warmup_ratio: 0.06,
+                    adam_epsilon: 1e-6,
                     train_sampling: SamplingMode::Flipout,
                     select_best: false,
                     ..config
@@ -254,6 +255,9 @@ pub struct TrainConfig {
     pub kl_lr_schedule: bool,
     /// Clip the AdamW gradient to this L2 norm.
     pub grad_clip: Option<f64>,
+    /// The Adam steps' epsilon (Burn's default 1e-5; BLoB's scripts 1e-6).
+    #[config(default = 1e-5)]
+    pub adam_epsilon: f64,
     /// How the adapters sample during training.
     #[config(default = "SamplingMode::PerExample")]
     pub train_sampling: SamplingMode,
@@ -369,6 +373,9 @@ impl TrainConfig {
         }
         if !(0.0..=1.0).contains(&self.weight_decay) {
             return bad(format!("weight_decay = {} must be in [0, 1]", self.weight_decay));
+        }
+        if !(self.adam_epsilon > 0.0 && self.adam_epsilon <= 1.0) {
+            return bad(format!("adam_epsilon = {} must be in (0, 1]", self.adam_epsilon));
         }
         if let Some(clip) = self.grad_clip.filter(|c| !(*c > 0.0 && *c <= 1e6)) {
             return bad(format!("grad_clip = {clip} must be in (0, 1e6] (or null: no clipping)"));
@@ -568,7 +575,7 @@ mod tests {
         let c = "blob-official".parse::<Recipe>().unwrap().apply(Method::Blob.preset(TrainConfig::new()));
         assert_eq!((c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule), (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true));
         assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
-        assert_eq!((c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout), (1e-4, 0.0, 0.06, 0.0));
+        assert_eq!((c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout, c.adam_epsilon), (1e-4, 0.0, 0.06, 0.0, 1e-6));
         assert_eq!((c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps), (SamplingMode::Flipout, false, 0.2, 0.05));
         assert_eq!(c.targets, vec![Target::Q, Target::V, Target::LmHead]);
         let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();

@@ -96,6 +96,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         let elbo = ElboConfig::new()
             .with_weight_decay(config.weight_decay)
             .with_grad_clip(config.grad_clip)
+            .with_epsilon(config.adam_epsilon)
             .with_optimizer(config.optimizer);
         Self { elbo: ElboStep::new(elbo, model), config: config.clone(), n_train }
     }
