@@ -122,7 +122,14 @@ fn plot<DB: DrawingBackend>(area: DrawingArea<DB, plotters::coord::Shift>, runs:
     }
     let mut chart = builder.build_cartesian_2d(0f64..steps, (low..high).log_scale()).map_err(|e| err(&e))?;
     if text {
-        chart.configure_mesh().x_desc("step").y_desc("mean posterior std").draw().map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("mean posterior std")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y}"))
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     for (k, run) in runs.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
