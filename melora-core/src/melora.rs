@@ -40,7 +40,8 @@ pub enum MeanInit {
 pub enum StdInit {
     /// `Omega ~ [eps^2 / 2, eps^2]` entrywise, BLoB's numbers for `A`: with
     /// `M = I` the noise is `sqrt(3 n / r)` times smaller relative to the
-    /// signal than BLoB's, and predictions barely vary (issue 14).
+    /// signal than BLoB's, and predictions barely vary (the 10 samples of
+    /// a 150-step run gave the mean weights' prediction to 4 digits).
     Blob,
     /// The same range times `sqrt(3 n / r)` (`n` the layer's input width):
     /// the rank-`r` intermediate `C A x` then starts with the relative

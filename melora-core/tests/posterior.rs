@@ -204,6 +204,20 @@ fn check(what: &str, build: impl Fn() -> Regression<AD>, data: &Data, exact: &(V
     assert!(default.1 < 0.05, "{what}: a learned std is {:.2}% from its optimum", 100.0 * default.1);
 }
 
+/// The Jacobians of the predictions `W0 x_n + scaling * B F v_n` in the
+/// entries of the random factor `F` (`[r, width]`, row-major): `d
+/// prediction_k / d F_ij = scaling B_ki v_nj`, one `[d_out, r * width]`
+/// matrix per example (`v` holds the `v_n`, `width` values each).
+fn jacobians(b: &[f64], v: &[f64], width: usize) -> Vec<Mat> {
+    let scaling = low_rank().scaling();
+    (0..N)
+        .map(|n| {
+            let entries = (0..D_OUT).flat_map(|k| (0..RANK * width).map(move |p| (k, p)));
+            Mat::new(D_OUT, RANK * width, entries.map(|(k, p)| scaling * b[k * RANK + p / width] * v[n * width + p % width]).collect())
+        })
+        .collect()
+}
+
 /// A fixed factor: `value` as the adapter's parameter `name`, without a gradient.
 fn fix(layer: &mut AnyAdapter<AD>, name: &str, value: &[f64], shape: [usize; 2]) {
     for (n, p) in layer.named_params_mut() {
@@ -251,13 +265,7 @@ fn blob_reaches_the_closed_form_posterior() {
     let a_true: Vec<f64> = normals(8, RANK * D_IN).iter().map(|v| 0.1 * v).collect();
     let update: Vec<f64> = (0..D_OUT).flat_map(|k| (0..D_IN).map(|j| (0..RANK).map(|i| scaling * b[k * RANK + i] * a_true[i * D_IN + j]).sum::<f64>()).collect::<Vec<_>>()).collect();
     let data = data(10, &update);
-    // d prediction_k / d A_ij = scaling B_ki x_j.
-    let jacobians: Vec<Mat> = (0..N)
-        .map(|n| {
-            let row = |k: usize| (0..RANK * D_IN).map(move |p| (k, p));
-            Mat::new(D_OUT, RANK * D_IN, (0..D_OUT).flat_map(row).map(|(k, p)| scaling * b[k * RANK + p / D_IN] * data.x[n * D_IN + p % D_IN]).collect())
-        })
-        .collect();
+    let jacobians = jacobians(&b, &data.x, D_IN);
     let prior = Mat::diag(&vec![1.0 / (PRIOR * PRIOR); RANK * D_IN]);
     let exact = closed_form(&jacobians, &data, &prior);
     let build = || {
@@ -285,13 +293,8 @@ fn melora_case(kl: MeLoraKl) {
     let update: Vec<f64> = (0..D_OUT).flat_map(|k| (0..D_IN).map(|l| (0..RANK).map(|j| scaling * bc[k * RANK + j] * a[j * D_IN + l]).sum::<f64>()).collect::<Vec<_>>()).collect();
     let data = data(20, &update);
     let u = apply(&a, &data.x, RANK, D_IN);
-    // d prediction_k / d C_ij = scaling B_ki u_j, u = A x.
-    let jacobians: Vec<Mat> = (0..N)
-        .map(|n| {
-            let entries = (0..D_OUT).flat_map(|k| (0..RANK * RANK).map(move |p| (k, p)));
-            Mat::new(D_OUT, RANK * RANK, entries.map(|(k, p)| scaling * b[k * RANK + p / RANK] * u[n * RANK + p % RANK]).collect())
-        })
-        .collect();
+    // The random factor C multiplies u = A x.
+    let jacobians = jacobians(&b, &u, RANK);
     let prior = match kl {
         MeLoraKl::ExactC => Mat::diag(&vec![1.0 / (PRIOR * PRIOR); RANK * RANK]),
         MeLoraKl::Subspace => {

@@ -3,7 +3,8 @@
 //! the same way), is exact at every buffer alignment. With burn-ndarray's
 //! `simd` feature it was a 12-bit approximation (`_mm256_rcp_ps`) on the
 //! aligned middle of each buffer: gradients off by up to 1e-4, different
-//! between processes (issue 16; Cargo.toml turns the feature off).
+//! between processes, which broke bit-exact resume (Cargo.toml turns the
+//! feature off).
 //!
 //! A test binary of its own: f32 and f64 ndarray tensors do not share a
 //! test process here (the backend's default float type is global).

@@ -4,7 +4,7 @@
 //! (`results.json`) and its verdict (`verdict.txt`).
 
 use anyhow::{bail, Context, Result};
-use melora_llama::report::{font_available, ResultRow};
+use melora_llama::report::{font_available, markdown, ResultRow};
 use plotters::prelude::*;
 use std::path::Path;
 
@@ -72,33 +72,20 @@ pub fn posterior_report(runs: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The table: each run's mean posterior std at its first and last step,
-/// its verdict, and its evaluation.
+/// The tables: each run's mean posterior std at its first and last step
+/// and its verdict, then the evaluations as `melora eval` prints them
+/// ([`markdown`], one row per run, named by it).
 fn table(runs: &[Run]) -> String {
-    let mut out = String::from(
-        "| run | std after step 1 | std at the end | verdict | n | S | ACC (%) | ECE (%) | NLL | Brier | std of p(gold) | epistemic (nats) |\n\
-         |---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
-    );
+    let mut out = String::from("| run | std after step 1 | std at the end | verdict |\n|---|---:|---:|---|\n");
     for run in runs {
         let first = run.curve.first().map_or("-".into(), |p| format!("{:.4}", p.1));
         let last = run.curve.last().map_or("-".into(), |p| format!("{:.4} (step {})", p.1, p.0));
-        let eval = match &run.row {
-            Some(r) => {
-                let m = &r.metrics;
-                let (gold, epistemic) = r.spread.as_ref().map_or(("-".into(), "-".into()), |s| (format!("{:.4}", s.gold_std), format!("{:.2e}", s.epistemic)));
-                format!(
-                    "{} | {} | {:.2} | {:.2} | {:.4} | {:.4} | {gold} | {epistemic}",
-                    m.count,
-                    r.samples,
-                    100.0 * m.accuracy,
-                    100.0 * m.ece,
-                    m.nll,
-                    m.brier
-                )
-            }
-            None => "- | - | - | - | - | - | - | -".into(),
-        };
-        out.push_str(&format!("| {} | {first} | {last} | {} | {eval} |\n", run.name, run.verdict));
+        out.push_str(&format!("| {} | {first} | {last} | {} |\n", run.name, run.verdict));
+    }
+    let rows: Vec<ResultRow> = runs.iter().filter_map(|r| r.row.clone().map(|row| ResultRow { name: r.name.clone(), ..row })).collect();
+    if !rows.is_empty() {
+        out.push('\n');
+        out.push_str(&markdown(&rows));
     }
     out
 }
@@ -159,7 +146,7 @@ mod tests {
         let out = dir.join("out");
         posterior_report(&dir, &out).unwrap();
         let table = std::fs::read_to_string(out.join("table.md")).unwrap();
-        assert!(table.contains("| blob-default | 0.0020 | 0.1500 (step 600) | converged | - |"), "{table}");
+        assert!(table.contains("| blob-default | 0.0020 | 0.1500 (step 600) | converged |"), "{table}");
         assert!(out.join("std.svg").is_file());
         std::fs::write(run.join("std.tsv"), "1 x\n").unwrap();
         let err = posterior_report(&dir, &out).unwrap_err().to_string();

@@ -1,4 +1,4 @@
-//! The calibration study's tables (`experiments/study.sh`, issue 15),
+//! The calibration study's tables (`experiments/study.sh`),
 //! regenerated from its run folders: every evaluation folder's sample
 //! probabilities (`predictions-<k>.json`) are read back and summarised, so
 //! a table never holds a number that no file supports.

@@ -1,4 +1,4 @@
-//! The chaos check (issue 16): `melora train` killed with SIGKILL again and
+//! The chaos check: `melora train` killed with SIGKILL again and
 //! again, at seeded random moments and while a checkpoint is being
 //! written, resumed with `--resume` each time, ends with the same bytes as
 //! a run that was never interrupted: adapters, optimiser states, training

@@ -1,4 +1,4 @@
-//! The same training in two processes gives the same bits (issue 16).
+//! The same training in two processes gives the same bits.
 //!
 //! The test runs itself twice as a child process (`MELORA_DETERMINISM_OUT`
 //! set: train 3 steps of every method on the tiny fixture, checkpointing

@@ -1,4 +1,4 @@
-//! Data-parallel training (issue 19) on the tiny fixture: two peers
+//! Data-parallel training on the tiny fixture: two peers
 //! (threads sharing the CPU, and two processes joined over TCP)
 //! take the steps one device takes on the whole batch, for LoRA, BLoB and
 //! Me-LoRA under both scorings; a run stopped and resumed with two peers

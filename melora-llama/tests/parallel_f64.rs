@@ -1,4 +1,4 @@
-//! Data-parallel training in f64 (issue 19), in a test process of its own:
+//! Data-parallel training in f64, in a test process of its own:
 //! Burn keeps one default float type per device, fixed by the first tensor
 //! made on it, and the CPU device of `NdArray<f32>` and `NdArray<f64>` is
 //! the same device, so after an f32 test in the same process these runs

@@ -1,4 +1,4 @@
-//! The wgpu backend really runs (issue 18): on any Vulkan device, Mesa's
+//! The wgpu backend really runs: on any Vulkan device, Mesa's
 //! lavapipe on a CPU included, the tiny fixtures' logits equal
 //! transformers' reference, and three training steps of each adapter
 //! equal ndarray's (host-drawn noise, so both backends draw the same

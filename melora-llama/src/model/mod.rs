@@ -322,7 +322,9 @@ impl<B: Backend> Llama<B> {
     /// matrices (every entry of Me-LoRA's `Omega`, BLoB's `Omega_A`);
     /// `None` when no adapter has random weights.
     pub fn posterior_std(&self) -> Option<f64> {
-        let (mut sum, mut count) = (0.0, 0usize);
+        // Summed on the device and read back once (training reads it every
+        // step; on a GPU each read waits for the device).
+        let (mut sum, mut count): (Option<Tensor<B, 1>>, usize) = (None, 0);
         for (_, adapter) in self.adapters() {
             let omega = match adapter {
                 AnyAdapter::MeLora(a) => a.omega(),
@@ -330,9 +332,13 @@ impl<B: Backend> Llama<B> {
                 AnyAdapter::Lora(_) => continue,
             };
             count += omega.shape().num_elements();
-            sum += omega.sum().into_scalar().elem::<f64>();
+            let part = omega.detach().sum();
+            sum = Some(match sum {
+                Some(total) => total.add(part),
+                None => part,
+            });
         }
-        (count > 0).then(|| sum / count as f64)
+        sum.map(|total| total.into_scalar().elem::<f64>() / count as f64)
     }
 
     /// The number of decoder layers.

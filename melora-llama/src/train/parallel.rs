@@ -1,4 +1,4 @@
-//! Data-parallel training (issue 19): one model replica per device (a
+//! Data-parallel training: one model replica per device (a
 //! *peer*), each computing its share of every batch; the data gradients are
 //! summed over the peers with burn-collective's all-reduce, then every peer
 //! takes the same optimiser step, so the replicas stay equal.

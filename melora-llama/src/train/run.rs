@@ -194,7 +194,8 @@ fn sync_dir(dir: &Path) {
 /// An optimiser's per-parameter record written in the order of the
 /// parameter ids. Burn keeps it in a hash map whose iteration order is
 /// seeded anew in every process, so the same state gave different bytes
-/// in `adamw.bin` from one process to the next (issue 16). A map and a
+/// in `adamw.bin` from one process to the next, and resumed runs were not
+/// byte-identical. A map and a
 /// sequence of pairs have the same bincode encoding, so files written
 /// either way load either way.
 pub(super) struct Ordered<M>(pub(super) M);
