@@ -14,7 +14,7 @@ use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::posterior::PosteriorStats;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
-use melora_llama::train::{fit, train_on, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{fit, train_on, Checkpoint, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
 use std::io::IsTerminal;
@@ -159,6 +159,8 @@ pub enum Subject {
 
 pub struct EvalArgs {
     pub subject: Subject,
+    /// A run's checkpoint (default: the best, else the last).
+    pub checkpoint: Option<Checkpoint>,
     pub ensemble_average: Option<EnsembleAverage>,
     pub model: Option<String>,
     pub task: Task,
@@ -319,9 +321,7 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task
     let start = Instant::now();
     let members = (0..config.members).map(|k| {
         let member = run.member(k);
-        let checkpoint = member.final_checkpoint().ok_or_else(|| {
-            melora_llama::LlamaError::Unavailable(format!("ensemble member {} has no checkpoint", member.dir.display()))
-        })?;
+        let checkpoint = member.checkpoint(args.checkpoint)?;
         Ok(load_adapter(base.clone(), &checkpoint, &device)?.0)
     });
     let mut bars = PhaseBars::default();
@@ -396,14 +396,21 @@ pub fn eval_command(args: EvalArgs) -> Result<()> {
 /// One task's evaluation of the subject.
 fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     let (config, adapter_dir) = match &args.subject {
-        Subject::Run(dir) if LaplaceDir::is_laplace(dir) => return eval_laplace(args, dir, task),
+        Subject::Run(dir) if LaplaceDir::is_laplace(dir) => {
+            anyhow::ensure!(
+                args.checkpoint.is_none(),
+                "{} is a Laplace posterior: it holds one adapter; its checkpoint is chosen when it is fitted (melora laplace --checkpoint)",
+                dir.display()
+            );
+            return eval_laplace(args, dir, task);
+        }
         Subject::Run(dir) => {
             let run = RunDir { dir: dir.clone() };
             let config = load_config(Some(&run.config()), &[])?;
             if config.method == Method::Ens {
                 return eval_ensemble(args, &run, &config, task);
             }
-            let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
+            let checkpoint = run.checkpoint(args.checkpoint)?;
             (Some(config), Some(checkpoint))
         }
         Subject::Adapter(dir) => (None, Some(dir.clone())),
@@ -509,9 +516,10 @@ pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()>
 /// `melora export`: the adapter of `subject` (a run's final checkpoint, a
 /// Laplace posterior's MAP adapter, or an adapter folder on `model`) merged
 /// into the base weights, written to `out` as a Hugging Face folder.
-pub fn export_command(subject: Subject, model: Option<String>, out: PathBuf) -> Result<()> {
+pub fn export_command(subject: Subject, checkpoint: Option<Checkpoint>, model: Option<String>, out: PathBuf) -> Result<()> {
     let (model_name, adapter) = match subject {
         Subject::Run(dir) if LaplaceDir::is_laplace(&dir) => {
+            anyhow::ensure!(checkpoint.is_none(), "{} is a Laplace posterior: it holds one adapter", dir.display());
             let config = load_config(Some(&dir.join("config.json")), &[])?;
             (config.model, LaplaceDir { dir }.adapter())
         }
@@ -524,8 +532,7 @@ pub fn export_command(subject: Subject, model: Option<String>, out: PathBuf) -> 
                 dir.display(),
                 run.member(0).dir.display()
             );
-            let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", dir.display()))?;
-            (model.unwrap_or(config.model), checkpoint)
+            (model.unwrap_or(config.model), run.checkpoint(checkpoint)?)
         }
         Subject::Adapter(dir) => (model.unwrap_or_else(|| "smollm2-135m".into()), dir),
         Subject::ZeroShot => bail!("give --run DIR or --adapter DIR: the base model alone needs no export"),
@@ -559,7 +566,7 @@ pub fn load_laplace_config(path: Option<&Path>, overrides: &[String]) -> Result<
 }
 
 /// `melora laplace`: the Laplace posterior of a MAP run, saved in `out`.
-pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) -> Result<()> {
+pub fn laplace_command(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config: LaplaceConfig, out: PathBuf) -> Result<()> {
     let run = RunDir { dir: run_dir.clone() };
     let train_config = load_config(Some(&run.config()), &[])?;
     anyhow::ensure!(
@@ -568,7 +575,7 @@ pub fn laplace_command(run_dir: PathBuf, config: LaplaceConfig, out: PathBuf) ->
         run_dir.display(),
         train_config.method.name()
     );
-    let checkpoint = run.final_checkpoint().with_context(|| format!("{} has no checkpoint yet", run_dir.display()))?;
+    let checkpoint = run.checkpoint(checkpoint)?;
     let assets = ensure_assets(&train_config.model)?;
     let device = backend::device();
     let (base, tokenizer) = Pretrained::load::<Train>(&train_config.model, &assets, &device)?;

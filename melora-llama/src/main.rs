@@ -146,6 +146,9 @@ enum Command {
         /// A training run folder (its best checkpoint is evaluated).
         #[arg(long, conflicts_with_all = ["adapter", "zero_shot"])]
         run: Option<PathBuf>,
+        /// Which checkpoint of the run: best (the best validation accuracy of the mean weights) or last (default: best, else last).
+        #[arg(long)]
+        checkpoint: Option<melora_llama::train::Checkpoint>,
         /// An adapter folder (PEFT format).
         #[arg(long, conflicts_with = "zero_shot")]
         adapter: Option<PathBuf>,
@@ -193,6 +196,9 @@ enum Command {
         /// Laplace posterior too).
         #[arg(long, conflicts_with_all = ["adapter", "zero_shot"])]
         run: Option<PathBuf>,
+        /// Which checkpoint of the run: best (the best validation accuracy of the mean weights) or last (default: best, else last).
+        #[arg(long)]
+        checkpoint: Option<melora_llama::train::Checkpoint>,
         /// An adapter folder (PEFT format).
         #[arg(long, conflicts_with = "zero_shot")]
         adapter: Option<PathBuf>,
@@ -236,6 +242,9 @@ enum Command {
         /// posterior (its MAP adapter).
         #[arg(long, conflicts_with = "adapter")]
         run: Option<PathBuf>,
+        /// Which checkpoint of the run: best (the best validation accuracy of the mean weights) or last (default: best, else last).
+        #[arg(long)]
+        checkpoint: Option<melora_llama::train::Checkpoint>,
         /// An adapter folder (PEFT format), on --model.
         #[arg(long)]
         adapter: Option<PathBuf>,
@@ -254,6 +263,9 @@ enum Command {
         /// The MAP run folder.
         #[arg(long)]
         run: PathBuf,
+        /// Which checkpoint of the run: best (the best validation accuracy of the mean weights) or last (default: best, else last).
+        #[arg(long)]
+        checkpoint: Option<melora_llama::train::Checkpoint>,
         /// A JSON Laplace configuration (see experiments/); defaults otherwise.
         #[arg(long)]
         config: Option<PathBuf>,
@@ -265,18 +277,39 @@ enum Command {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// The calibration study's tables (experiments/study.sh) from its run
-    /// folders: in distribution, out of distribution, uncertainty and OOD
-    /// detection (mean ± std over the seeds), times, reliability diagrams.
+    /// A study's tables (experiments/study.sh runs it) from the
+    /// evaluations it keeps in its results folder: per task and checkpoint,
+    /// in distribution, out of distribution, uncertainty and OOD detection
+    /// (mean ± std over the seeds), differences with bootstrap intervals,
+    /// posterior diagnostics, validation curves, times, reliability diagrams.
     StudyReport {
-        /// The study's run folder.
-        #[arg(long, default_value = "runs/study")]
-        runs: PathBuf,
-        /// Where the tables go.
-        #[arg(long, default_value = "experiments/results/study")]
-        out: PathBuf,
-        /// The seeds (comma-separated).
-        #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+        /// The study file (experiments/study-*.json).
+        #[arg(long)]
+        study: PathBuf,
+        /// The study's run folder, for the curves of runs still training
+        /// (default: the study file's).
+        #[arg(long)]
+        runs: Option<PathBuf>,
+    },
+    /// The phases of a study that remain (the evaluations not done, the
+    /// Laplace fits and training runs they need), in running order, one
+    /// JSON object per line: what experiments/study.sh runs.
+    StudyPlan {
+        /// The study file.
+        #[arg(long)]
+        study: PathBuf,
+        /// Its run folder (default: the study file's).
+        #[arg(long)]
+        runs: Option<PathBuf>,
+        /// Only these tasks (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        tasks: Vec<Task>,
+        /// Only these methods (comma-separated keys; the runs and fits they
+        /// need come with them).
+        #[arg(long, value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Only these seeds (comma-separated).
+        #[arg(long, value_delimiter = ',')]
         seeds: Vec<u64>,
     },
     /// The posterior pilot's plot and table (experiments/posterior/pilot.sh)
@@ -456,13 +489,14 @@ fn main() -> Result<()> {
             let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
             cli::train_command(config, out, resume, plain, nodes.nodes())?;
         }
-        Command::Laplace { run, config, set, out } => {
+        Command::Laplace { run, checkpoint, config, set, out } => {
             let config = cli::load_laplace_config(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(|| run.join("laplace"));
-            cli::laplace_command(run, config, out)?;
+            cli::laplace_command(run, checkpoint, config, out)?;
         }
         Command::Eval {
             run,
+            checkpoint,
             adapter,
             zero_shot,
             model,
@@ -484,6 +518,7 @@ fn main() -> Result<()> {
             };
             cli::eval_command(cli::EvalArgs {
                 subject,
+                checkpoint,
                 ensemble_average,
                 model,
                 task,
@@ -503,6 +538,7 @@ fn main() -> Result<()> {
         }
         Command::Predict {
             run,
+            checkpoint,
             adapter,
             zero_shot,
             model,
@@ -535,6 +571,7 @@ fn main() -> Result<()> {
             };
             let args = cli::EvalArgs {
                 subject,
+                checkpoint,
                 ensemble_average,
                 model,
                 task,
@@ -553,17 +590,29 @@ fn main() -> Result<()> {
             };
             cli::predict_command(args, answered, json)?;
         }
-        Command::Export { run, adapter, model, out } => {
+        Command::Export { run, checkpoint, adapter, model, out } => {
             let subject = match (run, adapter) {
                 (Some(r), _) => cli::Subject::Run(r),
                 (_, Some(a)) => cli::Subject::Adapter(a),
                 _ => anyhow::bail!("give --run DIR or --adapter DIR"),
             };
-            cli::export_command(subject, model, out)?;
+            cli::export_command(subject, checkpoint, model, out)?;
         }
-        Command::StudyReport { runs, out, seeds } => {
-            print!("{}", melora_llama::study::report(&runs, &out, &seeds)?);
-            eprintln!("tables in {}", out.display());
+        Command::StudyReport { study, runs } => {
+            let study = melora_llama::study::spec::Study::load(&study)?;
+            let runs = runs.unwrap_or_else(|| study.runs.clone());
+            print!("{}", melora_llama::study::report(&study, Some(&runs))?);
+            eprintln!("tables in {}", study.results.display());
+        }
+        Command::StudyPlan { study, runs, tasks, methods, seeds } => {
+            let study = melora_llama::study::spec::Study::load(&study)?;
+            if let Some(unknown) = methods.iter().find(|m| study.method(m).is_none() && *m != melora_llama::study::spec::ZERO_SHOT) {
+                anyhow::bail!("no method {unknown} in the study (its methods: {})", study.methods.iter().map(|m| m.key.as_str()).collect::<Vec<_>>().join(", "));
+            }
+            let runs = runs.unwrap_or_else(|| study.runs.clone());
+            for phase in study.plan(&runs, &tasks, &methods, &seeds) {
+                println!("{}", serde_json::to_string(&phase)?);
+            }
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;

@@ -127,6 +127,21 @@ impl Task {
         }
     }
 
+    /// Its name in prose and tables.
+    pub fn title(self) -> &'static str {
+        match self {
+            Task::ArcE => "ARC-Easy",
+            Task::ArcC => "ARC-Challenge",
+            Task::Obqa => "OpenBookQA",
+            Task::Boolq => "BoolQ",
+            Task::WgS => "WinoGrande-S",
+            Task::WgM => "WinoGrande-M",
+            Task::MmluChem => "MMLU college chemistry",
+            Task::MmluPhys => "MMLU college physics",
+            Task::MmluMath => "MMLU college mathematics",
+        }
+    }
+
     /// The answer labels, as they appear after "Answer:" (without the space).
     pub fn labels(self) -> &'static [&'static str] {
         match self {

@@ -22,7 +22,7 @@ mod step;
 pub use config::{Method, Recipe, TrainConfig};
 pub use melora_core::{NonFinite, OptimizerSplit};
 pub use parallel::{Cluster, Nodes, Peer};
-pub use run::{EvalRecord, RunDir, TrainState};
+pub use run::{Checkpoint, EvalRecord, RunDir, TrainState};
 pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};
 
 use crate::assets::{write_atomic, Assets};

@@ -46,6 +46,44 @@ pub struct EvalRecord {
     pub posterior: Option<crate::posterior::Diagnostics>,
 }
 
+/// Which of a run's checkpoints to read: the one of the best validation
+/// accuracy (of the mean weights) or the last step's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Checkpoint {
+    /// `checkpoints/best` (written when `select_best` is on).
+    Best,
+    /// `checkpoints/last`: the end of training once it has finished.
+    Last,
+}
+
+impl Checkpoint {
+    /// `best` or `last`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Best => "best",
+            Self::Last => "last",
+        }
+    }
+}
+
+impl std::str::FromStr for Checkpoint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "best" => Ok(Self::Best),
+            "last" => Ok(Self::Last),
+            _ => Err(format!("unknown checkpoint {s:?}: expected best or last")),
+        }
+    }
+}
+
+impl std::fmt::Display for Checkpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The run folder's files.
 pub struct RunDir {
     /// The folder.
@@ -80,6 +118,23 @@ impl RunDir {
     /// The checkpoint to evaluate: the best one, else the last.
     pub fn final_checkpoint(&self) -> Option<PathBuf> {
         self.complete_checkpoint(&self.best()).or_else(|| self.complete_checkpoint(&self.last()))
+    }
+
+    /// The checkpoint `which` names, or [`Self::final_checkpoint`] for
+    /// `None`; an error that says why when it is not there.
+    pub fn checkpoint(&self, which: Option<Checkpoint>) -> crate::Result<PathBuf> {
+        let found = match which {
+            None => self.final_checkpoint(),
+            Some(Checkpoint::Best) => self.complete_checkpoint(&self.best()),
+            Some(Checkpoint::Last) => self.complete_checkpoint(&self.last()),
+        };
+        found.ok_or_else(|| {
+            let why = match which {
+                Some(Checkpoint::Best) => "no best checkpoint (the run was trained with select_best = false, or has not validated yet)",
+                _ => "no checkpoint yet",
+            };
+            LlamaError::Unavailable(format!("{} has {why}", self.dir.display()))
+        })
     }
 
     /// Appends a line to a file of the run.
@@ -230,6 +285,26 @@ mod tests {
     use burn::tensor::{Distribution, Tensor};
 
     type AD = Autodiff<NdArray<f64>>;
+
+    #[test]
+    fn a_named_checkpoint_is_that_one_or_an_error_that_says_why() {
+        let dir = std::env::temp_dir().join(format!("melora-checkpoint-{}", std::process::id()));
+        let run = RunDir { dir: dir.clone() };
+        assert!(run.checkpoint(None).unwrap_err().to_string().contains("has no checkpoint yet"));
+        std::fs::create_dir_all(run.last()).unwrap();
+        std::fs::write(run.last().join("state.json"), "{}").unwrap();
+        // No best checkpoint: the default falls back to the last; asking for it fails.
+        assert_eq!(run.checkpoint(None).unwrap(), run.last());
+        assert_eq!(run.checkpoint(Some(Checkpoint::Last)).unwrap(), run.last());
+        assert!(run.checkpoint(Some(Checkpoint::Best)).unwrap_err().to_string().contains("has no best checkpoint (the run was trained with select_best = false"));
+        std::fs::create_dir_all(run.best()).unwrap();
+        std::fs::write(run.best().join("state.json"), "{}").unwrap();
+        assert_eq!(run.checkpoint(None).unwrap(), run.best());
+        assert_eq!(run.checkpoint(Some(Checkpoint::Last)).unwrap(), run.last());
+        assert_eq!("last".parse::<Checkpoint>(), Ok(Checkpoint::Last));
+        assert!("final".parse::<Checkpoint>().unwrap_err().contains("expected best or last"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     /// An AdamW state after two steps on a small linear layer.
     fn trained() -> (Linear<AD>, OptimizerAdaptor<AdamW, Linear<AD>, AD>) {
