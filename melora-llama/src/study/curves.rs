@@ -152,11 +152,18 @@ fn panels_plot<DB: DrawingBackend>(
         let mut builder = ChartBuilder::on(&panel);
         builder.margin(10);
         if text {
-            builder.x_label_area_size(32).y_label_area_size(48);
+            builder.x_label_area_size(32).y_label_area_size(64);
         }
         let mut chart = builder.build_cartesian_2d(0f64..steps, range(curve.records.iter().map(f))).map_err(err)?;
         if text {
-            chart.configure_mesh().x_desc("step").y_desc(*name).x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(err)?;
+            chart
+                .configure_mesh()
+                .x_desc("step")
+                .y_desc(*name)
+                .x_label_formatter(&|x| format!("{x:.0}"))
+                .y_label_formatter(&|y| format!("{y:.2}"))
+                .draw()
+                .map_err(err)?;
         }
         let points = curve.records.iter().map(|r| (r.step as f64, f(r)));
         chart.draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2))).map_err(err)?;

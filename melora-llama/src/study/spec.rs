@@ -113,6 +113,10 @@ pub struct MethodSpec {
     /// Arguments of its evaluations, after the study's.
     #[serde(default)]
     pub eval: Vec<String>,
+    /// The seeds evaluated out of distribution, in place of the task's
+    /// (say every seed of a cheap method whose ensemble needs them all).
+    #[serde(default)]
+    pub ood_seeds: Option<Vec<u64>>,
 }
 
 /// How a method trains.
@@ -260,6 +264,9 @@ impl Study {
             if m.key == ZERO_SHOT || m.key.is_empty() || !m.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
                 errors.push(format!("method key {:?}: letters, digits, '-' and '_', not {ZERO_SHOT}", m.key));
             }
+            if let Some(extra) = m.ood_seeds.iter().flatten().find(|s| !self.seeds.contains(s)) {
+                errors.push(format!("method {}: out-of-distribution seed {extra} is not one of the study's seeds", m.key));
+            }
             let trained_before = |key: &str| self.methods[..k].iter().any(|b| b.key == key && b.train.is_some());
             match (&m.train, &m.ensemble_of, &m.laplace) {
                 (Some(_), None, None) => {}
@@ -386,7 +393,7 @@ impl Study {
                             args.extend(s(&["--checkpoint", checkpoint.name()]));
                         }
                         args.extend(target.clone());
-                        args.extend(self.ood_args(t, Some(checkpoint), seed));
+                        args.extend(self.ood_args(t, Some((checkpoint, m)), seed));
                         args.extend(self.eval.clone());
                         args.extend(m.eval.clone());
                         args.extend(s(&["--out", &dir.display().to_string()]));
@@ -448,12 +455,14 @@ impl Study {
         out
     }
 
-    /// `--ood a,b,...` for an evaluation of `t` at `checkpoint` (`None`:
-    /// the base model) with `seed`, when the study asks for it there.
-    fn ood_args(&self, t: &TaskSpec, checkpoint: Option<Checkpoint>, seed: u64) -> Vec<String> {
+    /// `--ood a,b,...` for an evaluation of `t` at a checkpoint of a
+    /// method (`None`: the base model) with `seed`, when the study asks for
+    /// it there.
+    fn ood_args(&self, t: &TaskSpec, at: Option<(Checkpoint, &MethodSpec)>, seed: u64) -> Vec<String> {
         let Some(ood) = &t.ood else { return Vec::new() };
-        let at_checkpoint = checkpoint.is_none_or(|c| c == ood.checkpoint);
-        let seeded = checkpoint.is_none() || ood.seeds.as_ref().is_none_or(|s| s.contains(&seed));
+        let at_checkpoint = at.is_none_or(|(c, _)| c == ood.checkpoint);
+        let seeds = at.and_then(|(_, m)| m.ood_seeds.as_ref()).or(ood.seeds.as_ref());
+        let seeded = at.is_none() || seeds.is_none_or(|s| s.contains(&seed));
         if at_checkpoint && seeded {
             vec!["--ood".into(), ood.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")]
         } else {
@@ -483,7 +492,7 @@ mod tests {
                 {{"task": "wg-s", "split": "test", "seeds": [0]}}
               ],
               "methods": [
-                {{"key": "map", "label": "MAP", "train": {{"config": "map"}}}},
+                {{"key": "map", "label": "MAP", "train": {{"config": "map"}}, "ood_seeds": [0, 1]}},
                 {{"key": "ens", "label": "ENS", "ensemble_of": "map"}},
                 {{"key": "lap", "label": "LAP", "laplace": {{"of": "map", "config": "laplace.json"}}, "eval": ["--samples", "10"]}},
                 {{"key": "blob", "label": "BLoB", "train": {{"config": "blob", "args": ["--recipe", "blob-official"]}}}}
@@ -566,8 +575,10 @@ mod tests {
         assert_eq!(plan[7].needs, Some(runs.join("arc-e/map-seed0/laplace-last/laplace.json")));
         assert_eq!(text(&plan[29]), format!("train --config {c}/arc-e-blob.json --seed 1 --steps 10 --recipe blob-official --out {r}/arc-e/blob-seed1"));
         assert_eq!(plan[29].keep, PathBuf::from("runs/arc-e/blob-seed1"));
-        // Seed 1 is evaluated without the out-of-distribution tasks.
+        // Seed 1 is evaluated without the out-of-distribution tasks, but
+        // for MAP, whose own seeds say otherwise.
         assert!(!text(&plan[30]).contains("--ood"));
+        assert!(text(&plan[23]).contains("--checkpoint best") && text(&plan[23]).contains("--ood arc-c,mmlu-chem"));
 
         // MAP seed 0 on ARC-E evaluated at both checkpoints (kept from
         // another machine): neither it nor its run is needed unless a
