@@ -11,8 +11,8 @@ use burn::nn::LinearConfig;
 use burn::tensor::backend::Backend;
 use criterion::{criterion_group, criterion_main, Criterion};
 use melora_core::{
-    Adapter, AdapterConfig, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource, Sampler,
-    SamplingMode,
+    Adapter, AdapterConfig, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource,
+    Sampler, SamplingMode,
 };
 
 type B = Autodiff<NdArray<f32>>;
@@ -24,13 +24,31 @@ fn bench(c: &mut Criterion) {
     B::seed(&device, 0);
     let (d, r, batch, seq) = (4096, 8, 4, 300);
     let base = LinearConfig::new(d, d).with_bias(false).init::<B>(&device);
-    let x = NoiseSource::seeded(1).normal::<B, 3>([batch, seq, d], &device).require_grad();
+    let x = NoiseSource::seeded(1)
+        .normal::<B, 3>([batch, seq, d], &device)
+        .require_grad();
     let low_rank = LowRankConfig::new().with_rank(r);
     let cases = [
-        ("lora", AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank.clone())), SamplingMode::Mean),
-        ("blob per-example", AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank.clone())), SamplingMode::PerExample),
-        ("blob flipout", AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank.clone())), SamplingMode::Flipout),
-        ("melora per-example", AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank.clone())), SamplingMode::PerExample),
+        (
+            "lora",
+            AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank.clone())),
+            SamplingMode::Mean,
+        ),
+        (
+            "blob per-example",
+            AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank.clone())),
+            SamplingMode::PerExample,
+        ),
+        (
+            "blob flipout",
+            AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank.clone())),
+            SamplingMode::Flipout,
+        ),
+        (
+            "melora per-example",
+            AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank.clone())),
+            SamplingMode::PerExample,
+        ),
     ];
     let mut group = c.benchmark_group("adapter forward+backward 4096x4096 r8, 4x300 tokens");
     group.sample_size(10);
@@ -50,7 +68,11 @@ fn bench(c: &mut Criterion) {
         group.bench_function(name, |b| {
             b.iter(|| {
                 let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true);
-                let loss = adapter.forward(x.clone(), &mut sampler).powi_scalar(2).mean().add(adapter.kl(0.2).mul_scalar(1e-4));
+                let loss = adapter
+                    .forward(x.clone(), &mut sampler)
+                    .powi_scalar(2)
+                    .mean()
+                    .add(adapter.kl(0.2).mul_scalar(1e-4));
                 let value: f32 = loss.clone().into_scalar();
                 let grads = loss.backward();
                 let _ = x.grad(&grads);

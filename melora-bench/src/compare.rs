@@ -12,11 +12,30 @@ fn peer(python: &Path, args: &StepArgs) -> Result<serde_json::Value> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("peers/peft_step.py");
     let output = Command::new(python)
         .arg(&script)
-        .args(["--model", &args.model, "--batch", &args.batch.to_string(), "--seq", &args.seq.to_string()])
-        .args(["--steps", &args.steps.to_string(), "--warmup", &args.warmup.to_string(), "--rank", &args.rank.to_string()])
+        .args([
+            "--model",
+            &args.model,
+            "--batch",
+            &args.batch.to_string(),
+            "--seq",
+            &args.seq.to_string(),
+        ])
+        .args([
+            "--steps",
+            &args.steps.to_string(),
+            "--warmup",
+            &args.warmup.to_string(),
+            "--rank",
+            &args.rank.to_string(),
+        ])
         .args(["--targets", &args.targets, "--seed", &args.seed.to_string()])
         .output()
-        .with_context(|| format!("cannot run {}: create the peer environment with melora-bench/peers/setup.sh", python.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot run {}: create the peer environment with melora-bench/peers/setup.sh",
+                python.display()
+            )
+        })?;
     if !output.status.success() {
         bail!(
             "the peer failed ({}): {}\n(set it up with melora-bench/peers/setup.sh)",

@@ -133,7 +133,14 @@ fn main() -> Result<()> {
                 print!("{}", params::markdown(&rows));
             }
         }
-        Command::Compare { python, model, batch, seq, steps, rounds } => {
+        Command::Compare {
+            python,
+            model,
+            batch,
+            seq,
+            steps,
+            rounds,
+        } => {
             let args = step::StepArgs {
                 model,
                 method: melora_core::AdapterKind::Lora,
@@ -152,18 +159,55 @@ fn main() -> Result<()> {
             let results = compare::compare(&python, &args, rounds)?;
             print!("{}", compare::markdown(&results));
         }
-        Command::Scoring { questions, batch, rounds, json } => {
-            let rows = scoring::run(&scoring::ScoringArgs { questions, batch, rounds })?;
+        Command::Scoring {
+            questions,
+            batch,
+            rounds,
+            json,
+        } => {
+            let rows = scoring::run(&scoring::ScoringArgs {
+                questions,
+                batch,
+                rounds,
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", scoring::markdown(&rows));
             }
         }
-        Command::Step { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, peers, json } => {
+        Command::Step {
+            model,
+            method,
+            batch,
+            seq,
+            steps,
+            warmup,
+            rank,
+            targets,
+            inference,
+            samples,
+            seed,
+            dtype,
+            peers,
+            json,
+        } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;
-            let report =
-                step::run(&step::StepArgs { model, method, batch, seq, steps, warmup, rank, targets, inference, samples, seed, dtype, peers })?;
+            let report = step::run(&step::StepArgs {
+                model,
+                method,
+                batch,
+                seq,
+                steps,
+                warmup,
+                rank,
+                targets,
+                inference,
+                samples,
+                seed,
+                dtype,
+                peers,
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

@@ -7,8 +7,8 @@
 use crate::backend::Inner;
 use burn::nn::LinearConfig;
 use melora_core::{Adapter, AdapterKind, NoiseSource};
-use melora_llama::train::TrainConfig;
 use melora_llama::model::Target;
+use melora_llama::train::TrainConfig;
 use melora_llama::LlamaConfig;
 use serde::Serialize;
 
@@ -55,9 +55,17 @@ pub fn count(config: &LlamaConfig, kind: AdapterKind, rank: usize, targets: &[Ta
     for &target in targets {
         let (d_out, d_in) = shape(config, target);
         let base = LinearConfig::new(d_in, d_out).with_bias(false).init::<Inner>(&device);
-        let adapter = TrainConfig::new().with_method(kind.into()).with_rank(rank).adapter().init(base, &mut NoiseSource::seeded(0))?;
+        let adapter = TrainConfig::new()
+            .with_method(kind.into())
+            .with_rank(rank)
+            .adapter()
+            .init(base, &mut NoiseSource::seeded(0))?;
         // One output projection; one of the others per layer.
-        let copies = if target == Target::LmHead { 1 } else { config.num_hidden_layers };
+        let copies = if target == Target::LmHead {
+            1
+        } else {
+            config.num_hidden_layers
+        };
         total += adapter.num_trainable() * copies;
     }
     Ok(total)
@@ -83,14 +91,25 @@ fn paper(model: &str, rank: usize, kind: AdapterKind) -> Option<(f64, f64)> {
 }
 
 /// Compares our count with the paper's and explains a difference.
-fn explain(trainable: usize, mib: f64, paper: (f64, f64), kind: AdapterKind, rank: usize, layers: usize, d: usize) -> Option<String> {
+fn explain(
+    trainable: usize,
+    mib: f64,
+    paper: (f64, f64),
+    kind: AdapterKind,
+    rank: usize,
+    layers: usize,
+    d: usize,
+) -> Option<String> {
     let millions = (trainable as f64 / 1e6 * 100.0).round() / 100.0;
     let mut notes = Vec::new();
     if (millions - paper.0).abs() > 0.005 {
         let k = 2 * layers;
         let blob_13b = k * (3 * d + rank) * rank;
         if kind == AdapterKind::Blob && (blob_13b as f64 / 1e6 - paper.0).abs() < 0.005 {
-            notes.push(format!("count: the paper's {} M is K(3d+r)r = {blob_13b}, not BLoB's 3Kdr", paper.0));
+            notes.push(format!(
+                "count: the paper's {} M is K(3d+r)r = {blob_13b}, not BLoB's 3Kdr",
+                paper.0
+            ));
         } else {
             notes.push(format!("count: paper {} M vs exact {millions} M", paper.0));
         }
@@ -98,7 +117,10 @@ fn explain(trainable: usize, mib: f64, paper: (f64, f64), kind: AdapterKind, ran
     let from_rounded = paper.0 * 1e6 * 4.0 / (1u64 << 20) as f64;
     if (mib - paper.1).abs() > 0.005 {
         if (from_rounded - paper.1).abs() < 0.006 {
-            notes.push(format!("size: the paper's {} MB is its rounded count x 4 B / 2^20, exact {mib:.2} MiB", paper.1));
+            notes.push(format!(
+                "size: the paper's {} MB is its rounded count x 4 B / 2^20, exact {mib:.2} MiB",
+                paper.1
+            ));
         } else {
             notes.push(format!("size: the paper's {} MB matches neither the exact {mib:.2} MiB nor {from_rounded:.2} from its count (a typo)", paper.1));
         }
@@ -116,7 +138,17 @@ pub fn table(ranks: &[usize], targets: &[Target]) -> anyhow::Result<Vec<ParamRow
                 let mib_f32 = melora_core::params::mib(trainable, 4);
                 let qv = targets == [Target::Q, Target::V];
                 let paper = if qv { paper(model, rank, kind) } else { None };
-                let note = paper.and_then(|p| explain(trainable, mib_f32, p, kind, rank, config.num_hidden_layers, config.hidden_size));
+                let note = paper.and_then(|p| {
+                    explain(
+                        trainable,
+                        mib_f32,
+                        p,
+                        kind,
+                        rank,
+                        config.num_hidden_layers,
+                        config.hidden_size,
+                    )
+                });
                 rows.push(ParamRow {
                     model: model.into(),
                     rank,
@@ -163,9 +195,19 @@ mod tests {
         assert_eq!(count(&thirteen, AdapterKind::Blob, 8, &qv).unwrap(), 9_830_400);
         // SmolLM2's grouped-query v_proj is 576 -> 192.
         let smol = LlamaConfig::smollm2_135m();
-        assert_eq!(count(&smol, AdapterKind::MeLora, 8, &qv).unwrap(), 30 * (8 * (576 + 576) + 8 * (576 + 192) + 2 * 2 * 64));
+        assert_eq!(
+            count(&smol, AdapterKind::MeLora, 8, &qv).unwrap(),
+            30 * (8 * (576 + 576) + 8 * (576 + 192) + 2 * 2 * 64)
+        );
         let rows = table(&[8], &qv).unwrap();
-        let flagged: Vec<_> = rows.iter().filter(|r| r.note.is_some()).map(|r| (r.model.as_str(), r.method.as_str())).collect();
-        assert!(flagged.contains(&("llama2-13b", "Blob")), "the paper's 13B BLoB count must be flagged");
+        let flagged: Vec<_> = rows
+            .iter()
+            .filter(|r| r.note.is_some())
+            .map(|r| (r.model.as_str(), r.method.as_str()))
+            .collect();
+        assert!(
+            flagged.contains(&("llama2-13b", "Blob")),
+            "the paper's 13B BLoB count must be flagged"
+        );
     }
 }

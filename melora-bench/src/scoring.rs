@@ -13,9 +13,9 @@ use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::length_batches;
 use melora_llama::data::{Encoded, LengthNorm, Padding, Scoring, Split, Task};
-use melora_llama::task::TaskSetup;
-use melora_llama::pretrained::Pretrained;
 use melora_llama::model::scoring::Scorer;
+use melora_llama::pretrained::Pretrained;
+use melora_llama::task::TaskSetup;
 use melora_llama::train::{Method, Stepper, TrainConfig};
 use serde::Serialize;
 use std::time::Instant;
@@ -53,9 +53,15 @@ fn time_it(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 
 /// Runs the comparison on ARC-Easy validation questions with SmolLM2-135M.
 pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
-    anyhow::ensure!(args.questions >= args.batch && args.batch > 0, "--questions must be at least --batch (> 0)");
+    anyhow::ensure!(
+        args.questions >= args.batch && args.batch > 0,
+        "--questions must be at least --batch (> 0)"
+    );
     let assets = Assets::from_env();
-    anyhow::ensure!(assets.is_complete(), "SmolLM2-135M and the data are not fetched: run `melora fetch` first");
+    anyhow::ensure!(
+        assets.is_complete(),
+        "SmolLM2-135M and the data are not fetched: run `melora fetch` first"
+    );
     let device = backend::device();
     let (base, tokenizer) = Pretrained::load::<Train>("smollm2-135m", &assets, &device)?;
     let mut prepared = Vec::new();
@@ -64,7 +70,11 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
         let examples = setup.split(Split::Validation, Some(args.questions))?;
         prepared.push((scoring, setup.scorer, examples));
     }
-    let config = TrainConfig::new().with_method(Method::Lora).with_train_sampling(SamplingMode::Mean).with_steps(10_000).with_lr(1e-4);
+    let config = TrainConfig::new()
+        .with_method(Method::Lora)
+        .with_train_sampling(SamplingMode::Mean)
+        .with_steps(10_000)
+        .with_lr(1e-4);
     let model = base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(0))?;
     let mut rows = Vec::new();
     for round in 1..=args.rounds {
@@ -72,7 +82,10 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
             let batches = length_batches(examples, &(0..examples.len()).collect::<Vec<_>>(), args.batch);
             let (real, padded) = batches.iter().fold((0, 0), |(r, p), chunk| {
                 let batch = scorer.batch(examples, chunk, Padding::Left);
-                (r + chunk.iter().map(|&i| examples[i].tokens()).sum::<usize>(), p + batch.padded_tokens())
+                (
+                    r + chunk.iter().map(|&i| examples[i].tokens()).sum::<usize>(),
+                    p + batch.padded_tokens(),
+                )
             });
             let mut model = model.clone();
             let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
@@ -105,12 +118,22 @@ pub fn run(args: &ScoringArgs) -> Result<Vec<ScoringRow>> {
     Ok(rows)
 }
 
-fn evaluate<B: Backend>(model: &melora_llama::Llama<B>, examples: &[Encoded], scorer: &Scorer, batch: usize, device: &B::Device) -> Result<()> {
+fn evaluate<B: Backend>(
+    model: &melora_llama::Llama<B>,
+    examples: &[Encoded],
+    scorer: &Scorer,
+    batch: usize,
+    device: &B::Device,
+) -> Result<()> {
     for chunk in length_batches(examples, &(0..examples.len()).collect::<Vec<_>>(), batch) {
         let batch = scorer.batch(examples, &chunk, Padding::Left);
         let mut noise = NoiseSource::seeded(0);
         let scores = scorer.scores(model, &batch, &mut Sampler::new(SamplingMode::Mean, &mut noise), device);
-        let _: Vec<f32> = scores.into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let _: Vec<f32> = scores
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     }
     Ok(())
 }

@@ -10,15 +10,15 @@ use burn::tensor::backend::AutodiffBackend;
 use melora_core::{AdapterKind, NoiseSource, Sampler, SamplingMode};
 use melora_llama::assets::Assets;
 use melora_llama::data::{collate, Encoded, Padding};
-use melora_llama::pretrained::Pretrained;
 use melora_llama::model::scoring::{ScoreBatch, Scorer};
+use melora_llama::model::Target;
+use melora_llama::pretrained::Pretrained;
 use melora_llama::train::{parallel, stable_adapter_ids, Cluster, Peer, Stepper, TrainConfig};
 use melora_llama::Llama;
-use std::sync::Mutex;
-use melora_llama::model::Target;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
+use std::sync::Mutex;
 use std::time::Instant;
 
 /// What `step` measured.
@@ -89,9 +89,18 @@ pub fn run(args: &StepArgs) -> Result<StepReport> {
 }
 
 fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
-    anyhow::ensure!(args.batch > 0 && args.seq > 1 && args.steps > 0, "--batch, --seq (> 1) and --steps must be positive");
-    anyhow::ensure!(args.peers >= 1 && args.peers <= args.batch, "--peers must be in 1..=--batch");
-    anyhow::ensure!(args.peers == 1 || !args.inference, "--peers times training steps, not --inference");
+    anyhow::ensure!(
+        args.batch > 0 && args.seq > 1 && args.steps > 0,
+        "--batch, --seq (> 1) and --steps must be positive"
+    );
+    anyhow::ensure!(
+        args.peers >= 1 && args.peers <= args.batch,
+        "--peers must be in 1..=--batch"
+    );
+    anyhow::ensure!(
+        args.peers == 1 || !args.inference,
+        "--peers times training steps, not --inference"
+    );
     let assets = Assets::from_env();
     let device: Train::Device = Default::default();
     let pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
@@ -104,12 +113,20 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         .with_steps(args.warmup + args.steps)
         .with_batch_size(args.batch)
         .with_seed(args.seed)
-        .with_train_sampling(if args.method == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample });
+        .with_train_sampling(if args.method == AdapterKind::Lora {
+            SamplingMode::Mean
+        } else {
+            SamplingMode::PerExample
+        });
     config.validate()?;
     // Adapters with ids from their names (as training gives them): the
     // peers' replicas below must list their gradients in the same order.
     let with_adapters = |base: Llama<Train>| -> Result<Llama<Train>> {
-        Ok(stable_adapter_ids(base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(args.seed))?))
+        Ok(stable_adapter_ids(base.with_adapters(
+            &config.adapter(),
+            &config.targets,
+            &mut NoiseSource::seeded(args.seed),
+        )?))
     };
     let mut model = with_adapters(base.clone())?;
     let mut rng = StdRng::seed_from_u64(args.seed);
@@ -129,7 +146,11 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         let valid = model.valid();
         let repeated: Vec<&Encoded> = examples.iter().flat_map(|e| std::iter::repeat_n(e, samples)).collect();
         let batch = collate(&repeated, 0, Padding::Left);
-        let mode = if args.method == AdapterKind::Lora || samples == 1 { SamplingMode::Mean } else { SamplingMode::PerExample };
+        let mode = if args.method == AdapterKind::Lora || samples == 1 {
+            SamplingMode::Mean
+        } else {
+            SamplingMode::PerExample
+        };
         for i in 0..args.warmup + args.steps {
             let mut noise = NoiseSource::seeded(i as u64);
             let start = Instant::now();
@@ -137,7 +158,12 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             let _: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32");
             Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
             let seconds = start.elapsed().as_secs_f64();
-            eprintln!("{} pass {}/{}: {seconds:.3} s", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps);
+            eprintln!(
+                "{} pass {}/{}: {seconds:.3} s",
+                if i < args.warmup { "warm-up" } else { "timed" },
+                i + 1,
+                args.warmup + args.steps
+            );
             if i >= args.warmup {
                 times.push(seconds);
             }
@@ -146,21 +172,32 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         // The batch split over the peers, each on its device (threads
         // sharing the CPU on ndarray); the lead times each step, which ends
         // for every peer at the same all-reduces.
-        let cluster = Cluster { devices: args.peers, nodes: None };
+        let cluster = Cluster {
+            devices: args.peers,
+            nodes: None,
+        };
         // Each replica gets adapters of its own (the same values, new
         // tensors): replicas sharing their trainable tensors would share
         // one autodiff graph, which two threads must not step at once.
         let replicas: Vec<Mutex<Option<Llama<Train>>>> = (0..args.peers)
             .map(|d| {
                 let target = parallel::peer_device::<Train>(&device, d);
-                let base = if target == device { base.clone() } else { base.clone().fork(&target) };
+                let base = if target == device {
+                    base.clone()
+                } else {
+                    base.clone().fork(&target)
+                };
                 Ok(Mutex::new(Some(with_adapters(base)?)))
             })
             .collect::<Result<_>>()?;
         let scorer = Scorer::label(label_ids.clone(), 0);
         let whole = ScoreBatch::Label(batch.clone());
         let body = |peer: Peer, device: Train::Device| -> melora_llama::Result<(Vec<f64>, Option<f64>)> {
-            let mut model = replicas[peer.local].lock().expect("a replica").take().expect("taken once");
+            let mut model = replicas[peer.local]
+                .lock()
+                .expect("a replica")
+                .take()
+                .expect("taken once");
             let mut stepper = Stepper::<Train>::new(&config, &model, 10_000);
             let rows = peer.share(args.batch);
             let mine = whole.rows(rows.clone());
@@ -173,7 +210,13 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
                 let _ = Train::sync(&device);
                 let seconds = start.elapsed().as_secs_f64();
                 if peer.lead() {
-                    eprintln!("{} step {}/{}: {seconds:.3} s ({} peers)", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps, peer.peers);
+                    eprintln!(
+                        "{} step {}/{}: {seconds:.3} s ({} peers)",
+                        if i < args.warmup { "warm-up" } else { "timed" },
+                        i + 1,
+                        args.warmup + args.steps,
+                        peer.peers
+                    );
                 }
                 if i >= args.warmup {
                     times.push(seconds);
@@ -197,7 +240,12 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             // backward pass and the update may still be queued on a GPU.
             Train::sync(&device).map_err(|e| anyhow::anyhow!("device error: {e:?}"))?;
             let seconds = start.elapsed().as_secs_f64();
-            eprintln!("{} step {}/{}: {seconds:.3} s", if i < args.warmup { "warm-up" } else { "timed" }, i + 1, args.warmup + args.steps);
+            eprintln!(
+                "{} step {}/{}: {seconds:.3} s",
+                if i < args.warmup { "warm-up" } else { "timed" },
+                i + 1,
+                args.warmup + args.steps
+            );
             if i >= args.warmup {
                 times.push(seconds);
             }
@@ -211,7 +259,11 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         dtype: args.dtype.clone(),
         model: args.model.clone(),
         method: format!("{:?}", args.method),
-        mode: if args.inference { "inference".into() } else { "train".into() },
+        mode: if args.inference {
+            "inference".into()
+        } else {
+            "train".into()
+        },
         batch: args.batch,
         seq: args.seq,
         samples,

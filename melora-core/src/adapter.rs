@@ -32,8 +32,18 @@ impl LowRankConfig {
         check(self.rank > 0, "rank", self.rank, "must be at least 1")?;
         // Up to 1e4: far beyond any scaling in use (alpha = 2r or 16), short
         // of the values only a typo or a corrupt file gives.
-        check(self.alpha > 0.0 && self.alpha <= 1e4, "alpha", self.alpha, "must be in (0, 1e4]")?;
-        check((0.0..1.0).contains(&self.dropout), "dropout", self.dropout, "must be in [0, 1)")
+        check(
+            self.alpha > 0.0 && self.alpha <= 1e4,
+            "alpha",
+            self.alpha,
+            "must be in (0, 1e4]",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.dropout),
+            "dropout",
+            self.dropout,
+            "must be in [0, 1)",
+        )
     }
 
     /// The factor applied to the low-rank update.
@@ -250,7 +260,11 @@ pub(crate) fn expect_shape(name: &str, found: &[usize], expected: &[usize]) -> c
     if found == expected {
         Ok(())
     } else {
-        Err(CoreError::Shape { name: name.to_string(), expected: expected.to_vec(), found: found.to_vec() })
+        Err(CoreError::Shape {
+            name: name.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        })
     }
 }
 

@@ -10,12 +10,12 @@ use crate::error::check;
 use crate::kl::blob_kl;
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
-use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
+use melora_kernels::{flat_linear, linear_forward};
 
 /// Configuration of a [`BlobLinear`].
 #[derive(Config, Debug)]
@@ -56,7 +56,12 @@ impl BlobLinearConfig {
     /// Checks every field.
     pub fn validate(&self) -> crate::Result<()> {
         self.low_rank.validate()?;
-        check(self.init_eps > 0.0 && self.init_eps <= 1.0, "init_eps", self.init_eps, "must be in (0, 1]")
+        check(
+            self.init_eps > 0.0 && self.init_eps <= 1.0,
+            "init_eps",
+            self.init_eps,
+            "must be in (0, 1]",
+        )
     }
 
     /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.
@@ -130,7 +135,10 @@ impl<B: Backend> BlobLinear<B> {
         match sampler.mode {
             SamplingMode::Mean => flat_linear(x, mean.transpose(), None),
             SamplingMode::PerBatch => {
-                let a = mean.add(self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device)));
+                let a = mean.add(
+                    self.omega()
+                        .mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device)),
+                );
                 flat_linear(x, a.transpose(), None)
             }
             SamplingMode::PerExample => {
@@ -139,7 +147,9 @@ impl<B: Backend> BlobLinear<B> {
                 melora_kernels::matmul(x, a.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
-                let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device));
+                let delta = self
+                    .omega()
+                    .mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, n], &device));
                 let sign_in = sampler.row_signs::<B, 3>([batch, seq, n], &device);
                 let sign_out = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(x.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
@@ -159,7 +169,8 @@ impl<B: Backend> Adapter<B> for BlobLinear<B> {
     }
 
     fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        self.project(sampler.dropout(x, self.dropout), sampler).mul_scalar(self.scaling)
+        self.project(sampler.dropout(x, self.dropout), sampler)
+            .mul_scalar(self.scaling)
     }
 
     fn lora_b(&self) -> Tensor<B, 2> {
@@ -182,14 +193,30 @@ impl<B: Backend> Adapter<B> for BlobLinear<B> {
         use ParamRole::{Mean, Std};
         let [a, a_std, b] = BLOB_PARAMS;
         vec![
-            NamedParam { name: a, role: Mean, param: &self.lora_a },
-            NamedParam { name: a_std, role: Std, param: &self.lora_a_std },
-            NamedParam { name: b, role: Mean, param: &self.lora_b },
+            NamedParam {
+                name: a,
+                role: Mean,
+                param: &self.lora_a,
+            },
+            NamedParam {
+                name: a_std,
+                role: Std,
+                param: &self.lora_a_std,
+            },
+            NamedParam {
+                name: b,
+                role: Mean,
+                param: &self.lora_b,
+            },
         ]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
         let [a, a_std, b] = BLOB_PARAMS;
-        vec![(a, &mut self.lora_a), (a_std, &mut self.lora_a_std), (b, &mut self.lora_b)]
+        vec![
+            (a, &mut self.lora_a),
+            (a_std, &mut self.lora_a_std),
+            (b, &mut self.lora_b),
+        ]
     }
 }

@@ -100,7 +100,10 @@ impl AdapterConfig {
     pub fn init_named<B: Backend>(&self, base: Linear<B>, tensors: Vec<Tensor<B, 2>>) -> crate::Result<AnyAdapter<B>> {
         let names = self.param_names();
         if tensors.len() != names.len() {
-            return Err(crate::CoreError::TensorCount { expected: names.join(", "), found: tensors.len() });
+            return Err(crate::CoreError::TensorCount {
+                expected: names.join(", "),
+                found: tensors.len(),
+            });
         }
         let mut t = tensors.into_iter();
         let mut next = || t.next().expect("counted above");
@@ -138,7 +141,11 @@ pub enum AnyAdapter<B: Backend> {
 /// Me-LoRA adapters (the `Subspace` KL, computed on the host) take one copy
 /// to the host and one back for all adapters, not one per adapter: on a GPU
 /// each copy waits for the device.
-pub fn total_kl<'a, B: Backend>(adapters: impl IntoIterator<Item = &'a AnyAdapter<B>>, prior_std: f64, device: &B::Device) -> Tensor<B, 1> {
+pub fn total_kl<'a, B: Backend>(
+    adapters: impl IntoIterator<Item = &'a AnyAdapter<B>>,
+    prior_std: f64,
+    device: &B::Device,
+) -> Tensor<B, 1> {
     let adapters: Vec<&AnyAdapter<B>> = adapters.into_iter().collect();
     let inputs: Vec<Tensor<B, 2>> = adapters
         .iter()
@@ -151,7 +158,9 @@ pub fn total_kl<'a, B: Backend>(adapters: impl IntoIterator<Item = &'a AnyAdapte
     adapters.into_iter().fold(Tensor::zeros([1], device), |total, adapter| {
         let kl = match adapter {
             AnyAdapter::MeLora(m) => {
-                let logdet = m.logdet_input().map(|_| logdets.next().expect("one ln det per Subspace adapter"));
+                let logdet = m
+                    .logdet_input()
+                    .map(|_| logdets.next().expect("one ln det per Subspace adapter"));
                 m.kl_given(prior_std, logdet)
             }
             other => other.kl(prior_std),

@@ -138,21 +138,40 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
     pub fn new(config: ElboConfig, model: &M) -> Self {
         let clip = config.grad_clip.map(|clip| GradientClippingConfig::Norm(clip as f32));
         let epsilon = config.epsilon as f32;
-        let adamw = AdamWConfig::new().with_weight_decay(config.weight_decay as f32).with_epsilon(epsilon).with_grad_clipping(clip.clone());
-        let std_adam = AdamWConfig::new().with_weight_decay(0.0).with_epsilon(epsilon).with_grad_clipping(clip);
-        Self { adamw: adamw.init(), sgd: SgdConfig::new().init(), std_adam: std_adam.init(), groups: model.param_groups(), config }
+        let adamw = AdamWConfig::new()
+            .with_weight_decay(config.weight_decay as f32)
+            .with_epsilon(epsilon)
+            .with_grad_clipping(clip.clone());
+        let std_adam = AdamWConfig::new()
+            .with_weight_decay(0.0)
+            .with_epsilon(epsilon)
+            .with_grad_clipping(clip);
+        Self {
+            adamw: adamw.init(),
+            sgd: SgdConfig::new().init(),
+            std_adam: std_adam.init(),
+            groups: model.param_groups(),
+            config,
+        }
     }
 
     /// One step of `model` on `nll` (the batch's mean NLL, computed by
     /// `model`, shape `[1]`) at learning rates `lr`, plus the KL term when
     /// `kl` is given. A non-finite NLL or KL is returned as [`NonFinite`],
     /// with the model left untouched.
-    pub fn step(&mut self, model: &mut M, nll: Tensor<B, 1>, lr: Rates, kl: Option<KlTerm>) -> Result<StepValues, NonFinite> {
+    pub fn step(
+        &mut self,
+        model: &mut M,
+        nll: Tensor<B, 1>,
+        lr: Rates,
+        kl: Option<KlTerm>,
+    ) -> Result<StepValues, NonFinite> {
         let nll_value: f64 = nll.clone().into_scalar().elem();
-        self.run::<std::convert::Infallible>(model, nll, nll_value, lr, kl, None).map_err(|e| match e {
-            ReducedStepError::NonFinite(bad) => bad,
-            ReducedStepError::Reduce(never) => match never {},
-        })
+        self.run::<std::convert::Infallible>(model, nll, nll_value, lr, kl, None)
+            .map_err(|e| match e {
+                ReducedStepError::NonFinite(bad) => bad,
+                ReducedStepError::Reduce(never) => match never {},
+            })
     }
 
     /// One step of one data-parallel peer. `nll` is this peer's part of
@@ -189,7 +208,10 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         mut reduce: Option<&mut dyn FnMut(GradientsParams) -> Result<GradientsParams, E>>,
     ) -> Result<StepValues, ReducedStepError<E>> {
         if !nll_value.is_finite() {
-            return Err(ReducedStepError::NonFinite(NonFinite { what: "NLL", value: nll_value }));
+            return Err(ReducedStepError::NonFinite(NonFinite {
+                what: "NLL",
+                value: nll_value,
+            }));
         }
         let parallel = reduce.is_some();
         let mut reduced = |grads: GradientsParams| match reduce.as_deref_mut() {
@@ -200,7 +222,10 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         let Some(term) = kl else {
             let grads = reduced(GradientsParams::from_grads(nll.backward(), &current))?;
             *model = self.adamw.step(lr.lr, current, grads);
-            return Ok(StepValues { nll: nll_value, kl: 0.0 });
+            return Ok(StepValues {
+                nll: nll_value,
+                kl: 0.0,
+            });
         };
         // The KL itself is reported (dividing the weighted one by the
         // weight would give 0/0 under a weight of 0).
@@ -208,7 +233,10 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
         let kl_value = kl.clone().into_scalar().elem::<f64>();
         let kl = kl.mul_scalar(term.weight);
         if !kl_value.is_finite() {
-            return Err(ReducedStepError::NonFinite(NonFinite { what: "KL", value: kl_value }));
+            return Err(ReducedStepError::NonFinite(NonFinite {
+                what: "KL",
+                value: kl_value,
+            }));
         }
         let groups = &self.groups;
         *model = match self.config.optimizer {
@@ -228,12 +256,23 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
                     let mut kl_grads = kl.backward();
                     let mut mean = GradientsParams::from_params(&mut kl_grads, &current, &groups.mean);
                     let mut std = GradientsParams::from_params(&mut kl_grads, &current, &groups.std);
-                    add_into::<B>(&mut mean, reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.mean))?, &groups.mean);
-                    add_into::<B>(&mut std, reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.std))?, &groups.std);
+                    add_into::<B>(
+                        &mut mean,
+                        reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.mean))?,
+                        &groups.mean,
+                    );
+                    add_into::<B>(
+                        &mut std,
+                        reduced(GradientsParams::from_params(&mut nll_grads, &current, &groups.std))?,
+                        &groups.std,
+                    );
                     (mean, std)
                 } else {
                     let mut grads = nll.add(kl).backward();
-                    (GradientsParams::from_params(&mut grads, &current, &groups.mean), GradientsParams::from_params(&mut grads, &current, &groups.std))
+                    (
+                        GradientsParams::from_params(&mut grads, &current, &groups.mean),
+                        GradientsParams::from_params(&mut grads, &current, &groups.std),
+                    )
                 };
                 let updated = self.adamw.step(lr.lr, current, mean);
                 self.std_adam.step(lr.kl_lr, updated, std)
@@ -249,7 +288,10 @@ impl<B: AutodiffBackend, M: Bayesian<B>> ElboStep<B, M> {
                 self.sgd.step(lr.kl_lr, updated, sgd_grads)
             }
         };
-        Ok(StepValues { nll: nll_value, kl: kl_value })
+        Ok(StepValues {
+            nll: nll_value,
+            kl: kl_value,
+        })
     }
 }
 

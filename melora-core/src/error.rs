@@ -44,15 +44,14 @@ pub enum CoreError {
 /// `Result` with [`CoreError`].
 pub type Result<T> = std::result::Result<T, CoreError>;
 
-pub(crate) fn check(
-    ok: bool,
-    name: &'static str,
-    value: impl std::fmt::Display,
-    expected: &'static str,
-) -> Result<()> {
+pub(crate) fn check(ok: bool, name: &'static str, value: impl std::fmt::Display, expected: &'static str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(CoreError::InvalidConfig { name, value: value.to_string(), expected })
+        Err(CoreError::InvalidConfig {
+            name,
+            value: value.to_string(),
+            expected,
+        })
     }
 }

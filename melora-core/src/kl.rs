@@ -45,7 +45,9 @@ impl std::str::FromStr for MeLoraKl {
             "exact_c" => Ok(Self::ExactC),
             "subspace" => Ok(Self::Subspace),
             "matched" => Ok(Self::Matched),
-            _ => Err(format!("unknown KL variant {s:?}: expected paper, exact_c, subspace or matched")),
+            _ => Err(format!(
+                "unknown KL variant {s:?}: expected paper, exact_c, subspace or matched"
+            )),
         }
     }
 }
@@ -65,7 +67,12 @@ pub struct PriorConfig {
 impl PriorConfig {
     /// Checks the prior std.
     pub fn validate(&self) -> crate::Result<()> {
-        check(self.std.is_finite() && self.std > 0.0, "prior std", self.std, "must be finite and positive")
+        check(
+            self.std.is_finite() && self.std > 0.0,
+            "prior std",
+            self.std,
+            "must be finite and positive",
+        )
     }
 
     /// The prior std for one step: `sigma_p`, or `sigma_p + eps` with prior noise.
@@ -143,7 +150,11 @@ pub fn melora_kl_given<B: Backend>(
             .add(v().sum())
             .div_scalar(two_var)
             .sub(sum_log_omega())
-            .sub(logdet.expect("the Subspace KL needs ln det(A A^T)").mul_scalar(r as f64 / 2.0))
+            .sub(
+                logdet
+                    .expect("the Subspace KL needs ln det(A A^T)")
+                    .mul_scalar(r as f64 / 2.0),
+            )
             .add_scalar((r * r) as f64 * log_const),
     }
 }
@@ -164,8 +175,15 @@ pub fn logdet_gram_terms<B: Backend>(matrices: Vec<Tensor<B, 2>>) -> Vec<Tensor<
         return Vec::new();
     };
     let device = first.device();
-    let flat: Vec<Tensor<B, 1>> = matrices.iter().map(|a| a.clone().detach().reshape([a.shape().num_elements()])).collect();
-    let host = Tensor::cat(flat, 0).into_data().convert::<f64>().to_vec::<f64>().expect("f64 data after convert");
+    let flat: Vec<Tensor<B, 1>> = matrices
+        .iter()
+        .map(|a| a.clone().detach().reshape([a.shape().num_elements()]))
+        .collect();
+    let host = Tensor::cat(flat, 0)
+        .into_data()
+        .convert::<f64>()
+        .to_vec::<f64>()
+        .expect("f64 data after convert");
     let mut grads = Vec::with_capacity(host.len());
     let mut values = Vec::with_capacity(matrices.len());
     let mut offset = 0;
@@ -256,13 +274,19 @@ impl KlSchedule {
     pub fn validate(&self) -> crate::Result<()> {
         match *self {
             Self::Blob { period } => check(period > 0, "KL schedule period", period, "must be at least 1"),
-            Self::BlobCode { gamma: Some(gamma) } => {
-                check(gamma.is_finite() && gamma > 0.0, "KL schedule gamma", gamma, "must be finite and positive")
-            }
+            Self::BlobCode { gamma: Some(gamma) } => check(
+                gamma.is_finite() && gamma > 0.0,
+                "KL schedule gamma",
+                gamma,
+                "must be finite and positive",
+            ),
             Self::BlobCode { gamma: None } => Ok(()),
-            Self::Constant { weight } => {
-                check(weight.is_finite() && weight >= 0.0, "KL weight", weight, "must be finite and >= 0")
-            }
+            Self::Constant { weight } => check(
+                weight.is_finite() && weight >= 0.0,
+                "KL weight",
+                weight,
+                "must be finite and >= 0",
+            ),
         }
     }
 

@@ -84,11 +84,13 @@ pub mod sampling;
 pub use adapter::{count_params, Adapter, LowRankConfig, NamedParam, ParamGroups, ParamRole, StdParam};
 pub use blob::{BlobLinear, BlobLinearConfig};
 pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
-pub use elbo::{Bayesian, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, StepValues};
+pub use elbo::{
+    Bayesian, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, StepValues,
+};
 pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
-pub use melora::{MeanInit, MeLoraLinear, MeLoraLinearConfig, StdInit};
+pub use melora::{MeLoraLinear, MeLoraLinearConfig, MeanInit, StdInit};
 pub use metrics::{auroc, bayesian_average, ClassProbs, Metrics, Uncertainty};
 pub use noise::{NoiseDevice, NoiseSource, RowNoise};
 pub use sampling::{LoraTap, Sampler, SamplingMode, SharedDraws, Taps};

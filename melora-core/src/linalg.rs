@@ -20,7 +20,12 @@ pub struct Mat {
 impl Mat {
     /// A matrix from row-major data. Panics if the length does not match.
     pub fn new(rows: usize, cols: usize, data: Vec<f64>) -> Self {
-        assert_eq!(data.len(), rows * cols, "Mat::new: {rows}x{cols} needs {} values", rows * cols);
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "Mat::new: {rows}x{cols} needs {} values",
+            rows * cols
+        );
         Self { rows, cols, data }
     }
 
@@ -272,7 +277,11 @@ mod tests {
             let mut minus = a.clone();
             minus.data[idx] -= h;
             let fd = (logdet_gram(&plus).unwrap().0 - logdet_gram(&minus).unwrap().0) / (2.0 * h);
-            assert!((fd - grad.data[idx]).abs() < 1e-7, "entry {idx}: {fd} vs {}", grad.data[idx]);
+            assert!(
+                (fd - grad.data[idx]).abs() < 1e-7,
+                "entry {idx}: {fd} vs {}",
+                grad.data[idx]
+            );
         }
     }
 }

@@ -8,12 +8,12 @@
 use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, NamedParam, ParamRole};
 
 use crate::noise::NoiseSource;
-use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{LoraTap, Sampler};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
+use melora_kernels::{flat_linear, linear_forward};
 
 /// Configuration of a [`LoraLinear`].
 #[derive(Config, Debug)]
@@ -85,7 +85,12 @@ impl LoraLinearConfig {
 
 /// PEFT's initialisation of `A`: Kaiming-uniform with a = sqrt(5), which is
 /// `U(-1/sqrt(fan_in), 1/sqrt(fan_in))`.
-pub(crate) fn kaiming_a<B: Backend>(r: usize, d_input: usize, noise: &mut NoiseSource, device: &B::Device) -> Param<Tensor<B, 2>> {
+pub(crate) fn kaiming_a<B: Backend>(
+    r: usize,
+    d_input: usize,
+    noise: &mut NoiseSource,
+    device: &B::Device,
+) -> Param<Tensor<B, 2>> {
     let bound = 1.0 / (d_input as f64).sqrt();
     Param::from_tensor(noise.uniform([r, d_input], -bound, bound, device))
 }
@@ -100,7 +105,10 @@ impl<B: Backend> Adapter<B> for LoraLinear<B> {
         match sampler.taps.as_deref_mut() {
             Some(taps) => {
                 let probe = Tensor::zeros(out.dims(), &out.device()).require_grad();
-                taps.records.push(Box::new(LoraTap { input: dropped.detach(), probe: probe.clone() }));
+                taps.records.push(Box::new(LoraTap {
+                    input: dropped.detach(),
+                    probe: probe.clone(),
+                }));
                 out.add(probe)
             }
             None => out,
@@ -130,7 +138,18 @@ impl<B: Backend> Adapter<B> for LoraLinear<B> {
     fn named_params(&self) -> Vec<NamedParam<'_, B>> {
         use ParamRole::Mean;
         let [a, b] = LORA_PARAMS;
-        vec![NamedParam { name: a, role: Mean, param: &self.lora_a }, NamedParam { name: b, role: Mean, param: &self.lora_b }]
+        vec![
+            NamedParam {
+                name: a,
+                role: Mean,
+                param: &self.lora_a,
+            },
+            NamedParam {
+                name: b,
+                role: Mean,
+                param: &self.lora_b,
+            },
+        ]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {

@@ -19,12 +19,12 @@ use crate::error::check;
 use crate::kl::{melora_kl, melora_kl_given, MeLoraKl};
 use crate::lora::kaiming_a;
 use crate::noise::NoiseSource;
-use melora_kernels::{flat_linear, linear_forward};
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
 use burn::module::{Initializer, Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
+use melora_kernels::{flat_linear, linear_forward};
 
 /// How `M`, the mean of `C`, starts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -102,7 +102,12 @@ impl MeLoraLinearConfig {
     /// Checks every field.
     pub fn validate(&self) -> crate::Result<()> {
         self.low_rank.validate()?;
-        check(self.init_eps > 0.0 && self.init_eps <= 1.0, "init_eps", self.init_eps, "must be in (0, 1]")
+        check(
+            self.init_eps > 0.0 && self.init_eps <= 1.0,
+            "init_eps",
+            self.init_eps,
+            "must be in (0, 1]",
+        )
     }
 
     /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.
@@ -186,7 +191,14 @@ impl<B: Backend> MeLoraLinear<B> {
 
     /// The KL term with `ln det(A A^T)` given (for [`Self::logdet_input`]).
     pub fn kl_given(&self, prior_std: f64, logdet: Option<Tensor<B, 1>>) -> Tensor<B, 1> {
-        melora_kl_given(self.kl, self.lora_m.val(), self.omega(), self.lora_a.val(), prior_std, logdet)
+        melora_kl_given(
+            self.kl,
+            self.lora_m.val(),
+            self.omega(),
+            self.lora_a.val(),
+            prior_std,
+            logdet,
+        )
     }
 
     /// `count` independent draws of `C`, `[count, r, r]`.
@@ -198,7 +210,10 @@ impl<B: Backend> MeLoraLinear<B> {
 
     /// `C = M + Omega * eps` for standard normals `eps`, `[count, r, r]`.
     fn c_from(&self, eps: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.lora_m.val().unsqueeze::<3>().add(self.omega().unsqueeze::<3>().mul(eps))
+        self.lora_m
+            .val()
+            .unsqueeze::<3>()
+            .add(self.omega().unsqueeze::<3>().mul(eps))
     }
 
     /// `z = C u` for the sampling mode, with `u = A x`; `[batch, seq, r]`.
@@ -210,7 +225,9 @@ impl<B: Backend> MeLoraLinear<B> {
         match sampler.mode {
             SamplingMode::Mean => flat_linear(u, mean.transpose(), None),
             SamplingMode::PerBatch => {
-                let c = self.c_from(sampler.batch_normals::<B, 3>(self.lora_a.id, [1, r, r], &device)).squeeze_dim::<2>(0);
+                let c = self
+                    .c_from(sampler.batch_normals::<B, 3>(self.lora_a.id, [1, r, r], &device))
+                    .squeeze_dim::<2>(0);
                 flat_linear(u, c.transpose(), None)
             }
             SamplingMode::PerExample => {
@@ -218,7 +235,9 @@ impl<B: Backend> MeLoraLinear<B> {
                 melora_kernels::matmul(u, c.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
-                let delta = self.omega().mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));
+                let delta = self
+                    .omega()
+                    .mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));
                 let sign_in = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let sign_out = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
@@ -251,7 +270,11 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {
-        self.lora_b.val().matmul(self.lora_m.val()).matmul(self.lora_a.val()).mul_scalar(self.scaling)
+        self.lora_b
+            .val()
+            .matmul(self.lora_m.val())
+            .matmul(self.lora_a.val())
+            .mul_scalar(self.scaling)
     }
 
     fn base(&self) -> &Linear<B> {
@@ -262,15 +285,36 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
         use ParamRole::{Mean, Std};
         let [a, b, m, h] = MELORA_PARAMS;
         vec![
-            NamedParam { name: a, role: Mean, param: &self.lora_a },
-            NamedParam { name: b, role: Mean, param: &self.lora_b },
-            NamedParam { name: m, role: Mean, param: &self.lora_m },
-            NamedParam { name: h, role: Std, param: &self.lora_h },
+            NamedParam {
+                name: a,
+                role: Mean,
+                param: &self.lora_a,
+            },
+            NamedParam {
+                name: b,
+                role: Mean,
+                param: &self.lora_b,
+            },
+            NamedParam {
+                name: m,
+                role: Mean,
+                param: &self.lora_m,
+            },
+            NamedParam {
+                name: h,
+                role: Std,
+                param: &self.lora_h,
+            },
         ]
     }
 
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
         let [a, b, m, h] = MELORA_PARAMS;
-        vec![(a, &mut self.lora_a), (b, &mut self.lora_b), (m, &mut self.lora_m), (h, &mut self.lora_h)]
+        vec![
+            (a, &mut self.lora_a),
+            (b, &mut self.lora_b),
+            (m, &mut self.lora_m),
+            (h, &mut self.lora_h),
+        ]
     }
 }

@@ -71,7 +71,10 @@ impl ClassProbs {
                 return Err(CoreError::Metric(format!("row {i} is not a distribution: {row:?}")));
             }
             if labels[i] >= classes {
-                return Err(CoreError::Metric(format!("label {} of row {i} is not below {classes}", labels[i])));
+                return Err(CoreError::Metric(format!(
+                    "label {} of row {i} is not below {classes}",
+                    labels[i]
+                )));
             }
         }
         Ok(Self { probs, labels, classes })
@@ -85,7 +88,11 @@ impl ClassProbs {
     /// Probabilities from logits (softmax per row, in f64).
     pub fn from_logits(logits: &[f64], classes: usize, labels: Vec<usize>) -> Result<Self> {
         if classes == 0 || logits.len() != classes * labels.len() {
-            return Err(CoreError::Metric(format!("{} logits for {} examples", logits.len(), labels.len())));
+            return Err(CoreError::Metric(format!(
+                "{} logits for {} examples",
+                logits.len(),
+                labels.len()
+            )));
         }
         let probs = logits.chunks(classes).flat_map(softmax_f64).collect();
         Self::new(probs, classes, labels)
@@ -120,20 +127,32 @@ impl ClassProbs {
     pub fn top(&self) -> Vec<(usize, f64)> {
         self.rows()
             .map(|row| {
-                row.iter().enumerate().fold((0, f64::NEG_INFINITY), |best, (k, &p)| if p > best.1 { (k, p) } else { best })
+                row.iter().enumerate().fold(
+                    (0, f64::NEG_INFINITY),
+                    |best, (k, &p)| if p > best.1 { (k, p) } else { best },
+                )
             })
             .collect()
     }
 
     /// Fraction of examples whose top class is the label.
     pub fn accuracy(&self) -> f64 {
-        let correct = self.top().iter().zip(&self.labels).filter(|((k, _), y)| k == *y).count();
+        let correct = self
+            .top()
+            .iter()
+            .zip(&self.labels)
+            .filter(|((k, _), y)| k == *y)
+            .count();
         correct as f64 / self.len().max(1) as f64
     }
 
     /// Mean `-ln p(label)`; a zero probability counts as `-ln(f64::MIN_POSITIVE)`.
     pub fn nll(&self) -> f64 {
-        let total: f64 = self.rows().zip(&self.labels).map(|(row, &y)| -row[y].max(f64::MIN_POSITIVE).ln()).sum();
+        let total: f64 = self
+            .rows()
+            .zip(&self.labels)
+            .map(|(row, &y)| -row[y].max(f64::MIN_POSITIVE).ln())
+            .sum();
         total / self.len().max(1) as f64
     }
 
@@ -142,7 +161,12 @@ impl ClassProbs {
         let total: f64 = self
             .rows()
             .zip(&self.labels)
-            .map(|(row, &y)| row.iter().enumerate().map(|(k, p)| (p - if k == y { 1.0 } else { 0.0 }).powi(2)).sum::<f64>())
+            .map(|(row, &y)| {
+                row.iter()
+                    .enumerate()
+                    .map(|(k, p)| (p - if k == y { 1.0 } else { 0.0 }).powi(2))
+                    .sum::<f64>()
+            })
             .sum();
         total / self.len().max(1) as f64
     }
@@ -176,7 +200,10 @@ impl ClassProbs {
     /// `sum_b (n_b / n) |acc_b - conf_b|`.
     pub fn ece(&self, bins: usize) -> f64 {
         let n = self.len().max(1) as f64;
-        self.reliability(bins).iter().map(|b| b.count as f64 / n * (b.accuracy - b.confidence).abs()).sum()
+        self.reliability(bins)
+            .iter()
+            .map(|b| b.count as f64 / n * (b.accuracy - b.confidence).abs())
+            .sum()
     }
 
     /// Every summary metric (ECE with [`ECE_BINS`] bins).
@@ -209,7 +236,10 @@ pub fn softmax_f64(row: &[f64]) -> Vec<f64> {
 pub fn bayesian_average<B: Backend>(logit_samples: Vec<Tensor<B, 2>>) -> Tensor<B, 2> {
     let s = logit_samples.len();
     assert!(s > 0, "bayesian_average needs at least one sample");
-    let probs: Vec<Tensor<B, 3>> = logit_samples.into_iter().map(|l| softmax(l, 1).unsqueeze::<3>()).collect();
+    let probs: Vec<Tensor<B, 3>> = logit_samples
+        .into_iter()
+        .map(|l| softmax(l, 1).unsqueeze::<3>())
+        .collect();
     Tensor::cat(probs, 0).mean_dim(0).squeeze_dim::<2>(0)
 }
 
@@ -242,16 +272,30 @@ impl Uncertainty {
     ///
     /// If `k` is 0 or does not divide `samples.len()`.
     pub fn of(samples: &[f64], k: usize) -> Self {
-        assert!(k > 0 && !samples.is_empty() && samples.len() % k == 0, "Uncertainty::of: {} values are not rows of {k}", samples.len());
+        assert!(
+            k > 0 && !samples.is_empty() && samples.len() % k == 0,
+            "Uncertainty::of: {} values are not rows of {k}",
+            samples.len()
+        );
         let s = samples.len() / k;
-        let mean: Vec<f64> = (0..k).map(|c| samples.chunks(k).map(|r| r[c]).sum::<f64>() / s as f64).collect();
+        let mean: Vec<f64> = (0..k)
+            .map(|c| samples.chunks(k).map(|r| r[c]).sum::<f64>() / s as f64)
+            .collect();
         let total = entropy(&mean);
         let aleatoric = samples.chunks(k).map(entropy).sum::<f64>() / s as f64;
         // Samples that agree leave rounding (±1e-17) where the mutual
         // information is 0: below the precision of the entropies, 0.
         let epistemic = total - aleatoric;
-        let epistemic = if epistemic <= 1e-12 * total.max(1.0) { 0.0 } else { epistemic };
-        Self { total, aleatoric, epistemic }
+        let epistemic = if epistemic <= 1e-12 * total.max(1.0) {
+            0.0
+        } else {
+            epistemic
+        };
+        Self {
+            total,
+            aleatoric,
+            epistemic,
+        }
     }
 }
 
@@ -267,7 +311,11 @@ pub fn auroc(positives: &[f64], negatives: &[f64]) -> Option<f64> {
     }
     // Rank everything together (average ranks over ties), then U = the
     // positives' rank sum minus its least value.
-    let mut all: Vec<(f64, bool)> = positives.iter().map(|&v| (v, true)).chain(negatives.iter().map(|&v| (v, false))).collect();
+    let mut all: Vec<(f64, bool)> = positives
+        .iter()
+        .map(|&v| (v, true))
+        .chain(negatives.iter().map(|&v| (v, false)))
+        .collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     let mut rank_sum = 0.0;
     let mut i = 0;
@@ -392,12 +440,29 @@ mod tests {
         // The same by brute force on seeded random scores with many ties.
         let mut state = 7u64;
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((state >> 33) % 7) as f64
         };
         let pos: Vec<f64> = (0..40).map(|_| next() + 1.0).collect();
         let neg: Vec<f64> = (0..31).map(|_| next()).collect();
-        let pairs: f64 = pos.iter().map(|p| neg.iter().map(|n| if p > n { 1.0 } else if p == n { 0.5 } else { 0.0 }).sum::<f64>()).sum();
+        let pairs: f64 = pos
+            .iter()
+            .map(|p| {
+                neg.iter()
+                    .map(|n| {
+                        if p > n {
+                            1.0
+                        } else if p == n {
+                            0.5
+                        } else {
+                            0.0
+                        }
+                    })
+                    .sum::<f64>()
+            })
+            .sum();
         let want = pairs / (pos.len() * neg.len()) as f64;
         assert!((auroc(&pos, &neg).unwrap() - want).abs() < 1e-12);
         // Nothing to compare, or a NaN score: no AUROC.

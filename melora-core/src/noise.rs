@@ -99,11 +99,7 @@ impl NoiseSource {
     }
 
     /// Standard normal draws of the given shape.
-    pub fn normal<B: Backend, const D: usize>(
-        &mut self,
-        shape: [usize; D],
-        device: &B::Device,
-    ) -> Tensor<B, D> {
+    pub fn normal<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
         match self {
             Self::Seeded(rng) => {
                 let values = standard_normals(rng, shape.iter().product());
@@ -114,11 +110,7 @@ impl NoiseSource {
     }
 
     /// Random signs (+1 or -1 with equal probability) of the given shape.
-    pub fn signs<B: Backend, const D: usize>(
-        &mut self,
-        shape: [usize; D],
-        device: &B::Device,
-    ) -> Tensor<B, D> {
+    pub fn signs<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
         self.bernoulli::<B, D>(shape, 0.5, device)
             .mul_scalar(2.0)
             .sub_scalar(1.0)
@@ -200,7 +192,11 @@ pub struct RowNoise {
 impl RowNoise {
     /// Streams for rows `first, first + 1, ...` under `seed`.
     pub fn new(seed: u64, first: usize) -> Self {
-        Self { seed, first: first as u64, streams: Vec::new() }
+        Self {
+            seed,
+            first: first as u64,
+            streams: Vec::new(),
+        }
     }
 
     fn streams(&mut self, rows: usize) -> &mut [ChaCha12Rng] {
@@ -215,14 +211,23 @@ impl RowNoise {
     /// Standard normals `[rows, ...]`, row `j` from its own stream.
     pub fn normal<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
         let per_row: usize = shape[1..].iter().product();
-        let rows: Vec<Vec<f32>> = self.streams(shape[0]).par_iter_mut().map(|rng| standard_normals(rng, per_row)).collect();
+        let rows: Vec<Vec<f32>> = self
+            .streams(shape[0])
+            .par_iter_mut()
+            .map(|rng| standard_normals(rng, per_row))
+            .collect();
         Tensor::from_data(TensorData::new(rows.concat(), Shape::new(shape)), device)
     }
 
     /// Draws equal to 1 with probability `p`, `[rows, ...]`, row `j` from
     /// its own stream (the same numbers as [`NoiseSource::bernoulli`] on
     /// that stream).
-    pub fn bernoulli<B: Backend, const D: usize>(&mut self, shape: [usize; D], p: f64, device: &B::Device) -> Tensor<B, D> {
+    pub fn bernoulli<B: Backend, const D: usize>(
+        &mut self,
+        shape: [usize; D],
+        p: f64,
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         let per_row: usize = shape[1..].iter().product();
         let mut values = Vec::with_capacity(shape.iter().product());
         for rng in self.streams(shape[0]) {
@@ -233,7 +238,9 @@ impl RowNoise {
 
     /// Random signs, `[rows, ...]`.
     pub fn signs<B: Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
-        self.bernoulli::<B, D>(shape, 0.5, device).mul_scalar(2.0).sub_scalar(1.0)
+        self.bernoulli::<B, D>(shape, 0.5, device)
+            .mul_scalar(2.0)
+            .sub_scalar(1.0)
     }
 }
 
@@ -297,15 +304,31 @@ mod tests {
     #[test]
     fn bulk_bernoulli_draws_equal_one_at_a_time() {
         // Sizes below, at and across the parallel chunks (2^16 entries).
-        for (n, p, skip_u32) in [(1000, 0.9, false), (37, 0.5, true), (4099, 0.1, true), (0, 0.5, false), (64, 1.0, false), (64, 0.0, true), (65536, 0.9, true), (200_003, 0.3, true), (131_072, 0.5, false)] {
+        for (n, p, skip_u32) in [
+            (1000, 0.9, false),
+            (37, 0.5, true),
+            (4099, 0.1, true),
+            (0, 0.5, false),
+            (64, 1.0, false),
+            (64, 0.0, true),
+            (65536, 0.9, true),
+            (200_003, 0.3, true),
+            (131_072, 0.5, false),
+        ] {
             let (mut bulk, mut single) = (ChaCha12Rng::seed_from_u64(3), ChaCha12Rng::seed_from_u64(3));
             if skip_u32 {
                 let _: u32 = bulk.random();
                 let _: u32 = single.random();
             }
-            let expected: Vec<f32> = (0..n).map(|_| if single.random::<f64>() < p { 1.0 } else { 0.0 }).collect();
+            let expected: Vec<f32> = (0..n)
+                .map(|_| if single.random::<f64>() < p { 1.0 } else { 0.0 })
+                .collect();
             assert_eq!(bernoulli_draws(&mut bulk, n, p), expected, "n = {n}, p = {p}");
-            assert_eq!(bulk.random::<u64>(), single.random::<u64>(), "the generators continue alike");
+            assert_eq!(
+                bulk.random::<u64>(),
+                single.random::<u64>(),
+                "the generators continue alike"
+            );
         }
     }
 
@@ -313,12 +336,26 @@ mod tests {
     fn noise_device_picks_the_host_generator_on_ndarray() {
         let device = Default::default();
         type Train = burn::backend::Autodiff<TestBackend>;
-        assert!(matches!(NoiseDevice::Auto.source::<TestBackend>(1, &device), NoiseSource::Seeded(_)));
-        assert!(matches!(NoiseDevice::Auto.source::<Train>(1, &device), NoiseSource::Seeded(_)));
-        assert!(matches!(NoiseDevice::Host.source::<Train>(1, &device), NoiseSource::Seeded(_)));
-        assert!(matches!(NoiseDevice::Backend.source::<Train>(1, &device), NoiseSource::Backend));
+        assert!(matches!(
+            NoiseDevice::Auto.source::<TestBackend>(1, &device),
+            NoiseSource::Seeded(_)
+        ));
+        assert!(matches!(
+            NoiseDevice::Auto.source::<Train>(1, &device),
+            NoiseSource::Seeded(_)
+        ));
+        assert!(matches!(
+            NoiseDevice::Host.source::<Train>(1, &device),
+            NoiseSource::Seeded(_)
+        ));
+        assert!(matches!(
+            NoiseDevice::Backend.source::<Train>(1, &device),
+            NoiseSource::Backend
+        ));
         // Auto on the CPU is the seeded stream itself.
-        let auto = NoiseDevice::Auto.source::<TestBackend>(5, &device).normal::<TestBackend, 1>([64], &device);
+        let auto = NoiseDevice::Auto
+            .source::<TestBackend>(5, &device)
+            .normal::<TestBackend, 1>([64], &device);
         let seeded = NoiseSource::seeded(5).normal::<TestBackend, 1>([64], &device);
         assert_eq!(auto.to_data(), seeded.to_data());
         assert_eq!("device".parse::<NoiseDevice>(), Ok(NoiseDevice::Backend));

@@ -98,12 +98,19 @@ impl SharedDraws {
     /// Draws for `groups` groups; the passes' rows are the groups until
     /// [`Self::set_rows`] says otherwise.
     pub fn new(groups: usize) -> Self {
-        Self { groups, rows: None, draws: HashMap::new() }
+        Self {
+            groups,
+            rows: None,
+            draws: HashMap::new(),
+        }
     }
 
     /// The group of each row of the passes that follow (`rows[j] < groups`).
     pub fn set_rows(&mut self, rows: Vec<usize>) {
-        assert!(rows.iter().all(|&g| g < self.groups), "a row names a group that does not exist");
+        assert!(
+            rows.iter().all(|&g| g < self.groups),
+            "a row names a group that does not exist"
+        );
         self.rows = Some(rows);
     }
 
@@ -112,10 +119,17 @@ impl SharedDraws {
         self.groups
     }
 
-    fn get_or_draw<B: Backend, const D: usize>(&mut self, key: (ParamId, u8), draw: impl FnOnce(usize) -> Tensor<B, D>) -> Tensor<B, D> {
+    fn get_or_draw<B: Backend, const D: usize>(
+        &mut self,
+        key: (ParamId, u8),
+        draw: impl FnOnce(usize) -> Tensor<B, D>,
+    ) -> Tensor<B, D> {
         let groups = self.groups;
         let stored = self.draws.entry(key).or_insert_with(|| Box::new(draw(groups)));
-        stored.downcast_ref::<Tensor<B, D>>().expect("a shared draw of this backend and rank").clone()
+        stored
+            .downcast_ref::<Tensor<B, D>>()
+            .expect("a shared draw of this backend and rank")
+            .clone()
     }
 
     /// The stored per-group draw expanded to the current rows.
@@ -125,7 +139,10 @@ impl SharedDraws {
             Some(rows) => {
                 let device = per_group.device();
                 let index: Vec<i64> = rows.iter().map(|&g| g as i64).collect();
-                per_group.select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), &device))
+                per_group.select(
+                    0,
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(index, [rows.len()]), &device),
+                )
             }
         }
     }
@@ -176,7 +193,14 @@ impl Taps {
 impl<'a> Sampler<'a> {
     /// A sampler with the given mode; dropout off.
     pub fn new(mode: SamplingMode, noise: &'a mut NoiseSource) -> Self {
-        Self { mode, dropout: false, noise, taps: None, shared: None, rows: None }
+        Self {
+            mode,
+            dropout: false,
+            noise,
+            taps: None,
+            shared: None,
+            rows: None,
+        }
     }
 
     /// The same sampler sharing its weight draws through `shared`.
@@ -211,7 +235,12 @@ impl<'a> Sampler<'a> {
     /// Standard normals `[batch, ...]` for per-example weight draws: every
     /// row independent; under [`SharedDraws`], rows of one group equal
     /// (drawn once per group under `key`, the adapter's parameter id).
-    pub fn example_normals<B: Backend, const D: usize>(&mut self, key: ParamId, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    pub fn example_normals<B: Backend, const D: usize>(
+        &mut self,
+        key: ParamId,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         if self.shared.is_none() {
             if let Some(rows) = self.row_streams() {
                 return rows.normal::<B, D>(shape, device);
@@ -227,7 +256,11 @@ impl<'a> Sampler<'a> {
                     noise.normal::<B, D>(grouped, device)
                 });
                 let out = shared.expand(per_group);
-                assert_eq!(out.dims()[0], shape[0], "a shared per-example draw for a pass with other rows");
+                assert_eq!(
+                    out.dims()[0],
+                    shape[0],
+                    "a shared per-example draw for a pass with other rows"
+                );
                 out
             }
         }
@@ -236,7 +269,12 @@ impl<'a> Sampler<'a> {
     /// Standard normals of `shape` drawn once per forward pass (per-batch
     /// sampling, Flipout's weight draw); under [`SharedDraws`], once for
     /// all the passes that share it.
-    pub fn batch_normals<B: Backend, const D: usize>(&mut self, key: ParamId, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+    pub fn batch_normals<B: Backend, const D: usize>(
+        &mut self,
+        key: ParamId,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Tensor<B, D> {
         match self.shared.as_deref_mut() {
             None => self.noise.normal::<B, D>(shape, device),
             Some(shared) => {
@@ -304,14 +342,26 @@ mod tests {
         // Another key draws anew; the batch draw is one for every pass.
         let other = rows(sampler.example_normals::<B, 3>(ParamId::from(8), [5, 3, 3], &device));
         assert_ne!(other[1], second[1]);
-        let batch_a: Vec<f64> = sampler.batch_normals::<B, 2>(key, [3, 3], &device).into_data().to_vec().unwrap();
-        let batch_b: Vec<f64> = sampler.batch_normals::<B, 2>(key, [3, 3], &device).into_data().to_vec().unwrap();
+        let batch_a: Vec<f64> = sampler
+            .batch_normals::<B, 2>(key, [3, 3], &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let batch_b: Vec<f64> = sampler
+            .batch_normals::<B, 2>(key, [3, 3], &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
         assert_eq!(batch_a, batch_b);
         // Without sharing, every call draws anew and the stream is the
         // plain generator's.
         let mut plain = NoiseSource::seeded(1);
         let direct: Vec<f64> = plain.normal::<B, 3>([2, 3, 3], &device).into_data().to_vec().unwrap();
-        assert_eq!(direct, first.concat(), "the first shared draw is the generator's next draw");
+        assert_eq!(
+            direct,
+            first.concat(),
+            "the first shared draw is the generator's next draw"
+        );
         let mut unshared = Sampler::new(SamplingMode::PerExample, &mut plain);
         let a = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
         let b = rows(unshared.example_normals::<B, 3>(key, [2, 3, 3], &device));
@@ -327,12 +377,26 @@ mod tests {
         // per-batch draw) in the order a forward pass makes them.
         let draws = |first: usize, rows: usize| {
             let mut noise = NoiseSource::seeded(11);
-            let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_dropout(true).with_rows(RowNoise::new(11, first));
+            let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise)
+                .with_dropout(true)
+                .with_rows(RowNoise::new(11, first));
             let x = Tensor::<B, 3>::ones([rows, 4, 6], &device);
             let dropped: Vec<f64> = sampler.dropout(x, 0.3).into_data().to_vec().unwrap();
-            let eps: Vec<f64> = sampler.example_normals::<B, 3>(key, [rows, 2, 2], &device).into_data().to_vec().unwrap();
-            let signs: Vec<f64> = sampler.row_signs::<B, 3>([rows, 4, 2], &device).into_data().to_vec().unwrap();
-            let batch: Vec<f64> = sampler.batch_normals::<B, 2>(key, [2, 2], &device).into_data().to_vec().unwrap();
+            let eps: Vec<f64> = sampler
+                .example_normals::<B, 3>(key, [rows, 2, 2], &device)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let signs: Vec<f64> = sampler
+                .row_signs::<B, 3>([rows, 4, 2], &device)
+                .into_data()
+                .to_vec()
+                .unwrap();
+            let batch: Vec<f64> = sampler
+                .batch_normals::<B, 2>(key, [2, 2], &device)
+                .into_data()
+                .to_vec()
+                .unwrap();
             (dropped, eps, signs, batch)
         };
         let whole = draws(0, 5);
@@ -354,10 +418,22 @@ mod tests {
     #[test]
     fn a_rows_tokens_keep_their_draws_whatever_the_padded_length() {
         let device = Default::default();
-        let short: Vec<f64> = RowNoise::new(5, 7).bernoulli::<B, 3>([2, 3, 4], 0.5, &device).into_data().to_vec().unwrap();
-        let long: Vec<f64> = RowNoise::new(5, 7).bernoulli::<B, 3>([2, 9, 4], 0.5, &device).into_data().to_vec().unwrap();
+        let short: Vec<f64> = RowNoise::new(5, 7)
+            .bernoulli::<B, 3>([2, 3, 4], 0.5, &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let long: Vec<f64> = RowNoise::new(5, 7)
+            .bernoulli::<B, 3>([2, 9, 4], 0.5, &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
         for row in 0..2 {
-            assert_eq!(short[row * 12..row * 12 + 12], long[row * 36..row * 36 + 12], "row {row}");
+            assert_eq!(
+                short[row * 12..row * 12 + 12],
+                long[row * 36..row * 36 + 12],
+                "row {row}"
+            );
         }
     }
 

@@ -8,15 +8,19 @@ use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{backend::Backend, Tensor};
 use melora_core::params::trainable_per_layer;
 use melora_core::{
-    Adapter, AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, CoreError, LoraLinearConfig,
-    LowRankConfig, MeLoraLinearConfig, NoiseSource, Sampler, SamplingMode,
+    Adapter, AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, CoreError, LoraLinearConfig, LowRankConfig,
+    MeLoraLinearConfig, NoiseSource, Sampler, SamplingMode,
 };
 
 type B = NdArray<f64>;
 type AD = Autodiff<NdArray<f64>>;
 
-const MODES: [SamplingMode; 4] =
-    [SamplingMode::Mean, SamplingMode::PerBatch, SamplingMode::PerExample, SamplingMode::Flipout];
+const MODES: [SamplingMode; 4] = [
+    SamplingMode::Mean,
+    SamplingMode::PerBatch,
+    SamplingMode::PerExample,
+    SamplingMode::Flipout,
+];
 
 /// A base layer with seeded weights (not the backend's global generator,
 /// which tests running in parallel share).
@@ -29,7 +33,9 @@ fn base<Bk: Backend>(d_in: usize, d_out: usize, seed: u64) -> Linear<Bk> {
 }
 
 fn normal<Bk: Backend, const D: usize>(shape: [usize; D], seed: u64, scale: f64) -> Tensor<Bk, D> {
-    NoiseSource::seeded(seed).normal::<Bk, D>(shape, &Default::default()).mul_scalar(scale)
+    NoiseSource::seeded(seed)
+        .normal::<Bk, D>(shape, &Default::default())
+        .mul_scalar(scale)
 }
 
 fn host(t: Tensor<impl Backend, 3>) -> Vec<f64> {
@@ -54,15 +60,30 @@ fn random_adapter<Bk: Backend>(kind: AdapterKind, d_in: usize, d_out: usize, r: 
     let a = normal::<Bk, 2>([r, d_in], seed + 1, 0.5);
     let b = normal::<Bk, 2>([d_out, r], seed + 2, 0.5);
     match kind {
-        AdapterKind::Lora => AnyAdapter::Lora(LoraLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, b).unwrap()),
+        AdapterKind::Lora => AnyAdapter::Lora(
+            LoraLinearConfig::new()
+                .with_low_rank(low_rank(r))
+                .init_with(base, a, b)
+                .unwrap(),
+        ),
         AdapterKind::Blob => {
             let g = normal::<Bk, 2>([r, d_in], seed + 3, 0.5);
-            AnyAdapter::Blob(BlobLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, g, b).unwrap())
+            AnyAdapter::Blob(
+                BlobLinearConfig::new()
+                    .with_low_rank(low_rank(r))
+                    .init_with(base, a, g, b)
+                    .unwrap(),
+            )
         }
         AdapterKind::MeLora => {
             let m = normal::<Bk, 2>([r, r], seed + 4, 1.0);
             let h = normal::<Bk, 2>([r, r], seed + 5, 0.7);
-            AnyAdapter::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank(r)).init_with(base, a, b, m, h).unwrap())
+            AnyAdapter::MeLora(
+                MeLoraLinearConfig::new()
+                    .with_low_rank(low_rank(r))
+                    .init_with(base, a, b, m, h)
+                    .unwrap(),
+            )
         }
     }
 }
@@ -78,7 +99,12 @@ fn every_adapter_equals_its_base_layer_at_initialisation() {
             let mut noise = NoiseSource::seeded(1);
             let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true);
             let out = host(adapter.forward(x.clone(), &mut sampler));
-            assert_eq!(out, expected, "{:?} in {mode:?} differs from its base at init", config.kind());
+            assert_eq!(
+                out,
+                expected,
+                "{:?} in {mode:?} differs from its base at init",
+                config.kind()
+            );
         }
     }
 }
@@ -104,7 +130,10 @@ fn merge_refuses_non_finite_weights() {
     let base = base::<B>(4, 3, 1);
     let a = Tensor::<B, 2>::full([2, 4], f64::INFINITY, &Default::default());
     let b = normal::<B, 2>([3, 2], 2, 1.0);
-    let lora = LoraLinearConfig::new().with_low_rank(low_rank(2)).init_with(base, a, b).unwrap();
+    let lora = LoraLinearConfig::new()
+        .with_low_rank(low_rank(2))
+        .init_with(base, a, b)
+        .unwrap();
     assert_eq!(lora.merge().unwrap_err(), CoreError::NonFiniteMerge);
 }
 
@@ -115,18 +144,31 @@ fn gradients_reach_only_trainable_parameters() {
         let adapter = random_adapter::<AD>(kind, 6, 4, 2, 30);
         let mut noise = NoiseSource::seeded(0);
         let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise).with_dropout(true);
-        let loss = adapter.forward(x.clone(), &mut sampler).powi_scalar(2).sum().add(adapter.kl(0.2));
+        let loss = adapter
+            .forward(x.clone(), &mut sampler)
+            .powi_scalar(2)
+            .sum()
+            .add(adapter.kl(0.2));
         let grads = loss.backward();
         let base = adapter.base();
-        assert!(base.weight.val().grad(&grads).is_none(), "{kind:?}: base weight got a gradient");
-        assert!(base.bias.as_ref().unwrap().val().grad(&grads).is_none(), "{kind:?}: base bias got a gradient");
+        assert!(
+            base.weight.val().grad(&grads).is_none(),
+            "{kind:?}: base weight got a gradient"
+        );
+        assert!(
+            base.bias.as_ref().unwrap().val().grad(&grads).is_none(),
+            "{kind:?}: base bias got a gradient"
+        );
         let trainable: Vec<(&str, &Param<Tensor<AD, 2>>)> = match &adapter {
             AnyAdapter::Lora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b)],
             AnyAdapter::Blob(l) => vec![("A", &l.lora_a), ("G_A", &l.lora_a_std), ("B", &l.lora_b)],
             AnyAdapter::MeLora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b), ("M", &l.lora_m), ("H", &l.lora_h)],
         };
         for (name, param) in &trainable {
-            let grad = param.val().grad(&grads).unwrap_or_else(|| panic!("{kind:?}: no gradient for {name}"));
+            let grad = param
+                .val()
+                .grad(&grads)
+                .unwrap_or_else(|| panic!("{kind:?}: no gradient for {name}"));
             let norm: f64 = grad.powi_scalar(2).sum().into_scalar();
             assert!(norm > 0.0, "{kind:?}: zero gradient for {name}");
         }
@@ -158,7 +200,10 @@ fn named_params_list_every_trainable_tensor_and_rebuild_the_adapter() {
             self.0.push(param.id);
         }
     }
-    for (kind, config) in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora].into_iter().zip(configs(2)) {
+    for (kind, config) in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora]
+        .into_iter()
+        .zip(configs(2))
+    {
         let adapter = random_adapter::<B>(kind, 6, 4, 2, 40);
         let named = adapter.named_params();
         let names: Vec<&str> = named.iter().map(|p| p.name).collect();
@@ -167,11 +212,18 @@ fn named_params_list_every_trainable_tensor_and_rebuild_the_adapter() {
         adapter.visit(&mut visited);
         let base = adapter.base();
         let frozen = [Some(base.weight.id), base.bias.as_ref().map(|b| b.id)];
-        let mut expected: Vec<ParamId> = visited.0.into_iter().filter(|id| !frozen.contains(&Some(*id))).collect();
+        let mut expected: Vec<ParamId> = visited
+            .0
+            .into_iter()
+            .filter(|id| !frozen.contains(&Some(*id)))
+            .collect();
         let mut listed: Vec<ParamId> = named.iter().map(|p| p.param.id).collect();
         expected.sort_by_key(|id| id.val());
         listed.sort_by_key(|id| id.val());
-        assert_eq!(listed, expected, "{kind:?}: named_params lists exactly the module's trainable parameters");
+        assert_eq!(
+            listed, expected,
+            "{kind:?}: named_params lists exactly the module's trainable parameters"
+        );
         // The mutable list names the same tensors in the same order.
         let mut copy = random_adapter::<B>(kind, 6, 4, 2, 40);
         let copy_ids: Vec<(&str, ParamId)> = copy.named_params_mut().into_iter().map(|(n, p)| (n, p.id)).collect();
@@ -179,14 +231,24 @@ fn named_params_list_every_trainable_tensor_and_rebuild_the_adapter() {
         // Rebuilt from its own tensors, the adapter computes the same update.
         let tensors: Vec<Tensor<B, 2>> = named.iter().map(|p| p.param.val()).collect();
         let rebuilt = config.init_named(adapter.base().clone(), tensors.clone()).unwrap();
-        let same = |a: Tensor<B, 2>, b: Tensor<B, 2>| a.into_data().to_vec::<f64>().unwrap() == b.into_data().to_vec::<f64>().unwrap();
-        assert!(same(rebuilt.delta_weight(), adapter.delta_weight()), "{kind:?}: delta weight");
+        let same = |a: Tensor<B, 2>, b: Tensor<B, 2>| {
+            a.into_data().to_vec::<f64>().unwrap() == b.into_data().to_vec::<f64>().unwrap()
+        };
+        assert!(
+            same(rebuilt.delta_weight(), adapter.delta_weight()),
+            "{kind:?}: delta weight"
+        );
         for (p, q) in rebuilt.named_params().iter().zip(&named) {
             assert!(same(p.param.val(), q.param.val()), "{kind:?}: {}", p.name);
         }
         // One tensor short: refused, naming the tensors it takes.
-        let short = config.init_named(adapter.base().clone(), tensors[1..].to_vec()).unwrap_err();
-        assert!(matches!(short, CoreError::TensorCount { found, .. } if found == names.len() - 1), "{kind:?}: {short}");
+        let short = config
+            .init_named(adapter.base().clone(), tensors[1..].to_vec())
+            .unwrap_err();
+        assert!(
+            matches!(short, CoreError::TensorCount { found, .. } if found == names.len() - 1),
+            "{kind:?}: {short}"
+        );
         assert!(short.to_string().contains(names[0]), "{kind:?}: {short}");
     }
 }
@@ -204,12 +266,28 @@ fn per_example_draws_differ_across_examples_and_repeat_with_the_seed() {
         };
         let half = 3 * 4;
         let per_example = run(SamplingMode::PerExample, 5);
-        let gap = per_example[..half].iter().zip(&per_example[half..]).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let gap = per_example[..half]
+            .iter()
+            .zip(&per_example[half..])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         assert!(gap > 1e-3, "{kind:?}: PerExample gave the same draw to both examples");
-        assert_eq!(per_example, run(SamplingMode::PerExample, 5), "{kind:?}: same seed, different output");
-        assert_ne!(per_example, run(SamplingMode::PerExample, 6), "{kind:?}: different seeds, same output");
+        assert_eq!(
+            per_example,
+            run(SamplingMode::PerExample, 5),
+            "{kind:?}: same seed, different output"
+        );
+        assert_ne!(
+            per_example,
+            run(SamplingMode::PerExample, 6),
+            "{kind:?}: different seeds, same output"
+        );
         let per_batch = run(SamplingMode::PerBatch, 5);
-        assert_eq!(per_batch[..half], per_batch[half..], "{kind:?}: PerBatch should share the draw");
+        assert_eq!(
+            per_batch[..half],
+            per_batch[half..],
+            "{kind:?}: PerBatch should share the draw"
+        );
     }
 }
 
@@ -242,7 +320,10 @@ fn lora_is_deterministic_in_every_mode() {
     let mut noise = NoiseSource::seeded(0);
     let mean = host(adapter.forward(x.clone(), &mut Sampler::new(SamplingMode::Mean, &mut noise)));
     for mode in MODES {
-        assert_eq!(host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise))), mean);
+        assert_eq!(
+            host(adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise))),
+            mean
+        );
     }
 }
 
@@ -270,7 +351,10 @@ fn assert_unbiased(kind: AdapterKind, mode: SamplingMode, passes: usize) {
         assert!(sd > 1e-3, "{kind:?} {mode:?}: output {i} does not vary");
         max_z = max_z.max((mean - target[i]).abs() / (sd / n.sqrt()));
     }
-    assert!(max_z < 5.0, "{kind:?} {mode:?}: Monte Carlo mean is {max_z:.1} standard errors off");
+    assert!(
+        max_z < 5.0,
+        "{kind:?} {mode:?}: Monte Carlo mean is {max_z:.1} standard errors off"
+    );
 }
 
 #[test]
@@ -287,37 +371,70 @@ fn stochastic_modes_are_unbiased() {
 
 #[test]
 fn invalid_configs_name_the_setting() {
-    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(0)).init(base::<B>(4, 4, 0), &mut NoiseSource::seeded(0)).unwrap_err();
+    let err = LoraLinearConfig::new()
+        .with_low_rank(LowRankConfig::new().with_rank(0))
+        .init(base::<B>(4, 4, 0), &mut NoiseSource::seeded(0))
+        .unwrap_err();
     assert!(err.to_string().contains("rank = 0"), "{err}");
-    let err = LoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_dropout(1.0)).init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
+    let err = LoraLinearConfig::new()
+        .with_low_rank(LowRankConfig::new().with_dropout(1.0))
+        .init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0))
+        .unwrap_err();
     assert!(err.to_string().contains("dropout = 1"), "{err}");
-    let err = MeLoraLinearConfig::new().with_low_rank(LowRankConfig::new().with_rank(8)).init(base::<B>(4, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
+    let err = MeLoraLinearConfig::new()
+        .with_low_rank(LowRankConfig::new().with_rank(8))
+        .init(base::<B>(4, 16, 0), &mut NoiseSource::seeded(0))
+        .unwrap_err();
     assert!(err.to_string().contains("rank = 8 for a 4 -> 16 layer"), "{err}");
-    let err = BlobLinearConfig::new().with_init_eps(-1.0).init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0)).unwrap_err();
+    let err = BlobLinearConfig::new()
+        .with_init_eps(-1.0)
+        .init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0))
+        .unwrap_err();
     assert!(err.to_string().contains("init_eps = -1"), "{err}");
     let a = normal::<B, 2>([2, 5], 1, 1.0);
     let b = normal::<B, 2>([3, 2], 1, 1.0);
-    let err = LoraLinearConfig::new().with_low_rank(low_rank(2)).init_with(base::<B>(4, 3, 0), a, b).unwrap_err();
-    assert_eq!(err.to_string(), "shape mismatch for lora_A: expected [2, 4], found [2, 5]");
+    let err = LoraLinearConfig::new()
+        .with_low_rank(low_rank(2))
+        .init_with(base::<B>(4, 3, 0), a, b)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "shape mismatch for lora_A: expected [2, 4], found [2, 5]"
+    );
 }
 
 #[test]
 fn initial_stds_lie_in_blobs_range() {
-    let blob = BlobLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
+    let blob = BlobLinearConfig::new()
+        .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0))
+        .unwrap();
     let absolute = MeLoraLinearConfig::new().with_std_init(melora_core::StdInit::Blob);
-    let melora = absolute.init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
-    for std in [blob.omega().into_data().to_vec::<f64>().unwrap(), melora.omega().into_data().to_vec::<f64>().unwrap()] {
-        assert!(std.iter().all(|s| (0.00125 - 1e-12..=0.0025 + 1e-12).contains(s)), "{std:?}");
+    let melora = absolute
+        .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0))
+        .unwrap();
+    for std in [
+        blob.omega().into_data().to_vec::<f64>().unwrap(),
+        melora.omega().into_data().to_vec::<f64>().unwrap(),
+    ] {
+        assert!(
+            std.iter().all(|s| (0.00125 - 1e-12..=0.0025 + 1e-12).contains(s)),
+            "{std:?}"
+        );
     }
     // The default: the same draws times sqrt(3 n / r) (n = 64, r = 8).
-    let relative = MeLoraLinearConfig::new().init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0)).unwrap();
+    let relative = MeLoraLinearConfig::new()
+        .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0))
+        .unwrap();
     let scaled: Vec<f64> = relative.omega().into_data().to_vec().unwrap();
     let plain: Vec<f64> = melora.omega().into_data().to_vec().unwrap();
     for (s, p) in scaled.iter().zip(&plain) {
         assert!((s / p - (3.0f64 * 64.0 / 8.0).sqrt()).abs() < 1e-12, "{s} vs {p}");
     }
     let m: Vec<f64> = melora.lora_m.val().into_data().to_vec().unwrap();
-    let eye: Vec<f64> = Tensor::<B, 2>::eye(8, &Default::default()).into_data().to_vec().unwrap();
+    let eye: Vec<f64> = Tensor::<B, 2>::eye(8, &Default::default())
+        .into_data()
+        .to_vec()
+        .unwrap();
     assert_eq!(m, eye, "M starts at the identity");
 }
 
@@ -342,7 +459,10 @@ fn initialisation_comes_from_the_noise_source_alone() {
     // PEFT's Kaiming-uniform bound 1 / sqrt(fan_in) for A (64 inputs).
     let a = &first[..8 * 64];
     assert!(a.iter().all(|v| v.abs() <= 1.0 / 8.0), "A outside U(-1/8, 1/8)");
-    assert!(a.iter().any(|v| v.abs() > 0.1), "A far inside its bound: not the Kaiming range");
+    assert!(
+        a.iter().any(|v| v.abs() > 0.1),
+        "A far inside its bound: not the Kaiming range"
+    );
 }
 
 /// `total_kl` (the Me-LoRA `ln det(A A^T)` terms of all adapters in one
@@ -364,7 +484,9 @@ fn total_kl_equals_the_sum_of_the_adapters_kls() {
     }
     let device = Default::default();
     let batched = total_kl(adapters.iter(), 0.3, &device);
-    let separate = adapters.iter().fold(Tensor::<AD, 1>::zeros([1], &device), |acc, a| acc.add(a.kl(0.3)));
+    let separate = adapters
+        .iter()
+        .fold(Tensor::<AD, 1>::zeros([1], &device), |acc, a| acc.add(a.kl(0.3)));
     let (b, s): (f64, f64) = (batched.clone().into_scalar(), separate.clone().into_scalar());
     assert!((b - s).abs() < 1e-10 * s.abs().max(1.0), "{b} vs {s}");
     let (gb, gs) = (batched.backward(), separate.backward());
@@ -405,38 +527,74 @@ fn melora_starts_with_blobs_relative_noise() {
     let values = |t: Tensor<B, 2>| -> Vec<f64> { t.into_data().to_vec().unwrap() };
     let x = normal::<B, 2>([1, n], 3, 1.0);
     let xs = values(x.clone());
-    let blob = BlobLinearConfig::new().with_low_rank(low_rank(r)).init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4)).unwrap();
-    let melora = MeLoraLinearConfig::new().with_low_rank(low_rank(r)).init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4)).unwrap();
+    let blob = BlobLinearConfig::new()
+        .with_low_rank(low_rank(r))
+        .init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4))
+        .unwrap();
+    let melora = MeLoraLinearConfig::new()
+        .with_low_rank(low_rank(r))
+        .init(base::<B>(n, 16, 0), &mut NoiseSource::seeded(4))
+        .unwrap();
     let mut noise = NoiseSource::seeded(9);
     let sq = |v: &[f64], m: &[f64]| -> f64 { v.iter().zip(m).map(|(a, b)| (a - b).powi(2)).sum() };
 
     let blob_mean = values(x.clone().matmul(blob.lora_a.val().transpose()));
     let blob_noise: f64 = (0..draws)
         .map(|_| {
-            let a = blob.lora_a.val().add(blob.omega().mul(noise.normal::<B, 2>([r, n], &device)));
+            let a = blob
+                .lora_a
+                .val()
+                .add(blob.omega().mul(noise.normal::<B, 2>([r, n], &device)));
             sq(&values(x.clone().matmul(a.transpose())), &blob_mean)
         })
         .sum::<f64>()
         / draws as f64;
     let omega_b = values(blob.omega());
-    let blob_closed: f64 = (0..r).map(|i| (0..n).map(|j| xs[j] * xs[j] * omega_b[i * n + j].powi(2)).sum::<f64>()).sum();
-    assert!((blob_noise / blob_closed - 1.0).abs() < 0.1, "BLoB noise: Monte Carlo {blob_noise} vs {blob_closed}");
+    let blob_closed: f64 = (0..r)
+        .map(|i| (0..n).map(|j| xs[j] * xs[j] * omega_b[i * n + j].powi(2)).sum::<f64>())
+        .sum();
+    assert!(
+        (blob_noise / blob_closed - 1.0).abs() < 0.1,
+        "BLoB noise: Monte Carlo {blob_noise} vs {blob_closed}"
+    );
     let x_sq: f64 = xs.iter().map(|v| v * v).sum();
     let blob_relative = blob_closed / (r as f64 * x_sq / (3.0 * n as f64));
 
     let u = x.matmul(melora.lora_a.val().transpose());
     let us = values(u.clone());
     let melora_noise: f64 = (0..draws)
-        .map(|_| sq(&values(u.clone().matmul(melora.sample_c(1, &mut noise).reshape([r, r]).transpose())), &us))
+        .map(|_| {
+            sq(
+                &values(
+                    u.clone()
+                        .matmul(melora.sample_c(1, &mut noise).reshape([r, r]).transpose()),
+                ),
+                &us,
+            )
+        })
         .sum::<f64>()
         / draws as f64;
     let omega_m = values(melora.omega());
-    let melora_closed: f64 = (0..r).map(|i| (0..r).map(|j| us[j] * us[j] * omega_m[i * r + j].powi(2)).sum::<f64>()).sum();
-    assert!((melora_noise / melora_closed - 1.0).abs() < 0.1, "Me-LoRA noise: Monte Carlo {melora_noise} vs {melora_closed}");
+    let melora_closed: f64 = (0..r)
+        .map(|i| (0..r).map(|j| us[j] * us[j] * omega_m[i * r + j].powi(2)).sum::<f64>())
+        .sum();
+    assert!(
+        (melora_noise / melora_closed - 1.0).abs() < 0.1,
+        "Me-LoRA noise: Monte Carlo {melora_noise} vs {melora_closed}"
+    );
     let melora_relative = melora_closed / us.iter().map(|v| v * v).sum::<f64>();
     let mean_sq = omega_m.iter().map(|w| w * w).sum::<f64>() / omega_m.len() as f64;
-    assert!((melora_relative / (r as f64 * mean_sq) - 1.0).abs() < 0.35, "Me-LoRA relative noise {melora_relative} vs r mean(Omega^2)");
+    assert!(
+        (melora_relative / (r as f64 * mean_sq) - 1.0).abs() < 0.35,
+        "Me-LoRA relative noise {melora_relative} vs r mean(Omega^2)"
+    );
 
-    assert!((melora_relative / blob_relative - 1.0).abs() < 0.35, "relative noise at init: Me-LoRA {melora_relative:.5} vs BLoB {blob_relative:.5}");
-    assert!(blob_relative > 1e-3, "BLoB's relative noise {blob_relative} is not negligible");
+    assert!(
+        (melora_relative / blob_relative - 1.0).abs() < 0.35,
+        "relative noise at init: Me-LoRA {melora_relative:.5} vs BLoB {blob_relative:.5}"
+    );
+    assert!(
+        blob_relative > 1e-3,
+        "BLoB's relative noise {blob_relative} is not negligible"
+    );
 }

@@ -6,9 +6,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use melora_core::kl::{blob_kl, melora_kl};
 use melora_core::linalg::{gaussian_kl, Mat};
-use melora_core::{
-    KlSchedule, LowRankConfig, MeLoraKl, MeLoraLinearConfig, NoiseSource, PriorConfig,
-};
+use melora_core::{KlSchedule, LowRankConfig, MeLoraKl, MeLoraLinearConfig, NoiseSource, PriorConfig};
 
 type B = NdArray<f64>;
 type AD = Autodiff<NdArray<f64>>;
@@ -17,7 +15,16 @@ const VARIANTS: [MeLoraKl; 4] = [MeLoraKl::Paper, MeLoraKl::ExactC, MeLoraKl::Su
 
 fn random_mat(rows: usize, cols: usize, seed: u64, scale: f64) -> Mat {
     let t = NoiseSource::seeded(seed).normal::<B, 2>([rows, cols], &Default::default());
-    Mat::new(rows, cols, t.into_data().to_vec::<f64>().unwrap().iter().map(|v| v * scale).collect())
+    Mat::new(
+        rows,
+        cols,
+        t.into_data()
+            .to_vec::<f64>()
+            .unwrap()
+            .iter()
+            .map(|v| v * scale)
+            .collect(),
+    )
 }
 
 fn tensor<Bk: Backend>(m: &Mat) -> Tensor<Bk, 2> {
@@ -70,7 +77,10 @@ fn covariance_of_w_is_exact_formula_not_papers() {
         .unwrap();
     let draws = 100_000;
     let c = adapter.sample_c(draws, &mut NoiseSource::seeded(5));
-    let w = tensor::<B>(&b).unsqueeze::<3>().matmul(c).matmul(tensor::<B>(&a).unsqueeze::<3>());
+    let w = tensor::<B>(&b)
+        .unsqueeze::<3>()
+        .matmul(c)
+        .matmul(tensor::<B>(&a).unsqueeze::<3>());
     let w: Vec<f64> = w.into_data().to_vec().unwrap();
     let k = m * n;
     // vec stacks columns: entry (i, j) of W goes to j * m + i.
@@ -91,10 +101,16 @@ fn covariance_of_w_is_exact_formula_not_papers() {
         }
     }
     let nd = draws as f64;
-    let empirical = Mat::new(k, k, (0..k * k).map(|pq| {
-        let (p, q) = (pq / k, pq % k);
-        (second.data[pq] - mu[p] * mu[q] / nd) / (nd - 1.0)
-    }).collect());
+    let empirical = Mat::new(
+        k,
+        k,
+        (0..k * k)
+            .map(|pq| {
+                let (p, q) = (pq / k, pq % k);
+                (second.data[pq] - mu[p] * mu[q] / nd) / (nd - 1.0)
+            })
+            .collect(),
+    );
 
     let omega = adapter.omega().into_data().to_vec::<f64>().unwrap();
     let omega = Mat::new(r, r, omega);
@@ -102,14 +118,24 @@ fn covariance_of_w_is_exact_formula_not_papers() {
     let exact = a.t().kron(&b).matmul(&d_omega).matmul(&a.kron(&b.t()));
     let s = omega.matmul(&map(&a, f64::abs));
     let ib = Mat::identity(n).kron(&b);
-    let paper = ib.matmul(&Mat::diag(&s.vec().iter().map(|x| x * x).collect::<Vec<_>>())).matmul(&ib.t());
+    let paper = ib
+        .matmul(&Mat::diag(&s.vec().iter().map(|x| x * x).collect::<Vec<_>>()))
+        .matmul(&ib.t());
 
     let err_exact = empirical.sub(&exact).frobenius() / exact.frobenius();
     let err_paper = empirical.sub(&paper).frobenius() / paper.frobenius();
     println!("rel. Frobenius error of Cov(vec W): exact {err_exact:.4}, paper {err_paper:.3}");
-    println!("trace: empirical {:.3}, exact {:.3}, paper {:.3}", empirical.trace(), exact.trace(), paper.trace());
+    println!(
+        "trace: empirical {:.3}, exact {:.3}, paper {:.3}",
+        empirical.trace(),
+        exact.trace(),
+        paper.trace()
+    );
     assert!(err_exact < 0.02, "exact covariance off by {err_exact}");
-    assert!(err_paper > 0.5, "the paper's covariance should be far off, got {err_paper}");
+    assert!(
+        err_paper > 0.5,
+        "the paper's covariance should be far off, got {err_paper}"
+    );
 }
 
 /// The paper's per-entry variance s^2 is at least the true v, at most r v.
@@ -145,7 +171,10 @@ fn exact_c_equals_dense_gaussian_kl() {
         let p = problem(seed);
         let dense = dense_kl_diag(&p.m.vec(), &map(&p.omega, |o| o * o).vec(), sigma);
         let closed = kl_value(MeLoraKl::ExactC, &p.m, &p.omega, &p.a, sigma);
-        assert!((dense - closed).abs() < 1e-6, "exact_c: dense {dense} vs closed {closed}");
+        assert!(
+            (dense - closed).abs() < 1e-6,
+            "exact_c: dense {dense} vs closed {closed}"
+        );
     }
 }
 
@@ -156,11 +185,18 @@ fn matched_equals_dense_kl_of_the_moment_matched_gaussian() {
         let r = p.m.rows;
         // v from the exact covariance of vec Q = vec(C A): (A^T (x) I) D (A (x) I).
         let d = Mat::diag(&map(&p.omega, |o| o * o).vec());
-        let cov_q = p.a.t().kron(&Mat::identity(r)).matmul(&d).matmul(&p.a.kron(&Mat::identity(r)));
+        let cov_q =
+            p.a.t()
+                .kron(&Mat::identity(r))
+                .matmul(&d)
+                .matmul(&p.a.kron(&Mat::identity(r)));
         let var: Vec<f64> = (0..cov_q.rows).map(|i| cov_q.at(i, i)).collect();
         let dense = dense_kl_diag(&p.m.matmul(&p.a).vec(), &var, sigma);
         let closed = kl_value(MeLoraKl::Matched, &p.m, &p.omega, &p.a, sigma);
-        assert!((dense - closed).abs() < 1e-6, "matched: dense {dense} vs closed {closed}");
+        assert!(
+            (dense - closed).abs() < 1e-6,
+            "matched: dense {dense} vs closed {closed}"
+        );
     }
 }
 
@@ -180,7 +216,10 @@ fn subspace_equals_dense_kl_against_the_a_dependent_prior() {
             })
             .sum();
         let closed = kl_value(MeLoraKl::Subspace, &p.m, &p.omega, &p.a, sigma);
-        assert!((dense - closed).abs() < 1e-6, "subspace: dense {dense} vs closed {closed}");
+        assert!(
+            (dense - closed).abs() < 1e-6,
+            "subspace: dense {dense} vs closed {closed}"
+        );
     }
 }
 
@@ -203,7 +242,8 @@ fn paper_expression_relates_to_subspace_kl_as_derived() {
     let s2: f64 = s.data.iter().map(|x| x * x).sum();
     let v_sum: f64 = v.data.iter().sum();
     let logdet = p.a.matmul(&p.a.t()).logdet_spd().unwrap();
-    let expected = kl_value(MeLoraKl::Subspace, &p.m, &p.omega, &p.a, sigma) + (s2 - v_sum) / (2.0 * sigma * sigma)
+    let expected = kl_value(MeLoraKl::Subspace, &p.m, &p.omega, &p.a, sigma)
+        + (s2 - v_sum) / (2.0 * sigma * sigma)
         + r / 2.0 * logdet
         - r * r * (sigma.ln() - 0.5);
     let paper = kl_value(MeLoraKl::Paper, &p.m, &p.omega, &p.a, sigma);
@@ -219,15 +259,28 @@ fn rescaling_orbit_leaves_exact_kls_invariant_and_shifts_the_papers() {
     let r = 3.0;
     let sigma = 0.2;
     let at = |variant, t: f64| {
-        kl_value(variant, &map(&p.m, |x| x * t), &map(&p.omega, |x| x * t), &map(&p.a, |x| x / t), sigma)
+        kl_value(
+            variant,
+            &map(&p.m, |x| x * t),
+            &map(&p.omega, |x| x * t),
+            &map(&p.a, |x| x / t),
+            sigma,
+        )
     };
     for t in [0.1, 10.0, 100.0] {
         for variant in [MeLoraKl::Subspace, MeLoraKl::Matched] {
             let (before, after) = (at(variant, 1.0), at(variant, t));
-            assert!((after - before).abs() < 1e-9 * before.abs().max(1.0), "{variant:?} at t = {t}: {before} -> {after}");
+            assert!(
+                (after - before).abs() < 1e-9 * before.abs().max(1.0),
+                "{variant:?} at t = {t}: {before} -> {after}"
+            );
         }
         let shift = at(MeLoraKl::Paper, t) - at(MeLoraKl::Paper, 1.0);
-        assert!((shift + r * r * t.ln()).abs() < 1e-8, "paper at t = {t}: shift {shift}, expected {}", -r * r * t.ln());
+        assert!(
+            (shift + r * r * t.ln()).abs() < 1e-8,
+            "paper at t = {t}: shift {shift}, expected {}",
+            -r * r * t.ln()
+        );
         // exact_c is a KL of C, not of W: it is not invariant.
         assert!((at(MeLoraKl::ExactC, t) - at(MeLoraKl::ExactC, 1.0)).abs() > 1.0);
     }
@@ -241,7 +294,11 @@ fn every_kl_gradient_matches_finite_differences() {
     let sigma = 0.3;
     let eval = |variant, m: &Mat, h: &Mat, a: &Mat| kl_value(variant, m, &map(h, |x| x * x), a, sigma);
     for variant in VARIANTS {
-        let (m_t, h_t, a_t) = (tensor::<AD>(&p.m).require_grad(), tensor::<AD>(&h).require_grad(), tensor::<AD>(&p.a).require_grad());
+        let (m_t, h_t, a_t) = (
+            tensor::<AD>(&p.m).require_grad(),
+            tensor::<AD>(&h).require_grad(),
+            tensor::<AD>(&p.a).require_grad(),
+        );
         let grads = melora_kl(variant, m_t.clone(), h_t.clone().powi_scalar(2), a_t.clone(), sigma).backward();
         // A parameter the KL does not depend on (A for exact_c) has no gradient: zero.
         let grad_of = |t: &Tensor<AD, 2>| match t.grad(&grads) {
@@ -259,7 +316,12 @@ fn every_kl_gradient_matches_finite_differences() {
                 };
                 let fd = (shifted(step) - shifted(-step)) / (2.0 * step);
                 let tol = 1e-6 * fd.abs().max(1.0);
-                assert!((fd - grad[idx]).abs() < tol, "{variant:?} d/d{}[{idx}]: autodiff {} vs fd {fd}", ["M", "H", "A"][which], grad[idx]);
+                assert!(
+                    (fd - grad[idx]).abs() < tol,
+                    "{variant:?} d/d{}[{idx}]: autodiff {} vs fd {fd}",
+                    ["M", "H", "A"][which],
+                    grad[idx]
+                );
             }
         }
     }
@@ -269,10 +331,14 @@ fn every_kl_gradient_matches_finite_differences() {
 fn blob_kl_gradient_matches_finite_differences() {
     let mean = random_mat(2, 4, 21, 0.5);
     let g = random_mat(2, 4, 22, 0.4);
-    let eval = |mean: &Mat, g: &Mat| -> f64 { blob_kl::<B>(tensor(mean), tensor(&map(g, |x| x * x)), 0.2).into_scalar() };
+    let eval =
+        |mean: &Mat, g: &Mat| -> f64 { blob_kl::<B>(tensor(mean), tensor(&map(g, |x| x * x)), 0.2).into_scalar() };
     let (m_t, g_t) = (tensor::<AD>(&mean).require_grad(), tensor::<AD>(&g).require_grad());
     let grads = blob_kl(m_t.clone(), g_t.clone().powi_scalar(2), 0.2).backward();
-    let autodiff = [m_t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap(), g_t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap()];
+    let autodiff = [
+        m_t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap(),
+        g_t.grad(&grads).unwrap().into_data().to_vec::<f64>().unwrap(),
+    ];
     for (which, grad) in autodiff.iter().enumerate() {
         for idx in 0..grad.len() {
             let shifted = |delta: f64| {
@@ -281,7 +347,11 @@ fn blob_kl_gradient_matches_finite_differences() {
                 eval(&m, &g)
             };
             let fd = (shifted(1e-6) - shifted(-1e-6)) / 2e-6;
-            assert!((fd - grad[idx]).abs() < 1e-6 * fd.abs().max(1.0), "blob grad {which}[{idx}]: {} vs {fd}", grad[idx]);
+            assert!(
+                (fd - grad[idx]).abs() < 1e-6 * fd.abs().max(1.0),
+                "blob grad {which}[{idx}]: {} vs {fd}",
+                grad[idx]
+            );
         }
     }
 }
@@ -324,14 +394,21 @@ fn blob_schedule_cycles_average_to_the_elbo_without_overflow() {
     let small = KlSchedule::Blob { period: 4 };
     for i in 0..4 {
         assert!((small.weight(i, 10, 4) - 2f64.powi(i as i32) / 15.0 * 4.0 / 10.0).abs() < 1e-15);
-        assert_eq!(small.weight(i, 10, 4), small.weight(i + 4, 10, 4), "the schedule repeats");
+        assert_eq!(
+            small.weight(i, 10, 4),
+            small.weight(i + 4, 10, 4),
+            "the schedule repeats"
+        );
     }
     // Step 3 opens the second epoch and is still the cycle's heaviest step.
     assert!((small.weight(3, 10, 4) - 8.0 / 15.0 * 0.4).abs() < 1e-15);
     for period in [1, 10, 1024, 5000, 1_000_000] {
         let schedule = KlSchedule::Blob { period };
         let total: f64 = (0..period).map(|i| schedule.weight(i, 1000, 4)).sum();
-        assert!((total - period as f64 / 1000.0).abs() < 1e-9 * period as f64, "period {period}: cycle sums to {total}");
+        assert!(
+            (total - period as f64 / 1000.0).abs() < 1e-9 * period as f64,
+            "period {period}: cycle sums to {total}"
+        );
         assert!((0..period).all(|i| schedule.weight(i, 1000, 4).is_finite()));
     }
     assert_eq!(KlSchedule::Constant { weight: 0.25 }.weight(17, 10, 4), 0.025);

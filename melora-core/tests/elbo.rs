@@ -6,7 +6,7 @@
 //! ([`RowNoise`]), so each example draws the same on either split.
 
 use burn::backend::{Autodiff, NdArray};
-use burn::module::{Module, ParamId, Param};
+use burn::module::{Module, Param, ParamId};
 use burn::nn::LinearConfig;
 use burn::optim::GradientsParams;
 use burn::prelude::*;
@@ -40,7 +40,8 @@ fn net(kind: AdapterKind) -> Net<AD> {
     // Seeded weights, no bias (the layer's own init uses the backend's
     // global generator, which tests running in parallel share).
     let mut base = LinearConfig::new(D_IN, CLASSES).with_bias(false).init::<AD>(&device);
-    base.weight = Param::from_tensor(NoiseSource::seeded(1).normal::<AD, 2>([D_IN, CLASSES], &device)).set_require_grad(false);
+    base.weight =
+        Param::from_tensor(NoiseSource::seeded(1).normal::<AD, 2>([D_IN, CLASSES], &device)).set_require_grad(false);
     let low_rank = LowRankConfig::new().with_rank(2).with_dropout(0.2);
     let config = match kind {
         AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
@@ -53,7 +54,9 @@ fn net(kind: AdapterKind) -> Net<AD> {
     // every parameter moves.
     for (i, (name, p)) in layer.named_params_mut().into_iter().enumerate() {
         let value = match name {
-            "lora_B" => NoiseSource::seeded(3).normal::<AD, 2>(p.val().dims(), &device).mul_scalar(0.3),
+            "lora_B" => NoiseSource::seeded(3)
+                .normal::<AD, 2>(p.val().dims(), &device)
+                .mul_scalar(0.3),
             _ => p.val().detach(),
         };
         *p = Param::initialized(ParamId::from(1000 + i as u64), value.require_grad());
@@ -62,7 +65,11 @@ fn net(kind: AdapterKind) -> Net<AD> {
 }
 
 fn inputs() -> (Vec<f64>, Vec<i64>) {
-    let x: Vec<f64> = NoiseSource::seeded(4).normal::<Inner, 1>([BATCH * D_IN], &Default::default()).into_data().to_vec().unwrap();
+    let x: Vec<f64> = NoiseSource::seeded(4)
+        .normal::<Inner, 1>([BATCH * D_IN], &Default::default())
+        .into_data()
+        .to_vec()
+        .unwrap();
     let y = (0..BATCH as i64).map(|i| i % CLASSES as i64).collect();
     (x, y)
 }
@@ -72,26 +79,48 @@ fn nll(model: &Net<AD>, rows: std::ops::Range<usize>, step: u64, mode: SamplingM
     let device = Default::default();
     let (x, y) = inputs();
     let n = rows.len();
-    let x = Tensor::<AD, 3>::from_data(TensorData::new(x[rows.start * D_IN..rows.end * D_IN].to_vec(), [n, 1, D_IN]), &device);
+    let x = Tensor::<AD, 3>::from_data(
+        TensorData::new(x[rows.start * D_IN..rows.end * D_IN].to_vec(), [n, 1, D_IN]),
+        &device,
+    );
     let y = Tensor::<AD, 1, Int>::from_data(TensorData::new(y[rows.clone()].to_vec(), [n]), &device);
     let mut noise = NoiseSource::seeded(100 + step);
-    let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true).with_rows(RowNoise::new(100 + step, rows.start));
+    let mut sampler = Sampler::new(mode, &mut noise)
+        .with_dropout(true)
+        .with_rows(RowNoise::new(100 + step, rows.start));
     let logits = model.layer.forward(x, &mut sampler).reshape([n, CLASSES]);
-    let nll = burn::nn::loss::CrossEntropyLossConfig::new().init(&device).forward(logits, y);
+    let nll = burn::nn::loss::CrossEntropyLossConfig::new()
+        .init(&device)
+        .forward(logits, y);
     nll.mul_scalar(n as f64 / BATCH as f64)
 }
 
 fn values(model: &Net<AD>) -> Vec<(String, Vec<f64>)> {
-    model.layer.named_params().iter().map(|p| (p.name.to_string(), p.param.val().into_data().to_vec().unwrap())).collect()
+    model
+        .layer
+        .named_params()
+        .iter()
+        .map(|p| (p.name.to_string(), p.param.val().into_data().to_vec().unwrap()))
+        .collect()
 }
 
 fn config(split: OptimizerSplit) -> ElboConfig {
-    ElboConfig::new().with_optimizer(split).with_grad_clip(Some(1.0)).with_weight_decay(0.01)
+    ElboConfig::new()
+        .with_optimizer(split)
+        .with_grad_clip(Some(1.0))
+        .with_weight_decay(0.01)
 }
 
-const KL: Option<KlTerm> = Some(KlTerm { prior_std: 0.3, weight: 0.05 });
+const KL: Option<KlTerm> = Some(KlTerm {
+    prior_std: 0.3,
+    weight: 0.05,
+});
 const RATES: Rates = Rates { lr: 1e-2, kl_lr: 1e-2 };
-const SPLITS: [OptimizerSplit; 3] = [OptimizerSplit::TwoOptimizers, OptimizerSplit::Single, OptimizerSplit::StdAdam];
+const SPLITS: [OptimizerSplit; 3] = [
+    OptimizerSplit::TwoOptimizers,
+    OptimizerSplit::Single,
+    OptimizerSplit::StdAdam,
+];
 
 /// One replica on the whole batch, `steps` plain steps.
 fn whole(kind: AdapterKind, split: OptimizerSplit, mode: SamplingMode, steps: u64) -> Vec<(String, Vec<f64>)> {
@@ -106,16 +135,29 @@ fn whole(kind: AdapterKind, split: OptimizerSplit, mode: SamplingMode, steps: u6
 
 /// Sums gradients with the other replica over channels (both add in the
 /// same order: mine + theirs is theirs + mine in floating point).
-fn exchange(grads: GradientsParams, ids: &[ParamId], tx: &Sender<Vec<Vec<f64>>>, rx: &Receiver<Vec<Vec<f64>>>) -> GradientsParams {
+fn exchange(
+    grads: GradientsParams,
+    ids: &[ParamId],
+    tx: &Sender<Vec<Vec<f64>>>,
+    rx: &Receiver<Vec<Vec<f64>>>,
+) -> GradientsParams {
     let mut grads = grads;
     let mine: Vec<Option<Tensor<Inner, 2>>> = ids.iter().map(|id| grads.remove::<Inner, 2>(*id)).collect();
-    tx.send(mine.iter().map(|g| g.as_ref().map_or(Vec::new(), |g| g.to_data().to_vec().unwrap())).collect()).unwrap();
+    tx.send(
+        mine.iter()
+            .map(|g| g.as_ref().map_or(Vec::new(), |g| g.to_data().to_vec().unwrap()))
+            .collect(),
+    )
+    .unwrap();
     let theirs = rx.recv().unwrap();
     let mut out = GradientsParams::new();
     for ((id, g), other) in ids.iter().zip(mine).zip(theirs) {
         if let Some(g) = g {
             let dims = g.dims();
-            out.register(*id, g.add(Tensor::from_data(TensorData::new(other, dims), &Default::default())));
+            out.register(
+                *id,
+                g.add(Tensor::from_data(TensorData::new(other, dims), &Default::default())),
+            );
         }
     }
     out
@@ -127,7 +169,11 @@ fn split(kind: AdapterKind, opt: OptimizerSplit, mode: SamplingMode, steps: u64)
     let (tx_b, rx_a) = channel();
     let (tx_na, rx_nb) = channel::<f64>();
     let (tx_nb, rx_na) = channel::<f64>();
-    let replica = move |rows: std::ops::Range<usize>, tx: Sender<Vec<Vec<f64>>>, rx: Receiver<Vec<Vec<f64>>>, ntx: Sender<f64>, nrx: Receiver<f64>| {
+    let replica = move |rows: std::ops::Range<usize>,
+                        tx: Sender<Vec<Vec<f64>>>,
+                        rx: Receiver<Vec<Vec<f64>>>,
+                        ntx: Sender<f64>,
+                        nrx: Receiver<f64>| {
         move || {
             let mut model = net(kind);
             let mut elbo = ElboStep::new(config(opt), &model);
@@ -142,7 +188,8 @@ fn split(kind: AdapterKind, opt: OptimizerSplit, mode: SamplingMode, steps: u64)
                 ntx.send(part).unwrap();
                 let total = part + nrx.recv().unwrap();
                 let mut reduce = |g: GradientsParams| Ok::<_, ()>(exchange(g, &ids, &tx, &rx));
-                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut reduce).unwrap();
+                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut reduce)
+                    .unwrap();
             }
             values(&model)
         }
@@ -153,22 +200,35 @@ fn split(kind: AdapterKind, opt: OptimizerSplit, mode: SamplingMode, steps: u64)
 }
 
 fn max_diff(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) -> f64 {
-    a.iter().zip(b).flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs())).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .flat_map(|((_, x), (_, y))| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f64::max)
 }
 
 #[test]
 fn two_replicas_on_halves_take_the_whole_batchs_steps() {
     for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         for opt in SPLITS {
-            let mode = if kind == AdapterKind::Lora { SamplingMode::Mean } else { SamplingMode::PerExample };
+            let mode = if kind == AdapterKind::Lora {
+                SamplingMode::Mean
+            } else {
+                SamplingMode::PerExample
+            };
             let reference = whole(kind, opt, mode, 5);
             let before = values(&net(kind));
             let [a, b] = split(kind, opt, mode, 5);
             assert_eq!(a, b, "{kind:?} {opt:?}: the replicas differ");
             // f64: the split sums each gradient in another order.
             let diff = max_diff(&a, &reference);
-            assert!(diff < 1e-12, "{kind:?} {opt:?}: {diff:e} from one replica on the whole batch");
-            assert!(max_diff(&before, &reference) > 1e-3, "{kind:?} {opt:?}: the steps moved nothing");
+            assert!(
+                diff < 1e-12,
+                "{kind:?} {opt:?}: {diff:e} from one replica on the whole batch"
+            );
+            assert!(
+                max_diff(&before, &reference) > 1e-3,
+                "{kind:?} {opt:?}: the steps moved nothing"
+            );
         }
     }
 }
@@ -183,7 +243,8 @@ fn an_identity_reduction_is_the_plain_step() {
             for step in 0..3 {
                 let loss = nll(&model, 0..BATCH, step, SamplingMode::PerExample);
                 let total: f64 = loss.clone().into_scalar().elem();
-                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut |g| Ok::<_, ()>(g)).unwrap();
+                elbo.step_reduced(&mut model, loss, total, RATES, KL, &mut |g| Ok::<_, ()>(g))
+                    .unwrap();
             }
             let diff = max_diff(&values(&model), &reference);
             match opt {
@@ -202,11 +263,20 @@ fn a_non_finite_total_stops_every_replica_before_any_update() {
     let before = values(&model);
     let mut elbo = ElboStep::new(config(OptimizerSplit::TwoOptimizers), &model);
     let loss = nll(&model, 0..3, 0, SamplingMode::PerExample);
-    let err = elbo.step_reduced(&mut model, loss, f64::NAN, RATES, KL, &mut |g| Ok::<_, ()>(g)).unwrap_err();
-    assert!(matches!(err, ReducedStepError::NonFinite(NonFinite { what: "NLL", .. })), "{err:?}");
+    let err = elbo
+        .step_reduced(&mut model, loss, f64::NAN, RATES, KL, &mut |g| Ok::<_, ()>(g))
+        .unwrap_err();
+    assert!(
+        matches!(err, ReducedStepError::NonFinite(NonFinite { what: "NLL", .. })),
+        "{err:?}"
+    );
     assert_eq!(values(&model), before);
     let loss = nll(&model, 0..3, 0, SamplingMode::PerExample);
-    let err = elbo.step_reduced(&mut model, loss, 1.0, RATES, KL, &mut |_| Err::<GradientsParams, _>("peer gone")).unwrap_err();
+    let err = elbo
+        .step_reduced(&mut model, loss, 1.0, RATES, KL, &mut |_| {
+            Err::<GradientsParams, _>("peer gone")
+        })
+        .unwrap_err();
     assert!(matches!(err, ReducedStepError::Reduce("peer gone")), "{err:?}");
     assert_eq!(values(&model), before);
 }

@@ -84,8 +84,13 @@ struct Recipe {
     schedule: KlSchedule,
 }
 
-const DEFAULT: Recipe =
-    Recipe { name: "default", split: OptimizerSplit::StdAdam, kl_lr: STD_LR, kl_lr_decays: true, schedule: KlSchedule::Constant { weight: 1.0 } };
+const DEFAULT: Recipe = Recipe {
+    name: "default",
+    split: OptimizerSplit::StdAdam,
+    kl_lr: STD_LR,
+    kl_lr_decays: true,
+    schedule: KlSchedule::Constant { weight: 1.0 },
+};
 const OLD_DEFAULT: Recipe = Recipe {
     name: "old default",
     split: OptimizerSplit::TwoOptimizers,
@@ -123,14 +128,20 @@ fn normals(seed: u64, n: usize) -> Vec<f64> {
 /// `out[n][k] = sum_j m[k][j] v[n][j]` for `v` `[rows, cols]` and `m` `[out, cols]`.
 fn apply(m: &[f64], v: &[f64], out: usize, cols: usize) -> Vec<f64> {
     let rows = v.len() / cols;
-    (0..rows).flat_map(|n| (0..out).map(move |k| (0..cols).map(|j| m[k * cols + j] * v[n * cols + j]).sum::<f64>())).collect()
+    (0..rows)
+        .flat_map(|n| (0..out).map(move |k| (0..cols).map(|j| m[k * cols + j] * v[n * cols + j]).sum::<f64>()))
+        .collect()
 }
 
 fn data(seed: u64, true_update: &[f64]) -> Data {
     let x = normals(seed, N * D_IN);
     let w0: Vec<f64> = normals(seed + 1, D_OUT * D_IN).iter().map(|v| 0.3 * v).collect();
     let noise = normals(seed + 2, N * D_OUT);
-    let clean: Vec<f64> = apply(&w0, &x, D_OUT, D_IN).iter().zip(apply(true_update, &x, D_OUT, D_IN)).map(|(a, b)| a + b).collect();
+    let clean: Vec<f64> = apply(&w0, &x, D_OUT, D_IN)
+        .iter()
+        .zip(apply(true_update, &x, D_OUT, D_IN))
+        .map(|(a, b)| a + b)
+        .collect();
     let y = clean.iter().zip(&noise).map(|(c, e)| c + 0.3 * NOISE * e).collect();
     Data { x, w0, y }
 }
@@ -148,7 +159,10 @@ fn closed_form(jacobians: &[Mat], data: &Data, prior_precision: &Mat) -> (Vec<f6
             *l += v / (NOISE * NOISE);
         }
         for (i, bi) in b.iter_mut().enumerate() {
-            *bi += (0..D_OUT).map(|k| j.at(k, i) * (data.y[n * D_OUT + k] - base[n * D_OUT + k])).sum::<f64>() / (NOISE * NOISE);
+            *bi += (0..D_OUT)
+                .map(|k| j.at(k, i) * (data.y[n * D_OUT + k] - base[n * D_OUT + k]))
+                .sum::<f64>()
+                / (NOISE * NOISE);
         }
     }
     let inverse = lambda.inverse_spd().expect("a positive definite precision");
@@ -159,19 +173,39 @@ fn closed_form(jacobians: &[Mat], data: &Data, prior_precision: &Mat) -> (Vec<f6
 
 /// Trains `model` with `recipe` and returns the learned mean and std of the
 /// random factor (`read` reads them off the adapter).
-fn train(mut model: Regression<AD>, data: &Data, recipe: Recipe, read: fn(&AnyAdapter<AD>) -> (Vec<f64>, Vec<f64>)) -> (Vec<f64>, Vec<f64>) {
+fn train(
+    mut model: Regression<AD>,
+    data: &Data,
+    recipe: Recipe,
+    read: fn(&AnyAdapter<AD>) -> (Vec<f64>, Vec<f64>),
+) -> (Vec<f64>, Vec<f64>) {
     let x = Tensor::<AD, 3>::from_data(TensorData::new(data.x.clone(), [N, 1, D_IN]), &Default::default());
     let y = tensor(&data.y, [N, D_OUT]);
     let mut elbo = ElboStep::new(ElboConfig::new().with_optimizer(recipe.split), &model);
     let warmup = (0.02 * STEPS as f64).round() as usize;
     for step in 0..STEPS {
-        let factor = if step < warmup { step as f64 / warmup as f64 } else { (STEPS - step) as f64 / (STEPS - warmup) as f64 };
-        let rates = Rates::new(LR * factor, recipe.kl_lr * if recipe.kl_lr_decays { factor } else { 1.0 });
+        let factor = if step < warmup {
+            step as f64 / warmup as f64
+        } else {
+            (STEPS - step) as f64 / (STEPS - warmup) as f64
+        };
+        let rates = Rates::new(
+            LR * factor,
+            recipe.kl_lr * if recipe.kl_lr_decays { factor } else { 1.0 },
+        );
         let mut noise = NoiseSource::seeded(1_000 + step as u64);
         let mut sampler = Sampler::new(SamplingMode::PerExample, &mut noise);
         let prediction = model.layer.forward(x.clone(), &mut sampler).reshape([N, D_OUT]);
-        let nll = prediction.sub(y.clone()).powi_scalar(2).sum_dim(1).mean().div_scalar(2.0 * NOISE * NOISE);
-        let kl = KlTerm { prior_std: PRIOR, weight: recipe.schedule.weight(step, N, N) };
+        let nll = prediction
+            .sub(y.clone())
+            .powi_scalar(2)
+            .sum_dim(1)
+            .mean()
+            .div_scalar(2.0 * NOISE * NOISE);
+        let kl = KlTerm {
+            prior_std: PRIOR,
+            weight: recipe.schedule.weight(step, N, N),
+        };
         elbo.step(&mut model, nll, rates, Some(kl)).unwrap();
     }
     read(&model.layer)
@@ -182,26 +216,56 @@ fn train(mut model: Regression<AD>, data: &Data, recipe: Recipe, read: fn(&AnyAd
 fn errors(learned: &(Vec<f64>, Vec<f64>), exact: &(Vec<f64>, Vec<f64>)) -> (f64, f64) {
     let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
     let diff: Vec<f64> = learned.0.iter().zip(&exact.0).map(|(a, b)| a - b).collect();
-    let std = learned.1.iter().zip(&exact.1).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
+    let std = learned
+        .1
+        .iter()
+        .zip(&exact.1)
+        .map(|(a, b)| (a - b).abs() / b)
+        .fold(0.0, f64::max);
     (norm(&diff) / norm(&exact.0), std)
 }
 
 /// Runs the default recipe (asserted) and the two others (printed).
-fn check(what: &str, build: impl Fn() -> Regression<AD>, data: &Data, exact: &(Vec<f64>, Vec<f64>), read: fn(&AnyAdapter<AD>) -> (Vec<f64>, Vec<f64>)) {
+fn check(
+    what: &str,
+    build: impl Fn() -> Regression<AD>,
+    data: &Data,
+    exact: &(Vec<f64>, Vec<f64>),
+    read: fn(&AnyAdapter<AD>) -> (Vec<f64>, Vec<f64>),
+) {
     let initial = read(&build().layer);
     let (mean0, std0) = errors(&initial, exact);
-    println!("{what}: exact stds {:.4?}; at initialisation: mean error {:.1}%, worst std error {:.1}%", exact.1, 100.0 * mean0, 100.0 * std0);
+    println!(
+        "{what}: exact stds {:.4?}; at initialisation: mean error {:.1}%, worst std error {:.1}%",
+        exact.1,
+        100.0 * mean0,
+        100.0 * std0
+    );
     let mut default = (f64::NAN, f64::NAN);
     for recipe in [DEFAULT, OLD_DEFAULT, OFFICIAL] {
         let learned = train(build(), data, recipe, read);
         let (mean, std) = errors(&learned, exact);
-        println!("  {} after {STEPS} steps: mean error {:.2}%, worst std error {:.2}% (stds {:.4?})", recipe.name, 100.0 * mean, 100.0 * std, learned.1);
+        println!(
+            "  {} after {STEPS} steps: mean error {:.2}%, worst std error {:.2}% (stds {:.4?})",
+            recipe.name,
+            100.0 * mean,
+            100.0 * std,
+            learned.1
+        );
         if recipe.name == DEFAULT.name {
             default = (mean, std);
         }
     }
-    assert!(default.0 < 0.05, "{what}: the learned mean is {:.2}% from the exact posterior's", 100.0 * default.0);
-    assert!(default.1 < 0.05, "{what}: a learned std is {:.2}% from its optimum", 100.0 * default.1);
+    assert!(
+        default.0 < 0.05,
+        "{what}: the learned mean is {:.2}% from the exact posterior's",
+        100.0 * default.0
+    );
+    assert!(
+        default.1 < 0.05,
+        "{what}: a learned std is {:.2}% from its optimum",
+        100.0 * default.1
+    );
 }
 
 /// The Jacobians of the predictions `W0 x_n + scaling * B F v_n` in the
@@ -213,7 +277,13 @@ fn jacobians(b: &[f64], v: &[f64], width: usize) -> Vec<Mat> {
     (0..N)
         .map(|n| {
             let entries = (0..D_OUT).flat_map(|k| (0..RANK * width).map(move |p| (k, p)));
-            Mat::new(D_OUT, RANK * width, entries.map(|(k, p)| scaling * b[k * RANK + p / width] * v[n * width + p % width]).collect())
+            Mat::new(
+                D_OUT,
+                RANK * width,
+                entries
+                    .map(|(k, p)| scaling * b[k * RANK + p / width] * v[n * width + p % width])
+                    .collect(),
+            )
         })
         .collect()
 }
@@ -237,7 +307,9 @@ fn fresh(layer: &mut AnyAdapter<AD>) {
 }
 
 fn base() -> burn::nn::Linear<AD> {
-    LinearConfig::new(D_IN, D_OUT).with_bias(false).init::<AD>(&Default::default())
+    LinearConfig::new(D_IN, D_OUT)
+        .with_bias(false)
+        .init::<AD>(&Default::default())
 }
 
 fn low_rank() -> LowRankConfig {
@@ -251,7 +323,9 @@ fn b_fixed() -> Vec<f64> {
 /// The base weight W0 in the layer (`[d_out, d_in]` row-major here; Burn's
 /// `Linear` holds `[d_in, d_out]`).
 fn with_base(mut layer: burn::nn::Linear<AD>, w0: &[f64]) -> burn::nn::Linear<AD> {
-    let transposed: Vec<f64> = (0..D_IN).flat_map(|j| (0..D_OUT).map(move |k| w0[k * D_IN + j])).collect();
+    let transposed: Vec<f64> = (0..D_IN)
+        .flat_map(|j| (0..D_OUT).map(move |k| w0[k * D_IN + j]))
+        .collect();
     layer.weight = Param::from_tensor(tensor(&transposed, [D_IN, D_OUT])).set_require_grad(false);
     layer
 }
@@ -263,14 +337,26 @@ fn blob_reaches_the_closed_form_posterior() {
     let scaling = low_rank().scaling();
     // The true update: scaling * B A_true.
     let a_true: Vec<f64> = normals(8, RANK * D_IN).iter().map(|v| 0.1 * v).collect();
-    let update: Vec<f64> = (0..D_OUT).flat_map(|k| (0..D_IN).map(|j| (0..RANK).map(|i| scaling * b[k * RANK + i] * a_true[i * D_IN + j]).sum::<f64>()).collect::<Vec<_>>()).collect();
+    let update: Vec<f64> = (0..D_OUT)
+        .flat_map(|k| {
+            (0..D_IN)
+                .map(|j| {
+                    (0..RANK)
+                        .map(|i| scaling * b[k * RANK + i] * a_true[i * D_IN + j])
+                        .sum::<f64>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let data = data(10, &update);
     let jacobians = jacobians(&b, &data.x, D_IN);
     let prior = Mat::diag(&vec![1.0 / (PRIOR * PRIOR); RANK * D_IN]);
     let exact = closed_form(&jacobians, &data, &prior);
     let build = || {
         let config = AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank()));
-        let mut layer = config.init(with_base(base(), &data.w0), &mut NoiseSource::seeded(3)).unwrap();
+        let mut layer = config
+            .init(with_base(base(), &data.w0), &mut NoiseSource::seeded(3))
+            .unwrap();
         fix(&mut layer, "lora_B", &b, [D_OUT, RANK]);
         fresh(&mut layer);
         Regression { layer }
@@ -289,8 +375,24 @@ fn melora_case(kl: MeLoraKl) {
     let scaling = low_rank().scaling();
     let c_true = [1.3, -0.4, 0.5, 0.6];
     // The true update: scaling * B C_true A.
-    let bc: Vec<f64> = (0..D_OUT * RANK).map(|p| (0..RANK).map(|i| b[(p / RANK) * RANK + i] * c_true[i * RANK + p % RANK]).sum::<f64>()).collect();
-    let update: Vec<f64> = (0..D_OUT).flat_map(|k| (0..D_IN).map(|l| (0..RANK).map(|j| scaling * bc[k * RANK + j] * a[j * D_IN + l]).sum::<f64>()).collect::<Vec<_>>()).collect();
+    let bc: Vec<f64> = (0..D_OUT * RANK)
+        .map(|p| {
+            (0..RANK)
+                .map(|i| b[(p / RANK) * RANK + i] * c_true[i * RANK + p % RANK])
+                .sum::<f64>()
+        })
+        .collect();
+    let update: Vec<f64> = (0..D_OUT)
+        .flat_map(|k| {
+            (0..D_IN)
+                .map(|l| {
+                    (0..RANK)
+                        .map(|j| scaling * bc[k * RANK + j] * a[j * D_IN + l])
+                        .sum::<f64>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
     let data = data(20, &update);
     let u = apply(&a, &data.x, RANK, D_IN);
     // The random factor C multiplies u = A x.
@@ -309,7 +411,9 @@ fn melora_case(kl: MeLoraKl) {
     let exact = closed_form(&jacobians, &data, &prior);
     let build = || {
         let config = AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank()).with_kl(kl));
-        let mut layer = config.init(with_base(base(), &data.w0), &mut NoiseSource::seeded(4)).unwrap();
+        let mut layer = config
+            .init(with_base(base(), &data.w0), &mut NoiseSource::seeded(4))
+            .unwrap();
         fix(&mut layer, "lora_A", &a, [RANK, D_IN]);
         fix(&mut layer, "lora_B", &b, [D_OUT, RANK]);
         fresh(&mut layer);

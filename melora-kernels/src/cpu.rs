@@ -30,8 +30,8 @@ use burn::backend::Autodiff;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorMetadata, TensorPrimitive};
 use burn_ndarray::{NdArray, NdArrayTensor, SharedArray};
-use rayon::prelude::*;
 use ndarray::{Array2, ArrayD, ArrayView2, ArrayViewD, CowArray, Ix2, IxDyn};
+use rayon::prelude::*;
 use std::any::{Any, TypeId};
 
 /// The backends served, found by `TypeId`.
@@ -74,7 +74,10 @@ pub(crate) fn linear<B: Backend, const D: usize>(
 /// backends served, `Err` with the inputs when the batch axes differ
 /// (broadcasting is left to Burn) or the backend is another.
 #[allow(clippy::type_complexity)]
-pub(crate) fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
+pub(crate) fn matmul<B: Backend, const D: usize>(
+    a: Tensor<B, D>,
+    b: Tensor<B, D>,
+) -> Result<Tensor<B, D>, (Tensor<B, D>, Tensor<B, D>)> {
     let (da, db) = (a.dims(), b.dims());
     if D < 2 || da[..D - 2] != db[..D - 2] || da[D - 1] != db[D - 2] {
         return Err((a, b));
@@ -142,12 +145,21 @@ fn bilinear<B: Backend, K: Bilinear, const DA: usize, const DB: usize>(
 
 /// `B` is `NdArray<..>`, the backend `NB`.
 #[allow(clippy::type_complexity)]
-fn bilinear_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear, const DA: usize, const DB: usize>(
+fn bilinear_plain<
+    B: Backend,
+    NB: Backend<FloatTensorPrimitive = NdArrayTensor>,
+    K: Bilinear,
+    const DA: usize,
+    const DB: usize,
+>(
     a: Tensor<B, DA>,
     b: Tensor<B, DB>,
     kernel: K,
 ) -> Result<Tensor<B, DA>, (Tensor<B, DA>, Tensor<B, DB>)> {
-    let (ap, bp) = (primitive::<NB, DA>(cast(a.clone())), primitive::<NB, DB>(cast(b.clone())));
+    let (ap, bp) = (
+        primitive::<NB, DA>(cast(a.clone())),
+        primitive::<NB, DB>(cast(b.clone())),
+    );
     match kernel.forward(&ap, &bp) {
         Some(out) => Ok(cast(Tensor::<NB, DA>::from_primitive(TensorPrimitive::Float(out)))),
         None => Err((a, b)),
@@ -156,16 +168,29 @@ fn bilinear_plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>,
 
 /// `B` is `Autodiff<NB>`.
 #[allow(clippy::type_complexity)]
-fn bilinear_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear, const DA: usize, const DB: usize>(
+fn bilinear_tracked<
+    B: Backend,
+    NB: Backend<FloatTensorPrimitive = NdArrayTensor>,
+    K: Bilinear,
+    const DA: usize,
+    const DB: usize,
+>(
     a: Tensor<B, DA>,
     b: Tensor<B, DB>,
     kernel: K,
 ) -> Result<Tensor<B, DA>, (Tensor<B, DA>, Tensor<B, DB>)> {
-    let (ap, bp) = (primitive::<Autodiff<NB>, DA>(cast(a.clone())), primitive::<Autodiff<NB>, DB>(cast(b.clone())));
+    let (ap, bp) = (
+        primitive::<Autodiff<NB>, DA>(cast(a.clone())),
+        primitive::<Autodiff<NB>, DB>(cast(b.clone())),
+    );
     let Some(out) = kernel.forward(&ap.primitive, &bp.primitive) else {
         return Err((a, b));
     };
-    let out = match BilinearBackward(kernel).prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()]).compute_bound().stateful() {
+    let out = match BilinearBackward(kernel)
+        .prepare::<NoCheckpointing>([ap.node.clone(), bp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(mut prep) => {
             // a is needed for b's gradient only, and b for a's.
             let a_state = bp.is_tracked().then(|| prep.checkpoint(&ap));
@@ -174,7 +199,9 @@ fn bilinear_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor
         }
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(cast(Tensor::<Autodiff<NB>, DA>::from_primitive(TensorPrimitive::Float(out))))
+    Ok(cast(Tensor::<Autodiff<NB>, DA>::from_primitive(
+        TensorPrimitive::Float(out),
+    )))
 }
 
 /// The backward step of [`bilinear_tracked`].
@@ -191,11 +218,17 @@ impl<NB: Backend<FloatTensorPrimitive = NdArrayTensor>, K: Bilinear> Backward<NB
         // The gradient has the output's element type, which is the operands'.
         if let Some(node) = node_a {
             let b: NdArrayTensor = checkpointer.retrieve_node_output(b_state.expect("b is kept when a is tracked"));
-            grads.register::<NB>(node.id, self.0.grad_a(&grad, &b).expect("operands and gradient of one dtype"));
+            grads.register::<NB>(
+                node.id,
+                self.0.grad_a(&grad, &b).expect("operands and gradient of one dtype"),
+            );
         }
         if let Some(node) = node_b {
             let a: NdArrayTensor = checkpointer.retrieve_node_output(a_state.expect("a is kept when b is tracked"));
-            grads.register::<NB>(node.id, self.0.grad_b(&a, &grad).expect("operands and gradient of one dtype"));
+            grads.register::<NB>(
+                node.id,
+                self.0.grad_b(&a, &grad).expect("operands and gradient of one dtype"),
+            );
         }
     }
 }
@@ -212,7 +245,11 @@ fn batched(a: &NdArrayTensor, b: &NdArrayTensor, ta: bool, tb: bool) -> Option<N
         let matrix = |v: &ArrayViewD<'_, E>, t: bool| {
             let (sh, st) = (v.shape(), v.strides());
             let m = (sh[nd - 2], sh[nd - 1], st[nd - 2], st[nd - 1]);
-            if t { (m.1, m.0, m.3, m.2) } else { m }
+            if t {
+                (m.1, m.0, m.3, m.2)
+            } else {
+                m
+            }
         };
         let ((m, k, rsa, csa), (k2, n, rsb, csb)) = (matrix(&a, ta), matrix(&b, tb));
         assert_eq!(k, k2, "inner dimensions differ");
@@ -236,7 +273,19 @@ fn batched(a: &NdArrayTensor, b: &NdArrayTensor, ta: bool, tb: bool) -> Option<N
                 // views (batch index i, then the matrix); `c` is one m x n
                 // row-major block, written with beta = 0.
                 unsafe {
-                    E::gemm(m, k, n, a.as_ptr().offset(offset(&a, i)), rsa, csa, b.as_ptr().offset(offset(&b, i)), rsb, csb, c.as_mut_ptr(), n as isize)
+                    E::gemm(
+                        m,
+                        k,
+                        n,
+                        a.as_ptr().offset(offset(&a, i)),
+                        rsa,
+                        csa,
+                        b.as_ptr().offset(offset(&b, i)),
+                        rsb,
+                        csb,
+                        c.as_mut_ptr(),
+                        n as isize,
+                    )
                 }
             });
         }
@@ -245,15 +294,22 @@ fn batched(a: &NdArrayTensor, b: &NdArrayTensor, ta: bool, tb: bool) -> Option<N
         ArrayD::from_shape_vec(IxDyn(&shape), out).expect("sizes agree")
     }
     match (a, b) {
-        (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared())),
-        (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared())),
+        (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => {
+            Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared()))
+        }
+        (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => {
+            Some(NdArrayTensor::from(run(a.view(), b.view(), ta, tb).into_shared()))
+        }
         _ => None,
     }
 }
 
 /// `kernel` applied to `x` in one parallel pass (and its backward pass in
 /// one more): `Ok` on the backends served, otherwise `Err(x)`.
-pub(crate) fn unary<B: Backend, K: Unary, const D: usize>(x: Tensor<B, D>, kernel: K) -> Result<Tensor<B, D>, Tensor<B, D>> {
+pub(crate) fn unary<B: Backend, K: Unary, const D: usize>(
+    x: Tensor<B, D>,
+    kernel: K,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
     match served::<B>() {
         Served::Plain32 => unary_plain::<B, NdArray<f32>, K, D>(x, kernel),
         Served::Plain64 => unary_plain::<B, NdArray<f64>, K, D>(x, kernel),
@@ -279,20 +335,33 @@ fn unary_tracked<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, 
     kernel: K,
 ) -> Result<Tensor<B, D>, Tensor<B, D>> {
     let xp = primitive::<Autodiff<NB>, D>(cast(x.clone()));
-    let Some((out, saved)) = unary_forward(&kernel, &xp.primitive, kernel.saves() != Saves::Nothing && xp.is_tracked()) else {
+    let Some((out, saved)) = unary_forward(
+        &kernel,
+        &xp.primitive,
+        kernel.saves() != Saves::Nothing && xp.is_tracked(),
+    ) else {
         return Err(x);
     };
-    let out = match UnaryBackward(kernel).prepare::<NoCheckpointing>([xp.node.clone()]).compute_bound().stateful() {
+    let out = match UnaryBackward(kernel)
+        .prepare::<NoCheckpointing>([xp.node.clone()])
+        .compute_bound()
+        .stateful()
+    {
         OpsKind::Tracked(prep) => prep.finish(saved, out),
         OpsKind::UnTracked(prep) => prep.finish(out),
     };
-    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(out))))
+    Ok(cast(Tensor::<Autodiff<NB>, D>::from_primitive(TensorPrimitive::Float(
+        out,
+    ))))
 }
 
 /// `x` with a new shape of the same size: a view of the same buffer when
 /// `x` is row-major (Burn's ndarray `reshape` copies even then); `Ok` on the
 /// backends served, otherwise `Err(x)`.
-pub(crate) fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B, D1>, shape: [usize; D2]) -> Result<Tensor<B, D2>, Tensor<B, D1>> {
+pub(crate) fn reshape<B: Backend, const D1: usize, const D2: usize>(
+    x: Tensor<B, D1>,
+    shape: [usize; D2],
+) -> Result<Tensor<B, D2>, Tensor<B, D1>> {
     fn plain<B: Backend, NB: Backend<FloatTensorPrimitive = NdArrayTensor>, const D1: usize, const D2: usize>(
         x: Tensor<B, D1>,
         shape: [usize; D2],
@@ -311,13 +380,24 @@ pub(crate) fn reshape<B: Backend, const D1: usize, const D2: usize>(x: Tensor<B,
         let Some(out) = reshaped(xp.primitive.clone(), &shape) else {
             return Err(x);
         };
-        let out = match ReshapeBackward.prepare::<NoCheckpointing>([xp.node.clone()]).compute_bound().stateful() {
+        let out = match ReshapeBackward
+            .prepare::<NoCheckpointing>([xp.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
             OpsKind::Tracked(prep) => prep.finish(input_shape, out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
-        Ok(cast(Tensor::<Autodiff<NB>, D2>::from_primitive(TensorPrimitive::Float(out))))
+        Ok(cast(Tensor::<Autodiff<NB>, D2>::from_primitive(
+            TensorPrimitive::Float(out),
+        )))
     }
-    assert_eq!(x.shape().num_elements(), shape.iter().product::<usize>(), "reshape {:?} to {shape:?}: sizes differ", x.dims());
+    assert_eq!(
+        x.shape().num_elements(),
+        shape.iter().product::<usize>(),
+        "reshape {:?} to {shape:?}: sizes differ",
+        x.dims()
+    );
     match served::<B>() {
         Served::Plain32 => plain::<B, NdArray<f32>, D1, D2>(x, shape),
         Served::Plain64 => plain::<B, NdArray<f64>, D1, D2>(x, shape),
@@ -417,7 +497,11 @@ fn block(len: usize, row: usize) -> usize {
     ((65536 / row).max(1) * row).min(len.max(row))
 }
 
-fn unary_forward<K: Unary>(kernel: &K, x: &NdArrayTensor, save: bool) -> Option<(NdArrayTensor, Option<NdArrayTensor>)> {
+fn unary_forward<K: Unary>(
+    kernel: &K,
+    x: &NdArrayTensor,
+    save: bool,
+) -> Option<(NdArrayTensor, Option<NdArrayTensor>)> {
     fn run<E: Elem, K: Unary>(kernel: &K, x: ArrayViewD<'_, E>, save: bool) -> (NdArrayTensor, Option<NdArrayTensor>)
     where
         NdArrayTensor: From<SharedArray<E>>,
@@ -446,7 +530,13 @@ fn unary_forward<K: Unary>(kernel: &K, x: &NdArrayTensor, save: bool) -> Option<
                 None
             }
         };
-        let wrap = |v: Vec<E>| NdArrayTensor::from(ArrayD::from_shape_vec(IxDyn(&shape), v).expect("sizes agree").into_shared());
+        let wrap = |v: Vec<E>| {
+            NdArrayTensor::from(
+                ArrayD::from_shape_vec(IxDyn(&shape), v)
+                    .expect("sizes agree")
+                    .into_shared(),
+            )
+        };
         (wrap(y), saved.map(wrap))
     }
     // Whether the forward pass fills a buffer for the backward pass.
@@ -476,17 +566,28 @@ fn unary_backward<K: Unary>(kernel: &K, saved: Option<&NdArrayTensor>, grad: &Nd
         let row = kernel.row(&shape);
         let block = block(g.len(), row);
         let mut dx = vec![E::ZERO; g.len()];
-        dx.par_chunks_mut(block).zip(g.par_chunks(block)).enumerate().for_each(|(i, (dx, g))| {
-            let saved = saved.map(|s| &s[i * block..i * block + g.len()]);
-            kernel.backward(row, i * block / row, saved, g, dx)
-        });
-        NdArrayTensor::from(ArrayD::from_shape_vec(IxDyn(&shape), dx).expect("sizes agree").into_shared())
+        dx.par_chunks_mut(block)
+            .zip(g.par_chunks(block))
+            .enumerate()
+            .for_each(|(i, (dx, g))| {
+                let saved = saved.map(|s| &s[i * block..i * block + g.len()]);
+                kernel.backward(row, i * block / row, saved, g, dx)
+            });
+        NdArrayTensor::from(
+            ArrayD::from_shape_vec(IxDyn(&shape), dx)
+                .expect("sizes agree")
+                .into_shared(),
+        )
     }
     match (saved, grad) {
         (Some(NdArrayTensor::F32(s)), NdArrayTensor::F32(g)) => Some(run(kernel, Some(s.view()), g.view())),
         (Some(NdArrayTensor::F64(s)), NdArrayTensor::F64(g)) => Some(run(kernel, Some(s.view()), g.view())),
-        (None, NdArrayTensor::F32(g)) if kernel.saves() == Saves::Nothing => Some(run::<f32, K>(kernel, None, g.view())),
-        (None, NdArrayTensor::F64(g)) if kernel.saves() == Saves::Nothing => Some(run::<f64, K>(kernel, None, g.view())),
+        (None, NdArrayTensor::F32(g)) if kernel.saves() == Saves::Nothing => {
+            Some(run::<f32, K>(kernel, None, g.view()))
+        }
+        (None, NdArrayTensor::F64(g)) if kernel.saves() == Saves::Nothing => {
+            Some(run::<f64, K>(kernel, None, g.view()))
+        }
         _ => None,
     }
 }
@@ -597,7 +698,12 @@ impl Unary for RmsNorm {
         let x = x.expect("RMSNorm saves its input");
         for ((x, g), dx) in x.chunks(row).zip(g.chunks(row)).zip(dx.chunks_mut(row)) {
             let r = self.rms(x);
-            let dot = x.iter().zip(g).zip(self.gamma.iter()).map(|((&x, &g), &gamma)| gamma * g.to_f64() * x.to_f64() / r).sum::<f64>()
+            let dot = x
+                .iter()
+                .zip(g)
+                .zip(self.gamma.iter())
+                .map(|((&x, &g), &gamma)| gamma * g.to_f64() * x.to_f64() / r)
+                .sum::<f64>()
                 / row as f64;
             for (((dx, &x), &g), &gamma) in dx.iter_mut().zip(x).zip(g).zip(self.gamma.iter()) {
                 *dx = E::from_f64((gamma * g.to_f64() - x.to_f64() / r * dot) / r);
@@ -623,7 +729,14 @@ pub(crate) struct Rotary {
 
 impl Rotary {
     /// Calls `f(x1, x2, out1, out2, c, s)` for every head of every row.
-    fn each_head<E: Elem>(&self, row: usize, first_row: usize, x: &[E], out: &mut [E], f: impl Fn(E, E, E, E) -> (E, E)) {
+    fn each_head<E: Elem>(
+        &self,
+        row: usize,
+        first_row: usize,
+        x: &[E],
+        out: &mut [E],
+        f: impl Fn(E, E, E, E) -> (E, E),
+    ) {
         let half = self.head_dim / 2;
         for (r, (x, out)) in x.chunks(row).zip(out.chunks_mut(row)).enumerate() {
             let p = (first_row + r) % self.seq;
@@ -656,7 +769,9 @@ impl Unary for Rotary {
 
 /// Moves `value` to the type it is known (by `TypeId`) to have.
 fn cast<T: 'static, U: 'static>(value: T) -> U {
-    *(Box::new(value) as Box<dyn Any>).downcast::<U>().expect("the TypeId was checked")
+    *(Box::new(value) as Box<dyn Any>)
+        .downcast::<U>()
+        .expect("the TypeId was checked")
 }
 
 fn primitive<B: Backend, const D: usize>(t: Tensor<B, D>) -> B::FloatTensorPrimitive {
@@ -680,8 +795,12 @@ impl Product {
     /// `None` for any other pair.
     fn apply(self, a: &NdArrayTensor, b: &NdArrayTensor) -> Option<NdArrayTensor> {
         match (a, b) {
-            (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared())),
-            (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared())),
+            (NdArrayTensor::F32(a), NdArrayTensor::F32(b)) => {
+                Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared()))
+            }
+            (NdArrayTensor::F64(a), NdArrayTensor::F64(b)) => {
+                Some(NdArrayTensor::from(self.run(a.view(), b.view()).into_shared()))
+            }
             _ => None,
         }
     }
@@ -696,12 +815,16 @@ impl Product {
             Product::Forward => {
                 let w = as_matrix(b);
                 let shape = with_last(a.shape(), w.ncols());
-                gemm(rows(a).view(), w).into_shape_with_order(IxDyn(&shape)).expect("row-major")
+                gemm(rows(a).view(), w)
+                    .into_shape_with_order(IxDyn(&shape))
+                    .expect("row-major")
             }
             Product::GradInput => {
                 let w = as_matrix(b);
                 let shape = with_last(a.shape(), w.nrows());
-                gemm(rows(a).view(), w.t()).into_shape_with_order(IxDyn(&shape)).expect("row-major")
+                gemm(rows(a).view(), w.t())
+                    .into_shape_with_order(IxDyn(&shape))
+                    .expect("row-major")
             }
             Product::GradWeight => gemm(rows(a).view().t(), rows(b).view()).into_dyn(),
         }
@@ -721,7 +844,12 @@ fn rows<E: Elem>(a: ArrayViewD<'_, E>) -> CowArray<'_, E, Ix2> {
     if a.is_standard_layout() {
         CowArray::from(a.into_shape_with_order((m, k)).expect("row-major"))
     } else {
-        CowArray::from(a.as_standard_layout().into_owned().into_shape_with_order((m, k)).expect("row-major"))
+        CowArray::from(
+            a.as_standard_layout()
+                .into_owned()
+                .into_shape_with_order((m, k))
+                .expect("row-major"),
+        )
     }
 }
 
@@ -760,10 +888,34 @@ fn gemm_split<E: Elem>(a: ArrayView2<'_, E>, b: ArrayView2<'_, E>, parts: usize)
             unsafe {
                 if split_n {
                     let b = b_ptr.0.offset(start as isize * sb[1]);
-                    E::gemm(m, k, size, a_ptr.0, sa[0], sa[1], b, sb[0], sb[1], out_ptr.0.add(start), n as isize)
+                    E::gemm(
+                        m,
+                        k,
+                        size,
+                        a_ptr.0,
+                        sa[0],
+                        sa[1],
+                        b,
+                        sb[0],
+                        sb[1],
+                        out_ptr.0.add(start),
+                        n as isize,
+                    )
                 } else {
                     let a = a_ptr.0.offset(start as isize * sa[0]);
-                    E::gemm(size, k, n, a, sa[0], sa[1], b_ptr.0, sb[0], sb[1], out_ptr.0.add(start * n), n as isize)
+                    E::gemm(
+                        size,
+                        k,
+                        n,
+                        a,
+                        sa[0],
+                        sa[1],
+                        b_ptr.0,
+                        sb[0],
+                        sb[1],
+                        out_ptr.0.add(start * n),
+                        n as isize,
+                    )
                 }
             }
         });
@@ -814,7 +966,19 @@ pub(crate) trait Elem:
     fn to_f64(self) -> f64;
     /// `c = a b` (alpha 1, beta 0) through matrixmultiply.
     #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize);
+    unsafe fn gemm(
+        m: usize,
+        k: usize,
+        n: usize,
+        a: *const Self,
+        rsa: isize,
+        csa: isize,
+        b: *const Self,
+        rsb: isize,
+        csb: isize,
+        c: *mut Self,
+        rsc: isize,
+    );
 }
 
 macro_rules! gemm_element {
@@ -832,7 +996,19 @@ macro_rules! gemm_element {
             fn to_f64(self) -> f64 {
                 self as f64
             }
-            unsafe fn gemm(m: usize, k: usize, n: usize, a: *const Self, rsa: isize, csa: isize, b: *const Self, rsb: isize, csb: isize, c: *mut Self, rsc: isize) {
+            unsafe fn gemm(
+                m: usize,
+                k: usize,
+                n: usize,
+                a: *const Self,
+                rsa: isize,
+                csa: isize,
+                b: *const Self,
+                rsb: isize,
+                csb: isize,
+                c: *mut Self,
+                rsc: isize,
+            ) {
                 // SAFETY: forwarded from the caller.
                 unsafe { $gemm(m, k, n, 1.0, a, rsa, csa, b, rsb, csb, 0.0, c, rsc, 1) }
             }
@@ -896,13 +1072,23 @@ mod tests {
     fn split_gemm_equals_the_naive_product() {
         let mut noise = NoiseSource::seeded(19);
         let mut matrix = |rows: usize, cols: usize| -> ndarray::Array2<f64> {
-            let values: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * cols], &Default::default()).into_data().to_vec().unwrap();
+            let values: Vec<f64> = noise
+                .normal::<NdArray<f64>, 1>([rows * cols], &Default::default())
+                .into_data()
+                .to_vec()
+                .unwrap();
             ndarray::Array2::from_shape_vec((rows, cols), values).unwrap()
         };
         for (m, k, n) in [(37, 9, 70), (70, 9, 37), (16, 3, 16), (1, 4, 5), (33, 1, 2)] {
             let (a, a_t, b, b_t) = (matrix(m, k), matrix(k, m), matrix(k, n), matrix(n, k));
-            for (a, b) in [(a.view(), b.view()), (a_t.t(), b.view()), (a.view(), b_t.t()), (a_t.t(), b_t.t())] {
-                let naive = ndarray::Array2::from_shape_fn((m, n), |(i, j)| (0..k).map(|l| a[[i, l]] * b[[l, j]]).sum::<f64>());
+            for (a, b) in [
+                (a.view(), b.view()),
+                (a_t.t(), b.view()),
+                (a.view(), b_t.t()),
+                (a_t.t(), b_t.t()),
+            ] {
+                let naive =
+                    ndarray::Array2::from_shape_fn((m, n), |(i, j)| (0..k).map(|l| a[[i, l]] * b[[l, j]]).sum::<f64>());
                 for parts in [1, 2, 3, 7] {
                     let ours = gemm_split(a, b, parts);
                     let diff = (&ours - &naive).iter().fold(0.0f64, |d, v| d.max(v.abs()));
@@ -959,7 +1145,8 @@ mod tests {
                         (value, dx, dw)
                     };
                     let ((v, dx, dw), (ev, edx, edw)) = (run(true), run(false));
-                    let case = format!("x strided {x_strided} tracked {x_tracked}, W strided {w_strided} tracked {w_tracked}");
+                    let case =
+                        format!("x strided {x_strided} tracked {x_tracked}, W strided {w_strided} tracked {w_tracked}");
                     assert!(rel_diff(v, ev) < tol, "value, {case}");
                     assert_eq!(dx.is_some(), x_tracked, "dx present, {case}");
                     assert_eq!(dw.is_some(), w_tracked, "dW present, {case}");
@@ -989,7 +1176,11 @@ mod tests {
         };
         let xa = Tensor::<AD, 3>::from_inner(x.clone()).require_grad();
         let wa = Tensor::<AD, 2>::from_inner(w.clone());
-        let grads = linear(xa.clone(), wa).unwrap().mul(Tensor::from_inner(r.clone())).sum().backward();
+        let grads = linear(xa.clone(), wa)
+            .unwrap()
+            .mul(Tensor::from_inner(r.clone()))
+            .sum()
+            .backward();
         let dx: Vec<f64> = xa.grad(&grads).unwrap().into_data().to_vec().unwrap();
         let flat: Vec<f64> = x.clone().into_data().to_vec().unwrap();
         for i in [0, 9, 33, 69] {
@@ -1010,18 +1201,32 @@ mod tests {
             NdArrayTensor::F64(s) => s.view().as_ptr() as usize,
             _ => unreachable!(),
         };
-        assert_eq!(ptr(y.clone().into_primitive().tensor()), ptr(x0.clone().into_primitive().tensor()));
+        assert_eq!(
+            ptr(y.clone().into_primitive().tensor()),
+            ptr(x0.clone().into_primitive().tensor())
+        );
         assert_eq!(y.into_data(), x0.clone().reshape([6, 4]).into_data());
         // A transposed view: copied into row-major order, as Burn does.
         let t = x0.clone().swap_dims(1, 2);
-        assert_eq!(reshape(t.clone(), [2, 12]).expect("served").into_data(), t.reshape([2, 12]).into_data());
+        assert_eq!(
+            reshape(t.clone(), [2, 12]).expect("served").into_data(),
+            t.reshape([2, 12]).into_data()
+        );
         // Gradients through both layouts equal Burn's.
         let w = noise.normal::<AD, 2>([8, 6], &device);
         for transposed in [false, true] {
             let run = |fast: bool| {
                 let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
-                let xi = if transposed { x.clone().mul_scalar(2.0).swap_dims(1, 2) } else { x.clone().mul_scalar(2.0) };
-                let y: Tensor<AD, 2> = if fast { reshape(xi, [8, 3]).expect("served") } else { xi.reshape([8, 3]) };
+                let xi = if transposed {
+                    x.clone().mul_scalar(2.0).swap_dims(1, 2)
+                } else {
+                    x.clone().mul_scalar(2.0)
+                };
+                let y: Tensor<AD, 2> = if fast {
+                    reshape(xi, [8, 3]).expect("served")
+                } else {
+                    xi.reshape([8, 3])
+                };
                 let y = y.exp();
                 let grads = y.clone().mul(w.clone().narrow(1, 0, 3)).sum().backward();
                 let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
@@ -1042,8 +1247,12 @@ mod tests {
         // and position (`[batch * seq, half]`, answer scoring's layout).
         for per_example in [false, true] {
             let tables = if per_example { batch } else { 1 };
-            let angles: Vec<f64> =
-                noise.normal::<NdArray<f64>, 1>([tables * seq * half], &device).mul_scalar(3.0).into_data().to_vec().unwrap();
+            let angles: Vec<f64> = noise
+                .normal::<NdArray<f64>, 1>([tables * seq * half], &device)
+                .mul_scalar(3.0)
+                .into_data()
+                .to_vec()
+                .unwrap();
             let kernel = Rotary {
                 cos: angles.iter().map(|a| a.cos()).collect(),
                 sin: angles.iter().map(|a| a.sin()).collect(),
@@ -1056,7 +1265,11 @@ mod tests {
                     .flat_map(|p| (0..head_dim).map(move |i| (p, i)))
                     .map(|(p, i)| {
                         let a = angles[p * half + i % half];
-                        if i < half { sign * f(a) } else { f(a) }
+                        if i < half {
+                            sign * f(a)
+                        } else {
+                            f(a)
+                        }
                     })
                     .collect();
                 Tensor::<AD, 4>::from_data(burn::tensor::TensorData::new(v, [tables, seq, 1, head_dim]), &device)
@@ -1071,8 +1284,11 @@ mod tests {
                     true => unary(xi, kernel.clone()).expect("served"),
                     false => {
                         let x4 = xi.reshape([batch, seq, heads, head_dim]);
-                        let swapped = Tensor::cat(vec![x4.clone().narrow(3, half, half), x4.clone().narrow(3, 0, half)], 3);
-                        x4.mul(cos.clone()).add(swapped.mul(sin.clone())).reshape([batch, seq, heads * head_dim])
+                        let swapped =
+                            Tensor::cat(vec![x4.clone().narrow(3, half, half), x4.clone().narrow(3, 0, half)], 3);
+                        x4.mul(cos.clone())
+                            .add(swapped.mul(sin.clone()))
+                            .reshape([batch, seq, heads * head_dim])
                     }
                 };
                 let grads = y.clone().mul(weights.clone()).sum().backward();
@@ -1081,8 +1297,18 @@ mod tests {
             };
             let ((y, dx), (ey, edx)) = (run(true), run(false));
             for i in 0..y.len() {
-                assert!((y[i] - ey[i]).abs() < 1e-12, "per example {per_example}: y[{i}]: {} vs {}", y[i], ey[i]);
-                assert!((dx[i] - edx[i]).abs() < 1e-12, "per example {per_example}: dx[{i}]: {} vs {}", dx[i], edx[i]);
+                assert!(
+                    (y[i] - ey[i]).abs() < 1e-12,
+                    "per example {per_example}: y[{i}]: {} vs {}",
+                    y[i],
+                    ey[i]
+                );
+                assert!(
+                    (dx[i] - edx[i]).abs() < 1e-12,
+                    "per example {per_example}: dx[{i}]: {} vs {}",
+                    dx[i],
+                    edx[i]
+                );
             }
             // A rotation keeps each pair's norm.
             let x: Vec<f64> = x0.clone().into_data().to_vec().unwrap();
@@ -1102,23 +1328,52 @@ mod tests {
         let device = Default::default();
         let mut noise = NoiseSource::seeded(17);
         let (rows, d) = (6, 7);
-        let gamma: Vec<f64> = noise.normal::<NdArray<f64>, 1>([d], &device).into_data().to_vec().unwrap();
-        let kernel = RmsNorm { gamma: gamma.clone().into(), epsilon: 1e-5 };
-        let x0: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * d], &device).into_data().to_vec().unwrap();
-        let w: Vec<f64> = noise.normal::<NdArray<f64>, 1>([rows * d], &device).into_data().to_vec().unwrap();
+        let gamma: Vec<f64> = noise
+            .normal::<NdArray<f64>, 1>([d], &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let kernel = RmsNorm {
+            gamma: gamma.clone().into(),
+            epsilon: 1e-5,
+        };
+        let x0: Vec<f64> = noise
+            .normal::<NdArray<f64>, 1>([rows * d], &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
+        let w: Vec<f64> = noise
+            .normal::<NdArray<f64>, 1>([rows * d], &device)
+            .into_data()
+            .to_vec()
+            .unwrap();
         // Closed form, row by row, in f64.
         let loss = |x: &[f64]| -> f64 {
-            x.chunks(d).zip(w.chunks(d)).map(|(x, w)| {
-                let r = (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-5).sqrt();
-                x.iter().zip(&gamma).zip(w).map(|((x, g), w)| x / r * g * w).sum::<f64>()
-            }).sum()
+            x.chunks(d)
+                .zip(w.chunks(d))
+                .map(|(x, w)| {
+                    let r = (x.iter().map(|v| v * v).sum::<f64>() / d as f64 + 1e-5).sqrt();
+                    x.iter()
+                        .zip(&gamma)
+                        .zip(w)
+                        .map(|((x, g), w)| x / r * g * w)
+                        .sum::<f64>()
+                })
+                .sum()
         };
-        let x = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(x0.clone(), [rows, d]), &device).require_grad();
+        let x =
+            Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(x0.clone(), [rows, d]), &device).require_grad();
         let y = unary(x.clone().mul_scalar(1.0), kernel).expect("served");
         let weights = Tensor::<AD, 2>::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device);
         let value: f64 = y.clone().mul(weights).sum().into_scalar();
         assert!((value - loss(&x0)).abs() < 1e-12, "{value} vs {}", loss(&x0));
-        let grads = y.mul(Tensor::from_data(burn::tensor::TensorData::new(w.clone(), [rows, d]), &device)).sum().backward();
+        let grads = y
+            .mul(Tensor::from_data(
+                burn::tensor::TensorData::new(w.clone(), [rows, d]),
+                &device,
+            ))
+            .sum()
+            .backward();
         let dx: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
         for i in 0..rows * d {
             let numeric = central_difference(&loss, &x0, i);
@@ -1151,7 +1406,8 @@ mod tests {
                 (y.into_data().to_vec::<f64>().unwrap(), get(&a), get(&b))
             };
             let ((y, da, db), (ey, eda, edb)) = (run(true), run(false));
-            let close = |x: &[f64], y: &[f64]| x.len() == y.len() && x.iter().zip(y).all(|(x, y)| (x - y).abs() < 1e-12);
+            let close =
+                |x: &[f64], y: &[f64]| x.len() == y.len() && x.iter().zip(y).all(|(x, y)| (x - y).abs() < 1e-12);
             assert!(close(&y, &ey), "value, a {a_tracked} b {b_tracked}");
             assert_eq!((da.is_some(), db.is_some()), (a_tracked, b_tracked));
             if let (Some(da), Some(eda)) = (da, eda) {

@@ -159,7 +159,13 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tens
             true => x,
             false => {
                 let gamma: Vec<f64> = gamma.into_data().convert::<f64>().to_vec().expect("f64 scale");
-                match crate::cpu::unary(x, crate::cpu::RmsNorm { gamma: gamma.into(), epsilon: norm.epsilon }) {
+                match crate::cpu::unary(
+                    x,
+                    crate::cpu::RmsNorm {
+                        gamma: gamma.into(),
+                        epsilon: norm.epsilon,
+                    },
+                ) {
                     Ok(y) => return y,
                     Err(x) => x,
                 }
@@ -177,15 +183,35 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tens
 /// example at positions of its own). On the ndarray backend this is one
 /// parallel pass forward and one backward: `Ok`. Elsewhere `Err(x)`, and
 /// the caller composes it from tensor ops.
-pub fn rotary<B: Backend>(x: Tensor<B, 3>, cos: &std::sync::Arc<[f64]>, sin: &std::sync::Arc<[f64]>, head_dim: usize) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
+pub fn rotary<B: Backend>(
+    x: Tensor<B, 3>,
+    cos: &std::sync::Arc<[f64]>,
+    sin: &std::sync::Arc<[f64]>,
+    head_dim: usize,
+) -> Result<Tensor<B, 3>, Tensor<B, 3>> {
     let [batch, seq, width] = x.dims();
-    assert!(head_dim % 2 == 0 && width % head_dim == 0, "rotary: width {width} is not whole heads of even size {head_dim}");
+    assert!(
+        head_dim % 2 == 0 && width % head_dim == 0,
+        "rotary: width {width} is not whole heads of even size {head_dim}"
+    );
     let rows = cos.len() / (head_dim / 2).max(1);
-    assert!(cos.len() == rows * head_dim / 2 && (rows == seq || rows == batch * seq), "rotary: a table of {} values for {batch} x {seq} positions", cos.len());
+    assert!(
+        cos.len() == rows * head_dim / 2 && (rows == seq || rows == batch * seq),
+        "rotary: a table of {} values for {batch} x {seq} positions",
+        cos.len()
+    );
     assert_eq!(sin.len(), cos.len(), "rotary: table size");
     #[cfg(feature = "ndarray")]
     {
-        crate::cpu::unary(x, crate::cpu::Rotary { cos: cos.clone(), sin: sin.clone(), seq: rows, head_dim })
+        crate::cpu::unary(
+            x,
+            crate::cpu::Rotary {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                seq: rows,
+                head_dim,
+            },
+        )
     }
     #[cfg(not(feature = "ndarray"))]
     Err(x)
@@ -222,7 +248,11 @@ pub(crate) mod tests {
         }
 
         /// Box-Muller normals of the given shape.
-        pub fn normal<B: burn::tensor::backend::Backend, const D: usize>(&mut self, shape: [usize; D], device: &B::Device) -> Tensor<B, D> {
+        pub fn normal<B: burn::tensor::backend::Backend, const D: usize>(
+            &mut self,
+            shape: [usize; D],
+            device: &B::Device,
+        ) -> Tensor<B, D> {
             let n: usize = shape.iter().product();
             let values: Vec<f64> = (0..n)
                 .map(|_| {
@@ -244,15 +274,25 @@ pub(crate) mod tests {
 
     type AD = burn::backend::Autodiff<TestBackend>;
 
-    fn check_silu(name: &str, f: &dyn Fn(Tensor<AD, 1>) -> Tensor<AD, 1>, f_plain: &dyn Fn(Tensor<TestBackend, 1>) -> Tensor<TestBackend, 1>) {
+    fn check_silu(
+        name: &str,
+        f: &dyn Fn(Tensor<AD, 1>) -> Tensor<AD, 1>,
+        f_plain: &dyn Fn(Tensor<TestBackend, 1>) -> Tensor<TestBackend, 1>,
+    ) {
         let device = Default::default();
         // Typical values and the tails, where exp(-x) overflows or vanishes.
-        let mut values: Vec<f64> = NoiseSource::seeded(3).normal::<TestBackend, 1>([200], &device).mul_scalar(4.0).into_data().to_vec().unwrap();
+        let mut values: Vec<f64> = NoiseSource::seeded(3)
+            .normal::<TestBackend, 1>([200], &device)
+            .mul_scalar(4.0)
+            .into_data()
+            .to_vec()
+            .unwrap();
         values.extend([-800.0, -60.0, -20.0, 0.0, 20.0, 60.0, 800.0]);
         let n = values.len();
         let weights = NoiseSource::seeded(4).normal::<AD, 1>([n], &device);
         let run = |f: &dyn Fn(Tensor<AD, 1>) -> Tensor<AD, 1>| {
-            let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
+            let x =
+                Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
             let y = f(x.clone());
             let grads = y.clone().mul(weights.clone()).sum().backward();
             let grad: Vec<f64> = x.grad(&grads).unwrap().into_data().to_vec().unwrap();
@@ -268,9 +308,17 @@ pub(crate) mod tests {
             let (x, s) = (values[i], 1.0 / (1.0 + (-values[i]).exp()));
             let (y, slope) = (x * s, s + x * s * (1.0 - s));
             assert!(close(ours[i], y, 1e-12), "{name}: y({x}) {} vs {y}", ours[i]);
-            assert!(close(ours_grad[i], w[i] * slope, 1e-12), "{name}: dy/dx({x}) {} vs {}", ours_grad[i], w[i] * slope);
+            assert!(
+                close(ours_grad[i], w[i] * slope, 1e-12),
+                "{name}: dy/dx({x}) {} vs {}",
+                ours_grad[i],
+                w[i] * slope
+            );
             // Burn's sigmoid runs in f32 whatever the backend's precision.
-            assert!(close(burn[i], y, 1e-6) && close(ours_grad[i], burn_grad[i], 1e-6), "{name}: Burn's silu at {x}");
+            assert!(
+                close(burn[i], y, 1e-6) && close(ours_grad[i], burn_grad[i], 1e-6),
+                "{name}: Burn's silu at {x}"
+            );
         }
         // Central differences at a few points (the closed form, independently of Burn).
         for &x0 in &[-3.0f64, -0.5, 0.0, 0.7, 2.5] {
@@ -280,7 +328,10 @@ pub(crate) mod tests {
             let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(vec![x0], [1]), &device).require_grad();
             let grads = f(x.clone()).sum().backward();
             let analytic: f64 = x.grad(&grads).unwrap().into_scalar();
-            assert!((numeric - analytic).abs() < 1e-8, "{name}: x = {x0}: {numeric} vs {analytic}");
+            assert!(
+                (numeric - analytic).abs() < 1e-8,
+                "{name}: x = {x0}: {numeric} vs {analytic}"
+            );
         }
         // A chain: the gradient flows through an intermediate tensor too.
         let x = Tensor::<AD, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device).require_grad();
@@ -289,13 +340,20 @@ pub(crate) mod tests {
         for i in 0..n {
             let (x, s) = (2.0 * values[i], 1.0 / (1.0 + (-2.0 * values[i]).exp()));
             let expected = 2.0 * w[i] * (s + x * s * (1.0 - s));
-            assert!(close(chained[i], expected, 1e-12), "{name}: chained dy/dx at {x}: {} vs {expected}", chained[i]);
+            assert!(
+                close(chained[i], expected, 1e-12),
+                "{name}: chained dy/dx at {x}: {} vs {expected}",
+                chained[i]
+            );
         }
         // Without autodiff, the value alone.
-        let plain: Vec<f64> = f_plain(Tensor::<TestBackend, 1>::from_data(burn::tensor::TensorData::new(values.clone(), [n]), &device))
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let plain: Vec<f64> = f_plain(Tensor::<TestBackend, 1>::from_data(
+            burn::tensor::TensorData::new(values.clone(), [n]),
+            &device,
+        ))
+        .into_data()
+        .to_vec()
+        .unwrap();
         assert_eq!(plain, ours);
     }
 
@@ -305,9 +363,17 @@ pub(crate) mod tests {
         let mut noise = NoiseSource::seeded(21);
         // Scores as attention makes them: a transposed view, some entries
         // masked with -inf (never a whole row).
-        let x0 = noise.normal::<TestBackend, 3>([2, 6, 5], &device).mul_scalar(3.0).swap_dims(1, 2);
-        let mask: Vec<f64> = (0..60).map(|i| if i % 7 == 3 { f64::NEG_INFINITY } else { 0.0 }).collect();
-        let x0 = x0.add(Tensor::from_data(burn::tensor::TensorData::new(mask, [2, 5, 6]), &device));
+        let x0 = noise
+            .normal::<TestBackend, 3>([2, 6, 5], &device)
+            .mul_scalar(3.0)
+            .swap_dims(1, 2);
+        let mask: Vec<f64> = (0..60)
+            .map(|i| if i % 7 == 3 { f64::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let x0 = x0.add(Tensor::from_data(
+            burn::tensor::TensorData::new(mask, [2, 5, 6]),
+            &device,
+        ));
         let weights = noise.normal::<AD, 3>([2, 5, 6], &device);
         let run = |fast: bool| {
             let x = Tensor::<AD, 3>::from_inner(x0.clone()).require_grad();
@@ -329,12 +395,17 @@ pub(crate) mod tests {
         for row in y.chunks(6) {
             assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         }
-        assert!(y.iter().zip(x0.into_data().to_vec::<f64>().unwrap()).all(|(&y, x)| x.is_finite() || y == 0.0));
+        assert!(y
+            .iter()
+            .zip(x0.into_data().to_vec::<f64>().unwrap())
+            .all(|(&y, x)| x.is_finite() || y == 0.0));
         // Without autodiff, the same values.
-        let plain: Vec<f64> = softmax_last(Tensor::<TestBackend, 3>::from_data(burn::tensor::TensorData::new(ey.clone(), [2, 5, 6]), &device).log())
-            .into_data()
-            .to_vec()
-            .unwrap();
+        let plain: Vec<f64> = softmax_last(
+            Tensor::<TestBackend, 3>::from_data(burn::tensor::TensorData::new(ey.clone(), [2, 5, 6]), &device).log(),
+        )
+        .into_data()
+        .to_vec()
+        .unwrap();
         for i in 0..y.len() {
             assert!((plain[i] - ey[i]).abs() < 1e-12, "plain y[{i}]");
         }

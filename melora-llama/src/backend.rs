@@ -40,13 +40,13 @@ mod chosen {
 #[cfg(not(any(feature = "ndarray", feature = "cuda", feature = "wgpu")))]
 compile_error!("enable one backend feature: ndarray (default), cuda or wgpu");
 
-pub use chosen::{Inner, NAME};
 #[cfg(feature = "cuda")]
 #[allow(unused_imports)]
 pub use chosen::Bf16;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 #[allow(unused_imports)]
 pub use chosen::F16;
+pub use chosen::{Inner, NAME};
 
 /// The training backend.
 #[allow(dead_code)]

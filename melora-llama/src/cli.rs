@@ -7,13 +7,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
 use melora_llama::data::{Encoded, Item, LengthNorm, Scoring, Split, Task};
-use melora_llama::task::TaskSetup;
-use melora_llama::eval::{predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs};
+use melora_llama::eval::{
+    predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs,
+};
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::posterior::PosteriorStats;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
+use melora_llama::task::TaskSetup;
 use melora_llama::train::{fit, train_on, Checkpoint, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
@@ -61,7 +63,12 @@ impl Progress for Reporter {
     }
 }
 
-fn load_json<T: serde::Serialize + serde::de::DeserializeOwned>(path: Option<&Path>, overrides: &[String], defaults: T, what: &str) -> Result<T> {
+fn load_json<T: serde::Serialize + serde::de::DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+    defaults: T,
+    what: &str,
+) -> Result<T> {
     Ok(melora_llama::settings::load(path, overrides, defaults, what)?)
 }
 
@@ -107,7 +114,10 @@ pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: boo
     let run = RunDir { dir: out };
     let lead_node = nodes.as_ref().is_none_or(|n| n.rank == 0);
     if lead_node && !resume && (run.last().exists() || run.config().exists()) {
-        bail!("{} already holds a run: pass --resume to continue it, or choose another --out", run.dir.display());
+        bail!(
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
+            run.dir.display()
+        );
     }
     let nodes = nodes.as_ref();
     let start = Instant::now();
@@ -116,13 +126,25 @@ pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: boo
     let summary = if lead_node && !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());
-        train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut dashboard, nodes)?
+        train_on::<Train>(
+            &config,
+            &run,
+            resume,
+            &assets,
+            &backend::device(),
+            &mut dashboard,
+            nodes,
+        )?
     } else {
         let mut reporter = Reporter::new(config.steps as u64);
         train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter, nodes)?
     };
     if summary.stopped {
-        eprintln!("stopped on request; continue with: melora train --config {} --resume --out {}", run.config().display(), run.dir.display());
+        eprintln!(
+            "stopped on request; continue with: melora train --config {} --resume --out {}",
+            run.config().display(),
+            run.dir.display()
+        );
         return Ok(());
     }
     eprintln!(
@@ -207,7 +229,11 @@ fn evaluate(
     finish_bar(bar);
     let mut row = ResultRow::new(name, task.name(), split.name(), options.samples, &sampled.average());
     row.spread = Some(Spread::of(&sampled, PosteriorStats::of(model).as_ref(), std_init));
-    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
+    Ok(Evaluation {
+        row,
+        sampled,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// A progress callback for prediction batches: a bar on a terminal, lines otherwise.
@@ -246,9 +272,13 @@ impl PhaseBars {
             self.finish();
             self.phase = phase.to_string();
             self.bar = std::io::stderr().is_terminal().then(|| {
-                let style = ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} batches [{elapsed_precise}, {eta} left]")
-                    .expect("a valid template");
-                ProgressBar::new(total as u64).with_style(style).with_message(phase.to_string())
+                let style = ProgressStyle::with_template(
+                    "{msg} {wide_bar} {pos}/{len} batches [{elapsed_precise}, {eta} left]",
+                )
+                .expect("a valid template");
+                ProgressBar::new(total as u64)
+                    .with_style(style)
+                    .with_message(phase.to_string())
             });
         }
         match &self.bar {
@@ -297,10 +327,18 @@ fn finish_eval(args: &EvalArgs, evaluations: &[Evaluation]) -> Result<()> {
     let rows: Vec<ResultRow> = evaluations.iter().map(|e| e.row.clone()).collect();
     let sets: Vec<(String, &SampledProbs)> = evaluations.iter().map(|e| (e.row.task.clone(), &e.sampled)).collect();
     let ood = match sets.split_first() {
-        Some((first, rest)) if !rest.is_empty() => ood_detection((&first.0, first.1), &rest.iter().map(|(t, p)| (t.as_str(), *p)).collect::<Vec<_>>()),
+        Some((first, rest)) if !rest.is_empty() => ood_detection(
+            (&first.0, first.1),
+            &rest.iter().map(|(t, p)| (t.as_str(), *p)).collect::<Vec<_>>(),
+        ),
         _ => Vec::new(),
     };
-    let files = write_evaluation(&out, &rows, &evaluations.iter().map(|e| &e.sampled).collect::<Vec<_>>(), &ood)?;
+    let files = write_evaluation(
+        &out,
+        &rows,
+        &evaluations.iter().map(|e| &e.sampled).collect::<Vec<_>>(),
+        &ood,
+    )?;
     print!("{}", markdown(&rows));
     if !ood.is_empty() {
         print!("\n{}", ood_markdown(&ood));
@@ -325,14 +363,29 @@ fn eval_ensemble(args: &EvalArgs, run: &RunDir, config: &TrainConfig, task: Task
         Ok(load_adapter(base.clone(), &checkpoint, &device)?.0)
     });
     let mut bars = PhaseBars::default();
-    let (probs, sampled) = predict_ensemble(members, &examples, &setup.scorer, args.batch_size, average, &device, |k, done, total| {
-        bars.update(&format!("member {}/{}", k + 1, config.members), done, total)
-    })?;
+    let (probs, sampled) = predict_ensemble(
+        members,
+        &examples,
+        &setup.scorer,
+        args.batch_size,
+        average,
+        &device,
+        |k, done, total| bars.update(&format!("member {}/{}", k + 1, config.members), done, total),
+    )?;
     bars.finish();
-    let name = format!("{} (ensemble of {}, {:?} averaged)", run.dir.display(), config.members, average);
+    let name = format!(
+        "{} (ensemble of {}, {:?} averaged)",
+        run.dir.display(),
+        config.members,
+        average
+    );
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), config.members, &probs);
     row.spread = Some(Spread::of(&sampled, None, None));
-    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
+    Ok(Evaluation {
+        row,
+        sampled,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// The examples an evaluation reads: the user's questions, or the split.
@@ -345,9 +398,25 @@ fn examples_of(args: &EvalArgs, setup: &TaskSetup) -> Result<Vec<Encoded>> {
 
 /// The task set-up an evaluation of a run uses: the run's scoring and
 /// length normalisation unless the flags say otherwise.
-fn eval_setup(args: &EvalArgs, config: &TrainConfig, task: Task, tokenizer: melora_llama::Tokenizer, assets: &Assets) -> Result<TaskSetup> {
-    let (scoring, norm) = (args.scoring.unwrap_or(config.scoring), args.length_norm.unwrap_or(config.length_norm));
-    Ok(TaskSetup::new(task, scoring, norm, config.max_tokens, tokenizer, assets)?)
+fn eval_setup(
+    args: &EvalArgs,
+    config: &TrainConfig,
+    task: Task,
+    tokenizer: melora_llama::Tokenizer,
+    assets: &Assets,
+) -> Result<TaskSetup> {
+    let (scoring, norm) = (
+        args.scoring.unwrap_or(config.scoring),
+        args.length_norm.unwrap_or(config.length_norm),
+    );
+    Ok(TaskSetup::new(
+        task,
+        scoring,
+        norm,
+        config.max_tokens,
+        tokenizer,
+        assets,
+    )?)
 }
 
 /// A Laplace posterior: the linearised predictive, probit (S = 1) or
@@ -370,16 +439,33 @@ fn eval_laplace(args: &EvalArgs, dir: &Path, task: Task) -> Result<Evaluation> {
     let examples = examples_of(args, &setup)?;
     let start = Instant::now();
     let (bar, callback) = batch_progress("laplace");
-    let lin = laplace::linearise(&model, &blocks, &[meta.prior_precision], &examples, &setup.scorer, args.batch_size, &device, callback)?;
+    let lin = laplace::linearise(
+        &model,
+        &blocks,
+        &[meta.prior_precision],
+        &examples,
+        &setup.scorer,
+        args.batch_size,
+        &device,
+        callback,
+    )?;
     finish_bar(bar);
     let samples = args.samples.unwrap_or(1);
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let sampled = laplace::predictive(&lin, labels, samples, args.seed, meta.prior_precision)?;
-    let how = if samples > 1 { format!("sampled, S = {samples}") } else { "probit".to_string() };
+    let how = if samples > 1 {
+        format!("sampled, S = {samples}")
+    } else {
+        "probit".to_string()
+    };
     let name = format!("{} (Laplace, λ = {:.3e}, {how})", dir.display(), meta.prior_precision);
     let mut row = ResultRow::new(&name, task.name(), args.split.name(), samples, &sampled.average());
     row.spread = Some(Spread::of(&sampled, None, None));
-    Ok(Evaluation { row, sampled, seconds: start.elapsed().as_secs_f64() })
+    Ok(Evaluation {
+        row,
+        sampled,
+        seconds: start.elapsed().as_secs_f64(),
+    })
 }
 
 /// `melora eval`: the task, then each out-of-distribution task.
@@ -416,7 +502,11 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
         Subject::Adapter(dir) => (None, Some(dir.clone())),
         Subject::ZeroShot => (None, None),
     };
-    let model_name = args.model.clone().or(config.as_ref().map(|c| c.model.clone())).unwrap_or_else(|| "smollm2-135m".into());
+    let model_name = args
+        .model
+        .clone()
+        .or(config.as_ref().map(|c| c.model.clone()))
+        .unwrap_or_else(|| "smollm2-135m".into());
     let assets = ensure_assets(&model_name)?;
     let device = backend::device();
     let (model, tokenizer) = Pretrained::load::<Inner>(&model_name, &assets, &device)?;
@@ -432,7 +522,12 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
         Some(c) => c.eval_options(args.batch_size, args.seed),
         None => PredictOptions::for_adapter(bayesian, args.batch_size),
     };
-    let flags = PredictFlags { samples: args.samples, mode: args.mode, dropout: args.dropout, seed: args.seed };
+    let flags = PredictFlags {
+        samples: args.samples,
+        mode: args.mode,
+        dropout: args.dropout,
+        seed: args.seed,
+    };
     let options = flags.apply(defaults, bayesian);
     // The run's scoring and prompt length unless the flags say otherwise.
     let config = config.unwrap_or_else(|| TrainConfig::new().with_max_tokens(melora_llama::data::MAX_TOKENS));
@@ -440,21 +535,44 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
     let examples = examples_of(args, &setup)?;
     let name = match &args.subject {
         Subject::ZeroShot => "zero-shot".to_string(),
-        _ => format!("{} (S = {})", adapter_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default(), options.samples),
+        _ => format!(
+            "{} (S = {})",
+            adapter_dir
+                .as_ref()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default(),
+            options.samples
+        ),
     };
     match &args.questions {
-        Some(q) => eprintln!("{} question{} in {task}'s format, {:?} scoring", q.len(), if q.len() == 1 { "" } else { "s" }, setup.scoring),
+        Some(q) => eprintln!(
+            "{} question{} in {task}'s format, {:?} scoring",
+            q.len(),
+            if q.len() == 1 { "" } else { "s" },
+            setup.scoring
+        ),
         None => eprintln!("{task} {} examples, {:?} scoring", args.split.name(), setup.scoring),
     }
     let std_init = adapter_dir.as_deref().and_then(checkpoint_std_init);
-    evaluate(&name, &model, &setup.scorer, &examples, task, args.split, &options, std_init)
+    evaluate(
+        &name,
+        &model,
+        &setup.scorer,
+        &examples,
+        task,
+        args.split,
+        &options,
+        std_init,
+    )
 }
 
 /// The mean posterior std a training checkpoint records for the start of
 /// its run (`state.json`; `None` for an adapter folder without one).
 fn checkpoint_std_init(dir: &Path) -> Option<f64> {
     let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
-    serde_json::from_str::<melora_llama::train::TrainState>(&text).ok()?.std_init
+    serde_json::from_str::<melora_llama::train::TrainState>(&text)
+        .ok()?
+        .std_init
 }
 
 /// `melora predict`: the subject's Bayesian-model-average prediction of
@@ -465,7 +583,10 @@ pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()>
     let evaluation = evaluate_task(&args, args.task)?;
     let n_choices: Vec<usize> = items.iter().map(Item::n_choices).collect();
     let answers = evaluation.sampled.answers(&n_choices);
-    eprintln!("{}: S = {}, {:.0} s", evaluation.row.name, evaluation.row.samples, evaluation.seconds);
+    eprintln!(
+        "{}: S = {}, {:.0} s",
+        evaluation.row.name, evaluation.row.samples, evaluation.seconds
+    );
     let letter = |i: usize| (b'A' + i as u8) as char;
     if json {
         let rows: Vec<serde_json::Value> = items
@@ -490,13 +611,40 @@ pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()>
         return Ok(());
     }
     let right = if answered { " right |" } else { "" };
-    println!("| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}");
-    println!("|---:|---|---|---:|---|---:|---:|---:|{}", if answered { "---|" } else { "" });
+    println!(
+        "| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}"
+    );
+    println!(
+        "|---:|---|---|---:|---|---:|---:|---:|{}",
+        if answered { "---|" } else { "" }
+    );
     for (i, (item, a)) in items.iter().zip(&answers).enumerate() {
-        let Item::Choice { question, choices, label } = item else { unreachable!("questions are multiple choice") };
-        let short: String = if question.chars().count() > 60 { question.chars().take(57).chain("...".chars()).collect() } else { question.clone() };
-        let probs: Vec<String> = a.probabilities.iter().enumerate().map(|(k, p)| format!("{} {p:.3}", letter(k))).collect();
-        let mark = if !answered { String::new() } else if *label == a.prediction { " yes |".into() } else { format!(" no ({}) |", letter(*label)) };
+        let Item::Choice {
+            question,
+            choices,
+            label,
+        } = item
+        else {
+            unreachable!("questions are multiple choice")
+        };
+        let short: String = if question.chars().count() > 60 {
+            question.chars().take(57).chain("...".chars()).collect()
+        } else {
+            question.clone()
+        };
+        let probs: Vec<String> = a
+            .probabilities
+            .iter()
+            .enumerate()
+            .map(|(k, p)| format!("{} {p:.3}", letter(k)))
+            .collect();
+        let mark = if !answered {
+            String::new()
+        } else if *label == a.prediction {
+            " yes |".into()
+        } else {
+            format!(" no ({}) |", letter(*label))
+        };
         println!(
             "| {} | {} | {}) {} | {:.3} | {} | {:.4} | {:.4} | {:.2e} |{mark}",
             i + 1,
@@ -516,10 +664,19 @@ pub fn predict_command(args: EvalArgs, answered: bool, json: bool) -> Result<()>
 /// `melora export`: the adapter of `subject` (a run's final checkpoint, a
 /// Laplace posterior's MAP adapter, or an adapter folder on `model`) merged
 /// into the base weights, written to `out` as a Hugging Face folder.
-pub fn export_command(subject: Subject, checkpoint: Option<Checkpoint>, model: Option<String>, out: PathBuf) -> Result<()> {
+pub fn export_command(
+    subject: Subject,
+    checkpoint: Option<Checkpoint>,
+    model: Option<String>,
+    out: PathBuf,
+) -> Result<()> {
     let (model_name, adapter) = match subject {
         Subject::Run(dir) if LaplaceDir::is_laplace(&dir) => {
-            anyhow::ensure!(checkpoint.is_none(), "{} is a Laplace posterior: it holds one adapter", dir.display());
+            anyhow::ensure!(
+                checkpoint.is_none(),
+                "{} is a Laplace posterior: it holds one adapter",
+                dir.display()
+            );
             let config = load_config(Some(&dir.join("config.json")), &[])?;
             (config.model, LaplaceDir { dir }.adapter())
         }
@@ -566,7 +723,12 @@ pub fn load_laplace_config(path: Option<&Path>, overrides: &[String]) -> Result<
 }
 
 /// `melora laplace`: the Laplace posterior of a MAP run, saved in `out`.
-pub fn laplace_command(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config: LaplaceConfig, out: PathBuf) -> Result<()> {
+pub fn laplace_command(
+    run_dir: PathBuf,
+    checkpoint: Option<Checkpoint>,
+    config: LaplaceConfig,
+    out: PathBuf,
+) -> Result<()> {
     let run = RunDir { dir: run_dir.clone() };
     let train_config = load_config(Some(&run.config()), &[])?;
     anyhow::ensure!(
@@ -594,13 +756,23 @@ pub fn laplace_command(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config:
             laplace::FisherKind::Exact => "exact",
             laplace::FisherKind::MonteCarlo => "Monte Carlo",
         },
-        if config.fisher == laplace::FisherKind::MonteCarlo { format!(", {} samples", config.mc_samples) } else { String::new() },
+        if config.fisher == laplace::FisherKind::MonteCarlo {
+            format!(", {} samples", config.mc_samples)
+        } else {
+            String::new()
+        },
         config.max_examples.unwrap_or(n_train).min(n_train),
         n_train
     );
-    let data = TrainData { train: &train_set, validation: &validation, scorer: &setup.scorer };
+    let data = TrainData {
+        train: &train_set,
+        validation: &validation,
+        scorer: &setup.scorer,
+    };
     let mut bars = PhaseBars::default();
-    let (meta, blocks) = laplace::fit_posterior(&model, &data, &config, &run_dir, &device, |phase, done, total| bars.update(phase, done, total))?;
+    let (meta, blocks) = laplace::fit_posterior(&model, &data, &config, &run_dir, &device, |phase, done, total| {
+        bars.update(phase, done, total)
+    })?;
     bars.finish();
     if meta.at_grid_edge() {
         let grid = laplace::precision_grid();
@@ -616,7 +788,10 @@ pub fn laplace_command(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config:
     let text = serde_json::to_string_pretty(&train_config)?;
     melora_llama::assets::write_atomic(&out.join("config.json"), text.as_bytes())?;
     laplace.save(&meta, &blocks)?;
-    let kept: usize = blocks.iter().map(|b| b.output.values.len() * b.input.values.len()).sum();
+    let kept: usize = blocks
+        .iter()
+        .map(|b| b.output.values.len() * b.input.values.len())
+        .sum();
     eprintln!(
         "{} blocks ({} curvature directions kept), prior precision {:.3e} by {:?}; curvature {:.0} s, search {:.0} s",
         blocks.len(),
@@ -626,7 +801,12 @@ pub fn laplace_command(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config:
         meta.seconds.0,
         meta.seconds.1
     );
-    println!("Laplace posterior in {} (evaluate with: melora eval --run {} --task {})", out.display(), out.display(), train_config.task.name());
+    println!(
+        "Laplace posterior in {} (evaluate with: melora eval --run {} --task {})",
+        out.display(),
+        out.display(),
+        train_config.task.name()
+    );
     Ok(())
 }
 
@@ -648,7 +828,11 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     let scorer = &setup.scorer;
     let train_set = setup.split(Split::Train, None)?;
     let validation = setup.split(Split::Validation, max_validation)?;
-    let subset = if max_validation.is_some() { " (a seeded subset)" } else { "" };
+    let subset = if max_validation.is_some() {
+        " (a seeded subset)"
+    } else {
+        ""
+    };
     eprintln!(
         "quickstart: {} on {} with {:?} scoring, LoRA and Me-LoRA, {} steps of batch {} each ({} of {} training examples seen), {} validation examples{subset}, Me-LoRA S = {}",
         config.model,
@@ -663,12 +847,27 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
     );
     let mut rows = Vec::new();
     let mean = PredictOptions::mean(config.eval_batch_size);
-    let zero_shot = evaluate("SmolLM2-135M zero-shot", &base.valid(), scorer, &validation, config.task, Split::Validation, &mean, None)?;
+    let zero_shot = evaluate(
+        "SmolLM2-135M zero-shot",
+        &base.valid(),
+        scorer,
+        &validation,
+        config.task,
+        Split::Validation,
+        &mean,
+        None,
+    )?;
     log_row(&zero_shot);
     rows.push(zero_shot.row);
     // LoRA (MAP: the mean weights) and Me-LoRA, the same recipe otherwise.
-    let lora = TrainConfig { train_sampling: SamplingMode::Mean, ..Method::Lora.preset(config.clone()) };
-    for (method_config, dir, label) in [(&lora, out.join("lora"), "LoRA (MAP)"), (&config, out.join("melora"), "Me-LoRA")] {
+    let lora = TrainConfig {
+        train_sampling: SamplingMode::Mean,
+        ..Method::Lora.preset(config.clone())
+    };
+    for (method_config, dir, label) in [
+        (&lora, out.join("lora"), "LoRA (MAP)"),
+        (&config, out.join("melora"), "Me-LoRA"),
+    ] {
         let run = RunDir { dir };
         if run.dir.exists() {
             std::fs::remove_dir_all(&run.dir).with_context(|| format!("clearing {}", run.dir.display()))?;
@@ -676,7 +875,11 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
         eprintln!("training {label} in {}", run.dir.display());
         let mut reporter = Reporter::new(method_config.steps as u64);
         // No validation during training: the table's numbers are the only evaluation.
-        let data = TrainData { train: &train_set, validation: &[], scorer };
+        let data = TrainData {
+            train: &train_set,
+            validation: &[],
+            scorer,
+        };
         let summary = fit(method_config, &run, false, base.clone(), &data, &device, &mut reporter)?;
         eprintln!(
             "{label}: {} steps at {:.2} s/step, training NLL {:.4} -> {:.4}",
@@ -690,13 +893,30 @@ pub fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>)
             format!("{label}, {} steps", method_config.steps)
         };
         let std_init = summary.posterior.as_ref().and_then(|(_, init)| *init);
-        let evaluation = evaluate(&name, &trained, scorer, &validation, config.task, Split::Validation, &options, std_init)?;
+        let evaluation = evaluate(
+            &name,
+            &trained,
+            scorer,
+            &validation,
+            config.task,
+            Split::Validation,
+            &options,
+            std_init,
+        )?;
         log_row(&evaluation);
         rows.push(evaluation.row);
     }
     write_results(&results, &rows)?;
-    println!("\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n", validation.len(), config.scoring);
+    println!(
+        "\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n",
+        validation.len(),
+        config.scoring
+    );
     print!("{}", markdown(&rows));
-    println!("\nwall time {:.0} s; results and reliability diagrams in {}", start.elapsed().as_secs_f64(), results.display());
+    println!(
+        "\nwall time {:.0} s; results and reliability diagrams in {}",
+        start.elapsed().as_secs_f64(),
+        results.display()
+    );
     Ok(())
 }

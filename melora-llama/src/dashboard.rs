@@ -6,7 +6,9 @@
 //! to stop after writing its checkpoint, so that `--resume` continues it.
 //! While it is up, log lines go to the run folder's `log.txt` only.
 
-use burn_train::metric::{MetricAttributes, MetricDefinition, MetricEntry, MetricId, NumericAttributes, NumericEntry, SerializedEntry};
+use burn_train::metric::{
+    MetricAttributes, MetricDefinition, MetricEntry, MetricId, NumericAttributes, NumericEntry, SerializedEntry,
+};
 use burn_train::renderer::tui::TuiMetricsRendererWrapper;
 use burn_train::renderer::{MetricState, MetricsRenderer, MetricsRendererTraining, TrainingProgress};
 use burn_train::Interrupter;
@@ -54,22 +56,39 @@ impl Dashboard {
                 metric_id: id(key),
                 name: name.to_string(),
                 description: None,
-                attributes: MetricAttributes::Numeric(NumericAttributes { unit: unit.map(String::from), higher_is_better: *higher }),
+                attributes: MetricAttributes::Numeric(NumericAttributes {
+                    unit: unit.map(String::from),
+                    higher_is_better: *higher,
+                }),
             });
         }
-        Self { renderer, interrupter, log, first_step: None }
+        Self {
+            renderer,
+            interrupter,
+            log,
+            first_step: None,
+        }
     }
 
     fn entry(key: &str, value: f64, shown: String) -> MetricState {
-        MetricState::Numeric(MetricEntry::new(id(key), SerializedEntry::new(shown, value.to_string())), NumericEntry::Value(value))
+        MetricState::Numeric(
+            MetricEntry::new(id(key), SerializedEntry::new(shown, value.to_string())),
+            NumericEntry::Value(value),
+        )
     }
 
     fn progress(&self, step: usize, total: usize) -> TrainingProgress {
         let done = step - self.first_step.unwrap_or(0).min(step);
         let run = total - self.first_step.unwrap_or(0).min(total);
         TrainingProgress {
-            progress: Some(burn::data::dataloader::Progress { items_processed: done, items_total: run.max(1) }),
-            global_progress: burn::data::dataloader::Progress { items_processed: step, items_total: total },
+            progress: Some(burn::data::dataloader::Progress {
+                items_processed: done,
+                items_total: run.max(1),
+            }),
+            global_progress: burn::data::dataloader::Progress {
+                items_processed: step,
+                items_total: total,
+            },
             iteration: Some(step),
         }
     }
@@ -80,23 +99,34 @@ impl Progress for Dashboard {
 
     fn step_values(&mut self, step: usize, total: usize, r: &StepReport) {
         self.first_step.get_or_insert(step - 1);
-        self.renderer.update_train(Self::entry("nll", r.nll, format!("{:.4}", r.nll)));
-        self.renderer.update_train(Self::entry("kl", r.kl, format!("{:.1} (x {:.2e})", r.kl, r.kl_weight)));
+        self.renderer
+            .update_train(Self::entry("nll", r.nll, format!("{:.4}", r.nll)));
+        self.renderer
+            .update_train(Self::entry("kl", r.kl, format!("{:.1} (x {:.2e})", r.kl, r.kl_weight)));
         if let Some(std) = r.posterior_std {
             self.renderer.update_train(Self::entry("std", std, format!("{std:.4}")));
         }
-        self.renderer.update_train(Self::entry("lr", r.lr, format!("{:.2e}", r.lr)));
-        self.renderer.update_train(Self::entry("time", r.seconds, format!("{:.2}", r.seconds)));
+        self.renderer
+            .update_train(Self::entry("lr", r.lr, format!("{:.2e}", r.lr)));
+        self.renderer
+            .update_train(Self::entry("time", r.seconds, format!("{:.2}", r.seconds)));
         let progress = self.progress(step, total);
         self.renderer.render_train(progress, vec![]);
     }
 
     fn validation(&mut self, step: usize, m: &Metrics, posterior: Option<&Diagnostics>) {
-        self.renderer.update_valid(Self::entry("acc", 100.0 * m.accuracy, format!("{:.2}", 100.0 * m.accuracy)));
-        self.renderer.update_valid(Self::entry("ece", 100.0 * m.ece, format!("{:.2}", 100.0 * m.ece)));
-        self.renderer.update_valid(Self::entry("vnll", m.nll, format!("{:.4}", m.nll)));
+        self.renderer.update_valid(Self::entry(
+            "acc",
+            100.0 * m.accuracy,
+            format!("{:.2}", 100.0 * m.accuracy),
+        ));
+        self.renderer
+            .update_valid(Self::entry("ece", 100.0 * m.ece, format!("{:.2}", 100.0 * m.ece)));
+        self.renderer
+            .update_valid(Self::entry("vnll", m.nll, format!("{:.4}", m.nll)));
         if let Some(gold) = posterior.and_then(|d| d.gold_std) {
-            self.renderer.update_valid(Self::entry("gold", gold, format!("{gold:.4}")));
+            self.renderer
+                .update_valid(Self::entry("gold", gold, format!("{gold:.4}")));
         }
         let progress = self.progress(step, step.max(1));
         self.renderer.render_valid(progress, vec![]);

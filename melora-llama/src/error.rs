@@ -67,7 +67,9 @@ pub enum LlamaError {
     Peers(String),
     /// Training stopped because a loss term was not finite; the last good
     /// checkpoint is kept.
-    #[error("training stopped at step {step}: the {what} is {value}; the last good checkpoint is kept in {checkpoint}")]
+    #[error(
+        "training stopped at step {step}: the {what} is {value}; the last good checkpoint is kept in {checkpoint}"
+    )]
     Stopped {
         /// The 1-based step that failed.
         step: usize,
@@ -124,22 +126,34 @@ pub enum LlamaError {
 impl LlamaError {
     /// A format error for `path`.
     pub fn format(path: impl Into<PathBuf>, message: impl Into<String>) -> Self {
-        Self::Format { path: path.into(), message: message.into() }
+        Self::Format {
+            path: path.into(),
+            message: message.into(),
+        }
     }
 
     /// A write error for `path`.
     pub fn write(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Write { path: path.into(), source }
+        Self::Write {
+            path: path.into(),
+            source,
+        }
     }
 
     /// A serialisation error while writing `what`.
     pub fn serialize(what: impl Into<String>, error: impl std::fmt::Display) -> Self {
-        Self::Serialize { what: what.into(), message: error.to_string() }
+        Self::Serialize {
+            what: what.into(),
+            message: error.to_string(),
+        }
     }
 
     /// An I/O error for `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Self::Io { path: path.into(), source }
+        Self::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

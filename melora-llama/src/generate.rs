@@ -1,8 +1,8 @@
 //! Text generation (greedy, or temperature with nucleus sampling) with a KV
 //! cache, and perplexity.
 
-use crate::model::cache::KvCache;
 use crate::error::{LlamaError, Result};
+use crate::model::cache::KvCache;
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use burn::tensor::activation::log_softmax;
@@ -27,18 +27,32 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_new_tokens: 32, temperature: 0.0, top_p: 1.0, seed: 0 }
+        Self {
+            max_new_tokens: 32,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
 fn pick(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
-    let argmax = || logits.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0 as u32;
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as u32
+    };
     if options.temperature <= 0.0 {
         return argmax();
     }
     let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let mut probs: Vec<(u32, f64)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l as f64 - max) / options.temperature).exp())).collect();
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, ((l as f64 - max) / options.temperature).exp()))
+        .collect();
     let total: f64 = probs.iter().map(|p| p.1).sum();
     probs.iter_mut().for_each(|p| p.1 /= total);
     probs.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -62,7 +76,12 @@ fn pick(logits: &[f32], options: &GenerateOptions, rng: &mut StdRng) -> u32 {
 fn last_logits<B: Backend>(model: &Llama<B>, hidden: Tensor<B, 3>) -> Vec<f32> {
     let [_, seq, d] = hidden.dims();
     let last = hidden.slice([0..1, seq - 1..seq, 0..d]);
-    model.logits(last).into_data().convert::<f32>().to_vec().expect("f32 logits")
+    model
+        .logits(last)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 logits")
 }
 
 /// Continues `prompt`; calls `on_text` with each new piece of text as it
@@ -103,7 +122,10 @@ pub fn generate<B: Backend>(
             on_text(&text[printed..]);
             printed = text.len();
         }
-        logits = last_logits(model, model.hidden(tokens(&[next]), None, Some(&mut cache), &mut sampler));
+        logits = last_logits(
+            model,
+            model.hidden(tokens(&[next]), None, Some(&mut cache), &mut sampler),
+        );
     }
     tokenizer.decode(&generated)
 }
@@ -112,7 +134,9 @@ pub fn generate<B: Backend>(
 /// next-token negative log-likelihood.
 pub fn perplexity<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device) -> Result<f64> {
     if ids.len() < 2 {
-        return Err(LlamaError::Tokenizer("perplexity needs a text of at least two tokens".into()));
+        return Err(LlamaError::Tokenizer(
+            "perplexity needs a text of at least two tokens".into(),
+        ));
     }
     let n = ids.len();
     let data: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
@@ -122,6 +146,11 @@ pub fn perplexity<B: Backend>(model: &Llama<B>, ids: &[u32], device: &B::Device)
     let [_, _, d] = hidden.dims();
     let logits = model.logits(hidden.slice([0..1, 0..n - 1, 0..d]));
     let targets = Tensor::<B, 3, Int>::from_data(TensorData::new(data[1..].to_vec(), [1, n - 1, 1]), device);
-    let nll: f64 = log_softmax(logits, 2).gather(2, targets).mean().neg().into_scalar().elem();
+    let nll: f64 = log_softmax(logits, 2)
+        .gather(2, targets)
+        .mean()
+        .neg()
+        .into_scalar()
+        .elem();
     Ok(nll.exp())
 }

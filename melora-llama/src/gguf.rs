@@ -189,9 +189,17 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize, what: &str) -> std::result::Result<&'a [u8], GgufError> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len()).ok_or_else(|| {
-            GgufError::Truncated(format!("{what} needs {n} bytes at offset {}, the file has {}", self.pos, self.bytes.len()))
-        })?;
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.bytes.len())
+            .ok_or_else(|| {
+                GgufError::Truncated(format!(
+                    "{what} needs {n} bytes at offset {}, the file has {}",
+                    self.pos,
+                    self.bytes.len()
+                ))
+            })?;
         let out = &self.bytes[self.pos..end];
         self.pos = end;
         Ok(out)
@@ -215,14 +223,18 @@ impl<'a> Reader<'a> {
     fn count(&mut self, what: &str, min_size: usize) -> std::result::Result<usize, GgufError> {
         let n = self.u64()?;
         if n > (self.remaining() / min_size.max(1)) as u64 {
-            return Err(GgufError::Corrupt(format!("{what} count {n} exceeds what the remaining {} bytes can hold", self.remaining())));
+            return Err(GgufError::Corrupt(format!(
+                "{what} count {n} exceeds what the remaining {} bytes can hold",
+                self.remaining()
+            )));
         }
         Ok(n as usize)
     }
     fn string(&mut self) -> std::result::Result<String, GgufError> {
         let n = self.count("string length", 1)?;
         let bytes = self.take(n, "string")?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| GgufError::Corrupt(format!("invalid UTF-8 in a string at offset {}", self.pos - n)))
+        String::from_utf8(bytes.to_vec())
+            .map_err(|_| GgufError::Corrupt(format!("invalid UTF-8 in a string at offset {}", self.pos - n)))
     }
     fn value(&mut self, type_id: u32, depth: usize) -> std::result::Result<GgufValue, GgufError> {
         Ok(match type_id {
@@ -290,20 +302,38 @@ impl Gguf {
             let mut dims = Vec::with_capacity(n_dims as usize);
             let mut elements: usize = 1;
             for _ in 0..n_dims {
-                let d = usize::try_from(r.u64()?).map_err(|_| GgufError::Corrupt(format!("tensor {name} dimension too large")))?;
-                elements = elements.checked_mul(d).ok_or_else(|| GgufError::Corrupt(format!("tensor {name} has too many elements")))?;
+                let d = usize::try_from(r.u64()?)
+                    .map_err(|_| GgufError::Corrupt(format!("tensor {name} dimension too large")))?;
+                elements = elements
+                    .checked_mul(d)
+                    .ok_or_else(|| GgufError::Corrupt(format!("tensor {name} has too many elements")))?;
                 dims.push(d);
             }
             let type_id = r.u32()?;
-            let offset = usize::try_from(r.u64()?).map_err(|_| GgufError::Corrupt(format!("tensor {name} offset too large")))?;
-            tensors.push(GgufTensorInfo { name, dims, type_id, offset, elements });
+            let offset =
+                usize::try_from(r.u64()?).map_err(|_| GgufError::Corrupt(format!("tensor {name} offset too large")))?;
+            tensors.push(GgufTensorInfo {
+                name,
+                dims,
+                type_id,
+                offset,
+                elements,
+            });
         }
-        let alignment = metadata.get("general.alignment").and_then(GgufValue::as_u64).unwrap_or(32) as usize;
+        let alignment = metadata
+            .get("general.alignment")
+            .and_then(GgufValue::as_u64)
+            .unwrap_or(32) as usize;
         if alignment == 0 || !alignment.is_power_of_two() {
             return Err(GgufError::Corrupt(format!("general.alignment = {alignment}")));
         }
         let data_start = r.pos.div_ceil(alignment) * alignment;
-        let gguf = Self { version, metadata, tensors, data_start };
+        let gguf = Self {
+            version,
+            metadata,
+            tensors,
+            data_start,
+        };
         for info in &gguf.tensors {
             if GgmlType::from_id(info.type_id).is_some() {
                 gguf.byte_range(info, bytes.len())?;
@@ -314,31 +344,53 @@ impl Gguf {
 
     /// The byte range of a tensor of a supported type inside a file of `len` bytes.
     fn byte_range(&self, info: &GgufTensorInfo, len: usize) -> std::result::Result<std::ops::Range<usize>, GgufError> {
-        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type { tensor: info.name.clone(), type_id: info.type_id })?;
+        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type {
+            tensor: info.name.clone(),
+            type_id: info.type_id,
+        })?;
         let (per_block, block_bytes) = ty.block();
         if info.dims[0] % per_block != 0 {
-            return Err(GgufError::Corrupt(format!("tensor {} has a row of {} values, not a multiple of {per_block}", info.name, info.dims[0])));
+            return Err(GgufError::Corrupt(format!(
+                "tensor {} has a row of {} values, not a multiple of {per_block}",
+                info.name, info.dims[0]
+            )));
         }
         let size = (info.elements / per_block)
             .checked_mul(block_bytes)
             .ok_or_else(|| GgufError::Corrupt(format!("tensor {} too large", info.name)))?;
-        let start = self.data_start.checked_add(info.offset).ok_or_else(|| GgufError::Corrupt(format!("tensor {} offset", info.name)))?;
+        let start = self
+            .data_start
+            .checked_add(info.offset)
+            .ok_or_else(|| GgufError::Corrupt(format!("tensor {} offset", info.name)))?;
         let end = start.checked_add(size).filter(|&e| e <= len).ok_or_else(|| {
-            GgufError::Truncated(format!("tensor {} needs bytes up to {} but the file has {len}", info.name, start.saturating_add(size)))
+            GgufError::Truncated(format!(
+                "tensor {} needs bytes up to {} but the file has {len}",
+                info.name,
+                start.saturating_add(size)
+            ))
         })?;
         Ok(start..end)
     }
 
     /// Dequantises the tensor `info` from the whole file `bytes` to f32.
     pub fn dequantize(&self, info: &GgufTensorInfo, bytes: &[u8]) -> std::result::Result<Vec<f32>, GgufError> {
-        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type { tensor: info.name.clone(), type_id: info.type_id })?;
+        let ty = GgmlType::from_id(info.type_id).ok_or_else(|| GgufError::Type {
+            tensor: info.name.clone(),
+            type_id: info.type_id,
+        })?;
         let data = &bytes[self.byte_range(info, bytes.len())?];
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut out = Vec::with_capacity(info.elements);
         match ty {
-            GgmlType::F32 => out.extend(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+            GgmlType::F32 => out.extend(
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            ),
             GgmlType::F16 => out.extend(data.chunks_exact(2).map(f16)),
-            GgmlType::Bf16 => out.extend(data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())),
+            GgmlType::Bf16 => out.extend(
+                data.chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+            ),
             GgmlType::Q8_0 => {
                 for block in data.chunks_exact(34) {
                     let d = f16(&block[0..2]);

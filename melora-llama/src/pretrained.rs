@@ -1,8 +1,8 @@
 //! Opening a model by name: a preset, a Hugging Face folder or a GGUF file.
 
 use crate::assets::Assets;
-use crate::model::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
+use crate::model::config::LlamaConfig;
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 use crate::weights::gguf::GgufSource;
@@ -49,22 +49,45 @@ impl Pretrained {
         if let Some(config) = LlamaConfig::preset(model) {
             let source = Box::new(RandomSource::new(&config, 0).on_device());
             let description = format!("{model} (random weights)");
-            return Ok(Self { config, source, tokenizer: None, description, device_seed: Some(0) });
+            return Ok(Self {
+                config,
+                source,
+                tokenizer: None,
+                description,
+                device_seed: Some(0),
+            });
         }
         let path = Path::new(model);
         if path.is_dir() {
             let config = LlamaConfig::from_hf_json(&path.join("config.json"))?;
             let source = Box::new(SafetensorsSource::open(path)?);
             let tokenizer_path = path.join("tokenizer.json");
-            let tokenizer = if tokenizer_path.is_file() { Some(Tokenizer::from_file(&tokenizer_path)?) } else { None };
-            return Ok(Self { config, source, tokenizer, description: path.display().to_string(), device_seed: None });
+            let tokenizer = if tokenizer_path.is_file() {
+                Some(Tokenizer::from_file(&tokenizer_path)?)
+            } else {
+                None
+            };
+            return Ok(Self {
+                config,
+                source,
+                tokenizer,
+                description: path.display().to_string(),
+                device_seed: None,
+            });
         }
         if path.is_file() {
-            let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            let ext = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .unwrap_or("")
+                .to_ascii_lowercase();
             return match ext.as_str() {
                 "gguf" => Self::open_gguf(path),
                 "bin" | "pt" | "pth" | "ckpt" | "pkl" => Err(pickle_refusal(path)),
-                _ => Err(LlamaError::format(path, "unknown model file type: expected a .gguf file or a Hugging Face folder")),
+                _ => Err(LlamaError::format(
+                    path,
+                    "unknown model file type: expected a .gguf file or a Hugging Face folder",
+                )),
             };
         }
         Err(LlamaError::Config(format!(

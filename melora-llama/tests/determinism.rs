@@ -41,10 +41,16 @@ fn runs() -> Vec<(String, TrainConfig)> {
     let mut runs = Vec::new();
     for method in Method::ALL {
         if method.adapter_kind() == AdapterKind::Lora {
-            runs.push((format!("{method:?}"), base.clone().with_method(method).with_train_sampling(SamplingMode::Mean)));
+            runs.push((
+                format!("{method:?}"),
+                base.clone().with_method(method).with_train_sampling(SamplingMode::Mean),
+            ));
         } else {
             for mode in [SamplingMode::PerBatch, SamplingMode::PerExample, SamplingMode::Flipout] {
-                runs.push((format!("{method:?}-{mode:?}"), base.clone().with_method(method).with_train_sampling(mode)));
+                runs.push((
+                    format!("{method:?}-{mode:?}"),
+                    base.clone().with_method(method).with_train_sampling(mode),
+                ));
             }
         }
     }
@@ -56,7 +62,20 @@ fn train_into(out: &Path) {
     let validation = parity_examples(4, 2);
     for (name, config) in runs() {
         let run = RunDir { dir: out.join(name) };
-        fit(&config, &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &Scorer::label(vec![10, 11], 0) }, &Default::default(), &mut Quiet).unwrap();
+        fit(
+            &config,
+            &run,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &Scorer::label(vec![10, 11], 0),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
     }
 }
 
@@ -73,7 +92,11 @@ fn training_gives_the_same_bits_in_two_processes() {
         let dir = base.join(k.to_string());
         std::fs::remove_dir_all(&dir).ok();
         let status = std::process::Command::new(&exe)
-            .args(["--exact", "training_gives_the_same_bits_in_two_processes", "--test-threads=1"])
+            .args([
+                "--exact",
+                "training_gives_the_same_bits_in_two_processes",
+                "--test-threads=1",
+            ])
             .env(CHILD, &dir)
             .status()
             .unwrap();
@@ -85,7 +108,11 @@ fn training_gives_the_same_bits_in_two_processes() {
         assert!(written.iter().any(|p| p.ends_with(kind)), "no {kind} among {written:?}");
     }
     let differ = differing_files(&dirs[0], &dirs[1]);
-    println!("{} files compared byte for byte ({} runs: every method, each sampling mode of BLoB and Me-LoRA)", written.len(), runs().len());
+    println!(
+        "{} files compared byte for byte ({} runs: every method, each sampling mode of BLoB and Me-LoRA)",
+        written.len(),
+        runs().len()
+    );
     std::fs::remove_dir_all(&base).ok();
     assert!(differ.is_empty(), "differ between two processes: {differ:?}");
 }

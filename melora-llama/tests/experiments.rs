@@ -23,14 +23,19 @@ use std::path::Path;
 /// Adam at a peak rate of 0.02 (docs/derivations.md section 7).
 fn changed_since() -> Vec<(&'static str, &'static str, Value)> {
     let quickstart = "experiments/smollm2-135m/quickstart.json";
-    vec![(quickstart, "optimizer", Value::from("StdAdam")), (quickstart, "kl_lr", Value::from(0.02))]
+    vec![
+        (quickstart, "optimizer", Value::from("StdAdam")),
+        (quickstart, "kl_lr", Value::from(0.02)),
+    ]
 }
 
 #[test]
 fn every_experiment_file_resolves_to_its_former_settings() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let expected: BTreeMap<String, Value> =
-        serde_json::from_str(&std::fs::read_to_string(root.join("melora-llama/tests/fixtures/experiment-configs.json")).unwrap()).unwrap();
+    let expected: BTreeMap<String, Value> = serde_json::from_str(
+        &std::fs::read_to_string(root.join("melora-llama/tests/fixtures/experiment-configs.json")).unwrap(),
+    )
+    .unwrap();
     let mut files = Vec::new();
     for dir in ["smollm2-135m", "llama2-7b", "llama2-13b"] {
         for entry in std::fs::read_dir(root.join("experiments").join(dir)).unwrap() {
@@ -42,7 +47,11 @@ fn every_experiment_file_resolves_to_its_former_settings() {
     }
     files.sort();
     let listed: Vec<&String> = expected.keys().collect();
-    assert_eq!(files.iter().collect::<Vec<_>>(), listed, "the experiment files are the ones the fixture lists");
+    assert_eq!(
+        files.iter().collect::<Vec<_>>(),
+        listed,
+        "the experiment files are the ones the fixture lists"
+    );
     for file in &files {
         let config = TrainConfig::load(Some(&root.join(file)), &[]).unwrap_or_else(|e| panic!("{file}: {e}"));
         let resolved = serde_json::to_value(&config).unwrap();
@@ -53,8 +62,13 @@ fn every_experiment_file_resolves_to_its_former_settings() {
             }
         }
         let old = &old;
-        let former = TrainConfig::parse(&old.to_string(), Path::new(file), &[]).unwrap_or_else(|e| panic!("{file} (fixture): {e}"));
-        assert_eq!(resolved, serde_json::to_value(&former).unwrap(), "{file}: resolved settings changed");
+        let former = TrainConfig::parse(&old.to_string(), Path::new(file), &[])
+            .unwrap_or_else(|e| panic!("{file} (fixture): {e}"));
+        assert_eq!(
+            resolved,
+            serde_json::to_value(&former).unwrap(),
+            "{file}: resolved settings changed"
+        );
         // The moved settings, against the fixture's keys themselves.
         let targets: Vec<&str> = old["targets"].as_str().unwrap().split(',').collect();
         assert_eq!(resolved["targets"], serde_json::json!(targets), "{file}: targets");
@@ -64,7 +78,10 @@ fn every_experiment_file_resolves_to_its_former_settings() {
         for key in ["kl", "std_init"] {
             assert_eq!(resolved["melora"][key], old[key], "{file}: {key}");
         }
-        assert_eq!(resolved["low_rank"]["rslora"], false, "{file}: rslora was not reachable then");
+        assert_eq!(
+            resolved["low_rank"]["rslora"], false,
+            "{file}: rslora was not reachable then"
+        );
     }
     assert_eq!(files.len(), 121);
     // The short files are short: a base and what they change.
@@ -72,6 +89,10 @@ fn every_experiment_file_resolves_to_its_former_settings() {
         let text = std::fs::read_to_string(root.join(file)).unwrap();
         let json: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(json["base"], "base.json", "{file} names its base");
-        assert!(json.as_object().unwrap().len() <= 8, "{file}: {} keys", json.as_object().unwrap().len());
+        assert!(
+            json.as_object().unwrap().len() <= 8,
+            "{file}: {} keys",
+            json.as_object().unwrap().len()
+        );
     }
 }

@@ -10,8 +10,8 @@ use common::gguf_writer::{encode, fixture_as_gguf, write, Meta, Quant};
 use common::{fixture, max_abs_diff, read_npy};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::gguf::Gguf;
-use melora_llama::weights::gguf::GgufSource;
 use melora_llama::weights::build;
+use melora_llama::weights::gguf::GgufSource;
 use melora_llama::LlamaConfig;
 
 type B = NdArray<f32>;
@@ -27,7 +27,11 @@ fn logits_of(source: &mut GgufSource, config: &LlamaConfig, ids: &[i64], shape: 
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
     let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(ids.to_vec(), shape), &Default::default());
     let mut noise = NoiseSource::seeded(0);
-    model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise)).into_data().to_vec().unwrap()
+    model
+        .forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise))
+        .into_data()
+        .to_vec()
+        .unwrap()
 }
 
 #[test]
@@ -38,7 +42,10 @@ fn gguf_of_the_fixture_matches_transformers() {
         let config = source.config().unwrap();
         let hf = LlamaConfig::from_hf_json(&fixture(which).join("config.json")).unwrap();
         assert_eq!(config.tie_word_embeddings, hf.tie_word_embeddings);
-        assert_eq!((config.num_hidden_layers, config.head_dim, config.rope_theta), (hf.num_hidden_layers, hf.head_dim, hf.rope_theta));
+        assert_eq!(
+            (config.num_hidden_layers, config.head_dim, config.rope_theta),
+            (hf.num_hidden_layers, hf.head_dim, hf.rope_theta)
+        );
         let ids = read_npy(fixture(which).join("input_ids.npy"));
         let expected = read_npy(fixture(which).join("logits.npy"));
         let logits = logits_of(&mut source, &config, &ids.i64, [ids.shape[0], ids.shape[1]]);
@@ -96,14 +103,20 @@ fn dequantisation_of_known_blocks() {
     let mut block = f16(2.0).to_vec();
     block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
     let values = dequant(2, &block);
-    let expected: Vec<f32> = (0..16).map(|j| 2.0 * (j as f32 - 8.0)).chain((0..16).map(|j| 2.0 * (7.0 - j as f32))).collect();
+    let expected: Vec<f32> = (0..16)
+        .map(|j| 2.0 * (j as f32 - 8.0))
+        .chain((0..16).map(|j| 2.0 * (7.0 - j as f32)))
+        .collect();
     assert_eq!(values, expected);
     // Q4_1: d = 0.25, m = -1.
     let mut block = f16(0.25).to_vec();
     block.extend(f16(-1.0));
     block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
     let values = dequant(3, &block);
-    let expected: Vec<f32> = (0..16).map(|j| 0.25 * j as f32 - 1.0).chain((0..16).map(|j| 0.25 * (15 - j) as f32 - 1.0)).collect();
+    let expected: Vec<f32> = (0..16)
+        .map(|j| 0.25 * j as f32 - 1.0)
+        .chain((0..16).map(|j| 0.25 * (15 - j) as f32 - 1.0))
+        .collect();
     assert_eq!(values, expected);
     // F16 and BF16.
     let values = dequant(1, &encode(&[1.5; 32], Quant::F16));
@@ -114,6 +127,12 @@ fn dequantisation_of_known_blocks() {
     let mut info = gguf.tensors[0].clone();
     info.type_id = 12;
     let err = gguf.dequantize(&info, &template).unwrap_err();
-    assert_eq!(err, melora_llama::gguf::GgufError::Type { tensor: "t".into(), type_id: 12 });
+    assert_eq!(
+        err,
+        melora_llama::gguf::GgufError::Type {
+            tensor: "t".into(),
+            type_id: 12
+        }
+    );
     assert!(err.to_string().contains("tensor t: unsupported GGML type 12"), "{err}");
 }

@@ -16,10 +16,10 @@ use common::tiny_base;
 use melora_core::{AdapterKind, NoiseSource};
 use melora_llama::data::{load_task, Task};
 use melora_llama::laplace::{Block, Factor, LaplaceConfig, LaplaceDir, LaplaceMeta};
-use melora_llama::weights::peft::{load_adapter, save_adapter};
+use melora_llama::model::Target;
 use melora_llama::settings;
 use melora_llama::train::{Method, TrainConfig};
-use melora_llama::model::Target;
+use melora_llama::weights::peft::{load_adapter, save_adapter};
 use nalgebra::DMatrix;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -59,20 +59,35 @@ impl Tally {
             Ok(Err(message)) => {
                 self.rejected += 1;
                 if let Some(missing) = names.iter().find(|n| !message.contains(*n)) {
-                    self.vague.push(format!("{what}: the message lacks {missing:?}: {message}"));
+                    self.vague
+                        .push(format!("{what}: the message lacks {missing:?}: {message}"));
                 }
             }
         }
     }
 
     fn report(&self, kind: &str) -> String {
-        format!("| {kind} | {} | {} | {} | {} |", self.tried, self.rejected, self.unchanged, self.panics.len())
+        format!(
+            "| {kind} | {} | {} | {} | {} |",
+            self.tried,
+            self.rejected,
+            self.unchanged,
+            self.panics.len()
+        )
     }
 
     fn check(&self, kind: &str) {
         assert!(self.panics.is_empty(), "{kind}: panics on {:?}", self.panics);
-        assert!(self.accepted.is_empty(), "{kind}: accepted with a changed meaning: {:#?}", self.accepted);
-        assert!(self.vague.is_empty(), "{kind}: messages that do not say where: {:#?}", self.vague);
+        assert!(
+            self.accepted.is_empty(),
+            "{kind}: accepted with a changed meaning: {:#?}",
+            self.accepted
+        );
+        assert!(
+            self.vague.is_empty(),
+            "{kind}: messages that do not say where: {:#?}",
+            self.vague
+        );
         assert!(self.rejected > 0 && self.tried == self.rejected + self.unchanged);
     }
 }
@@ -82,7 +97,15 @@ fn leaves(value: &Value, path: String, out: &mut Vec<(String, Value)>) {
     match value {
         Value::Object(map) if !map.is_empty() => {
             for (k, v) in map {
-                leaves(v, if path.is_empty() { k.clone() } else { format!("{path}.{k}") }, out);
+                leaves(
+                    v,
+                    if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    },
+                    out,
+                );
             }
         }
         _ => out.push((path, value.clone())),
@@ -111,7 +134,10 @@ fn corruptions(value: &Value) -> Vec<(&'static str, Value)> {
     match value {
         Value::Number(n) => {
             out.push(("negative", json!(-1)));
-            out.push(("beyond u64", serde_json::from_str::<Value>("18446744073709551616").unwrap()));
+            out.push((
+                "beyond u64",
+                serde_json::from_str::<Value>("18446744073709551616").unwrap(),
+            ));
             if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && n.is_f64()) {
                 out.push(("the same number as an integer", json!(f as i64)));
             }
@@ -131,8 +157,13 @@ const FREE_TEXT: [&str; 1] = ["model"];
 
 /// Settings files: every leaf of the intact file corrupted in every way,
 /// an unknown key at every level, and the file cut at seeded points.
-fn settings_cases<T>(tally: &mut Tally, dir: &Path, name: &str, intact: &Value, load: impl Fn(&Path) -> Result<T, String>)
-where
+fn settings_cases<T>(
+    tally: &mut Tally,
+    dir: &Path,
+    name: &str,
+    intact: &Value,
+    load: impl Fn(&Path) -> Result<T, String>,
+) where
     T: PartialEq + std::fmt::Debug,
 {
     let path = dir.join(name);
@@ -151,7 +182,9 @@ where
                 continue;
             }
             let leaf = key.rsplit('.').next().unwrap();
-            tally.case(&format!("{file}: {key} = {bad} ({what})"), &[&file, leaf], || load(&path).map(|c| c == original));
+            tally.case(&format!("{file}: {key} = {bad} ({what})"), &[&file, leaf], || {
+                load(&path).map(|c| c == original)
+            });
         }
     }
     // Unknown keys, at the top and inside every object.
@@ -159,7 +192,11 @@ where
     for (key, _) in &all {
         let mut prefix = String::new();
         for part in key.split('.').collect::<Vec<_>>().split_last().unwrap().1 {
-            prefix = if prefix.is_empty() { part.to_string() } else { format!("{prefix}.{part}") };
+            prefix = if prefix.is_empty() {
+                part.to_string()
+            } else {
+                format!("{prefix}.{part}")
+            };
             if !objects.contains(&prefix) {
                 objects.push(prefix.clone());
             }
@@ -173,11 +210,22 @@ where
         }
         // An enum's object (one key: the variant) with a second key is
         // named by its setting.
-        let enum_like = slot.as_object().unwrap().len() == 1 && slot.as_object().unwrap().keys().all(|k| k.starts_with(char::is_uppercase));
+        let enum_like = slot.as_object().unwrap().len() == 1
+            && slot
+                .as_object()
+                .unwrap()
+                .keys()
+                .all(|k| k.starts_with(char::is_uppercase));
         slot.as_object_mut().unwrap().insert("typo_setting".into(), json!(1));
         std::fs::write(&path, json.to_string()).unwrap();
-        let name = if enum_like { object.rsplit('.').next().unwrap() } else { "typo_setting" };
-        tally.case(&format!("{file}: unknown key in {object:?}"), &[&file, name], || load(&path).map(|c| c == original));
+        let name = if enum_like {
+            object.rsplit('.').next().unwrap()
+        } else {
+            "typo_setting"
+        };
+        tally.case(&format!("{file}: unknown key in {object:?}"), &[&file, name], || {
+            load(&path).map(|c| c == original)
+        });
     }
     // Not a number JSON can hold.
     for (key, _) in all.iter().filter(|(_, v)| v.is_number()) {
@@ -185,7 +233,11 @@ where
         set(&mut json, key, json!("@@"));
         for bad in ["NaN", "Infinity", "1e999"] {
             std::fs::write(&path, json.to_string().replace("\"@@\"", bad)).unwrap();
-            tally.case(&format!("{file}: {key} = {bad}"), &[&file, if bad == "1e999" { "column" } else { "JSON" }], || load(&path).map(|c| c == original));
+            tally.case(
+                &format!("{file}: {key} = {bad}"),
+                &[&file, if bad == "1e999" { "column" } else { "JSON" }],
+                || load(&path).map(|c| c == original),
+            );
         }
     }
     // Cut short.
@@ -194,7 +246,9 @@ where
     for _ in 0..20 {
         let cut = rng.random_range(0..text.len());
         std::fs::write(&path, &text[..cut]).unwrap();
-        tally.case(&format!("{file}: cut at byte {cut}"), &[&file], || load(&path).map(|c| c == original));
+        tally.case(&format!("{file}: cut at byte {cut}"), &[&file], || {
+            load(&path).map(|c| c == original)
+        });
     }
     std::fs::write(&path, intact.to_string()).unwrap();
 }
@@ -205,27 +259,36 @@ fn corrupt_settings_files_are_errors_naming_the_file_and_setting() {
     let mut tally = Tally::default();
     for config in [
         TrainConfig::new(),
-        TrainConfig::new().with_method(Method::Ens).with_members(2).with_member_seeds(Some(vec![4, 5])).with_grad_clip(Some(1.0)),
+        TrainConfig::new()
+            .with_method(Method::Ens)
+            .with_members(2)
+            .with_member_seeds(Some(vec![4, 5]))
+            .with_grad_clip(Some(1.0)),
     ] {
         let intact = serde_json::to_value(&config).unwrap();
         settings_cases(&mut tally, &dir, "config.json", &intact, |p| {
-            TrainConfig::load(Some(p), &[]).map(|c| serde_json::to_value(c).unwrap()).map_err(|e| e.to_string())
+            TrainConfig::load(Some(p), &[])
+                .map(|c| serde_json::to_value(c).unwrap())
+                .map_err(|e| e.to_string())
         });
     }
     // Four of the experiment files as shipped (a seeded choice), resolved
     // over their bases (a copy elsewhere has no base beside it).
-    let mut shipped: Vec<PathBuf> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/smollm2-135m"))
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap() != "laplace.json" && p.extension().is_some_and(|e| e == "json"))
-        .collect();
+    let mut shipped: Vec<PathBuf> =
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../experiments/smollm2-135m"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap() != "laplace.json" && p.extension().is_some_and(|e| e == "json"))
+            .collect();
     shipped.sort();
     let mut rng = StdRng::seed_from_u64(16);
     for _ in 0..4 {
         let path = shipped.swap_remove(rng.random_range(0..shipped.len()));
         let intact = serde_json::to_value(TrainConfig::load(Some(&path), &[]).unwrap()).unwrap();
         settings_cases(&mut tally, &dir, "shipped.json", &intact, |p| {
-            TrainConfig::load(Some(p), &[]).map(|c| serde_json::to_value(c).unwrap()).map_err(|e| e.to_string())
+            TrainConfig::load(Some(p), &[])
+                .map(|c| serde_json::to_value(c).unwrap())
+                .map_err(|e| e.to_string())
         });
     }
     let laplace = serde_json::to_value(LaplaceConfig::new()).unwrap();
@@ -235,7 +298,9 @@ fn corrupt_settings_files_are_errors_naming_the_file_and_setting() {
             .map(|c| serde_json::to_value(c).unwrap())
             .map_err(|e| e.to_string())
     });
-    println!("| input | tried | rejected with a message | accepted, meaning unchanged | panics |\n|---|---:|---:|---:|---:|");
+    println!(
+        "| input | tried | rejected with a message | accepted, meaning unchanged | panics |\n|---|---:|---:|---:|---:|"
+    );
     println!("{}", tally.report("settings files (run, Laplace)"));
     std::fs::remove_dir_all(&dir).ok();
     tally.check("settings");
@@ -248,18 +313,35 @@ fn read_tensors(path: &Path) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut out: Vec<_> = st
         .tensors()
         .into_iter()
-        .map(|(n, v)| (n, v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()))
+        .map(|(n, v)| {
+            (
+                n,
+                v.shape().to_vec(),
+                v.data()
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect(),
+            )
+        })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .zip(&bytes)
-        .map(|((n, s, _), b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap()))
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
         .collect();
     std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
 }
@@ -283,7 +365,13 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
     let mut rng = StdRng::seed_from_u64(5);
     for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         let config = TrainConfig::new().with_method(kind.into()).with_rank(4).adapter();
-        let model = tiny_base::<B>().with_adapters(&config, &Target::parse_list("q_proj,v_proj").unwrap(), &mut NoiseSource::seeded(1)).unwrap();
+        let model = tiny_base::<B>()
+            .with_adapters(
+                &config,
+                &Target::parse_list("q_proj,v_proj").unwrap(),
+                &mut NoiseSource::seeded(1),
+            )
+            .unwrap();
         let intact = root.join(format!("{kind:?}"));
         save_adapter(&model, &config, &intact, "tiny").unwrap();
         let original = loaded(&intact).unwrap();
@@ -296,7 +384,9 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
             }
         };
         let check = |tally: &mut Tally, what: String, names: &[&str]| {
-            tally.case(&format!("{kind:?}: {what}"), names, || loaded(&case_dir).map(|v| v == original));
+            tally.case(&format!("{kind:?}: {what}"), names, || {
+                loaded(&case_dir).map(|v| v == original)
+            });
         };
         let tensors = read_tensors(&intact.join("adapter_model.safetensors"));
         let st = case_dir.join("adapter_model.safetensors");
@@ -309,7 +399,10 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
             write_tensors(&st, &t);
             check(&mut tally, format!("{name} missing"), &[&name]);
             // A shape for another model (one more row; transposed).
-            for shape in [vec![tensors[i].1[0] + 1, tensors[i].1[1]], vec![tensors[i].1[1], tensors[i].1[0]]] {
+            for shape in [
+                vec![tensors[i].1[0] + 1, tensors[i].1[1]],
+                vec![tensors[i].1[1], tensors[i].1[0]],
+            ] {
                 if shape == tensors[i].1 {
                     continue;
                 }
@@ -319,7 +412,15 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
                 t[i].2 = vec![0.01; shape.iter().product()];
                 write_tensors(&st, &t);
                 let (module, suffix) = name.split_once(".lora_").unwrap();
-                check(&mut tally, format!("{name} of shape {shape:?}"), &["adapter_model.safetensors", module, &format!("lora_{}", suffix.trim_end_matches(".weight"))]);
+                check(
+                    &mut tally,
+                    format!("{name} of shape {shape:?}"),
+                    &[
+                        "adapter_model.safetensors",
+                        module,
+                        &format!("lora_{}", suffix.trim_end_matches(".weight")),
+                    ],
+                );
             }
             // NaN and infinities at a seeded entry.
             for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -328,22 +429,38 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
                 let at = rng.random_range(0..t[i].2.len());
                 t[i].2[at] = bad;
                 write_tensors(&st, &t);
-                check(&mut tally, format!("{name}[{at}] = {bad}"), &["adapter_model.safetensors", &name]);
+                check(
+                    &mut tally,
+                    format!("{name}[{at}] = {bad}"),
+                    &["adapter_model.safetensors", &name],
+                );
             }
         }
         // An extra tensor.
         fresh();
         let mut t = tensors.clone();
-        t.push(("base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(), vec![4, 64], vec![0.0; 256]));
+        t.push((
+            "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight".into(),
+            vec![4, 64],
+            vec![0.0; 256],
+        ));
         write_tensors(&st, &t);
-        check(&mut tally, "an extra tensor".into(), &["adapter_model.safetensors", "up_proj"]);
+        check(
+            &mut tally,
+            "an extra tensor".into(),
+            &["adapter_model.safetensors", "up_proj"],
+        );
         // The file cut short, or bytes flipped, at seeded points.
         let bytes = std::fs::read(intact.join("adapter_model.safetensors")).unwrap();
         for _ in 0..30 {
             fresh();
             let cut = rng.random_range(0..bytes.len());
             std::fs::write(&st, &bytes[..cut]).unwrap();
-            check(&mut tally, format!("safetensors cut at {cut}"), &["adapter_model.safetensors"]);
+            check(
+                &mut tally,
+                format!("safetensors cut at {cut}"),
+                &["adapter_model.safetensors"],
+            );
         }
         for _ in 0..30 {
             fresh();
@@ -352,17 +469,30 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
             let at = rng.random_range(0..header);
             b[at] ^= 1 << rng.random_range(0..8);
             std::fs::write(&st, &b).unwrap();
-            check(&mut tally, format!("safetensors header bit flipped at {at}"), &["adapter_model.safetensors"]);
+            check(
+                &mut tally,
+                format!("safetensors header bit flipped at {at}"),
+                &["adapter_model.safetensors"],
+            );
         }
         // adapter_config.json: missing; every leaf corrupted; another
         // method named; the melora section dropped (a plain PEFT LoRA).
         fresh();
         std::fs::remove_file(case_dir.join("adapter_config.json")).unwrap();
-        check(&mut tally, "adapter_config.json missing".into(), &["adapter_config.json"]);
+        check(
+            &mut tally,
+            "adapter_config.json missing".into(),
+            &["adapter_config.json"],
+        );
         fresh();
         std::fs::remove_file(&st).unwrap();
-        check(&mut tally, "adapter_model.safetensors missing".into(), &["adapter_model.safetensors"]);
-        let json: Value = serde_json::from_str(&std::fs::read_to_string(intact.join("adapter_config.json")).unwrap()).unwrap();
+        check(
+            &mut tally,
+            "adapter_model.safetensors missing".into(),
+            &["adapter_model.safetensors"],
+        );
+        let json: Value =
+            serde_json::from_str(&std::fs::read_to_string(intact.join("adapter_config.json")).unwrap()).unwrap();
         let mut all = Vec::new();
         leaves(&json, String::new(), &mut all);
         for (key, value) in &all {
@@ -371,30 +501,49 @@ fn corrupt_adapter_folders_are_errors_naming_the_file_and_tensor() {
                 let mut j = json.clone();
                 set(&mut j, key, bad.clone());
                 std::fs::write(case_dir.join("adapter_config.json"), j.to_string()).unwrap();
-                check(&mut tally, format!("adapter_config.json: {key} = {bad} ({what})"), &["adapter_config.json"]);
+                check(
+                    &mut tally,
+                    format!("adapter_config.json: {key} = {bad} ({what})"),
+                    &["adapter_config.json"],
+                );
             }
         }
-        for other in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora].into_iter().filter(|k| *k != kind) {
+        for other in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora]
+            .into_iter()
+            .filter(|k| *k != kind)
+        {
             fresh();
             let other_config = TrainConfig::new().with_method(other.into()).with_rank(4).adapter();
             let mut j = json.clone();
             j["melora"] = serde_json::to_value(&other_config).unwrap();
             std::fs::write(case_dir.join("adapter_config.json"), j.to_string()).unwrap();
-            check(&mut tally, format!("adapter_config.json names {other:?}"), &["adapter_model.safetensors"]);
+            check(
+                &mut tally,
+                format!("adapter_config.json names {other:?}"),
+                &["adapter_model.safetensors"],
+            );
         }
         if kind != AdapterKind::Lora {
             fresh();
             let mut j = json.clone();
             j.as_object_mut().unwrap().remove("melora");
             std::fs::write(case_dir.join("adapter_config.json"), j.to_string()).unwrap();
-            check(&mut tally, "adapter_config.json without its melora section".into(), &["adapter_model.safetensors"]);
+            check(
+                &mut tally,
+                "adapter_config.json without its melora section".into(),
+                &["adapter_model.safetensors"],
+            );
         }
         let text = json.to_string();
         for _ in 0..10 {
             fresh();
             let cut = rng.random_range(0..text.len());
             std::fs::write(case_dir.join("adapter_config.json"), &text[..cut]).unwrap();
-            check(&mut tally, format!("adapter_config.json cut at {cut}"), &["adapter_config.json"]);
+            check(
+                &mut tally,
+                format!("adapter_config.json cut at {cut}"),
+                &["adapter_config.json"],
+            );
         }
     }
     println!("{}", tally.report("adapter folders"));
@@ -410,21 +559,33 @@ fn corrupt_task_data_is_an_error_naming_the_file() {
     let file = root.join("oe_eval_tasks/arc_easy/train_rc_5shot/requests.jsonl.gz");
     let intact_gz = std::fs::read(&file).unwrap();
     let original = format!("{:?}", load_task(Task::ArcE, &root).unwrap());
-    let load = || load_task(Task::ArcE, &root).map(|d| format!("{d:?}") == original).map_err(|e| e.to_string());
+    let load = || {
+        load_task(Task::ArcE, &root)
+            .map(|d| format!("{d:?}") == original)
+            .map_err(|e| e.to_string())
+    };
     let docs: Vec<Value> = (0..30).map(|i| arc_doc(i, if i == 0 { 3 } else { 4 })).collect();
     let lines = requests(&docs, 4);
     // The gzip stream cut short or with a flipped bit.
     for _ in 0..25 {
         let cut = rng.random_range(0..intact_gz.len());
         std::fs::write(&file, &intact_gz[..cut]).unwrap();
-        tally.case(&format!("gzip cut at {cut}"), &["train_rc_5shot/requests.jsonl.gz"], load);
+        tally.case(
+            &format!("gzip cut at {cut}"),
+            &["train_rc_5shot/requests.jsonl.gz"],
+            load,
+        );
     }
     for _ in 0..25 {
         let mut b = intact_gz.clone();
         let at = rng.random_range(10..b.len());
         b[at] ^= 1 << rng.random_range(0..8);
         std::fs::write(&file, &b).unwrap();
-        tally.case(&format!("gzip bit flipped at {at}"), &["train_rc_5shot/requests.jsonl.gz"], load);
+        tally.case(
+            &format!("gzip bit flipped at {at}"),
+            &["train_rc_5shot/requests.jsonl.gz"],
+            load,
+        );
     }
     // A JSON line cut, or a character replaced, at a seeded place.
     for _ in 0..25 {
@@ -433,7 +594,11 @@ fn corrupt_task_data_is_an_error_naming_the_file() {
         let cut = rng.random_range(1..l[i].len() - 1);
         l[i].truncate(cut);
         write_gz(&file, &l);
-        tally.case(&format!("line {} cut at {cut}", i + 1), &["train_rc_5shot/requests.jsonl.gz", &format!("line {}", i + 1)], load);
+        tally.case(
+            &format!("line {} cut at {cut}", i + 1),
+            &["train_rc_5shot/requests.jsonl.gz", &format!("line {}", i + 1)],
+            load,
+        );
     }
     // Every field of a doc and of a request missing or of the wrong type;
     // a gold answer outside the choices.
@@ -447,20 +612,35 @@ fn corrupt_task_data_is_an_error_naming_the_file() {
                 Some(v) => d[7][field] = v.clone(),
             }
             write_gz(&file, &requests(&d, 4));
-            tally.case(&format!("doc field {field} {}", bad.map_or("missing".into(), |v| format!("= {v}"))), &["train_rc_5shot/requests.jsonl.gz", field], load);
+            tally.case(
+                &format!(
+                    "doc field {field} {}",
+                    bad.map_or("missing".into(), |v| format!("= {v}"))
+                ),
+                &["train_rc_5shot/requests.jsonl.gz", field],
+                load,
+            );
         }
     }
     for gold in [json!(4), json!(-1), json!("B")] {
         let mut d = docs.clone();
         d[3]["gold"] = gold.clone();
         write_gz(&file, &requests(&d, 4));
-        tally.case(&format!("gold = {gold}"), &["train_rc_5shot/requests.jsonl.gz", "gold"], load);
+        tally.case(
+            &format!("gold = {gold}"),
+            &["train_rc_5shot/requests.jsonl.gz", "gold"],
+            load,
+        );
     }
     for field in ["doc", "doc_id"] {
         let mut l: Vec<Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
         l[5].as_object_mut().unwrap().remove(field);
         write_gz(&file, &l.iter().map(|v| v.to_string()).collect::<Vec<_>>());
-        tally.case(&format!("request field {field} missing"), &["train_rc_5shot/requests.jsonl.gz", field], load);
+        tally.case(
+            &format!("request field {field} missing"),
+            &["train_rc_5shot/requests.jsonl.gz", field],
+            load,
+        );
     }
     // An empty split, and a missing file.
     write_gz(&file, &[]);
@@ -476,7 +656,9 @@ fn corrupt_task_data_is_an_error_naming_the_file() {
         let cut = rng.random_range(0..intact_arrow.len());
         std::fs::write(&arrow, &intact_arrow[..cut]).unwrap();
         tally.case(&format!("arrow cut at {cut}"), &["college_physics/test"], || {
-            load_task(Task::MmluPhys, &root).map(|d| format!("{d:?}") == physics).map_err(|e| e.to_string())
+            load_task(Task::MmluPhys, &root)
+                .map(|d| format!("{d:?}") == physics)
+                .map_err(|e| e.to_string())
         });
     }
     println!("{}", tally.report("task data files"));
@@ -496,8 +678,16 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
     let blocks: Vec<Block> = (0..2)
         .flat_map(|l| {
             [
-                Block { name: format!("model.layers.{l}.self_attn.q_proj.lora_A"), output: factor(4, 3, l), input: factor(6, 3, l + 1) },
-                Block { name: format!("model.layers.{l}.self_attn.q_proj.lora_B"), output: factor(5, 2, l + 2), input: factor(4, 2, l + 3) },
+                Block {
+                    name: format!("model.layers.{l}.self_attn.q_proj.lora_A"),
+                    output: factor(4, 3, l),
+                    input: factor(6, 3, l + 1),
+                },
+                Block {
+                    name: format!("model.layers.{l}.self_attn.q_proj.lora_B"),
+                    output: factor(5, 2, l + 2),
+                    input: factor(4, 2, l + 3),
+                },
             ]
         })
         .collect();
@@ -512,7 +702,9 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
         search: vec![(0.1, -3.0), (0.5, -2.0)],
         seconds: (1.0, 2.0),
     };
-    let intact = LaplaceDir { dir: root.join("intact") };
+    let intact = LaplaceDir {
+        dir: root.join("intact"),
+    };
     intact.save(&meta, &blocks).unwrap();
     let case = LaplaceDir { dir: root.join("case") };
     let describe = |(m, b): (LaplaceMeta, Vec<Block>)| format!("{:?} {:?}", serde_json::to_string(&m).unwrap(), b);
@@ -540,7 +732,11 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
             if bad.is_null() && load().is_ok() {
                 continue;
             }
-            tally.case(&format!("laplace.json: {key} = {bad} ({what})"), &["laplace.json"], load);
+            tally.case(
+                &format!("laplace.json: {key} = {bad} ({what})"),
+                &["laplace.json"],
+                load,
+            );
         }
     }
     let text = json.to_string();
@@ -571,7 +767,11 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
         let at = rng.random_range(0..header);
         b[at] ^= 1 << rng.random_range(0..8);
         std::fs::write(case.factors(), &b).unwrap();
-        tally.case(&format!("factors header bit flipped at {at}"), &["factors.safetensors"], load);
+        tally.case(
+            &format!("factors header bit flipped at {at}"),
+            &["factors.safetensors"],
+            load,
+        );
     }
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let (_, header_meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -584,17 +784,33 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
         let mut buffers: BTreeMap<String, (Vec<usize>, Vec<u8>)> = BTreeMap::new();
         for name in &names {
             let view = st.tensor(name).unwrap();
-            let mut values: Vec<f64> = view.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect();
+            let mut values: Vec<f64> = view
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             let mut shape = view.shape().to_vec();
             if edit(name, &mut values, &mut shape) {
-                buffers.insert(name.clone(), (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()));
+                buffers.insert(
+                    name.clone(),
+                    (shape, values.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                );
             }
         }
         let views: Vec<(String, safetensors::tensor::TensorView)> = buffers
             .iter()
-            .map(|(n, (s, b))| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F64, s.clone(), b).unwrap()))
+            .map(|(n, (s, b))| {
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F64, s.clone(), b).unwrap(),
+                )
+            })
             .collect();
-        std::fs::write(case.factors(), safetensors::serialize(views, header_meta.metadata().clone()).unwrap()).unwrap();
+        std::fs::write(
+            case.factors(),
+            safetensors::serialize(views, header_meta.metadata().clone()).unwrap(),
+        )
+        .unwrap();
     };
     for name in names.iter().step_by(3) {
         fresh();
@@ -611,7 +827,11 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
                 }
                 true
             });
-            tally.case(&format!("{name}[0] = {bad}"), &["factors.safetensors", name.rsplit_once('.').unwrap().0], load);
+            tally.case(
+                &format!("{name}[0] = {bad}"),
+                &["factors.safetensors", name.rsplit_once('.').unwrap().0],
+                load,
+            );
         }
         if name.ends_with("vectors") {
             fresh();
@@ -622,7 +842,11 @@ fn corrupt_laplace_folders_are_errors_naming_the_file() {
                 }
                 true
             });
-            tally.case(&format!("{name} with one more column"), &["factors.safetensors", name.rsplit_once('.').unwrap().0], load);
+            tally.case(
+                &format!("{name} with one more column"),
+                &["factors.safetensors", name.rsplit_once('.').unwrap().0],
+                load,
+            );
         }
     }
     println!("{}", tally.report("Laplace posterior folders"));

@@ -15,8 +15,8 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{answer_examples, fixture, max_abs_diff, parity_examples, Quiet};
 use melora_core::{
-    AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource,
-    Sampler, SamplingMode,
+    AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
+    NoiseSource, Sampler, SamplingMode,
 };
 use melora_llama::data::{LengthNorm, Padding};
 use melora_llama::model::scoring::Scorer;
@@ -33,7 +33,13 @@ type AD = Autodiff<NdArray<f32>>;
 fn base<Bk: Backend>(which: &str) -> Llama<Bk> {
     let dir = fixture(which);
     let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    build::<Bk, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+    build::<Bk, _>(
+        &config,
+        &mut SafetensorsSource::open(&dir).unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+    .0
 }
 
 fn configs() -> [AdapterConfig; 3] {
@@ -67,12 +73,19 @@ fn adapted(which: &str, config: &AdapterConfig, nonzero: bool) -> Llama<B> {
 
 fn tokens() -> Tensor<B, 2, Int> {
     let ids = common::read_npy(fixture("tied/input_ids.npy"));
-    Tensor::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &Default::default())
+    Tensor::from_data(
+        TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]),
+        &Default::default(),
+    )
 }
 
 fn logits(model: &Llama<B>, mode: SamplingMode, seed: u64) -> Vec<f32> {
     let mut noise = NoiseSource::seeded(seed);
-    model.forward(tokens(), None, &mut Sampler::new(mode, &mut noise)).into_data().to_vec().unwrap()
+    model
+        .forward(tokens(), None, &mut Sampler::new(mode, &mut noise))
+        .into_data()
+        .to_vec()
+        .unwrap()
 }
 
 /// Class scores of `examples` under `scorer`.
@@ -80,7 +93,11 @@ fn scores(model: &Llama<B>, scorer: &Scorer, examples: &[melora_llama::data::Enc
     let indices: Vec<usize> = (0..examples.len()).collect();
     let batch = scorer.batch(examples, &indices, Padding::Left);
     let mut noise = NoiseSource::seeded(3);
-    scorer.scores(model, &batch, &mut Sampler::new(mode, &mut noise), &Default::default()).into_data().to_vec().unwrap()
+    scorer
+        .scores(model, &batch, &mut Sampler::new(mode, &mut noise), &Default::default())
+        .into_data()
+        .to_vec()
+        .unwrap()
 }
 
 fn embedding(model: &Llama<B>) -> Vec<f32> {
@@ -94,7 +111,12 @@ fn a_fresh_output_adapter_is_the_base_model() {
         for config in configs() {
             let model = adapted(which, &config, false);
             assert!(model.head_adapter.is_some());
-            assert_eq!(logits(&model, SamplingMode::Mean, 0), reference, "{which} {:?}", config.kind());
+            assert_eq!(
+                logits(&model, SamplingMode::Mean, 0),
+                reference,
+                "{which} {:?}",
+                config.kind()
+            );
         }
     }
 }
@@ -108,14 +130,30 @@ fn mean_scores_are_the_merged_models_and_merging_unties() {
         for config in configs() {
             let model = adapted(which, &config, true);
             let merged = model.clone().merged().unwrap();
-            assert!(merged.head_adapter.is_none() && merged.lm_head.is_some(), "{which}: the merged output layer is its own");
-            assert_eq!(embedding(&merged), embedding(&base::<B>(which)), "{which}: the input embedding stays the base one");
+            assert!(
+                merged.head_adapter.is_none() && merged.lm_head.is_some(),
+                "{which}: the merged output layer is its own"
+            );
+            assert_eq!(
+                embedding(&merged),
+                embedding(&base::<B>(which)),
+                "{which}: the input embedding stays the base one"
+            );
             let what = format!("{which} {:?}", config.kind());
-            let (a, m) = (logits(&model, SamplingMode::Mean, 0), logits(&merged, SamplingMode::Mean, 0));
+            let (a, m) = (
+                logits(&model, SamplingMode::Mean, 0),
+                logits(&merged, SamplingMode::Mean, 0),
+            );
             assert!(max_abs_diff(&a, &m) < 1e-4, "{what}: logits {}", max_abs_diff(&a, &m));
-            assert!(max_abs_diff(&a, &logits(&base::<B>(which), SamplingMode::Mean, 0)) > 1e-2, "{what}: the update should matter");
+            assert!(
+                max_abs_diff(&a, &logits(&base::<B>(which), SamplingMode::Mean, 0)) > 1e-2,
+                "{what}: the update should matter"
+            );
             for (scorer, examples) in [(&label, &label_examples), (&answer, &answer_examples)] {
-                let (a, m) = (scores(&model, scorer, examples, SamplingMode::Mean), scores(&merged, scorer, examples, SamplingMode::Mean));
+                let (a, m) = (
+                    scores(&model, scorer, examples, SamplingMode::Mean),
+                    scores(&merged, scorer, examples, SamplingMode::Mean),
+                );
                 assert!(max_abs_diff(&a, &m) < 1e-4, "{what}: scores {}", max_abs_diff(&a, &m));
             }
         }
@@ -144,7 +182,11 @@ fn an_output_adapter_draws_per_example() {
             })
             .unwrap();
         let sampled = scores(&model, &answer, &examples, SamplingMode::PerExample);
-        assert!(max_abs_diff(&sampled[..3], &sampled[3..]) > 1e-4, "{:?}: one draw for both examples: {sampled:?}", config.kind());
+        assert!(
+            max_abs_diff(&sampled[..3], &sampled[3..]) > 1e-4,
+            "{:?}: one draw for both examples: {sampled:?}",
+            config.kind()
+        );
         let mean = scores(&model, &answer, &examples, SamplingMode::Mean);
         assert_eq!(mean[..3], mean[3..], "{:?}", config.kind());
     }
@@ -155,16 +197,33 @@ fn an_output_adapter_round_trips_through_peft_files() {
     for which in ["tied", "untied"] {
         for config in configs() {
             let model = adapted(which, &config, true);
-            let dir = std::env::temp_dir().join(format!("melora-lm-head-{}-{which}-{:?}", std::process::id(), config.kind()));
+            let dir = std::env::temp_dir().join(format!(
+                "melora-lm-head-{}-{which}-{:?}",
+                std::process::id(),
+                config.kind()
+            ));
             save_adapter(&model, &config, &dir, which).unwrap();
-            let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
-            assert_eq!(json["target_modules"], serde_json::json!(["q_proj", "v_proj", "lm_head"]), "{json}");
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+            assert_eq!(
+                json["target_modules"],
+                serde_json::json!(["q_proj", "v_proj", "lm_head"]),
+                "{json}"
+            );
             let source = SafetensorsSource::single(&dir.join("adapter_model.safetensors")).unwrap();
             let names = source.names();
-            assert!(names.contains(&"base_model.model.lm_head.lora_A.weight".to_string()), "{names:?}");
+            assert!(
+                names.contains(&"base_model.model.lm_head.lora_A.weight".to_string()),
+                "{names:?}"
+            );
             let (loaded, meta) = load_adapter(base::<B>(which), &dir, &Default::default()).unwrap();
             assert_eq!(meta.targets, vec![Target::Q, Target::V, Target::LmHead]);
-            assert_eq!(logits(&loaded, SamplingMode::Mean, 0), logits(&model, SamplingMode::Mean, 0), "{which} {:?}", config.kind());
+            assert_eq!(
+                logits(&loaded, SamplingMode::Mean, 0),
+                logits(&model, SamplingMode::Mean, 0),
+                "{which} {:?}",
+                config.kind()
+            );
             std::fs::remove_dir_all(&dir).ok();
         }
     }
@@ -176,7 +235,9 @@ fn training_moves_the_output_adapter_and_not_the_embedding() {
     let validation = parity_examples(4, 2);
     let scorer = Scorer::label(vec![10, 11], 0);
     for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
-        let run = RunDir { dir: std::env::temp_dir().join(format!("melora-lm-head-train-{}-{kind:?}", std::process::id())) };
+        let run = RunDir {
+            dir: std::env::temp_dir().join(format!("melora-lm-head-train-{}-{kind:?}", std::process::id())),
+        };
         std::fs::remove_dir_all(&run.dir).ok();
         let config = TrainConfig::new()
             .with_model("tiny".into())
@@ -189,18 +250,37 @@ fn training_moves_the_output_adapter_and_not_the_embedding() {
             .with_eval_every(0)
             .with_eval_batch_size(4)
             .with_seed(3);
-        let data = TrainData { train: &train, validation: &validation, scorer: &scorer };
-        fit(&config, &run, false, base::<AD>("tied"), &data, &Default::default(), &mut Quiet).unwrap();
+        let data = TrainData {
+            train: &train,
+            validation: &validation,
+            scorer: &scorer,
+        };
+        fit(
+            &config,
+            &run,
+            false,
+            base::<AD>("tied"),
+            &data,
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
         let (trained, meta) = load_adapter(base::<B>("tied"), &run.last(), &Default::default()).unwrap();
         assert_eq!(meta.targets, vec![Target::V, Target::LmHead]);
         let head = trained.head_adapter.as_ref().expect("the output adapter is saved");
         use melora_core::Adapter;
         let moved: Vec<f32> = head.lora_b().into_data().to_vec().unwrap();
-        assert!(moved.iter().any(|v| *v != 0.0), "{kind:?}: training left the output adapter's B at 0");
+        assert!(
+            moved.iter().any(|v| *v != 0.0),
+            "{kind:?}: training left the output adapter's B at 0"
+        );
         assert_eq!(embedding(&trained), embedding(&base::<B>("tied")), "{kind:?}");
         if kind != AdapterKind::Lora {
             let stats = PosteriorStats::of(&trained).unwrap();
-            assert_eq!(stats.targets.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(), ["v_proj", "lm_head"]);
+            assert_eq!(
+                stats.targets.iter().map(|(t, _)| t.as_str()).collect::<Vec<_>>(),
+                ["v_proj", "lm_head"]
+            );
         }
         std::fs::remove_dir_all(&run.dir).ok();
     }
@@ -221,10 +301,21 @@ fn peft_lm_head_lora_reproduces_peft_logits() {
         let gap = max_abs_diff(&ours, &expected.f32);
         assert!(gap < 1e-4, "{which}: {gap}");
         // Without the output adapter the logits would be far off.
-        assert!(max_abs_diff(&logits(&model.clone().merged().unwrap(), SamplingMode::Mean, 0), &expected.f32) < 1e-4);
-        assert!(max_abs_diff(&logits(&base::<B>(which), SamplingMode::Mean, 0), &expected.f32) > 1e-2, "{which}: the fixture's update should matter");
+        assert!(
+            max_abs_diff(
+                &logits(&model.clone().merged().unwrap(), SamplingMode::Mean, 0),
+                &expected.f32
+            ) < 1e-4
+        );
+        assert!(
+            max_abs_diff(&logits(&base::<B>(which), SamplingMode::Mean, 0), &expected.f32) > 1e-2,
+            "{which}: the fixture's update should matter"
+        );
     }
     // Another output layer is refused by name.
-    let err = load_adapter(base::<B>("untied"), &fixtures.join("tied"), &Default::default()).err().unwrap().to_string();
+    let err = load_adapter(base::<B>("untied"), &fixtures.join("tied"), &Default::default())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("lm_head.base_layer.weight"), "{err}");
 }

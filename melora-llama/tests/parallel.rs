@@ -57,11 +57,16 @@ fn two_peers_take_the_steps_one_device_takes() {
                 let (dir1, dir2) = (out(&format!("{name}-1")), out(&format!("{name}-2")));
                 train(&one, &data, &dir1, false, &mut Quiet).unwrap();
                 train(&two, &data, &dir2, false, &mut Quiet).unwrap();
-                let diff = relative_diff(&adapter(&dir1.join("checkpoints/last")), &adapter(&dir2.join("checkpoints/last")));
+                let diff = relative_diff(
+                    &adapter(&dir1.join("checkpoints/last")),
+                    &adapter(&dir2.join("checkpoints/last")),
+                );
                 let (n1, n2) = (nlls(&dir1), nlls(&dir2));
                 assert_eq!(n1.len(), 5, "{name}");
                 let nll_diff = n1.iter().zip(&n2).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
-                report.push(format!("{name}: adapter after 5 steps {diff:.1e} (relative), step NLLs {nll_diff:.1e}"));
+                report.push(format!(
+                    "{name}: adapter after 5 steps {diff:.1e} (relative), step NLLs {nll_diff:.1e}"
+                ));
                 assert!(diff < TOLERANCE, "{name}: 2 peers end {diff:e} from 1 device");
                 assert!(nll_diff < 1e-3, "{name}: step NLLs differ by {nll_diff}");
                 assert!((n1[0] - n1[4]).abs() > 1e-4, "{name}: the NLL did not move: {n1:?}");
@@ -97,15 +102,27 @@ fn a_run_stopped_and_resumed_with_two_peers_ends_where_the_whole_run_does() {
     let summary = train(&two, &data, &resumed, true, &mut Quiet).unwrap();
     assert!(!summary.stopped && summary.steps_run == 2, "{summary:?}");
     // The same process, the same peers: the same bits.
-    for file in ["checkpoints/last/adapter_model.safetensors", "checkpoints/last/adamw.bin", "checkpoints/best/adapter_model.safetensors", "metrics.jsonl"] {
-        assert_eq!(std::fs::read(whole.join(file)).unwrap(), std::fs::read(resumed.join(file)).unwrap(), "{file}");
+    for file in [
+        "checkpoints/last/adapter_model.safetensors",
+        "checkpoints/last/adamw.bin",
+        "checkpoints/best/adapter_model.safetensors",
+        "metrics.jsonl",
+    ] {
+        assert_eq!(
+            std::fs::read(whole.join(file)).unwrap(),
+            std::fs::read(resumed.join(file)).unwrap(),
+            "{file}"
+        );
     }
     // A one-device run resumes the two peers' checkpoint, and the other way.
     let one = config(Method::MeLora, Scoring::Answer, 4);
     let mixed = out("mixed");
     train(&two, &data, &mixed, false, &mut StopAt(2, 0)).unwrap();
     train(&one, &data, &mixed, true, &mut Quiet).unwrap();
-    let diff = relative_diff(&adapter(&whole.join("checkpoints/last")), &adapter(&mixed.join("checkpoints/last")));
+    let diff = relative_diff(
+        &adapter(&whole.join("checkpoints/last")),
+        &adapter(&mixed.join("checkpoints/last")),
+    );
     assert!(diff < TOLERANCE, "2 peers then 1 device: {diff:e}");
 }
 
@@ -120,7 +137,10 @@ fn a_non_finite_kl_stops_every_peer_with_the_message() {
     let started = Instant::now();
     let err = train(&config, &data, &dir, false, &mut Quiet).unwrap_err();
     let message = err.to_string();
-    assert!(message.contains("training stopped at step 1: the KL is inf"), "{message}");
+    assert!(
+        message.contains("training stopped at step 1: the KL is inf"),
+        "{message}"
+    );
     assert!(started.elapsed().as_secs() < 60);
 }
 
@@ -128,12 +148,17 @@ fn a_non_finite_kl_stops_every_peer_with_the_message() {
 fn a_failing_peer_stops_the_others_with_its_error() {
     let _turn = lock();
     let device = Default::default();
-    let cluster = Cluster { devices: 3, nodes: None };
+    let cluster = Cluster {
+        devices: 3,
+        nodes: None,
+    };
     // Peer 2 fails (an error, then a panic) while the others are in an
     // all-reduce: they wake up, and the error returned is peer 2's.
     for panic in [false, true] {
         let started = Instant::now();
-        let body = |peer: parallel::Peer, device: <AD as burn::tensor::backend::BackendTypes>::Device| -> melora_llama::Result<usize> {
+        let body = |peer: parallel::Peer,
+                    device: <AD as burn::tensor::backend::BackendTypes>::Device|
+         -> melora_llama::Result<usize> {
             for round in 0..10 {
                 if peer.local == 2 && round == 3 {
                     if panic {
@@ -145,22 +170,49 @@ fn a_failing_peer_stops_the_others_with_its_error() {
             }
             Ok(peer.local)
         };
-        let err = parallel::run_peers::<AD, usize>(&cluster, 4, &device, |p, d| body(p, d), &body).unwrap_err().to_string();
-        let expected = if panic { "peer 2 panicked: peer 2 broke" } else { "peer 2 could not read its batch" };
+        let err = parallel::run_peers::<AD, usize>(&cluster, 4, &device, |p, d| body(p, d), &body)
+            .unwrap_err()
+            .to_string();
+        let expected = if panic {
+            "peer 2 panicked: peer 2 broke"
+        } else {
+            "peer 2 could not read its batch"
+        };
         assert!(err.contains(expected), "{err}");
         assert!(started.elapsed().as_secs() < 30, "the peers waited");
     }
     // A good run after a failed one: the collective starts afresh.
-    let sums = parallel::run_peers::<AD, Vec<f64>>(&cluster, 4, &device, |p, d| p.sum::<NdArray<f32>>(&[p.local as f64, 1.0], &d), &|p, d| p.sum::<NdArray<f32>>(&[p.local as f64, 1.0], &d)).unwrap();
+    let sums = parallel::run_peers::<AD, Vec<f64>>(
+        &cluster,
+        4,
+        &device,
+        |p, d| p.sum::<NdArray<f32>>(&[p.local as f64, 1.0], &d),
+        &|p, d| p.sum::<NdArray<f32>>(&[p.local as f64, 1.0], &d),
+    )
+    .unwrap();
     assert_eq!(sums, vec![3.0, 3.0]);
     // More peers than a batch has rows: refused before anything starts.
-    let err = parallel::run_peers::<AD, ()>(&Cluster { devices: 5, nodes: None }, 4, &device, |_, _| Ok(()), &|_, _| Ok(())).unwrap_err();
+    let err = parallel::run_peers::<AD, ()>(
+        &Cluster {
+            devices: 5,
+            nodes: None,
+        },
+        4,
+        &device,
+        |_, _| Ok(()),
+        &|_, _| Ok(()),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("5 peers for a batch of 4"), "{err}");
 }
 
 /// A free TCP port on localhost.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[test]
@@ -187,7 +239,9 @@ fn two_processes_take_the_steps_one_device_takes_and_stop_when_one_dies() {
             .unwrap()
     };
     let one = root.join("one");
-    let status = run(&["--out".into(), one.display().to_string()]).wait_with_output().unwrap();
+    let status = run(&["--out".into(), one.display().to_string()])
+        .wait_with_output()
+        .unwrap();
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
 
     let lead = format!("127.0.0.1:{}", free_port());
@@ -209,9 +263,16 @@ fn two_processes_take_the_steps_one_device_takes_and_stop_when_one_dies() {
     let nodes = vec![node(0, "120"), node(1, "120")];
     let outputs: Vec<_> = nodes.into_iter().map(|n| n.wait_with_output().unwrap()).collect();
     for (rank, output) in outputs.iter().enumerate() {
-        assert!(output.status.success(), "node {rank}: {}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "node {rank}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    let diff = relative_diff(&adapter(&one.join("checkpoints/last")), &adapter(&two.join("checkpoints/last")));
+    let diff = relative_diff(
+        &adapter(&one.join("checkpoints/last")),
+        &adapter(&two.join("checkpoints/last")),
+    );
     println!("2 processes vs 1: adapter after 5 steps {diff:.1e} (relative)");
     assert!(diff < TOLERANCE, "2 nodes end {diff:e} from 1 device");
 
@@ -220,7 +281,10 @@ fn two_processes_take_the_steps_one_device_takes_and_stop_when_one_dies() {
     std::fs::remove_dir_all(&two).ok();
     let alone = node(0, "3").wait_with_output().unwrap();
     let message = String::from_utf8_lossy(&alone.stderr);
-    assert!(!alone.status.success() && message.contains("nodes 1 did not connect in 3 s"), "{message}");
+    assert!(
+        !alone.status.success() && message.contains("nodes 1 did not connect in 3 s"),
+        "{message}"
+    );
     assert!(started.elapsed().as_secs() < 60);
     // Node 1 killed mid-run: node 0 stops with an error, it does not hang.
     std::fs::remove_dir_all(&two).ok();
@@ -235,8 +299,15 @@ fn two_processes_take_the_steps_one_device_takes_and_stop_when_one_dies() {
     let started = Instant::now();
     let output = lead_node.wait_with_output().unwrap();
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && message.contains("node 1: the connection closed"), "{message}");
-    assert!(started.elapsed().as_secs() < 30, "node 0 waited {} s", started.elapsed().as_secs());
+    assert!(
+        !output.status.success() && message.contains("node 1: the connection closed"),
+        "{message}"
+    );
+    assert!(
+        started.elapsed().as_secs() < 30,
+        "node 0 waited {} s",
+        started.elapsed().as_secs()
+    );
     println!("node 1 killed: node 0 said {:?}", message.lines().last().unwrap_or(""));
     std::fs::remove_dir_all(&root).ok();
 }

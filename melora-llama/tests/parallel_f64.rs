@@ -30,7 +30,10 @@ fn in_f64_two_peers_take_the_one_device_step() {
             let (dir1, dir2) = (out(&format!("{name}-1")), out(&format!("{name}-2")));
             train_on::<AD64>(&one, &data, &dir1, false, &mut Quiet).unwrap();
             train_on::<AD64>(&two, &data, &dir2, false, &mut Quiet).unwrap();
-            let diff = relative_diff(&adapter(&dir1.join("checkpoints/last")), &adapter(&dir2.join("checkpoints/last")));
+            let diff = relative_diff(
+                &adapter(&dir1.join("checkpoints/last")),
+                &adapter(&dir2.join("checkpoints/last")),
+            );
             report.push(format!("{name}: {diff:.1e}"));
             assert!(diff < 1e-9, "{name}: 2 peers end {diff:e} from 1 device in f64");
             std::fs::remove_dir_all(&dir1).ok();
@@ -39,4 +42,3 @@ fn in_f64_two_peers_take_the_one_device_step() {
     }
     println!("{}", report.join("\n"));
 }
-

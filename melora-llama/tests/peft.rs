@@ -14,8 +14,8 @@ use common::{fixture, max_abs_diff, read_npy, read_npz};
 use melora_core::{
     AdapterConfig, AnyAdapter, BlobLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource, Sampler, SamplingMode,
 };
-use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::model::Target;
+use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::weights::{build, safetensors::SafetensorsSource};
 use melora_llama::{Llama, LlamaConfig};
 
@@ -25,11 +25,19 @@ type AD = Autodiff<NdArray<f32>>;
 fn base<Bk: Backend>() -> Llama<Bk> {
     let dir = fixture("tied");
     let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    build::<Bk, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+    build::<Bk, _>(
+        &config,
+        &mut SafetensorsSource::open(&dir).unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+    .0
 }
 
 fn with_peft<Bk: Backend>() -> Llama<Bk> {
-    load_adapter(base::<Bk>(), &fixture("tied/lora"), &Default::default()).unwrap().0
+    load_adapter(base::<Bk>(), &fixture("tied/lora"), &Default::default())
+        .unwrap()
+        .0
 }
 
 fn loss<Bk: Backend>(model: &Llama<Bk>) -> (Tensor<Bk, 3>, Tensor<Bk, 1>) {
@@ -40,9 +48,14 @@ fn loss<Bk: Backend>(model: &Llama<Bk>) -> (Tensor<Bk, 3>, Tensor<Bk, 1>) {
     let mut noise = NoiseSource::seeded(0);
     let logits = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
     let [_, _, vocab] = logits.dims();
-    let targets: Vec<i64> = (0..batch).flat_map(|b| ids.i64[b * seq + 1..(b + 1) * seq].to_vec()).collect();
+    let targets: Vec<i64> = (0..batch)
+        .flat_map(|b| ids.i64[b * seq + 1..(b + 1) * seq].to_vec())
+        .collect();
     let targets = Tensor::<Bk, 3, Int>::from_data(TensorData::new(targets, [batch, seq - 1, 1]), &device);
-    let nll = log_softmax(logits.clone().slice([0..batch, 0..seq - 1, 0..vocab]), 2).gather(2, targets).mean().neg();
+    let nll = log_softmax(logits.clone().slice([0..batch, 0..seq - 1, 0..vocab]), 2)
+        .gather(2, targets)
+        .mean()
+        .neg();
     (logits, nll)
 }
 
@@ -74,14 +87,19 @@ fn lora_gradients_and_one_adamw_step_match_pytorch() {
     let expected = read_npz(fixture("tied/lora/grads.npz"));
     let mut worst: f32 = 0.0;
     for (path, adapter) in model.adapters() {
-        let AnyAdapter::Lora(lora) = adapter else { panic!("expected LoRA") };
+        let AnyAdapter::Lora(lora) = adapter else {
+            panic!("expected LoRA")
+        };
         for (matrix, param) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
             let ours: Vec<f32> = param.val().grad(&grads).unwrap().into_data().to_vec().unwrap();
             let theirs = &expected[&npz_name(&path, matrix)].f32;
             let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
             let diff = max_abs_diff(&ours, theirs);
             worst = worst.max(diff / scale);
-            assert!(diff <= 1e-4 * scale + 1e-7, "{path}.{matrix}: gradient differs by {diff} (max |g| {scale})");
+            assert!(
+                diff <= 1e-4 * scale + 1e-7,
+                "{path}.{matrix}: gradient differs by {diff} (max |g| {scale})"
+            );
         }
     }
     println!("worst relative gradient difference {worst:.2e}");
@@ -90,11 +108,18 @@ fn lora_gradients_and_one_adamw_step_match_pytorch() {
 
     // One AdamW step, lr 1e-3, betas (0.9, 0.999), eps 1e-8, no weight decay.
     let grads = GradientsParams::from_grads(grads, &model);
-    let mut optim = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.999).with_epsilon(1e-8).with_weight_decay(0.0).init::<AD, Llama<AD>>();
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(0.9)
+        .with_beta_2(0.999)
+        .with_epsilon(1e-8)
+        .with_weight_decay(0.0)
+        .init::<AD, Llama<AD>>();
     let model = optim.step(1e-3, model, grads).valid();
     let after = read_npz(fixture("tied/lora/after_adamw.npz"));
     for (path, adapter) in model.adapters() {
-        let AnyAdapter::Lora(lora) = adapter else { panic!("expected LoRA") };
+        let AnyAdapter::Lora(lora) = adapter else {
+            panic!("expected LoRA")
+        };
         for (matrix, param) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
             let ours: Vec<f32> = param.val().into_data().to_vec().unwrap();
             let diff = max_abs_diff(&ours, &after[&npz_name(&path, matrix)].f32);
@@ -132,9 +157,15 @@ fn blob_and_melora_adapters_round_trip_through_files() {
         assert_eq!(loaded.num_trainable(), model.num_trainable());
         for ((p1, a1), (p2, a2)) in model.adapters().iter().zip(loaded.adapters()) {
             assert_eq!(p1, &p2);
-            let (d1, d2): (Vec<f32>, Vec<f32>) = (a1.delta_weight().into_data().to_vec().unwrap(), a2.delta_weight().into_data().to_vec().unwrap());
+            let (d1, d2): (Vec<f32>, Vec<f32>) = (
+                a1.delta_weight().into_data().to_vec().unwrap(),
+                a2.delta_weight().into_data().to_vec().unwrap(),
+            );
             assert_eq!(d1, d2);
-            assert!(d1.iter().any(|v| *v != 0.0), "{p1}: the test adapter should be non-zero");
+            assert!(
+                d1.iter().any(|v| *v != 0.0),
+                "{p1}: the test adapter should be non-zero"
+            );
             use melora_core::Adapter;
             let (k1, k2): (f32, f32) = (a1.kl(0.2).into_scalar(), a2.kl(0.2).into_scalar());
             assert_eq!(k1, k2, "{p1}: KL differs after the round trip");

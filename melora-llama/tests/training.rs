@@ -10,11 +10,11 @@ use burn::module::AutodiffModule;
 use common::{answer_examples, parity_examples, tiny_base, with_method_preset, Quiet};
 use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
-use melora_llama::eval::{predict, PredictOptions};
-use melora_llama::weights::peft::load_adapter;
 use melora_llama::data::{LengthNorm, Scoring};
+use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::train::{fit, linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData};
+use melora_llama::weights::peft::load_adapter;
 use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
 use std::path::PathBuf;
 
@@ -65,10 +65,37 @@ fn every_method_reduces_the_training_loss() {
     let validation = parity_examples(8, 2);
     for method in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         let run = run_dir(&format!("{method:?}"));
-        let summary = fit(&config(method, 40), &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
-        println!("{method:?}: training NLL {:.4} -> {:.4}", summary.first_nll, summary.last_nll);
-        assert!(summary.last_nll < 0.7 * summary.first_nll, "{method:?}: {} -> {}", summary.first_nll, summary.last_nll);
-        for file in ["config.json", "log.txt", "metrics.jsonl", "checkpoints/last/adapter_model.safetensors", "checkpoints/best/state.json"] {
+        let summary = fit(
+            &config(method, 40),
+            &run,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
+        println!(
+            "{method:?}: training NLL {:.4} -> {:.4}",
+            summary.first_nll, summary.last_nll
+        );
+        assert!(
+            summary.last_nll < 0.7 * summary.first_nll,
+            "{method:?}: {} -> {}",
+            summary.first_nll,
+            summary.last_nll
+        );
+        for file in [
+            "config.json",
+            "log.txt",
+            "metrics.jsonl",
+            "checkpoints/last/adapter_model.safetensors",
+            "checkpoints/best/state.json",
+        ] {
             assert!(run.dir.join(file).is_file(), "{method:?}: {file} missing");
         }
         std::fs::remove_dir_all(&run.dir).ok();
@@ -85,23 +112,52 @@ fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
         let run = run_dir(&format!("kl0-{method:?}"));
         let mut config = config(method, 6);
         config.kl_schedule = KlSchedule::Constant { weight: 0.0 };
-        let summary = fit(&config, &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut Quiet);
+        let summary = fit(
+            &config,
+            &run,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        );
         let summary = summary.unwrap_or_else(|e| panic!("{method:?} with KL weight 0: {e}"));
         assert!(summary.last_nll.is_finite());
         let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
         let last_step = log.lines().filter(|l| l.starts_with("step ")).last().unwrap();
-        let kl: f64 = last_step.split(" kl ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let kl: f64 = last_step
+            .split(" kl ")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
         assert!(kl.is_finite(), "{method:?}: reported KL {kl}");
         // The posterior's diagnostics: at the start, at the validation, and
         // the verdict at the end.
         assert!(log.contains("posterior at initialisation: std "), "{log}");
         assert!(log.contains("posterior at step 6: std "), "{log}");
         let verdict = log.lines().last().unwrap();
-        assert!(verdict.starts_with("posterior: converged") || verdict.starts_with("posterior: still moving"), "{verdict}");
+        assert!(
+            verdict.starts_with("posterior: converged") || verdict.starts_with("posterior: still moving"),
+            "{verdict}"
+        );
         let metrics = std::fs::read_to_string(run.dir.join("metrics.jsonl")).unwrap();
         let record: melora_llama::train::EvalRecord = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
-        let posterior = record.posterior.unwrap_or_else(|| panic!("{method:?}: no posterior diagnostics in {metrics}"));
-        assert_eq!((posterior.kl_weight, posterior.gold_std_on), (0.0, Some((4, 8))), "{method:?}");
+        let posterior = record
+            .posterior
+            .unwrap_or_else(|| panic!("{method:?}: no posterior diagnostics in {metrics}"));
+        assert_eq!(
+            (posterior.kl_weight, posterior.gold_std_on),
+            (0.0, Some((4, 8))),
+            "{method:?}"
+        );
         assert!(posterior.kl.is_finite() && posterior.stats.all.mean > 0.0 && posterior.gold_std.unwrap() >= 0.0);
         std::fs::remove_dir_all(&run.dir).ok();
     }
@@ -115,20 +171,53 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
     let device = Default::default();
     for method in Method::ALL {
         let run = run_dir(&format!("answer-{method:?}"));
-        let mut config = with_method_preset(config(AdapterKind::Lora, 40).with_scoring(Scoring::Answer).with_members(2), method);
+        let mut config = with_method_preset(
+            config(AdapterKind::Lora, 40)
+                .with_scoring(Scoring::Answer)
+                .with_members(2),
+            method,
+        );
         if method.adapter_kind() == AdapterKind::Lora {
             config.train_sampling = SamplingMode::Mean;
         }
-        let summary = fit(&config, &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &test, scorer: &scorer }, &device, &mut Quiet).unwrap();
-        println!("{method:?} (answer scoring): training NLL {:.4} -> {:.4}", summary.first_nll, summary.last_nll);
-        assert!(summary.last_nll < 0.7 * summary.first_nll, "{method:?}: {} -> {}", summary.first_nll, summary.last_nll);
+        let summary = fit(
+            &config,
+            &run,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &test,
+                scorer: &scorer,
+            },
+            &device,
+            &mut Quiet,
+        )
+        .unwrap();
+        println!(
+            "{method:?} (answer scoring): training NLL {:.4} -> {:.4}",
+            summary.first_nll, summary.last_nll
+        );
+        assert!(
+            summary.last_nll < 0.7 * summary.first_nll,
+            "{method:?}: {} -> {}",
+            summary.first_nll,
+            summary.last_nll
+        );
         // Evaluation as the method predicts: probabilities that sum to 1.
-        let checkpoint = if method == Method::Ens { run.member(0).final_checkpoint() } else { run.final_checkpoint() };
+        let checkpoint = if method == Method::Ens {
+            run.member(0).final_checkpoint()
+        } else {
+            run.final_checkpoint()
+        };
         let model = load_adapter(tiny_base::<B>(), &checkpoint.unwrap(), &device).unwrap().0;
         let probs = predict::<B>(&model, &test, &scorer, &config.eval_options(4, 1), &device, |_, _| {}).unwrap();
         assert_eq!(probs.len(), test.len());
         for (row, e) in probs.rows().zip(&test) {
-            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-6 && row[e.n_choices..].iter().all(|&p| p < 1e-6), "{method:?}: {row:?}");
+            assert!(
+                (row.iter().sum::<f64>() - 1.0).abs() < 1e-6 && row[e.n_choices..].iter().all(|&p| p < 1e-6),
+                "{method:?}: {row:?}"
+            );
         }
         std::fs::remove_dir_all(&run.dir).ok();
     }
@@ -136,7 +225,11 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
 
 fn adapter_values(dir: &PathBuf) -> Vec<(String, Vec<f32>)> {
     let mut source = SafetensorsSource::single(&dir.join("adapter_model.safetensors")).unwrap();
-    source.names().into_iter().map(|n| (n.clone(), source.load(&n).unwrap().unwrap().values)).collect()
+    source
+        .names()
+        .into_iter()
+        .map(|n| (n.clone(), source.load(&n).unwrap().unwrap().values))
+        .collect()
 }
 
 #[test]
@@ -146,34 +239,91 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
     for method in [AdapterKind::MeLora, AdapterKind::Blob] {
         let config = config(method, 20).with_eval_every(4);
         let whole = run_dir(&format!("whole-{method:?}"));
-        fit(&config, &whole, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
+        fit(
+            &config,
+            &whole,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
 
         let crashed = run_dir(&format!("crashed-{method:?}"));
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fit(&config, &crashed, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut CrashAt(13))
+            fit(
+                &config,
+                &crashed,
+                false,
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
+                &mut CrashAt(13),
+            )
         }));
         assert!(result.is_err(), "the simulated crash should abort the run");
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(crashed.last().join("state.json")).unwrap()).unwrap();
         assert_eq!(state["step"], 10, "the last checkpoint before the crash is at step 10");
-        fit(&config, &crashed, true, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
+        fit(
+            &config,
+            &crashed,
+            true,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
 
         let (a, b) = (adapter_values(&whole.last()), adapter_values(&crashed.last()));
         assert_eq!(a.len(), b.len());
         for ((name, x), (_, y)) in a.iter().zip(&b) {
-            assert_eq!(x, y, "{method:?}: {name} differs between the resumed and the uninterrupted run");
+            assert_eq!(
+                x, y,
+                "{method:?}: {name} differs between the resumed and the uninterrupted run"
+            );
         }
         // Every file, byte for byte: the optimiser state, the training
         // state, the best checkpoint, and the validation records (the one
         // at step 12, written before the crash, was dropped and written
         // again: one record per validation).
         let differ = common::differing_files(&whole.dir, &crashed.dir);
-        assert!(differ.is_empty(), "{method:?}: differ between the resumed and the uninterrupted run: {differ:?}");
+        assert!(
+            differ.is_empty(),
+            "{method:?}: differ between the resumed and the uninterrupted run: {differ:?}"
+        );
         let records = std::fs::read_to_string(crashed.metrics()).unwrap();
         assert_eq!(records.lines().count(), 5, "{records}");
         // And the run did move away from its initialisation.
         let fresh = run_dir(&format!("fresh-{method:?}"));
-        fit(&config.clone().with_steps(1), &fresh, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &validation, scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
+        fit(
+            &config.clone().with_steps(1),
+            &fresh,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &validation,
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
         assert_ne!(adapter_values(&fresh.last()), a);
         for dir in [whole.dir, crashed.dir, fresh.dir] {
             std::fs::remove_dir_all(dir).ok();
@@ -187,10 +337,33 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
     let test = parity_examples(6, 6);
     for method in [AdapterKind::Lora, AdapterKind::MeLora, AdapterKind::Blob] {
         let run = run_dir(&format!("eval-{method:?}"));
-        fit(&config(method, 10).with_dropout(0.0), &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
-        let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default()).unwrap().0;
+        fit(
+            &config(method, 10).with_dropout(0.0),
+            &run,
+            false,
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+            &mut Quiet,
+        )
+        .unwrap();
+        let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default())
+            .unwrap()
+            .0;
         let probs = |samples: usize| -> Vec<f64> {
-            let options = PredictOptions { samples, mode: SamplingMode::PerExample, dropout: false, batch_size: 3, seed: 1, padding: Padding::Left, noise: NoiseDevice::Host };
+            let options = PredictOptions {
+                samples,
+                mode: SamplingMode::PerExample,
+                dropout: false,
+                batch_size: 3,
+                seed: 1,
+                padding: Padding::Left,
+                noise: NoiseDevice::Host,
+            };
             let p = predict::<B>(&model, &test, &label_scorer(), &options, &Default::default(), |_, _| {}).unwrap();
             p.rows().flatten().copied().collect()
         };
@@ -214,22 +387,57 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let train = parity_examples(8, 7);
     let run = run_dir("nan");
-    fit(&config(AdapterKind::MeLora, 4), &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
+    fit(
+        &config(AdapterKind::MeLora, 4),
+        &run,
+        false,
+        tiny_base::<AD>(),
+        &TrainData {
+            train: &train,
+            validation: &[],
+            scorer: &label_scorer(),
+        },
+        &Default::default(),
+        &mut Quiet,
+    )
+    .unwrap();
     let good = adapter_values(&run.last());
     // The run continues to 8 steps on a model whose final norm went NaN.
     let mut broken = tiny_base::<AD>();
     broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
-    let err = fit(&config(AdapterKind::MeLora, 8), &run, true, broken, &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet)
-        .unwrap_err();
+    let err = fit(
+        &config(AdapterKind::MeLora, 8),
+        &run,
+        true,
+        broken,
+        &TrainData {
+            train: &train,
+            validation: &[],
+            scorer: &label_scorer(),
+        },
+        &Default::default(),
+        &mut Quiet,
+    )
+    .unwrap_err();
     assert!(
         matches!(&err, melora_llama::LlamaError::Stopped { step: 5, what: "NLL", value, checkpoint } if value.is_nan() && *checkpoint == run.last()),
         "{err:?}"
     );
     let err = err.to_string();
-    assert!(err.contains("training stopped at step 5") && err.contains("NLL is NaN") && err.contains("last good checkpoint"), "{err}");
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
+    assert!(
+        err.contains("training stopped at step 5")
+            && err.contains("NLL is NaN")
+            && err.contains("last good checkpoint"),
+        "{err}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 4);
-    assert_eq!(adapter_values(&run.last()), good, "the last good checkpoint is untouched");
+    assert_eq!(
+        adapter_values(&run.last()),
+        good,
+        "the last good checkpoint is untouched"
+    );
     std::fs::remove_dir_all(&run.dir).ok();
 }
 
@@ -243,19 +451,43 @@ fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact() {
     let train = parity_examples(8, 3);
     let config = config(AdapterKind::MeLora, 5);
     let run = run_dir("unwritable");
-    fit(&config, &run, false, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
+    fit(
+        &config,
+        &run,
+        false,
+        tiny_base::<AD>(),
+        &TrainData {
+            train: &train,
+            validation: &[],
+            scorer: &label_scorer(),
+        },
+        &Default::default(),
+        &mut Quiet,
+    )
+    .unwrap();
     let before = adapter_values(&run.last());
     let state = std::fs::read(run.last().join("state.json")).unwrap();
     let full = |tmp: &std::path::Path| -> melora_llama::Result<()> {
         std::fs::create_dir_all(tmp).unwrap();
         std::fs::write(tmp.join("adapter_model.safetensors"), b"half of it").unwrap();
-        Err(melora_llama::LlamaError::write(tmp.join("adamw.bin"), std::io::Error::from_raw_os_error(28)))
+        Err(melora_llama::LlamaError::write(
+            tmp.join("adamw.bin"),
+            std::io::Error::from_raw_os_error(28),
+        ))
     };
     let message = run.replace_checkpoint(&run.last(), full).unwrap_err().to_string();
-    assert!(message.contains("checkpoints/last") && message.contains("No space left on device") && message.contains("left as it was"), "{message}");
+    assert!(
+        message.contains("checkpoints/last")
+            && message.contains("No space left on device")
+            && message.contains("left as it was"),
+        "{message}"
+    );
     assert_eq!(adapter_values(&run.last()), before);
     assert_eq!(std::fs::read(run.last().join("state.json")).unwrap(), state);
-    assert!(!run.dir.join("checkpoints/.last.tmp").exists(), "the half-written checkpoint is removed");
+    assert!(
+        !run.dir.join("checkpoints/.last.tmp").exists(),
+        "the half-written checkpoint is removed"
+    );
 
     // The crash between the renames: only `.last.old` is left.
     let old = run.dir.join("checkpoints/.last.old");
@@ -266,8 +498,22 @@ fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact() {
     assert_eq!(run.complete_checkpoint(&run.last()), Some(run.last()));
     assert_eq!(adapter_values(&run.last()), before);
     // And the run resumes from it to the end.
-    fit(&config.clone().with_steps(8), &run, true, tiny_base::<AD>(), &TrainData { train: &train, validation: &[], scorer: &label_scorer() }, &Default::default(), &mut Quiet).unwrap();
-    let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
+    fit(
+        &config.clone().with_steps(8),
+        &run,
+        true,
+        tiny_base::<AD>(),
+        &TrainData {
+            train: &train,
+            validation: &[],
+            scorer: &label_scorer(),
+        },
+        &Default::default(),
+        &mut Quiet,
+    )
+    .unwrap();
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 8);
     assert!(!old.exists());
     std::fs::remove_dir_all(&run.dir).ok();

@@ -34,7 +34,11 @@ impl Batch {
     /// Rows `rows` of the batch, with the whole batch's padded length.
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {
         let seq = self.shape[1];
-        assert!(rows.start <= rows.end && rows.end <= self.shape[0], "rows {rows:?} of a batch of {}", self.shape[0]);
+        assert!(
+            rows.start <= rows.end && rows.end <= self.shape[0],
+            "rows {rows:?} of a batch of {}",
+            self.shape[0]
+        );
         Batch {
             tokens: self.tokens[rows.start * seq..rows.end * seq].to_vec(),
             shape: [rows.len(), seq],

@@ -25,7 +25,12 @@ pub struct Encoded {
 impl Encoded {
     /// A label-scored example.
     pub fn label_scored(ids: Vec<u32>, label: usize, n_choices: usize) -> Self {
-        Self { ids, label, n_choices, continuations: Vec::new() }
+        Self {
+            ids,
+            label,
+            n_choices,
+            continuations: Vec::new(),
+        }
     }
 
     /// Tokens one forward pass of this example computes: the prompt, or the
@@ -74,12 +79,23 @@ pub fn encode_cloze(item: &Item, task: Task, tokenizer: &Tokenizer, max_tokens: 
         let first_target = ids.len();
         let continuation = tokenizer.encode_plain(&request.continuation)?;
         if continuation.is_empty() {
-            return Err(LlamaError::Data { task: task.to_string(), message: format!("the continuation {:?} of an example has no tokens", request.continuation) });
+            return Err(LlamaError::Data {
+                task: task.to_string(),
+                message: format!(
+                    "the continuation {:?} of an example has no tokens",
+                    request.continuation
+                ),
+            });
         }
         ids.extend(continuation);
-        sequences.push(ChoiceSequence { ids, first_target, chars: request.continuation.chars().count() });
+        sequences.push(ChoiceSequence {
+            ids,
+            first_target,
+            chars: request.continuation.chars().count(),
+        });
     }
-    let keep = usize::from(tokenizer.bos.is_some() && sequences.first().and_then(|s| s.ids.first()) == tokenizer.bos.as_ref());
+    let keep =
+        usize::from(tokenizer.bos.is_some() && sequences.first().and_then(|s| s.ids.first()) == tokenizer.bos.as_ref());
     Ok(split_shared_prefix(&sequences, item.label(), keep, max_tokens))
 }
 
@@ -104,7 +120,12 @@ pub struct ChoiceSequence {
 ///
 /// If a sequence has no context or no continuation token.
 pub fn split_shared_prefix(sequences: &[ChoiceSequence], label: usize, keep: usize, max_tokens: usize) -> Encoded {
-    assert!(sequences.iter().all(|s| s.first_target >= 1 && s.first_target < s.ids.len()), "a choice needs context and continuation");
+    assert!(
+        sequences
+            .iter()
+            .all(|s| s.first_target >= 1 && s.first_target < s.ids.len()),
+        "a choice needs context and continuation"
+    );
     let common = sequences
         .iter()
         .map(|s| s.ids.iter().zip(&sequences[0].ids).take_while(|(a, b)| a == b).count())
@@ -113,7 +134,12 @@ pub fn split_shared_prefix(sequences: &[ChoiceSequence], label: usize, keep: usi
     // The prefix ends before the last context token of the shortest
     // context, so that every scored token is predicted inside the
     // continuation pass.
-    let shared = sequences.iter().map(|s| s.first_target - 1).min().unwrap_or(0).min(common);
+    let shared = sequences
+        .iter()
+        .map(|s| s.first_target - 1)
+        .min()
+        .unwrap_or(0)
+        .min(common);
     let mut prefix = sequences.first().map_or(Vec::new(), |s| s.ids[..shared].to_vec());
     let continuations: Vec<Continuation> = sequences
         .iter()
@@ -130,13 +156,21 @@ pub fn split_shared_prefix(sequences: &[ChoiceSequence], label: usize, keep: usi
         let cut = (prefix.len() + longest - max_tokens).min(prefix.len() - head);
         prefix.drain(head..head + cut);
     }
-    Encoded { ids: prefix, label, n_choices: sequences.len(), continuations }
+    Encoded {
+        ids: prefix,
+        label,
+        n_choices: sequences.len(),
+        continuations,
+    }
 }
 
 /// The label tokens of `task`: `" A"`, `" B"`, ... each a single token (an
 /// error naming the label otherwise).
 pub fn label_tokens(task: Task, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
-    task.labels().iter().map(|l| tokenizer.single_token(&format!(" {l}"))).collect()
+    task.labels()
+        .iter()
+        .map(|l| tokenizer.single_token(&format!(" {l}")))
+        .collect()
 }
 
 /// Tokenizes `item`; a prompt longer than `max_tokens` loses tokens from its

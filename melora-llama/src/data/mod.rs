@@ -109,8 +109,17 @@ impl std::str::FromStr for Split {
 
 impl Task {
     /// Every task.
-    pub const ALL: [Task; 9] =
-        [Task::ArcE, Task::ArcC, Task::Obqa, Task::Boolq, Task::WgS, Task::WgM, Task::MmluChem, Task::MmluPhys, Task::MmluMath];
+    pub const ALL: [Task; 9] = [
+        Task::ArcE,
+        Task::ArcC,
+        Task::Obqa,
+        Task::Boolq,
+        Task::WgS,
+        Task::WgM,
+        Task::MmluChem,
+        Task::MmluPhys,
+        Task::MmluMath,
+    ];
 
     /// Its command-line name.
     pub fn name(self) -> &'static str {
@@ -157,7 +166,10 @@ impl std::str::FromStr for Task {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         Task::ALL.iter().copied().find(|t| t.name() == s).ok_or_else(|| {
-            format!("unknown task {s:?}: expected one of {}", Task::ALL.map(|t| t.name()).join(", "))
+            format!(
+                "unknown task {s:?}: expected one of {}",
+                Task::ALL.map(|t| t.name()).join(", ")
+            )
         })
     }
 }
@@ -268,7 +280,9 @@ impl std::str::FromStr for LengthNorm {
             "none" => Ok(Self::None),
             "pertoken" | "token" => Ok(Self::PerToken),
             "perchar" | "char" => Ok(Self::PerChar),
-            _ => Err(format!("unknown length normalisation {s:?}: expected none, per-token or per-char")),
+            _ => Err(format!(
+                "unknown length normalisation {s:?}: expected none, per-token or per-char"
+            )),
         }
     }
 }
@@ -302,16 +316,25 @@ impl Item {
                 };
                 choices
                     .iter()
-                    .map(|option| Cloze { context: format!("{before}{option}"), continuation: format!(" {after}") })
+                    .map(|option| Cloze {
+                        context: format!("{before}{option}"),
+                        continuation: format!(" {after}"),
+                    })
                     .collect()
             }
             Item::Choice { question, choices, .. } => choices
                 .iter()
-                .map(|choice| Cloze { context: format!("Question: {question}\nAnswer:"), continuation: format!(" {choice}") })
+                .map(|choice| Cloze {
+                    context: format!("Question: {question}\nAnswer:"),
+                    continuation: format!(" {choice}"),
+                })
                 .collect(),
             Item::YesNo { passage, question, .. } => ["yes", "no"]
                 .iter()
-                .map(|answer| Cloze { context: format!("{passage}\nQuestion: {question}?\nAnswer:"), continuation: format!(" {answer}") })
+                .map(|answer| Cloze {
+                    context: format!("{passage}\nQuestion: {question}?\nAnswer:"),
+                    continuation: format!(" {answer}"),
+                })
                 .collect(),
         }
     }

@@ -22,8 +22,8 @@ pub fn read_request_docs(path: &Path) -> Result<Vec<serde_json::Value>> {
         if line.trim().is_empty() {
             continue;
         }
-        let request: serde_json::Value =
-            serde_json::from_str(&line).map_err(|e| LlamaError::format(path, format!("line {line_no}: invalid JSON: {e}")))?;
+        let request: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| LlamaError::format(path, format!("line {line_no}: invalid JSON: {e}")))?;
         let doc = request
             .get("doc")
             .filter(|d| d.is_object())
@@ -40,7 +40,10 @@ pub fn read_request_docs(path: &Path) -> Result<Vec<serde_json::Value>> {
         }
     }
     if docs.is_empty() {
-        return Err(LlamaError::format(path, "holds no requests: the split is empty (a partial download? run `melora fetch` again)"));
+        return Err(LlamaError::format(
+            path,
+            "holds no requests: the split is empty (a partial download? run `melora fetch` again)",
+        ));
     }
     Ok(docs)
 }
@@ -48,7 +51,10 @@ pub fn read_request_docs(path: &Path) -> Result<Vec<serde_json::Value>> {
 /// The error for a missing data file: tells the user to run `melora fetch`.
 pub fn not_fetched(path: &Path, e: std::io::Error) -> LlamaError {
     if e.kind() == std::io::ErrorKind::NotFound {
-        LlamaError::format(path, "not found: run `melora fetch` to download the benchmark data (or set MELORA_HOME)")
+        LlamaError::format(
+            path,
+            "not found: run `melora fetch` to download the benchmark data (or set MELORA_HOME)",
+        )
     } else {
         LlamaError::io(path, e)
     }
@@ -66,14 +72,19 @@ pub struct MmluRow {
 }
 
 fn strings(batch: &RecordBatch, name: &str, path: &Path) -> Result<Vec<String>> {
-    let column = batch.column_by_name(name).ok_or_else(|| LlamaError::format(path, format!("no column {name:?}")))?;
+    let column = batch
+        .column_by_name(name)
+        .ok_or_else(|| LlamaError::format(path, format!("no column {name:?}")))?;
     if let Some(a) = column.as_any().downcast_ref::<StringArray>() {
         return Ok((0..a.len()).map(|i| a.value(i).to_string()).collect());
     }
     if let Some(a) = column.as_any().downcast_ref::<LargeStringArray>() {
         return Ok((0..a.len()).map(|i| a.value(i).to_string()).collect());
     }
-    Err(LlamaError::format(path, format!("column {name:?} is {:?}, expected strings", column.data_type())))
+    Err(LlamaError::format(
+        path,
+        format!("column {name:?} is {:?}, expected strings", column.data_type()),
+    ))
 }
 
 /// Reads an MMLU `data-00000-of-00001.arrow` (an Arrow IPC stream with
@@ -86,18 +97,27 @@ pub fn read_mmlu_arrow(path: &Path) -> Result<Vec<MmluRow>> {
     for batch in reader {
         let batch = batch.map_err(|e| LlamaError::format(path, format!("corrupt Arrow batch: {e}")))?;
         let questions = strings(&batch, "question", path)?;
-        let choices = batch.column_by_name("choices").ok_or_else(|| LlamaError::format(path, "no column \"choices\""))?;
-        let choices = choices
-            .as_any()
-            .downcast_ref::<ListArray>()
-            .ok_or_else(|| LlamaError::format(path, format!("column \"choices\" is {:?}, expected a list", choices.data_type())))?;
-        let answer = batch.column_by_name("answer").ok_or_else(|| LlamaError::format(path, "no column \"answer\""))?;
+        let choices = batch
+            .column_by_name("choices")
+            .ok_or_else(|| LlamaError::format(path, "no column \"choices\""))?;
+        let choices = choices.as_any().downcast_ref::<ListArray>().ok_or_else(|| {
+            LlamaError::format(
+                path,
+                format!("column \"choices\" is {:?}, expected a list", choices.data_type()),
+            )
+        })?;
+        let answer = batch
+            .column_by_name("answer")
+            .ok_or_else(|| LlamaError::format(path, "no column \"answer\""))?;
         let answers: Vec<i64> = if let Some(a) = answer.as_any().downcast_ref::<Int64Array>() {
             a.values().to_vec()
         } else if let Some(a) = answer.as_any().downcast_ref::<Int32Array>() {
             a.values().iter().map(|&v| v as i64).collect()
         } else {
-            return Err(LlamaError::format(path, format!("column \"answer\" is {:?}, expected integers", answer.data_type())));
+            return Err(LlamaError::format(
+                path,
+                format!("column \"answer\" is {:?}, expected integers", answer.data_type()),
+            ));
         };
         for (i, question) in questions.into_iter().enumerate() {
             let list = choices.value(i);
@@ -106,14 +126,31 @@ pub fn read_mmlu_arrow(path: &Path) -> Result<Vec<MmluRow>> {
                 .downcast_ref::<StringArray>()
                 .ok_or_else(|| LlamaError::format(path, "choices are not strings"))?;
             let options: Vec<String> = (0..list.len()).map(|j| list.value(j).to_string()).collect();
-            let answer = usize::try_from(answers[i]).ok().filter(|&a| a < options.len()).ok_or_else(|| {
-                LlamaError::format(path, format!("row {i}: answer {} out of range for {} choices", answers[i], options.len()))
-            })?;
-            rows.push(MmluRow { question, choices: options, answer });
+            let answer = usize::try_from(answers[i])
+                .ok()
+                .filter(|&a| a < options.len())
+                .ok_or_else(|| {
+                    LlamaError::format(
+                        path,
+                        format!(
+                            "row {i}: answer {} out of range for {} choices",
+                            answers[i],
+                            options.len()
+                        ),
+                    )
+                })?;
+            rows.push(MmluRow {
+                question,
+                choices: options,
+                answer,
+            });
         }
     }
     if rows.is_empty() {
-        return Err(LlamaError::format(path, "holds no rows: the split is empty (a partial download? run `melora fetch` again)"));
+        return Err(LlamaError::format(
+            path,
+            "holds no rows: the split is empty (a partial download? run `melora fetch` again)",
+        ));
     }
     Ok(rows)
 }

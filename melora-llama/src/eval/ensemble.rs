@@ -23,7 +23,9 @@ impl std::str::FromStr for EnsembleAverage {
         match s.to_ascii_lowercase().as_str() {
             "probabilities" | "probs" => Ok(Self::Probabilities),
             "logits" => Ok(Self::Logits),
-            _ => Err(format!("unknown ensemble average {s:?}: expected probabilities or logits")),
+            _ => Err(format!(
+                "unknown ensemble average {s:?}: expected probabilities or logits"
+            )),
         }
     }
 }
@@ -34,7 +36,9 @@ impl std::str::FromStr for EnsembleAverage {
 pub fn ensemble_probs(members: &[Vec<f64>], k: usize, average: EnsembleAverage) -> Vec<f64> {
     let n = members.first().map_or(0, |m| m.len());
     let mean = |rows: Vec<Vec<f64>>| -> Vec<f64> {
-        (0..n).map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / rows.len() as f64).collect()
+        (0..n)
+            .map(|i| rows.iter().map(|r| r[i]).sum::<f64>() / rows.len() as f64)
+            .collect()
     };
     match average {
         EnsembleAverage::Probabilities => mean(members.iter().map(|m| softmax_rows(m, k)).collect()),
@@ -59,10 +63,21 @@ pub fn predict_ensemble<B: Backend>(
     let k = scorer.classes;
     let mut logits = Vec::new();
     for (m, member) in members.into_iter().enumerate() {
-        logits.push(predict_logits(&member?, examples, scorer, batch_size, device, |done, total| on_batch(m, done, total)));
+        logits.push(predict_logits(
+            &member?,
+            examples,
+            scorer,
+            batch_size,
+            device,
+            |done, total| on_batch(m, done, total),
+        ));
     }
     let labels: Vec<usize> = examples.iter().map(|e| e.label).collect();
     let probs = ClassProbs::new(ensemble_probs(&logits, k, average), k, labels.clone())?;
-    let sampled = SampledProbs::from_members(&logits.iter().map(|m| softmax_rows(m, k)).collect::<Vec<_>>(), k, labels);
+    let sampled = SampledProbs::from_members(
+        &logits.iter().map(|m| softmax_rows(m, k)).collect::<Vec<_>>(),
+        k,
+        labels,
+    );
     Ok((probs, sampled))
 }

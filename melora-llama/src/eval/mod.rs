@@ -3,8 +3,8 @@
 
 use crate::data::length_batches;
 use crate::data::{Encoded, Padding};
-use crate::model::Llama;
 use crate::model::scoring::Scorer;
+use crate::model::Llama;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode, Uncertainty};
@@ -37,7 +37,15 @@ pub struct PredictOptions {
 impl PredictOptions {
     /// One deterministic pass with the mean weights.
     pub fn mean(batch_size: usize) -> Self {
-        Self { samples: 1, mode: SamplingMode::Mean, dropout: false, batch_size, seed: 0, padding: Padding::Left, noise: NoiseDevice::Auto }
+        Self {
+            samples: 1,
+            mode: SamplingMode::Mean,
+            dropout: false,
+            batch_size,
+            seed: 0,
+            padding: Padding::Left,
+            noise: NoiseDevice::Auto,
+        }
     }
 
     /// How an adapter with no run configuration beside it predicts: a
@@ -45,7 +53,11 @@ impl PredictOptions {
     /// uses its weights.
     pub fn for_adapter(bayesian: bool, batch_size: usize) -> Self {
         match bayesian {
-            true => Self { samples: 10, mode: SamplingMode::PerExample, ..Self::mean(batch_size) },
+            true => Self {
+                samples: 10,
+                mode: SamplingMode::PerExample,
+                ..Self::mean(batch_size)
+            },
             false => Self::mean(batch_size),
         }
     }
@@ -74,9 +86,23 @@ impl PredictFlags {
     /// otherwise.
     pub fn apply(self, defaults: PredictOptions, bayesian: bool) -> PredictOptions {
         let dropout = self.dropout || defaults.dropout;
-        let samples = self.samples.unwrap_or(if self.dropout && !defaults.dropout { 10 } else { defaults.samples });
-        let mode = self.mode.unwrap_or(if bayesian && samples > 1 { SamplingMode::PerExample } else { SamplingMode::Mean });
-        PredictOptions { samples, mode, dropout, seed: self.seed, ..defaults }
+        let samples = self.samples.unwrap_or(if self.dropout && !defaults.dropout {
+            10
+        } else {
+            defaults.samples
+        });
+        let mode = self.mode.unwrap_or(if bayesian && samples > 1 {
+            SamplingMode::PerExample
+        } else {
+            SamplingMode::Mean
+        });
+        PredictOptions {
+            samples,
+            mode,
+            dropout,
+            seed: self.seed,
+            ..defaults
+        }
     }
 }
 
@@ -158,7 +184,9 @@ impl SampledProbs {
     /// Each example's uncertainty decomposition ([`Uncertainty::of`] its samples).
     pub fn per_example(&self) -> Vec<Uncertainty> {
         let sk = self.samples * self.classes;
-        (0..self.labels.len()).map(|i| Uncertainty::of(&self.probs[i * sk..(i + 1) * sk], self.classes)).collect()
+        (0..self.labels.len())
+            .map(|i| Uncertainty::of(&self.probs[i * sk..(i + 1) * sk], self.classes))
+            .collect()
     }
 
     /// Each example's answer: the model-average probabilities of its
@@ -175,8 +203,20 @@ impl SampledProbs {
             .map(|((row, uncertainty), &n)| {
                 let probabilities = row[..n.min(row.len())].to_vec();
                 let (prediction, confidence) =
-                    probabilities.iter().copied().enumerate().fold((0, f64::NEG_INFINITY), |best, (i, p)| if p > best.1 { (i, p) } else { best });
-                Answer { probabilities, prediction, confidence, uncertainty }
+                    probabilities
+                        .iter()
+                        .copied()
+                        .enumerate()
+                        .fold(
+                            (0, f64::NEG_INFINITY),
+                            |best, (i, p)| if p > best.1 { (i, p) } else { best },
+                        );
+                Answer {
+                    probabilities,
+                    prediction,
+                    confidence,
+                    uncertainty,
+                }
             })
             .collect()
     }
@@ -192,7 +232,12 @@ impl SampledProbs {
                 probs[(i * s + m) * k..(i * s + m + 1) * k].copy_from_slice(&member[i * k..(i + 1) * k]);
             }
         }
-        Self { probs, samples: s, classes: k, labels }
+        Self {
+            probs,
+            samples: s,
+            classes: k,
+            labels,
+        }
     }
 }
 
@@ -233,7 +278,11 @@ pub fn predict_samples<B: Backend>(
         let batch = scorer.batch(examples, &repeated, options.padding);
         let mut sampler = Sampler::new(options.mode, &mut noise).with_dropout(options.dropout);
         let scores = scorer.scores(model, &batch, &mut sampler, device);
-        let p: Vec<f64> = softmax(scores, 1).into_data().convert::<f64>().to_vec().expect("f64 probabilities");
+        let p: Vec<f64> = softmax(scores, 1)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64 probabilities");
         for (row, &i) in repeated.iter().enumerate() {
             let j = row % samples;
             probs[(i * samples + j) * k..(i * samples + j + 1) * k].copy_from_slice(&p[row * k..(row + 1) * k]);
@@ -241,10 +290,17 @@ pub fn predict_samples<B: Backend>(
         on_batch(done + 1, batches.len());
     }
     if examples.iter().any(|e| e.label >= k) {
-        return Err(crate::LlamaError::Mismatch(format!("an example's label is out of range for {k} classes")));
+        return Err(crate::LlamaError::Mismatch(format!(
+            "an example's label is out of range for {k} classes"
+        )));
     }
     let labels = examples.iter().map(|e| e.label).collect();
-    Ok(SampledProbs { probs, samples, classes: k, labels })
+    Ok(SampledProbs {
+        probs,
+        samples,
+        classes: k,
+        labels,
+    })
 }
 
 /// The class scores `[examples, classes]` (row-major) of a deterministic
@@ -266,7 +322,12 @@ pub fn predict_logits<B: Backend>(
     for (done, chunk) in batches.iter().enumerate() {
         let batch = scorer.batch(examples, chunk, Padding::Left);
         let mut sampler = Sampler::new(SamplingMode::Mean, &mut noise);
-        let logits: Vec<f64> = scorer.scores(model, &batch, &mut sampler, device).into_data().convert::<f64>().to_vec().expect("f64 logits");
+        let logits: Vec<f64> = scorer
+            .scores(model, &batch, &mut sampler, device)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64 logits");
         for (row, &i) in chunk.iter().enumerate() {
             out[i * k..(i + 1) * k].copy_from_slice(&logits[row * k..(row + 1) * k]);
         }
@@ -292,7 +353,12 @@ mod tests {
     fn sampled_probs_average_spread_and_mutual_information() {
         // Two examples, two samples each: the first's samples disagree, the
         // second's agree.
-        let sampled = SampledProbs { probs: vec![0.9, 0.1, 0.5, 0.5, 0.2, 0.8, 0.2, 0.8], samples: 2, classes: 2, labels: vec![0, 1] };
+        let sampled = SampledProbs {
+            probs: vec![0.9, 0.1, 0.5, 0.5, 0.2, 0.8, 0.2, 0.8],
+            samples: 2,
+            classes: 2,
+            labels: vec![0, 1],
+        };
         let avg = sampled.average();
         assert_eq!(avg.probs(), &[0.7, 0.3, 0.2, 0.8]);
         // The gold probability's std across samples: 0.2 and 0.
@@ -303,7 +369,12 @@ mod tests {
         assert!((total - want_total).abs() < 1e-15 && (aleatoric - want_aleatoric).abs() < 1e-15);
         assert!((epistemic - (want_total - want_aleatoric)).abs() < 1e-15 && epistemic > 0.0);
         // One sample: no spread and no epistemic part.
-        let one = SampledProbs { probs: vec![0.9, 0.1], samples: 1, classes: 2, labels: vec![0] };
+        let one = SampledProbs {
+            probs: vec![0.9, 0.1],
+            samples: 1,
+            classes: 2,
+            labels: vec![0],
+        };
         assert_eq!((one.gold_std(), one.uncertainty().2), (0.0, 0.0));
     }
 
@@ -312,21 +383,43 @@ mod tests {
     fn flags_over_the_defaults() {
         use super::{PredictFlags, PredictOptions};
         use melora_core::SamplingMode;
-        let none = PredictFlags { seed: 3, ..Default::default() };
+        let none = PredictFlags {
+            seed: 3,
+            ..Default::default()
+        };
         // A LoRA adapter: the mean weights; a Bayesian one: 10 per-example draws.
         let lora = none.apply(PredictOptions::for_adapter(false, 8), false);
-        assert_eq!((lora.samples, lora.mode, lora.dropout, lora.seed), (1, SamplingMode::Mean, false, 3));
+        assert_eq!(
+            (lora.samples, lora.mode, lora.dropout, lora.seed),
+            (1, SamplingMode::Mean, false, 3)
+        );
         let bayes = none.apply(PredictOptions::for_adapter(true, 8), true);
-        assert_eq!((bayes.samples, bayes.mode, bayes.dropout), (10, SamplingMode::PerExample, false));
+        assert_eq!(
+            (bayes.samples, bayes.mode, bayes.dropout),
+            (10, SamplingMode::PerExample, false)
+        );
         // --dropout on LoRA: MC dropout with 10 samples, or --samples.
         let mcd = PredictFlags { dropout: true, ..none }.apply(PredictOptions::mean(8), false);
         assert_eq!((mcd.samples, mcd.mode, mcd.dropout), (10, SamplingMode::Mean, true));
-        let mcd = PredictFlags { dropout: true, samples: Some(4), ..none }.apply(PredictOptions::mean(8), false);
+        let mcd = PredictFlags {
+            dropout: true,
+            samples: Some(4),
+            ..none
+        }
+        .apply(PredictOptions::mean(8), false);
         assert_eq!(mcd.samples, 4);
         // --samples 1 on a Bayesian adapter: the mean weights; --mode wins.
-        let one = PredictFlags { samples: Some(1), ..none }.apply(PredictOptions::for_adapter(true, 8), true);
+        let one = PredictFlags {
+            samples: Some(1),
+            ..none
+        }
+        .apply(PredictOptions::for_adapter(true, 8), true);
         assert_eq!((one.samples, one.mode), (1, SamplingMode::Mean));
-        let batch = PredictFlags { mode: Some(SamplingMode::PerBatch), ..none }.apply(PredictOptions::for_adapter(true, 8), true);
+        let batch = PredictFlags {
+            mode: Some(SamplingMode::PerBatch),
+            ..none
+        }
+        .apply(PredictOptions::for_adapter(true, 8), true);
         assert_eq!((batch.samples, batch.mode), (10, SamplingMode::PerBatch));
     }
 }

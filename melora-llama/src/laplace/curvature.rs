@@ -74,7 +74,9 @@ impl Factor {
 
     /// The (truncated) factor as a dense matrix `Q Λ Q^T`.
     pub fn dense(&self) -> DMatrix<f64> {
-        let scaled = DMatrix::from_fn(self.dim(), self.values.len(), |r, c| self.vectors[(r, c)] * self.values[c]);
+        let scaled = DMatrix::from_fn(self.dim(), self.values.len(), |r, c| {
+            self.vectors[(r, c)] * self.values[c]
+        });
         &scaled * self.vectors.transpose()
     }
 }
@@ -99,7 +101,11 @@ impl Block {
     /// `Σ_ij ln(1 + g_i a_j / λ)`: this block's part of
     /// `ln det(H + λ I) - P ln λ`.
     pub fn log_det_ratio(&self, lambda: f64) -> f64 {
-        self.output.values.iter().flat_map(|g| self.input.values.iter().map(move |a| (1.0 + g * a / lambda).ln())).sum()
+        self.output
+            .values
+            .iter()
+            .flat_map(|g| self.input.values.iter().map(move |a| (1.0 + g * a / lambda).ln()))
+            .sum()
     }
 
     /// The block's curvature `G ⊗ I_in` (truncated factors) as a dense
@@ -118,7 +124,11 @@ impl Curvature {
         let tokens = self.tokens.max(1) as f64;
         let mut blocks = Vec::new();
         for layer in &self.layers {
-            for (what, m) in [("output gradients' (G)", &layer.gg), ("inputs' (A)", &layer.xx), ("rank-space inputs' (U)", &layer.uu)] {
+            for (what, m) in [
+                ("output gradients' (G)", &layer.gg),
+                ("inputs' (A)", &layer.xx),
+                ("rank-space inputs' (U)", &layer.uu),
+            ] {
                 let bad = m.iter().filter(|v| !v.is_finite()).count();
                 if bad > 0 {
                     return Err(LlamaError::Numerical(format!(
@@ -146,7 +156,10 @@ impl Curvature {
 
     /// `Σ ||θ_MAP||^2` over every LoRA matrix.
     pub fn map_norm_sq(&self) -> f64 {
-        self.layers.iter().map(|l| l.a.norm_squared() + l.b.norm_squared()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.a.norm_squared() + l.b.norm_squared())
+            .sum()
     }
 }
 
@@ -188,15 +201,25 @@ pub fn accumulate<B: AutodiffBackend>(
         let batch = scorer.batch(examples, chunk, Padding::Left);
         let passes = batch.passes();
         let n = chunk.len();
-        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes.iter().map(|p| token_mask::<B::InnerBackend>(p, device)).collect();
+        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes
+            .iter()
+            .map(|p| token_mask::<B::InnerBackend>(p, device))
+            .collect();
         // The first pass: probabilities, NLL and the input factors.
         let (logits, taps) = tapped(model, &batch, scorer, device);
-        let p: Vec<f64> = burn::tensor::activation::softmax(logits.clone().detach(), 1).into_data().convert::<f64>().to_vec().expect("f64");
+        let p: Vec<f64> = burn::tensor::activation::softmax(logits.clone().detach(), 1)
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("f64");
         for (row, &i) in chunk.iter().enumerate() {
             curvature.nll -= p[row * k + examples[i].label].max(f64::MIN_POSITIVE).ln();
         }
         curvature.examples += n;
-        curvature.tokens += passes.iter().map(|p| p.mask.iter().flatten().filter(|&&m| m).count()).sum::<usize>();
+        curvature.tokens += passes
+            .iter()
+            .map(|p| p.mask.iter().flatten().filter(|&&m| m).count())
+            .sum::<usize>();
         for (pass, mask) in lora_taps::<B>(&taps, layers.len(), passes.len()).iter().zip(&masks) {
             for (j, tap) in pass.iter().enumerate() {
                 let x = tap.input.clone().inner().mul(mask.clone());

@@ -38,7 +38,9 @@ mod posterior;
 mod predictive;
 
 pub use curvature::{accumulate, Block, Curvature, Factor, LayerCurvature};
-pub use posterior::{choose_prior_precision, fit_posterior, log_marginal_likelihood, LaplaceDir, LaplaceMeta, Posterior, PriorChoice};
+pub use posterior::{
+    choose_prior_precision, fit_posterior, log_marginal_likelihood, LaplaceDir, LaplaceMeta, Posterior, PriorChoice,
+};
 pub use predictive::{draws, linearise, predictive, probit, sampled, Linearised};
 
 use crate::error::LlamaError;
@@ -110,7 +112,9 @@ impl LaplaceConfig {
         }
         if let PriorPrecision::Fixed(l) = self.prior_precision {
             if !(l > 0.0 && l <= 1e12) {
-                return bad(format!("prior_precision Fixed({l}) must be in (0, 1e12] (the grid searches 1e-4 .. 1e6)"));
+                return bad(format!(
+                    "prior_precision Fixed({l}) must be in (0, 1e12] (the grid searches 1e-4 .. 1e6)"
+                ));
             }
         }
         Ok(())
@@ -129,7 +133,11 @@ fn to_matrix<B: burn::tensor::backend::Backend>(t: Tensor<B, 2>) -> DMatrix<f64>
 
 fn token_mask<B: burn::tensor::backend::Backend>(pass: &PassLayout, device: &B::Device) -> Tensor<B, 3> {
     let (b, t) = (pass.mask.len(), pass.mask.first().map_or(0, |r| r.len()));
-    let values: Vec<f32> = pass.mask.iter().flat_map(|row| row.iter().map(|&m| if m { 1.0 } else { 0.0 })).collect();
+    let values: Vec<f32> = pass
+        .mask
+        .iter()
+        .flat_map(|row| row.iter().map(|&m| if m { 1.0 } else { 0.0 }))
+        .collect();
     Tensor::from_data(TensorData::new(values, [b, t, 1]), device)
 }
 
@@ -150,7 +158,12 @@ fn rows_to_examples<B: burn::tensor::backend::Backend>(t: Tensor<B, 3>, example:
 }
 
 /// One tapped forward pass: class scores and the LoRA layers' taps.
-fn tapped<B: AutodiffBackend>(model: &Llama<B>, batch: &ScoreBatch, scorer: &Scorer, device: &B::Device) -> (Tensor<B, 2>, Taps) {
+fn tapped<B: AutodiffBackend>(
+    model: &Llama<B>,
+    batch: &ScoreBatch,
+    scorer: &Scorer,
+    device: &B::Device,
+) -> (Tensor<B, 2>, Taps) {
     let mut taps = Taps::default();
     let mut noise = NoiseSource::seeded(0);
     let logits = {
@@ -161,7 +174,9 @@ fn tapped<B: AutodiffBackend>(model: &Llama<B>, batch: &ScoreBatch, scorer: &Sco
 }
 
 /// The MAP LoRA layers of `model`: name, `A`, `B`, scaling.
-fn lora_layers<B: AutodiffBackend>(model: &Llama<B>) -> crate::Result<Vec<(String, Tensor<B::InnerBackend, 2>, Tensor<B::InnerBackend, 2>, f64)>> {
+fn lora_layers<B: AutodiffBackend>(
+    model: &Llama<B>,
+) -> crate::Result<Vec<(String, Tensor<B::InnerBackend, 2>, Tensor<B::InnerBackend, 2>, f64)>> {
     let layers: Vec<_> = model
         .adapters()
         .into_iter()
@@ -187,10 +202,17 @@ fn lora_taps<B: AutodiffBackend>(taps: &Taps, layers: usize, passes: usize) -> V
 }
 
 /// The output gradients `g` (masked), `[batch, seq, m]`, of each LoRA layer.
-fn probe_grads<B: AutodiffBackend>(taps: &[&LoraTap<B>], grads: &B::Gradients, mask: &Tensor<B::InnerBackend, 3>) -> Vec<Tensor<B::InnerBackend, 3>> {
+fn probe_grads<B: AutodiffBackend>(
+    taps: &[&LoraTap<B>],
+    grads: &B::Gradients,
+    mask: &Tensor<B::InnerBackend, 3>,
+) -> Vec<Tensor<B::InnerBackend, 3>> {
     taps.iter()
         .map(|tap| {
-            let g = tap.probe.grad(grads).unwrap_or_else(|| tap.probe.clone().inner().zeros_like());
+            let g = tap
+                .probe
+                .grad(grads)
+                .unwrap_or_else(|| tap.probe.clone().inner().zeros_like());
             g.mul(mask.clone())
         })
         .collect()

@@ -60,26 +60,63 @@ pub fn choose_prior_precision<B: AutodiffBackend>(
 ) -> crate::Result<PriorChoice> {
     let grid = precision_grid();
     let (search, best) = match how {
-        PriorPrecision::Fixed(l) => return Ok(PriorChoice { precision: l, search: vec![], at_edge: false }),
+        PriorPrecision::Fixed(l) => {
+            return Ok(PriorChoice {
+                precision: l,
+                search: vec![],
+                at_edge: false,
+            })
+        }
         PriorPrecision::MarginalLikelihood => {
-            let search: Vec<(f64, f64)> = grid.iter().map(|&l| (l, log_marginal_likelihood(blocks, train_nll, map_norm_sq, l))).collect();
-            let best = search.iter().copied().max_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
+            let search: Vec<(f64, f64)> = grid
+                .iter()
+                .map(|&l| (l, log_marginal_likelihood(blocks, train_nll, map_norm_sq, l)))
+                .collect();
+            let best = search
+                .iter()
+                .copied()
+                .max_by(|a, b| a.1.total_cmp(&b.1))
+                .expect("a grid");
             (search, best)
         }
         PriorPrecision::Validation => {
             let (model, data, batch_size) = validation;
-            let lin = linearise(model, blocks, &grid, data.validation, data.scorer, batch_size, device, on_batch)?;
+            let lin = linearise(
+                model,
+                blocks,
+                &grid,
+                data.validation,
+                data.scorer,
+                batch_size,
+                device,
+                on_batch,
+            )?;
             let labels: Vec<usize> = data.validation.iter().map(|e| e.label).collect();
             let search: Vec<(f64, f64)> = grid
                 .iter()
                 .zip(&lin.covariance)
-                .map(|(&l, cov)| Ok((l, ClassProbs::new(probit(&lin.mean, cov, lin.k, l)?, lin.k, labels.clone())?.metrics().nll)))
+                .map(|(&l, cov)| {
+                    Ok((
+                        l,
+                        ClassProbs::new(probit(&lin.mean, cov, lin.k, l)?, lin.k, labels.clone())?
+                            .metrics()
+                            .nll,
+                    ))
+                })
                 .collect::<crate::Result<_>>()?;
-            let best = search.iter().copied().min_by(|a, b| a.1.total_cmp(&b.1)).expect("a grid");
+            let best = search
+                .iter()
+                .copied()
+                .min_by(|a, b| a.1.total_cmp(&b.1))
+                .expect("a grid");
             (search, best)
         }
     };
-    Ok(PriorChoice { precision: best.0, at_edge: best.0 == grid[0] || best.0 == grid[grid.len() - 1], search })
+    Ok(PriorChoice {
+        precision: best.0,
+        at_edge: best.0 == grid[0] || best.0 == grid[grid.len() - 1],
+        search,
+    })
 }
 
 /// Fits the Laplace posterior of `model` (a MAP LoRA run, `run` its
@@ -100,7 +137,9 @@ pub fn fit_posterior<B: AutodiffBackend>(
     let mut subset: Vec<Encoded> = seeded_shuffle(data.train.to_vec(), SPLIT_SEED);
     subset.truncate(config.max_examples.unwrap_or(n_train));
     let start = Instant::now();
-    let curvature = accumulate(model, &subset, data.scorer, config, device, |done, total| on_batch("curvature", done, total))?;
+    let curvature = accumulate(model, &subset, data.scorer, config, device, |done, total| {
+        on_batch("curvature", done, total)
+    })?;
     let data_scale = n_train as f64 / curvature.examples.max(1) as f64;
     let blocks = curvature.blocks(data_scale, config.factor_rank)?;
     let curvature_seconds = start.elapsed().as_secs_f64();
@@ -194,18 +233,35 @@ impl LaplaceDir {
         for b in blocks {
             for (side, f) in [("output", &b.output), ("input", &b.input)] {
                 // Column-major nalgebra storage -> row-major [dim, k].
-                let rows: Vec<f64> = (0..f.dim()).flat_map(|r| (0..f.values.len()).map(move |c| f.vectors[(r, c)])).collect();
-                buffers.push((format!("{}.{side}.vectors", b.name), rows.iter().flat_map(|v| v.to_le_bytes()).collect(), vec![f.dim(), f.values.len()]));
-                buffers.push((format!("{}.{side}.values", b.name), f.values.iter().flat_map(|v| v.to_le_bytes()).collect(), vec![f.values.len()]));
+                let rows: Vec<f64> = (0..f.dim())
+                    .flat_map(|r| (0..f.values.len()).map(move |c| f.vectors[(r, c)]))
+                    .collect();
+                buffers.push((
+                    format!("{}.{side}.vectors", b.name),
+                    rows.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    vec![f.dim(), f.values.len()],
+                ));
+                buffers.push((
+                    format!("{}.{side}.values", b.name),
+                    f.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    vec![f.values.len()],
+                ));
             }
         }
         let views: Vec<(String, TensorView)> = buffers
             .iter()
-            .map(|(name, bytes, shape)| Ok((name.clone(), TensorView::new(Dtype::F64, shape.clone(), bytes).map_err(|e| LlamaError::serialize(name.as_str(), e))?)))
+            .map(|(name, bytes, shape)| {
+                Ok((
+                    name.clone(),
+                    TensorView::new(Dtype::F64, shape.clone(), bytes)
+                        .map_err(|e| LlamaError::serialize(name.as_str(), e))?,
+                ))
+            })
             .collect::<crate::Result<_>>()?;
         let order: Vec<String> = blocks.iter().map(|b| b.name.clone()).collect();
         let metadata = std::collections::HashMap::from([("blocks".to_string(), order.join(","))]);
-        let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("the posterior's tensors", e))?;
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| LlamaError::serialize("the posterior's tensors", e))?;
         write_atomic(&self.factors(), &bytes)?;
         let text = serde_json::to_string_pretty(meta).map_err(|e| LlamaError::serialize("laplace.json", e))?;
         write_atomic(&self.meta(), text.as_bytes())
@@ -217,47 +273,85 @@ impl LaplaceDir {
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         let meta: LaplaceMeta = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
         if !(meta.prior_precision > 0.0 && meta.prior_precision <= 1e12) {
-            return Err(LlamaError::format(&path, format!("prior_precision {} must be in (0, 1e12]", meta.prior_precision)));
+            return Err(LlamaError::format(
+                &path,
+                format!("prior_precision {} must be in (0, 1e12]", meta.prior_precision),
+            ));
         }
         // The summed training NLL: a mean above 1e4 nats per example is no MAP fit.
         if !(meta.train_nll >= 0.0 && meta.train_nll <= 1e4 * meta.n_train.max(1) as f64) {
-            return Err(LlamaError::format(&path, format!("train_nll {} must be in [0, 1e4 n_train]", meta.train_nll)));
+            return Err(LlamaError::format(
+                &path,
+                format!("train_nll {} must be in [0, 1e4 n_train]", meta.train_nll),
+            ));
         }
         if meta.curvature_examples > meta.n_train {
             return Err(LlamaError::format(
                 &path,
-                format!("curvature_examples {} exceeds n_train {}", meta.curvature_examples, meta.n_train),
+                format!(
+                    "curvature_examples {} exceeds n_train {}",
+                    meta.curvature_examples, meta.n_train
+                ),
             ));
         }
         let path = self.factors();
         let bytes = std::fs::read(&path).map_err(|e| LlamaError::io(&path, e))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| LlamaError::format(&path, e.to_string()))?;
-        let order = header.metadata().as_ref().and_then(|m| m.get("blocks").cloned()).ok_or_else(|| LlamaError::format(&path, "no block list in the metadata"))?;
-        let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+        let (_, header) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| LlamaError::format(&path, e.to_string()))?;
+        let order = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("blocks").cloned())
+            .ok_or_else(|| LlamaError::format(&path, "no block list in the metadata"))?;
+        let tensors =
+            safetensors::SafeTensors::deserialize(&bytes).map_err(|e| LlamaError::format(&path, e.to_string()))?;
         let read = |name: &str| -> crate::Result<(Vec<f64>, Vec<usize>)> {
-            let t = tensors.tensor(name).map_err(|_| LlamaError::format(&path, format!("missing tensor {name}")))?;
+            let t = tensors
+                .tensor(name)
+                .map_err(|_| LlamaError::format(&path, format!("missing tensor {name}")))?;
             if t.dtype() != safetensors::Dtype::F64 {
                 return Err(LlamaError::format(&path, format!("{name} is not f64")));
             }
-            Ok((t.data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(), t.shape().to_vec()))
+            Ok((
+                t.data()
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
+                t.shape().to_vec(),
+            ))
         };
         let factor = |name: &str| -> crate::Result<Factor> {
             let (vectors, shape) = read(&format!("{name}.vectors"))?;
             let (values, _) = read(&format!("{name}.values"))?;
             if shape.len() != 2 || shape[1] != values.len() {
-                return Err(LlamaError::format(&path, format!("{name}: vectors {shape:?} and {} values", values.len())));
+                return Err(LlamaError::format(
+                    &path,
+                    format!("{name}: vectors {shape:?} and {} values", values.len()),
+                ));
             }
             if let Some(v) = vectors.iter().find(|v| !v.is_finite()) {
                 return Err(LlamaError::format(&path, format!("{name}.vectors holds {v}")));
             }
             if let Some(v) = values.iter().find(|v| !(v.is_finite() && **v >= 0.0)) {
-                return Err(LlamaError::format(&path, format!("{name}.values holds {v} (eigenvalues of a curvature factor are finite and >= 0)")));
+                return Err(LlamaError::format(
+                    &path,
+                    format!("{name}.values holds {v} (eigenvalues of a curvature factor are finite and >= 0)"),
+                ));
             }
-            Ok(Factor { vectors: DMatrix::from_row_slice(shape[0], shape[1], &vectors), values })
+            Ok(Factor {
+                vectors: DMatrix::from_row_slice(shape[0], shape[1], &vectors),
+                values,
+            })
         };
         let blocks = order
             .split(',')
-            .map(|name| Ok(Block { name: name.to_string(), output: factor(&format!("{name}.output"))?, input: factor(&format!("{name}.input"))? }))
+            .map(|name| {
+                Ok(Block {
+                    name: name.to_string(),
+                    output: factor(&format!("{name}.output"))?,
+                    input: factor(&format!("{name}.input"))?,
+                })
+            })
             .collect::<crate::Result<_>>()?;
         Ok((meta, blocks))
     }

@@ -40,23 +40,41 @@ pub fn linearise<B: AutodiffBackend>(
 ) -> crate::Result<Linearised> {
     let layers = lora_layers(model)?;
     if blocks.len() != 2 * layers.len() {
-        return Err(LlamaError::Mismatch(format!("the posterior has {} blocks for {} LoRA layers", blocks.len(), layers.len())));
+        return Err(LlamaError::Mismatch(format!(
+            "the posterior has {} blocks for {} LoRA layers",
+            blocks.len(),
+            layers.len()
+        )));
     }
     for (j, (name, a, b, _)) in layers.iter().enumerate() {
         let ([r, n], [m, _]) = (a.dims(), b.dims());
-        if blocks[2 * j].shape() != (r, n) || blocks[2 * j + 1].shape() != (m, r) || !blocks[2 * j].name.starts_with(name.as_str()) {
-            return Err(LlamaError::Mismatch(format!("the posterior's block {} does not match the adapter {name}", blocks[2 * j].name)));
+        if blocks[2 * j].shape() != (r, n)
+            || blocks[2 * j + 1].shape() != (m, r)
+            || !blocks[2 * j].name.starts_with(name.as_str())
+        {
+            return Err(LlamaError::Mismatch(format!(
+                "the posterior's block {} does not match the adapter {name}",
+                blocks[2 * j].name
+            )));
         }
     }
     let k = scorer.classes;
-    let mut out = Linearised { k, mean: vec![0.0; examples.len() * k], covariance: vec![vec![0.0; examples.len() * k * k]; lambdas.len()] };
+    let mut out = Linearised {
+        k,
+        mean: vec![0.0; examples.len() * k],
+        covariance: vec![vec![0.0; examples.len() * k * k]; lambdas.len()],
+    };
     // c_ij(λ) = 1 / (g_i a_j + λ) - 1 / λ per block.
     let coefficients: Vec<Vec<DMatrix<f64>>> = lambdas
         .iter()
         .map(|&l| {
             blocks
                 .iter()
-                .map(|b| DMatrix::from_fn(b.output.values.len(), b.input.values.len(), |i, j| 1.0 / (b.output.values[i] * b.input.values[j] + l) - 1.0 / l))
+                .map(|b| {
+                    DMatrix::from_fn(b.output.values.len(), b.input.values.len(), |i, j| {
+                        1.0 / (b.output.values[i] * b.input.values[j] + l) - 1.0 / l
+                    })
+                })
                 .collect()
         })
         .collect();
@@ -66,24 +84,37 @@ pub fn linearise<B: AutodiffBackend>(
         let batch = scorer.batch(examples, chunk, Padding::Left);
         let passes = batch.passes();
         let n = chunk.len();
-        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes.iter().map(|p| token_mask::<B::InnerBackend>(p, device)).collect();
+        let masks: Vec<Tensor<B::InnerBackend, 3>> = passes
+            .iter()
+            .map(|p| token_mask::<B::InnerBackend>(p, device))
+            .collect();
         // jac[block][class]: [n, rows * cols] row-major per example.
         let mut jac: Vec<Vec<Vec<f64>>> = vec![Vec::with_capacity(k); blocks.len()];
         for c in 0..k {
             let (logits, taps) = tapped(model, &batch, scorer, device);
             if c == 0 {
-                let values: Vec<f64> = logits.clone().detach().into_data().convert::<f64>().to_vec().expect("f64");
+                let values: Vec<f64> = logits
+                    .clone()
+                    .detach()
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec()
+                    .expect("f64");
                 for (row, &i) in chunk.iter().enumerate() {
                     out.mean[i * k..(i + 1) * k].copy_from_slice(&values[row * k..(row + 1) * k]);
                 }
             }
             // Only examples that have class c: the others' masked logit is a constant.
-            let w: Vec<f32> = chunk.iter().flat_map(|&i| (0..k).map(move |j| if j == c && c < examples[i].n_choices { 1.0 } else { 0.0 })).collect();
+            let w: Vec<f32> = chunk
+                .iter()
+                .flat_map(|&i| (0..k).map(move |j| if j == c && c < examples[i].n_choices { 1.0 } else { 0.0 }))
+                .collect();
             let w = Tensor::<B, 2>::from_data(TensorData::new(w, [n, k]), device);
             let grads = logits.mul(w).sum().backward();
             let taps = lora_taps::<B>(&taps, layers.len(), passes.len());
             // Per layer, the Jacobians summed over the passes' rows of each example.
-            let mut sums: Vec<Option<(Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 3>)>> = vec![None; layers.len()];
+            let mut sums: Vec<Option<(Tensor<B::InnerBackend, 3>, Tensor<B::InnerBackend, 3>)>> =
+                vec![None; layers.len()];
             for ((pass, mask), layout) in taps.iter().zip(&masks).zip(&passes) {
                 for (j, g) in probe_grads::<B>(pass, &grads, mask).into_iter().enumerate() {
                     let (_, a, b, s) = &layers[j];
@@ -109,8 +140,13 @@ pub fn linearise<B: AutodiffBackend>(
             let (rows, cols) = block.shape();
             let size = rows * cols;
             for (row, &i) in chunk.iter().enumerate() {
-                let js: Vec<DMatrix<f64>> = (0..k).map(|c| DMatrix::from_row_slice(rows, cols, &jac[bi][c][row * size..(row + 1) * size])).collect();
-                let ts: Vec<DMatrix<f64>> = js.iter().map(|j| block.output.vectors.transpose() * j * &block.input.vectors).collect();
+                let js: Vec<DMatrix<f64>> = (0..k)
+                    .map(|c| DMatrix::from_row_slice(rows, cols, &jac[bi][c][row * size..(row + 1) * size]))
+                    .collect();
+                let ts: Vec<DMatrix<f64>> = js
+                    .iter()
+                    .map(|j| block.output.vectors.transpose() * j * &block.input.vectors)
+                    .collect();
                 for c in 0..k {
                     for d in c..k {
                         let inner = js[c].dot(&js[d]);
@@ -159,7 +195,14 @@ fn not_positive(example: usize, prior_precision: f64, what: &str) -> LlamaError 
 
 /// The Monte Carlo predictive: the mean softmax of `samples` draws of the
 /// logits from `N(μ, Σ)` per example.
-pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<Vec<f64>> {
+pub fn sampled(
+    mean: &[f64],
+    covariance: &[f64],
+    k: usize,
+    samples: usize,
+    seed: u64,
+    prior_precision: f64,
+) -> crate::Result<Vec<f64>> {
     let s = samples.max(1);
     Ok(draws(mean, covariance, k, s, seed, prior_precision)?
         .chunks(s * k)
@@ -172,7 +215,14 @@ pub fn sampled(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed:
 /// Cholesky factorisation fails (after a jitter of 1e-10 of its largest
 /// variance) is an error naming the example and the prior precision
 /// (`prior_precision`, for the message), never a silent `Σ = 0`.
-pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<Vec<f64>> {
+pub fn draws(
+    mean: &[f64],
+    covariance: &[f64],
+    k: usize,
+    samples: usize,
+    seed: u64,
+    prior_precision: f64,
+) -> crate::Result<Vec<f64>> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = move || {
         // Box-Muller.
@@ -191,7 +241,11 @@ pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u
         }
         let Some(l) = nalgebra::Cholesky::new(sigma.clone()).map(|c| c.l()) else {
             let smallest = SymmetricEigen::new(sigma).eigenvalues.min();
-            return Err(not_positive(i, prior_precision, &format!("smallest eigenvalue {smallest:e} after a jitter of {jitter:e}")));
+            return Err(not_positive(
+                i,
+                prior_precision,
+                &format!("smallest eigenvalue {smallest:e} after a jitter of {jitter:e}"),
+            ));
         };
         for _ in 0..samples.max(1) {
             let z = nalgebra::DVector::from_fn(k, |_, _| normal());
@@ -206,12 +260,31 @@ pub fn draws(mean: &[f64], covariance: &[f64], k: usize, samples: usize, seed: u
 /// approximation for `samples = 1`, else `samples` draws of the logit
 /// Gaussian per example (the samples of the uncertainty decomposition;
 /// seeded by `seed`).
-pub fn predictive(lin: &Linearised, labels: Vec<usize>, samples: usize, seed: u64, prior_precision: f64) -> crate::Result<SampledProbs> {
+pub fn predictive(
+    lin: &Linearised,
+    labels: Vec<usize>,
+    samples: usize,
+    seed: u64,
+    prior_precision: f64,
+) -> crate::Result<SampledProbs> {
     let k = lin.k;
-    let cov = lin.covariance.first().ok_or_else(|| LlamaError::Mismatch("a linearised predictive with no covariance".into()))?;
+    let cov = lin
+        .covariance
+        .first()
+        .ok_or_else(|| LlamaError::Mismatch("a linearised predictive with no covariance".into()))?;
     Ok(if samples > 1 {
-        SampledProbs { probs: draws(&lin.mean, cov, k, samples, seed, prior_precision)?, samples, classes: k, labels }
+        SampledProbs {
+            probs: draws(&lin.mean, cov, k, samples, seed, prior_precision)?,
+            samples,
+            classes: k,
+            labels,
+        }
     } else {
-        SampledProbs { probs: probit(&lin.mean, cov, k, prior_precision)?, samples: 1, classes: k, labels }
+        SampledProbs {
+            probs: probit(&lin.mean, cov, k, prior_precision)?,
+            samples: 1,
+            classes: k,
+            labels,
+        }
     })
 }

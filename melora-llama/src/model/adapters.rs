@@ -59,7 +59,11 @@ impl Target {
 
     /// The module name (`q_proj`, ...).
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(t, _)| *t == self).map(|(_, n)| *n).unwrap_or("?")
+        Self::ALL
+            .iter()
+            .find(|(t, _)| *t == self)
+            .map(|(_, n)| *n)
+            .unwrap_or("?")
     }
 
     /// Parses a comma-separated list such as `q_proj,v_proj`.
@@ -97,7 +101,9 @@ impl<B: Backend> Llama<B> {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             for (name, slot) in layer.projections_mut() {
                 if let Proj::Adapted(adapter) = &*slot {
-                    let base = adapter.merge().map_err(|e| LlamaError::Numerical(format!("model.layers.{i}.{name}: {e}")))?;
+                    let base = adapter
+                        .merge()
+                        .map_err(|e| LlamaError::Numerical(format!("model.layers.{i}.{name}: {e}")))?;
                     *slot = Proj::Base(base);
                 }
             }
@@ -105,7 +111,10 @@ impl<B: Backend> Llama<B> {
         // An output adapter unties a tied output layer: the merged output
         // weight differs from the input embedding.
         if let Some(head) = self.head_adapter.take() {
-            self.lm_head = Some(head.merge().map_err(|e| LlamaError::Numerical(format!("lm_head: {e}")))?);
+            self.lm_head = Some(
+                head.merge()
+                    .map_err(|e| LlamaError::Numerical(format!("lm_head: {e}")))?,
+            );
         }
         Ok(self)
     }
@@ -115,7 +124,10 @@ impl<B: Backend> Llama<B> {
     pub fn output_layer(&self) -> Linear<B> {
         match &self.lm_head {
             Some(head) => head.clone(),
-            None => Linear { weight: Param::from_tensor(self.embed_tokens.weight.val().transpose().set_require_grad(false)), bias: None },
+            None => Linear {
+                weight: Param::from_tensor(self.embed_tokens.weight.val().transpose().set_require_grad(false)),
+                bias: None,
+            },
         }
     }
 

@@ -46,7 +46,13 @@ impl<B: Backend> Rope<B> {
     /// Tables for positions `start .. start + seq` (half-split layout:
     /// frequency `i` at columns `i` and `i + head_dim / 2`).
     pub fn new(theta: f64, head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
-        Self::build(theta, head_dim, &(start..start + seq).collect::<Vec<_>>(), [1, seq], device)
+        Self::build(
+            theta,
+            head_dim,
+            &(start..start + seq).collect::<Vec<_>>(),
+            [1, seq],
+            device,
+        )
     }
 
     /// Tables for a position per token: `positions`, `[batch * seq]`
@@ -55,7 +61,14 @@ impl<B: Backend> Rope<B> {
     /// # Panics
     ///
     /// If `positions` does not hold `batch * seq` entries.
-    pub fn per_token(theta: f64, head_dim: usize, positions: &[usize], batch: usize, seq: usize, device: &B::Device) -> Self {
+    pub fn per_token(
+        theta: f64,
+        head_dim: usize,
+        positions: &[usize],
+        batch: usize,
+        seq: usize,
+        device: &B::Device,
+    ) -> Self {
         assert_eq!(positions.len(), batch * seq, "one rotary position per token");
         Self::build(theta, head_dim, positions, [batch, seq], device)
     }
@@ -141,7 +154,8 @@ impl<B: Backend> Attention<B> {
         };
         let queries = q.dims()[2];
         let out = grouped_attention(q, k, v, mask);
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([batch, queries, h * hd]), sampler)
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([batch, queries, h * hd]), sampler)
     }
 }
 
@@ -158,7 +172,12 @@ impl<B: Backend> Attention<B> {
 /// costs the backward pass nothing. The same function as Burn's `attention`
 /// with a boolean mask and `repeat_kv`, in fewer passes over the scores
 /// (tested against the transformers fixtures).
-pub fn grouped_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Option<Tensor<B, 4>>) -> Tensor<B, 4> {
+pub fn grouped_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4>>,
+) -> Tensor<B, 4> {
     let [b, h, s, d] = q.dims();
     let [_, kvh, t, _] = k.dims();
     let group = h / kvh;

@@ -13,7 +13,10 @@ pub struct KvCache<B: Backend> {
 impl<B: Backend> KvCache<B> {
     /// An empty cache for `layers` layers.
     pub fn new(layers: usize) -> Self {
-        Self { layers: (0..layers).map(|_| (None, None)).collect(), len: 0 }
+        Self {
+            layers: (0..layers).map(|_| (None, None)).collect(),
+            len: 0,
+        }
     }
 
     /// The number of cached positions.

@@ -18,10 +18,19 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     ///
     /// - hidden: `[batch, seq, hidden]`, output: `[batch, labels]`
-    pub fn label_logits(&self, hidden: Tensor<B, 3>, positions: &[usize], label_ids: &[u32], sampler: &mut Sampler) -> Tensor<B, 2> {
+    pub fn label_logits(
+        &self,
+        hidden: Tensor<B, 3>,
+        positions: &[usize],
+        label_ids: &[u32],
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 2> {
         let [batch, _, d] = hidden.dims();
         let device = hidden.device();
-        let index: Vec<i64> = positions.iter().flat_map(|&p| std::iter::repeat_n(p as i64, d)).collect();
+        let index: Vec<i64> = positions
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p as i64, d))
+            .collect();
         let index = Tensor::<B, 3, Int>::from_data(TensorData::new(index, [batch, 1, d]), &device);
         let last = hidden.gather(1, index).reshape([batch, d]);
         let ids: Vec<i64> = label_ids.iter().map(|&i| i as i64).collect();
@@ -48,7 +57,13 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     ///
     /// - output: `[batch, labels]`
-    pub fn class_logits(&self, batch: &Batch, label_ids: &[u32], sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
+    pub fn class_logits(
+        &self,
+        batch: &Batch,
+        label_ids: &[u32],
+        sampler: &mut Sampler,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), batch.shape), device);
         let padded = batch.mask.iter().any(|row| row.iter().any(|m| !m));
         let padding = padded.then_some(batch.mask.as_slice());
@@ -65,8 +80,11 @@ impl<B: Backend> Llama<B> {
         if batch.n_choices.iter().all(|&n| n >= k) {
             return logits;
         }
-        let mask: Vec<f32> =
-            batch.n_choices.iter().flat_map(|&n| (0..k).map(move |j| if j < n { 0.0 } else { MASKED_LOGIT })).collect();
+        let mask: Vec<f32> = batch
+            .n_choices
+            .iter()
+            .flat_map(|&n| (0..k).map(move |j| if j < n { 0.0 } else { MASKED_LOGIT }))
+            .collect();
         logits.add(Tensor::from_data(TensorData::new(mask, [batch.shape[0], k]), device))
     }
 }

@@ -86,7 +86,10 @@ impl LlamaConfig {
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(LlamaError::Config(format!("head_dim = {} must be even for RoPE", self.head_dim)));
+            return Err(LlamaError::Config(format!(
+                "head_dim = {} must be even for RoPE",
+                self.head_dim
+            )));
         }
         if !(self.rope_theta > 0.0 && self.rms_norm_eps >= 0.0) {
             return Err(LlamaError::Config(format!(
@@ -162,7 +165,11 @@ mod tests {
         let old = dir.join("old.json");
         std::fs::write(&old, format!("{{{base}, \"rope_theta\": 500000.0}}")).unwrap();
         let new = dir.join("new.json");
-        std::fs::write(&new, format!("{{{base}, \"rope_parameters\": {{\"rope_theta\": 1234.0, \"rope_type\": \"default\"}}}}")).unwrap();
+        std::fs::write(
+            &new,
+            format!("{{{base}, \"rope_parameters\": {{\"rope_theta\": 1234.0, \"rope_type\": \"default\"}}}}"),
+        )
+        .unwrap();
         assert_eq!(LlamaConfig::from_hf_json(&old).unwrap().rope_theta, 500000.0);
         let c = LlamaConfig::from_hf_json(&new).unwrap();
         assert_eq!((c.rope_theta, c.head_dim, c.num_key_value_heads), (1234.0, 4, 1));

@@ -20,6 +20,7 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub(super) fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         let gate = silu(self.gate_proj.forward(x.clone(), sampler));
-        self.down_proj.forward(gate.mul(self.up_proj.forward(x, sampler)), sampler)
+        self.down_proj
+            .forward(gate.mul(self.up_proj.forward(x, sampler)), sampler)
     }
 }

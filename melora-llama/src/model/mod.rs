@@ -20,13 +20,13 @@ pub use attention::{attention_mask, grouped_attention, Attention, Rope};
 pub use config::LlamaConfig;
 pub use mlp::Mlp;
 
-use cache::KvCache;
 use burn::module::Module;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::module::linear;
 use burn::tensor::{backend::Backend, ElementConversion, Int, Tensor, TensorData};
-use melora_kernels::{flat_linear, linear_forward, rms_norm};
+use cache::KvCache;
 use melora_core::{Adapter, AnyAdapter, NoiseSource, ParamGroups, Sampler, SamplingMode};
+use melora_kernels::{flat_linear, linear_forward, rms_norm};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
 #[derive(Module, Debug)]
@@ -102,9 +102,15 @@ pub fn pick_rows<B: Backend, const D: usize>(t: Tensor<B, D>, dim: usize, rows: 
     let mut shape = dims;
     shape[dim] = 1;
     let per_batch: usize = shape[1..].iter().product();
-    let index: Vec<i64> = rows.iter().flat_map(|&r| std::iter::repeat_n(r as i64, per_batch)).collect();
+    let index: Vec<i64> = rows
+        .iter()
+        .flat_map(|&r| std::iter::repeat_n(r as i64, per_batch))
+        .collect();
     let device = t.device();
-    t.gather(dim, Tensor::<B, D, Int>::from_data(TensorData::new(index, shape), &device))
+    t.gather(
+        dim,
+        Tensor::<B, D, Int>::from_data(TensorData::new(index, shape), &device),
+    )
 }
 
 /// The seven projections of a layer with their paths inside it.
@@ -162,7 +168,13 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     ///
     /// - tokens: `[batch, seq]`, output: `[batch, 1, hidden]`
-    pub fn hidden_at(&self, tokens: Tensor<B, 2, Int>, padding: Option<&[Vec<bool>]>, rows: &[usize], sampler: &mut Sampler) -> Tensor<B, 3> {
+    pub fn hidden_at(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: Option<&[Vec<bool>]>,
+        rows: &[usize],
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
         self.run(tokens, padding, None, Some(rows), sampler)
     }
 
@@ -177,7 +189,13 @@ impl<B: Backend> Llama<B> {
     /// # Shapes
     ///
     /// - tokens: `[batch, seq]`, output: `[batch, seq, hidden]`
-    pub fn hidden_laid_out(&self, tokens: Tensor<B, 2, Int>, positions: &[usize], mask: Tensor<B, 4>, sampler: &mut Sampler) -> Tensor<B, 3> {
+    pub fn hidden_laid_out(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        positions: &[usize],
+        mask: Tensor<B, 4>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let first = &self.layers[0].self_attn;
         let rope = Rope::per_token(self.rope_theta, first.head_dim, positions, batch, seq, &tokens.device());
@@ -197,8 +215,7 @@ impl<B: Backend> Llama<B> {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let first = &self.layers[0].self_attn;
         let rope = Rope::new(self.rope_theta, first.head_dim, past, seq, &device);
-        let mask = (seq > 1 || padding.is_some())
-            .then(|| attention_mask::<B>(batch, past, seq, padding, &device));
+        let mask = (seq > 1 || padding.is_some()).then(|| attention_mask::<B>(batch, past, seq, padding, &device));
         self.layers_forward(tokens, &rope, mask, cache, rows, sampler)
     }
 
@@ -217,13 +234,22 @@ impl<B: Backend> Llama<B> {
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| c.layer(i));
             let rows = rows.filter(|_| i == last);
-            let attn = layer.self_attn.forward(rms_norm(&layer.input_layernorm, x.clone()), rope, mask.clone(), layer_cache, rows, sampler);
+            let attn = layer.self_attn.forward(
+                rms_norm(&layer.input_layernorm, x.clone()),
+                rope,
+                mask.clone(),
+                layer_cache,
+                rows,
+                sampler,
+            );
             x = match rows {
                 Some(rows) => pick_rows(x, 1, rows),
                 None => x,
             }
             .add(attn);
-            let mlp = layer.mlp.forward(rms_norm(&layer.post_attention_layernorm, x.clone()), sampler);
+            let mlp = layer
+                .mlp
+                .forward(rms_norm(&layer.post_attention_layernorm, x.clone()), sampler);
             x = x.add(mlp);
         }
         if let Some(c) = cache {
@@ -241,7 +267,10 @@ impl<B: Backend> Llama<B> {
 
     /// [`Llama::logits`] with an output adapter drawn by `sampler`.
     pub fn logits_sampled(&self, hidden: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let code = self.head_adapter.as_ref().map(|head| (head.code(hidden.clone(), sampler), head.lora_b()));
+        let code = self
+            .head_adapter
+            .as_ref()
+            .map(|head| (head.code(hidden.clone(), sampler), head.lora_b()));
         let logits = match &self.lm_head {
             Some(head) => head.forward(hidden),
             None => linear(hidden, self.embed_tokens.weight.val().transpose(), None),
@@ -275,7 +304,12 @@ impl<B: Backend> Llama<B> {
     }
 
     /// Logits for every position, `[batch, seq, vocab]`.
-    pub fn forward(&self, tokens: Tensor<B, 2, Int>, padding: Option<&[Vec<bool>]>, sampler: &mut Sampler) -> Tensor<B, 3> {
+    pub fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        padding: Option<&[Vec<bool>]>,
+        sampler: &mut Sampler,
+    ) -> Tensor<B, 3> {
         let hidden = self.hidden(tokens, padding, None, sampler);
         self.logits_sampled(hidden, sampler)
     }

@@ -24,8 +24,8 @@
 //! shared-prefix scores and their gradients against those.
 
 use crate::data::batch_of;
-use crate::model::classify::MASKED_LOGIT;
 use crate::data::{Batch, Encoded, LengthNorm, Padding, Scoring};
+use crate::model::classify::MASKED_LOGIT;
 use crate::model::Llama;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{backend::Backend, Int, Tensor, TensorData};
@@ -50,12 +50,24 @@ pub struct Scorer {
 impl Scorer {
     /// Label scoring over `label_ids`.
     pub fn label(label_ids: Vec<u32>, pad: u32) -> Self {
-        Self { scoring: Scoring::Label, norm: LengthNorm::None, classes: label_ids.len(), label_ids, pad }
+        Self {
+            scoring: Scoring::Label,
+            norm: LengthNorm::None,
+            classes: label_ids.len(),
+            label_ids,
+            pad,
+        }
     }
 
     /// Answer scoring with `classes` classes.
     pub fn answer(classes: usize, norm: LengthNorm, pad: u32) -> Self {
-        Self { scoring: Scoring::Answer, norm, label_ids: Vec::new(), pad, classes }
+        Self {
+            scoring: Scoring::Answer,
+            norm,
+            label_ids: Vec::new(),
+            pad,
+            classes,
+        }
     }
 
     /// A batch of the given examples (left padding for label scoring).
@@ -72,7 +84,13 @@ impl Scorer {
     /// Class scores `[batch, classes]` (logits under label scoring, choice
     /// log-likelihoods under answer scoring); classes an example lacks get
     /// [`MASKED_LOGIT`].
-    pub fn scores<B: Backend>(&self, model: &Llama<B>, batch: &ScoreBatch, sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
+    pub fn scores<B: Backend>(
+        &self,
+        model: &Llama<B>,
+        batch: &ScoreBatch,
+        sampler: &mut Sampler,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
         match batch {
             ScoreBatch::Label(batch) => model.class_logits(batch, &self.label_ids, sampler, device),
             ScoreBatch::Answer(batch) => model.choice_scores(batch, self.classes, sampler, device),
@@ -119,8 +137,14 @@ impl ScoreBatch {
     /// The forward passes [`Scorer::scores`] runs, in order (one).
     pub fn passes(&self) -> Vec<PassLayout> {
         match self {
-            Self::Label(b) => vec![PassLayout { mask: b.mask.clone(), example: (0..b.shape[0]).collect() }],
-            Self::Answer(b) => vec![PassLayout { mask: b.real(), example: (0..b.shape[0]).collect() }],
+            Self::Label(b) => vec![PassLayout {
+                mask: b.mask.clone(),
+                example: (0..b.shape[0]).collect(),
+            }],
+            Self::Answer(b) => vec![PassLayout {
+                mask: b.real(),
+                example: (0..b.shape[0]).collect(),
+            }],
         }
     }
 
@@ -206,7 +230,10 @@ impl ChoiceBatch {
             n_choices: examples.iter().map(|e| e.continuations.len()).collect(),
         };
         for (q, example) in examples.iter().enumerate() {
-            assert!(!example.continuations.is_empty(), "an example without continuations under answer scoring");
+            assert!(
+                !example.continuations.is_empty(),
+                "an example without continuations under answer scoring"
+            );
             let prefix = example.ids.len();
             let mut segments = vec![Segment::Prefix; prefix];
             batch.tokens.extend(example.ids.iter().map(|&t| t as i64));
@@ -241,7 +268,11 @@ impl ChoiceBatch {
     pub fn rows(&self, rows: std::ops::Range<usize>) -> ChoiceBatch {
         let seq = self.shape[1];
         let (start, end) = (rows.start, rows.end);
-        assert!(start <= end && end <= self.shape[0], "rows {start}..{end} of a batch of {}", self.shape[0]);
+        assert!(
+            start <= end && end <= self.shape[0],
+            "rows {start}..{end} of a batch of {}",
+            self.shape[0]
+        );
         let mut batch = ChoiceBatch {
             tokens: self.tokens[start * seq..end * seq].to_vec(),
             shape: [end - start, seq],
@@ -267,7 +298,10 @@ impl ChoiceBatch {
 
     /// Per row, `true` for the real tokens.
     pub fn real(&self) -> Vec<Vec<bool>> {
-        self.segments.iter().map(|row| row.iter().map(|&s| s != Segment::Padding).collect()).collect()
+        self.segments
+            .iter()
+            .map(|row| row.iter().map(|&s| s != Segment::Padding).collect())
+            .collect()
     }
 
     /// The attention bias `[questions, 1, seq, seq]`, row-major: a token
@@ -279,8 +313,13 @@ impl ChoiceBatch {
         for row in &self.segments {
             for (i, &query) in row.iter().enumerate() {
                 bias.extend(row.iter().enumerate().map(|(j, &key)| {
-                    let visible = j == i || (j < i && query != Segment::Padding && (key == query || key == Segment::Prefix));
-                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                    let visible =
+                        j == i || (j < i && query != Segment::Padding && (key == query || key == Segment::Prefix));
+                    if visible {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
                 }));
             }
         }
@@ -303,11 +342,23 @@ impl<B: Backend> Llama<B> {
     /// Answer scores `[questions, classes]` of a [`ChoiceBatch`]: each
     /// choice's (normalised) log-likelihood, [`MASKED_LOGIT`] for the
     /// classes a question lacks. See the [module docs](self).
-    pub fn choice_scores(&self, batch: &ChoiceBatch, classes: usize, sampler: &mut Sampler, device: &B::Device) -> Tensor<B, 2> {
+    pub fn choice_scores(
+        &self,
+        batch: &ChoiceBatch,
+        classes: usize,
+        sampler: &mut Sampler,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
         let [questions, seq] = batch.shape;
-        assert!(batch.n_choices.iter().all(|&n| n <= classes), "a question has more choices than classes");
+        assert!(
+            batch.n_choices.iter().all(|&n| n <= classes),
+            "a question has more choices than classes"
+        );
         let tokens = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.tokens.clone(), batch.shape), device);
-        let bias = Tensor::<B, 4>::from_data(TensorData::new(batch.attention_bias(), [questions, 1, seq, seq]), device);
+        let bias = Tensor::<B, 4>::from_data(
+            TensorData::new(batch.attention_bias(), [questions, 1, seq, seq]),
+            device,
+        );
         let hidden = self.hidden_laid_out(tokens, &batch.rope, bias, sampler);
         let d = hidden.dims()[2];
         let n = batch.positions.len();
@@ -328,13 +379,19 @@ impl<B: Backend> Llama<B> {
         let logp = log_softmax(logits, 1);
         let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.targets.clone(), [n, 1]), device);
         let picked = logp.gather(1, targets);
-        let weights = Tensor::<B, 2>::from_data(TensorData::new(batch.weight_matrix(classes), [questions * classes, n]), device);
+        let weights = Tensor::<B, 2>::from_data(
+            TensorData::new(batch.weight_matrix(classes), [questions * classes, n]),
+            device,
+        );
         let scores = weights.matmul(picked).reshape([questions, classes]);
         if batch.n_choices.iter().all(|&k| k == classes) {
             return scores;
         }
-        let mask: Vec<f64> =
-            batch.n_choices.iter().flat_map(|&k| (0..classes).map(move |j| if j < k { 0.0 } else { MASKED_LOGIT as f64 })).collect();
+        let mask: Vec<f64> = batch
+            .n_choices
+            .iter()
+            .flat_map(|&k| (0..classes).map(move |j| if j < k { 0.0 } else { MASKED_LOGIT as f64 }))
+            .collect();
         scores.add(Tensor::from_data(TensorData::new(mask, [questions, classes]), device))
     }
 }

@@ -23,7 +23,9 @@ pub struct Curve {
 /// cut short (a run writing it now) is left out.
 pub fn read_metrics(dir: &Path) -> Result<Option<Vec<EvalRecord>>> {
     let path = dir.join("metrics.jsonl");
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(None) };
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     let mut records = Vec::new();
     for (i, line) in lines.iter().enumerate() {
@@ -39,23 +41,38 @@ pub fn read_metrics(dir: &Path) -> Result<Option<Vec<EvalRecord>>> {
 /// The folder holding a run's `metrics.jsonl`: its kept record in the
 /// results folder, else (still training) its run folder under `runs`.
 fn record_dir(study: &Study, t: &TaskSpec, key: &str, seed: u64, runs: Option<&Path>) -> Option<PathBuf> {
-    let kept = study.results.join("runs").join(t.task.name()).join(format!("{key}-seed{seed}"));
+    let kept = study
+        .results
+        .join("runs")
+        .join(t.task.name())
+        .join(format!("{key}-seed{seed}"));
     if kept.join("metrics.jsonl").is_file() {
         return Some(kept);
     }
-    runs.map(|r| study.run_dir(r, t.task, key, seed)).filter(|d| d.join("metrics.jsonl").is_file())
+    runs.map(|r| study.run_dir(r, t.task, key, seed))
+        .filter(|d| d.join("metrics.jsonl").is_file())
 }
 
 /// The first seed's curve of every trained method of task `t`, in table
 /// order (methods without one left out).
 pub fn first_seed_curves(study: &Study, t: &TaskSpec, runs: Option<&Path>) -> Result<Vec<(String, Curve)>> {
-    let Some(&seed) = study.task_seeds(t).first() else { return Ok(Vec::new()) };
+    let Some(&seed) = study.task_seeds(t).first() else {
+        return Ok(Vec::new());
+    };
     let mut out = Vec::new();
     for m in study.methods.iter().filter(|m| m.train.is_some()) {
-        let Some(dir) = record_dir(study, t, &m.key, seed, runs) else { continue };
+        let Some(dir) = record_dir(study, t, &m.key, seed, runs) else {
+            continue;
+        };
         if let Some(records) = read_metrics(&dir)? {
             if !records.is_empty() {
-                out.push((m.key.clone(), Curve { label: m.label.clone(), records }));
+                out.push((
+                    m.key.clone(),
+                    Curve {
+                        label: m.label.clone(),
+                        records,
+                    },
+                ));
             }
         }
     }
@@ -74,29 +91,46 @@ pub fn plot_task(study: &Study, t: &TaskSpec, runs: Option<&Path>, dir: &Path) -
     }
     std::fs::create_dir_all(dir).map_err(|e| LlamaError::write(dir, e))?;
     let text = font_available();
-    let draw = |name: &str, size: (u32, u32), f: &dyn Fn(DrawingArea<SVGBackend, Shift>) -> std::result::Result<(), String>| -> Result<()> {
+    let draw = |name: &str,
+                size: (u32, u32),
+                f: &dyn Fn(DrawingArea<SVGBackend, Shift>) -> std::result::Result<(), String>|
+     -> Result<()> {
         let svg = dir.join(format!("{name}.svg"));
         f(SVGBackend::new(&svg, size).into_drawing_area()).map_err(|e| LlamaError::format(&svg, e))
     };
-    let draw_png = |name: &str, size: (u32, u32), f: &dyn Fn(DrawingArea<BitMapBackend, Shift>) -> std::result::Result<(), String>| -> Result<()> {
+    let draw_png = |name: &str,
+                    size: (u32, u32),
+                    f: &dyn Fn(DrawingArea<BitMapBackend, Shift>) -> std::result::Result<(), String>|
+     -> Result<()> {
         let png = dir.join(format!("{name}.png"));
         f(BitMapBackend::new(&png, size).into_drawing_area()).map_err(|e| LlamaError::format(&png, e))
     };
     let title = t.task.title();
     if let Some((_, pilot)) = curves.iter().find(|(k, _)| *k == study.compare.baseline) {
         crate::assets::write_atomic(&dir.join("pilot.md"), pilot_table(pilot, title).as_bytes())?;
-        let panels: [(&str, fn(&EvalRecord) -> f64); 3] =
-            [("accuracy (%)", |r| 100.0 * r.metrics.accuracy), ("ECE (%)", |r| 100.0 * r.metrics.ece), ("NLL", |r| r.metrics.nll)];
+        let panels: [(&str, fn(&EvalRecord) -> f64); 3] = [
+            ("accuracy (%)", |r| 100.0 * r.metrics.accuracy),
+            ("ECE (%)", |r| 100.0 * r.metrics.ece),
+            ("NLL", |r| r.metrics.nll),
+        ];
         let caption = format!("{}: validation, {title}", pilot.label);
-        draw("pilot", (960, 360), &|area| panels_plot(area, pilot, &panels, &caption, text))?;
+        draw("pilot", (960, 360), &|area| {
+            panels_plot(area, pilot, &panels, &caption, text)
+        })?;
         if text {
-            draw_png("pilot", (960, 360), &|area| panels_plot(area, pilot, &panels, &caption, text))?;
+            draw_png("pilot", (960, 360), &|area| {
+                panels_plot(area, pilot, &panels, &caption, text)
+            })?;
         }
     }
     let caption = format!("validation ECE (%), first seed, {title}");
-    draw("validation-ece", (720, 480), &|area| ece_plot(area, &curves, &caption, text))?;
+    draw("validation-ece", (720, 480), &|area| {
+        ece_plot(area, &curves, &caption, text)
+    })?;
     if text {
-        draw_png("validation-ece", (720, 480), &|area| ece_plot(area, &curves, &caption, text))?;
+        draw_png("validation-ece", (720, 480), &|area| {
+            ece_plot(area, &curves, &caption, text)
+        })?;
     }
     Ok(())
 }
@@ -146,7 +180,11 @@ fn panels_plot<DB: DrawingBackend>(
     text: bool,
 ) -> std::result::Result<(), String> {
     area.fill(&WHITE).map_err(err)?;
-    let area = if text { area.titled(caption, ("sans-serif", 18)).map_err(err)? } else { area };
+    let area = if text {
+        area.titled(caption, ("sans-serif", 18)).map_err(err)?
+    } else {
+        area
+    };
     let steps = curve.records.iter().map(|r| r.step as f64).fold(1.0, f64::max);
     for (panel, (name, f)) in area.split_evenly((1, panels.len())).into_iter().zip(panels) {
         let mut builder = ChartBuilder::on(&panel);
@@ -154,7 +192,9 @@ fn panels_plot<DB: DrawingBackend>(
         if text {
             builder.x_label_area_size(32).y_label_area_size(64);
         }
-        let mut chart = builder.build_cartesian_2d(0f64..steps, range(curve.records.iter().map(f))).map_err(err)?;
+        let mut chart = builder
+            .build_cartesian_2d(0f64..steps, range(curve.records.iter().map(f)))
+            .map_err(err)?;
         if text {
             chart
                 .configure_mesh()
@@ -166,37 +206,73 @@ fn panels_plot<DB: DrawingBackend>(
                 .map_err(err)?;
         }
         let points = curve.records.iter().map(|r| (r.step as f64, f(r)));
-        chart.draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2))).map_err(err)?;
-        chart.draw_series(points.map(|p| Circle::new(p, 3, BLUE.filled()))).map_err(err)?;
+        chart
+            .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))
+            .map_err(err)?;
+        chart
+            .draw_series(points.map(|p| Circle::new(p, 3, BLUE.filled())))
+            .map_err(err)?;
     }
     area.present().map_err(err)
 }
 
 /// Validation ECE against the step, one line per method.
-fn ece_plot<DB: DrawingBackend>(area: DrawingArea<DB, Shift>, curves: &[(String, Curve)], caption: &str, text: bool) -> std::result::Result<(), String> {
+fn ece_plot<DB: DrawingBackend>(
+    area: DrawingArea<DB, Shift>,
+    curves: &[(String, Curve)],
+    caption: &str,
+    text: bool,
+) -> std::result::Result<(), String> {
     area.fill(&WHITE).map_err(err)?;
-    let steps = curves.iter().flat_map(|(_, c)| c.records.iter().map(|r| r.step as f64)).fold(1.0, f64::max);
-    let y = range(curves.iter().flat_map(|(_, c)| c.records.iter().map(|r| 100.0 * r.metrics.ece)));
+    let steps = curves
+        .iter()
+        .flat_map(|(_, c)| c.records.iter().map(|r| r.step as f64))
+        .fold(1.0, f64::max);
+    let y = range(
+        curves
+            .iter()
+            .flat_map(|(_, c)| c.records.iter().map(|r| 100.0 * r.metrics.ece)),
+    );
     let mut builder = ChartBuilder::on(&area);
     builder.margin(12);
     if text {
-        builder.caption(caption, ("sans-serif", 18)).x_label_area_size(36).y_label_area_size(48);
+        builder
+            .caption(caption, ("sans-serif", 18))
+            .x_label_area_size(36)
+            .y_label_area_size(48);
     }
     let mut chart = builder.build_cartesian_2d(0f64..steps, y).map_err(err)?;
     if text {
-        chart.configure_mesh().x_desc("step").y_desc("validation ECE (%)").x_label_formatter(&|x| format!("{x:.0}")).draw().map_err(err)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_desc("validation ECE (%)")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .draw()
+            .map_err(err)?;
     }
     for (k, (_, curve)) in curves.iter().enumerate() {
         let color = Palette99::pick(k).to_rgba();
         let series = chart
-            .draw_series(LineSeries::new(curve.records.iter().map(|r| (r.step as f64, 100.0 * r.metrics.ece)), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                curve.records.iter().map(|r| (r.step as f64, 100.0 * r.metrics.ece)),
+                color.stroke_width(2),
+            ))
             .map_err(err)?;
         if text {
-            series.label(curve.label.clone()).legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+            series
+                .label(curve.label.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
         }
     }
     if text {
-        chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(err)?;
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::UpperRight)
+            .draw()
+            .map_err(err)?;
     }
     area.present().map_err(err)
 }

@@ -44,7 +44,9 @@ fn read_maybe_gz(dir: &Path, name: &str) -> Result<String> {
     let gz = dir.join(format!("{name}.gz"));
     let file = std::fs::File::open(&gz).map_err(|e| LlamaError::io(&gz, e))?;
     let mut text = String::new();
-    flate2::read::GzDecoder::new(file).read_to_string(&mut text).map_err(|e| LlamaError::io(&gz, e))?;
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .map_err(|e| LlamaError::io(&gz, e))?;
     Ok(text)
 }
 
@@ -55,12 +57,13 @@ impl EvalSet {
         if !dir.join("done").exists() {
             return Ok(None);
         }
-        let rows: Vec<ResultRow> =
-            serde_json::from_str(&read_maybe_gz(dir, "results.json")?).map_err(|e| LlamaError::format(dir.join("results.json"), e.to_string()))?;
+        let rows: Vec<ResultRow> = serde_json::from_str(&read_maybe_gz(dir, "results.json")?)
+            .map_err(|e| LlamaError::format(dir.join("results.json"), e.to_string()))?;
         let mut tasks = BTreeMap::new();
         for (k, row) in rows.iter().enumerate() {
             let name = format!("predictions-{k}.json");
-            let probs: SampledProbs = serde_json::from_str(&read_maybe_gz(dir, &name)?).map_err(|e| LlamaError::format(dir.join(&name), e.to_string()))?;
+            let probs: SampledProbs = serde_json::from_str(&read_maybe_gz(dir, &name)?)
+                .map_err(|e| LlamaError::format(dir.join(&name), e.to_string()))?;
             tasks.insert(row.task.clone(), probs);
         }
         let rows = rows.into_iter().map(|r| (r.task.clone(), r)).collect();
@@ -71,7 +74,9 @@ impl EvalSet {
     /// examples): member `m`'s probabilities become sample `m`; the tasks
     /// are those every member has.
     pub fn ensemble(members: &[EvalSet]) -> Result<Self> {
-        let first = members.first().ok_or_else(|| LlamaError::Mismatch("an ensemble of no members".into()))?;
+        let first = members
+            .first()
+            .ok_or_else(|| LlamaError::Mismatch("an ensemble of no members".into()))?;
         let mut tasks = BTreeMap::new();
         for (task, probs) in &first.tasks {
             if members.iter().any(|m| !m.tasks.contains_key(task)) {
@@ -81,13 +86,21 @@ impl EvalSet {
             for m in members {
                 let p = &m.tasks[task];
                 if p.labels != probs.labels || p.classes != probs.classes {
-                    return Err(LlamaError::Mismatch(format!("the ensemble members' {task} evaluations hold different examples")));
+                    return Err(LlamaError::Mismatch(format!(
+                        "the ensemble members' {task} evaluations hold different examples"
+                    )));
                 }
                 rows.push(p.average().probs().to_vec());
             }
-            tasks.insert(task.clone(), SampledProbs::from_members(&rows, probs.classes, probs.labels.clone()));
+            tasks.insert(
+                task.clone(),
+                SampledProbs::from_members(&rows, probs.classes, probs.labels.clone()),
+            );
         }
-        Ok(Self { tasks, rows: BTreeMap::new() })
+        Ok(Self {
+            tasks,
+            rows: BTreeMap::new(),
+        })
     }
 }
 
@@ -133,13 +146,30 @@ impl Summary {
         for (name, probs) in &set.tasks {
             metrics.insert(name.clone(), probs.average().metrics());
             let (total, aleatoric, epistemic) = probs.uncertainty();
-            uncertainty.insert(name.clone(), Uncertainty { total, aleatoric, epistemic });
+            uncertainty.insert(
+                name.clone(),
+                Uncertainty {
+                    total,
+                    aleatoric,
+                    epistemic,
+                },
+            );
         }
         let ood: Vec<String> = set.tasks.keys().filter(|t| *t != task).cloned().collect();
         let detect = detection_tasks(&ood);
         let inside: Vec<Uncertainty> = set.tasks.get(task).map(|p| p.per_example()).unwrap_or_default();
-        let outside: Vec<Uncertainty> = set.tasks.iter().filter(|(t, _)| detect.contains(t)).flat_map(|(_, p)| p.per_example()).collect();
-        let score = |f: fn(&Uncertainty) -> f64| auroc(&outside.iter().map(f).collect::<Vec<_>>(), &inside.iter().map(f).collect::<Vec<_>>());
+        let outside: Vec<Uncertainty> = set
+            .tasks
+            .iter()
+            .filter(|(t, _)| detect.contains(t))
+            .flat_map(|(_, p)| p.per_example())
+            .collect();
+        let score = |f: fn(&Uncertainty) -> f64| {
+            auroc(
+                &outside.iter().map(f).collect::<Vec<_>>(),
+                &inside.iter().map(f).collect::<Vec<_>>(),
+            )
+        };
         let samples = set.tasks.values().map(|p| p.samples).min().unwrap_or(1);
         Self {
             seed: None,
@@ -162,8 +192,16 @@ fn spread(values: &[f64], scale: f64, want: usize) -> Option<(f64, f64, String)>
     }
     let n = values.len() as f64;
     let mean = values.iter().sum::<f64>() / n;
-    let var = if values.len() > 1 { values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0) } else { 0.0 };
-    let count = if values.len() == want { String::new() } else { format!(" (n = {})", values.len()) };
+    let var = if values.len() > 1 {
+        values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)
+    } else {
+        0.0
+    };
+    let count = if values.len() == want {
+        String::new()
+    } else {
+        format!(" (n = {})", values.len())
+    };
     Some((scale * mean, scale * var.sqrt(), count))
 }
 
@@ -173,11 +211,17 @@ fn spread(values: &[f64], scale: f64, want: usize) -> Option<(f64, f64, String)>
 /// alone (with its count when more were wanted: a method whose other seeds
 /// have not finished).
 pub fn mean_std(values: &[f64], scale: f64, digits: usize, want: usize) -> String {
-    let Some((mean, std, count)) = spread(values, scale, want) else { return "-".into() };
+    let Some((mean, std, count)) = spread(values, scale, want) else {
+        return "-".into();
+    };
     // One value (a single run by design, zero-shot or the ensemble, or the
     // one finished seed so far): its value, no spread.
     if values.len() == 1 {
-        let value = if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) { format!("{mean:.2e}") } else { format!("{mean:.digits$}") };
+        let value = if mean != 0.0 && mean.abs() < 10f64.powi(1 - digits as i32) {
+            format!("{mean:.2e}")
+        } else {
+            format!("{mean:.digits$}")
+        };
         return format!("{value}{count}");
     }
     // Values too small for `digits` decimals (an epistemic part of 1e-5 nats) in scientific notation.
@@ -226,12 +270,21 @@ pub fn collect(study: &Study, evals: &Path, t: &TaskSpec, checkpoint: Checkpoint
                 Some(of) => {
                     let members = by_key.get(of).cloned().unwrap_or_default();
                     let all = members.len() == seeds.len() && !members.is_empty();
-                    (false, if all { vec![(0, EvalSet::ensemble(&members)?)] } else { Vec::new() })
+                    (
+                        false,
+                        if all {
+                            vec![(0, EvalSet::ensemble(&members)?)]
+                        } else {
+                            Vec::new()
+                        },
+                    )
                 }
                 None => {
                     let mut sets = Vec::new();
                     for &seed in &seeds {
-                        if let Some(set) = EvalSet::load(&evals.join(Study::eval_rel(t.task, Some((checkpoint, &key, seed)))))? {
+                        if let Some(set) =
+                            EvalSet::load(&evals.join(Study::eval_rel(t.task, Some((checkpoint, &key, seed)))))?
+                        {
                             sets.push((seed, set));
                         }
                     }
@@ -240,12 +293,30 @@ pub fn collect(study: &Study, evals: &Path, t: &TaskSpec, checkpoint: Checkpoint
                 }
             },
         };
-        let summaries: Vec<Summary> = sets.iter().map(|(seed, s)| Summary { seed: per_seed.then_some(*seed), ..Summary::of(s, task) }).collect();
-        let in_distribution =
-            sets.iter().zip(&summaries).filter_map(|((_, set), summary)| set.tasks.get(task).map(|p| (summary.seed, p.average()))).collect();
+        let summaries: Vec<Summary> = sets
+            .iter()
+            .map(|(seed, s)| Summary {
+                seed: per_seed.then_some(*seed),
+                ..Summary::of(s, task)
+            })
+            .collect();
+        let in_distribution = sets
+            .iter()
+            .zip(&summaries)
+            .filter_map(|((_, set), summary)| set.tasks.get(task).map(|p| (summary.seed, p.average())))
+            .collect();
         let first_seed = if per_seed { seeds.first().copied() } else { Some(0) };
-        let first = sets.into_iter().find(|(seed, _)| Some(*seed) == first_seed).map(|(_, s)| s);
-        out.push(Collected { key, label, summaries, first, in_distribution });
+        let first = sets
+            .into_iter()
+            .find(|(seed, _)| Some(*seed) == first_seed)
+            .map(|(_, s)| s);
+        out.push(Collected {
+            key,
+            label,
+            summaries,
+            first,
+            in_distribution,
+        });
     }
     Ok(out)
 }
@@ -293,7 +364,12 @@ impl Scope {
             (Some(o), true) => o.tasks.iter().map(|x| x.name().to_string()).collect(),
             _ => Vec::new(),
         };
-        Scope { task: t.task.name(), title: t.task.title(), split: t.split.name(), ood }
+        Scope {
+            task: t.task.name(),
+            title: t.task.title(),
+            split: t.split.name(),
+            ood,
+        }
     }
 
     /// "ARC-Easy test (arc-e)".
@@ -312,20 +388,34 @@ pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize, scope: &Scop
     let mut ood = String::new();
     for (_, label, s) in methods {
         if let Some(first) = s.first() {
-            id.push_str(&format!("| {label} | {} | {} |\n", first.samples, metric_cells(s, task, wanted(s, seeds))));
+            id.push_str(&format!(
+                "| {label} | {} | {} |\n",
+                first.samples,
+                metric_cells(s, task, wanted(s, seeds))
+            ));
         }
     }
     let in_title = scope.title;
     for other in &scope.ood {
-        ood.push_str(&format!("\n{other} (adapters trained on {in_title}), mean ± std over the seeds\n\n{header}"));
+        ood.push_str(&format!(
+            "\n{other} (adapters trained on {in_title}), mean ± std over the seeds\n\n{header}"
+        ));
         for (_, label, s) in methods {
             if let Some(first) = s.first() {
-                ood.push_str(&format!("| {label} | {} | {} |\n", first.samples, metric_cells(s, other, wanted(s, seeds))));
+                ood.push_str(&format!(
+                    "| {label} | {} | {} |\n",
+                    first.samples,
+                    metric_cells(s, other, wanted(s, seeds))
+                ));
             }
         }
     }
     let detect = detection_tasks(&scope.ood);
-    let pooled = if detect.iter().all(|t| t.starts_with("mmlu-")) { "MMLU".to_string() } else { detect.join(" + ") };
+    let pooled = if detect.iter().all(|t| t.starts_with("mmlu-")) {
+        "MMLU".to_string()
+    } else {
+        detect.join(" + ")
+    };
     let mut unc = if detect.is_empty() {
         format!(
             "Mean over examples of the predictive entropy (total), the expected entropy (aleatoric) and their difference \
@@ -347,7 +437,11 @@ pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize, scope: &Scop
     for (_, label, s) in methods {
         let Some(first) = s.first() else { continue };
         let n = wanted(s, seeds);
-        let u = |name: &str, f: fn(&Uncertainty) -> f64| s.iter().filter_map(|x| x.uncertainty.get(name).map(f)).collect::<Vec<_>>();
+        let u = |name: &str, f: fn(&Uncertainty) -> f64| {
+            s.iter()
+                .filter_map(|x| x.uncertainty.get(name).map(f))
+                .collect::<Vec<_>>()
+        };
         let cells = [
             mean_std(&u(task, |v| v.total), 1.0, 4, n),
             mean_std(&u(task, |v| v.aleatoric), 1.0, 4, n),
@@ -362,7 +456,10 @@ pub fn tables(methods: &[(&str, &str, Vec<Summary>)], seeds: usize, scope: &Scop
             .filter(|x| detect.iter().all(|t| x.uncertainty.contains_key(t)))
             .map(|x| {
                 // The pooled mean: the per-task means weighted by their counts.
-                let parts: Vec<(f64, f64)> = detect.iter().map(|t| (x.uncertainty[t].epistemic, x.metrics[t].count as f64)).collect();
+                let parts: Vec<(f64, f64)> = detect
+                    .iter()
+                    .map(|t| (x.uncertainty[t].epistemic, x.metrics[t].count as f64))
+                    .collect();
                 parts.iter().map(|(v, c)| v * c).sum::<f64>() / parts.iter().map(|p| p.1).sum::<f64>().max(1.0)
             })
             .collect();
@@ -424,23 +521,42 @@ pub fn comparisons(compare: &Compare, keys: &[&str]) -> Vec<(String, String)> {
 fn pair_up<'a, T>(runs: &'a [(Option<u64>, T)], base: &'a [(Option<u64>, T)]) -> Vec<(Option<u64>, &'a T, &'a T)> {
     let single = |x: &[(Option<u64>, T)]| x.len() == 1 && x[0].0.is_none();
     match (single(runs), single(base)) {
-        (true, _) => runs.first().map(|(_, e)| base.iter().map(|(seed, b)| (*seed, e, b)).collect()).unwrap_or_default(),
-        (_, true) => base.first().map(|(_, e)| runs.iter().map(|(seed, s)| (*seed, s, e)).collect()).unwrap_or_default(),
+        (true, _) => runs
+            .first()
+            .map(|(_, e)| base.iter().map(|(seed, b)| (*seed, e, b)).collect())
+            .unwrap_or_default(),
+        (_, true) => base
+            .first()
+            .map(|(_, e)| runs.iter().map(|(seed, s)| (*seed, s, e)).collect())
+            .unwrap_or_default(),
         _ => runs
             .iter()
-            .filter_map(|(seed, s)| base.iter().find(|(b_seed, _)| b_seed == seed).map(|(_, b)| (*seed, s, b)))
+            .filter_map(|(seed, s)| {
+                base.iter()
+                    .find(|(b_seed, _)| b_seed == seed)
+                    .map(|(_, b)| (*seed, s, b))
+            })
             .collect(),
     }
 }
 
 /// The seeds of some pairs, as a table cell.
 fn seed_list<T, U>(pairs: &[(Option<u64>, T, U)]) -> String {
-    pairs.iter().filter_map(|(seed, _, _)| seed.map(|s| s.to_string())).collect::<Vec<_>>().join(", ")
+    pairs
+        .iter()
+        .filter_map(|(seed, _, _)| seed.map(|s| s.to_string()))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The comparisons of [`comparisons`] on ARC-Easy test, as Markdown: each
 /// difference's mean and standard deviation over its pairs ([`pair_up`]).
-pub fn differences(methods: &[(&str, &str, Vec<Summary>)], seeds: usize, scope: &Scope, comparisons: &[(String, String)]) -> String {
+pub fn differences(
+    methods: &[(&str, &str, Vec<Summary>)],
+    seeds: usize,
+    scope: &Scope,
+    comparisons: &[(String, String)],
+) -> String {
     let task = scope.task;
     let mut out = format!(
         "{} {}: method minus baseline, mean ± std over the seeds both have finished (paired by seed; \
@@ -452,9 +568,10 @@ pub fn differences(methods: &[(&str, &str, Vec<Summary>)], seeds: usize, scope: 
     );
     let by_seed = |s: &[Summary]| -> Vec<(Option<u64>, Summary)> { s.iter().map(|x| (x.seed, x.clone())).collect() };
     for (key, base_key) in comparisons {
-        let (Some((_, label, runs)), Some((_, base_label, base))) =
-            (methods.iter().find(|m| m.0 == key), methods.iter().find(|m| m.0 == base_key))
-        else {
+        let (Some((_, label, runs)), Some((_, base_label, base))) = (
+            methods.iter().find(|m| m.0 == key),
+            methods.iter().find(|m| m.0 == base_key),
+        ) else {
             continue;
         };
         let (runs, base) = (by_seed(runs), by_seed(base));
@@ -500,8 +617,18 @@ fn example_scores(probs: &ClassProbs) -> Vec<ExampleScore> {
         .map(|(row, &y)| {
             let one = ClassProbs::new(row.to_vec(), probs.classes(), vec![y]).expect("a row of a valid ClassProbs");
             let m = one.metrics();
-            let bin = one.reliability(ECE_BINS).iter().position(|b| b.count == 1).expect("one example in one bin");
-            ExampleScore { correct: m.accuracy, nll: m.nll, brier: m.brier, confidence: one.top()[0].1, bin }
+            let bin = one
+                .reliability(ECE_BINS)
+                .iter()
+                .position(|b| b.count == 1)
+                .expect("one example in one bin");
+            ExampleScore {
+                correct: m.accuracy,
+                nll: m.nll,
+                brier: m.brier,
+                confidence: one.top()[0].1,
+                bin,
+            }
         })
         .collect()
 }
@@ -519,7 +646,12 @@ fn resampled_metrics(scores: &[ExampleScore], idx: &[usize]) -> [f64; 4] {
         brier += e.brier;
         gap[e.bin] += e.correct - e.confidence;
     }
-    [correct / n, gap.iter().map(|g| g.abs()).sum::<f64>() / n, nll / n, brier / n]
+    [
+        correct / n,
+        gap.iter().map(|g| g.abs()).sum::<f64>() / n,
+        nll / n,
+        brier / n,
+    ]
 }
 
 /// The paired bootstrap over test questions of a comparison's difference
@@ -534,7 +666,10 @@ pub fn paired_bootstrap(pairs: &[(&ClassProbs, &ClassProbs)], resamples: usize, 
     if labels.is_empty() || resamples == 0 || pairs.iter().any(|(a, b)| a.labels() != labels || b.labels() != labels) {
         return None;
     }
-    let scored: Vec<(Vec<ExampleScore>, Vec<ExampleScore>)> = pairs.iter().map(|(a, b)| (example_scores(a), example_scores(b))).collect();
+    let scored: Vec<(Vec<ExampleScore>, Vec<ExampleScore>)> = pairs
+        .iter()
+        .map(|(a, b)| (example_scores(a), example_scores(b)))
+        .collect();
     let n = labels.len();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut draws: [Vec<f64>; 4] = Default::default();
@@ -563,7 +698,12 @@ pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 /// choice of the 1000 test questions alone could move a difference by
 /// (the seed-to-seed spread is the other table's). An interval that
 /// excludes 0 is in bold.
-pub fn bootstrap_differences(methods: &[(&str, &str, SeedPredictions)], resamples: usize, scope: &Scope, comparisons: &[(String, String)]) -> String {
+pub fn bootstrap_differences(
+    methods: &[(&str, &str, SeedPredictions)],
+    resamples: usize,
+    scope: &Scope,
+    comparisons: &[(String, String)],
+) -> String {
     let mut out = format!(
         "{} {}: the same differences, averaged over the paired seeds, with the central 95% interval of that \
          mean over {resamples} paired bootstrap resamples of the test questions (the same resample for every run: \
@@ -571,19 +711,21 @@ pub fn bootstrap_differences(methods: &[(&str, &str, SeedPredictions)], resample
          spread is the table above). In bold: an interval that excludes 0.\n\n\
          | method | minus | seeds | ΔACC (points) | ΔECE (points) | ΔNLL | ΔBrier |\n\
          |---|---|---|---:|---:|---:|---:|\n",
-        scope.title,
-        scope.split
+        scope.title, scope.split
     );
     for (k, (key, base_key)) in comparisons.iter().enumerate() {
-        let (Some((_, label, runs)), Some((_, base_label, base))) =
-            (methods.iter().find(|m| m.0 == key), methods.iter().find(|m| m.0 == base_key))
-        else {
+        let (Some((_, label, runs)), Some((_, base_label, base))) = (
+            methods.iter().find(|m| m.0 == key),
+            methods.iter().find(|m| m.0 == base_key),
+        ) else {
             continue;
         };
         let pairs = pair_up(runs, base);
         let probs: Vec<(&ClassProbs, &ClassProbs)> = pairs.iter().map(|(_, a, b)| (*a, *b)).collect();
         // Each comparison its own seeded stream: a row does not move when another is added.
-        let Some(intervals) = paired_bootstrap(&probs, resamples, k as u64) else { continue };
+        let Some(intervals) = paired_bootstrap(&probs, resamples, k as u64) else {
+            continue;
+        };
         let cell = |(lo, hi): (f64, f64), scale: f64, digits: usize| {
             let text = format!("{:+.digits$} to {:+.digits$}", scale * lo, scale * hi);
             if lo > 0.0 || hi < 0.0 {
@@ -627,7 +769,10 @@ fn run_verdict(record: &Path) -> String {
     std::fs::read_to_string(record.join("verdict.txt"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("posterior: ").map(|v| v.split(':').next().unwrap_or(v).to_string()))
+        .find_map(|l| {
+            l.strip_prefix("posterior: ")
+                .map(|v| v.split(':').next().unwrap_or(v).to_string())
+        })
         .unwrap_or_else(|| "-".into())
 }
 
@@ -650,7 +795,9 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     for c in collected {
         for summary in &c.summaries {
-            let (Some(seed), Some(spread)) = (summary.seed, &summary.spread) else { continue };
+            let (Some(seed), Some(spread)) = (summary.seed, &summary.spread) else {
+                continue;
+            };
             if spread.posterior_std.is_none() {
                 continue;
             }
@@ -662,7 +809,11 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
                 cell(spread.std_init),
                 cell(spread.posterior_std),
                 cell(spread.std_relative),
-                epistemic.map_or("-".into(), |e| if e != 0.0 && e.abs() < 1e-3 { format!("{e:.2e}") } else { format!("{e:.4}") }),
+                epistemic.map_or("-".into(), |e| if e != 0.0 && e.abs() < 1e-3 {
+                    format!("{e:.2e}")
+                } else {
+                    format!("{e:.4}")
+                }),
                 run_verdict(&record)
             ));
         }
@@ -694,10 +845,15 @@ pub fn report(study: &Study, runs: Option<&Path>) -> Result<String> {
             let scope = Scope::of(t, with_ood);
             let keys: Vec<&str> = collected.iter().map(|c| c.key.as_str()).collect();
             let comparisons = comparisons(&study.compare, &keys);
-            let methods: Vec<(&str, &str, Vec<Summary>)> = collected.iter().map(|c| (c.key.as_str(), c.label.as_str(), c.summaries.clone())).collect();
+            let methods: Vec<(&str, &str, Vec<Summary>)> = collected
+                .iter()
+                .map(|c| (c.key.as_str(), c.label.as_str(), c.summaries.clone()))
+                .collect();
             let (id, ood, unc) = tables(&methods, seeds, &scope);
-            let predictions: Vec<(&str, &str, SeedPredictions)> =
-                collected.iter().map(|c| (c.key.as_str(), c.label.as_str(), c.in_distribution.clone())).collect();
+            let predictions: Vec<(&str, &str, SeedPredictions)> = collected
+                .iter()
+                .map(|c| (c.key.as_str(), c.label.as_str(), c.in_distribution.clone()))
+                .collect();
             let diff = format!(
                 "{}\n{}",
                 differences(&methods, seeds, &scope, &comparisons),
@@ -714,20 +870,29 @@ pub fn report(study: &Study, runs: Option<&Path>) -> Result<String> {
             if with_ood {
                 write(&task_dir.join("ood.md"), &format!("The {title}.\n{ood}"))?;
             }
-            text.push_str(&format!("# {}, the {title}\n\n{id}\n{ood}\n{unc}\n{diff}\n{posterior}\n", t.task.title()));
+            text.push_str(&format!(
+                "# {}, the {title}\n\n{id}\n{ood}\n{unc}\n{diff}\n{posterior}\n",
+                t.task.title()
+            ));
             for c in &collected {
-                let Some(probs) = c.first.as_ref().and_then(|s| s.tasks.get(t.task.name())) else { continue };
+                let Some(probs) = c.first.as_ref().and_then(|s| s.tasks.get(t.task.name())) else {
+                    continue;
+                };
                 let mut row = ResultRow::new(&c.label, t.task.name(), t.split.name(), probs.samples, &probs.average());
                 row.spread = Some(Spread::of(probs, None, None));
                 write_results(&dir.join("reliability").join(&c.key), &[row])?;
             }
-            json.entry(t.task.name().to_string())
-                .or_default()
-                .insert(checkpoint.name().to_string(), collected.iter().map(|c| (c.key.clone(), c.summaries.clone())).collect());
+            json.entry(t.task.name().to_string()).or_default().insert(
+                checkpoint.name().to_string(),
+                collected.iter().map(|c| (c.key.clone(), c.summaries.clone())).collect(),
+            );
         }
         curves::plot_task(study, t, runs, &task_dir)?;
     }
-    write(&results.join("study.json"), &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("study.json", e))?)?;
+    write(
+        &results.join("study.json"),
+        &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("study.json", e))?,
+    )?;
     if let Ok(tsv) = std::fs::read_to_string(results.join("times.tsv")) {
         let (table, total) = times_table(&tsv);
         write(
@@ -755,10 +920,21 @@ mod tests {
             .iter()
             .map(|(t, p, s)| {
                 let n = p.len() / (2 * s);
-                (t.to_string(), SampledProbs { probs: p.clone(), samples: *s, classes: 2, labels: vec![0; n] })
+                (
+                    t.to_string(),
+                    SampledProbs {
+                        probs: p.clone(),
+                        samples: *s,
+                        classes: 2,
+                        labels: vec![0; n],
+                    },
+                )
             })
             .collect();
-        EvalSet { tasks, rows: BTreeMap::new() }
+        EvalSet {
+            tasks,
+            rows: BTreeMap::new(),
+        }
     }
 
     #[test]
@@ -777,11 +953,22 @@ mod tests {
     fn the_ensemble_averages_its_members_and_detection_pools_mmlu() {
         // Two members that disagree on an ARC-E example: the ensemble's
         // epistemic part is the disagreement.
-        let a = set(&[("arc-e", vec![0.9, 0.1, 0.5, 0.5], 1), ("mmlu-chem", vec![0.6, 0.4], 1), ("mmlu-math", vec![0.5, 0.5], 1)]);
-        let b = set(&[("arc-e", vec![0.1, 0.9, 0.5, 0.5], 1), ("mmlu-chem", vec![0.6, 0.4], 1), ("mmlu-math", vec![0.5, 0.5], 1)]);
+        let a = set(&[
+            ("arc-e", vec![0.9, 0.1, 0.5, 0.5], 1),
+            ("mmlu-chem", vec![0.6, 0.4], 1),
+            ("mmlu-math", vec![0.5, 0.5], 1),
+        ]);
+        let b = set(&[
+            ("arc-e", vec![0.1, 0.9, 0.5, 0.5], 1),
+            ("mmlu-chem", vec![0.6, 0.4], 1),
+            ("mmlu-math", vec![0.5, 0.5], 1),
+        ]);
         let ens = EvalSet::ensemble(&[a.clone(), b]).unwrap();
         let arc = &ens.tasks["arc-e"];
-        assert_eq!((arc.samples, arc.average().probs().to_vec()), (2, vec![0.5, 0.5, 0.5, 0.5]));
+        assert_eq!(
+            (arc.samples, arc.average().probs().to_vec()),
+            (2, vec![0.5, 0.5, 0.5, 0.5])
+        );
         let s = Summary::of(&ens, "arc-e");
         assert!(s.uncertainty["arc-e"].epistemic > 0.15);
         // Total entropy: ARC-E (negatives) {ln 2, ln 2}, pooled MMLU
@@ -796,7 +983,13 @@ mod tests {
     }
 
     fn summary(seed: Option<u64>, accuracy: f64, nll: f64) -> Summary {
-        let m = Metrics { count: 1000, accuracy, nll, ece: accuracy / 10.0, brier: nll / 4.0 };
+        let m = Metrics {
+            count: 1000,
+            accuracy,
+            nll,
+            ece: accuracy / 10.0,
+            brier: nll / 4.0,
+        };
         Summary {
             seed,
             samples: 1,
@@ -810,17 +1003,37 @@ mod tests {
 
     /// ARC-Easy test, no out-of-distribution tasks.
     fn scope() -> Scope {
-        Scope { task: "arc-e", title: "ARC-Easy", split: "test", ood: Vec::new() }
+        Scope {
+            task: "arc-e",
+            title: "ARC-Easy",
+            split: "test",
+            ood: Vec::new(),
+        }
     }
 
     /// The first study's comparisons.
     fn first_study(keys: &[&str]) -> Vec<(String, String)> {
-        comparisons(&Compare { focus: vec!["melora".into(), "melora-paper".into()], baseline: "map".into() }, keys)
+        comparisons(
+            &Compare {
+                focus: vec!["melora".into(), "melora-paper".into()],
+                baseline: "map".into(),
+            },
+            keys,
+        )
     }
 
     #[test]
     fn comparisons_take_each_focus_method_then_the_others_against_the_baseline() {
-        let keys = ["zero-shot", "map", "mcd", "ens", "lap", "blob", "melora-paper", "melora"];
+        let keys = [
+            "zero-shot",
+            "map",
+            "mcd",
+            "ens",
+            "lap",
+            "blob",
+            "melora-paper",
+            "melora",
+        ];
         let got = first_study(&keys);
         let want = [
             ("melora", "map"),
@@ -844,27 +1057,54 @@ mod tests {
 
     #[test]
     fn differences_pair_by_seed_and_the_ensemble_with_every_seed() {
-        let map = ("map", "MAP", vec![summary(Some(0), 0.70, 1.0), summary(Some(1), 0.71, 1.1), summary(Some(2), 0.72, 1.2)]);
+        let map = (
+            "map",
+            "MAP",
+            vec![
+                summary(Some(0), 0.70, 1.0),
+                summary(Some(1), 0.71, 1.1),
+                summary(Some(2), 0.72, 1.2),
+            ],
+        );
         let ens = ("ens", "ENS", vec![summary(None, 0.75, 0.9)]);
         let lap = ("lap", "LAP", vec![summary(Some(1), 0.68, 1.0)]);
         // BLoB has only seed 2, melora's Me-LoRA only 0 and 1: no pair.
         let blob = ("blob", "BLoB", vec![summary(Some(2), 0.80, 1.0)]);
-        let melora = ("melora", "Me-LoRA", vec![summary(Some(0), 0.72, 1.05), summary(Some(1), 0.71, 1.0)]);
+        let melora = (
+            "melora",
+            "Me-LoRA",
+            vec![summary(Some(0), 0.72, 1.05), summary(Some(1), 0.71, 1.0)],
+        );
         let keys = ["map", "ens", "lap", "blob", "melora"];
         let table = differences(&[map, ens, lap, blob, melora], 3, &scope(), &first_study(&keys));
-        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| method"))
+            .collect();
         // Me-LoRA minus MAP on seeds 0 and 1: ACC +2 and 0 points, NLL
         // +0.05 and -0.1; ECE is ACC / 10, Brier NLL / 4.
         assert_eq!(rows[0], "| Me-LoRA | MAP | 0, 1 | +1.00 ± 1.41 (n = 2) | +0.10 ± 0.14 (n = 2) | -0.025 ± 0.106 (n = 2) | -0.006 ± 0.027 (n = 2) |");
         // Me-LoRA minus the ensemble: each of its seeds against the one ENS.
         assert_eq!(rows[1], "| Me-LoRA | ENS | 0, 1 | -3.50 ± 0.71 (n = 2) | -0.35 ± 0.07 (n = 2) | +0.125 ± 0.035 (n = 2) | +0.031 ± 0.009 (n = 2) |");
         // LAP's only seed is 1, which Me-LoRA has: one pair, no spread.
-        assert_eq!(rows[2], "| Me-LoRA | LAP | 1 | +3.00 (n = 1) | +0.30 (n = 1) | +0.000 (n = 1) | +0.000 (n = 1) |");
+        assert_eq!(
+            rows[2],
+            "| Me-LoRA | LAP | 1 | +3.00 (n = 1) | +0.30 (n = 1) | +0.000 (n = 1) | +0.000 (n = 1) |"
+        );
         // Against MAP: ENS minus each MAP seed (3 pairs), LAP on seed 1;
         // BLoB's seed 2 against MAP's seed 2.
-        assert_eq!(rows[3], "| ENS | MAP | 0, 1, 2 | +4.00 ± 1.00 | +0.40 ± 0.10 | -0.200 ± 0.100 | -0.050 ± 0.025 |");
-        assert_eq!(rows[4], "| LAP | MAP | 1 | -3.00 (n = 1) | -0.30 (n = 1) | -0.100 (n = 1) | -0.025 (n = 1) |");
-        assert_eq!(rows[5], "| BLoB | MAP | 2 | +8.00 (n = 1) | +0.80 (n = 1) | -0.200 (n = 1) | -0.050 (n = 1) |");
+        assert_eq!(
+            rows[3],
+            "| ENS | MAP | 0, 1, 2 | +4.00 ± 1.00 | +0.40 ± 0.10 | -0.200 ± 0.100 | -0.050 ± 0.025 |"
+        );
+        assert_eq!(
+            rows[4],
+            "| LAP | MAP | 1 | -3.00 (n = 1) | -0.30 (n = 1) | -0.100 (n = 1) | -0.025 (n = 1) |"
+        );
+        assert_eq!(
+            rows[5],
+            "| BLoB | MAP | 2 | +8.00 (n = 1) | +0.80 (n = 1) | -0.200 (n = 1) | -0.050 (n = 1) |"
+        );
         // Me-LoRA against BLoB (no common seed) and methods that are missing: no rows.
         assert_eq!(rows.len(), 6);
     }
@@ -891,9 +1131,17 @@ mod tests {
             assert!((g - want).abs() < 1e-12, "{got:?} against {m:?}");
         }
         // A repeated question counts twice: the metrics of the set with it written twice.
-        let twice = ClassProbs::new([probs.probs(), &probs.probs()[..3]].concat(), 3, [probs.labels(), &probs.labels()[..1]].concat()).unwrap();
+        let twice = ClassProbs::new(
+            [probs.probs(), &probs.probs()[..3]].concat(),
+            3,
+            [probs.labels(), &probs.labels()[..1]].concat(),
+        )
+        .unwrap();
         let m = twice.metrics();
-        let got = resampled_metrics(&example_scores(&probs), &[(0..97).collect::<Vec<_>>(), vec![0]].concat());
+        let got = resampled_metrics(
+            &example_scores(&probs),
+            &[(0..97).collect::<Vec<_>>(), vec![0]].concat(),
+        );
         for (g, want) in got.iter().zip([m.accuracy, m.ece, m.nll, m.brier]) {
             assert!((g - want).abs() < 1e-12, "{got:?} against {m:?}");
         }
@@ -920,7 +1168,10 @@ mod tests {
         let method = ClassProbs::new(vec![1.0, 0.0, 1.0, 0.0], 2, vec![0, 1]).unwrap();
         let base = ClassProbs::new(vec![0.0, 1.0, 1.0, 0.0], 2, vec![0, 1]).unwrap();
         assert_eq!(paired_bootstrap(&[(&method, &base)], 2000, 3).unwrap()[0], (0.0, 1.0));
-        assert_eq!(paired_bootstrap(&[(&method, &base), (&method, &base)], 2000, 3).unwrap()[0], (0.0, 1.0));
+        assert_eq!(
+            paired_bootstrap(&[(&method, &base), (&method, &base)], 2000, 3).unwrap()[0],
+            (0.0, 1.0)
+        );
         // Different questions (labels) or nothing to pair: no interval.
         let other = ClassProbs::new(vec![1.0, 0.0, 1.0, 0.0], 2, vec![0, 0]).unwrap();
         assert_eq!(paired_bootstrap(&[(&method, &other)], 100, 4), None);
@@ -935,14 +1186,33 @@ mod tests {
         let map = ("map", "MAP", vec![(Some(0), wrong.clone()), (Some(1), wrong.clone())]);
         // BLoB has seed 1 only; melora seeds 0 and 2 (2 has no MAP): one pair each.
         let blob = ("blob", "BLoB", vec![(Some(1), right.clone())]);
-        let melora = ("melora", "Me-LoRA", vec![(Some(0), wrong.clone()), (Some(2), right.clone())]);
-        let table = bootstrap_differences(&[map, blob, melora], 100, &scope(), &first_study(&["map", "blob", "melora"]));
-        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| method")).collect();
+        let melora = (
+            "melora",
+            "Me-LoRA",
+            vec![(Some(0), wrong.clone()), (Some(2), right.clone())],
+        );
+        let table = bootstrap_differences(
+            &[map, blob, melora],
+            100,
+            &scope(),
+            &first_study(&["map", "blob", "melora"]),
+        );
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| method"))
+            .collect();
         // Me-LoRA seed 0 is MAP seed 0: 0 on every resample, not bold.
-        assert_eq!(rows[0], "| Me-LoRA | MAP | 0 | +0.00 to +0.00 | +0.00 to +0.00 | +0.000 to +0.000 | +0.000 to +0.000 |");
+        assert_eq!(
+            rows[0],
+            "| Me-LoRA | MAP | 0 | +0.00 to +0.00 | +0.00 to +0.00 | +0.000 to +0.000 | +0.000 to +0.000 |"
+        );
         // BLoB is right on both questions where MAP is wrong on both: ΔACC
         // +100 points on every resample, bold; Me-LoRA and BLoB share no seed.
-        assert!(rows[1].starts_with("| BLoB | MAP | 1 | **+100.00 to +100.00** |"), "{}", rows[1]);
+        assert!(
+            rows[1].starts_with("| BLoB | MAP | 1 | **+100.00 to +100.00** |"),
+            "{}",
+            rows[1]
+        );
         assert_eq!(rows.len(), 2);
     }
 }

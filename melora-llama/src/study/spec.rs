@@ -231,9 +231,21 @@ impl Study {
             errors.push("no tasks".into());
         }
         unique("seed", self.seeds.iter().map(u64::to_string).collect(), &mut errors);
-        unique("checkpoint", self.checkpoints.iter().map(|c| c.name().to_string()).collect(), &mut errors);
-        unique("task", self.tasks.iter().map(|t| t.task.name().to_string()).collect(), &mut errors);
-        unique("method", self.methods.iter().map(|m| m.key.clone()).collect(), &mut errors);
+        unique(
+            "checkpoint",
+            self.checkpoints.iter().map(|c| c.name().to_string()).collect(),
+            &mut errors,
+        );
+        unique(
+            "task",
+            self.tasks.iter().map(|t| t.task.name().to_string()).collect(),
+            &mut errors,
+        );
+        unique(
+            "method",
+            self.methods.iter().map(|m| m.key.clone()).collect(),
+            &mut errors,
+        );
         for t in &self.tasks {
             let name = t.task.name();
             let seeds = self.task_seeds(t);
@@ -242,30 +254,50 @@ impl Study {
             }
             if let Some(ood) = &t.ood {
                 if !self.checkpoints.contains(&ood.checkpoint) {
-                    errors.push(format!("task {name}: the out-of-distribution checkpoint {} is not evaluated", ood.checkpoint));
+                    errors.push(format!(
+                        "task {name}: the out-of-distribution checkpoint {} is not evaluated",
+                        ood.checkpoint
+                    ));
                 }
                 if let Some(extra) = ood.seeds.iter().flatten().find(|s| !seeds.contains(s)) {
-                    errors.push(format!("task {name}: out-of-distribution seed {extra} is not one of the task's seeds"));
+                    errors.push(format!(
+                        "task {name}: out-of-distribution seed {extra} is not one of the task's seeds"
+                    ));
                 }
                 if ood.tasks.is_empty() || ood.tasks.contains(&t.task) {
-                    errors.push(format!("task {name}: the out-of-distribution tasks must be other tasks, at least one"));
+                    errors.push(format!(
+                        "task {name}: the out-of-distribution tasks must be other tasks, at least one"
+                    ));
                 }
             }
             for m in &self.methods {
                 if let Some(train) = &m.train {
                     let file = self.train_config(t.task, train);
                     if !file.is_file() {
-                        errors.push(format!("method {}: no settings file {} for task {name}", m.key, file.display()));
+                        errors.push(format!(
+                            "method {}: no settings file {} for task {name}",
+                            m.key,
+                            file.display()
+                        ));
                     }
                 }
             }
         }
         for (k, m) in self.methods.iter().enumerate() {
-            if m.key == ZERO_SHOT || m.key.is_empty() || !m.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                errors.push(format!("method key {:?}: letters, digits, '-' and '_', not {ZERO_SHOT}", m.key));
+            if m.key == ZERO_SHOT
+                || m.key.is_empty()
+                || !m.key.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                errors.push(format!(
+                    "method key {:?}: letters, digits, '-' and '_', not {ZERO_SHOT}",
+                    m.key
+                ));
             }
             if let Some(extra) = m.ood_seeds.iter().flatten().find(|s| !self.seeds.contains(s)) {
-                errors.push(format!("method {}: out-of-distribution seed {extra} is not one of the study's seeds", m.key));
+                errors.push(format!(
+                    "method {}: out-of-distribution seed {extra} is not one of the study's seeds",
+                    m.key
+                ));
             }
             let trained_before = |key: &str| self.methods[..k].iter().any(|b| b.key == key && b.train.is_some());
             match (&m.train, &m.ensemble_of, &m.laplace) {
@@ -277,10 +309,14 @@ impl Study {
                         errors.push(format!("method {}: no Laplace settings file {}", m.key, file.display()));
                     }
                 }
-                (None, Some(of), None) | (None, None, Some(LaplaceSpec { of, .. })) => {
-                    errors.push(format!("method {}: {of} is not a trained method listed before it", m.key))
-                }
-                _ => errors.push(format!("method {}: give exactly one of train, ensemble_of and laplace", m.key)),
+                (None, Some(of), None) | (None, None, Some(LaplaceSpec { of, .. })) => errors.push(format!(
+                    "method {}: {of} is not a trained method listed before it",
+                    m.key
+                )),
+                _ => errors.push(format!(
+                    "method {}: give exactly one of train, ensemble_of and laplace",
+                    m.key
+                )),
             }
         }
         for key in self.compare.focus.iter().chain([&self.compare.baseline]) {
@@ -353,7 +389,10 @@ impl Study {
                 }
             }
         }
-        all.into_iter().zip(keep).filter_map(|((p, ..), k)| k.then_some(p)).collect()
+        all.into_iter()
+            .zip(keep)
+            .filter_map(|((p, ..), k)| k.then_some(p))
+            .collect()
     }
 
     /// Every phase of the study, in running order, with its task, method
@@ -377,7 +416,15 @@ impl Study {
                     args.extend(self.ood_args(t, None, seed));
                     args.extend(self.zero_shot.clone());
                     args.extend(s(&["--out", &dir.display().to_string()]));
-                    let phase = Phase { name: format!("{name}/{ZERO_SHOT}"), kind: PhaseKind::Eval, marker: dir.join("done"), out: dir, needs: None, args, keep: rel };
+                    let phase = Phase {
+                        name: format!("{name}/{ZERO_SHOT}"),
+                        kind: PhaseKind::Eval,
+                        marker: dir.join("done"),
+                        out: dir,
+                        needs: None,
+                        args,
+                        keep: rel,
+                    };
                     out.push((phase, task, None, None));
                 }
                 if !self.task_seeds(t).contains(&seed) {
@@ -409,7 +456,13 @@ impl Study {
                     };
                     if let Some(train) = &m.train {
                         let dir = self.run_dir(runs, task, &m.key, seed);
-                        let mut args = s(&["train", "--config", &self.train_config(task, train).display().to_string(), "--seed", &seed.to_string()]);
+                        let mut args = s(&[
+                            "train",
+                            "--config",
+                            &self.train_config(task, train).display().to_string(),
+                            "--seed",
+                            &seed.to_string(),
+                        ]);
                         args.extend(self.train.clone());
                         args.extend(train.args.clone());
                         args.extend(s(&["--out", &dir.display().to_string()]));
@@ -431,7 +484,8 @@ impl Study {
                         let of = self.run_dir(runs, task, &l.of, seed);
                         for &c in &self.checkpoints {
                             let dir = of.join(format!("laplace-{}", c.name()));
-                            let mut args = s(&["laplace", "--run", &of.display().to_string(), "--checkpoint", c.name()]);
+                            let mut args =
+                                s(&["laplace", "--run", &of.display().to_string(), "--checkpoint", c.name()]);
                             args.extend(s(&["--config", &self.configs.join(&l.config).display().to_string()]));
                             args.extend(l.args.clone());
                             args.extend(s(&["--out", &dir.display().to_string()]));
@@ -443,7 +497,10 @@ impl Study {
                                 out: dir.clone(),
                                 needs: Some(of.join("done")),
                                 args,
-                                keep: PathBuf::from("runs").join(name).join(format!("{}-seed{seed}", l.of)).join(format!("laplace-{}", c.name())),
+                                keep: PathBuf::from("runs")
+                                    .join(name)
+                                    .join(format!("{}-seed{seed}", l.of))
+                                    .join(format!("laplace-{}", c.name())),
                             };
                             out.push((phase, task, key.clone(), Some(seed)));
                             out.push((eval(&dir, c, marker, false), task, key.clone(), Some(seed)));
@@ -464,7 +521,10 @@ impl Study {
         let seeds = at.and_then(|(_, m)| m.ood_seeds.as_ref()).or(ood.seeds.as_ref());
         let seeded = at.is_none() || seeds.is_none_or(|s| s.contains(&seed));
         if at_checkpoint && seeded {
-            vec!["--ood".into(), ood.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")]
+            vec![
+                "--ood".into(),
+                ood.tasks.iter().map(|t| t.name()).collect::<Vec<_>>().join(","),
+            ]
         } else {
             Vec::new()
         }
@@ -478,7 +538,13 @@ mod tests {
     /// A two-task study whose settings files exist in a temporary folder.
     fn study(dir: &Path) -> Study {
         std::fs::create_dir_all(dir).unwrap();
-        for name in ["arc-e-map.json", "arc-e-blob.json", "wg-s-map.json", "wg-s-blob.json", "laplace.json"] {
+        for name in [
+            "arc-e-map.json",
+            "arc-e-blob.json",
+            "wg-s-map.json",
+            "wg-s-blob.json",
+            "laplace.json",
+        ] {
             std::fs::write(dir.join(name), "{}").unwrap();
         }
         let text = format!(
@@ -561,9 +627,15 @@ mod tests {
         );
         assert_eq!(plan[0].args[..2], ["eval", "--zero-shot"]);
         assert!(text(&plan[0]).contains("--ood arc-c,mmlu-chem --scoring answer"));
-        assert_eq!(text(&plan[1]), format!("train --config {c}/arc-e-map.json --seed 0 --steps 10 --out {r}/arc-e/map-seed0"));
+        assert_eq!(
+            text(&plan[1]),
+            format!("train --config {c}/arc-e-map.json --seed 0 --steps 10 --out {r}/arc-e/map-seed0")
+        );
         // Laplace on each checkpoint, then its evaluation of the fit (which has no checkpoints of its own).
-        assert_eq!((plan[4].kind, plan[4].needs.clone()), (PhaseKind::Laplace, Some(runs.join("arc-e/map-seed0/done"))));
+        assert_eq!(
+            (plan[4].kind, plan[4].needs.clone()),
+            (PhaseKind::Laplace, Some(runs.join("arc-e/map-seed0/done")))
+        );
         assert_eq!(
             text(&plan[6]),
             format!("laplace --run {r}/arc-e/map-seed0 --checkpoint last --config {c}/laplace.json --out {r}/arc-e/map-seed0/laplace-last")
@@ -572,7 +644,10 @@ mod tests {
             text(&plan[7]),
             format!("eval --run {r}/arc-e/map-seed0/laplace-last --task arc-e --split test --max-examples 100 --batch-size 8 --samples 10 --out {r}/evals/arc-e/last/lap-seed0")
         );
-        assert_eq!(plan[7].needs, Some(runs.join("arc-e/map-seed0/laplace-last/laplace.json")));
+        assert_eq!(
+            plan[7].needs,
+            Some(runs.join("arc-e/map-seed0/laplace-last/laplace.json"))
+        );
         assert_eq!(text(&plan[29]), format!("train --config {c}/arc-e-blob.json --seed 1 --steps 10 --recipe blob-official --out {r}/arc-e/blob-seed1"));
         assert_eq!(plan[29].keep, PathBuf::from("runs/arc-e/blob-seed1"));
         // Seed 1 is evaluated without the out-of-distribution tasks, but
@@ -596,7 +671,15 @@ mod tests {
         std::fs::create_dir_all(runs.join("arc-e/map-seed0")).unwrap();
         std::fs::write(runs.join("arc-e/map-seed0/done"), "").unwrap();
         let with_lap = names(s.plan(&runs, &[Task::ArcE], &["lap".to_string()], &[0]));
-        assert_eq!(with_lap, ["arc-e/best/lap-seed0", "arc-e/best/lap-seed0", "arc-e/last/lap-seed0", "arc-e/last/lap-seed0"]);
+        assert_eq!(
+            with_lap,
+            [
+                "arc-e/best/lap-seed0",
+                "arc-e/best/lap-seed0",
+                "arc-e/last/lap-seed0",
+                "arc-e/last/lap-seed0"
+            ]
+        );
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -620,7 +703,10 @@ mod tests {
         }
         let mut s = study(&dir);
         s.methods[0].ensemble_of = Some("map".into());
-        assert!(s.check().unwrap_err().contains("method map: give exactly one of train, ensemble_of and laplace"));
+        assert!(s
+            .check()
+            .unwrap_err()
+            .contains("method map: give exactly one of train, ensemble_of and laplace"));
         std::fs::remove_dir_all(&dir).ok();
     }
 }

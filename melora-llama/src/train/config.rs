@@ -1,18 +1,18 @@
 //! A run's settings: the method and everything a training run needs.
 
 use crate::assets::Assets;
-use crate::task::TaskSetup;
+use crate::data::{LengthNorm, Scoring, Task};
 use crate::error::LlamaError;
 use crate::eval::{EnsembleAverage, PredictOptions};
 use crate::model::Target;
-use crate::data::{LengthNorm, Scoring, Task};
+use crate::task::TaskSetup;
 use crate::tokenizer::Tokenizer;
 use burn::config::Config;
-use melora_core::{
-    AdapterConfig, AdapterKind, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseDevice,
-    PriorConfig, SamplingMode,
-};
 use melora_core::OptimizerSplit;
+use melora_core::{
+    AdapterConfig, AdapterKind, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
+    NoiseDevice, PriorConfig, SamplingMode,
+};
 use serde_json::Value;
 use std::path::Path;
 
@@ -38,7 +38,14 @@ pub enum Method {
 
 impl Method {
     /// Every method.
-    pub const ALL: [Method; 6] = [Method::Lora, Method::Map, Method::Mcd, Method::Ens, Method::Blob, Method::MeLora];
+    pub const ALL: [Method; 6] = [
+        Method::Lora,
+        Method::Map,
+        Method::Mcd,
+        Method::Ens,
+        Method::Blob,
+        Method::MeLora,
+    ];
 
     /// The adapter family the method trains.
     pub fn adapter_kind(self) -> AdapterKind {
@@ -148,7 +155,10 @@ impl std::str::FromStr for Recipe {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
         let key = s.to_ascii_lowercase().replace('_', "-");
-        Self::ALL.into_iter().find(|r| r.name() == key).ok_or_else(|| format!("unknown recipe {s:?}: expected blob-official or study"))
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == key)
+            .ok_or_else(|| format!("unknown recipe {s:?}: expected blob-official or study"))
     }
 }
 
@@ -331,7 +341,11 @@ impl TrainConfig {
     /// [`TrainConfig::load`] with `edit` applied to the file's settings
     /// before the overrides (the command line's typed flags: `--method`,
     /// `--task`, ...; the `--set`s come last and win).
-    pub fn load_with(path: Option<&Path>, edit: impl FnOnce(Self) -> Self, overrides: &[String]) -> crate::Result<Self> {
+    pub fn load_with(
+        path: Option<&Path>,
+        edit: impl FnOnce(Self) -> Self,
+        overrides: &[String],
+    ) -> crate::Result<Self> {
         let file: Self = crate::settings::load_with(path, &[], Self::new(), WHAT, legacy)?;
         Self::finish(edit(file), overrides, path)
     }
@@ -347,7 +361,8 @@ impl TrainConfig {
     fn finish(config: Self, overrides: &[String], path: Option<&Path>) -> crate::Result<Self> {
         let json = serde_json::to_value(config).map_err(|e| LlamaError::serialize("the training configuration", e))?;
         let overrides: Vec<String> = overrides.iter().map(|o| alias(o)).collect();
-        let mut json = crate::settings::apply_overrides(json, &overrides).map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
+        let mut json = crate::settings::apply_overrides(json, &overrides)
+            .map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
         legacy(&mut json);
         let config: Self = crate::settings::strict(json).map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
         config.validate().map_err(|e| match path {
@@ -364,12 +379,18 @@ impl TrainConfig {
             return bad("steps, batch_size and eval_batch_size must be positive".into());
         }
         if self.devices == 0 || self.devices > self.batch_size {
-            return bad(format!("devices = {} must be in 1..=batch_size ({}): every peer takes at least one example of a batch", self.devices, self.batch_size));
+            return bad(format!(
+                "devices = {} must be in 1..=batch_size ({}): every peer takes at least one example of a batch",
+                self.devices, self.batch_size
+            ));
         }
         // Ranges wide enough for any experiment: a value outside them is a
         // typo or a corrupt file, caught here rather than as a diverged run.
         if !(self.lr > 0.0 && self.lr <= 1.0) || !(0.0..=1.0).contains(&self.kl_lr) {
-            return bad(format!("lr = {} must be in (0, 1] and kl_lr = {} in [0, 1]", self.lr, self.kl_lr));
+            return bad(format!(
+                "lr = {} must be in (0, 1] and kl_lr = {} in [0, 1]",
+                self.lr, self.kl_lr
+            ));
         }
         if !(0.0..=1.0).contains(&self.weight_decay) {
             return bad(format!("weight_decay = {} must be in [0, 1]", self.weight_decay));
@@ -399,18 +420,29 @@ impl TrainConfig {
         }
         // One place for rank, alpha and dropout: the adapters' own copies
         // are filled from `low_rank`, so a value there would be ignored.
-        let unset = serde_json::to_value(LowRankConfig::new()).map_err(|e| LlamaError::serialize("the low-rank defaults", e))?;
+        let unset = serde_json::to_value(LowRankConfig::new())
+            .map_err(|e| LlamaError::serialize("the low-rank defaults", e))?;
         for (name, low_rank) in [("blob", &self.blob.low_rank), ("melora", &self.melora.low_rank)] {
             if serde_json::to_value(low_rank).ok().as_ref() != Some(&unset) {
-                return bad(format!("{name}.low_rank is set: rank, alpha, rslora and dropout go in low_rank, which every adapter uses"));
+                return bad(format!(
+                    "{name}.low_rank is set: rank, alpha, rslora and dropout go in low_rank, which every adapter uses"
+                ));
             }
         }
         // Every section, the method's or not: a bad value is a typo
         // whichever adapter the run trains.
         self.low_rank.validate()?;
         let section = |name: &str, e: melora_core::CoreError| LlamaError::Config(format!("{name}: {e}"));
-        self.blob.clone().with_low_rank(self.low_rank.clone()).validate().map_err(|e| section("blob", e))?;
-        self.melora.clone().with_low_rank(self.low_rank.clone()).validate().map_err(|e| section("melora", e))?;
+        self.blob
+            .clone()
+            .with_low_rank(self.low_rank.clone())
+            .validate()
+            .map_err(|e| section("blob", e))?;
+        self.melora
+            .clone()
+            .with_low_rank(self.low_rank.clone())
+            .validate()
+            .map_err(|e| section("melora", e))?;
         self.prior.validate()?;
         self.kl_schedule.validate()?;
         if self.method == Method::Ens {
@@ -419,7 +451,11 @@ impl TrainConfig {
             }
             if let Some(seeds) = &self.member_seeds {
                 if seeds.len() != self.members {
-                    return bad(format!("member_seeds has {} seeds for members = {}", seeds.len(), self.members));
+                    return bad(format!(
+                        "member_seeds has {} seeds for members = {}",
+                        seeds.len(),
+                        self.members
+                    ));
                 }
             }
         }
@@ -440,7 +476,9 @@ impl TrainConfig {
 
     /// The seeds of an ensemble's members.
     pub fn ensemble_seeds(&self) -> Vec<u64> {
-        self.member_seeds.clone().unwrap_or_else(|| (0..self.members as u64).map(|k| self.seed + k).collect())
+        self.member_seeds
+            .clone()
+            .unwrap_or_else(|| (0..self.members as u64).map(|k| self.seed + k).collect())
     }
 
     /// The configuration of ensemble member `k`: a MAP run with its seed.
@@ -467,12 +505,22 @@ impl TrainConfig {
     /// `eval_samples` per-example draws; LoRA and MAP use the mean weights.
     /// (Ensembles and Laplace have their own predictors.)
     pub fn eval_options(&self, batch_size: usize, seed: u64) -> PredictOptions {
-        let mean = PredictOptions { seed, noise: self.noise, ..PredictOptions::mean(batch_size) };
+        let mean = PredictOptions {
+            seed,
+            noise: self.noise,
+            ..PredictOptions::mean(batch_size)
+        };
         match self.method {
-            Method::Mcd => PredictOptions { samples: self.eval_samples.max(1), dropout: self.low_rank.dropout > 0.0, ..mean },
-            Method::Blob | Method::MeLora if self.eval_samples > 1 => {
-                PredictOptions { samples: self.eval_samples, mode: SamplingMode::PerExample, ..mean }
-            }
+            Method::Mcd => PredictOptions {
+                samples: self.eval_samples.max(1),
+                dropout: self.low_rank.dropout > 0.0,
+                ..mean
+            },
+            Method::Blob | Method::MeLora if self.eval_samples > 1 => PredictOptions {
+                samples: self.eval_samples,
+                mode: SamplingMode::PerExample,
+                ..mean
+            },
             _ => mean,
         }
     }
@@ -480,7 +528,14 @@ impl TrainConfig {
     /// The set-up of this run's task, scoring and prompt length, read
     /// with `tokenizer` from `assets`.
     pub fn task_setup(&self, tokenizer: Tokenizer, assets: &Assets) -> crate::Result<TaskSetup> {
-        TaskSetup::new(self.task, self.scoring, self.length_norm, self.max_tokens, tokenizer, assets)
+        TaskSetup::new(
+            self.task,
+            self.scoring,
+            self.length_norm,
+            self.max_tokens,
+            tokenizer,
+            assets,
+        )
     }
 
     /// Whether the method has random weights (and a KL term).
@@ -494,7 +549,13 @@ const WHAT: &str = "training configuration";
 
 /// Settings that moved into the adapters' own configurations: the old
 /// top-level key and the section that holds it now.
-const MOVED: [(&str, &str); 5] = [("rank", "low_rank"), ("alpha", "low_rank"), ("dropout", "low_rank"), ("kl", "melora"), ("std_init", "melora")];
+const MOVED: [(&str, &str); 5] = [
+    ("rank", "low_rank"),
+    ("alpha", "low_rank"),
+    ("dropout", "low_rank"),
+    ("kl", "melora"),
+    ("std_init", "melora"),
+];
 
 /// A `key=value` override with an old key ([`MOVED`]) spelt as today's
 /// (`rank=4` is `low_rank.rank=4`).
@@ -515,7 +576,12 @@ fn alias(item: &str) -> String {
 fn legacy(json: &mut Value) {
     let Some(map) = json.as_object_mut() else { return };
     if let Some(Value::String(list)) = map.get("targets") {
-        let items = list.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_string())).collect();
+        let items = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::String(s.to_string()))
+            .collect();
         map.insert("targets".into(), Value::Array(items));
     }
     for (old, section) in MOVED {
@@ -524,7 +590,9 @@ fn legacy(json: &mut Value) {
             "low_rank" => serde_json::to_value(LowRankConfig::new()),
             _ => serde_json::to_value(MeLoraLinearConfig::new()),
         };
-        let slot = map.entry(section.to_string()).or_insert_with(|| defaults.unwrap_or(Value::Null));
+        let slot = map
+            .entry(section.to_string())
+            .or_insert_with(|| defaults.unwrap_or(Value::Null));
         if let Some(section) = slot.as_object_mut() {
             section.insert(old.to_string(), value);
         }
@@ -543,14 +611,45 @@ mod tests {
         let old = r#"{"targets": "q_proj, down_proj", "rank": 4, "alpha": 8.0, "dropout": 0.0, "kl": "Paper", "std_init": "Blob", "method": "MeLora"}"#;
         let config = TrainConfig::parse(old, Path::new("config.json"), &[]).unwrap();
         assert_eq!(config.targets, vec![Target::Q, Target::Down]);
-        assert_eq!((config.low_rank.rank, config.low_rank.alpha, config.low_rank.dropout, config.low_rank.rslora), (4, 8.0, 0.0, false));
-        assert_eq!((config.melora.kl, config.melora.std_init), (MeLoraKl::Paper, StdInit::Blob));
+        assert_eq!(
+            (
+                config.low_rank.rank,
+                config.low_rank.alpha,
+                config.low_rank.dropout,
+                config.low_rank.rslora
+            ),
+            (4, 8.0, 0.0, false)
+        );
+        assert_eq!(
+            (config.melora.kl, config.melora.std_init),
+            (MeLoraKl::Paper, StdInit::Blob)
+        );
         // The adapter is built from the one low-rank section.
-        let AdapterConfig::MeLora(adapter) = config.adapter() else { panic!("a Me-LoRA adapter") };
-        assert_eq!((adapter.low_rank.rank, adapter.kl, adapter.std_init), (4, MeLoraKl::Paper, StdInit::Blob));
-        let set = ["rank=2", "kl=Subspace", "targets=v_proj", "low_rank.rslora=true", "melora.init_eps=0.5"].map(String::from);
+        let AdapterConfig::MeLora(adapter) = config.adapter() else {
+            panic!("a Me-LoRA adapter")
+        };
+        assert_eq!(
+            (adapter.low_rank.rank, adapter.kl, adapter.std_init),
+            (4, MeLoraKl::Paper, StdInit::Blob)
+        );
+        let set = [
+            "rank=2",
+            "kl=Subspace",
+            "targets=v_proj",
+            "low_rank.rslora=true",
+            "melora.init_eps=0.5",
+        ]
+        .map(String::from);
         let config = TrainConfig::load(None, &set).unwrap();
-        assert_eq!((config.low_rank.rank, config.low_rank.rslora, config.melora.kl, config.melora.init_eps), (2, true, MeLoraKl::Subspace, 0.5));
+        assert_eq!(
+            (
+                config.low_rank.rank,
+                config.low_rank.rslora,
+                config.melora.kl,
+                config.melora.init_eps
+            ),
+            (2, true, MeLoraKl::Subspace, 0.5)
+        );
         assert_eq!(config.targets, vec![Target::V]);
     }
 
@@ -558,13 +657,19 @@ mod tests {
     /// `low_rank` is refused rather than ignored; so are no targets.
     #[test]
     fn an_adapters_own_low_rank_and_empty_targets_are_refused() {
-        let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()]).unwrap_err().to_string();
+        let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("melora.low_rank is set"), "{err}");
-        let err = TrainConfig::load(None, &["blob.init_eps=-1".into()]).unwrap_err().to_string();
+        let err = TrainConfig::load(None, &["blob.init_eps=-1".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("blob: ") && err.contains("init_eps"), "{err}");
         let err = TrainConfig::load(None, &["targets=[]".into()]).unwrap_err().to_string();
         assert!(err.contains("no adapter target"), "{err}");
-        let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()]).unwrap_err().to_string();
+        let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("x_proj"), "{err}");
     }
 
@@ -572,14 +677,29 @@ mod tests {
     /// method alone; `--set` still wins over it.
     #[test]
     fn the_official_blob_recipe() {
-        let c = "blob-official".parse::<Recipe>().unwrap().apply(Method::Blob.preset(TrainConfig::new()));
-        assert_eq!((c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule), (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true));
+        let c = "blob-official"
+            .parse::<Recipe>()
+            .unwrap()
+            .apply(Method::Blob.preset(TrainConfig::new()));
+        assert_eq!(
+            (c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule),
+            (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true)
+        );
         assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
-        assert_eq!((c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout, c.adam_epsilon), (1e-4, 0.0, 0.06, 0.0, 1e-6));
-        assert_eq!((c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps), (SamplingMode::Flipout, false, 0.2, 0.05));
+        assert_eq!(
+            (c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout, c.adam_epsilon),
+            (1e-4, 0.0, 0.06, 0.0, 1e-6)
+        );
+        assert_eq!(
+            (c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps),
+            (SamplingMode::Flipout, false, 0.2, 0.05)
+        );
         assert_eq!(c.targets, vec![Target::Q, Target::V, Target::LmHead]);
         let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();
-        assert_eq!((melora.method, melora.lr, melora.kl_lr_schedule), (Method::MeLora, 2e-4, true));
+        assert_eq!(
+            (melora.method, melora.lr, melora.kl_lr_schedule),
+            (Method::MeLora, 2e-4, true)
+        );
         assert!("blob".parse::<Recipe>().is_err());
         // The default recipe: the std parameters' own Adam.
         assert_eq!(TrainConfig::new().optimizer, OptimizerSplit::StdAdam);

@@ -31,9 +31,9 @@ use crate::error::LlamaError;
 use crate::eval::{predict, predict_samples, PredictOptions};
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
-use crate::weights::peft::{load_adapter, save_adapter};
 use crate::posterior::{last_fifth_start, verdict, Diagnostics, PosteriorStats, Verdict};
 use crate::pretrained::Pretrained;
+use crate::weights::peft::{load_adapter, save_adapter};
 use burn::module::{AutodiffModule, Module};
 use burn::optim::Optimizer;
 use burn::record::{BinFileRecorder, FullPrecisionSettings, Recorder};
@@ -43,7 +43,6 @@ use parallel::Agreement;
 use run::Ordered;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
 
 /// What a finished run reports.
 #[derive(Debug, Clone)]
@@ -142,7 +141,11 @@ pub fn train_on<B: AutodiffBackend>(
     let setup = config.task_setup(tokenizer, assets)?;
     let train_set = setup.split(Split::Train, None)?;
     let validation = setup.split(Split::Validation, config.max_validation)?;
-    let data = TrainData { train: &train_set, validation: &validation, scorer: &setup.scorer };
+    let data = TrainData {
+        train: &train_set,
+        validation: &validation,
+        scorer: &setup.scorer,
+    };
     fit_on(config, run, resume, base, &data, device, progress, nodes)
 }
 
@@ -189,7 +192,10 @@ pub fn fit_on<B: AutodiffBackend>(
     nodes: Option<&Nodes>,
 ) -> crate::Result<TrainSummary> {
     config.validate()?;
-    let cluster = Cluster { devices: config.devices, nodes: nodes.cloned() };
+    let cluster = Cluster {
+        devices: config.devices,
+        nodes: nodes.cloned(),
+    };
     let lead_node = nodes.is_none_or(|n| n.rank == 0);
     if lead_node {
         std::fs::create_dir_all(&run.dir).map_err(|e| LlamaError::write(&run.dir, e))?;
@@ -205,14 +211,37 @@ pub fn fit_on<B: AutodiffBackend>(
     let replicas: Vec<std::sync::Mutex<Option<Llama<B>>>> = (0..cluster.devices)
         .map(|d| {
             let target = parallel::peer_device::<B>(device, d);
-            let replica = if target == *device { base.clone() } else { base.clone().fork(&target) };
+            let replica = if target == *device {
+                base.clone()
+            } else {
+                base.clone().fork(&target)
+            };
             std::sync::Mutex::new(Some(replica))
         })
         .collect();
     drop(base);
-    let take = |d: usize| replicas[d].lock().expect("a replica").take().expect("each replica is taken once");
-    let others = |peer: Peer, peer_device: B::Device| fit_peer(config, run, resume, take(peer.local), data, &peer_device, &mut Quiet, Some(&peer));
-    let lead = |peer: Peer, peer_device: B::Device| fit_peer(config, run, resume, take(0), data, &peer_device, progress, Some(&peer));
+    let take = |d: usize| {
+        replicas[d]
+            .lock()
+            .expect("a replica")
+            .take()
+            .expect("each replica is taken once")
+    };
+    let others = |peer: Peer, peer_device: B::Device| {
+        fit_peer(
+            config,
+            run,
+            resume,
+            take(peer.local),
+            data,
+            &peer_device,
+            &mut Quiet,
+            Some(&peer),
+        )
+    };
+    let lead = |peer: Peer, peer_device: B::Device| {
+        fit_peer(config, run, resume, take(0), data, &peer_device, progress, Some(&peer))
+    };
     parallel::run_peers::<B, TrainSummary>(&cluster, config.batch_size, device, lead, &others)
 }
 
@@ -229,7 +258,11 @@ fn fit_peer<B: AutodiffBackend>(
     peer: Option<&Peer>,
 ) -> crate::Result<TrainSummary> {
     let lead = peer.is_none_or(|p| p.lead());
-    let TrainData { train: train_set, validation, scorer } = *data;
+    let TrainData {
+        train: train_set,
+        validation,
+        scorer,
+    } = *data;
     let checkpoint = if resume {
         let found = run.complete_checkpoint(&run.last());
         if found.is_none() {
@@ -240,18 +273,24 @@ fn fit_peer<B: AutodiffBackend>(
         None
     };
     if lead {
-        let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+        let text =
+            serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
         write_atomic(&run.config(), text.as_bytes())?;
     }
     let mut model = match &checkpoint {
         Some(dir) => load_adapter(base, dir, device)?.0,
-        None => {
-            base.with_adapters(&config.adapter(), &config.targets, &mut NoiseSource::seeded(config.seed))?
-        }
+        None => base.with_adapters(
+            &config.adapter(),
+            &config.targets,
+            &mut NoiseSource::seeded(config.seed),
+        )?,
     };
     model = stable_adapter_ids(model);
     if train_set.is_empty() {
-        return Err(LlamaError::Data { task: config.task.to_string(), message: "no training examples".into() });
+        return Err(LlamaError::Data {
+            task: config.task.to_string(),
+            message: "no training examples".into(),
+        });
     }
     let n_train = train_set.len();
 
@@ -262,14 +301,16 @@ fn fit_peer<B: AutodiffBackend>(
         let path = dir.join("state.json");
         let text = std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e))?;
         state = serde_json::from_str(&text).map_err(|e| LlamaError::format(&path, e.to_string()))?;
-        let record: Ordered<_> =
-            recorder.load(dir.join("adamw"), device).map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
+        let record: Ordered<_> = recorder
+            .load(dir.join("adamw"), device)
+            .map_err(|e| LlamaError::format(dir.join("adamw.bin"), e.to_string()))?;
         stepper.elbo.adamw = stepper.elbo.adamw.load_record(record.0);
         // The std parameters' Adam (`StdAdam`); checkpoints of the other
         // splits have none.
         if config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian() {
-            let record: Ordered<_> =
-                recorder.load(dir.join("std-adam"), device).map_err(|e| LlamaError::format(dir.join("std-adam.bin"), e.to_string()))?;
+            let record: Ordered<_> = recorder
+                .load(dir.join("std-adam"), device)
+                .map_err(|e| LlamaError::format(dir.join("std-adam.bin"), e.to_string()))?;
             stepper.elbo.std_adam = stepper.elbo.std_adam.load_record(record.0);
         }
         progress.line(&format!("resumed from {} at step {}", dir.display(), state.step));
@@ -321,18 +362,26 @@ fn fit_peer<B: AutodiffBackend>(
     let mut step_times: Vec<f64> = Vec::new();
     let mut stopped = false;
 
-    let save_checkpoint = |model: &Llama<B>, stepper: &Stepper<B>, state: &TrainState, target: &Path| -> crate::Result<()> {
-        run.replace_checkpoint(target, |tmp| {
-            save_adapter(model, &config.adapter(), tmp, &config.model)?;
-            let cannot = |file: &str, e| LlamaError::format(tmp.join(file), format!("cannot write the optimiser state: {e}"));
-            recorder.record(Ordered(stepper.elbo.adamw.to_record()), tmp.join("adamw")).map_err(|e| cannot("adamw.bin", e))?;
-            if config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian() {
-                recorder.record(Ordered(stepper.elbo.std_adam.to_record()), tmp.join("std-adam")).map_err(|e| cannot("std-adam.bin", e))?;
-            }
-            let text = serde_json::to_string_pretty(state).map_err(|e| LlamaError::serialize("the training state", e))?;
-            write_atomic(&tmp.join("state.json"), text.as_bytes())
-        })
-    };
+    let save_checkpoint =
+        |model: &Llama<B>, stepper: &Stepper<B>, state: &TrainState, target: &Path| -> crate::Result<()> {
+            run.replace_checkpoint(target, |tmp| {
+                save_adapter(model, &config.adapter(), tmp, &config.model)?;
+                let cannot = |file: &str, e| {
+                    LlamaError::format(tmp.join(file), format!("cannot write the optimiser state: {e}"))
+                };
+                recorder
+                    .record(Ordered(stepper.elbo.adamw.to_record()), tmp.join("adamw"))
+                    .map_err(|e| cannot("adamw.bin", e))?;
+                if config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian() {
+                    recorder
+                        .record(Ordered(stepper.elbo.std_adam.to_record()), tmp.join("std-adam"))
+                        .map_err(|e| cannot("std-adam.bin", e))?;
+                }
+                let text =
+                    serde_json::to_string_pretty(state).map_err(|e| LlamaError::serialize("the training state", e))?;
+                write_atomic(&tmp.join("state.json"), text.as_bytes())
+            })
+        };
 
     while state.step < config.steps {
         let step = state.step;
@@ -351,7 +400,16 @@ fn fit_peer<B: AutodiffBackend>(
             None => stepper.step(&mut model, &batch, scorer, step, device),
             Some(peer) => {
                 let rows = peer.share(config.batch_size);
-                stepper.step_peer(&mut model, &batch.rows(rows.clone()), rows.start, config.batch_size, scorer, step, peer, device)?
+                stepper.step_peer(
+                    &mut model,
+                    &batch.rows(rows.clone()),
+                    rows.start,
+                    config.batch_size,
+                    scorer,
+                    step,
+                    peer,
+                    device,
+                )?
             }
         };
         let (nll_value, kl_value, kl_weight, lr) = match outcome {
@@ -376,7 +434,14 @@ fn fit_peer<B: AutodiffBackend>(
             let message = format!("nll {nll_value:.4} kl {kl_value:.1}{std} lr {lr:.2e}");
             progress.step(state.step, config.steps, &message);
             let seconds = *step_times.last().expect("a step time");
-            let report = StepReport { nll: nll_value, kl: kl_value, kl_weight, posterior_std, lr, seconds };
+            let report = StepReport {
+                nll: nll_value,
+                kl: kl_value,
+                kl_weight,
+                posterior_std,
+                lr,
+                seconds,
+            };
             progress.step_values(state.step, config.steps, &report);
             run.append(&run.log(), &format!("step {} {message} {seconds:.2}s", state.step))?;
             if (config.eval_every > 0 && state.step % config.eval_every == 0) || at_end {
@@ -384,22 +449,43 @@ fn fit_peer<B: AutodiffBackend>(
                     None
                 } else {
                     let valid = model.valid();
-                    let probs = predict(&valid, validation, scorer, &PredictOptions::mean(config.eval_batch_size), device, |_, _| {})?;
+                    let probs = predict(
+                        &valid,
+                        validation,
+                        scorer,
+                        &PredictOptions::mean(config.eval_batch_size),
+                        device,
+                        |_, _| {},
+                    )?;
                     Some(probs.metrics())
                 };
                 if let Some(metrics) = metrics {
                     let train_nll = since_eval.iter().sum::<f64>() / since_eval.len().max(1) as f64;
                     since_eval.clear();
                     let posterior = diagnostics(config, &model, validation, scorer, kl_value, kl_weight, device)?;
-                    let record = EvalRecord { step: state.step, metrics: metrics.clone(), train_nll, posterior: posterior.clone() };
-                    run.append(&run.metrics(), &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?)?;
+                    let record = EvalRecord {
+                        step: state.step,
+                        metrics: metrics.clone(),
+                        train_nll,
+                        posterior: posterior.clone(),
+                    };
+                    run.append(
+                        &run.metrics(),
+                        &serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?,
+                    )?;
                     progress.line(&format!(
                         "step {}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
                         state.step, metrics.accuracy, metrics.nll, metrics.ece
                     ));
                     if let Some(d) = &posterior {
                         let gold = d.gold_std.map_or(String::new(), |g| format!(", std of p(gold) {g:.4}"));
-                        let line = format!("posterior at step {}: {}; kl {:.1} x {:.3e}{gold}", state.step, d.stats.line(), d.kl, d.kl_weight);
+                        let line = format!(
+                            "posterior at step {}: {}; kl {:.1} x {:.3e}{gold}",
+                            state.step,
+                            d.stats.line(),
+                            d.kl,
+                            d.kl_weight
+                        );
                         progress.line(&line);
                         run.append(&run.log(), &line)?;
                     }
@@ -422,7 +508,10 @@ fn fit_peer<B: AutodiffBackend>(
         let stop = match peer {
             None => work?,
             // Every peer learns whether the lead failed or stops.
-            Some(peer) => match (peer.agree::<B::InnerBackend>(work.is_err(), *work.as_ref().unwrap_or(&false), device)?, work) {
+            Some(peer) => match (
+                peer.agree::<B::InnerBackend>(work.is_err(), *work.as_ref().unwrap_or(&false), device)?,
+                work,
+            ) {
                 (_, Err(e)) => return Err(e),
                 (Agreement::Failed, Ok(_)) => return Err(LlamaError::Peers("another peer failed".into())),
                 (Agreement::Stop, Ok(_)) => true,
@@ -430,20 +519,28 @@ fn fit_peer<B: AutodiffBackend>(
             },
         };
         if stop {
-            progress.line(&format!("stopped at step {} of {}: its checkpoint is written, --resume continues", state.step, config.steps));
+            progress.line(&format!(
+                "stopped at step {} of {}: its checkpoint is written, --resume continues",
+                state.step, config.steps
+            ));
             stopped = true;
             break;
         }
     }
     let posterior = PosteriorStats::of(&model).map(|stats| (stats, state.std_init));
     let verdict = match (&posterior, state.std_last_fifth) {
-        (Some((stats, _)), Some(before)) if state.step == config.steps => Some(verdict(state.std_init, before, stats.all.mean, config.steps)),
+        (Some((stats, _)), Some(before)) if state.step == config.steps => {
+            Some(verdict(state.std_init, before, stats.all.mean, config.steps))
+        }
         _ => None,
     };
     if lead {
         if let Some((stats, _)) = &posterior {
             progress.line(&format!("posterior after step {}: {}", state.step, stats.line()));
-            run.append(&run.log(), &format!("posterior after step {}: {}", state.step, stats.line()))?;
+            run.append(
+                &run.log(),
+                &format!("posterior after step {}: {}", state.step, stats.line()),
+            )?;
         }
         if let Some((_, line)) = &verdict {
             progress.line(line);
@@ -479,7 +576,8 @@ fn fit_ensemble<B: AutodiffBackend>(
     nodes: Option<&Nodes>,
 ) -> crate::Result<TrainSummary> {
     if nodes.is_none_or(|n| n.rank == 0) {
-        let text = serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+        let text =
+            serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
         write_atomic(&run.config(), text.as_bytes())?;
     }
     let seeds = config.ensemble_seeds();
@@ -487,7 +585,16 @@ fn fit_ensemble<B: AutodiffBackend>(
     for (k, seed) in seeds.iter().enumerate() {
         progress.line(&format!("ensemble member {}/{} (seed {seed})", k + 1, seeds.len()));
         let member = run.member(k);
-        summaries.push(fit_on(&config.member(k), &member, resume, base.clone(), data, device, progress, nodes)?);
+        summaries.push(fit_on(
+            &config.member(k),
+            &member,
+            resume,
+            base.clone(),
+            data,
+            device,
+            progress,
+            nodes,
+        )?);
         if summaries.last().is_some_and(|s| s.stopped) {
             break;
         }
@@ -519,19 +626,36 @@ fn diagnostics<B: AutodiffBackend>(
     kl_weight: f64,
     device: &B::Device,
 ) -> crate::Result<Option<Diagnostics>> {
-    let Some(stats) = PosteriorStats::of(model) else { return Ok(None) };
+    let Some(stats) = PosteriorStats::of(model) else {
+        return Ok(None);
+    };
     let examples = &validation[..config.posterior_examples.min(validation.len())];
     let samples = config.posterior_samples;
     let (gold_std, gold_std_on) = if examples.is_empty() || samples < 2 {
         (None, None)
     } else {
-        let options = PredictOptions { samples, mode: SamplingMode::PerExample, ..config.eval_options(config.eval_batch_size, 0) };
+        let options = PredictOptions {
+            samples,
+            mode: SamplingMode::PerExample,
+            ..config.eval_options(config.eval_batch_size, 0)
+        };
         let sampled = predict_samples(&model.valid(), examples, scorer, &options, device, |_, _| {})?;
         (Some(sampled.gold_std()), Some((samples, examples.len())))
     };
-    Ok(Some(Diagnostics { stats, kl, kl_weight, gold_std, gold_std_on }))
+    Ok(Some(Diagnostics {
+        stats,
+        kl,
+        kl_weight,
+        gold_std,
+        gold_std_on,
+    }))
 }
 
 fn nan_error(run: &RunDir, step: usize, bad: NonFinite) -> LlamaError {
-    LlamaError::Stopped { step: step + 1, what: bad.what, value: bad.value, checkpoint: run.last() }
+    LlamaError::Stopped {
+        step: step + 1,
+        what: bad.what,
+        value: bad.value,
+        checkpoint: run.last(),
+    }
 }

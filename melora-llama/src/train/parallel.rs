@@ -43,10 +43,12 @@ use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{Tensor, TensorData, TensorPrimitive};
-use burn_collective::{all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation};
-use std::ops::Range;
+use burn_collective::{
+    all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation,
+};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,7 +102,10 @@ impl Cluster {
             }
         }
         if self.peers() > batch_size {
-            return bad(format!("{} peers for a batch of {batch_size}: every peer needs at least one example", self.peers()));
+            return bad(format!(
+                "{} peers for a batch of {batch_size}: every peer needs at least one example",
+                self.peers()
+            ));
         }
         Ok(())
     }
@@ -111,7 +116,10 @@ impl Cluster {
 }
 
 fn lead_port(address: &str) -> Option<u16> {
-    address.rsplit_once(':').and_then(|(host, port)| (!host.is_empty()).then_some(port)).and_then(|p| p.parse().ok())
+    address
+        .rsplit_once(':')
+        .and_then(|(host, port)| (!host.is_empty()).then_some(port))
+        .and_then(|p| p.parse().ok())
 }
 
 /// One peer of a data-parallel run, as its training loop sees it.
@@ -202,7 +210,11 @@ impl Peer {
     /// Every peer must give the same ids; a gradient
     /// missing on one peer makes the lengths differ, which the all-reduce
     /// refuses.
-    pub fn sum_grads<B: AutodiffBackend>(&self, mut grads: GradientsParams, ids: &[ParamId]) -> crate::Result<GradientsParams> {
+    pub fn sum_grads<B: AutodiffBackend>(
+        &self,
+        mut grads: GradientsParams,
+        ids: &[ParamId],
+    ) -> crate::Result<GradientsParams> {
         let mut ids = ids.to_vec();
         ids.sort();
         let mut parts = Vec::new();
@@ -221,7 +233,10 @@ impl Peer {
         let summed = self.all_sum(all)?;
         let mut offset = 0;
         for (id, [rows, cols]) in parts {
-            grads.register(id, summed.clone().slice(offset..offset + rows * cols).reshape([rows, cols]));
+            grads.register(
+                id,
+                summed.clone().slice(offset..offset + rows * cols).reshape([rows, cols]),
+            );
             offset += rows * cols;
         }
         debug_assert_eq!(offset, length);
@@ -231,7 +246,10 @@ impl Peer {
     /// The end-of-step agreement: every peer says whether it failed, the
     /// lead whether the run should stop.
     pub fn agree<B: Backend>(&self, failed: bool, stop: bool, device: &B::Device) -> crate::Result<Agreement> {
-        let flags = self.sum::<B>(&[f64::from(u8::from(failed)), f64::from(u8::from(stop && self.lead()))], device)?;
+        let flags = self.sum::<B>(
+            &[f64::from(u8::from(failed)), f64::from(u8::from(stop && self.lead()))],
+            device,
+        )?;
         Ok(if flags[0] > 0.0 {
             Agreement::Failed
         } else if flags[1] > 0.0 {
@@ -243,7 +261,13 @@ impl Peer {
 
     /// A link error, once this process has failed already, is that failure.
     fn guard<T>(&self, result: crate::Result<T>) -> crate::Result<T> {
-        result.map_err(|e| if self.failed.load(Ordering::SeqCst) { LlamaError::Peers("another peer failed".into()) } else { e })
+        result.map_err(|e| {
+            if self.failed.load(Ordering::SeqCst) {
+                LlamaError::Peers("another peer failed".into())
+            } else {
+                e
+            }
+        })
     }
 
     /// Runs a local collective operation; its error is an error.
@@ -281,7 +305,9 @@ fn io_error(what: &str, e: std::io::Error, timeout: Duration) -> LlamaError {
             LlamaError::Peers(format!("{what}: no answer in {} s (--peer-timeout)", timeout.as_secs()))
         }
         std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe => {
-            LlamaError::Peers(format!("{what}: the connection closed (that node stopped; see its log)"))
+            LlamaError::Peers(format!(
+                "{what}: the connection closed (that node stopped; see its log)"
+            ))
         }
         _ => LlamaError::Peers(format!("{what}: {e}")),
     }
@@ -293,18 +319,28 @@ impl NodeLink {
     pub fn connect(nodes: &Nodes, devices: usize) -> crate::Result<Self> {
         let timeout = Duration::from_secs(nodes.timeout_seconds.max(1));
         let deadline = std::time::Instant::now() + timeout;
-        let port = lead_port(&nodes.lead).ok_or_else(|| LlamaError::Peers(format!("the lead's address {:?} is not HOST:PORT", nodes.lead)))?;
+        let port = lead_port(&nodes.lead)
+            .ok_or_else(|| LlamaError::Peers(format!("the lead's address {:?} is not HOST:PORT", nodes.lead)))?;
         let streams = if nodes.rank == 0 {
-            let listener = TcpListener::bind(("0.0.0.0", port)).map_err(|e| LlamaError::Peers(format!("node 0 cannot listen on port {port}: {e}")))?;
-            listener.set_nonblocking(true).map_err(|e| io_error("listening", e, timeout))?;
+            let listener = TcpListener::bind(("0.0.0.0", port))
+                .map_err(|e| LlamaError::Peers(format!("node 0 cannot listen on port {port}: {e}")))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| io_error("listening", e, timeout))?;
             let mut slots: Vec<Option<TcpStream>> = (1..nodes.count).map(|_| None).collect();
             while slots.iter().any(Option::is_none) {
                 match listener.accept() {
                     Ok((mut stream, from)) => {
-                        stream.set_nonblocking(false).map_err(|e| io_error("accepting", e, timeout))?;
-                        stream.set_read_timeout(Some(timeout)).map_err(|e| io_error("accepting", e, timeout))?;
+                        stream
+                            .set_nonblocking(false)
+                            .map_err(|e| io_error("accepting", e, timeout))?;
+                        stream
+                            .set_read_timeout(Some(timeout))
+                            .map_err(|e| io_error("accepting", e, timeout))?;
                         let mut hello = [0u8; 20];
-                        stream.read_exact(&mut hello).map_err(|e| io_error(&format!("the greeting of {from}"), e, timeout))?;
+                        stream
+                            .read_exact(&mut hello)
+                            .map_err(|e| io_error(&format!("the greeting of {from}"), e, timeout))?;
                         let rank = u32::from_le_bytes(hello[8..12].try_into().expect("4 bytes"));
                         let count = u32::from_le_bytes(hello[12..16].try_into().expect("4 bytes"));
                         let theirs = u32::from_le_bytes(hello[16..20].try_into().expect("4 bytes"));
@@ -325,8 +361,17 @@ impl NodeLink {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if std::time::Instant::now() > deadline {
-                            let missing: Vec<String> = slots.iter().enumerate().filter(|s| s.1.is_none()).map(|s| (s.0 + 1).to_string()).collect();
-                            return Err(LlamaError::Peers(format!("nodes {} did not connect in {} s", missing.join(", "), timeout.as_secs())));
+                            let missing: Vec<String> = slots
+                                .iter()
+                                .enumerate()
+                                .filter(|s| s.1.is_none())
+                                .map(|s| (s.0 + 1).to_string())
+                                .collect();
+                            return Err(LlamaError::Peers(format!(
+                                "nodes {} did not connect in {} s",
+                                missing.join(", "),
+                                timeout.as_secs()
+                            )));
                         }
                         std::thread::sleep(Duration::from_millis(50));
                     }
@@ -339,7 +384,11 @@ impl NodeLink {
                 match TcpStream::connect(nodes.lead.as_str()) {
                     Ok(stream) => break stream,
                     Err(e) if std::time::Instant::now() > deadline => {
-                        return Err(LlamaError::Peers(format!("cannot reach node 0 at {} in {} s: {e}", nodes.lead, timeout.as_secs())))
+                        return Err(LlamaError::Peers(format!(
+                            "cannot reach node 0 at {} in {} s: {e}",
+                            nodes.lead,
+                            timeout.as_secs()
+                        )))
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(200)),
                 }
@@ -349,15 +398,25 @@ impl NodeLink {
             hello.extend(nodes.rank.to_le_bytes());
             hello.extend(nodes.count.to_le_bytes());
             hello.extend((devices as u32).to_le_bytes());
-            stream.write_all(&hello).map_err(|e| io_error("greeting node 0", e, timeout))?;
+            stream
+                .write_all(&hello)
+                .map_err(|e| io_error("greeting node 0", e, timeout))?;
             vec![stream]
         };
         for stream in &streams {
             stream.set_nodelay(true).ok();
-            stream.set_read_timeout(Some(timeout)).map_err(|e| io_error("the node link", e, timeout))?;
-            stream.set_write_timeout(Some(timeout)).map_err(|e| io_error("the node link", e, timeout))?;
+            stream
+                .set_read_timeout(Some(timeout))
+                .map_err(|e| io_error("the node link", e, timeout))?;
+            stream
+                .set_write_timeout(Some(timeout))
+                .map_err(|e| io_error("the node link", e, timeout))?;
         }
-        Ok(Self { streams, lead: nodes.rank == 0, timeout })
+        Ok(Self {
+            streams,
+            lead: nodes.rank == 0,
+            timeout,
+        })
     }
 
     /// `values` summed over the nodes, in place.
@@ -368,7 +427,9 @@ impl NodeLink {
             for (k, stream) in self.streams.iter_mut().enumerate() {
                 read_frame(stream, &mut theirs).map_err(|e| match e {
                     FrameError::Io(e) => io_error(&format!("node {}", k + 1), e, timeout),
-                    FrameError::Length(n) => LlamaError::Peers(format!("node {} sent {n} values, node 0 has {}", k + 1, values.len())),
+                    FrameError::Length(n) => {
+                        LlamaError::Peers(format!("node {} sent {n} values, node 0 has {}", k + 1, values.len()))
+                    }
                 })?;
                 for (v, t) in values.iter_mut().zip(&theirs) {
                     *v += t;
@@ -382,7 +443,9 @@ impl NodeLink {
             write_frame(stream, values).map_err(|e| io_error("node 0", e, timeout))?;
             read_frame(stream, values).map_err(|e| match e {
                 FrameError::Io(e) => io_error("node 0", e, timeout),
-                FrameError::Length(n) => LlamaError::Peers(format!("node 0 sent {n} values, this node has {}", values.len())),
+                FrameError::Length(n) => {
+                    LlamaError::Peers(format!("node 0 sent {n} values, this node has {}", values.len()))
+                }
             })?;
         }
         Ok(())
@@ -451,7 +514,12 @@ pub fn run_peers<B: AutodiffBackend, T: Send>(
     let collective = cluster.collective();
     let peers = cluster.peers();
     let node = cluster.nodes.as_ref().map_or(0, |n| n.rank as usize);
-    let link = cluster.nodes.as_ref().map(|n| NodeLink::connect(n, cluster.devices)).transpose()?.map(|l| Arc::new(Mutex::new(l)));
+    let link = cluster
+        .nodes
+        .as_ref()
+        .map(|n| NodeLink::connect(n, cluster.devices))
+        .transpose()?
+        .map(|l| Arc::new(Mutex::new(l)));
     let failed = Arc::new(AtomicBool::new(false));
     reset_collective::<B::InnerBackend>();
     let run_one = |d: usize, body: &mut dyn FnMut(Peer, B::Device) -> crate::Result<T>| -> crate::Result<T> {
@@ -467,13 +535,23 @@ pub fn run_peers<B: AutodiffBackend, T: Send>(
         };
         let device = peer_device::<B>(first, d);
         let id = peer.id;
-        let registered = if cluster.devices > 1 { peer.wait(|| register::<B::InnerBackend>(id, device.clone(), collective.clone())) } else { Ok(()) };
+        let registered = if cluster.devices > 1 {
+            peer.wait(|| register::<B::InnerBackend>(id, device.clone(), collective.clone()))
+        } else {
+            Ok(())
+        };
         let result = registered.and_then(|()| {
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(peer, device))) {
                 Ok(result) => result,
                 Err(panic) => {
-                    let message = panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
-                    Err(LlamaError::Peers(format!("peer {d} panicked: {}", message.unwrap_or_default())))
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()));
+                    Err(LlamaError::Peers(format!(
+                        "peer {d} panicked: {}",
+                        message.unwrap_or_default()
+                    )))
                 }
             }
         });
@@ -496,10 +574,16 @@ pub fn run_peers<B: AutodiffBackend, T: Send>(
             })
             .collect();
         let mut lead = Some(lead);
-        let lead_result = run_one(0, &mut |peer, device| (lead.take().expect("the lead runs once"))(peer, device));
+        let lead_result = run_one(0, &mut |peer, device| {
+            (lead.take().expect("the lead runs once"))(peer, device)
+        });
         let errors: Vec<LlamaError> = handles
             .into_iter()
-            .filter_map(|h| h.join().unwrap_or_else(|_| Err(LlamaError::Peers("a peer thread panicked".into()))).err())
+            .filter_map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(LlamaError::Peers("a peer thread panicked".into())))
+                    .err()
+            })
             .collect();
         (lead_result, errors)
     });

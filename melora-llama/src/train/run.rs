@@ -113,11 +113,14 @@ impl RunDir {
     }
     /// An ensemble's member `k`: `dir/members/k`.
     pub fn member(&self, k: usize) -> RunDir {
-        RunDir { dir: self.dir.join("members").join(k.to_string()) }
+        RunDir {
+            dir: self.dir.join("members").join(k.to_string()),
+        }
     }
     /// The checkpoint to evaluate: the best one, else the last.
     pub fn final_checkpoint(&self) -> Option<PathBuf> {
-        self.complete_checkpoint(&self.best()).or_else(|| self.complete_checkpoint(&self.last()))
+        self.complete_checkpoint(&self.best())
+            .or_else(|| self.complete_checkpoint(&self.last()))
     }
 
     /// The checkpoint `which` names, or [`Self::final_checkpoint`] for
@@ -130,7 +133,9 @@ impl RunDir {
         };
         found.ok_or_else(|| {
             let why = match which {
-                Some(Checkpoint::Best) => "no best checkpoint (the run was trained with select_best = false, or has not validated yet)",
+                Some(Checkpoint::Best) => {
+                    "no best checkpoint (the run was trained with select_best = false, or has not validated yet)"
+                }
                 _ => "no checkpoint yet",
             };
             LlamaError::Unavailable(format!("{} has {why}", self.dir.display()))
@@ -140,14 +145,20 @@ impl RunDir {
     /// Appends a line to a file of the run.
     pub fn append(&self, path: &Path, line: &str) -> crate::Result<()> {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| LlamaError::write(path, e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| LlamaError::write(path, e))?;
         writeln!(f, "{line}").map_err(|e| LlamaError::write(path, e))
     }
 
     /// Drops the records of `metrics.jsonl` after `step`.
     pub fn truncate_metrics(&self, step: usize) -> crate::Result<()> {
         let path = self.metrics();
-        let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(());
+        };
         let mut kept = String::new();
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
@@ -176,7 +187,11 @@ impl RunDir {
     /// next call moves back first). A checkpoint that cannot be written (a
     /// read-only or full disk) is an error that names it and leaves the
     /// previous one in place.
-    pub fn replace_checkpoint(&self, target: &Path, write: impl FnOnce(&Path) -> crate::Result<()>) -> crate::Result<()> {
+    pub fn replace_checkpoint(
+        &self,
+        target: &Path,
+        write: impl FnOnce(&Path) -> crate::Result<()>,
+    ) -> crate::Result<()> {
         let parent = target.parent().unwrap_or(&self.dir);
         std::fs::create_dir_all(parent).map_err(|e| LlamaError::write(parent, e))?;
         let name = target.file_name().and_then(|n| n.to_str()).unwrap_or("checkpoint");
@@ -192,8 +207,15 @@ impl RunDir {
         let written = write(&tmp).and_then(|()| sync_tree(&tmp));
         if let Err(e) = written {
             remove_path(&tmp);
-            let kept = if target.exists() { format!("{} is left as it was", target.display()) } else { "there was none before".into() };
-            return Err(LlamaError::format(target, format!("the checkpoint could not be written ({e}); the previous checkpoint: {kept}")));
+            let kept = if target.exists() {
+                format!("{} is left as it was", target.display())
+            } else {
+                "there was none before".into()
+            };
+            return Err(LlamaError::format(
+                target,
+                format!("the checkpoint could not be written ({e}); the previous checkpoint: {kept}"),
+            ));
         }
         remove_path(&old);
         if target.exists() {
@@ -232,7 +254,9 @@ fn sync_tree(dir: &Path) -> crate::Result<()> {
         if path.is_dir() {
             sync_tree(&path)?;
         } else {
-            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| LlamaError::write(&path, e))?;
+            std::fs::File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| LlamaError::write(&path, e))?;
         }
     }
     sync_dir(dir);
@@ -264,13 +288,21 @@ where
     type Item<S: PrecisionSettings> = Vec<(String, T::Item<S>)>;
 
     fn into_item<S: PrecisionSettings>(self) -> Self::Item<S> {
-        let mut items: Vec<_> = self.0.into_iter().map(|(id, record)| (id.serialize(), record.into_item())).collect();
+        let mut items: Vec<_> = self
+            .0
+            .into_iter()
+            .map(|(id, record)| (id.serialize(), record.into_item()))
+            .collect();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         items
     }
 
     fn from_item<S: PrecisionSettings>(item: Self::Item<S>, device: &B::Device) -> Self {
-        Self(item.into_iter().map(|(id, item)| (ParamId::deserialize(&id), T::from_item(item, device))).collect())
+        Self(
+            item.into_iter()
+                .map(|(id, item)| (ParamId::deserialize(&id), T::from_item(item, device)))
+                .collect(),
+        )
     }
 }
 
@@ -290,19 +322,30 @@ mod tests {
     fn a_named_checkpoint_is_that_one_or_an_error_that_says_why() {
         let dir = std::env::temp_dir().join(format!("melora-checkpoint-{}", std::process::id()));
         let run = RunDir { dir: dir.clone() };
-        assert!(run.checkpoint(None).unwrap_err().to_string().contains("has no checkpoint yet"));
+        assert!(run
+            .checkpoint(None)
+            .unwrap_err()
+            .to_string()
+            .contains("has no checkpoint yet"));
         std::fs::create_dir_all(run.last()).unwrap();
         std::fs::write(run.last().join("state.json"), "{}").unwrap();
         // No best checkpoint: the default falls back to the last; asking for it fails.
         assert_eq!(run.checkpoint(None).unwrap(), run.last());
         assert_eq!(run.checkpoint(Some(Checkpoint::Last)).unwrap(), run.last());
-        assert!(run.checkpoint(Some(Checkpoint::Best)).unwrap_err().to_string().contains("has no best checkpoint (the run was trained with select_best = false"));
+        assert!(run
+            .checkpoint(Some(Checkpoint::Best))
+            .unwrap_err()
+            .to_string()
+            .contains("has no best checkpoint (the run was trained with select_best = false"));
         std::fs::create_dir_all(run.best()).unwrap();
         std::fs::write(run.best().join("state.json"), "{}").unwrap();
         assert_eq!(run.checkpoint(None).unwrap(), run.best());
         assert_eq!(run.checkpoint(Some(Checkpoint::Last)).unwrap(), run.last());
         assert_eq!("last".parse::<Checkpoint>(), Ok(Checkpoint::Last));
-        assert!("final".parse::<Checkpoint>().unwrap_err().contains("expected best or last"));
+        assert!("final"
+            .parse::<Checkpoint>()
+            .unwrap_err()
+            .contains("expected best or last"));
         std::fs::remove_dir_all(&dir).ok();
     }
 
@@ -328,7 +371,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let recorder = BinFileRecorder::<FullPrecisionSettings>::new();
         recorder.record(adamw.to_record(), dir.join("map")).unwrap();
-        recorder.record(Ordered(adamw.to_record()), dir.join("ordered")).unwrap();
+        recorder
+            .record(Ordered(adamw.to_record()), dir.join("ordered"))
+            .unwrap();
         let device = Default::default();
         let as_ordered: Ordered<_> = recorder.load(dir.join("map"), &device).unwrap();
         let as_map = recorder.load(dir.join("ordered"), &device).unwrap();

@@ -1,15 +1,17 @@
 //! One training step of a run: scores, NLL, the learning-rate and
 //! KL-weight schedules, then the ELBO update of [`melora_core::ElboStep`].
 
+use super::parallel::Peer;
 use super::TrainConfig;
 use crate::model::classify::cross_entropy;
 use crate::model::scoring::{ScoreBatch, Scorer};
 use crate::model::{Llama, Proj};
 use burn::module::{Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
-use super::parallel::Peer;
 use burn::tensor::{ElementConversion, Tensor};
-use melora_core::{Adapter, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, RowNoise, Sampler};
+use melora_core::{
+    Adapter, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, RowNoise, Sampler,
+};
 
 /// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
 /// 0-based `step` of `total`, rising linearly over `warmup` steps, then
@@ -23,7 +25,9 @@ pub fn linear_warmup_decay(step: usize, total: usize, warmup: usize) -> f64 {
 
 /// A 64-bit mix of a seed and a counter (SplitMix64).
 pub fn mix(seed: u64, counter: u64) -> u64 {
-    let mut z = seed.wrapping_add(counter.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed
+        .wrapping_add(counter.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -39,7 +43,11 @@ fn stable_id(path: &str, name: &str) -> ParamId {
     ParamId::from(h)
 }
 
-fn renamed<B: burn::tensor::backend::Backend>(p: Param<burn::tensor::Tensor<B, 2>>, path: &str, name: &str) -> Param<burn::tensor::Tensor<B, 2>> {
+fn renamed<B: burn::tensor::backend::Backend>(
+    p: Param<burn::tensor::Tensor<B, 2>>,
+    path: &str,
+    name: &str,
+) -> Param<burn::tensor::Tensor<B, 2>> {
     Param::initialized(stable_id(path, name), p.val().detach().require_grad())
 }
 
@@ -98,7 +106,11 @@ impl<B: AutodiffBackend> Stepper<B> {
             .with_grad_clip(config.grad_clip)
             .with_epsilon(config.adam_epsilon)
             .with_optimizer(config.optimizer);
-        Self { elbo: ElboStep::new(elbo, model), config: config.clone(), n_train }
+        Self {
+            elbo: ElboStep::new(elbo, model),
+            config: config.clone(),
+            n_train,
+        }
     }
 
     /// One step at 0-based `step` on `batch`; all randomness (prior noise,
@@ -116,7 +128,12 @@ impl<B: AutodiffBackend> Stepper<B> {
     ) -> std::result::Result<StepOutcome, NonFinite> {
         let (nll, lr, kl) = self.forward(model, batch, scorer, step, 0, device);
         let values = self.elbo.step(model, nll, lr, kl)?;
-        Ok(StepOutcome { nll: values.nll, kl: values.kl, kl_weight: kl.map_or(0.0, |k| k.weight), lr: lr.lr })
+        Ok(StepOutcome {
+            nll: values.nll,
+            kl: values.kl,
+            kl_weight: kl.map_or(0.0, |k| k.weight),
+            lr: lr.lr,
+        })
     }
 
     /// One data-parallel peer's step at `step`: `rows` is the peer's share
@@ -145,7 +162,12 @@ impl<B: AutodiffBackend> Stepper<B> {
         let mut reduce = |grads| peer.sum_grads::<B>(grads, &ids);
         let kl_weight = kl.map_or(0.0, |k| k.weight);
         match self.elbo.step_reduced(model, nll, total, lr, kl, &mut reduce) {
-            Ok(values) => Ok(Ok(StepOutcome { nll: values.nll, kl: values.kl, kl_weight, lr: lr.lr })),
+            Ok(values) => Ok(Ok(StepOutcome {
+                nll: values.nll,
+                kl: values.kl,
+                kl_weight,
+                lr: lr.lr,
+            })),
             Err(ReducedStepError::NonFinite(bad)) => Ok(Err(bad)),
             Err(ReducedStepError::Reduce(e)) => Err(e),
         }
@@ -166,13 +188,19 @@ impl<B: AutodiffBackend> Stepper<B> {
         let seed = mix(config.seed, step as u64);
         let mut noise = config.noise.source::<B>(seed, device);
         let prior_std = config.prior.draw_std::<B>(&mut noise, device);
-        let mut sampler = Sampler::new(config.train_sampling, &mut noise).with_dropout(true).with_rows(RowNoise::new(seed, first));
+        let mut sampler = Sampler::new(config.train_sampling, &mut noise)
+            .with_dropout(true)
+            .with_rows(RowNoise::new(seed, first));
         let nll = cross_entropy(scorer.scores(model, batch, &mut sampler, device), batch.labels());
         let warmup = (config.warmup_ratio * config.steps as f64).round() as usize;
         let factor = linear_warmup_decay(step, config.steps, warmup);
         // The std parameters' Adam decays with AdamW; BLoB's SGD does when
         // `kl_lr_schedule` says so (BLoB's code: its `scheduler2`).
-        let kl_factor = if config.optimizer == OptimizerSplit::StdAdam || config.kl_lr_schedule { factor } else { 1.0 };
+        let kl_factor = if config.optimizer == OptimizerSplit::StdAdam || config.kl_lr_schedule {
+            factor
+        } else {
+            1.0
+        };
         let lr = Rates::new(config.lr * factor, config.kl_lr * kl_factor);
         let weight = config.kl_schedule.weight(step, n_train, config.batch_size);
         let kl = config.is_bayesian().then_some(KlTerm { prior_std, weight });

@@ -33,7 +33,11 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_j
         "torch_dtype": "float32",
     });
     if let Some(t) = tokenizer {
-        for (key, id) in [("bos_token_id", t.bos), ("eos_token_id", t.eos), ("pad_token_id", t.pad)] {
+        for (key, id) in [
+            ("bos_token_id", t.bos),
+            ("eos_token_id", t.eos),
+            ("pad_token_id", t.pad),
+        ] {
             if let Some(id) = id {
                 json[key] = id.into();
             }
@@ -48,22 +52,36 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_j
 pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
     fn values<B: Backend, const D: usize>(t: Tensor<B, D>) -> (Vec<usize>, Vec<f32>) {
         let shape = t.dims().to_vec();
-        (shape, t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values"))
+        (
+            shape,
+            t.into_data().convert::<f32>().to_vec::<f32>().expect("f32 values"),
+        )
     }
     let mut out = Vec::new();
     let mut push = |name: String, (shape, values): (Vec<usize>, Vec<f32>)| out.push((name, shape, values));
-    push("model.embed_tokens.weight".into(), values(model.embed_tokens.weight.val()));
+    push(
+        "model.embed_tokens.weight".into(),
+        values(model.embed_tokens.weight.val()),
+    );
     for (i, layer) in model.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
         for (name, proj) in layer.projections() {
             let Proj::Base(linear) = proj else {
-                return Err(LlamaError::Mismatch(format!("{p}.{name} still has an adapter: merge it before exporting")));
+                return Err(LlamaError::Mismatch(format!(
+                    "{p}.{name} still has an adapter: merge it before exporting"
+                )));
             };
             // Burn keeps `[in, out]`; Hugging Face `[out, in]`.
             push(format!("{p}.{name}.weight"), values(linear.weight.val().transpose()));
         }
-        push(format!("{p}.input_layernorm.weight"), values(layer.input_layernorm.gamma.val()));
-        push(format!("{p}.post_attention_layernorm.weight"), values(layer.post_attention_layernorm.gamma.val()));
+        push(
+            format!("{p}.input_layernorm.weight"),
+            values(layer.input_layernorm.gamma.val()),
+        );
+        push(
+            format!("{p}.post_attention_layernorm.weight"),
+            values(layer.post_attention_layernorm.gamma.val()),
+        );
     }
     push("model.norm.weight".into(), values(model.norm.gamma.val()));
     if let Some(head) = &model.lm_head {
@@ -75,33 +93,49 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Result<Vec<(String, Vec<usize
 /// Writes `model` (no adapters left) to `dir` as a Hugging Face folder:
 /// `config.json`, `model.safetensors` and, when there is a tokenizer,
 /// `tokenizer.json`. Every file is written atomically.
-pub fn save_hf<B: Backend>(model: &Llama<B>, config: &LlamaConfig, tokenizer: Option<&Tokenizer>, dir: &Path) -> Result<()> {
+pub fn save_hf<B: Backend>(
+    model: &Llama<B>,
+    config: &LlamaConfig,
+    tokenizer: Option<&Tokenizer>,
+    dir: &Path,
+) -> Result<()> {
     if config.tie_word_embeddings != model.lm_head.is_none() {
-        return Err(LlamaError::Mismatch("the configuration's tie_word_embeddings disagrees with the model's output layer".into()));
+        return Err(LlamaError::Mismatch(
+            "the configuration's tie_word_embeddings disagrees with the model's output layer".into(),
+        ));
     }
     let tensors = hf_tensors(model)?;
     if let Some((name, _, _)) = tensors.iter().find(|(_, _, v)| v.iter().any(|x| !x.is_finite())) {
-        return Err(LlamaError::Numerical(format!("{name} has a NaN or an infinity: not exported")));
+        return Err(LlamaError::Numerical(format!(
+            "{name} has a NaN or an infinity: not exported"
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| LlamaError::write(dir, e))?;
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
     let views = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, shape, _), b)| {
-            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b).map_err(|e| LlamaError::serialize(name, e))?;
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)
+                .map_err(|e| LlamaError::serialize(name, e))?;
             Ok((name.clone(), view))
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    let data = safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("model.safetensors", e))?;
+    let data =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("model.safetensors", e))?;
     write_atomic(&dir.join("model.safetensors"), &data)?;
-    let text = serde_json::to_string_pretty(&hf_config(config, tokenizer)).map_err(|e| LlamaError::serialize("config.json", e))?;
+    let text = serde_json::to_string_pretty(&hf_config(config, tokenizer))
+        .map_err(|e| LlamaError::serialize("config.json", e))?;
     write_atomic(&dir.join("config.json"), text.as_bytes())?;
     if let Some(t) = tokenizer {
         let tmp = dir.join("tokenizer.json.tmp");
         t.save(&tmp)?;
-        std::fs::rename(&tmp, dir.join("tokenizer.json")).map_err(|e| LlamaError::write(dir.join("tokenizer.json"), e))?;
+        std::fs::rename(&tmp, dir.join("tokenizer.json"))
+            .map_err(|e| LlamaError::write(dir.join("tokenizer.json"), e))?;
     }
     Ok(())
 }

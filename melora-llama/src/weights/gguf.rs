@@ -80,8 +80,18 @@ impl GgufSource {
         // SAFETY: read-only mapping of a file melora does not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LlamaError::io(path, e))?;
         let gguf = Gguf::parse(&mmap).map_err(|e| LlamaError::format(path, e.to_string()))?;
-        let names = gguf.tensors.iter().enumerate().filter_map(|(i, t)| hf_name(&t.name).map(|n| (n, i))).collect();
-        Ok(Self { path: path.to_path_buf(), mmap, gguf, names })
+        let names = gguf
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| hf_name(&t.name).map(|n| (n, i)))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            gguf,
+            names,
+        })
     }
 
     /// The parsed header.
@@ -90,7 +100,11 @@ impl GgufSource {
     }
 
     fn arch_key(&self, key: &str) -> String {
-        let arch = self.gguf.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("llama");
+        let arch = self
+            .gguf
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .unwrap_or("llama");
         format!("{arch}.{key}")
     }
 
@@ -105,9 +119,16 @@ impl GgufSource {
 
     /// The model configuration from the metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
-        let arch = self.gguf.get("general.architecture").and_then(GgufValue::as_str).unwrap_or("?");
+        let arch = self
+            .gguf
+            .get("general.architecture")
+            .and_then(GgufValue::as_str)
+            .unwrap_or("?");
         if arch != "llama" {
-            return Err(LlamaError::format(&self.path, format!("general.architecture is {arch:?}, expected \"llama\"")));
+            return Err(LlamaError::format(
+                &self.path,
+                format!("general.architecture is {arch:?}, expected \"llama\""),
+            ));
         }
         let heads = self.meta_u64("attention.head_count")?;
         let hidden = self.meta_u64("embedding_length")?;
@@ -121,7 +142,12 @@ impl GgufSource {
                 .ok_or_else(|| LlamaError::format(&self.path, "no vocab size and no tokenizer.ggml.tokens"))?,
         };
         let head_dim = self.meta_u64("rope.dimension_count").unwrap_or(hidden / heads.max(1));
-        let f = |key: &str, default: f64| self.gguf.get(&self.arch_key(key)).and_then(GgufValue::as_f64).unwrap_or(default);
+        let f = |key: &str, default: f64| {
+            self.gguf
+                .get(&self.arch_key(key))
+                .and_then(GgufValue::as_f64)
+                .unwrap_or(default)
+        };
         let config = LlamaConfig::new(
             vocab,
             hidden,
@@ -135,7 +161,9 @@ impl GgufSource {
         .with_rms_norm_eps(f("attention.layer_norm_rms_epsilon", 1e-5))
         .with_tie_word_embeddings(!self.names.contains_key("lm_head.weight"))
         .with_max_position_embeddings(self.meta_u64("context_length").unwrap_or(4096));
-        config.validate().map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
+        config
+            .validate()
+            .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
         Ok(config)
     }
 }
@@ -145,24 +173,40 @@ impl WeightSource for GgufSource {
         self.path.display().to_string()
     }
     fn names(&self) -> Vec<String> {
-        self.gguf.tensors.iter().map(|t| hf_name(&t.name).unwrap_or_else(|| t.name.clone())).collect()
+        self.gguf
+            .tensors
+            .iter()
+            .map(|t| hf_name(&t.name).unwrap_or_else(|| t.name.clone()))
+            .collect()
     }
     fn load(&mut self, name: &str) -> Result<Option<HostTensor>> {
-        let Some(&i) = self.names.get(name) else { return Ok(None) };
+        let Some(&i) = self.names.get(name) else {
+            return Ok(None);
+        };
         let info = &self.gguf.tensors[i];
-        let mut values = self.gguf.dequantize(info, &self.mmap).map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
+        let mut values = self
+            .gguf
+            .dequantize(info, &self.mmap)
+            .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
         let heads = if name.ends_with("q_proj.weight") {
             Some(self.meta_u64("attention.head_count")?)
         } else if name.ends_with("k_proj.weight") {
-            Some(self.meta_u64("attention.head_count_kv").or_else(|_| self.meta_u64("attention.head_count"))?)
+            Some(
+                self.meta_u64("attention.head_count_kv")
+                    .or_else(|_| self.meta_u64("attention.head_count"))?,
+            )
         } else {
             None
         };
         if let Some(heads) = heads {
             let cols = *shape.last().unwrap_or(&1);
             if shape.len() != 2 || heads == 0 || shape[0] % (2 * heads) != 0 {
-                return Err(LlamaError::Shape { name: name.to_string(), expected: vec![heads, cols], found: shape });
+                return Err(LlamaError::Shape {
+                    name: name.to_string(),
+                    expected: vec![heads, cols],
+                    found: shape,
+                });
             }
             values = unpermute_rows(&values, heads, cols);
         }
@@ -185,7 +229,10 @@ mod tests {
 
     #[test]
     fn names_map_to_hugging_face() {
-        assert_eq!(hf_name("blk.12.attn_q.weight").unwrap(), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(
+            hf_name("blk.12.attn_q.weight").unwrap(),
+            "model.layers.12.self_attn.q_proj.weight"
+        );
         assert_eq!(hf_name("token_embd.weight").unwrap(), "model.embed_tokens.weight");
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);

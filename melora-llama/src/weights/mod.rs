@@ -11,8 +11,8 @@ pub mod gguf;
 pub mod peft;
 pub mod safetensors;
 
-use crate::model::config::LlamaConfig;
 use crate::error::{LlamaError, Result};
+use crate::model::config::LlamaConfig;
 use crate::model::{Attention, DecoderLayer, Llama, Mlp, Proj};
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm, RmsNormConfig};
@@ -59,23 +59,36 @@ struct Loader<'a, S: WeightSource + ?Sized> {
 
 impl<S: WeightSource + ?Sized> Loader<'_, S> {
     fn get(&mut self, name: &str, expected: &[usize]) -> Result<HostTensor> {
-        let tensor = self
-            .source
-            .load(name)?
-            .ok_or_else(|| LlamaError::Missing { name: name.to_string(), source_name: self.source.describe() })?;
+        let tensor = self.source.load(name)?.ok_or_else(|| LlamaError::Missing {
+            name: name.to_string(),
+            source_name: self.source.describe(),
+        })?;
         if tensor.shape != expected {
-            return Err(LlamaError::Shape { name: name.to_string(), expected: expected.to_vec(), found: tensor.shape });
+            return Err(LlamaError::Shape {
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: tensor.shape,
+            });
         }
         self.used.insert(name.to_string());
         Ok(tensor)
     }
 
-    fn frozen<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D], device: &B::Device) -> Param<Tensor<B, D>> {
+    fn frozen<B: Backend, const D: usize>(
+        values: Vec<f32>,
+        shape: [usize; D],
+        device: &B::Device,
+    ) -> Param<Tensor<B, D>> {
         Param::from_tensor(Tensor::from_data(TensorData::new(values, shape), device)).set_require_grad(false)
     }
 
     /// A weight drawn on the device, when the source asks for that.
-    fn device_random<B: Backend>(&mut self, name: &str, shape: [usize; 2], device: &B::Device) -> Option<Param<Tensor<B, 2>>> {
+    fn device_random<B: Backend>(
+        &mut self,
+        name: &str,
+        shape: [usize; 2],
+        device: &B::Device,
+    ) -> Option<Param<Tensor<B, 2>>> {
         let std = self.source.device_normal(name)?;
         self.used.insert(name.to_string());
         let tensor = Tensor::random(shape, Distribution::Normal(0.0, std), device);
@@ -96,7 +109,10 @@ impl<S: WeightSource + ?Sized> Loader<'_, S> {
                 t[i * d_out + o] = w.values[o * d_in + i];
             }
         }
-        Ok(Linear { weight: Self::frozen(t, [d_in, d_out], device), bias: None })
+        Ok(Linear {
+            weight: Self::frozen(t, [d_in, d_out], device),
+            bias: None,
+        })
     }
 
     fn norm<B: Backend>(&mut self, name: &str, d: usize, eps: f64, device: &B::Device) -> Result<RmsNorm<B>> {
@@ -115,19 +131,29 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
 ) -> Result<(Llama<B>, LoadReport)> {
     config.validate()?;
     let c = config;
-    let mut loader = Loader { source, used: BTreeSet::new() };
+    let mut loader = Loader {
+        source,
+        used: BTreeSet::new(),
+    };
     let embed_name = "model.embed_tokens.weight";
     let embed_shape = [c.vocab_size, c.hidden_size];
     let embed_tokens = match loader.device_random(embed_name, embed_shape, device) {
         Some(weight) => Embedding { weight },
-        None => Embedding { weight: Loader::<S>::frozen(loader.get(embed_name, &embed_shape)?.values, embed_shape, device) },
+        None => Embedding {
+            weight: Loader::<S>::frozen(loader.get(embed_name, &embed_shape)?.values, embed_shape, device),
+        },
     };
     let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
         let mut lin = |name: &str, d_out, d_in| -> Result<Proj<B>> {
-            Ok(Proj::Base(loader.linear(&format!("{p}.{name}"), d_out, d_in, device)?))
+            Ok(Proj::Base(loader.linear(
+                &format!("{p}.{name}"),
+                d_out,
+                d_in,
+                device,
+            )?))
         };
         let self_attn = Attention {
             q_proj: lin("self_attn.q_proj", q_dim, c.hidden_size)?,
@@ -147,7 +173,12 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
             self_attn,
             mlp,
             input_layernorm: loader.norm(&format!("{p}.input_layernorm"), c.hidden_size, c.rms_norm_eps, device)?,
-            post_attention_layernorm: loader.norm(&format!("{p}.post_attention_layernorm"), c.hidden_size, c.rms_norm_eps, device)?,
+            post_attention_layernorm: loader.norm(
+                &format!("{p}.post_attention_layernorm"),
+                c.hidden_size,
+                c.rms_norm_eps,
+                device,
+            )?,
         });
     }
     let norm = loader.norm("model.norm", c.hidden_size, c.rms_norm_eps, device)?;
@@ -158,7 +189,14 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
     };
     let used = loader.used;
     let unused = source.names().into_iter().filter(|n| !used.contains(n)).collect();
-    let model = Llama { embed_tokens, layers, norm, lm_head, head_adapter: None, rope_theta: c.rope_theta };
+    let model = Llama {
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        head_adapter: None,
+        rope_theta: c.rope_theta,
+    };
     Ok((model.no_grad(), LoadReport { unused }))
 }
 
@@ -177,7 +215,11 @@ impl RandomSource {
     /// A source for `config`, drawn on the host from a generator seeded with
     /// `seed` (the same weights on every backend).
     pub fn new(config: &LlamaConfig, seed: u64) -> Self {
-        Self { config: config.clone(), rng: rand::SeedableRng::seed_from_u64(seed), on_device: false }
+        Self {
+            config: config.clone(),
+            rng: rand::SeedableRng::seed_from_u64(seed),
+            on_device: false,
+        }
     }
 
     /// The same shapes, with the matrices drawn on the device by the
@@ -200,7 +242,10 @@ impl WeightSource for RandomSource {
         let c = &self.config;
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
         let shape: Vec<usize> = if name.ends_with("norm.weight") {
-            return Ok(Some(HostTensor { shape: vec![c.hidden_size], values: vec![1.0; c.hidden_size] }));
+            return Ok(Some(HostTensor {
+                shape: vec![c.hidden_size],
+                values: vec![1.0; c.hidden_size],
+            }));
         } else if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
             vec![c.vocab_size, c.hidden_size]
         } else if name.ends_with("q_proj.weight") {
@@ -217,7 +262,10 @@ impl WeightSource for RandomSource {
             return Ok(None);
         };
         let n: usize = shape.iter().product();
-        let values = melora_core::noise::standard_normals(&mut self.rng, n).into_iter().map(|v| RANDOM_STD * v).collect();
+        let values = melora_core::noise::standard_normals(&mut self.rng, n)
+            .into_iter()
+            .map(|v| RANDOM_STD * v)
+            .collect();
         Ok(Some(HostTensor { shape, values }))
     }
     fn device_normal(&self, name: &str) -> Option<f64> {

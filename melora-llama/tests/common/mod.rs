@@ -16,7 +16,13 @@ pub fn tiny_base<B: burn::tensor::backend::Backend>() -> melora_llama::Llama<B> 
     use melora_llama::weights::{build, safetensors::SafetensorsSource};
     let dir = fixture("tied");
     let config = melora_llama::LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    build::<B, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &Default::default()).unwrap().0
+    build::<B, _>(
+        &config,
+        &mut SafetensorsSource::open(&dir).unwrap(),
+        &Default::default(),
+    )
+    .unwrap()
+    .0
 }
 
 /// `n` random prompts of 6 to 12 tokens; the label (of 2) is whether the
@@ -43,7 +49,9 @@ impl melora_llama::train::Progress for Quiet {
 
 /// The tiny-llama fixtures written by transformers + PEFT.
 pub fn fixture(which: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llama").join(which)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/tiny-llama")
+        .join(which)
 }
 
 /// A NumPy array: shape and values (as f64 for floats, i64 for ints).
@@ -66,10 +74,24 @@ pub fn parse_npy(bytes: &[u8]) -> Npy {
     let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
     let shape: Vec<usize> = shape_text.split(',').filter_map(|s| s.trim().parse().ok()).collect();
     let data = &bytes[start + header_len..];
-    let mut out = Npy { shape, f32: vec![], i64: vec![] };
+    let mut out = Npy {
+        shape,
+        f32: vec![],
+        i64: vec![],
+    };
     match descr {
-        "<f4" => out.f32 = data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        "<i8" => out.i64 = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+        "<f4" => {
+            out.f32 = data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
+        "<i8" => {
+            out.i64 = data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
         other => panic!("unsupported npy dtype {other}"),
     }
     out
@@ -107,8 +129,17 @@ pub fn cloze_example(shared: &[u32], choices: &[(&[u32], &[u32])], label: usize)
     let sequences: Vec<ChoiceSequence> = choices
         .iter()
         .map(|(context, continuation)| {
-            let ids: Vec<u32> = shared.iter().chain(context.iter()).chain(continuation.iter()).copied().collect();
-            ChoiceSequence { first_target: shared.len() + context.len(), chars: 3 * continuation.len() + 1, ids }
+            let ids: Vec<u32> = shared
+                .iter()
+                .chain(context.iter())
+                .chain(continuation.iter())
+                .copied()
+                .collect();
+            ChoiceSequence {
+                first_target: shared.len() + context.len(),
+                chars: 3 * continuation.len() + 1,
+                ids,
+            }
         })
         .collect();
     split_shared_prefix(&sequences, label, 0, 300)
@@ -119,12 +150,25 @@ pub fn cloze_example(shared: &[u32], choices: &[(&[u32], &[u32])], label: usize)
 /// tokens, WinoGrande-like choices with their own context tokens.
 pub fn cloze_examples() -> Vec<melora_llama::data::Encoded> {
     vec![
-        cloze_example(&[5, 9, 120, 44, 7], &[(&[], &[17]), (&[], &[42, 3]), (&[], &[99, 100, 101])], 1),
+        cloze_example(
+            &[5, 9, 120, 44, 7],
+            &[(&[], &[17]), (&[], &[42, 3]), (&[], &[99, 100, 101])],
+            1,
+        ),
         cloze_example(&[88, 2], &[(&[], &[60, 61, 62, 63, 64]), (&[], &[70])], 0),
         // WinoGrande: the options differ (context), the continuation is shared.
         cloze_example(&[30, 31, 32], &[(&[40], &[50, 51, 52]), (&[41, 45], &[50, 51, 52])], 1),
         // No common first token: an empty shared prefix.
-        cloze_example(&[], &[(&[11, 12], &[13]), (&[14], &[15, 16]), (&[17, 18, 19], &[20]), (&[21], &[22])], 3),
+        cloze_example(
+            &[],
+            &[
+                (&[11, 12], &[13]),
+                (&[14], &[15, 16]),
+                (&[17, 18, 19], &[20]),
+                (&[21], &[22]),
+            ],
+            3,
+        ),
         // One long choice among short ones: the other rows are padded.
         cloze_example(&[7, 8], &[(&[], &[9]), (&[], &(60..105).collect::<Vec<u32>>())], 1),
     ]
@@ -157,7 +201,10 @@ pub fn full_forward_scores<B: burn::tensor::backend::Backend>(
             // Every position's log-softmax, the scored ones picked by a gather.
             let logp = log_softmax(logits.reshape([n, vocab]), 1);
             let rows: Vec<i64> = (start..n - 1).map(|i| (i * vocab) as i64 + ids[i + 1]).collect();
-            let picked = logp.reshape([n * vocab]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device));
+            let picked = logp.reshape([n * vocab]).select(
+                0,
+                Tensor::<B, 1, Int>::from_data(TensorData::new(rows.clone(), [rows.len()]), &device),
+            );
             let terms = vec![picked];
             let sum = Tensor::cat(terms, 0).sum();
             match norm {
@@ -185,7 +232,11 @@ pub fn answer_examples(n: usize, seed: u64) -> Vec<melora_llama::data::Encoded> 
             let prompt: Vec<u32> = (0..len).map(|_| rng.random_range(3..200)).collect();
             let k = rng.random_range(2..=3);
             let choices: Vec<Vec<u32>> = (0..k)
-                .map(|c| std::iter::once(200 + c as u32).chain((0..rng.random_range(1..=3)).map(|_| rng.random_range(3..200))).collect())
+                .map(|c| {
+                    std::iter::once(200 + c as u32)
+                        .chain((0..rng.random_range(1..=3)).map(|_| rng.random_range(3..200)))
+                        .collect()
+                })
                 .collect();
             let refs: Vec<(&[u32], &[u32])> = choices.iter().map(|c| (&[][..], c.as_slice())).collect();
             cloze_example(&prompt, &refs, prompt[0] as usize % k)
@@ -209,7 +260,10 @@ pub fn run_files(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     let mut out = Vec::new();
     walk(dir, &mut out);
-    let mut out: Vec<PathBuf> = out.into_iter().map(|p| p.strip_prefix(dir).unwrap().to_path_buf()).collect();
+    let mut out: Vec<PathBuf> = out
+        .into_iter()
+        .map(|p| p.strip_prefix(dir).unwrap().to_path_buf())
+        .collect();
     out.sort();
     out
 }
@@ -219,13 +273,26 @@ pub fn run_files(dir: &std::path::Path) -> Vec<PathBuf> {
 #[allow(dead_code)]
 pub fn differing_files(a: &std::path::Path, b: &std::path::Path) -> Vec<String> {
     let files = run_files(a);
-    assert_eq!(files, run_files(b), "{} and {} hold different files", a.display(), b.display());
-    files.iter().filter(|p| std::fs::read(a.join(p)).unwrap() != std::fs::read(b.join(p)).unwrap()).map(|p| p.display().to_string()).collect()
+    assert_eq!(
+        files,
+        run_files(b),
+        "{} and {} hold different files",
+        a.display(),
+        b.display()
+    );
+    files
+        .iter()
+        .filter(|p| std::fs::read(a.join(p)).unwrap() != std::fs::read(b.join(p)).unwrap())
+        .map(|p| p.display().to_string())
+        .collect()
 }
 
 /// `config` with `method` and the settings its `--method` preset sets (MAP's
 /// weight decay, MC dropout's samples), as the binary applies them.
 #[allow(dead_code)]
-pub fn with_method_preset(config: melora_llama::train::TrainConfig, method: melora_llama::train::Method) -> melora_llama::train::TrainConfig {
+pub fn with_method_preset(
+    config: melora_llama::train::TrainConfig,
+    method: melora_llama::train::Method,
+) -> melora_llama::train::TrainConfig {
     method.preset(config)
 }

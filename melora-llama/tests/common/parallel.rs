@@ -42,7 +42,11 @@ pub struct Data {
 
 pub fn data(scoring: Scoring) -> Data {
     match scoring {
-        Scoring::Label => Data { train: parity_examples(12, 1), validation: parity_examples(4, 2), scorer: Scorer::label(vec![10, 11], 0) },
+        Scoring::Label => Data {
+            train: parity_examples(12, 1),
+            validation: parity_examples(4, 2),
+            scorer: Scorer::label(vec![10, 11], 0),
+        },
         Scoring::Answer => Data {
             train: answer_examples(12, 1),
             validation: answer_examples(4, 2),
@@ -51,13 +55,37 @@ pub fn data(scoring: Scoring) -> Data {
     }
 }
 
-pub fn train(config: &TrainConfig, data: &Data, dir: &Path, resume: bool, progress: &mut dyn Progress) -> Result<TrainSummary, LlamaError> {
+pub fn train(
+    config: &TrainConfig,
+    data: &Data,
+    dir: &Path,
+    resume: bool,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, LlamaError> {
     train_on::<AD>(config, data, dir, resume, progress)
 }
 
-pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(config: &TrainConfig, data: &Data, dir: &Path, resume: bool, progress: &mut dyn Progress) -> Result<TrainSummary, LlamaError> {
-    let data = TrainData { train: &data.train, validation: &data.validation, scorer: &data.scorer };
-    fit(config, &RunDir { dir: dir.to_path_buf() }, resume, tiny_base::<B>(), &data, &Default::default(), progress)
+pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
+    config: &TrainConfig,
+    data: &Data,
+    dir: &Path,
+    resume: bool,
+    progress: &mut dyn Progress,
+) -> Result<TrainSummary, LlamaError> {
+    let data = TrainData {
+        train: &data.train,
+        validation: &data.validation,
+        scorer: &data.scorer,
+    };
+    fit(
+        config,
+        &RunDir { dir: dir.to_path_buf() },
+        resume,
+        tiny_base::<B>(),
+        &data,
+        &Default::default(),
+        progress,
+    )
 }
 
 /// Every tensor of a checkpoint's adapter, by name (f32 or f64 as stored).
@@ -69,8 +97,16 @@ pub fn adapter(checkpoint: &Path) -> Vec<(String, Vec<f64>)> {
         .into_iter()
         .map(|(name, view)| {
             let values = match view.dtype() {
-                safetensors::Dtype::F64 => view.data().chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap())).collect(),
-                safetensors::Dtype::F32 => view.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64).collect(),
+                safetensors::Dtype::F64 => view
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+                safetensors::Dtype::F32 => view
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                    .collect(),
                 other => panic!("{name}: {other:?}"),
             };
             (name, values)
@@ -83,9 +119,16 @@ pub fn adapter(checkpoint: &Path) -> Vec<(String, Vec<f64>)> {
 /// The largest difference between two adapters, relative to the largest
 /// entry.
 pub fn relative_diff(a: &[(String, Vec<f64>)], b: &[(String, Vec<f64>)]) -> f64 {
-    assert_eq!(a.iter().map(|t| &t.0).collect::<Vec<_>>(), b.iter().map(|t| &t.0).collect::<Vec<_>>());
+    assert_eq!(
+        a.iter().map(|t| &t.0).collect::<Vec<_>>(),
+        b.iter().map(|t| &t.0).collect::<Vec<_>>()
+    );
     let scale = a.iter().flat_map(|t| t.1.iter()).fold(0f64, |m, v| m.max(v.abs()));
-    let diff = a.iter().zip(b).flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs())).fold(0f64, f64::max);
+    let diff = a
+        .iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.1.iter().zip(&y.1).map(|(p, q)| (p - q).abs()))
+        .fold(0f64, f64::max);
     diff / scale
 }
 
@@ -94,7 +137,11 @@ pub fn nlls(dir: &Path) -> Vec<f64> {
     std::fs::read_to_string(dir.join("log.txt"))
         .unwrap()
         .lines()
-        .filter_map(|l| l.strip_prefix("step ").and_then(|l| l.split(" nll ").nth(1)).and_then(|r| r.split(' ').next()).and_then(|v| v.parse().ok()))
+        .filter_map(|l| {
+            l.strip_prefix("step ")
+                .and_then(|l| l.split(" nll ").nth(1))
+                .and_then(|r| r.split(' ').next())
+                .and_then(|v| v.parse().ok())
+        })
         .collect()
 }
-
