@@ -225,7 +225,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             }
             Ok((times, last))
         };
-        let (t, l) = parallel::run_peers::<Train, _>(&cluster, args.batch, &device, |p, d| body(p, d), &body)?;
+        let (t, l) = parallel::run_peers::<Train, _>(&cluster, args.batch, &device, &body, &body)?;
         times = t;
         last_loss = l;
     } else {

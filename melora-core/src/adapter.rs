@@ -232,7 +232,7 @@ pub trait Adapter<B: Backend>: Module<B> {
 
 /// The number of values in the parameters of `module` whose id is in `ids`,
 /// counted by visiting the module.
-pub fn count_params<B: Backend, M: Module<B> + ?Sized>(module: &M, ids: &[ParamId]) -> usize {
+pub fn count_params<B: Backend, M: Module<B>>(module: &M, ids: &[ParamId]) -> usize {
     struct Counter<'a> {
         ids: &'a HashSet<ParamId>,
         total: usize,

@@ -40,6 +40,9 @@ pub enum NoiseDevice {
     Backend,
 }
 
+// Written out: Burn's `Config` derive copies the variants' attributes
+// into a type of its own, where `#[default]` is not understood.
+#[allow(clippy::derivable_impls)]
 impl Default for NoiseDevice {
     fn default() -> Self {
         Self::Auto
@@ -76,6 +79,8 @@ impl std::str::FromStr for NoiseDevice {
 }
 
 /// Where random numbers come from. See the [module docs](self).
+// A run holds one or two of them: the seeded generator's size is no cost.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum NoiseSource {
     /// A seeded host generator: identical draws on every backend. The same

@@ -350,7 +350,7 @@ fn blob_reaches_the_closed_form_posterior() {
         .collect();
     let data = data(10, &update);
     let jacobians = jacobians(&b, &data.x, D_IN);
-    let prior = Mat::diag(&vec![1.0 / (PRIOR * PRIOR); RANK * D_IN]);
+    let prior = Mat::diag(&[1.0 / (PRIOR * PRIOR); RANK * D_IN]);
     let exact = closed_form(&jacobians, &data, &prior);
     let build = || {
         let config = AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank()));
@@ -398,7 +398,7 @@ fn melora_case(kl: MeLoraKl) {
     // The random factor C multiplies u = A x.
     let jacobians = jacobians(&b, &u, RANK);
     let prior = match kl {
-        MeLoraKl::ExactC => Mat::diag(&vec![1.0 / (PRIOR * PRIOR); RANK * RANK]),
+        MeLoraKl::ExactC => Mat::diag(&[1.0 / (PRIOR * PRIOR); RANK * RANK]),
         MeLoraKl::Subspace => {
             let a_mat = Mat::new(RANK, D_IN, a.clone());
             let gram = a_mat.matmul(&a_mat.t());

@@ -21,6 +21,8 @@ fn the_f32_reciprocal_and_log_gradient_are_exact() {
     let x: Vec<f32> = (0..1000).map(|i| 0.37 + i as f32 * 0.011).collect();
     let want: Vec<f32> = x.iter().map(|v| 1.0 / v).collect();
     // Sliced at every offset, so the buffers start at every alignment.
+    // Burn's `slice` takes one range per dimension: a one-element array.
+    #[allow(clippy::single_range_in_vec_init)]
     for offset in 0..8 {
         let t = Tensor::<F, 1>::from_floats(&x[..], &device).slice([offset..1000]);
         let data = (t.clone() + 0.0).recip().into_data();

@@ -941,7 +941,7 @@ fn gemm_parts(m: usize, k: usize, n: usize) -> usize {
     if !crate::products_split() {
         return 1;
     }
-    let work = m * k * n >> 17;
+    let work = (m * k * n) >> 17;
     rayon::current_num_threads().min(work).min(m.max(n).div_ceil(16)).max(1)
 }
 

@@ -170,7 +170,7 @@ fn a_failing_peer_stops_the_others_with_its_error() {
             }
             Ok(peer.local)
         };
-        let err = parallel::run_peers::<AD, usize>(&cluster, 4, &device, |p, d| body(p, d), &body)
+        let err = parallel::run_peers::<AD, usize>(&cluster, 4, &device, &body, &body)
             .unwrap_err()
             .to_string();
         let expected = if panic {

@@ -16,7 +16,7 @@ use melora_llama::model::scoring::Scorer;
 use melora_llama::train::{fit, linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
-use std::path::PathBuf;
+use std::path::Path;
 
 type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
@@ -128,7 +128,7 @@ fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
         let summary = summary.unwrap_or_else(|e| panic!("{method:?} with KL weight 0: {e}"));
         assert!(summary.last_nll.is_finite());
         let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
-        let last_step = log.lines().filter(|l| l.starts_with("step ")).last().unwrap();
+        let last_step = log.lines().rfind(|l| l.starts_with("step ")).unwrap();
         let kl: f64 = last_step
             .split(" kl ")
             .nth(1)
@@ -223,7 +223,7 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
     }
 }
 
-fn adapter_values(dir: &PathBuf) -> Vec<(String, Vec<f32>)> {
+fn adapter_values(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let mut source = SafetensorsSource::single(&dir.join("adapter_model.safetensors")).unwrap();
     source
         .names()

@@ -29,6 +29,9 @@ use melora_core::{Adapter, AnyAdapter, NoiseSource, ParamGroups, Sampler, Sampli
 use melora_kernels::{flat_linear, linear_forward, rms_norm};
 
 /// A projection: a frozen base linear layer, or one with an adapter.
+// A model holds a few hundred: the adapters' size beside a bare `Linear`
+// costs nothing worth a box (and a box in every forward).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Proj<B: Backend> {
     /// No adapter.

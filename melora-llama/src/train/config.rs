@@ -386,7 +386,7 @@ impl TrainConfig {
         }
         // Ranges wide enough for any experiment: a value outside them is a
         // typo or a corrupt file, caught here rather than as a diverged run.
-        if !(self.lr > 0.0 && self.lr <= 1.0) || !(0.0..=1.0).contains(&self.kl_lr) {
+        if !(self.lr > 0.0 && self.lr <= 1.0 && (0.0..=1.0).contains(&self.kl_lr)) {
             return bad(format!(
                 "lr = {} must be in (0, 1] and kl_lr = {} in [0, 1]",
                 self.lr, self.kl_lr

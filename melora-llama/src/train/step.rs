@@ -143,6 +143,7 @@ impl<B: AutodiffBackend> Stepper<B> {
     /// peer takes is the one a single device takes on the whole batch (up to
     /// the order of the gradient sums). A non-finite NLL or KL, which every
     /// peer sees alike, is the inner error; a failed all-reduce the outer.
+    #[allow(clippy::too_many_arguments)]
     pub fn step_peer(
         &mut self,
         model: &mut Llama<B>,
