@@ -10,7 +10,7 @@
 # regenerated (`melora study-report --study FILE`, which is also the command
 # that regenerates them at any time from the kept files).
 #
-#   cargo build --release -p melora-llama
+#   cargo build --release -p melora-cli
 #   mkdir -p runs/bin && cp target/release/melora runs/bin/melora   # a copy the build cannot change
 #   git rev-parse --short HEAD > runs/bin/COMMIT
 #   STUDY=experiments/study-5000.json MELORA=runs/bin/melora nohup experiments/study.sh > runs/study-5000.log 2>&1 &

@@ -16,7 +16,7 @@
 # Resumable: a finished evaluation is skipped, a training run continues
 # from its last checkpoint.
 #
-#   cargo build --release -p melora-llama
+#   cargo build --release -p melora-cli
 #   mkdir -p runs/bin-posterior && cp target/release/melora runs/bin-posterior/melora
 #   git rev-parse --short HEAD > runs/bin-posterior/COMMIT
 #   MELORA=runs/bin-posterior/melora nohup experiments/posterior/pilot.sh > runs/posterior.log 2>&1 &

@@ -19,7 +19,7 @@ type B = Autodiff<NdArray<f32>>;
 
 fn bench(c: &mut Criterion) {
     // The binaries' process set-up: the GEMMs split over rayon's threads.
-    melora_llama::backend::tune_process();
+    melora_cli::backend::tune_process();
     let device = Default::default();
     B::seed(&device, 0);
     let (d, r, batch, seq) = (4096, 8, 4, 300);

@@ -1,6 +1,6 @@
 //! `melora-bench`: parameter tables and benchmarks for melora.
 
-use melora_llama::backend;
+use melora_cli::backend;
 mod compare;
 mod params;
 mod scoring;

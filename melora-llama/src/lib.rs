@@ -3,7 +3,8 @@
 //!
 //! A Llama decoder generic over Burn backends whose projections take
 //! melora's adapters; loaders for Hugging Face folders (safetensors) and GGUF
-//! files; tokenizers; PEFT-format adapter files; the `melora` binary.
+//! files; tokenizers; PEFT-format adapter files; tasks, training and
+//! evaluation. The `melora` binary is the `melora-cli` crate's.
 //!
 //! Fine-tuning SmolLM2 with Me-LoRA and evaluating it with a Bayesian model
 //! average, as a library (what `melora train` and `melora eval` do; needs
@@ -32,7 +33,6 @@
 //! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
 
 pub mod assets;
-pub mod backend;
 pub mod data;
 pub mod error;
 pub mod eval;
@@ -44,7 +44,6 @@ pub mod posterior;
 pub mod pretrained;
 pub mod report;
 pub mod settings;
-pub mod study;
 pub mod task;
 pub mod tokenizer;
 pub mod train;

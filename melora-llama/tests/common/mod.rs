@@ -47,10 +47,11 @@ impl melora_llama::train::Progress for Quiet {
     fn line(&mut self, _: &str) {}
 }
 
-/// The tiny-llama fixtures written by transformers + PEFT.
+/// The tiny-llama fixtures written by transformers + PEFT (in melora-llama;
+/// melora-cli's tests share this module).
 pub fn fixture(which: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-llama")
+        .join("../melora-llama/tests/fixtures/tiny-llama")
         .join(which)
 }
 

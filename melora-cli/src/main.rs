@@ -1,7 +1,7 @@
 //! `melora`: fetch the model and data, generate, measure perplexity, train
 //! and evaluate Bayesian low-rank adapters.
 
-use melora_llama::backend;
+use melora_cli::backend;
 mod cli;
 mod dashboard;
 mod pilot;
@@ -698,9 +698,9 @@ fn main() -> Result<()> {
             cli::export_command(subject, checkpoint, model, out)?;
         }
         Command::StudyReport { study, runs } => {
-            let study = melora_llama::study::spec::Study::load(&study)?;
+            let study = melora_cli::study::spec::Study::load(&study)?;
             let runs = runs.unwrap_or_else(|| study.runs.clone());
-            print!("{}", melora_llama::study::report(&study, Some(&runs))?);
+            print!("{}", melora_cli::study::report(&study, Some(&runs))?);
             eprintln!("tables in {}", study.results.display());
         }
         Command::StudyPlan {
@@ -710,10 +710,10 @@ fn main() -> Result<()> {
             methods,
             seeds,
         } => {
-            let study = melora_llama::study::spec::Study::load(&study)?;
+            let study = melora_cli::study::spec::Study::load(&study)?;
             if let Some(unknown) = methods
                 .iter()
-                .find(|m| study.method(m).is_none() && *m != melora_llama::study::spec::ZERO_SHOT)
+                .find(|m| study.method(m).is_none() && *m != melora_cli::study::spec::ZERO_SHOT)
             {
                 anyhow::bail!(
                     "no method {unknown} in the study (its methods: {})",

@@ -4,9 +4,9 @@
 //! the step) and every trained method's first seed (ECE against the step).
 
 use super::spec::{Study, TaskSpec};
-use crate::error::{LlamaError, Result};
-use crate::report::font_available;
-use crate::train::EvalRecord;
+use melora_llama::error::{LlamaError, Result};
+use melora_llama::report::font_available;
+use melora_llama::train::EvalRecord;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -107,7 +107,7 @@ pub fn plot_task(study: &Study, t: &TaskSpec, runs: Option<&Path>, dir: &Path) -
     };
     let title = t.task.title();
     if let Some((_, pilot)) = curves.iter().find(|(k, _)| *k == study.compare.baseline) {
-        crate::assets::write_atomic(&dir.join("pilot.md"), pilot_table(pilot, title).as_bytes())?;
+        melora_llama::assets::write_atomic(&dir.join("pilot.md"), pilot_table(pilot, title).as_bytes())?;
         let panels: [(&str, fn(&EvalRecord) -> f64); 3] = [
             ("accuracy (%)", |r| 100.0 * r.metrics.accuracy),
             ("ECE (%)", |r| 100.0 * r.metrics.ece),

@@ -14,9 +14,9 @@
 //! evaluation's `done` (written by the runner once the command succeeded),
 //! a Laplace fit's `laplace.json`.
 
-use crate::data::{Split, Task};
-use crate::error::{LlamaError, Result};
-use crate::train::Checkpoint;
+use melora_llama::data::{Split, Task};
+use melora_llama::error::{LlamaError, Result};
+use melora_llama::train::Checkpoint;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

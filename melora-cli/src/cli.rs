@@ -1,9 +1,9 @@
 //! The `train`, `eval` and `quickstart` commands of the `melora` binary.
 
-use crate::backend::{self, Inner, Train};
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use indicatif::{ProgressBar, ProgressStyle};
+use melora_cli::backend::{self, Inner, Train};
 use melora_core::SamplingMode;
 use melora_llama::assets::Assets;
 use melora_llama::data::{Encoded, Item, LengthNorm, Scoring, Split, Task};

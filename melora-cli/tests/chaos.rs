@@ -12,6 +12,7 @@
 //! checkpoint folder was half-written at that moment, where the run
 //! resumed.
 
+#[path = "../../melora-llama/tests/common/mod.rs"]
 mod common;
 
 use common::fake_data::{tiny_home, TinyHome};

@@ -12,12 +12,12 @@
 pub mod curves;
 pub mod spec;
 
-use crate::error::{LlamaError, Result};
-use crate::eval::SampledProbs;
-use crate::report::{write_results, ResultRow, Spread};
-use crate::train::Checkpoint;
 use melora_core::metrics::ECE_BINS;
 use melora_core::{auroc, ClassProbs, Metrics, Uncertainty};
+use melora_llama::error::{LlamaError, Result};
+use melora_llama::eval::SampledProbs;
+use melora_llama::report::{write_results, ResultRow, Spread};
+use melora_llama::train::Checkpoint;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::Serialize;
@@ -833,7 +833,7 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
 pub fn report(study: &Study, runs: Option<&Path>) -> Result<String> {
     let results = study.results.as_path();
     std::fs::create_dir_all(results).map_err(|e| LlamaError::write(results, e))?;
-    let write = |path: &Path, text: &str| crate::assets::write_atomic(path, text.as_bytes());
+    let write = |path: &Path, text: &str| melora_llama::assets::write_atomic(path, text.as_bytes());
     let mut text = String::new();
     let mut json: BTreeMap<String, BTreeMap<String, BTreeMap<String, Vec<Summary>>>> = BTreeMap::new();
     for t in &study.tasks {

@@ -1,0 +1,10 @@
+#![warn(missing_docs)]
+//! # melora-cli
+//!
+//! The `melora` command (`src/main.rs`) and what it shares with the other
+//! binaries: the backend chosen by cargo features ([`backend`]) and a
+//! study's plan and tables ([`study`]). The library crates (`melora-core`,
+//! `melora-llama`) choose no backend and parse no command line.
+
+pub mod backend;
+pub mod study;
