@@ -17,7 +17,7 @@
 //! makes matrixmultiply single-threaded (`MATMUL_NUM_THREADS=1`, read by
 //! matrixmultiply at its first product) should call [`split_products`]
 //! so that each product is split over rayon's threads instead
-//! (`melora_llama::backend::tune_process` does both).
+//! (`melora_cli::backend::tune_process` does both).
 
 #[cfg(feature = "ndarray")]
 mod cpu;
