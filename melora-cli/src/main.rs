@@ -57,7 +57,7 @@ enum Command {
     /// Continue a prompt.
     Generate {
         /// A preset (smollm2-135m), a Hugging Face folder or a GGUF file.
-        #[arg(long, default_value = "smollm2-135m")]
+        #[arg(long, default_value = melora_llama::pretrained::DEFAULT_MODEL)]
         model: String,
         /// The text to continue.
         #[arg(long)]
@@ -331,7 +331,7 @@ enum Command {
     /// Print the perplexity of a text under the model.
     Perplexity {
         /// A preset (smollm2-135m), a Hugging Face folder or a GGUF file.
-        #[arg(long, default_value = "smollm2-135m")]
+        #[arg(long, default_value = melora_llama::pretrained::DEFAULT_MODEL)]
         model: String,
         /// The text.
         #[arg(long)]

@@ -11,6 +11,10 @@ use crate::weights::{build, LoadReport, RandomSource, WeightSource};
 use burn::tensor::backend::Backend;
 use std::path::Path;
 
+/// The model a command uses when none is named: the preset `melora fetch`
+/// downloads.
+pub const DEFAULT_MODEL: &str = "smollm2-135m";
+
 /// A model's configuration, weights and tokenizer, not yet built.
 pub struct Pretrained {
     /// The architecture.
@@ -36,7 +40,7 @@ impl Pretrained {
     ///
     /// PyTorch pickles (`.bin`, `.pt`) are refused.
     pub fn open(model: &str, assets: &Assets) -> Result<Self> {
-        if model.eq_ignore_ascii_case("smollm2-135m") {
+        if model.eq_ignore_ascii_case(DEFAULT_MODEL) {
             let path = assets.smollm2_gguf();
             if !path.is_file() {
                 return Err(LlamaError::Unavailable(format!(

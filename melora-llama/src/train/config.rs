@@ -186,7 +186,7 @@ impl std::str::FromStr for Method {
 #[derive(Config, Debug)]
 pub struct TrainConfig {
     /// A preset (`smollm2-135m`), a Hugging Face folder or a GGUF file.
-    #[config(default = "String::from(\"smollm2-135m\")")]
+    #[config(default = "String::from(crate::pretrained::DEFAULT_MODEL)")]
     pub model: String,
     /// The task.
     #[config(default = "Task::ArcE")]
