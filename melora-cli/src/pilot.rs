@@ -4,6 +4,8 @@
 //! (`results.json`) and its verdict (`verdict.txt`).
 
 use anyhow::{bail, Context, Result};
+use melora_cli::study::curves::draw_lines;
+use melora_llama::posterior::verdict_word;
 use melora_llama::report::{font_available, markdown, ResultRow};
 use plotters::prelude::*;
 use std::path::Path;
@@ -37,14 +39,8 @@ fn read_run(dir: &Path) -> Result<Run> {
         }
         Err(_) => None,
     };
-    let verdict = std::fs::read_to_string(dir.join("verdict.txt"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("posterior: ")
-                .map(|v| v.split(':').next().unwrap_or(v).to_string())
-        })
-        .unwrap_or_else(|| "-".into());
+    let kept = std::fs::read_to_string(dir.join("verdict.txt")).unwrap_or_default();
+    let verdict = verdict_word(&kept).unwrap_or("-").to_string();
     Ok(Run {
         name,
         curve,
@@ -155,26 +151,8 @@ fn plot<DB: DrawingBackend>(
             .draw()
             .map_err(|e| err(&e))?;
     }
-    for (k, run) in runs.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
-        let series = chart
-            .draw_series(LineSeries::new(run.curve.iter().copied(), color.stroke_width(2)))
-            .map_err(|e| err(&e))?;
-        if text {
-            series
-                .label(run.name.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::LowerRight)
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
+    let lines: Vec<(String, Vec<(f64, f64)>)> = runs.iter().map(|r| (r.name.clone(), r.curve.clone())).collect();
+    draw_lines(&mut chart, &lines, text, SeriesLabelPosition::LowerRight)?;
     area.present().map_err(|e| err(&e))?;
     Ok(())
 }

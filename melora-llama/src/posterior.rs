@@ -152,6 +152,14 @@ pub fn last_fifth_start(steps: usize) -> usize {
     steps - steps / 5
 }
 
+/// The verdict's word ("converged", "still moving") in a text holding a
+/// [`verdict`] line (a run's log or the `verdict.txt` kept beside it).
+pub fn verdict_word(text: &str) -> Option<&str> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("posterior: "))
+        .and_then(|v| v.split(':').next())
+}
+
 /// The verdict on a mean posterior std of `at_start` at the initialisation,
 /// `before` at [`last_fifth_start`] and `end` at the end, as a line.
 pub fn verdict(at_start: Option<f64>, before: f64, end: f64, steps: usize) -> (Verdict, String) {
@@ -191,6 +199,15 @@ mod tests {
         assert!((s.spread - (0.02f64 / 3.0).sqrt()).abs() < 1e-12);
         // rms of the means: sqrt((1 + 1 + 4 + 4) / 4).
         assert!((s.relative - 0.2 / 2.5f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_verdicts_word_reads_back_from_its_line() {
+        let (_, line) = verdict(Some(0.03), 0.100, 0.104, 100);
+        let log = format!("step 100 nll 0.5\nposterior after step 100: std 0.104\n{line}\n");
+        assert_eq!(verdict_word(&log), Some("converged"));
+        assert_eq!(verdict_word(&verdict(None, 0.100, 0.2, 100).1), Some("still moving"));
+        assert_eq!(verdict_word("step 1 nll 0.5\n"), None);
     }
 
     #[test]

@@ -216,6 +216,42 @@ fn panels_plot<DB: DrawingBackend>(
     area.present().map_err(err)
 }
 
+/// Draws one line per named series on `chart`, each in its own colour,
+/// with a legend at `position` when there is text; the pilot plots share it.
+pub fn draw_lines<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    lines: &[(String, Vec<(f64, f64)>)],
+    text: bool,
+    position: SeriesLabelPosition,
+) -> std::result::Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    for (k, (name, points)) in lines.iter().enumerate() {
+        let color = Palette99::pick(k).to_rgba();
+        let series = chart
+            .draw_series(LineSeries::new(points.iter().copied(), color.stroke_width(2)))
+            .map_err(err)?;
+        if text {
+            series
+                .label(name.clone())
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(position)
+            .draw()
+            .map_err(err)?;
+    }
+    Ok(())
+}
+
 /// Validation ECE against the step, one line per method.
 fn ece_plot<DB: DrawingBackend>(
     area: DrawingArea<DB, Shift>,
@@ -251,28 +287,17 @@ fn ece_plot<DB: DrawingBackend>(
             .draw()
             .map_err(err)?;
     }
-    for (k, (_, curve)) in curves.iter().enumerate() {
-        let color = Palette99::pick(k).to_rgba();
-        let series = chart
-            .draw_series(LineSeries::new(
-                curve.records.iter().map(|r| (r.step as f64, 100.0 * r.metrics.ece)),
-                color.stroke_width(2),
-            ))
-            .map_err(err)?;
-        if text {
-            series
-                .label(curve.label.clone())
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color.stroke_width(2)));
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(err)?;
-    }
+    let lines: Vec<(String, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(_, c)| {
+            let points = c
+                .records
+                .iter()
+                .map(|r| (r.step as f64, 100.0 * r.metrics.ece))
+                .collect();
+            (c.label.clone(), points)
+        })
+        .collect();
+    draw_lines(&mut chart, &lines, text, SeriesLabelPosition::UpperRight)?;
     area.present().map_err(err)
 }

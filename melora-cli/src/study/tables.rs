@@ -235,14 +235,8 @@ pub fn times_table(tsv: &str) -> (String, u64) {
 /// `posterior: ` line its log ends with, kept as `verdict.txt` beside the
 /// run's record): "converged", "still moving", or "-" when there is none.
 fn run_verdict(record: &Path) -> String {
-    std::fs::read_to_string(record.join("verdict.txt"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("posterior: ")
-                .map(|v| v.split(':').next().unwrap_or(v).to_string())
-        })
-        .unwrap_or_else(|| "-".into())
+    let kept = std::fs::read_to_string(record.join("verdict.txt")).unwrap_or_default();
+    melora_llama::posterior::verdict_word(&kept).unwrap_or("-").to_string()
 }
 
 /// The posterior diagnostics of every Bayesian run evaluated at one
