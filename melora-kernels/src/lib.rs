@@ -5,7 +5,7 @@
 //! function here is a Burn operation (`x W`, `matmul`, `reshape`, SiLU,
 //! softmax over the last axis, RMSNorm, RoPE) that, with the `ndarray`
 //! feature and on Burn's ndarray backend (plain or `Autodiff`, `f32` or
-//! `f64`, found by `TypeId`), runs a kernel of its own (`src/cpu.rs`; its
+//! `f64`, found by `TypeId`), runs a kernel of its own (`src/cpu/`; its
 //! module docs say why: Burn 0.21's ndarray ops copy their operands and compose
 //! these functions from several passes). On every other backend, and
 //! without the feature, it is the Burn composition written beside it, so
@@ -98,7 +98,7 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
 /// [`silu_composed`] builds them from Burn's tensor ops.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    let x = match crate::cpu::unary(x, crate::cpu::Silu) {
+    let x = match crate::cpu::unary(x, || crate::cpu::Silu) {
         Ok(y) => return y,
         Err(x) => x,
     };
@@ -157,19 +157,20 @@ pub fn rms_norm<B: Backend, const D: usize>(norm: &burn::nn::RmsNorm<B>, x: Tens
         let gamma = norm.gamma.val();
         match gamma.is_require_grad() || gamma.dims()[0] != x.dims()[D - 1] {
             true => x,
-            false => {
-                let gamma: Vec<f64> = gamma.into_data().convert::<f64>().to_vec().expect("f64 scale");
-                match crate::cpu::unary(
-                    x,
-                    crate::cpu::RmsNorm {
-                        gamma: gamma.into(),
-                        epsilon: norm.epsilon,
-                    },
-                ) {
-                    Ok(y) => return y,
-                    Err(x) => x,
-                }
-            }
+            // The scale is read back only once the fast path is taken (an
+            // ndarray backend, where that is a copy in memory).
+            false => match crate::cpu::unary(x, || crate::cpu::RmsNorm {
+                gamma: gamma
+                    .into_data()
+                    .convert::<f64>()
+                    .to_vec::<f64>()
+                    .expect("f64 scale")
+                    .into(),
+                epsilon: norm.epsilon,
+            }) {
+                Ok(y) => return y,
+                Err(x) => x,
+            },
         }
     };
     norm.forward(x)
@@ -203,15 +204,12 @@ pub fn rotary<B: Backend>(
     assert_eq!(sin.len(), cos.len(), "rotary: table size");
     #[cfg(feature = "ndarray")]
     {
-        crate::cpu::unary(
-            x,
-            crate::cpu::Rotary {
-                cos: cos.clone(),
-                sin: sin.clone(),
-                seq: rows,
-                head_dim,
-            },
-        )
+        crate::cpu::unary(x, || crate::cpu::Rotary {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            seq: rows,
+            head_dim,
+        })
     }
     #[cfg(not(feature = "ndarray"))]
     Err(x)
@@ -223,7 +221,7 @@ pub fn rotary<B: Backend>(
 /// composes it from several tensor operations, each a pass of its own.
 pub fn softmax_last<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     #[cfg(feature = "ndarray")]
-    let x = match crate::cpu::unary(x, crate::cpu::Softmax) {
+    let x = match crate::cpu::unary(x, || crate::cpu::Softmax) {
         Ok(y) => return y,
         Err(x) => x,
     };
