@@ -29,6 +29,24 @@
 //! # Ok::<(), melora_llama::LlamaError>(())
 //! ```
 //!
+//! Evaluating a run the way `melora eval` does (a single adapter, a deep
+//! ensemble or a Laplace posterior alike; an adapter folder or the base
+//! model through the other [`predict::Subject`]s):
+//!
+//! ```no_run
+//! use burn::backend::{ndarray::NdArray, Autodiff};
+//! use melora_llama::data::{Split, Task};
+//! use melora_llama::predict::{Questions, Request, Silent, Subject};
+//!
+//! let request = Request::new(Subject::Run("runs/arc-e-melora-seed0".into()));
+//! let questions = Questions::Split { split: Split::Test, max_examples: None };
+//! let assets = melora_llama::assets::Assets::from_env();
+//! let evaluation =
+//!     request.predict::<Autodiff<NdArray>>(Task::ArcE, &questions, &assets, &Default::default(), &mut Silent)?;
+//! print!("{}", melora_llama::report::markdown(&[evaluation.row]));
+//! # Ok::<(), melora_llama::LlamaError>(())
+//! ```
+//!
 //! Reference implementations read while writing it: transformers'
 //! `modeling_llama.py`, candle's `llama.rs`, tracel-ai/models `llama-burn`.
 
@@ -41,6 +59,7 @@ pub mod gguf;
 pub mod laplace;
 pub mod model;
 pub mod posterior;
+pub mod predict;
 pub mod pretrained;
 pub mod report;
 pub mod settings;
