@@ -150,13 +150,35 @@ pub struct NamedParam<'a, B: Backend> {
 
 /// The interface the model uses for any adapted linear layer.
 pub trait Adapter<B: Backend>: Module<B> {
-    /// The adapted layer's output.
+    /// The adapted layer's output on a batch of sequences (the form the
+    /// model calls).
     ///
     /// # Shapes
     ///
     /// - x: `[batch, seq, d_input]`
     /// - output: `[batch, seq, d_output]`
-    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3>;
+    fn forward_seq(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3>;
+
+    /// The adapted layer's output on any rank, as Burn's `Linear::forward`
+    /// takes it, so an adapter goes where a `Linear` went: `[.., d_input]`
+    /// to `[.., d_output]`. The first axis (of two or more) holds the
+    /// examples, each with its own draw under per-example sampling; the
+    /// axes between the first and the last are its sequence.
+    fn forward<const D: usize>(&self, x: Tensor<B, D>, sampler: &mut Sampler) -> Tensor<B, D>
+    where
+        Self: Sized,
+    {
+        let dims = x.dims();
+        let d_input = dims[D - 1];
+        let (examples, seq) = match D {
+            1 => (1, 1),
+            _ => (dims[0], dims[1..D - 1].iter().product()),
+        };
+        let y = self.forward_seq(melora_kernels::reshape(x, [examples, seq, d_input]), sampler);
+        let mut out = dims;
+        out[D - 1] = y.dims()[2];
+        melora_kernels::reshape(y, out)
+    }
 
     /// The update's rank-`r` code of `x`, drawn as `forward` draws it and
     /// scaled: `scaling * A dropout(x)` (LoRA), with `A` sampled (BLoB),
@@ -250,11 +272,6 @@ pub fn count_params<B: Backend, M: Module<B>>(module: &M, ids: &[ParamId]) -> us
     counter.total
 }
 
-/// A frozen copy of a base layer: every parameter stops requiring gradients.
-pub(crate) fn freeze<B: Backend>(base: Linear<B>) -> Linear<B> {
-    base.no_grad()
-}
-
 /// Checks a tensor's shape against the expected one.
 pub(crate) fn expect_shape(name: &str, found: &[usize], expected: &[usize]) -> crate::Result<()> {
     if found == expected {
@@ -266,10 +283,4 @@ pub(crate) fn expect_shape(name: &str, found: &[usize], expected: &[usize]) -> c
             found: found.to_vec(),
         })
     }
-}
-
-/// The sizes `(d_input, d_output)` of a Burn linear layer (weight `[d_input, d_output]`).
-pub(crate) fn linear_dims<B: Backend>(base: &Linear<B>) -> (usize, usize) {
-    let [d_input, d_output] = base.weight.shape().dims();
-    (d_input, d_output)
 }

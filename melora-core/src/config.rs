@@ -180,8 +180,8 @@ macro_rules! dispatch {
 }
 
 impl<B: Backend> Adapter<B> for AnyAdapter<B> {
-    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        dispatch!(self, a => a.forward(x, sampler))
+    fn forward_seq(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        dispatch!(self, a => a.forward_seq(x, sampler))
     }
     fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         dispatch!(self, a => a.code(x, sampler))

@@ -75,6 +75,7 @@ pub mod kl;
 #[doc(hidden)]
 pub mod linalg;
 pub mod lora;
+pub mod low_rank;
 pub mod melora;
 pub mod metrics;
 pub mod noise;
@@ -90,6 +91,7 @@ pub use elbo::{
 pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
+pub use low_rank::LowRank;
 pub use melora::{MeLoraLinear, MeLoraLinearConfig, MeanInit, StdInit};
 pub use metrics::{auroc, bayesian_average, ClassProbs, Metrics, Uncertainty};
 pub use noise::{NoiseDevice, NoiseSource, RowNoise};

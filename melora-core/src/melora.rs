@@ -12,19 +12,26 @@
 //!
 //! Sampling `PerExample` (the default of the training code) draws one `C` per
 //! sequence: `batch * r^2` normals and `r^2` extra multiply-adds per token
-//! (derivations.md section 4).
+//! (derivations.md section 4). `A`, `B`, the base layer, scale and dropout
+//! are the shared [`LowRank`] part.
+//!
+//! Tests: `melora-core/tests/adapters.rs` (sampling modes, BLoB's relative
+//! noise at initialisation, any-rank input), `tests/derivations.rs` (each
+//! KL variant against the dense Gaussian KL it equals, its gradient
+//! against finite differences) and `tests/posterior.rs` (training reaches the
+//! closed-form posterior, exact and subspace KL).
 
-use crate::adapter::{expect_shape, freeze, linear_dims, Adapter, LowRankConfig, NamedParam, ParamRole, StdParam};
+use crate::adapter::{expect_shape, Adapter, LowRankConfig, NamedParam, ParamRole, StdParam};
 use crate::error::check;
 use crate::kl::{melora_kl, melora_kl_given, MeLoraKl};
-use crate::lora::kaiming_a;
+use crate::low_rank::{kaiming_a, LowRank};
 use crate::noise::NoiseSource;
 use crate::sampling::{Sampler, SamplingMode};
 use burn::config::Config;
-use burn::module::{Initializer, Module, Param};
+use burn::module::{Module, Param};
 use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
-use melora_kernels::{flat_linear, linear_forward};
+use melora_kernels::flat_linear;
 
 /// How `M`, the mean of `C`, starts.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -76,20 +83,12 @@ pub struct MeLoraLinearConfig {
 /// A frozen linear layer plus Me-LoRA's update `B C A`.
 #[derive(Module, Debug)]
 pub struct MeLoraLinear<B: Backend> {
-    /// The frozen base layer.
-    pub base: Linear<B>,
-    /// `A`, `[r, d_input]`.
-    pub lora_a: Param<Tensor<B, 2>>,
-    /// `B`, `[d_output, r]`.
-    pub lora_b: Param<Tensor<B, 2>>,
+    /// The base layer, `A`, `B`, the scale and the dropout.
+    pub low_rank: LowRank<B>,
     /// `M`, the mean of `C`, `[r, r]`.
     pub lora_m: Param<Tensor<B, 2>>,
     /// `H`, the std parameter of `C`, `[r, r]`.
     pub lora_h: Param<Tensor<B, 2>>,
-    /// `alpha / r` (or `alpha / sqrt(r)`).
-    pub scaling: f64,
-    /// Input dropout probability.
-    pub dropout: f64,
     /// How `Omega` is obtained from `H`.
     #[module(skip)]
     pub std_param: StdParam,
@@ -110,11 +109,11 @@ impl MeLoraLinearConfig {
         )
     }
 
-    /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`.
+    /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`:
+    /// `M` (when not the identity), `H`, then `A`.
     pub fn init<B: Backend>(&self, base: Linear<B>, noise: &mut NoiseSource) -> crate::Result<MeLoraLinear<B>> {
         self.validate()?;
-        let (d_input, d_output) = linear_dims(&base);
-        self.low_rank.validate_for(d_input, d_output)?;
+        let (d_input, _) = self.low_rank.check_base(&base)?;
         let device = base.weight.device();
         let r = self.low_rank.rank;
         let lora_m = match self.mean_init {
@@ -132,13 +131,9 @@ impl MeLoraLinearConfig {
             other => h.map(|h| other.inverse(StdParam::Square.std(h))),
         };
         Ok(MeLoraLinear {
-            base: freeze(base),
-            lora_a: kaiming_a::<B>(r, d_input, noise, &device),
-            lora_b: Initializer::Zeros.init([d_output, r], &device),
+            low_rank: self.low_rank.init(base, noise)?,
             lora_m,
             lora_h: h,
-            scaling: self.low_rank.scaling(),
-            dropout: self.low_rank.dropout,
             std_param: self.std_param,
             kl: self.kl,
         })
@@ -155,21 +150,14 @@ impl MeLoraLinearConfig {
         h: Tensor<B, 2>,
     ) -> crate::Result<MeLoraLinear<B>> {
         self.validate()?;
-        let (d_input, d_output) = linear_dims(&base);
-        self.low_rank.validate_for(d_input, d_output)?;
+        let low_rank = self.low_rank.init_with(base, a, b)?;
         let r = self.low_rank.rank;
-        expect_shape("lora_A", &a.dims(), &[r, d_input])?;
-        expect_shape("lora_B", &b.dims(), &[d_output, r])?;
         expect_shape("lora_M", &m.dims(), &[r, r])?;
         expect_shape("lora_H", &h.dims(), &[r, r])?;
         Ok(MeLoraLinear {
-            base: freeze(base),
-            lora_a: Param::from_tensor(a),
-            lora_b: Param::from_tensor(b),
+            low_rank,
             lora_m: Param::from_tensor(m),
             lora_h: Param::from_tensor(h),
-            scaling: self.low_rank.scaling(),
-            dropout: self.low_rank.dropout,
             std_param: self.std_param,
             kl: self.kl,
         })
@@ -186,7 +174,7 @@ impl<B: Backend> MeLoraLinear<B> {
     /// variant): see [`crate::total_kl`], which computes those terms for
     /// all adapters at once.
     pub fn logdet_input(&self) -> Option<Tensor<B, 2>> {
-        (self.kl == MeLoraKl::Subspace).then(|| self.lora_a.val())
+        (self.kl == MeLoraKl::Subspace).then(|| self.low_rank.lora_a.val())
     }
 
     /// The KL term with `ln det(A A^T)` given (for [`Self::logdet_input`]).
@@ -195,7 +183,7 @@ impl<B: Backend> MeLoraLinear<B> {
             self.kl,
             self.lora_m.val(),
             self.omega(),
-            self.lora_a.val(),
+            self.low_rank.lora_a.val(),
             prior_std,
             logdet,
         )
@@ -226,18 +214,18 @@ impl<B: Backend> MeLoraLinear<B> {
             SamplingMode::Mean => flat_linear(u, mean.transpose(), None),
             SamplingMode::PerBatch => {
                 let c = self
-                    .c_from(sampler.batch_normals::<B, 3>(self.lora_a.id, [1, r, r], &device))
+                    .c_from(sampler.batch_normals::<B, 3>(self.low_rank.lora_a.id, [1, r, r], &device))
                     .squeeze_dim::<2>(0);
                 flat_linear(u, c.transpose(), None)
             }
             SamplingMode::PerExample => {
-                let c = self.c_from(sampler.example_normals::<B, 3>(self.lora_a.id, [batch, r, r], &device));
+                let c = self.c_from(sampler.example_normals::<B, 3>(self.low_rank.lora_a.id, [batch, r, r], &device));
                 melora_kernels::matmul(u, c.swap_dims(1, 2))
             }
             SamplingMode::Flipout => {
                 let delta = self
                     .omega()
-                    .mul(sampler.batch_normals::<B, 2>(self.lora_a.id, [r, r], &device));
+                    .mul(sampler.batch_normals::<B, 2>(self.low_rank.lora_a.id, [r, r], &device));
                 let sign_in = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let sign_out = sampler.row_signs::<B, 3>([batch, seq, r], &device);
                 let noise = flat_linear(u.clone().mul(sign_in), delta.transpose(), None).mul(sign_out);
@@ -251,34 +239,36 @@ impl<B: Backend> MeLoraLinear<B> {
 pub const MELORA_PARAMS: [&str; 4] = ["lora_A", "lora_B", "lora_M", "lora_H"];
 
 impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
-    fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let update = flat_linear(self.code(x.clone(), sampler), self.lora_b.val().transpose(), None);
-        linear_forward(&self.base, x).add(update)
+    fn forward_seq(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
+        self.low_rank.output(x.clone(), self.code(x, sampler))
     }
 
     fn code(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
-        let u = flat_linear(sampler.dropout(x, self.dropout), self.lora_a.val().transpose(), None);
-        self.mix(u, sampler).mul_scalar(self.scaling)
+        let low_rank = &self.low_rank;
+        let u = low_rank.project(low_rank.dropped(x, sampler));
+        self.mix(u, sampler).mul_scalar(low_rank.scaling)
     }
 
     fn lora_b(&self) -> Tensor<B, 2> {
-        self.lora_b.val()
+        self.low_rank.lora_b.val()
     }
 
     fn kl(&self, prior_std: f64) -> Tensor<B, 1> {
-        melora_kl(self.kl, self.lora_m.val(), self.omega(), self.lora_a.val(), prior_std)
+        melora_kl(
+            self.kl,
+            self.lora_m.val(),
+            self.omega(),
+            self.low_rank.lora_a.val(),
+            prior_std,
+        )
     }
 
     fn delta_weight(&self) -> Tensor<B, 2> {
-        self.lora_b
-            .val()
-            .matmul(self.lora_m.val())
-            .matmul(self.lora_a.val())
-            .mul_scalar(self.scaling)
+        self.low_rank.delta_weight(Some(self.lora_m.val()))
     }
 
     fn base(&self) -> &Linear<B> {
-        &self.base
+        &self.low_rank.base
     }
 
     fn named_params(&self) -> Vec<NamedParam<'_, B>> {
@@ -288,12 +278,12 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
             NamedParam {
                 name: a,
                 role: Mean,
-                param: &self.lora_a,
+                param: &self.low_rank.lora_a,
             },
             NamedParam {
                 name: b,
                 role: Mean,
-                param: &self.lora_b,
+                param: &self.low_rank.lora_b,
             },
             NamedParam {
                 name: m,
@@ -311,8 +301,8 @@ impl<B: Backend> Adapter<B> for MeLoraLinear<B> {
     fn named_params_mut(&mut self) -> Vec<(&'static str, &mut Param<Tensor<B, 2>>)> {
         let [a, b, m, h] = MELORA_PARAMS;
         vec![
-            (a, &mut self.lora_a),
-            (b, &mut self.lora_b),
+            (a, &mut self.low_rank.lora_a),
+            (b, &mut self.low_rank.lora_b),
             (m, &mut self.lora_m),
             (h, &mut self.lora_h),
         ]

@@ -160,9 +160,18 @@ fn gradients_reach_only_trainable_parameters() {
             "{kind:?}: base bias got a gradient"
         );
         let trainable: Vec<(&str, &Param<Tensor<AD, 2>>)> = match &adapter {
-            AnyAdapter::Lora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b)],
-            AnyAdapter::Blob(l) => vec![("A", &l.lora_a), ("G_A", &l.lora_a_std), ("B", &l.lora_b)],
-            AnyAdapter::MeLora(l) => vec![("A", &l.lora_a), ("B", &l.lora_b), ("M", &l.lora_m), ("H", &l.lora_h)],
+            AnyAdapter::Lora(l) => vec![("A", &l.low_rank.lora_a), ("B", &l.low_rank.lora_b)],
+            AnyAdapter::Blob(l) => vec![
+                ("A", &l.low_rank.lora_a),
+                ("G_A", &l.lora_a_std),
+                ("B", &l.low_rank.lora_b),
+            ],
+            AnyAdapter::MeLora(l) => vec![
+                ("A", &l.low_rank.lora_a),
+                ("B", &l.low_rank.lora_b),
+                ("M", &l.lora_m),
+                ("H", &l.lora_h),
+            ],
         };
         for (name, param) in &trainable {
             let grad = param
@@ -445,10 +454,14 @@ fn initialisation_comes_from_the_noise_source_alone() {
             .with_mean_init(melora_core::MeanInit::KaimingUniform)
             .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(seed))
             .unwrap();
-        [adapter.lora_a.val(), adapter.lora_m.val(), adapter.lora_h.val()]
-            .into_iter()
-            .flat_map(|t| t.into_data().to_vec::<f64>().unwrap())
-            .collect()
+        [
+            adapter.low_rank.lora_a.val(),
+            adapter.lora_m.val(),
+            adapter.lora_h.val(),
+        ]
+        .into_iter()
+        .flat_map(|t| t.into_data().to_vec::<f64>().unwrap())
+        .collect()
     };
     // The backend's global generator plays no part.
     B::seed(&Default::default(), 1);
@@ -493,8 +506,12 @@ fn total_kl_equals_the_sum_of_the_adapters_kls() {
     let mut compared = 0;
     for adapter in &adapters {
         for (name, t) in match adapter {
-            AnyAdapter::MeLora(m) => vec![("A", m.lora_a.val()), ("M", m.lora_m.val()), ("H", m.lora_h.val())],
-            AnyAdapter::Blob(b) => vec![("A", b.lora_a.val()), ("A std", b.lora_a_std.val())],
+            AnyAdapter::MeLora(m) => vec![
+                ("A", m.low_rank.lora_a.val()),
+                ("M", m.lora_m.val()),
+                ("H", m.lora_h.val()),
+            ],
+            AnyAdapter::Blob(b) => vec![("A", b.low_rank.lora_a.val()), ("A std", b.lora_a_std.val())],
             AnyAdapter::Lora(_) => vec![],
         } {
             let (x, y) = (t.grad(&gb), t.grad(&gs));
@@ -538,10 +555,11 @@ fn melora_starts_with_blobs_relative_noise() {
     let mut noise = NoiseSource::seeded(9);
     let sq = |v: &[f64], m: &[f64]| -> f64 { v.iter().zip(m).map(|(a, b)| (a - b).powi(2)).sum() };
 
-    let blob_mean = values(x.clone().matmul(blob.lora_a.val().transpose()));
+    let blob_mean = values(x.clone().matmul(blob.low_rank.lora_a.val().transpose()));
     let blob_noise: f64 = (0..draws)
         .map(|_| {
             let a = blob
+                .low_rank
                 .lora_a
                 .val()
                 .add(blob.omega().mul(noise.normal::<B, 2>([r, n], &device)));
@@ -560,7 +578,7 @@ fn melora_starts_with_blobs_relative_noise() {
     let x_sq: f64 = xs.iter().map(|v| v * v).sum();
     let blob_relative = blob_closed / (r as f64 * x_sq / (3.0 * n as f64));
 
-    let u = x.matmul(melora.lora_a.val().transpose());
+    let u = x.matmul(melora.low_rank.lora_a.val().transpose());
     let us = values(u.clone());
     let melora_noise: f64 = (0..draws)
         .map(|_| {
@@ -597,4 +615,57 @@ fn melora_starts_with_blobs_relative_noise() {
         blob_relative > 1e-3,
         "BLoB's relative noise {blob_relative} is not negligible"
     );
+}
+
+/// `forward` takes any rank, as Burn's `Linear` does: on `[n, d]` (each
+/// row an example), `[d]` and `[2, 2, 3, d]` it equals the sequence form
+/// on the same values laid out `[examples, seq, d]`, draw for draw, in
+/// every sampling mode; at initialisation it is the base `Linear`'s
+/// output on that rank.
+#[test]
+fn forward_takes_any_rank_like_burns_linear() {
+    fn check<const D: usize>(adapter: &AnyAdapter<B>, x: Tensor<B, D>, seq: [usize; 3], kind: AdapterKind) {
+        let out_dims = {
+            let mut d = x.dims();
+            d[D - 1] = 4;
+            d
+        };
+        for mode in MODES {
+            let run_any = {
+                let mut noise = NoiseSource::seeded(7);
+                adapter.forward(x.clone(), &mut Sampler::new(mode, &mut noise).with_dropout(true))
+            };
+            assert_eq!(run_any.dims(), out_dims);
+            let run_seq = {
+                let mut noise = NoiseSource::seeded(7);
+                let mut sampler = Sampler::new(mode, &mut noise).with_dropout(true);
+                adapter.forward_seq(x.clone().reshape(seq), &mut sampler)
+            };
+            assert_eq!(
+                host(run_any.reshape([seq[0], seq[1], 4])),
+                host(run_seq),
+                "{kind:?} in {mode:?}, rank {D}"
+            );
+        }
+    }
+    for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
+        let adapter = random_adapter::<B>(kind, 6, 4, 3, 60);
+        let x = normal::<B, 3>([2, 6, 6], 61, 1.0);
+        check::<2>(&adapter, x.clone().reshape([12, 6]), [12, 1, 6], kind);
+        check::<1>(&adapter, x.clone().reshape([72]).narrow(0, 0, 6), [1, 1, 6], kind);
+        check::<4>(&adapter, x.reshape([2, 2, 3, 6]), [2, 6, 6], kind);
+    }
+    for config in configs(2) {
+        let base = base::<B>(6, 4, 62);
+        let x = normal::<B, 2>([5, 6], 63, 1.0);
+        let expected: Vec<f64> = base.forward(x.clone()).into_data().to_vec().unwrap();
+        let adapter = config.init(base, &mut NoiseSource::seeded(0)).unwrap();
+        let mut noise = NoiseSource::seeded(1);
+        let out: Vec<f64> = adapter
+            .forward(x, &mut Sampler::new(SamplingMode::Mean, &mut noise))
+            .into_data()
+            .to_vec()
+            .unwrap();
+        assert_eq!(out, expected, "{:?}: a drop-in for the Linear it wraps", config.kind());
+    }
 }

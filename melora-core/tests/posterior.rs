@@ -362,7 +362,7 @@ fn blob_reaches_the_closed_form_posterior() {
         Regression { layer }
     };
     let read = |layer: &AnyAdapter<AD>| match layer {
-        AnyAdapter::Blob(a) => (values(a.lora_a.val()), values(a.omega())),
+        AnyAdapter::Blob(a) => (values(a.low_rank.lora_a.val()), values(a.omega())),
         _ => unreachable!(),
     };
     check("BLoB", build, &data, &exact, read);

@@ -82,7 +82,7 @@ impl PosteriorStats {
         let mut targets: Vec<(String, Sums)> = Vec::new();
         for (path, adapter) in model.adapters() {
             let (stds, means) = match adapter {
-                AnyAdapter::Blob(a) => (host(a.omega()), host(a.lora_a.val())),
+                AnyAdapter::Blob(a) => (host(a.omega()), host(a.low_rank.lora_a.val())),
                 AnyAdapter::MeLora(m) => (host(m.omega()), host(m.lora_m.val())),
                 AnyAdapter::Lora(_) => continue,
             };

@@ -72,9 +72,9 @@ fn adapted<Bk: Backend>(kind: &str) -> Llama<Bk> {
         for (_, proj) in layer.projections_mut() {
             if let Proj::Adapted(adapter) = proj {
                 let b = match adapter {
-                    AnyAdapter::Lora(a) => &mut a.lora_b,
-                    AnyAdapter::Blob(a) => &mut a.lora_b,
-                    AnyAdapter::MeLora(a) => &mut a.lora_b,
+                    AnyAdapter::Lora(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::Blob(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::MeLora(a) => &mut a.low_rank.lora_b,
                 };
                 let dims = b.val().dims();
                 *b = Param::from_tensor(noise.normal::<Bk, 2>(dims, &device).mul_scalar(0.5));
@@ -173,9 +173,18 @@ fn adapter_grads(model: &Llama<AD>, loss: Tensor<AD, 1>) -> Vec<(String, Vec<f64
     let mut out = Vec::new();
     for (name, adapter) in model.adapters() {
         let params: Vec<(&str, &Param<Tensor<AD, 2>>)> = match adapter {
-            AnyAdapter::Lora(a) => vec![("A", &a.lora_a), ("B", &a.lora_b)],
-            AnyAdapter::Blob(a) => vec![("A", &a.lora_a), ("G_A", &a.lora_a_std), ("B", &a.lora_b)],
-            AnyAdapter::MeLora(a) => vec![("A", &a.lora_a), ("B", &a.lora_b), ("M", &a.lora_m), ("H", &a.lora_h)],
+            AnyAdapter::Lora(a) => vec![("A", &a.low_rank.lora_a), ("B", &a.low_rank.lora_b)],
+            AnyAdapter::Blob(a) => vec![
+                ("A", &a.low_rank.lora_a),
+                ("G_A", &a.lora_a_std),
+                ("B", &a.low_rank.lora_b),
+            ],
+            AnyAdapter::MeLora(a) => vec![
+                ("A", &a.low_rank.lora_a),
+                ("B", &a.low_rank.lora_b),
+                ("M", &a.lora_m),
+                ("H", &a.lora_h),
+            ],
         };
         for (which, p) in params {
             let g = p
@@ -332,7 +341,7 @@ fn shared_prefix_gradients_match_central_differences() {
                 let mut m = model.clone();
                 let attention = &mut m.layers[0].self_attn;
                 let param = match (&mut attention.q_proj, &mut attention.v_proj) {
-                    (Proj::Adapted(AnyAdapter::Lora(l)), _) => &mut l.lora_a,
+                    (Proj::Adapted(AnyAdapter::Lora(l)), _) => &mut l.low_rank.lora_a,
                     (_, Proj::Adapted(AnyAdapter::MeLora(l))) => &mut l.lora_h,
                     _ => unreachable!(),
                 };

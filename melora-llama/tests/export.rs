@@ -101,8 +101,8 @@ fn a_merged_adapter_is_the_adapter_at_its_mean_and_its_folder_loads_back() {
 fn a_non_finite_merge_is_refused_naming_the_projection() {
     let mut model = trained(AdapterKind::Lora);
     if let Proj::Adapted(AnyAdapter::Lora(lora)) = &mut model.layers[1].self_attn.v_proj {
-        let shape = lora.lora_b.val().dims();
-        lora.lora_b = Param::from_tensor(Tensor::full(shape, f32::NAN, &Default::default()));
+        let shape = lora.low_rank.lora_b.val().dims();
+        lora.low_rank.lora_b = Param::from_tensor(Tensor::full(shape, f32::NAN, &Default::default()));
     } else {
         panic!("a LoRA adapter on v_proj");
     }

@@ -64,8 +64,8 @@ fn model() -> Llama<AD> {
     for layer in model.layers.iter_mut() {
         for (_, proj) in layer.projections_mut() {
             if let Proj::Adapted(AnyAdapter::Lora(a)) = proj {
-                let dims = a.lora_b.val().dims();
-                a.lora_b = Param::from_tensor(noise.normal::<AD, 2>(dims, &device).mul_scalar(0.3));
+                let dims = a.low_rank.lora_b.val().dims();
+                a.low_rank.lora_b = Param::from_tensor(noise.normal::<AD, 2>(dims, &device).mul_scalar(0.3));
             }
         }
     }
@@ -91,7 +91,7 @@ fn flat_grad(model: &Llama<AD>, scalar: Tensor<AD, 1>) -> Vec<f64> {
     let mut out = Vec::new();
     for (_, adapter) in model.adapters() {
         let AnyAdapter::Lora(a) = adapter else { panic!("LoRA") };
-        for p in [&a.lora_a, &a.lora_b] {
+        for p in [&a.low_rank.lora_a, &a.low_rank.lora_b] {
             out.extend(
                 p.val()
                     .grad(&grads)

@@ -60,9 +60,9 @@ fn adapted(which: &str, config: &AdapterConfig, nonzero: bool) -> Llama<B> {
             let mut adapter = config.init(linear, &mut noise)?;
             if nonzero {
                 let b = match &mut adapter {
-                    AnyAdapter::Lora(a) => &mut a.lora_b,
-                    AnyAdapter::Blob(a) => &mut a.lora_b,
-                    AnyAdapter::MeLora(a) => &mut a.lora_b,
+                    AnyAdapter::Lora(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::Blob(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::MeLora(a) => &mut a.low_rank.lora_b,
                 };
                 *b = Param::from_tensor(noise.normal::<B, 2>(b.dims(), &Default::default()).mul_scalar(0.5));
             }
@@ -172,11 +172,13 @@ fn an_output_adapter_draws_per_example() {
             .map_projections(&[Target::LmHead], |_, linear| {
                 let mut adapter = config.init(linear, &mut noise)?;
                 if let AnyAdapter::Blob(a) = &mut adapter {
-                    a.lora_b = Param::from_tensor(noise.normal::<B, 2>(a.lora_b.dims(), &Default::default()));
+                    a.low_rank.lora_b =
+                        Param::from_tensor(noise.normal::<B, 2>(a.low_rank.lora_b.dims(), &Default::default()));
                     a.lora_a_std = Param::from_tensor(a.lora_a_std.val().mul_scalar(5.0));
                 }
                 if let AnyAdapter::MeLora(a) = &mut adapter {
-                    a.lora_b = Param::from_tensor(noise.normal::<B, 2>(a.lora_b.dims(), &Default::default()));
+                    a.low_rank.lora_b =
+                        Param::from_tensor(noise.normal::<B, 2>(a.low_rank.lora_b.dims(), &Default::default()));
                 }
                 Ok(adapter)
             })

@@ -343,8 +343,9 @@ fn hidden_at_equals_hidden_at_those_rows() {
     for layer in model.layers.iter_mut() {
         for (_, proj) in layer.projections_mut() {
             if let melora_llama::model::Proj::Adapted(melora_core::AnyAdapter::Lora(a)) = proj {
-                let dims = a.lora_b.val().dims();
-                a.lora_b = burn::module::Param::from_tensor(noise.normal::<AD, 2>(dims, &device).mul_scalar(0.3));
+                let dims = a.low_rank.lora_b.val().dims();
+                a.low_rank.lora_b =
+                    burn::module::Param::from_tensor(noise.normal::<AD, 2>(dims, &device).mul_scalar(0.3));
             }
         }
     }
@@ -389,7 +390,7 @@ fn hidden_at_equals_hidden_at_those_rows() {
             let melora_core::AnyAdapter::Lora(a) = adapter else {
                 unreachable!()
             };
-            for (which, p) in [("A", a.lora_a.val()), ("B", a.lora_b.val())] {
+            for (which, p) in [("A", a.low_rank.lora_a.val()), ("B", a.low_rank.lora_b.val())] {
                 let x: Vec<f32> = p.grad(&ga).expect("gradient").into_data().to_vec().unwrap();
                 let y: Vec<f32> = p.grad(&gf).expect("gradient").into_data().to_vec().unwrap();
                 let scale = y.iter().fold(1e-3f32, |m, v| m.max(v.abs()));

@@ -90,7 +90,7 @@ fn lora_gradients_and_one_adamw_step_match_pytorch() {
         let AnyAdapter::Lora(lora) = adapter else {
             panic!("expected LoRA")
         };
-        for (matrix, param) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
+        for (matrix, param) in [("lora_A", &lora.low_rank.lora_a), ("lora_B", &lora.low_rank.lora_b)] {
             let ours: Vec<f32> = param.val().grad(&grads).unwrap().into_data().to_vec().unwrap();
             let theirs = &expected[&npz_name(&path, matrix)].f32;
             let scale = theirs.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -120,7 +120,7 @@ fn lora_gradients_and_one_adamw_step_match_pytorch() {
         let AnyAdapter::Lora(lora) = adapter else {
             panic!("expected LoRA")
         };
-        for (matrix, param) in [("lora_A", &lora.lora_a), ("lora_B", &lora.lora_b)] {
+        for (matrix, param) in [("lora_A", &lora.low_rank.lora_a), ("lora_B", &lora.low_rank.lora_b)] {
             let ours: Vec<f32> = param.val().into_data().to_vec().unwrap();
             let diff = max_abs_diff(&ours, &after[&npz_name(&path, matrix)].f32);
             assert!(diff < 1e-6, "{path}.{matrix} after AdamW differs by {diff}");
@@ -142,9 +142,9 @@ fn blob_and_melora_adapters_round_trip_through_files() {
             .map_projections(&[Target::Q, Target::V, Target::Down], |_, linear| {
                 let mut adapter = config.init(linear, &mut noise)?;
                 let b = match &mut adapter {
-                    AnyAdapter::Lora(a) => &mut a.lora_b,
-                    AnyAdapter::Blob(a) => &mut a.lora_b,
-                    AnyAdapter::MeLora(a) => &mut a.lora_b,
+                    AnyAdapter::Lora(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::Blob(a) => &mut a.low_rank.lora_b,
+                    AnyAdapter::MeLora(a) => &mut a.low_rank.lora_b,
                 };
                 *b = Param::from_tensor(noise.normal::<B, 2>(b.dims(), &Default::default()));
                 Ok(adapter)

@@ -184,7 +184,7 @@ fn lora_layers<B: AutodiffBackend>(
             _ if name == "lm_head" => Err(LlamaError::Mismatch(
                 "Laplace-LoRA covers the decoder layers' LoRA adapters; this run also adapts lm_head (train the map run without it)".into(),
             )),
-            AnyAdapter::Lora(a) => Ok((name, a.lora_a.val().inner(), a.lora_b.val().inner(), a.scaling)),
+            AnyAdapter::Lora(a) => Ok((name, a.low_rank.lora_a.val().inner(), a.low_rank.lora_b.val().inner(), a.low_rank.scaling)),
             _ => Err(LlamaError::Mismatch(format!("Laplace-LoRA needs LoRA adapters (a map run); {name} is not one"))),
         })
         .collect::<crate::Result<_>>()?;

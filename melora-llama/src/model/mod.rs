@@ -47,7 +47,7 @@ impl<B: Backend> Proj<B> {
     pub fn forward(&self, x: Tensor<B, 3>, sampler: &mut Sampler) -> Tensor<B, 3> {
         match self {
             Self::Base(linear) => linear_forward(linear, x),
-            Self::Adapted(adapter) => adapter.forward(x, sampler),
+            Self::Adapted(adapter) => adapter.forward_seq(x, sampler),
         }
     }
 
