@@ -104,13 +104,14 @@ pub fn safe_log<B: Backend, const D: usize>(std: Tensor<B, D>) -> Tensor<B, D> {
     std.clamp_min(MIN_STD).log()
 }
 
-/// The parameter ids of an adapter, split as the two-optimiser scheme of
-/// method.md section 2 needs them.
+/// The parameter ids of an adapter, split into the two groups the
+/// optimisers of docs/method.md section 2 step apart.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ParamGroups {
-    /// Mean parameters (`A`, `B`, `M`, `M_A`): AdamW on the data NLL.
+    /// Mean parameters (`A`, `B`, `M`, `M_A`): AdamW's.
     pub mean: Vec<ParamId>,
-    /// Standard-deviation parameters (`H`, `G_A`): SGD on NLL + KL.
+    /// Standard-deviation parameters (`H`, `G_A`): the second optimiser's
+    /// (Adam under `StdAdam`, SGD under `TwoOptimizers`).
     pub std: Vec<ParamId>,
 }
 
@@ -127,12 +128,12 @@ impl ParamGroups {
     }
 }
 
-/// What a parameter is to the two-optimiser scheme of method.md section 2.
+/// Which of the two groups of docs/method.md section 2 a parameter is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParamRole {
-    /// A mean parameter (`A`, `B`, `M`, `M_A`): AdamW on the data NLL.
+    /// A mean parameter (`A`, `B`, `M`, `M_A`).
     Mean,
-    /// A standard-deviation parameter (`H`, `G_A`): SGD on NLL + KL.
+    /// A standard-deviation parameter (`H`, `G_A`).
     Std,
 }
 

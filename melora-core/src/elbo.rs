@@ -1,4 +1,4 @@
-//! The ELBO training step of method.md section 2, for any Burn module that
+//! The ELBO training step of docs/method.md section 2, for any Burn module that
 //! reports its KL and its mean/std parameter groups ([`Bayesian`]): a
 //! researcher's own model trains with it as melora's Llama does.
 //!

@@ -22,7 +22,7 @@ use crate::noise::NoiseSource;
 use burn::config::Config;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 
-/// Which KL Me-LoRA uses (method.md section 2).
+/// Which KL Me-LoRA uses (docs/method.md section 2).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum MeLoraKl {
     /// The paper's Eq. 7 (Eq. 8 with prior noise). Not a KL: for

@@ -2,7 +2,7 @@
 //! the entropy decomposition of a sampled prediction and the AUROC of an
 //! out-of-distribution detector.
 //!
-//! method.md section 3: accuracy, NLL (mean over examples), ECE (top-label,
+//! docs/method.md section 3: accuracy, NLL (mean over examples), ECE (top-label,
 //! 15 equal-width bins, L1, binned as torchmetrics does: bin `k` holds
 //! confidences in `[k/15, (k+1)/15)`, the last bin also holds 1), Brier
 //! score (`mean_i sum_k (p_ik - y_ik)^2`). All in f64 on the host.
@@ -12,7 +12,7 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{backend::Backend, Tensor};
 use serde::{Deserialize, Serialize};
 
-/// The number of ECE bins method.md prescribes.
+/// The number of ECE bins docs/method.md prescribes.
 pub const ECE_BINS: usize = 15;
 
 /// Class probabilities of `n` examples over `k` classes, with their labels.

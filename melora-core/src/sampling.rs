@@ -1,6 +1,6 @@
 //! Sampling modes and the per-forward context the adapters read.
 //!
-//! method.md section 1: `Mean` (no noise), `PerBatch` (one draw per forward
+//! docs/method.md section 1: `Mean` (no noise), `PerBatch` (one draw per forward
 //! pass, BLoB's code), `PerExample` (one draw per sequence; Me-LoRA's
 //! default, derivations.md section 4), `Flipout` (per-token random signs,
 //! BLoB's official code).

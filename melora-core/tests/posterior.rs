@@ -20,7 +20,7 @@
 //! default recipe ([`OptimizerSplit::StdAdam`], the per-example ELBO,
 //! learning rates on a linear warm-up and decay) and checks that the
 //! learned means (in norm) and every learned std land within 5% of the
-//! closed form. It prints, without asserting, where the old default (the
+//! closed form. It prints, without asserting, where the paper's recipe (the
 //! two-optimiser split with SGD at a constant 0.01 on the ELBO's KL) and
 //! BLoB's code's recipe (the same split, SGD on the schedule, BLoB's KL
 //! weighting) get in as many steps.

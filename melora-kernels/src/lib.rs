@@ -85,8 +85,8 @@ pub fn linear_forward<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<
 /// and gradient as Burn's `silu`, in fewer passes over the tensor.
 ///
 /// Burn's sigmoid runs `exp(-log(1 + exp(-x)))` (six passes) and its
-/// backward pass runs it again; in a SmolLM2 training step on ndarray that
-/// was about a tenth of the time. Here `s` takes five passes, and the
+/// backward pass runs it again (a sizeable share of a SmolLM2 training step
+/// on ndarray: `melora-bench`'s step benchmarks). Here `s` takes five passes, and the
 /// derivative `dy/dx = s + x s (1 - s) = s + y (1 - s)` is computed in the
 /// forward pass, outside the graph, and attached as the slope of a term that
 /// is zero in value: `y + (x - x̄) · slope`, where `x̄` is `x` detached. So

@@ -212,7 +212,7 @@ fn malformed_input_names_the_file_and_line() {
     assert!("arc-x".parse::<Task>().unwrap_err().contains("arc-e"));
 }
 
-/// With the assets fetched: the counts of assets.md and method.md.
+/// With the assets fetched: the counts of assets.md and docs/method.md.
 #[test]
 #[ignore = "needs the fetched model and data: run `melora fetch`, then `cargo test --workspace -- --ignored`"]
 fn real_data_has_the_documented_counts() {

@@ -4,8 +4,9 @@
 //! Burn 0.21's ndarray `matmul` reshapes both operands to 3-D and the result
 //! back, and its `reshape` copies even a contiguous array (the reshaped view
 //! is made owned); the backward pass of `linear` also materialises `W^T`.
-//! Those copies ran on one thread while the GEMM threads waited: in a SmolLM2
-//! training step they were a third of the main thread's time. Here:
+//! Those copies run on one thread while the GEMM threads wait, a large share
+//! of a SmolLM2 training step on the CPU (`melora-bench`'s step
+//! benchmarks measure it). Here:
 //! - [`linear`] (`x W`, `g W^T`, `x^T g`) and [`matmul`] (batched, matching
 //!   batch axes) are one strided GEMM per product (matrixmultiply, the kernel
 //!   Burn's ndarray backend uses too), reading the operands where they lie

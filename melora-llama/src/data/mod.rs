@@ -1,4 +1,4 @@
-//! Benchmark tasks as multiple-choice next-token prediction (method.md
+//! Benchmark tasks as multiple-choice next-token prediction (docs/method.md
 //! section 6): a prompt ending in "Answer:", and the answer labels (" A",
 //! " B", ... or " True", " False") as single tokens whose logits at the last
 //! prompt position are the class scores.
@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 /// The seed of every fixed subset and split division.
 pub const SPLIT_SEED: u64 = 20240917;
-/// Longest prompt in tokens (method.md section 6).
+/// Longest prompt in tokens (docs/method.md section 6).
 pub const MAX_TOKENS: usize = 300;
 /// BoolQ passages are cut to this many characters.
 pub const BOOLQ_PASSAGE_CHARS: usize = 1024;
@@ -219,7 +219,7 @@ impl Item {
         }
     }
 
-    /// The prompt of method.md section 6 (choices as "A) text").
+    /// The prompt of docs/method.md section 6 (choices as "A) text").
     pub fn render(&self) -> String {
         match self {
             Item::Choice { question, choices, .. } => {
@@ -239,7 +239,7 @@ impl Item {
     }
 }
 
-/// How multiple choice is scored (method.md sections 6 and 6.1).
+/// How multiple choice is scored (docs/method.md sections 6 and 6.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Scoring {
     /// The softmax over the answer-label tokens (" A", " B", ...) at the

@@ -1,5 +1,5 @@
 //! Prediction with a Bayesian model average over `S` samples, and the
-//! metrics of method.md section 3.
+//! metrics of docs/method.md section 3.
 
 use crate::data::length_batches;
 use crate::data::{Encoded, Padding};

@@ -1,7 +1,7 @@
 //! How a batch of multiple-choice examples becomes class scores: label
 //! scoring (the answer-label logits at the prompt's last position,
 //! [`crate::model::classify`]) or answer scoring (each choice's log-likelihood as
-//! a continuation of the question, method.md section 6.1).
+//! a continuation of the question, docs/method.md section 6.1).
 //!
 //! Answer scoring computes a question's shared prefix once and its `K`
 //! continuations after it, in one forward pass of one row per question:

@@ -17,7 +17,7 @@ use serde_json::Value;
 use std::path::Path;
 
 /// What a run trains: one of the three adapters, or one of the paper's
-/// baselines built on LoRA (method.md section 4).
+/// baselines built on LoRA (docs/method.md section 4).
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum Method {
     /// LoRA.
@@ -193,7 +193,7 @@ pub struct TrainConfig {
     pub task: Task,
     /// How choices are scored: `Label` (the answer-label logits, the
     /// paper's protocol) or `Answer` (each choice's log-likelihood as a
-    /// continuation of the question; method.md section 6.1).
+    /// continuation of the question; docs/method.md section 6.1).
     #[config(default = "Scoring::Label")]
     pub scoring: Scoring,
     /// Answer scoring's length normalisation of a choice's log-likelihood.

@@ -2,10 +2,11 @@
 //! checkpoints and its run folder.
 //!
 //! The loop is melora's own rather than `burn-train`'s `Learner`: the
-//! two-optimiser split of method.md section 2 steps AdamW on the data NLL
-//! and SGD on the KL (and on NLL + KL for the std parameters), which the
-//! learner's single optimiser cannot express. It uses Burn's optimisers
-//! (AdamW, SGD, gradient clipping) and records.
+//! optimiser splits of docs/method.md section 2 step the mean and the std
+//! parameters with optimisers of their own (AdamW and Adam by default,
+//! AdamW and SGD in BLoB's recipe), which the learner's single optimiser
+//! cannot express. It uses Burn's optimisers (AdamW, Adam, SGD, gradient
+//! clipping) and records.
 //!
 //! Restart safety: the data order, the sampling noise, dropout and the prior
 //! noise of step `t` are all drawn from generators seeded by `(seed, t)`
