@@ -37,22 +37,51 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Llama-2-7B (Touvron et al. 2023), the paper's first model.
+    /// Llama-2-7B (Touvron et al. 2023), the paper's first model
+    /// (`meta-llama/Llama-2-7b-hf`'s `config.json`).
     pub fn llama2_7b() -> Self {
-        Self::new(32000, 4096, 11008, 32, 32, 32, 128)
+        Self {
+            vocab_size: 32000,
+            hidden_size: 4096,
+            intermediate_size: 11008,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 32,
+            head_dim: 128,
+            rope_theta: 10000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            max_position_embeddings: 4096,
+        }
     }
 
-    /// Llama-2-13B.
+    /// Llama-2-13B (`meta-llama/Llama-2-13b-hf`).
     pub fn llama2_13b() -> Self {
-        Self::new(32000, 5120, 13824, 40, 40, 40, 128)
+        Self {
+            hidden_size: 5120,
+            intermediate_size: 13824,
+            num_hidden_layers: 40,
+            num_attention_heads: 40,
+            num_key_value_heads: 40,
+            ..Self::llama2_7b()
+        }
     }
 
-    /// SmolLM2-135M, the CPU default.
+    /// SmolLM2-135M, the CPU default (`HuggingFaceTB/SmolLM2-135M`).
     pub fn smollm2_135m() -> Self {
-        Self::new(49152, 576, 1536, 30, 9, 3, 64)
-            .with_rope_theta(100000.0)
-            .with_tie_word_embeddings(true)
-            .with_max_position_embeddings(8192)
+        Self {
+            vocab_size: 49152,
+            hidden_size: 576,
+            intermediate_size: 1536,
+            num_hidden_layers: 30,
+            num_attention_heads: 9,
+            num_key_value_heads: 3,
+            head_dim: 64,
+            rope_theta: 100000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            max_position_embeddings: 8192,
+        }
     }
 
     /// A preset by name: `llama2-7b`, `llama2-13b`, `smollm2-135m`.

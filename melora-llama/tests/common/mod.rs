@@ -3,6 +3,7 @@
 //! NumPy `.npy` / `.npz` files.
 #![allow(dead_code)]
 
+pub mod corrupt;
 pub mod fake_data;
 pub mod gguf_writer;
 pub mod parallel;
