@@ -13,7 +13,7 @@ use melora_llama::eval::PredictOptions;
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::predict::{evaluate, Evaluated};
 use melora_llama::report::{markdown, write_results};
-use melora_llama::train::{fit, train_on, Checkpoint, Method, Nodes, Recipe, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{Checkpoint, Method, Nodes, Recipe, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
 use std::io::IsTerminal;
@@ -152,25 +152,21 @@ fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Op
             run.dir.display()
         );
     }
-    let nodes = nodes.as_ref();
     let start = Instant::now();
+    let trainer = Trainer::new(&config, &run).resume(resume).nodes(nodes.as_ref());
     // Burn's dashboard on a terminal (unless --plain), a bar or lines
     // otherwise; a node other than node 0 has no steps to show.
     let summary = if lead_node && !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());
-        train_on::<Train>(
-            &config,
-            &run,
-            resume,
-            &assets,
-            &backend::device(),
-            &mut dashboard,
-            nodes,
-        )?
+        trainer
+            .progress(&mut dashboard)
+            .train::<Train>(&assets, &backend::device())?
     } else {
         let mut reporter = Reporter::new(config.steps as u64);
-        train_on::<Train>(&config, &run, resume, &assets, &backend::device(), &mut reporter, nodes)?
+        trainer
+            .progress(&mut reporter)
+            .train::<Train>(&assets, &backend::device())?
     };
     if summary.stopped {
         eprintln!(
@@ -413,7 +409,9 @@ fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> 
             validation: &[],
             scorer,
         };
-        let summary = fit(method_config, &run, false, base.clone(), &data, &device, &mut reporter)?;
+        let summary = Trainer::new(method_config, &run)
+            .progress(&mut reporter)
+            .fit(base.clone(), &data, &device)?;
         eprintln!(
             "{label}: {} steps at {:.2} s/step, training NLL {:.4} -> {:.4}",
             summary.steps_run, summary.step_seconds, summary.first_nll, summary.last_nll

@@ -22,7 +22,7 @@
 //! let (train, validation) = (task.split(Split::Train, None)?, task.split(Split::Validation, Some(100))?);
 //! let data = TrainData { train: &train, validation: &validation, scorer: &task.scorer };
 //! let run = RunDir { dir: "runs/library-example".into() };
-//! fit(&config, &run, false, base.clone(), &data, &device, &mut Quiet)?;
+//! Trainer::new(&config, &run).fit(base.clone(), &data, &device)?;
 //! let model = melora_llama::weights::peft::load_adapter(base.valid(), &run.last(), &device)?.0;
 //! let probs = predict(&model, &validation, &task.scorer, &config.eval_options(8, 0), &device, |_, _| {})?;
 //! println!("{:?}", probs.metrics());

@@ -7,10 +7,10 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::{parity_examples, tiny_base, Quiet};
+use common::{parity_examples, tiny_base};
 use melora_llama::eval::EnsembleAverage;
 use melora_llama::eval::{ensemble_probs, predict, predict_ensemble, predict_logits, softmax_rows, PredictOptions};
-use melora_llama::train::{fit, Method, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{Method, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::Llama;
 
@@ -59,20 +59,17 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
     let train = parity_examples(8, 1);
     let test = parity_examples(6, 2);
     let run = run_dir("mcd");
-    fit(
-        &config(Method::Mcd),
-        &run,
-        false,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&config(Method::Mcd), &run)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let model = trained(&run);
     let device = Default::default();
     let map = predict(
@@ -122,20 +119,17 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     let ens = config(Method::Ens)
         .with_members(3)
         .with_member_seeds(Some(vec![9, 9, 9]));
-    fit(
-        &ens,
-        &same,
-        false,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&ens, &same)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let logits = member_logits(&same, 3);
     let member = softmax_rows(&logits[0], 2);
     for average in [EnsembleAverage::Probabilities, EnsembleAverage::Logits] {
@@ -159,20 +153,17 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     );
 
     let different = run_dir("ens-different");
-    fit(
-        &ens.clone().with_member_seeds(Some(vec![9, 10, 11])),
-        &different,
-        false,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let logits = member_logits(&different, 3);
     let probs = ensemble_probs(&logits, 2, EnsembleAverage::Probabilities);
     let diff = probs

@@ -14,10 +14,10 @@
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
-use common::{differing_files, parity_examples, run_files as files, tiny_base, Quiet};
+use common::{differing_files, parity_examples, run_files as files, tiny_base};
 use melora_core::{AdapterKind, SamplingMode};
 use melora_llama::model::scoring::Scorer;
-use melora_llama::train::{fit, Method, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{Method, RunDir, TrainConfig, TrainData, Trainer};
 use std::path::Path;
 
 type AD = Autodiff<NdArray<f32>>;
@@ -62,20 +62,17 @@ fn train_into(out: &Path) {
     let validation = parity_examples(4, 2);
     for (name, config) in runs() {
         let run = RunDir { dir: out.join(name) };
-        fit(
-            &config,
-            &run,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &validation,
-                scorer: &Scorer::label(vec![10, 11], 0),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        Trainer::new(&config, &run)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &Scorer::label(vec![10, 11], 0),
+                },
+                &Default::default(),
+            )
+            .unwrap();
     }
 }
 

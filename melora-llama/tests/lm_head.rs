@@ -13,7 +13,7 @@ use burn::backend::{Autodiff, NdArray};
 use burn::module::Param;
 use burn::tensor::backend::Backend;
 use burn::tensor::{Int, Tensor, TensorData};
-use common::{answer_examples, fixture, max_abs_diff, parity_examples, Quiet};
+use common::{answer_examples, fixture, max_abs_diff, parity_examples};
 use melora_core::{
     AdapterConfig, AdapterKind, AnyAdapter, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
     NoiseSource, Sampler, SamplingMode,
@@ -22,7 +22,7 @@ use melora_llama::data::{LengthNorm, Padding};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Target;
 use melora_llama::posterior::PosteriorStats;
-use melora_llama::train::{fit, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::weights::{build, safetensors::SafetensorsSource, WeightSource};
 use melora_llama::{Llama, LlamaConfig};
@@ -257,16 +257,9 @@ fn training_moves_the_output_adapter_and_not_the_embedding() {
             validation: &validation,
             scorer: &scorer,
         };
-        fit(
-            &config,
-            &run,
-            false,
-            base::<AD>("tied"),
-            &data,
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        Trainer::new(&config, &run)
+            .fit(base::<AD>("tied"), &data, &Default::default())
+            .unwrap();
         let (trained, meta) = load_adapter(base::<B>("tied"), &run.last(), &Default::default()).unwrap();
         assert_eq!(meta.targets, vec![Target::V, Target::LmHead]);
         let head = trained.head_adapter.as_ref().expect("the output adapter is saved");

@@ -7,13 +7,13 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
-use common::{answer_examples, parity_examples, tiny_base, with_method_preset, Quiet};
+use common::{answer_examples, parity_examples, tiny_base, with_method_preset};
 use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::data::{LengthNorm, Scoring};
 use melora_llama::eval::{predict, PredictOptions};
 use melora_llama::model::scoring::Scorer;
-use melora_llama::train::{fit, linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData};
+use melora_llama::train::{linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
 use std::path::Path;
@@ -65,20 +65,17 @@ fn every_method_reduces_the_training_loss() {
     let validation = parity_examples(8, 2);
     for method in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
         let run = run_dir(&format!("{method:?}"));
-        let summary = fit(
-            &config(method, 40),
-            &run,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &validation,
-                scorer: &label_scorer(),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        let summary = Trainer::new(&config(method, 40), &run)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
+            )
+            .unwrap();
         println!(
             "{method:?}: training NLL {:.4} -> {:.4}",
             summary.first_nll, summary.last_nll
@@ -112,10 +109,7 @@ fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
         let run = run_dir(&format!("kl0-{method:?}"));
         let mut config = config(method, 6);
         config.kl_schedule = KlSchedule::Constant { weight: 0.0 };
-        let summary = fit(
-            &config,
-            &run,
-            false,
+        let summary = Trainer::new(&config, &run).fit(
             tiny_base::<AD>(),
             &TrainData {
                 train: &train,
@@ -123,7 +117,6 @@ fn a_kl_weight_of_zero_trains_and_reports_the_kl() {
                 scorer: &label_scorer(),
             },
             &Default::default(),
-            &mut Quiet,
         );
         let summary = summary.unwrap_or_else(|e| panic!("{method:?} with KL weight 0: {e}"));
         assert!(summary.last_nll.is_finite());
@@ -180,20 +173,17 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
         if method.adapter_kind() == AdapterKind::Lora {
             config.train_sampling = SamplingMode::Mean;
         }
-        let summary = fit(
-            &config,
-            &run,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &test,
-                scorer: &scorer,
-            },
-            &device,
-            &mut Quiet,
-        )
-        .unwrap();
+        let summary = Trainer::new(&config, &run)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &test,
+                    scorer: &scorer,
+                },
+                &device,
+            )
+            .unwrap();
         println!(
             "{method:?} (answer scoring): training NLL {:.4} -> {:.4}",
             summary.first_nll, summary.last_nll
@@ -239,27 +229,8 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
     for method in [AdapterKind::MeLora, AdapterKind::Blob] {
         let config = config(method, 20).with_eval_every(4);
         let whole = run_dir(&format!("whole-{method:?}"));
-        fit(
-            &config,
-            &whole,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &validation,
-                scorer: &label_scorer(),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
-
-        let crashed = run_dir(&format!("crashed-{method:?}"));
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            fit(
-                &config,
-                &crashed,
-                false,
+        Trainer::new(&config, &whole)
+            .fit(
                 tiny_base::<AD>(),
                 &TrainData {
                     train: &train,
@@ -267,27 +238,37 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
                     scorer: &label_scorer(),
                 },
                 &Default::default(),
-                &mut CrashAt(13),
+            )
+            .unwrap();
+
+        let crashed = run_dir(&format!("crashed-{method:?}"));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Trainer::new(&config, &crashed).progress(&mut CrashAt(13)).fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
             )
         }));
         assert!(result.is_err(), "the simulated crash should abort the run");
         let state: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(crashed.last().join("state.json")).unwrap()).unwrap();
         assert_eq!(state["step"], 10, "the last checkpoint before the crash is at step 10");
-        fit(
-            &config,
-            &crashed,
-            true,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &validation,
-                scorer: &label_scorer(),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        Trainer::new(&config, &crashed)
+            .resume(true)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
+            )
+            .unwrap();
 
         let (a, b) = (adapter_values(&whole.last()), adapter_values(&crashed.last()));
         assert_eq!(a.len(), b.len());
@@ -310,20 +291,17 @@ fn resume_after_a_crash_matches_the_uninterrupted_run() {
         assert_eq!(records.lines().count(), 5, "{records}");
         // And the run did move away from its initialisation.
         let fresh = run_dir(&format!("fresh-{method:?}"));
-        fit(
-            &config.clone().with_steps(1),
-            &fresh,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &validation,
-                scorer: &label_scorer(),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        Trainer::new(&config.clone().with_steps(1), &fresh)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &validation,
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
+            )
+            .unwrap();
         assert_ne!(adapter_values(&fresh.last()), a);
         for dir in [whole.dir, crashed.dir, fresh.dir] {
             std::fs::remove_dir_all(dir).ok();
@@ -337,20 +315,17 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
     let test = parity_examples(6, 6);
     for method in [AdapterKind::Lora, AdapterKind::MeLora, AdapterKind::Blob] {
         let run = run_dir(&format!("eval-{method:?}"));
-        fit(
-            &config(method, 10).with_dropout(0.0),
-            &run,
-            false,
-            tiny_base::<AD>(),
-            &TrainData {
-                train: &train,
-                validation: &[],
-                scorer: &label_scorer(),
-            },
-            &Default::default(),
-            &mut Quiet,
-        )
-        .unwrap();
+        Trainer::new(&config(method, 10).with_dropout(0.0), &run)
+            .fit(
+                tiny_base::<AD>(),
+                &TrainData {
+                    train: &train,
+                    validation: &[],
+                    scorer: &label_scorer(),
+                },
+                &Default::default(),
+            )
+            .unwrap();
         let model = load_adapter(tiny_base::<AD>().valid(), &run.last(), &Default::default())
             .unwrap()
             .0;
@@ -387,38 +362,33 @@ fn bayesian_evaluation_depends_on_samples_and_lora_does_not() {
 fn a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint() {
     let train = parity_examples(8, 7);
     let run = run_dir("nan");
-    fit(
-        &config(AdapterKind::MeLora, 4),
-        &run,
-        false,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&config(AdapterKind::MeLora, 4), &run)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let good = adapter_values(&run.last());
     // The run continues to 8 steps on a model whose final norm went NaN.
     let mut broken = tiny_base::<AD>();
     broken.norm.gamma = burn::module::Param::from_tensor(broken.norm.gamma.val().mul_scalar(f32::NAN));
-    let err = fit(
-        &config(AdapterKind::MeLora, 8),
-        &run,
-        true,
-        broken,
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap_err();
+    let err = Trainer::new(&config(AdapterKind::MeLora, 8), &run)
+        .resume(true)
+        .fit(
+            broken,
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap_err();
     assert!(
         matches!(&err, melora_llama::LlamaError::Stopped { step: 5, what: "NLL", value, checkpoint } if value.is_nan() && *checkpoint == run.last()),
         "{err:?}"
@@ -451,20 +421,17 @@ fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact() {
     let train = parity_examples(8, 3);
     let config = config(AdapterKind::MeLora, 5);
     let run = run_dir("unwritable");
-    fit(
-        &config,
-        &run,
-        false,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&config, &run)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let before = adapter_values(&run.last());
     let state = std::fs::read(run.last().join("state.json")).unwrap();
     let full = |tmp: &std::path::Path| -> melora_llama::Result<()> {
@@ -498,20 +465,18 @@ fn a_checkpoint_that_cannot_be_written_leaves_the_previous_one_intact() {
     assert_eq!(run.complete_checkpoint(&run.last()), Some(run.last()));
     assert_eq!(adapter_values(&run.last()), before);
     // And the run resumes from it to the end.
-    fit(
-        &config.clone().with_steps(8),
-        &run,
-        true,
-        tiny_base::<AD>(),
-        &TrainData {
-            train: &train,
-            validation: &[],
-            scorer: &label_scorer(),
-        },
-        &Default::default(),
-        &mut Quiet,
-    )
-    .unwrap();
+    Trainer::new(&config.clone().with_steps(8), &run)
+        .resume(true)
+        .fit(
+            tiny_base::<AD>(),
+            &TrainData {
+                train: &train,
+                validation: &[],
+                scorer: &label_scorer(),
+            },
+            &Default::default(),
+        )
+        .unwrap();
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run.last().join("state.json")).unwrap()).unwrap();
     assert_eq!(state["step"], 8);

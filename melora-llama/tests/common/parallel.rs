@@ -6,7 +6,7 @@ use super::{answer_examples, parity_examples, tiny_base, with_method_preset};
 use melora_llama::data::{Encoded, Scoring};
 use melora_llama::error::LlamaError;
 use melora_llama::model::scoring::Scorer;
-use melora_llama::train::{fit, Method, Progress, RunDir, TrainConfig, TrainData, TrainSummary};
+use melora_llama::train::{Method, Progress, RunDir, TrainConfig, TrainData, TrainSummary, Trainer};
 use std::path::{Path, PathBuf};
 
 type AD = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
@@ -77,15 +77,10 @@ pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
         validation: &data.validation,
         scorer: &data.scorer,
     };
-    fit(
-        config,
-        &RunDir { dir: dir.to_path_buf() },
-        resume,
-        tiny_base::<B>(),
-        &data,
-        &Default::default(),
-        progress,
-    )
+    Trainer::new(config, &RunDir { dir: dir.to_path_buf() })
+        .resume(resume)
+        .progress(progress)
+        .fit(tiny_base::<B>(), &data, &Default::default())
 }
 
 /// Every tensor of a checkpoint's adapter, by name (f32 or f64 as stored).
