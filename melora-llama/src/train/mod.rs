@@ -16,15 +16,13 @@
 //! exactly as the uninterrupted run would.
 
 mod config;
-mod method;
 pub mod parallel;
 mod peer;
 mod run;
 mod step;
 
-pub use config::TrainConfig;
+pub use config::{Method, Recipe, TrainConfig};
 pub use melora_core::{NonFinite, OptimizerSplit};
-pub use method::{Method, Recipe};
 pub use parallel::{Cluster, Nodes, Peer};
 pub use run::{Checkpoint, EvalRecord, RunDir, TrainState};
 pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};

@@ -1,6 +1,4 @@
-//! A run's settings: everything a training run needs.
-
-use super::Method;
+//! A run's settings: the method and everything a training run needs.
 
 use crate::assets::Assets;
 use crate::data::{LengthNorm, Scoring, Task};
@@ -9,14 +7,182 @@ use crate::eval::{EnsembleAverage, PredictOptions};
 use crate::model::Target;
 use crate::task::TaskSetup;
 use crate::tokenizer::Tokenizer;
+mod legacy;
+
 use burn::config::Config;
+use legacy::{alias, legacy};
 use melora_core::OptimizerSplit;
 use melora_core::{
     AdapterConfig, AdapterKind, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
     NoiseDevice, PriorConfig, SamplingMode,
 };
-use serde_json::Value;
 use std::path::Path;
+
+/// What a run trains: one of the three adapters, or one of the paper's
+/// baselines built on LoRA (docs/method.md section 4).
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum Method {
+    /// LoRA.
+    Lora,
+    /// MAP: LoRA with weight decay (`--method map` sets 1e-5, BLoB's scripts).
+    Map,
+    /// MC dropout: LoRA whose adapter dropout stays on at evaluation,
+    /// averaged over `eval_samples` passes (`--method mcd` sets 3).
+    Mcd,
+    /// Deep ensemble: `members` LoRA adapters trained with the MAP recipe
+    /// from different seeds, predictions averaged.
+    Ens,
+    /// BLoB.
+    Blob,
+    /// Me-LoRA.
+    MeLora,
+}
+
+impl Method {
+    /// Every method.
+    pub const ALL: [Method; 6] = [
+        Method::Lora,
+        Method::Map,
+        Method::Mcd,
+        Method::Ens,
+        Method::Blob,
+        Method::MeLora,
+    ];
+
+    /// The adapter family the method trains.
+    pub fn adapter_kind(self) -> AdapterKind {
+        match self {
+            Self::Lora | Self::Map | Self::Mcd | Self::Ens => AdapterKind::Lora,
+            Self::Blob => AdapterKind::Blob,
+            Self::MeLora => AdapterKind::MeLora,
+        }
+    }
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lora => "lora",
+            Self::Map => "map",
+            Self::Mcd => "mcd",
+            Self::Ens => "ens",
+            Self::Blob => "blob",
+            Self::MeLora => "melora",
+        }
+    }
+
+    /// `config` set to train this method with the settings `--method NAME`
+    /// implies: MAP and ensembles a weight decay of 1e-5 (BLoB's scripts),
+    /// MC dropout 3 evaluation passes.
+    pub fn preset(self, config: TrainConfig) -> TrainConfig {
+        let config = TrainConfig { method: self, ..config };
+        match self {
+            Self::Map | Self::Ens => config.with_weight_decay(1e-5),
+            Self::Mcd => config.with_eval_samples(3),
+            Self::Lora | Self::Blob | Self::MeLora => config,
+        }
+    }
+}
+
+/// A named training recipe (`melora train --recipe NAME`): settings that go
+/// together, applied over the configuration file and the typed flags and
+/// before the `--set`s. It does not choose the method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// BLoB's code as its scripts run it (bayesian-peft,
+    /// `scripts/blob/blob-llama-all.sh` with `modelwrappers/blob.py`):
+    /// AdamW at 1e-4 (epsilon 1e-6) without weight decay on the NLL for the means; SGD at
+    /// 0.01 on the KL for the means and on NLL + KL for the std
+    /// parameters, both on a 6% linear warm-up and a linear decay; the KL
+    /// weighted as their code does ([`KlSchedule::BlobCode`], gamma 8);
+    /// prior std 0.2, `eps` 0.05, Flipout, adapter dropout 0; the last
+    /// step's checkpoint; and an adapter on the output projection too
+    /// (`lm_head` added to the targets: their `--apply-classhead-lora`).
+    BlobOfficial,
+    /// What melora's calibration study of 600 steps ran (for comparison):
+    /// the two-optimiser split with SGD at a constant 0.01 and the
+    /// per-example ELBO's KL weight.
+    Study,
+}
+
+impl Recipe {
+    /// Every recipe.
+    pub const ALL: [Recipe; 2] = [Recipe::BlobOfficial, Recipe::Study];
+
+    /// The command-line name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BlobOfficial => "blob-official",
+            Self::Study => "study",
+        }
+    }
+
+    /// `config` with this recipe's settings.
+    pub fn apply(self, config: TrainConfig) -> TrainConfig {
+        match self {
+            Self::BlobOfficial => {
+                let mut c = TrainConfig {
+                    optimizer: OptimizerSplit::TwoOptimizers,
+                    kl_lr: 0.01,
+                    kl_lr_schedule: true,
+                    kl_schedule: KlSchedule::BlobCode { gamma: Some(8.0) },
+                    lr: 1e-4,
+                    weight_decay: 0.0,
+                    warmup_ratio: 0.06,
+                    adam_epsilon: 1e-6,
+                    train_sampling: SamplingMode::Flipout,
+                    select_best: false,
+                    ..config
+                };
+                c.prior.std = 0.2;
+                c.prior.noise = false;
+                if !c.targets.contains(&Target::LmHead) {
+                    c.targets.push(Target::LmHead);
+                }
+                c.blob.init_eps = 0.05;
+                c.low_rank.dropout = 0.0;
+                c
+            }
+            Self::Study => TrainConfig {
+                optimizer: OptimizerSplit::TwoOptimizers,
+                kl_lr: 0.01,
+                kl_lr_schedule: false,
+                kl_schedule: KlSchedule::Constant { weight: 1.0 },
+                ..config
+            },
+        }
+    }
+}
+
+impl std::str::FromStr for Recipe {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let key = s.to_ascii_lowercase().replace('_', "-");
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == key)
+            .ok_or_else(|| format!("unknown recipe {s:?}: expected blob-official or study"))
+    }
+}
+
+impl From<AdapterKind> for Method {
+    fn from(kind: AdapterKind) -> Self {
+        match kind {
+            AdapterKind::Lora => Self::Lora,
+            AdapterKind::Blob => Self::Blob,
+            AdapterKind::MeLora => Self::MeLora,
+        }
+    }
+}
+
+impl std::str::FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        let key = s.to_ascii_lowercase().replace(['-', '_'], "");
+        Self::ALL.into_iter().find(|m| m.name() == key).ok_or_else(|| {
+            format!("unknown method {s:?}: expected lora, map, mcd, ens, blob or melora (Laplace: `melora laplace --run DIR` on a map run)")
+        })
+    }
+}
 
 /// Everything a training run needs; saved as `config.json` in the run folder.
 #[derive(Config, Debug)]
@@ -383,173 +549,5 @@ impl TrainConfig {
 /// What a training configuration is called in messages.
 const WHAT: &str = "training configuration";
 
-/// Settings that moved into the adapters' own configurations: the old
-/// top-level key and the section that holds it now.
-const MOVED: [(&str, &str); 5] = [
-    ("rank", "low_rank"),
-    ("alpha", "low_rank"),
-    ("dropout", "low_rank"),
-    ("kl", "melora"),
-    ("std_init", "melora"),
-];
-
-/// A `key=value` override with an old key ([`MOVED`]) spelt as today's
-/// (`rank=4` is `low_rank.rank=4`).
-fn alias(item: &str) -> String {
-    match item.split_once('=') {
-        Some((key, value)) => match MOVED.iter().find(|(old, _)| *old == key) {
-            Some((old, section)) => format!("{section}.{old}={value}"),
-            None => item.to_string(),
-        },
-        None => item.to_string(),
-    }
-}
-
-/// Older spellings of a training configuration's JSON read as today's:
-/// `targets` as a comma-separated string becomes a list, and the keys of
-/// [`MOVED`] go into their sections (laid over the section's defaults, or
-/// over what the file already has there).
-fn legacy(json: &mut Value) {
-    let Some(map) = json.as_object_mut() else { return };
-    if let Some(Value::String(list)) = map.get("targets") {
-        let items = list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(|s| Value::String(s.to_string()))
-            .collect();
-        map.insert("targets".into(), Value::Array(items));
-    }
-    for (old, section) in MOVED {
-        let Some(value) = map.remove(old) else { continue };
-        let defaults = match section {
-            "low_rank" => serde_json::to_value(LowRankConfig::new()),
-            _ => serde_json::to_value(MeLoraLinearConfig::new()),
-        };
-        let slot = map
-            .entry(section.to_string())
-            .or_insert_with(|| defaults.unwrap_or(Value::Null));
-        if let Some(section) = slot.as_object_mut() {
-            section.insert(old.to_string(), value);
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::train::Recipe;
-    use melora_core::{MeLoraKl, StdInit};
-
-    /// A run folder's `config.json` from before the adapters' sections, and
-    /// the short `--set` keys, read as today's settings.
-    #[test]
-    fn older_spellings_are_read_as_todays() {
-        let old = r#"{"targets": "q_proj, down_proj", "rank": 4, "alpha": 8.0, "dropout": 0.0, "kl": "Paper", "std_init": "Blob", "method": "MeLora"}"#;
-        let config = TrainConfig::parse(old, Path::new("config.json"), &[]).unwrap();
-        assert_eq!(config.targets, vec![Target::Q, Target::Down]);
-        assert_eq!(
-            (
-                config.low_rank.rank,
-                config.low_rank.alpha,
-                config.low_rank.dropout,
-                config.low_rank.rslora
-            ),
-            (4, 8.0, 0.0, false)
-        );
-        assert_eq!(
-            (config.melora.kl, config.melora.std_init),
-            (MeLoraKl::Paper, StdInit::Blob)
-        );
-        // The adapter is built from the one low-rank section.
-        let AdapterConfig::MeLora(adapter) = config.adapter() else {
-            panic!("a Me-LoRA adapter")
-        };
-        assert_eq!(
-            (adapter.low_rank.rank, adapter.kl, adapter.std_init),
-            (4, MeLoraKl::Paper, StdInit::Blob)
-        );
-        let set = [
-            "rank=2",
-            "kl=Subspace",
-            "targets=v_proj",
-            "low_rank.rslora=true",
-            "melora.init_eps=0.5",
-        ]
-        .map(String::from);
-        let config = TrainConfig::load(None, &set).unwrap();
-        assert_eq!(
-            (
-                config.low_rank.rank,
-                config.low_rank.rslora,
-                config.melora.kl,
-                config.melora.init_eps
-            ),
-            (2, true, MeLoraKl::Subspace, 0.5)
-        );
-        assert_eq!(config.targets, vec![Target::V]);
-    }
-
-    /// Rank and dropout have one home: a value in an adapter's own
-    /// `low_rank` is refused rather than ignored; so are no targets.
-    #[test]
-    fn an_adapters_own_low_rank_and_empty_targets_are_refused() {
-        let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("melora.low_rank is set"), "{err}");
-        let err = TrainConfig::load(None, &["blob.init_eps=-1".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("blob: ") && err.contains("init_eps"), "{err}");
-        let err = TrainConfig::load(None, &["targets=[]".into()]).unwrap_err().to_string();
-        assert!(err.contains("no adapter target"), "{err}");
-        let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("x_proj"), "{err}");
-    }
-
-    /// BLoB's official recipe sets what their scripts set and leaves the
-    /// method alone; `--set` still wins over it.
-    #[test]
-    fn the_official_blob_recipe() {
-        let c = "blob-official"
-            .parse::<Recipe>()
-            .unwrap()
-            .apply(Method::Blob.preset(TrainConfig::new()));
-        assert_eq!(
-            (c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule),
-            (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true)
-        );
-        assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
-        assert_eq!(
-            (c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout, c.adam_epsilon),
-            (1e-4, 0.0, 0.06, 0.0, 1e-6)
-        );
-        assert_eq!(
-            (c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps),
-            (SamplingMode::Flipout, false, 0.2, 0.05)
-        );
-        assert_eq!(c.targets, vec![Target::Q, Target::V, Target::LmHead]);
-        let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();
-        assert_eq!(
-            (melora.method, melora.lr, melora.kl_lr_schedule),
-            (Method::MeLora, 2e-4, true)
-        );
-        assert!("blob".parse::<Recipe>().is_err());
-        // The default recipe: the std parameters' own Adam.
-        assert_eq!(TrainConfig::new().optimizer, OptimizerSplit::StdAdam);
-    }
-
-    /// Presets are functions of a configuration; the typed flags come
-    /// before the `--set`s, which win.
-    #[test]
-    fn presets_then_overrides() {
-        let map = Method::Map.preset(TrainConfig::new());
-        assert_eq!((map.method, map.weight_decay), (Method::Map, 1e-5));
-        assert_eq!(Method::Mcd.preset(TrainConfig::new()).eval_samples, 3);
-        let config = TrainConfig::load_with(None, |c| Method::Ens.preset(c), &["weight_decay=0.01".into()]).unwrap();
-        assert_eq!((config.method, config.weight_decay), (Method::Ens, 0.01));
-    }
-}
+mod tests;

@@ -1,0 +1,115 @@
+use super::*;
+use crate::train::Recipe;
+use melora_core::{MeLoraKl, StdInit};
+
+/// A run folder's `config.json` from before the adapters' sections, and
+/// the short `--set` keys, read as today's settings.
+#[test]
+fn older_spellings_are_read_as_todays() {
+    let old = r#"{"targets": "q_proj, down_proj", "rank": 4, "alpha": 8.0, "dropout": 0.0, "kl": "Paper", "std_init": "Blob", "method": "MeLora"}"#;
+    let config = TrainConfig::parse(old, Path::new("config.json"), &[]).unwrap();
+    assert_eq!(config.targets, vec![Target::Q, Target::Down]);
+    assert_eq!(
+        (
+            config.low_rank.rank,
+            config.low_rank.alpha,
+            config.low_rank.dropout,
+            config.low_rank.rslora
+        ),
+        (4, 8.0, 0.0, false)
+    );
+    assert_eq!(
+        (config.melora.kl, config.melora.std_init),
+        (MeLoraKl::Paper, StdInit::Blob)
+    );
+    // The adapter is built from the one low-rank section.
+    let AdapterConfig::MeLora(adapter) = config.adapter() else {
+        panic!("a Me-LoRA adapter")
+    };
+    assert_eq!(
+        (adapter.low_rank.rank, adapter.kl, adapter.std_init),
+        (4, MeLoraKl::Paper, StdInit::Blob)
+    );
+    let set = [
+        "rank=2",
+        "kl=Subspace",
+        "targets=v_proj",
+        "low_rank.rslora=true",
+        "melora.init_eps=0.5",
+    ]
+    .map(String::from);
+    let config = TrainConfig::load(None, &set).unwrap();
+    assert_eq!(
+        (
+            config.low_rank.rank,
+            config.low_rank.rslora,
+            config.melora.kl,
+            config.melora.init_eps
+        ),
+        (2, true, MeLoraKl::Subspace, 0.5)
+    );
+    assert_eq!(config.targets, vec![Target::V]);
+}
+
+/// Rank and dropout have one home: a value in an adapter's own
+/// `low_rank` is refused rather than ignored; so are no targets.
+#[test]
+fn an_adapters_own_low_rank_and_empty_targets_are_refused() {
+    let err = TrainConfig::load(None, &["melora.low_rank.rank=4".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("melora.low_rank is set"), "{err}");
+    let err = TrainConfig::load(None, &["blob.init_eps=-1".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("blob: ") && err.contains("init_eps"), "{err}");
+    let err = TrainConfig::load(None, &["targets=[]".into()]).unwrap_err().to_string();
+    assert!(err.contains("no adapter target"), "{err}");
+    let err = TrainConfig::load(None, &["targets=[\"x_proj\"]".into()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("x_proj"), "{err}");
+}
+
+/// BLoB's official recipe sets what their scripts set and leaves the
+/// method alone; `--set` still wins over it.
+#[test]
+fn the_official_blob_recipe() {
+    let c = "blob-official"
+        .parse::<Recipe>()
+        .unwrap()
+        .apply(Method::Blob.preset(TrainConfig::new()));
+    assert_eq!(
+        (c.method, c.optimizer, c.kl_lr, c.kl_lr_schedule),
+        (Method::Blob, OptimizerSplit::TwoOptimizers, 0.01, true)
+    );
+    assert_eq!(c.kl_schedule, KlSchedule::BlobCode { gamma: Some(8.0) });
+    assert_eq!(
+        (c.lr, c.weight_decay, c.warmup_ratio, c.low_rank.dropout, c.adam_epsilon),
+        (1e-4, 0.0, 0.06, 0.0, 1e-6)
+    );
+    assert_eq!(
+        (c.train_sampling, c.select_best, c.prior.std, c.blob.init_eps),
+        (SamplingMode::Flipout, false, 0.2, 0.05)
+    );
+    assert_eq!(c.targets, vec![Target::Q, Target::V, Target::LmHead]);
+    let melora = TrainConfig::load_with(None, |c| Recipe::BlobOfficial.apply(c), &["lr=2e-4".into()]).unwrap();
+    assert_eq!(
+        (melora.method, melora.lr, melora.kl_lr_schedule),
+        (Method::MeLora, 2e-4, true)
+    );
+    assert!("blob".parse::<Recipe>().is_err());
+    // The default recipe: the std parameters' own Adam.
+    assert_eq!(TrainConfig::new().optimizer, OptimizerSplit::StdAdam);
+}
+
+/// Presets are functions of a configuration; the typed flags come
+/// before the `--set`s, which win.
+#[test]
+fn presets_then_overrides() {
+    let map = Method::Map.preset(TrainConfig::new());
+    assert_eq!((map.method, map.weight_decay), (Method::Map, 1e-5));
+    assert_eq!(Method::Mcd.preset(TrainConfig::new()).eval_samples, 3);
+    let config = TrainConfig::load_with(None, |c| Method::Ens.preset(c), &["weight_decay=0.01".into()]).unwrap();
+    assert_eq!((config.method, config.weight_decay), (Method::Ens, 0.01));
+}
