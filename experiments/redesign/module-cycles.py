@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Import cycles between the top-level modules of each library crate.
+"""Import cycles between the modules of each crate, level by level.
 
 A module `m` of a crate (a file `src/m.rs` or a folder `src/m/`) depends on
-module `n` when any of its files names `crate::n` (in a `use` or a path) or
-`super::n` from a file directly under `src/`. Prints each crate's
-dependency lists and every cycle (a strongly connected set of more than
-one module); exits 1 when there is one.
+module `n` when any of its files names `crate::n` (in a `use` or a path).
+Inside a folder module `src/a/` the same holds for its children: `src/a/m.rs`
+or `src/a/m/` depends on its sibling `n` when one of its files names
+`crate::a::n`, or `super::n` from a file directly in `src/a/`. Prints each
+crate's top-level dependency lists and every cycle at any level (a strongly
+connected set of more than one module); exits 1 when there is one.
 
     python3 experiments/redesign/module-cycles.py [CRATE_DIR ...]
 """
@@ -23,22 +25,42 @@ def top_module(src: Path, file: Path) -> str:
     return rel.parts[0]
 
 
-def graph(src: Path) -> dict:
+def named(text: str, prefix: str) -> set:
+    """The first path components after `prefix` (`crate::`, `super::`)."""
+    names = set(re.findall(r"\b" + re.escape(prefix) + r"([a-z_][a-z0-9_]*)", text))
+    # `use crate::{a, b::c}`: the braces' first components.
+    for group in re.findall(r"\b" + re.escape(prefix) + r"\{([^}]*)\}", text):
+        names |= {p.strip().split("::")[0] for p in group.split(",") if p.strip()}
+    return names
+
+
+def graph(src: Path, path: tuple = ()) -> dict:
+    """The dependencies between the children of the module at `path`
+    (the folder `src/<path>`)."""
+    folder = src.joinpath(*path)
+    prefix = "crate::" + "".join(f"{p}::" for p in path)
     deps = {}
-    for file in sorted(src.rglob("*.rs")):
-        module = top_module(src, file)
+    for file in sorted(folder.rglob("*.rs")):
+        module = top_module(folder, file)
+        if module == "mod":
+            module = "(root)"
         deps.setdefault(module, set())
-        text = file.read_text()
-        # Comments and strings name modules without depending on them.
-        text = re.sub(r"//[^\n]*", "", text)
-        names = set(re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", text))
-        # `use crate::{a, b::c}`: the braces' first components.
-        for group in re.findall(r"\bcrate::\{([^}]*)\}", text):
-            names |= {p.strip().split("::")[0] for p in group.split(",") if p.strip()}
+        # Comments name modules without depending on them.
+        text = re.sub(r"//[^\n]*", "", file.read_text())
+        names = named(text, prefix)
+        if path and file.parent == folder:
+            names |= named(text, "super::")
         for name in names:
-            if name != module and ((src / f"{name}.rs").exists() or (src / name).is_dir()):
+            if name != module and ((folder / f"{name}.rs").exists() or (folder / name).is_dir()):
                 deps[module].add(name)
     return deps
+
+
+def folders(src: Path):
+    """Every folder module's path, the crate root's `()` first."""
+    yield ()
+    for d in sorted(p for p in src.rglob("*") if p.is_dir()):
+        yield d.relative_to(src).parts
 
 
 def cycles(deps: dict) -> list:
@@ -78,13 +100,16 @@ def main() -> int:
     found = False
     for crate in crates:
         src = root / crate / "src"
-        deps = graph(src)
         print(f"{crate}:")
-        for module in sorted(deps):
-            print(f"  {module} -> {', '.join(sorted(deps[module])) or '-'}")
-        for comp in cycles(deps):
-            found = True
-            print(f"  CYCLE: {' <-> '.join(comp)}")
+        for path in folders(src):
+            deps = graph(src, path)
+            if not path:
+                for module in sorted(deps):
+                    print(f"  {module} -> {', '.join(sorted(deps[module])) or '-'}")
+            where = "::".join(path) + "::" if path else ""
+            for comp in cycles(deps):
+                found = True
+                print(f"  CYCLE: {' <-> '.join(where + c for c in comp)}")
     return 1 if found else 0
 
 
