@@ -1,3 +1,8 @@
+//! The fast paths against Burn and the closed forms: products for every
+//! layout and tracked input, reshape views, SiLU, softmax, RMSNorm, RoPE,
+//! by value, gradient and central differences; and that a backend not
+//! served never enters a fast path.
+
 use super::gemm::gemm_split;
 use super::*;
 use std::cell::Cell;

@@ -1,3 +1,6 @@
+//! A run's settings read back: older spellings, an adapter's own
+//! `low_rank` refused, the official BLoB recipe, presets then overrides.
+
 use super::*;
 use crate::train::Recipe;
 use melora_core::{MeLoraKl, StdInit};
