@@ -22,7 +22,7 @@ use std::time::Instant;
 
 /// Bayesian low-rank adaptation (LoRA, BLoB, Me-LoRA) of Llama models.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
