@@ -154,7 +154,7 @@ impl Request {
         device: &B::Device,
         progress: &mut impl PredictProgress,
     ) -> Result<Evaluation> {
-        let single = match &self.subject {
+        let (config, adapter_dir) = match &self.subject {
             Subject::Run(dir) if LaplaceDir::is_laplace(dir) => {
                 if self.checkpoint.is_some() {
                     return Err(LlamaError::Config(format!(
@@ -170,16 +170,17 @@ impl Request {
                 if config.method == Method::Ens {
                     return self.ensemble::<B::InnerBackend>(&run, &config, task, questions, assets, device, progress);
                 }
-                Some((Some(config), run.checkpoint(self.checkpoint)?))
+                (Some(config), Some(run.checkpoint(self.checkpoint)?))
             }
-            Subject::Adapter(dir) => Some((None, dir.clone())),
-            Subject::ZeroShot => None,
+            Subject::Adapter(dir) => (None, Some(dir.clone())),
+            Subject::ZeroShot => (None, None),
         };
-        let (config, adapter_dir) = match single {
-            Some((config, dir)) => (config, Some(dir)),
-            None => (None, None),
-        };
-        let model_name = self.model_name()?;
+        // The request's model, else the run's (read above), else the default.
+        let model_name = self
+            .model
+            .clone()
+            .or_else(|| config.as_ref().map(|c| c.model.clone()))
+            .unwrap_or_else(|| DEFAULT_MODEL.into());
         let (model, tokenizer) = Pretrained::load::<B::InnerBackend>(&model_name, assets, device)?;
         let (model, bayesian) = match &adapter_dir {
             Some(dir) => {

@@ -163,11 +163,6 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
         Ok(this)
     }
 
-    /// Whether the checkpoints hold the std parameters' own Adam.
-    fn keeps_std_adam(&self) -> bool {
-        keeps_std_adam(self.config)
-    }
-
     /// Every peer must start where the lead does (a node resuming without
     /// the lead's checkpoint would train other batches).
     fn agree_on_the_step(&self) -> crate::Result<()> {
@@ -369,7 +364,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
             self.recorder
                 .record(Ordered(elbo.adamw.to_record()), tmp.join("adamw"))
                 .map_err(|e| cannot("adamw.bin", e))?;
-            if self.keeps_std_adam() {
+            if keeps_std_adam(self.config) {
                 self.recorder
                     .record(Ordered(elbo.std_adam.to_record()), tmp.join("std-adam"))
                     .map_err(|e| cannot("std-adam.bin", e))?;
