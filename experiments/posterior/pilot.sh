@@ -41,7 +41,7 @@ for name in $RUNS_ONLY; do
   case $recipe in
     study) extra=(--recipe study --set lr=0.001) ;;
     official) extra=(--recipe blob-official) ;;
-    default) extra=(--set optimizer=StdAdam --set kl_lr=0.01 --set lr=0.001) ;;
+    default) extra=(--set elbo.optimizer=StdAdam --set kl_lr=0.01 --set lr=0.001) ;;
     *) echo "unknown run $name" >&2; exit 2 ;;
   esac
   dir="$RUNS/$name"

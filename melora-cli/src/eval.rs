@@ -14,6 +14,7 @@ use melora_llama::laplace::LaplaceDir;
 use melora_llama::predict::{Evaluation, Questions, Request, Subject};
 use melora_llama::pretrained::DEFAULT_MODEL;
 use melora_llama::report::{markdown, ood_detection, ood_markdown, write_evaluation, ResultRow};
+use melora_llama::settings::Loader;
 use melora_llama::train::{Checkpoint, Method, RunDir, TrainConfig};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::Pretrained;
@@ -293,7 +294,7 @@ impl ExportCmd {
     /// or an adapter folder on `model`) merged into the base weights,
     /// written as a Hugging Face folder.
     pub fn run(self) -> Result<()> {
-        let load_config = |path: PathBuf| -> Result<TrainConfig> { Ok(TrainConfig::load(Some(&path), &[])?) };
+        let load_config = |path: PathBuf| -> Result<TrainConfig> { Ok(Loader::file(Some(&path)).load()?) };
         let (model_name, adapter) = match (self.run, self.adapter) {
             (Some(dir), _) if LaplaceDir::is_laplace(&dir) => {
                 anyhow::ensure!(

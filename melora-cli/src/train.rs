@@ -13,6 +13,7 @@ use melora_llama::eval::PredictOptions;
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
 use melora_llama::predict::{evaluate, Evaluated};
 use melora_llama::report::{markdown, write_results};
+use melora_llama::settings::Loader;
 use melora_llama::train::{Checkpoint, Method, Nodes, Recipe, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
@@ -62,6 +63,10 @@ pub struct TrainCmd {
     /// Plain progress lines even on a terminal (no dashboard).
     #[arg(long)]
     plain: bool,
+    /// Print the settings the run would train with (every setting, as a
+    /// run folder's config.json spells it) and exit without training.
+    #[arg(long)]
+    print_config: bool,
     /// Override: data-parallel peers in this process, one per device
     /// (GPUs 0..N on CUDA; threads sharing the CPU on ndarray); every
     /// batch is split over them and the gradients all-reduced.
@@ -90,11 +95,18 @@ impl TrainCmd {
             c.devices = self.devices.unwrap_or(c.devices);
             c
         };
-        Ok(TrainConfig::load_with(self.config.as_deref(), flags, &self.set)?)
+        Ok(Loader::file(self.config.as_deref())
+            .edit(flags)
+            .overrides(&self.set)
+            .load()?)
     }
 
     pub fn run(self) -> Result<()> {
         let config = self.config()?;
+        if self.print_config {
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            return Ok(());
+        }
         let out = self.out.clone().unwrap_or_else(|| {
             PathBuf::from(format!(
                 "runs/{}-{}-seed{}",
@@ -214,13 +226,7 @@ pub struct LaplaceCmd {
 
 impl LaplaceCmd {
     pub fn run(self) -> Result<()> {
-        let config = melora_llama::settings::load(
-            self.config.as_deref(),
-            &self.set,
-            LaplaceConfig::new(),
-            "Laplace configuration",
-        )?;
-        config.validate()?;
+        let config: LaplaceConfig = Loader::file(self.config.as_deref()).overrides(&self.set).load()?;
         let out = self.out.unwrap_or_else(|| self.run.join("laplace"));
         laplace_fit(self.run, self.checkpoint, config, out)
     }
@@ -229,7 +235,7 @@ impl LaplaceCmd {
 /// `melora laplace`: the Laplace posterior of a MAP run, saved in `out`.
 fn laplace_fit(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config: LaplaceConfig, out: PathBuf) -> Result<()> {
     let run = RunDir { dir: run_dir.clone() };
-    let train_config = TrainConfig::load(Some(&run.config()), &[])?;
+    let train_config: TrainConfig = Loader::file(Some(&run.config())).load()?;
     anyhow::ensure!(
         matches!(train_config.method, Method::Map | Method::Lora | Method::Mcd),
         "{} is a {} run: Laplace-LoRA goes on a single LoRA adapter (train one with --method map)",
@@ -341,9 +347,9 @@ impl QuickstartCmd {
 /// with a Bayesian model average), table.
 fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> Result<()> {
     let start = Instant::now();
-    let mut config = TrainConfig::parse(QUICKSTART, Path::new("experiments/smollm2-135m/quickstart.json"), &[])?;
-    config.max_validation = max_validation;
-    config.validate()?;
+    let config: TrainConfig = Loader::text(QUICKSTART, Path::new("experiments/smollm2-135m/quickstart.json"))
+        .edit(|c| TrainConfig { max_validation, ..c })
+        .load()?;
     let assets = ensure_assets(&config.model)?;
     let device = backend::device();
     let (base, tokenizer) = Pretrained::load::<Train>(&config.model, &assets, &device)?;
@@ -366,10 +372,10 @@ fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> 
         (config.steps * config.batch_size).min(train_set.len()),
         train_set.len(),
         validation.len(),
-        config.eval_samples
+        config.predict.samples
     );
     let mut rows = Vec::new();
-    let mean = PredictOptions::mean(config.eval_batch_size);
+    let mean = PredictOptions::mean(config.predict.batch_size);
     let mut bars = PhaseBars::default();
     let zero_shot = evaluate(
         &Evaluated {
@@ -417,7 +423,7 @@ fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> 
             summary.steps_run, summary.step_seconds, summary.first_nll, summary.last_nll
         );
         let trained = load_adapter(base.valid(), &run.last(), &device)?.0;
-        let options = method_config.eval_options(config.eval_batch_size, 0);
+        let options = method_config.eval_options(config.predict.batch_size, 0);
         let name = if options.samples > 1 {
             format!("{label}, {} steps (S = {})", method_config.steps, options.samples)
         } else {

@@ -19,6 +19,7 @@ use common::fake_data::{tiny_home, TinyHome};
 use common::{differing_files, run_files, with_method_preset};
 use melora_llama::assets::Assets;
 use melora_llama::data::Scoring;
+use melora_llama::eval::{EnsembleConfig, PredictConfig};
 use melora_llama::train::{Method, TrainConfig};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -57,8 +58,8 @@ fn config(model: &str, method: Method, steps: usize) -> TrainConfig {
         .with_eval_every(4)
         .with_checkpoint_every(1)
         .with_max_validation(Some(6))
-        .with_eval_batch_size(4)
-        .with_members(2)
+        .with_predict(PredictConfig::new().with_batch_size(4))
+        .with_ensemble(EnsembleConfig::new().with_members(2))
         .with_seed(3);
     with_method_preset(config, method)
 }

@@ -25,12 +25,22 @@ use burn::nn::Linear;
 use burn::tensor::{backend::Backend, Tensor};
 use melora_kernels::flat_linear;
 
-/// Configuration of a [`BlobLinear`].
+/// Configuration of a [`BlobLinear`]: the low-rank part every adapter has
+/// and BLoB's own settings.
 #[derive(Config, Debug)]
 pub struct BlobLinearConfig {
     /// Rank, scaling and dropout.
     #[config(default = "LowRankConfig::new()")]
     pub low_rank: LowRankConfig,
+    /// How the std of `A` starts and is parameterised.
+    #[config(default = "BlobPosteriorConfig::new()")]
+    pub posterior: BlobPosteriorConfig,
+}
+
+/// BLoB's own settings: how the std of `A` starts and is parameterised
+/// (a run's `blob` section).
+#[derive(Config, Debug, PartialEq)]
+pub struct BlobPosteriorConfig {
     /// `eps` of the std initialisation: `G_A ~ U(eps / sqrt(2), eps)` for
     /// `Square` (the std then lies in `[eps^2/2, eps^2]`).
     #[config(default = 0.05)]
@@ -38,6 +48,18 @@ pub struct BlobLinearConfig {
     /// How `Omega_A` is obtained from `G_A`.
     #[config(default = "StdParam::Square")]
     pub std_param: StdParam,
+}
+
+impl BlobPosteriorConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> crate::Result<()> {
+        check(
+            self.init_eps > 0.0 && self.init_eps <= 1.0,
+            "init_eps",
+            self.init_eps,
+            "must be in (0, 1]",
+        )
+    }
 }
 
 /// A frozen linear layer plus BLoB's Bayesian low-rank update `B A`.
@@ -57,12 +79,7 @@ impl BlobLinearConfig {
     /// Checks every field.
     pub fn validate(&self) -> crate::Result<()> {
         self.low_rank.validate()?;
-        check(
-            self.init_eps > 0.0 && self.init_eps <= 1.0,
-            "init_eps",
-            self.init_eps,
-            "must be in (0, 1]",
-        )
+        self.posterior.validate()
     }
 
     /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`:
@@ -71,19 +88,19 @@ impl BlobLinearConfig {
         self.validate()?;
         let low_rank = self.low_rank.init(base, noise)?;
         let [r, d_input] = low_rank.lora_a.dims();
-        let eps = self.init_eps;
+        let eps = self.posterior.init_eps;
         let device = low_rank.lora_a.device();
         let g = Param::from_tensor(noise.uniform([r, d_input], eps / 2f64.sqrt(), eps, &device));
         // The std a `Square` parameter g would give; other parameterisations
         // are set to the same initial std.
-        let g = match self.std_param {
+        let g = match self.posterior.std_param {
             StdParam::Square => g,
             other => g.map(|g| other.inverse(StdParam::Square.std(g))),
         };
         Ok(BlobLinear {
             low_rank,
             lora_a_std: g,
-            std_param: self.std_param,
+            std_param: self.posterior.std_param,
         })
     }
 
@@ -102,7 +119,7 @@ impl BlobLinearConfig {
         Ok(BlobLinear {
             low_rank,
             lora_a_std: Param::from_tensor(a_std),
-            std_param: self.std_param,
+            std_param: self.posterior.std_param,
         })
     }
 }

@@ -83,7 +83,7 @@ pub mod params;
 pub mod sampling;
 
 pub use adapter::{count_params, Adapter, LowRankConfig, NamedParam, ParamGroups, ParamRole, StdParam};
-pub use blob::{BlobLinear, BlobLinearConfig};
+pub use blob::{BlobLinear, BlobLinearConfig, BlobPosteriorConfig};
 pub use config::{total_kl, AdapterConfig, AdapterKind, AnyAdapter};
 pub use elbo::{
     Bayesian, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, StepValues,
@@ -92,7 +92,7 @@ pub use error::{CoreError, Result};
 pub use kl::{KlSchedule, MeLoraKl, PriorConfig};
 pub use lora::{LoraLinear, LoraLinearConfig};
 pub use low_rank::LowRank;
-pub use melora::{MeLoraLinear, MeLoraLinearConfig, MeanInit, StdInit};
+pub use melora::{MeLoraLinear, MeLoraLinearConfig, MeLoraPosteriorConfig, MeanInit, StdInit};
 pub use metrics::{auroc, bayesian_average, ClassProbs, Metrics, Uncertainty};
 pub use noise::{NoiseDevice, NoiseSource, RowNoise};
 pub use sampling::{LoraTap, Sampler, SamplingMode, SharedDraws, Taps};

@@ -56,12 +56,23 @@ pub enum StdInit {
     BlobRelative,
 }
 
-/// Configuration of a [`MeLoraLinear`].
+/// Configuration of a [`MeLoraLinear`]: the low-rank part every adapter
+/// has and Me-LoRA's own settings.
 #[derive(Config, Debug)]
 pub struct MeLoraLinearConfig {
     /// Rank, scaling and dropout.
     #[config(default = "LowRankConfig::new()")]
     pub low_rank: LowRankConfig,
+    /// The KL variant and how `M` and the std of `C` start and are
+    /// parameterised.
+    #[config(default = "MeLoraPosteriorConfig::new()")]
+    pub posterior: MeLoraPosteriorConfig,
+}
+
+/// Me-LoRA's own settings: the KL variant and how `C`'s mean and std start
+/// and are parameterised (a run's `melora` section).
+#[derive(Config, Debug, PartialEq)]
+pub struct MeLoraPosteriorConfig {
     /// Which KL term [`Adapter::kl`] returns.
     #[config(default = "MeLoraKl::Subspace")]
     pub kl: MeLoraKl,
@@ -78,6 +89,18 @@ pub struct MeLoraLinearConfig {
     /// How `Omega` is obtained from `H`.
     #[config(default = "StdParam::Square")]
     pub std_param: StdParam,
+}
+
+impl MeLoraPosteriorConfig {
+    /// Checks every field.
+    pub fn validate(&self) -> crate::Result<()> {
+        check(
+            self.init_eps > 0.0 && self.init_eps <= 1.0,
+            "init_eps",
+            self.init_eps,
+            "must be in (0, 1]",
+        )
+    }
 }
 
 /// A frozen linear layer plus Me-LoRA's update `B C A`.
@@ -101,12 +124,7 @@ impl MeLoraLinearConfig {
     /// Checks every field.
     pub fn validate(&self) -> crate::Result<()> {
         self.low_rank.validate()?;
-        check(
-            self.init_eps > 0.0 && self.init_eps <= 1.0,
-            "init_eps",
-            self.init_eps,
-            "must be in (0, 1]",
-        )
+        self.posterior.validate()
     }
 
     /// Wraps `base` (frozen here) with a fresh adapter, drawn from `noise`:
@@ -116,17 +134,18 @@ impl MeLoraLinearConfig {
         let (d_input, _) = self.low_rank.check_base(&base)?;
         let device = base.weight.device();
         let r = self.low_rank.rank;
-        let lora_m = match self.mean_init {
+        let posterior = &self.posterior;
+        let lora_m = match posterior.mean_init {
             MeanInit::Identity => Param::from_tensor(Tensor::eye(r, &device)),
             MeanInit::KaimingUniform => kaiming_a::<B>(r, r, noise, &device),
         };
         // Omega = H^2: scaling Omega by sqrt(3 n / r) scales H by its square root.
-        let eps = match self.std_init {
-            StdInit::Blob => self.init_eps,
-            StdInit::BlobRelative => self.init_eps * (3.0 * d_input as f64 / r as f64).powf(0.25),
+        let eps = match posterior.std_init {
+            StdInit::Blob => posterior.init_eps,
+            StdInit::BlobRelative => posterior.init_eps * (3.0 * d_input as f64 / r as f64).powf(0.25),
         };
         let h = Param::from_tensor(noise.uniform([r, r], eps / 2f64.sqrt(), eps, &device));
-        let h = match self.std_param {
+        let h = match posterior.std_param {
             StdParam::Square => h,
             other => h.map(|h| other.inverse(StdParam::Square.std(h))),
         };
@@ -134,8 +153,8 @@ impl MeLoraLinearConfig {
             low_rank: self.low_rank.init(base, noise)?,
             lora_m,
             lora_h: h,
-            std_param: self.std_param,
-            kl: self.kl,
+            std_param: self.posterior.std_param,
+            kl: self.posterior.kl,
         })
     }
 
@@ -158,8 +177,8 @@ impl MeLoraLinearConfig {
             low_rank,
             lora_m: Param::from_tensor(m),
             lora_h: Param::from_tensor(h),
-            std_param: self.std_param,
-            kl: self.kl,
+            std_param: self.posterior.std_param,
+            kl: self.posterior.kl,
         })
     }
 }

@@ -10,8 +10,8 @@ use burn::tensor::{backend::Backend, Tensor};
 use common::*;
 use melora_core::params::trainable_per_layer;
 use melora_core::{
-    Adapter, AdapterKind, AnyAdapter, BlobLinearConfig, CoreError, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
-    NoiseSource, Sampler, SamplingMode,
+    Adapter, AdapterKind, AnyAdapter, BlobLinearConfig, BlobPosteriorConfig, CoreError, LoraLinearConfig,
+    LowRankConfig, MeLoraLinearConfig, MeLoraPosteriorConfig, NoiseSource, Sampler, SamplingMode,
 };
 
 #[test]
@@ -228,7 +228,7 @@ fn invalid_configs_name_the_setting() {
         .unwrap_err();
     assert!(err.to_string().contains("rank = 8 for a 4 -> 16 layer"), "{err}");
     let err = BlobLinearConfig::new()
-        .with_init_eps(-1.0)
+        .with_posterior(BlobPosteriorConfig::new().with_init_eps(-1.0))
         .init(base::<B>(16, 16, 0), &mut NoiseSource::seeded(0))
         .unwrap_err();
     assert!(err.to_string().contains("init_eps = -1"), "{err}");
@@ -249,7 +249,8 @@ fn initial_stds_lie_in_blobs_range() {
     let blob = BlobLinearConfig::new()
         .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0))
         .unwrap();
-    let absolute = MeLoraLinearConfig::new().with_std_init(melora_core::StdInit::Blob);
+    let absolute = MeLoraLinearConfig::new()
+        .with_posterior(MeLoraPosteriorConfig::new().with_std_init(melora_core::StdInit::Blob));
     let melora = absolute
         .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(0))
         .unwrap();
@@ -283,7 +284,7 @@ fn initial_stds_lie_in_blobs_range() {
 fn initialisation_comes_from_the_noise_source_alone() {
     let init = |seed: u64| -> Vec<f64> {
         let adapter = MeLoraLinearConfig::new()
-            .with_mean_init(melora_core::MeanInit::KaimingUniform)
+            .with_posterior(MeLoraPosteriorConfig::new().with_mean_init(melora_core::MeanInit::KaimingUniform))
             .init(base::<B>(64, 32, 0), &mut NoiseSource::seeded(seed))
             .unwrap();
         [

@@ -410,7 +410,11 @@ fn melora_case(kl: MeLoraKl) {
     };
     let exact = closed_form(&jacobians, &data, &prior);
     let build = || {
-        let config = AdapterConfig::MeLora(MeLoraLinearConfig::new().with_low_rank(low_rank()).with_kl(kl));
+        let config = AdapterConfig::MeLora(
+            MeLoraLinearConfig::new()
+                .with_low_rank(low_rank())
+                .with_posterior(MeLoraPosteriorConfig::new().with_kl(kl)),
+        );
         let mut layer = config
             .init(with_base(base(), &data.w0), &mut NoiseSource::seeded(4))
             .unwrap();

@@ -16,7 +16,8 @@
 //! use melora_llama::{assets::Assets, data::Split, eval::predict, train::*, Pretrained};
 //!
 //! let (assets, device) = (Assets::from_env(), Default::default());
-//! let config = TrainConfig::load(Some("experiments/smollm2-135m/arc-e-melora.json".as_ref()), &[])?;
+//! let file = "experiments/smollm2-135m/arc-e-melora.json";
+//! let config: TrainConfig = melora_llama::settings::Loader::file(Some(file.as_ref())).load()?;
 //! let (base, tokenizer) = Pretrained::load::<Autodiff<NdArray>>(&config.model, &assets, &device)?;
 //! let task = config.task_setup(tokenizer, &assets)?;
 //! let (train, validation) = (task.split(Split::Train, None)?, task.split(Split::Validation, Some(100))?);

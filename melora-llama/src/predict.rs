@@ -16,6 +16,7 @@ use crate::model::Llama;
 use crate::posterior::PosteriorStats;
 use crate::pretrained::DEFAULT_MODEL;
 use crate::report::{ResultRow, Spread};
+use crate::settings::Loader;
 use crate::task::TaskSetup;
 use crate::train::{Checkpoint, Method, RunDir, TrainConfig, TrainState};
 use crate::weights::peft::load_adapter;
@@ -238,9 +239,9 @@ impl Request {
         let (base, tokenizer) = Pretrained::load::<B>(&config.model, assets, device)?;
         let setup = self.setup(config, task, tokenizer, assets)?;
         let examples = examples_of(questions, &setup)?;
-        let average = self.ensemble_average.unwrap_or(config.ensemble_average);
+        let average = self.ensemble_average.unwrap_or(config.ensemble.average);
         let start = Instant::now();
-        let members = (0..config.members).map(|k| {
+        let members = (0..config.ensemble.members).map(|k| {
             let checkpoint = run.member(k).checkpoint(self.checkpoint)?;
             Ok(load_adapter(base.clone(), &checkpoint, device)?.0)
         });
@@ -251,15 +252,15 @@ impl Request {
             self.batch_size,
             average,
             device,
-            |k, done, total| progress.batches(&format!("member {}/{}", k + 1, config.members), done, total),
+            |k, done, total| progress.batches(&format!("member {}/{}", k + 1, config.ensemble.members), done, total),
         )?;
         let name = format!(
             "{} (ensemble of {}, {:?} averaged)",
             run.dir.display(),
-            config.members,
+            config.ensemble.members,
             average
         );
-        let mut row = ResultRow::new(&name, task.name(), questions.name(), config.members, &probs);
+        let mut row = ResultRow::new(&name, task.name(), questions.name(), config.ensemble.members, &probs);
         row.spread = Some(Spread::of(&sampled, None, None));
         Ok(Evaluation {
             row,
@@ -386,12 +387,12 @@ fn examples_of(questions: &Questions, setup: &TaskSetup) -> Result<Vec<Encoded>>
 
 /// A training run's settings.
 fn run_config(dir: &Path) -> Result<TrainConfig> {
-    TrainConfig::load(Some(&RunDir { dir: dir.to_path_buf() }.config()), &[])
+    Loader::file(Some(&RunDir { dir: dir.to_path_buf() }.config())).load()
 }
 
 /// The settings of the run a Laplace posterior was fitted on (kept with it).
 fn laplace_config(dir: &Path) -> Result<TrainConfig> {
-    TrainConfig::load(Some(&dir.join("config.json")), &[])
+    Loader::file(Some(&dir.join("config.json"))).load()
 }
 
 /// The mean posterior std a training checkpoint records for the start of

@@ -23,80 +23,149 @@ use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
 
-/// Reads the settings in `path` (the defaults when there is none), fills
-/// in settings the file leaves out from `defaults` (for example ones added
-/// after it was written), refuses keys the defaults lack (a misspelt
-/// setting is not ignored) and applies `overrides` (`key=value`, dotted
-/// keys reach nested settings; values are JSON, or strings). `what` names
-/// the kind of settings in messages.
-pub fn load<T: Serialize + DeserializeOwned>(
-    path: Option<&Path>,
-    overrides: &[String],
-    defaults: T,
-    what: &str,
-) -> crate::Result<T> {
-    load_with(path, overrides, defaults, what, |_| {})
-}
+/// A kind of settings a file holds (a run's, Laplace's): its defaults, the
+/// older spellings it still reads and its checks. [`Loader`] reads them.
+pub trait Settings: Serialize + DeserializeOwned {
+    /// What the settings are called in messages.
+    const WHAT: &'static str;
 
-/// [`load`], with `legacy` rewriting older spellings of settings into
-/// today's: applied to the file's JSON (after its bases) and again after
-/// the overrides.
-pub fn load_with<T: Serialize + DeserializeOwned>(
-    path: Option<&Path>,
-    overrides: &[String],
-    defaults: T,
-    what: &str,
-    legacy: fn(&mut Value),
-) -> crate::Result<T> {
-    match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
-            parse_with(&text, path, overrides, defaults, what, legacy)
-        }
-        None => {
-            let json = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
-            let mut json = apply_overrides(json, overrides).map_err(|m| LlamaError::Config(format!("{what}: {m}")))?;
-            legacy(&mut json);
-            strict(json).map_err(|m| LlamaError::Config(format!("{what}: {m}")))
-        }
+    /// The values of the settings a file leaves out.
+    fn defaults() -> Self;
+
+    /// Rewrites older spellings in `json` as today's; applied to a file's
+    /// JSON (after its bases) and again after the overrides. An older
+    /// spelling that cannot be read as today's is an error.
+    fn respell(_json: &mut Value) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// A `key=value` override with an older key spelt as today's.
+    fn respell_override(item: &str) -> String {
+        item.to_string()
+    }
+
+    /// Checks that every setting is in its range.
+    fn validate(&self) -> crate::Result<()> {
+        Ok(())
     }
 }
 
-/// [`load`] of the settings `text` read from `path` (named in errors).
-pub fn parse<T: Serialize + DeserializeOwned>(
-    text: &str,
-    path: &Path,
-    overrides: &[String],
-    defaults: T,
-    what: &str,
-) -> crate::Result<T> {
-    parse_with(text, path, overrides, defaults, what, |_| {})
+/// Where settings are read from.
+enum Source<'a> {
+    /// None: the defaults.
+    Defaults,
+    /// A file.
+    File(&'a Path),
+    /// The text of a file at `path` (named in errors; its bases are read
+    /// beside it).
+    Text { text: &'a str, path: &'a Path },
 }
 
-/// [`parse`] with [`load_with`]'s `legacy`.
-pub fn parse_with<T: Serialize + DeserializeOwned>(
-    text: &str,
-    path: &Path,
-    overrides: &[String],
-    defaults: T,
-    what: &str,
-    legacy: fn(&mut Value),
-) -> crate::Result<T> {
-    let fail = |message: String| LlamaError::format(path, message);
-    let defaults = serde_json::to_value(defaults).map_err(|e| LlamaError::serialize("the default settings", e))?;
-    let json = serde_json::from_str::<Value>(text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
-    let mut json = with_bases(path, json, 0).map_err(fail)?;
-    legacy(&mut json);
-    let json = with_defaults(defaults, json, what).map_err(fail)?;
-    let mut json = apply_overrides(json, overrides).map_err(fail)?;
-    legacy(&mut json);
-    strict(json).map_err(|m| fail(format!("{what}: {m}")))
+/// The one way settings are read: a file (over its bases, or the
+/// defaults when there is none), laid over the defaults key by key, older
+/// spellings respelt, then `edit` (a program's typed flags), then the
+/// `key=value` overrides (which win), then the checks. Errors name the file
+/// and the setting.
+///
+/// ```no_run
+/// # fn main() -> melora_llama::Result<()> {
+/// use melora_llama::settings::Loader;
+/// use melora_llama::train::{Method, TrainConfig};
+///
+/// let config: TrainConfig = Loader::file(Some("experiments/smollm2-135m/arc-e-melora.json".as_ref()))
+///     .edit(|c| Method::Blob.preset(c))
+///     .overrides(&["prior.std=0.1".into()])
+///     .load()?;
+/// # Ok(()) }
+/// ```
+pub struct Loader<'a, T> {
+    source: Source<'a>,
+    edit: Option<Box<dyn FnOnce(T) -> T + 'a>>,
+    overrides: &'a [String],
+}
+
+impl<'a, T: Settings> Loader<'a, T> {
+    /// The settings in `path`, or the defaults when there is none.
+    pub fn file(path: Option<&'a Path>) -> Self {
+        let source = path.map_or(Source::Defaults, Source::File);
+        Self {
+            source,
+            edit: None,
+            overrides: &[],
+        }
+    }
+
+    /// The settings in `text`, a file read from `path` (named in errors;
+    /// bases are read beside it).
+    pub fn text(text: &'a str, path: &'a Path) -> Self {
+        Self {
+            source: Source::Text { text, path },
+            edit: None,
+            overrides: &[],
+        }
+    }
+
+    /// Applies `edit` to the file's settings, before the overrides.
+    pub fn edit(mut self, edit: impl FnOnce(T) -> T + 'a) -> Self {
+        self.edit = Some(Box::new(edit));
+        self
+    }
+
+    /// `key=value` overrides, applied last: dotted keys reach nested
+    /// settings, values are JSON (or else strings).
+    pub fn overrides(mut self, overrides: &'a [String]) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// Reads, edits, overrides and checks the settings.
+    pub fn load(self) -> crate::Result<T> {
+        let what = T::WHAT;
+        let (path, text) = match self.source {
+            Source::Defaults => (None, None),
+            Source::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
+                (Some(path), Some(text))
+            }
+            Source::Text { text, path } => (Some(path), Some(text.to_string())),
+        };
+        let fail = |message: String| match path {
+            Some(path) => LlamaError::format(path, message),
+            None => LlamaError::Config(message),
+        };
+        let defaults =
+            serde_json::to_value(T::defaults()).map_err(|e| LlamaError::serialize("the default settings", e))?;
+        let file: T = match (path, text) {
+            (Some(path), Some(text)) => {
+                let json = serde_json::from_str::<Value>(&text).map_err(|e| fail(format!("not valid JSON: {e}")))?;
+                let mut json = with_bases(path, json, 0).map_err(fail)?;
+                T::respell(&mut json).map_err(|m| fail(format!("{what}: {m}")))?;
+                let json = with_defaults(defaults, json, what).map_err(fail)?;
+                strict(json).map_err(|m| fail(format!("{what}: {m}")))?
+            }
+            _ => strict(defaults).map_err(|m| fail(format!("{what}: {m}")))?,
+        };
+        let edited = match self.edit {
+            Some(edit) => edit(file),
+            None => file,
+        };
+        let json = serde_json::to_value(edited).map_err(|e| LlamaError::serialize("the settings", e))?;
+        let overrides: Vec<String> = self.overrides.iter().map(|o| T::respell_override(o)).collect();
+        let mut json = apply_overrides(json, &overrides).map_err(|m| fail(format!("{what}: {m}")))?;
+        T::respell(&mut json).map_err(|m| fail(format!("{what}: {m}")))?;
+        let settings: T = strict(json).map_err(|m| fail(format!("{what}: {m}")))?;
+        settings.validate().map_err(|e| match (path, e) {
+            (Some(path), e) => LlamaError::format(path, e.to_string()),
+            (None, e) => e,
+        })?;
+        Ok(settings)
+    }
 }
 
 /// `json` as a `T`: a value of the wrong kind is an error naming its
 /// setting (`setting "prior.std": invalid type ...`), and so is a key that
 /// `T` has no setting for, at any depth.
-pub fn strict<T: DeserializeOwned>(json: Value) -> Result<T, String> {
+pub(crate) fn strict<T: DeserializeOwned>(json: Value) -> Result<T, String> {
     let mut unknown = Vec::new();
     let mut note = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
     let value: T = serde_path_to_error::deserialize(serde_ignored::Deserializer::new(json, &mut note))
@@ -189,7 +258,7 @@ fn with_defaults(mut defaults: Value, json: Value, what: &str) -> Result<Value, 
 }
 
 /// Applies `key=value` overrides to `json`.
-pub fn apply_overrides(mut json: Value, overrides: &[String]) -> Result<Value, String> {
+fn apply_overrides(mut json: Value, overrides: &[String]) -> Result<Value, String> {
     for item in overrides {
         let (key, value) = item
             .split_once('=')
@@ -235,13 +304,24 @@ mod tests {
         schedule: Schedule,
     }
 
-    fn defaults() -> Settings {
-        Settings {
-            task: "arc-e".into(),
-            lr: 1e-4,
-            prior: Inner { std: 0.2, noise: false },
-            schedule: Schedule::Constant { weight: 1.0 },
+    impl super::Settings for Settings {
+        const WHAT: &'static str = "settings";
+        fn defaults() -> Self {
+            Settings {
+                task: "arc-e".into(),
+                lr: 1e-4,
+                prior: Inner { std: 0.2, noise: false },
+                schedule: Schedule::Constant { weight: 1.0 },
+            }
         }
+    }
+
+    fn load(path: &Path, overrides: &[String]) -> crate::Result<Settings> {
+        Loader::file(Some(path)).overrides(overrides).load()
+    }
+
+    fn parse(text: &str) -> Settings {
+        Loader::text(text, Path::new("a.json")).load().unwrap()
     }
 
     fn folder(name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
@@ -268,13 +348,7 @@ mod tests {
                 ),
             ],
         );
-        let s: Settings = load(
-            Some(&dir.join("sub/run.json")),
-            &["lr=0.002".into()],
-            defaults(),
-            "settings",
-        )
-        .unwrap();
+        let s = load(&dir.join("sub/run.json"), &["lr=0.002".into()]).unwrap();
         assert_eq!(
             s,
             Settings {
@@ -285,7 +359,7 @@ mod tests {
             }
         );
         // Without the file's own keys, the base's values.
-        let s: Settings = load(Some(&dir.join("sub/mid.json")), &[], defaults(), "settings").unwrap();
+        let s = load(&dir.join("sub/mid.json"), &[]).unwrap();
         assert_eq!(s.lr, 0.001);
         assert_eq!(s.prior, Inner { std: 0.5, noise: false });
         std::fs::remove_dir_all(dir).ok();
@@ -308,11 +382,7 @@ mod tests {
                 ("over-typo.json", r#"{"base": "typo.json"}"#),
             ],
         );
-        let err = |file: &str| {
-            load::<Settings>(Some(&dir.join(file)), &[], defaults(), "settings")
-                .unwrap_err()
-                .to_string()
-        };
+        let err = |file: &str| load(&dir.join(file), &[]).unwrap_err().to_string();
         let e = err("missing.json");
         assert!(e.contains("missing.json") && e.contains("nowhere.json"), "{e}");
         assert!(
@@ -335,24 +405,10 @@ mod tests {
     /// A nested object in a file changes just its keys of the defaults'.
     #[test]
     fn a_nested_object_keeps_the_defaults_it_leaves_out() {
-        let got: Settings = parse(
-            r#"{"prior": {"noise": true}}"#,
-            Path::new("a.json"),
-            &[],
-            defaults(),
-            "settings",
-        )
-        .unwrap();
+        let got = parse(r#"{"prior": {"noise": true}}"#);
         assert_eq!(got.prior, Inner { std: 0.2, noise: true });
         // Another enum variant replaces the default's.
-        let got: Settings = parse(
-            r#"{"schedule": {"Linear": {"steps": 3}}}"#,
-            Path::new("a.json"),
-            &[],
-            defaults(),
-            "settings",
-        )
-        .unwrap();
+        let got = parse(r#"{"schedule": {"Linear": {"steps": 3}}}"#);
         assert_eq!(got.schedule, Schedule::Linear { steps: 3 });
     }
 }

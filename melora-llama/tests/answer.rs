@@ -22,8 +22,8 @@ use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::Tensor;
 use common::{cloze_example, cloze_examples, full_forward_scores, tiny_base};
 use melora_core::{
-    AdapterConfig, AnyAdapter, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig, NoiseSource,
-    Sampler, SamplingMode, SharedDraws, StdInit,
+    AdapterConfig, AnyAdapter, BlobLinearConfig, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
+    MeLoraPosteriorConfig, NoiseSource, Sampler, SamplingMode, SharedDraws, StdInit,
 };
 use melora_llama::data::{Encoded, LengthNorm, Padding};
 use melora_llama::model::scoring::{Scorer, Segment};
@@ -52,10 +52,11 @@ fn adapted<Bk: Backend>(kind: &str) -> Llama<Bk> {
         "lora" => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
         "blob" => AdapterConfig::Blob(BlobLinearConfig::new().with_low_rank(low_rank)),
         "melora" => AdapterConfig::MeLora(
-            MeLoraLinearConfig::new()
-                .with_low_rank(low_rank)
-                .with_init_eps(0.5)
-                .with_std_init(StdInit::Blob),
+            MeLoraLinearConfig::new().with_low_rank(low_rank).with_posterior(
+                MeLoraPosteriorConfig::new()
+                    .with_init_eps(0.5)
+                    .with_std_init(StdInit::Blob),
+            ),
         ),
         _ => unreachable!(),
     };

@@ -8,8 +8,9 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
 use common::{parity_examples, tiny_base};
-use melora_llama::eval::EnsembleAverage;
+use melora_core::ElboConfig;
 use melora_llama::eval::{ensemble_probs, predict, predict_ensemble, predict_logits, softmax_rows, PredictOptions};
+use melora_llama::eval::{EnsembleAverage, EnsembleConfig, PredictConfig};
 use melora_llama::train::{Method, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::load_adapter;
 use melora_llama::Llama;
@@ -31,10 +32,10 @@ fn config(method: Method) -> TrainConfig {
         .with_steps(8)
         .with_batch_size(4)
         .with_lr(1e-2)
-        .with_weight_decay(1e-5)
+        .with_elbo(ElboConfig::new().with_weight_decay(1e-5))
         .with_eval_every(0)
         .with_checkpoint_every(4)
-        .with_eval_batch_size(4)
+        .with_predict(PredictConfig::new().with_batch_size(4))
         .with_seed(5)
 }
 
@@ -84,7 +85,7 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
 
     // The MCD run's own predictor, with S = 1 and dropout off.
     let off = config(Method::Mcd)
-        .with_eval_samples(1)
+        .with_predict(PredictConfig::new().with_samples(1))
         .with_dropout(0.0)
         .eval_options(4, 0);
     assert_eq!((off.samples, off.dropout), (1, false));
@@ -92,7 +93,9 @@ fn mc_dropout_with_one_sample_and_dropout_off_is_map() {
     assert_eq!(mcd.probs(), map.probs(), "MCD with S = 1 and dropout off must be MAP");
 
     // The default MCD predictor (S = 3, dropout 0.1 on) is a different one.
-    let on = config(Method::Mcd).with_eval_samples(3).eval_options(4, 0);
+    let on = config(Method::Mcd)
+        .with_predict(PredictConfig::new().with_samples(3))
+        .eval_options(4, 0);
     assert_eq!((on.samples, on.dropout), (3, true));
     let mcd = predict(&model, &test, &label_scorer(), &on, &device, |_, _| {}).unwrap();
     let diff = mcd
@@ -116,9 +119,7 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     };
 
     let same = run_dir("ens-same");
-    let ens = config(Method::Ens)
-        .with_members(3)
-        .with_member_seeds(Some(vec![9, 9, 9]));
+    let ens = config(Method::Ens).with_ensemble(EnsembleConfig::new().with_members(3).with_seeds(Some(vec![9, 9, 9])));
     Trainer::new(&ens, &same)
         .fit(
             tiny_base::<AD>(),
@@ -148,12 +149,18 @@ fn an_ensemble_of_identical_seeds_is_its_member() {
     let member_config: TrainConfig =
         serde_json::from_str(&std::fs::read_to_string(same.member(0).config()).unwrap()).unwrap();
     assert_eq!(
-        (member_config.method, member_config.seed, member_config.weight_decay),
+        (
+            member_config.method,
+            member_config.seed,
+            member_config.elbo.weight_decay
+        ),
         (Method::Map, 9, 1e-5)
     );
 
     let different = run_dir("ens-different");
-    Trainer::new(&ens.clone().with_member_seeds(Some(vec![9, 10, 11])), &different)
+    let mut distinct = ens.clone();
+    distinct.ensemble.seeds = Some(vec![9, 10, 11]);
+    Trainer::new(&distinct, &different)
         .fit(
             tiny_base::<AD>(),
             &TrainData {

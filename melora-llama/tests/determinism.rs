@@ -16,6 +16,7 @@ mod common;
 use burn::backend::{Autodiff, NdArray};
 use common::{differing_files, parity_examples, run_files as files, tiny_base};
 use melora_core::{AdapterKind, SamplingMode};
+use melora_llama::eval::{EnsembleConfig, PredictConfig};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::train::{Method, RunDir, TrainConfig, TrainData, Trainer};
 use std::path::Path;
@@ -35,8 +36,8 @@ fn runs() -> Vec<(String, TrainConfig)> {
         .with_lr(1e-2)
         .with_eval_every(2)
         .with_checkpoint_every(2)
-        .with_eval_batch_size(4)
-        .with_members(2)
+        .with_predict(PredictConfig::new().with_batch_size(4))
+        .with_ensemble(EnsembleConfig::new().with_members(2))
         .with_seed(7);
     let mut runs = Vec::new();
     for method in Method::ALL {

@@ -13,9 +13,11 @@ mod common;
 
 use common::corrupt::{corruptions, leaves, set, Tally};
 use common::fake_data::{arc_doc, fake_olmo_data, requests, temp_dir, write_gz};
+use melora_core::ElboConfig;
 use melora_llama::data::{load_task, Task};
+use melora_llama::eval::EnsembleConfig;
 use melora_llama::laplace::{Block, Factor, LaplaceConfig, LaplaceDir, LaplaceMeta};
-use melora_llama::settings;
+use melora_llama::settings::Loader;
 use melora_llama::train::{Method, TrainConfig};
 use nalgebra::DMatrix;
 use rand::rngs::StdRng;
@@ -134,13 +136,13 @@ fn corrupt_settings_files_are_errors_naming_the_file_and_setting() {
         TrainConfig::new(),
         TrainConfig::new()
             .with_method(Method::Ens)
-            .with_members(2)
-            .with_member_seeds(Some(vec![4, 5]))
-            .with_grad_clip(Some(1.0)),
+            .with_ensemble(EnsembleConfig::new().with_members(2).with_seeds(Some(vec![4, 5])))
+            .with_elbo(ElboConfig::new().with_grad_clip(Some(1.0))),
     ] {
         let intact = serde_json::to_value(&config).unwrap();
         settings_cases(&mut tally, &dir, "config.json", &intact, |p| {
-            TrainConfig::load(Some(p), &[])
+            Loader::<TrainConfig>::file(Some(p))
+                .load()
                 .map(|c| serde_json::to_value(c).unwrap())
                 .map_err(|e| e.to_string())
         });
@@ -157,17 +159,18 @@ fn corrupt_settings_files_are_errors_naming_the_file_and_setting() {
     let mut rng = StdRng::seed_from_u64(16);
     for _ in 0..4 {
         let path = shipped.swap_remove(rng.random_range(0..shipped.len()));
-        let intact = serde_json::to_value(TrainConfig::load(Some(&path), &[]).unwrap()).unwrap();
+        let intact = serde_json::to_value(Loader::<TrainConfig>::file(Some(&path)).load().unwrap()).unwrap();
         settings_cases(&mut tally, &dir, "shipped.json", &intact, |p| {
-            TrainConfig::load(Some(p), &[])
+            Loader::<TrainConfig>::file(Some(p))
+                .load()
                 .map(|c| serde_json::to_value(c).unwrap())
                 .map_err(|e| e.to_string())
         });
     }
     let laplace = serde_json::to_value(LaplaceConfig::new()).unwrap();
     settings_cases(&mut tally, &dir, "laplace.json", &laplace, |p| {
-        settings::load(Some(p), &[], LaplaceConfig::new(), "Laplace configuration")
-            .and_then(|c: LaplaceConfig| c.validate().map(|()| c))
+        Loader::<LaplaceConfig>::file(Some(p))
+            .load()
             .map(|c| serde_json::to_value(c).unwrap())
             .map_err(|e| e.to_string())
     });

@@ -19,6 +19,7 @@ use melora_core::{
     NoiseSource, Sampler, SamplingMode,
 };
 use melora_llama::data::{LengthNorm, Padding};
+use melora_llama::eval::PredictConfig;
 use melora_llama::model::scoring::Scorer;
 use melora_llama::model::Target;
 use melora_llama::posterior::PosteriorStats;
@@ -250,7 +251,7 @@ fn training_moves_the_output_adapter_and_not_the_embedding() {
             .with_batch_size(4)
             .with_lr(1e-2)
             .with_eval_every(0)
-            .with_eval_batch_size(4)
+            .with_predict(PredictConfig::new().with_batch_size(4))
             .with_seed(3);
         let data = TrainData {
             train: &train,

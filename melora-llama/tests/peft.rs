@@ -170,6 +170,18 @@ fn blob_and_melora_adapters_round_trip_through_files() {
             let (k1, k2): (f32, f32) = (a1.kl(0.2).into_scalar(), a2.kl(0.2).into_scalar());
             assert_eq!(k1, k2, "{p1}: KL differs after the round trip");
         }
+        // The configuration as written before BLoB's and Me-LoRA's own
+        // settings had their section reads the same.
+        let path = dir.join("adapter_config.json");
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let section = json["melora"].as_object_mut().unwrap().values_mut().next().unwrap();
+        let posterior = section.as_object_mut().unwrap().remove("posterior").unwrap();
+        for (k, v) in posterior.as_object().unwrap() {
+            section[k] = v.clone();
+        }
+        std::fs::write(&path, json.to_string()).unwrap();
+        let (_, older) = load_adapter(base::<B>(), &dir, &device).unwrap();
+        assert_eq!(format!("{:?}", older.config), format!("{:?}", meta.config));
         // A missing tensor is named.
         let file = dir.join("adapter_model.safetensors");
         std::fs::remove_file(&file).unwrap();

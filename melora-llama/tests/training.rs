@@ -11,7 +11,7 @@ use common::{answer_examples, parity_examples, tiny_base, with_method_preset};
 use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::data::{LengthNorm, Scoring};
-use melora_llama::eval::{predict, PredictOptions};
+use melora_llama::eval::{predict, EnsembleConfig, PredictConfig, PredictOptions};
 use melora_llama::model::scoring::Scorer;
 use melora_llama::train::{linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::load_adapter;
@@ -38,7 +38,7 @@ fn config(method: AdapterKind, steps: usize) -> TrainConfig {
         .with_kl_lr(1e-3)
         .with_eval_every(0)
         .with_checkpoint_every(5)
-        .with_eval_batch_size(4)
+        .with_predict(PredictConfig::new().with_batch_size(4))
         .with_seed(7)
 }
 
@@ -167,7 +167,7 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
         let mut config = with_method_preset(
             config(AdapterKind::Lora, 40)
                 .with_scoring(Scoring::Answer)
-                .with_members(2),
+                .with_ensemble(EnsembleConfig::new().with_members(2)),
             method,
         );
         if method.adapter_kind() == AdapterKind::Lora {

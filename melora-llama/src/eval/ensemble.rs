@@ -17,6 +17,21 @@ pub enum EnsembleAverage {
     Logits,
 }
 
+/// A deep ensemble (a run's `ensemble` section): its members, their
+/// seeds and how their predictions combine.
+#[derive(Config, Debug, PartialEq)]
+pub struct EnsembleConfig {
+    /// The number of members.
+    #[config(default = 3)]
+    pub members: usize,
+    /// The members' seeds (default: the run's `seed, seed + 1, ...`).
+    #[config(default = "None")]
+    pub seeds: Option<Vec<u64>>,
+    /// How the members' predictions are combined.
+    #[config(default = "EnsembleAverage::Probabilities")]
+    pub average: EnsembleAverage,
+}
+
 impl std::str::FromStr for EnsembleAverage {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {

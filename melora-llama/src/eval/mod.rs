@@ -5,13 +5,27 @@ use crate::data::length_batches;
 use crate::data::{Encoded, Padding};
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
+use burn::config::Config;
 use burn::tensor::activation::softmax;
 use burn::tensor::backend::Backend;
 use melora_core::{ClassProbs, NoiseDevice, NoiseSource, Sampler, SamplingMode, Uncertainty};
 use serde::{Deserialize, Serialize};
 
 mod ensemble;
-pub use ensemble::{ensemble_probs, predict_ensemble, EnsembleAverage};
+pub use ensemble::{ensemble_probs, predict_ensemble, EnsembleAverage, EnsembleConfig};
+
+/// How a run predicts at evaluation (a run's `predict` section): what
+/// [`PredictOptions`] takes from the run's settings.
+#[derive(Config, Debug, PartialEq)]
+pub struct PredictConfig {
+    /// Samples of the Bayesian model average (MC dropout: passes with
+    /// dropout on).
+    #[config(default = 10)]
+    pub samples: usize,
+    /// Examples per forward pass.
+    #[config(default = 8)]
+    pub batch_size: usize,
+}
 
 /// How to predict.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -121,6 +121,16 @@ impl LaplaceConfig {
     }
 }
 
+impl crate::settings::Settings for LaplaceConfig {
+    const WHAT: &'static str = "Laplace configuration";
+    fn defaults() -> Self {
+        Self::new()
+    }
+    fn validate(&self) -> crate::Result<()> {
+        LaplaceConfig::validate(self)
+    }
+}
+
 /// The grid of prior precisions searched: `10^-4 .. 10^6` in steps of 10^0.2.
 pub fn precision_grid() -> Vec<f64> {
     (0..=50).map(|i| 10f64.powf(-4.0 + 0.2 * i as f64)).collect()

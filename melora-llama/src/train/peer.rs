@@ -298,7 +298,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
         if validation.is_empty() {
             return Ok(());
         }
-        let options = PredictOptions::mean(config.eval_batch_size);
+        let options = PredictOptions::mean(config.predict.batch_size);
         let probs = predict(
             &self.model.valid(),
             validation,
@@ -442,7 +442,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
 /// Whether a run's checkpoints hold the std parameters' own Adam
 /// (`StdAdam`; the other splits have none).
 fn keeps_std_adam(config: &TrainConfig) -> bool {
-    config.optimizer == OptimizerSplit::StdAdam && config.is_bayesian()
+    config.elbo.optimizer == OptimizerSplit::StdAdam && config.is_bayesian()
 }
 
 /// The run's state and the optimisers' of the checkpoint in `dir`.
@@ -494,7 +494,7 @@ fn diagnostics<B: AutodiffBackend>(
         let options = PredictOptions {
             samples,
             mode: SamplingMode::PerExample,
-            ..config.eval_options(config.eval_batch_size, 0)
+            ..config.eval_options(config.predict.batch_size, 0)
         };
         let sampled = predict_samples(&model.valid(), examples, scorer, &options, device, |_, _| {})?;
         (Some(sampled.gold_std()), Some((samples, examples.len())))

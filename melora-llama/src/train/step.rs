@@ -9,9 +9,7 @@ use crate::model::{Llama, Proj};
 use burn::module::{Param, ParamId};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{ElementConversion, Tensor};
-use melora_core::{
-    Adapter, ElboConfig, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, RowNoise, Sampler,
-};
+use melora_core::{Adapter, ElboStep, KlTerm, NonFinite, OptimizerSplit, Rates, ReducedStepError, RowNoise, Sampler};
 
 /// HF's `get_linear_schedule_with_warmup`: the learning-rate factor at
 /// 0-based `step` of `total`, rising linearly over `warmup` steps, then
@@ -101,13 +99,8 @@ impl<B: AutodiffBackend> Stepper<B> {
     /// Optimisers for `model`'s adapters as `config` says, for a training
     /// set of `n_train` examples.
     pub fn new(config: &TrainConfig, model: &Llama<B>, n_train: usize) -> Self {
-        let elbo = ElboConfig::new()
-            .with_weight_decay(config.weight_decay)
-            .with_grad_clip(config.grad_clip)
-            .with_epsilon(config.adam_epsilon)
-            .with_optimizer(config.optimizer);
         Self {
-            elbo: ElboStep::new(elbo, model),
+            elbo: ElboStep::new(config.elbo.clone(), model),
             config: config.clone(),
             n_train,
         }
@@ -197,7 +190,7 @@ impl<B: AutodiffBackend> Stepper<B> {
         let factor = linear_warmup_decay(step, config.steps, warmup);
         // The std parameters' Adam decays with AdamW; BLoB's SGD does when
         // `kl_lr_schedule` says so (BLoB's code: its `scheduler2`).
-        let kl_factor = if config.optimizer == OptimizerSplit::StdAdam || config.kl_lr_schedule {
+        let kl_factor = if config.elbo.optimizer == OptimizerSplit::StdAdam || config.kl_lr_schedule {
             factor
         } else {
             1.0

@@ -98,7 +98,7 @@ pub fn read_config(dir: &Path) -> Result<AdapterMeta> {
     };
     let config = match json.get("melora") {
         Some(melora) => {
-            let config: AdapterConfig = crate::settings::strict(melora.clone())
+            let config: AdapterConfig = crate::settings::strict(with_posterior_section(melora.clone()))
                 .map_err(|e| LlamaError::format(&path, format!("\"melora\" section: {e}")))?;
             // PEFT reads the top-level fields; they must say what the section says.
             let low_rank = config.low_rank();
@@ -247,6 +247,32 @@ fn host<B: Backend>(t: Tensor<B, 2>) -> (Vec<usize>, Vec<u8>) {
     let dims = t.dims().to_vec();
     let values: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32");
     (dims, values.iter().flat_map(|v| v.to_le_bytes()).collect())
+}
+
+/// A `"melora"` section as written before BLoB's and Me-LoRA's own
+/// settings had a section of their own (`{"Blob": {"low_rank": ..,
+/// "init_eps": .., "std_param": ..}}`), spelt as today's (those settings
+/// under `"posterior"`); today's sections pass unchanged.
+fn with_posterior_section(mut section: serde_json::Value) -> serde_json::Value {
+    for kind in ["Blob", "MeLora"] {
+        let Some(config) = section.get_mut(kind).and_then(|c| c.as_object_mut()) else {
+            continue;
+        };
+        let own: Vec<String> = config
+            .keys()
+            .filter(|k| *k != "low_rank" && *k != "posterior")
+            .cloned()
+            .collect();
+        if own.is_empty() {
+            continue;
+        }
+        let mut posterior = serde_json::Map::new();
+        for key in own {
+            posterior.insert(key.clone(), config.remove(&key).expect("listed above"));
+        }
+        config.insert("posterior".into(), serde_json::Value::Object(posterior));
+    }
+    section
 }
 
 /// Saves the model's adapters in `dir` (created if needed; files written

@@ -5,6 +5,7 @@
 use super::{answer_examples, parity_examples, tiny_base, with_method_preset};
 use melora_llama::data::{Encoded, Scoring};
 use melora_llama::error::LlamaError;
+use melora_llama::eval::PredictConfig;
 use melora_llama::model::scoring::Scorer;
 use melora_llama::train::{Method, Progress, RunDir, TrainConfig, TrainData, TrainSummary, Trainer};
 use std::path::{Path, PathBuf};
@@ -27,7 +28,7 @@ pub fn config(method: Method, scoring: Scoring, batch: usize) -> TrainConfig {
         .with_lr(1e-2)
         .with_eval_every(3)
         .with_checkpoint_every(2)
-        .with_eval_batch_size(4)
+        .with_predict(PredictConfig::new().with_batch_size(4))
         .with_seed(5);
     let config = with_method_preset(config, method);
     // Dropout on, so that its per-example masks are part of what must agree.

@@ -3,20 +3,17 @@
 use crate::assets::Assets;
 use crate::data::{LengthNorm, Scoring, Task};
 use crate::error::LlamaError;
-use crate::eval::{EnsembleAverage, PredictOptions};
+use crate::eval::{EnsembleConfig, PredictConfig, PredictOptions};
 use crate::model::Target;
 use crate::task::TaskSetup;
 use crate::tokenizer::Tokenizer;
 mod legacy;
 
 use burn::config::Config;
-use legacy::{alias, legacy};
-use melora_core::OptimizerSplit;
 use melora_core::{
-    AdapterConfig, AdapterKind, BlobLinearConfig, KlSchedule, LoraLinearConfig, LowRankConfig, MeLoraLinearConfig,
-    NoiseDevice, PriorConfig, SamplingMode,
+    AdapterConfig, AdapterKind, BlobLinearConfig, BlobPosteriorConfig, ElboConfig, KlSchedule, LoraLinearConfig,
+    LowRankConfig, MeLoraLinearConfig, MeLoraPosteriorConfig, NoiseDevice, OptimizerSplit, PriorConfig, SamplingMode,
 };
-use std::path::Path;
 
 /// What a run trains: one of the three adapters, or one of the paper's
 /// baselines built on LoRA (docs/method.md section 4).
@@ -74,12 +71,13 @@ impl Method {
     /// implies: MAP and ensembles a weight decay of 1e-5 (BLoB's scripts),
     /// MC dropout 3 evaluation passes.
     pub fn preset(self, config: TrainConfig) -> TrainConfig {
-        let config = TrainConfig { method: self, ..config };
+        let mut config = TrainConfig { method: self, ..config };
         match self {
-            Self::Map | Self::Ens => config.with_weight_decay(1e-5),
-            Self::Mcd => config.with_eval_samples(3),
-            Self::Lora | Self::Blob | Self::MeLora => config,
+            Self::Map | Self::Ens => config.elbo.weight_decay = 1e-5,
+            Self::Mcd => config.predict.samples = 3,
+            Self::Lora | Self::Blob | Self::MeLora => {}
         }
+        config
     }
 }
 
@@ -121,14 +119,17 @@ impl Recipe {
         match self {
             Self::BlobOfficial => {
                 let mut c = TrainConfig {
-                    optimizer: OptimizerSplit::TwoOptimizers,
+                    elbo: ElboConfig {
+                        optimizer: OptimizerSplit::TwoOptimizers,
+                        weight_decay: 0.0,
+                        epsilon: 1e-6,
+                        ..config.elbo
+                    },
                     kl_lr: 0.01,
                     kl_lr_schedule: true,
                     kl_schedule: KlSchedule::BlobCode { gamma: Some(8.0) },
                     lr: 1e-4,
-                    weight_decay: 0.0,
                     warmup_ratio: 0.06,
-                    adam_epsilon: 1e-6,
                     train_sampling: SamplingMode::Flipout,
                     select_best: false,
                     ..config
@@ -143,7 +144,10 @@ impl Recipe {
                 c
             }
             Self::Study => TrainConfig {
-                optimizer: OptimizerSplit::TwoOptimizers,
+                elbo: ElboConfig {
+                    optimizer: OptimizerSplit::TwoOptimizers,
+                    ..config.elbo
+                },
                 kl_lr: 0.01,
                 kl_lr_schedule: false,
                 kl_schedule: KlSchedule::Constant { weight: 1.0 },
@@ -212,19 +216,17 @@ pub struct TrainConfig {
     /// input dropout.
     #[config(default = "LowRankConfig::new()")]
     pub low_rank: LowRankConfig,
-    /// BLoB's own settings (`init_eps`, `std_param`), used by `blob` runs;
-    /// their rank, alpha and dropout are `low_rank`'s (its own `low_rank`
-    /// must stay unset).
-    #[config(default = "BlobLinearConfig::new()")]
-    pub blob: BlobLinearConfig,
-    /// Me-LoRA's own settings, used by `melora` runs: the KL variant
-    /// (`kl`), how the mean and std start (`mean_init`, `init_eps`,
-    /// `std_init`: `BlobRelative`, BLoB's relative noise, or `Blob`, its
-    /// absolute numbers, docs/derivations.md section 1) and the std's
-    /// parameterisation (`std_param`); rank, alpha and dropout are
-    /// `low_rank`'s (its own `low_rank` must stay unset).
-    #[config(default = "MeLoraLinearConfig::new()")]
-    pub melora: MeLoraLinearConfig,
+    /// BLoB's own settings (`init_eps`, `std_param`), used by `blob` runs
+    /// with `low_rank`.
+    #[config(default = "BlobPosteriorConfig::new()")]
+    pub blob: BlobPosteriorConfig,
+    /// Me-LoRA's own settings, used by `melora` runs with `low_rank`: the
+    /// KL variant (`kl`), how the mean and std start (`mean_init`,
+    /// `init_eps`, `std_init`: `BlobRelative`, BLoB's relative noise, or
+    /// `Blob`, its absolute numbers, docs/derivations.md section 1) and the
+    /// std's parameterisation (`std_param`).
+    #[config(default = "MeLoraPosteriorConfig::new()")]
+    pub melora: MeLoraPosteriorConfig,
     /// The prior.
     #[config(default = "PriorConfig::new()")]
     pub prior: PriorConfig,
@@ -234,13 +236,15 @@ pub struct TrainConfig {
     /// KL): [`KlSchedule`].
     #[config(default = "KlSchedule::Constant { weight: 1.0 }")]
     pub kl_schedule: KlSchedule,
-    /// Which optimisers step which parameters: `StdAdam` (AdamW for the
-    /// means at `lr`, Adam for the std parameters at `kl_lr`, both on NLL +
-    /// KL), `TwoOptimizers` (BLoB's code: AdamW on the NLL for the means,
-    /// SGD at `kl_lr` on the KL and on the std parameters' NLL) or `Single`
-    /// (AdamW on everything).
-    #[config(default = "OptimizerSplit::StdAdam")]
-    pub optimizer: OptimizerSplit,
+    /// The optimisers' settings: which optimisers step which parameters
+    /// (`optimizer`: `StdAdam`, AdamW for the means at `lr` and Adam for
+    /// the std parameters at `kl_lr`, both on NLL + KL; `TwoOptimizers`,
+    /// BLoB's code: AdamW on the NLL for the means, SGD at `kl_lr` on the
+    /// KL and on the std parameters' NLL; `Single`, AdamW on everything),
+    /// AdamW's `weight_decay`, `grad_clip` (an L2 norm, or null) and the
+    /// Adam steps' `epsilon` (Burn's default 1e-5; BLoB's scripts 1e-6).
+    #[config(default = "ElboConfig::new()")]
+    pub elbo: ElboConfig,
     /// Training steps.
     #[config(default = 5000)]
     pub steps: usize,
@@ -250,9 +254,6 @@ pub struct TrainConfig {
     /// AdamW learning rate (peak).
     #[config(default = 1e-4)]
     pub lr: f64,
-    /// AdamW weight decay.
-    #[config(default = 0.0)]
-    pub weight_decay: f64,
     /// Fraction of the steps with a linear warm-up (then linear decay to 0).
     #[config(default = 0.02)]
     pub warmup_ratio: f64,
@@ -265,11 +266,6 @@ pub struct TrainConfig {
     /// warm-up and decay (BLoB's code) or stays at `kl_lr`.
     #[config(default = false)]
     pub kl_lr_schedule: bool,
-    /// Clip the AdamW gradient to this L2 norm.
-    pub grad_clip: Option<f64>,
-    /// The Adam steps' epsilon (Burn's default 1e-5; BLoB's scripts 1e-6).
-    #[config(default = 1e-5)]
-    pub adam_epsilon: f64,
     /// How the adapters sample during training.
     #[config(default = "SamplingMode::PerExample")]
     pub train_sampling: SamplingMode,
@@ -278,9 +274,11 @@ pub struct TrainConfig {
     /// `Host` (identical draws on every backend) or `Backend`.
     #[config(default = "NoiseDevice::Auto")]
     pub noise: NoiseDevice,
-    /// Samples of the Bayesian model average at evaluation.
-    #[config(default = 10)]
-    pub eval_samples: usize,
+    /// How the run predicts at evaluation: the Bayesian model average's
+    /// `samples` (MC dropout's passes) and the examples per forward pass
+    /// (`batch_size`).
+    #[config(default = "PredictConfig::new()")]
+    pub predict: PredictConfig,
     /// Evaluate on the validation split every this many steps (0: only at the end).
     #[config(default = 100)]
     pub eval_every: usize,
@@ -305,20 +303,14 @@ pub struct TrainConfig {
     /// Longest prompt in tokens.
     #[config(default = 300)]
     pub max_tokens: usize,
-    /// Examples per evaluation forward pass.
-    #[config(default = 8)]
-    pub eval_batch_size: usize,
     /// Seed of initialisation, data order and noise.
     #[config(default = 0)]
     pub seed: u64,
-    /// Deep ensembles: the number of members.
-    #[config(default = 3)]
-    pub members: usize,
-    /// Deep ensembles: the members' seeds (default `seed, seed + 1, ...`).
-    pub member_seeds: Option<Vec<u64>>,
-    /// Deep ensembles: how predictions are combined.
-    #[config(default = "EnsembleAverage::Probabilities")]
-    pub ensemble_average: EnsembleAverage,
+    /// Deep ensembles: the number of `members`, their `seeds` (default
+    /// `seed, seed + 1, ...`) and how their predictions are combined
+    /// (`average`).
+    #[config(default = "EnsembleConfig::new()")]
+    pub ensemble: EnsembleConfig,
     /// Data-parallel peers in this process (one per device; on the CPU
     /// they share it), each computing its share of every batch: the same
     /// steps as one device, up to the order of the gradient sums
@@ -328,57 +320,11 @@ pub struct TrainConfig {
 }
 
 impl TrainConfig {
-    /// Reads a run's settings from `path` (the defaults when there is
-    /// none) with `overrides` applied (see [`crate::settings::load`]) and
-    /// validates them; errors name the file.
-    ///
-    /// Older spellings still read (run folders written before them, and
-    /// short `--set` keys): `targets` as one comma-separated string, and
-    /// `rank`, `alpha`, `dropout` for `low_rank.*`, `kl`, `std_init` for
-    /// `melora.*`.
-    pub fn load(path: Option<&Path>, overrides: &[String]) -> crate::Result<Self> {
-        Self::load_with(path, |config| config, overrides)
-    }
-
-    /// [`TrainConfig::load`] with `edit` applied to the file's settings
-    /// before the overrides (the command line's typed flags: `--method`,
-    /// `--task`, ...; the `--set`s come last and win).
-    pub fn load_with(
-        path: Option<&Path>,
-        edit: impl FnOnce(Self) -> Self,
-        overrides: &[String],
-    ) -> crate::Result<Self> {
-        let file: Self = crate::settings::load_with(path, &[], Self::new(), WHAT, legacy)?;
-        Self::finish(edit(file), overrides, path)
-    }
-
-    /// The settings in `text`, read from `path` (named in errors), with
-    /// `overrides` applied.
-    pub fn parse(text: &str, path: &Path, overrides: &[String]) -> crate::Result<Self> {
-        let file: Self = crate::settings::parse_with(text, path, &[], Self::new(), WHAT, legacy)?;
-        Self::finish(file, overrides, Some(path))
-    }
-
-    /// `config` with `overrides` applied, validated.
-    fn finish(config: Self, overrides: &[String], path: Option<&Path>) -> crate::Result<Self> {
-        let json = serde_json::to_value(config).map_err(|e| LlamaError::serialize("the training configuration", e))?;
-        let overrides: Vec<String> = overrides.iter().map(|o| alias(o)).collect();
-        let mut json = crate::settings::apply_overrides(json, &overrides)
-            .map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
-        legacy(&mut json);
-        let config: Self = crate::settings::strict(json).map_err(|m| LlamaError::Config(format!("{WHAT}: {m}")))?;
-        config.validate().map_err(|e| match path {
-            Some(p) => LlamaError::format(p, e.to_string()),
-            None => e,
-        })?;
-        Ok(config)
-    }
-
     /// Checks that every setting is in its range; messages name the setting.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(LlamaError::Config(m));
-        if self.steps == 0 || self.batch_size == 0 || self.eval_batch_size == 0 {
-            return bad("steps, batch_size and eval_batch_size must be positive".into());
+        if self.steps == 0 || self.batch_size == 0 || self.predict.batch_size == 0 {
+            return bad("steps, batch_size and predict.batch_size must be positive".into());
         }
         if self.devices == 0 || self.devices > self.batch_size {
             return bad(format!(
@@ -394,14 +340,17 @@ impl TrainConfig {
                 self.lr, self.kl_lr
             ));
         }
-        if !(0.0..=1.0).contains(&self.weight_decay) {
-            return bad(format!("weight_decay = {} must be in [0, 1]", self.weight_decay));
+        let elbo = &self.elbo;
+        if !(0.0..=1.0).contains(&elbo.weight_decay) {
+            return bad(format!("elbo.weight_decay = {} must be in [0, 1]", elbo.weight_decay));
         }
-        if !(self.adam_epsilon > 0.0 && self.adam_epsilon <= 1.0) {
-            return bad(format!("adam_epsilon = {} must be in (0, 1]", self.adam_epsilon));
+        if !(elbo.epsilon > 0.0 && elbo.epsilon <= 1.0) {
+            return bad(format!("elbo.epsilon = {} must be in (0, 1]", elbo.epsilon));
         }
-        if let Some(clip) = self.grad_clip.filter(|c| !(*c > 0.0 && *c <= 1e6)) {
-            return bad(format!("grad_clip = {clip} must be in (0, 1e6] (or null: no clipping)"));
+        if let Some(clip) = elbo.grad_clip.filter(|c| !(*c > 0.0 && *c <= 1e6)) {
+            return bad(format!(
+                "elbo.grad_clip = {clip} must be in (0, 1e6] (or null: no clipping)"
+            ));
         }
         if !(self.prior.std <= 1e3) {
             return bad(format!("prior.std = {} must be at most 1e3", self.prior.std));
@@ -420,43 +369,25 @@ impl TrainConfig {
         if self.targets.is_empty() {
             return bad("targets: no adapter target (expected some of q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)".into());
         }
-        // One place for rank, alpha and dropout: the adapters' own copies
-        // are filled from `low_rank`, so a value there would be ignored.
-        let unset = serde_json::to_value(LowRankConfig::new())
-            .map_err(|e| LlamaError::serialize("the low-rank defaults", e))?;
-        for (name, low_rank) in [("blob", &self.blob.low_rank), ("melora", &self.melora.low_rank)] {
-            if serde_json::to_value(low_rank).ok().as_ref() != Some(&unset) {
-                return bad(format!(
-                    "{name}.low_rank is set: rank, alpha, rslora and dropout go in low_rank, which every adapter uses"
-                ));
-            }
-        }
         // Every section, the method's or not: a bad value is a typo
         // whichever adapter the run trains.
         self.low_rank.validate()?;
         let section = |name: &str, e: melora_core::CoreError| LlamaError::Config(format!("{name}: {e}"));
-        self.blob
-            .clone()
-            .with_low_rank(self.low_rank.clone())
-            .validate()
-            .map_err(|e| section("blob", e))?;
-        self.melora
-            .clone()
-            .with_low_rank(self.low_rank.clone())
-            .validate()
-            .map_err(|e| section("melora", e))?;
+        self.blob.validate().map_err(|e| section("blob", e))?;
+        self.melora.validate().map_err(|e| section("melora", e))?;
         self.prior.validate()?;
         self.kl_schedule.validate()?;
         if self.method == Method::Ens {
-            if self.members == 0 {
-                return bad("an ensemble needs members >= 1".into());
+            let ensemble = &self.ensemble;
+            if ensemble.members == 0 {
+                return bad("an ensemble needs ensemble.members >= 1".into());
             }
-            if let Some(seeds) = &self.member_seeds {
-                if seeds.len() != self.members {
+            if let Some(seeds) = &ensemble.seeds {
+                if seeds.len() != ensemble.members {
                     return bad(format!(
-                        "member_seeds has {} seeds for members = {}",
+                        "ensemble.seeds has {} seeds for ensemble.members = {}",
                         seeds.len(),
-                        self.members
+                        ensemble.members
                     ));
                 }
             }
@@ -478,9 +409,11 @@ impl TrainConfig {
 
     /// The seeds of an ensemble's members.
     pub fn ensemble_seeds(&self) -> Vec<u64> {
-        self.member_seeds
+        let ensemble = &self.ensemble;
+        ensemble
+            .seeds
             .clone()
-            .unwrap_or_else(|| (0..self.members as u64).map(|k| self.seed + k).collect())
+            .unwrap_or_else(|| (0..ensemble.members as u64).map(|k| self.seed + k).collect())
     }
 
     /// The configuration of ensemble member `k`: a MAP run with its seed.
@@ -488,7 +421,7 @@ impl TrainConfig {
         let mut member = self.clone();
         member.method = Method::Map;
         member.seed = self.ensemble_seeds()[k];
-        member.member_seeds = None;
+        member.ensemble.seeds = None;
         member
     }
 
@@ -497,14 +430,20 @@ impl TrainConfig {
         let low_rank = self.low_rank.clone();
         match self.method.adapter_kind() {
             AdapterKind::Lora => AdapterConfig::Lora(LoraLinearConfig::new().with_low_rank(low_rank)),
-            AdapterKind::Blob => AdapterConfig::Blob(self.blob.clone().with_low_rank(low_rank)),
-            AdapterKind::MeLora => AdapterConfig::MeLora(self.melora.clone().with_low_rank(low_rank)),
+            AdapterKind::Blob => AdapterConfig::Blob(BlobLinearConfig {
+                low_rank,
+                posterior: self.blob.clone(),
+            }),
+            AdapterKind::MeLora => AdapterConfig::MeLora(MeLoraLinearConfig {
+                low_rank,
+                posterior: self.melora.clone(),
+            }),
         }
     }
 
     /// How a run of this configuration predicts at evaluation: MC dropout
-    /// keeps dropout on over `eval_samples` passes; BLoB and Me-LoRA average
-    /// `eval_samples` per-example draws; LoRA and MAP use the mean weights.
+    /// keeps dropout on over `predict.samples` passes; BLoB and Me-LoRA average
+    /// `predict.samples` per-example draws; LoRA and MAP use the mean weights.
     /// (Ensembles and Laplace have their own predictors.)
     pub fn eval_options(&self, batch_size: usize, seed: u64) -> PredictOptions {
         let mean = PredictOptions {
@@ -514,12 +453,12 @@ impl TrainConfig {
         };
         match self.method {
             Method::Mcd => PredictOptions {
-                samples: self.eval_samples.max(1),
+                samples: self.predict.samples.max(1),
                 dropout: self.low_rank.dropout > 0.0,
                 ..mean
             },
-            Method::Blob | Method::MeLora if self.eval_samples > 1 => PredictOptions {
-                samples: self.eval_samples,
+            Method::Blob | Method::MeLora if self.predict.samples > 1 => PredictOptions {
+                samples: self.predict.samples,
                 mode: SamplingMode::PerExample,
                 ..mean
             },
@@ -546,8 +485,30 @@ impl TrainConfig {
     }
 }
 
-/// What a training configuration is called in messages.
-const WHAT: &str = "training configuration";
+impl crate::settings::Settings for TrainConfig {
+    const WHAT: &'static str = "training configuration";
+
+    fn defaults() -> Self {
+        Self::new()
+    }
+
+    /// Older spellings: `targets` as one comma-separated string, the
+    /// settings that moved into sections (`rank` for `low_rank.rank`,
+    /// `weight_decay` for `elbo.weight_decay`, `members` for
+    /// `ensemble.members`, ...: [`legacy::MOVED`]), and the adapter
+    /// sections' former copies of `low_rank`.
+    fn respell(json: &mut serde_json::Value) -> Result<(), String> {
+        legacy::respell(json)
+    }
+
+    fn respell_override(item: &str) -> String {
+        legacy::respell_override(item)
+    }
+
+    fn validate(&self) -> crate::Result<()> {
+        TrainConfig::validate(self)
+    }
+}
 
 #[cfg(test)]
 mod tests;
