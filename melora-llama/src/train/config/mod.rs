@@ -291,6 +291,7 @@ pub struct TrainConfig {
     #[config(default = true)]
     pub select_best: bool,
     /// Use at most this many validation examples (a fixed, seeded subset).
+    #[config(default = "None")]
     pub max_validation: Option<usize>,
     /// Bayesian runs: posterior samples per example of the validation
     /// diagnostic (the spread of the gold answer's probability).
