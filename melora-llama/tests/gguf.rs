@@ -1,6 +1,7 @@
 //! GGUF: the tiny transformers fixture written as GGUF (llama.cpp naming and
 //! Q/K permutation) gives transformers' logits; dequantisation of each type
-//! against known values; unsupported types are clear errors.
+//! against known values and, block format by block format, against the
+//! `gguf` Python package's dequantisers; unsupported types are clear errors.
 
 mod common;
 
@@ -9,7 +10,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use common::gguf_writer::{encode, fixture_as_gguf, write, Meta, Quant};
 use common::{fixture, max_abs_diff, read_npy};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
-use melora_llama::gguf::Gguf;
+use melora_llama::gguf::{GgmlType, Gguf};
 use melora_llama::weights::build;
 use melora_llama::weights::gguf::GgufSource;
 use melora_llama::LlamaConfig;
@@ -123,16 +124,55 @@ fn dequantisation_of_known_blocks() {
     assert_eq!(values, vec![1.5; 32]);
     let values = dequant(30, &encode(&[-2.0; 32], Quant::Bf16));
     assert_eq!(values, vec![-2.0; 32]);
-    // Q4_K (id 12) is not supported: a clear error naming the tensor.
+    // IQ2_XXS (id 16) is not supported: a clear error naming the tensor,
+    // the type and what is.
     let mut info = gguf.tensors[0].clone();
-    info.type_id = 12;
+    info.type_id = 16;
     let err = gguf.dequantize(&info, &template).unwrap_err();
     assert_eq!(
         err,
         melora_llama::gguf::GgufError::Type {
             tensor: "t".into(),
-            type_id: 12
+            type_id: 16
         }
     );
-    assert!(err.to_string().contains("tensor t: unsupported GGML type 12"), "{err}");
+    let message = err.to_string();
+    assert!(
+        message.contains("tensor t: GGML type IQ2_XXS (id 16) is not supported") && message.contains("Q6_K"),
+        "{message}"
+    );
+}
+
+/// Every block format against the `gguf` Python package's reference
+/// dequantisers, on random blocks (`fixtures/ggml-quants/make.py`): the
+/// same values to the bit.
+#[test]
+fn block_formats_match_the_reference_dequantisers() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ggml-quants");
+    let mut checked = Vec::new();
+    for ty in GgmlType::ALL.into_iter().filter(|t| t.block().0 > 1) {
+        let blocks = std::fs::read(dir.join(format!("{}.blocks", ty.name()))).unwrap();
+        let expected: Vec<f32> = std::fs::read(dir.join(format!("{}.f32", ty.name())))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let (per_block, size) = ty.block();
+        assert_eq!(blocks.len() % size, 0, "{}", ty.name());
+        assert_eq!(expected.len(), blocks.len() / size * per_block, "{}", ty.name());
+        let mut values = Vec::new();
+        ty.dequantize(&blocks, &mut values);
+        for (i, (v, e)) in values.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                v.to_bits(),
+                e.to_bits(),
+                "{} value {i} (block {}): {v} against {e}",
+                ty.name(),
+                i / per_block
+            );
+        }
+        checked.push(format!("{} x {} blocks", ty.name(), blocks.len() / size));
+    }
+    println!("checked against gguf-py: {}", checked.join(", "));
+    assert_eq!(checked.len(), 8);
 }

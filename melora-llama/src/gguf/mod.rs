@@ -1,12 +1,17 @@
 //! The GGUF v3 (llama.cpp) container: metadata, tensor infos, and
-//! dequantisation of F32, F16, BF16, Q8_0, Q4_0 and Q4_1 tensors. Both the
-//! weights ([`crate::weights::gguf`]) and the tokenizer read it.
+//! dequantisation of its tensors ([`GgmlType`]: F32, F16, BF16, the 32-value
+//! blocks Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K, Q5_K, Q6_K that
+//! most published GGUFs use). Both the weights ([`crate::weights::gguf`])
+//! and the tokenizer read it.
 //!
 //! Every size and offset read from the file is checked against the bytes
 //! that remain before anything is allocated, so a truncated or corrupt file
 //! gives an error, never a panic or a huge allocation.
 
 use std::collections::BTreeMap;
+
+mod quants;
+pub use quants::GgmlType;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const MAX_DIMS: u32 = 4;
@@ -86,49 +91,6 @@ impl GgufValue {
     }
 }
 
-/// The element types melora dequantises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    /// 32-bit float.
-    F32,
-    /// 16-bit float.
-    F16,
-    /// bfloat16.
-    Bf16,
-    /// Blocks of 32: f16 scale, 32 x i8.
-    Q8_0,
-    /// Blocks of 32: f16 scale, 16 bytes of nibbles, value `d (q - 8)`.
-    Q4_0,
-    /// Blocks of 32: f16 scale, f16 min, 16 bytes of nibbles, value `d q + m`.
-    Q4_1,
-}
-
-impl GgmlType {
-    /// The type for a GGML type id, or `None` if unsupported.
-    pub fn from_id(id: u32) -> Option<Self> {
-        Some(match id {
-            0 => Self::F32,
-            1 => Self::F16,
-            2 => Self::Q4_0,
-            3 => Self::Q4_1,
-            8 => Self::Q8_0,
-            30 => Self::Bf16,
-            _ => return None,
-        })
-    }
-
-    /// (values per block, bytes per block).
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            Self::F32 => (1, 4),
-            Self::F16 | Self::Bf16 => (1, 2),
-            Self::Q8_0 => (32, 34),
-            Self::Q4_0 => (32, 18),
-            Self::Q4_1 => (32, 20),
-        }
-    }
-}
-
 /// A tensor's entry in the file's table.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufTensorInfo {
@@ -167,7 +129,11 @@ pub enum GgufError {
     #[error("unsupported GGUF version {0} (supported: 2, 3)")]
     Version(u32),
     /// A tensor of a GGML type melora cannot dequantise.
-    #[error("tensor {tensor}: unsupported GGML type {type_id} (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1)")]
+    #[error(
+        "tensor {tensor}: GGML type {} (id {type_id}) is not supported (supported: {})",
+        GgmlType::name_of(*type_id),
+        GgmlType::supported()
+    )]
     Type {
         /// The tensor's GGUF name.
         tensor: String,
@@ -379,41 +345,8 @@ impl Gguf {
             type_id: info.type_id,
         })?;
         let data = &bytes[self.byte_range(info, bytes.len())?];
-        let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let mut out = Vec::with_capacity(info.elements);
-        match ty {
-            GgmlType::F32 => out.extend(
-                data.chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-            GgmlType::F16 => out.extend(data.chunks_exact(2).map(f16)),
-            GgmlType::Bf16 => out.extend(
-                data.chunks_exact(2)
-                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-            ),
-            GgmlType::Q8_0 => {
-                for block in data.chunks_exact(34) {
-                    let d = f16(&block[0..2]);
-                    out.extend(block[2..].iter().map(|&q| d * (q as i8) as f32));
-                }
-            }
-            GgmlType::Q4_0 => {
-                for block in data.chunks_exact(18) {
-                    let d = f16(&block[0..2]);
-                    let q = &block[2..];
-                    out.extend(q.iter().map(|b| d * ((b & 0x0f) as f32 - 8.0)));
-                    out.extend(q.iter().map(|b| d * ((b >> 4) as f32 - 8.0)));
-                }
-            }
-            GgmlType::Q4_1 => {
-                for block in data.chunks_exact(20) {
-                    let (d, m) = (f16(&block[0..2]), f16(&block[2..4]));
-                    let q = &block[4..];
-                    out.extend(q.iter().map(|b| d * (b & 0x0f) as f32 + m));
-                    out.extend(q.iter().map(|b| d * (b >> 4) as f32 + m));
-                }
-            }
-        }
+        ty.dequantize(data, &mut out);
         Ok(out)
     }
 
