@@ -176,3 +176,38 @@ fn block_formats_match_the_reference_dequantisers() {
     println!("checked against gguf-py: {}", checked.join(", "));
     assert_eq!(checked.len(), 8);
 }
+
+/// A GGUF of another architecture, or with rope scaling, is refused
+/// naming the file and the key; `none` scaling is a plain Llama.
+#[test]
+fn other_architectures_and_rope_scaling_are_refused() {
+    let tensors = vec![("t".to_string(), vec![32], vec![0f32; 32], Quant::F32)];
+    let config_of = |name: &str, meta: Vec<(&str, Meta)>| {
+        let path = temp_file(name, &write(&meta, &tensors));
+        let result = GgufSource::open(&path)
+            .and_then(|s| s.config())
+            .map_err(|e| e.to_string());
+        std::fs::remove_file(&path).ok();
+        (path, result)
+    };
+    let (path, result) = config_of("qwen2.gguf", vec![("general.architecture", Meta::Str("qwen2".into()))]);
+    let err = result.unwrap_err();
+    assert!(
+        err.contains(&path.display().to_string()) && err.contains("general.architecture is \"qwen2\""),
+        "{err}"
+    );
+    let llama = || ("general.architecture", Meta::Str("llama".into()));
+    let (_, result) = config_of(
+        "linear.gguf",
+        vec![llama(), ("llama.rope.scaling.type", Meta::Str("linear".into()))],
+    );
+    let err = result.unwrap_err();
+    assert!(err.contains("llama.rope.scaling.type is \"linear\""), "{err}");
+    // `none` passes the check (and the file then lacks its sizes).
+    let (_, result) = config_of(
+        "none.gguf",
+        vec![llama(), ("llama.rope.scaling.type", Meta::Str("none".into()))],
+    );
+    let err = result.unwrap_err();
+    assert!(err.contains("attention.head_count missing"), "{err}");
+}

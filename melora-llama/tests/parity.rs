@@ -9,7 +9,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, Tensor, TensorData};
 use common::{fixture, max_abs_diff, read_npy};
 use melora_core::{NoiseSource, Sampler, SamplingMode};
-use melora_llama::weights::{build, safetensors::SafetensorsSource};
+use melora_llama::weights::{build, safetensors::SafetensorsSource, HostTensor, WeightSource};
 use melora_llama::{Llama, LlamaConfig};
 
 type B = NdArray<f32>;
@@ -404,4 +404,61 @@ fn hidden_at_equals_hidden_at_those_rows() {
         }
         assert_eq!(compared, 2 * 7 * model.n_layers());
     }
+}
+
+/// A source that adds tensors to the fixture's, as another family's
+/// checkpoint would hold them.
+struct WithExtra {
+    inner: SafetensorsSource,
+    extra: Vec<&'static str>,
+}
+
+impl WeightSource for WithExtra {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn names(&self) -> Vec<String> {
+        let mut names = self.inner.names();
+        names.extend(self.extra.iter().map(|n| n.to_string()));
+        names
+    }
+    fn load(&mut self, name: &str) -> melora_llama::Result<Option<HostTensor>> {
+        match self.extra.contains(&name) {
+            true => Ok(Some(HostTensor {
+                shape: vec![2],
+                values: vec![0.5; 2],
+            })),
+            false => self.inner.load(name),
+        }
+    }
+}
+
+/// Tensors a Llama has no place for (a Qwen2 bias, a Qwen3 norm, Llama 3's
+/// rope frequencies) are refused, naming the source and the tensors; the
+/// rotary buffer older checkpoints save is not.
+#[test]
+fn leftover_tensors_are_refused() {
+    let dir = fixture("tied");
+    let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let open = |extra: Vec<&'static str>| WithExtra {
+        inner: SafetensorsSource::open(&dir).unwrap(),
+        extra,
+    };
+    for extra in [
+        "model.layers.0.self_attn.q_proj.bias",
+        "model.layers.1.self_attn.k_norm.weight",
+        "rope_freqs.weight",
+    ] {
+        let err = build::<B, _>(&config, &mut open(vec![extra]), &Default::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&dir.display().to_string()) && err.contains(extra) && err.contains("no place for"),
+            "{err}"
+        );
+    }
+    let buffer = "model.layers.0.self_attn.rotary_emb.inv_freq";
+    let (_, report) = build::<B, _>(&config, &mut open(vec![buffer]), &Default::default()).unwrap();
+    assert_eq!(report.unused, vec![buffer.to_string()]);
 }

@@ -130,10 +130,15 @@ impl LlamaConfig {
     }
 
     /// Reads a Hugging Face `config.json` (a top-level `rope_theta` or the
-    /// newer `rope_parameters.rope_theta`).
+    /// newer `rope_parameters.rope_theta`). A model melora would run wrongly
+    /// is refused, naming the key: another `model_type` or architecture,
+    /// rope scaling, biases, another activation ([`HfConfig::unsupported`]).
     pub fn from_hf_json(path: &Path) -> Result<Self, LlamaError> {
         let text = std::fs::read_to_string(path).map_err(|e| LlamaError::io(path, e))?;
         let hf: HfConfig = serde_json::from_str(&text).map_err(|e| LlamaError::format(path, e.to_string()))?;
+        if let Some(why) = hf.unsupported() {
+            return Err(LlamaError::format(path, why));
+        }
         let heads = hf.num_attention_heads;
         if heads == 0 {
             return Err(LlamaError::format(path, "num_attention_heads is 0"));
@@ -160,8 +165,15 @@ impl LlamaConfig {
     }
 }
 
+/// The keys of a Hugging Face `config.json` melora reads.
 #[derive(Deserialize)]
 struct HfConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    hidden_act: Option<String>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    rope_scaling: Option<serde_json::Value>,
     vocab_size: usize,
     hidden_size: usize,
     intermediate_size: usize,
@@ -179,6 +191,61 @@ struct HfConfig {
 #[derive(Deserialize)]
 struct RopeParameters {
     rope_theta: Option<f64>,
+    rope_type: Option<String>,
+}
+
+/// The model families melora runs (`model_type`).
+const MODEL_TYPES: [&str; 1] = ["llama"];
+
+/// Their architectures (`architectures`).
+const ARCHITECTURES: [&str; 1] = ["LlamaForCausalLM"];
+
+impl HfConfig {
+    /// Why melora cannot run this model as its configuration says, if it
+    /// cannot: a setting it does not implement would give wrong logits
+    /// without a word.
+    fn unsupported(&self) -> Option<String> {
+        if let Some(t) = self.model_type.as_deref().filter(|t| !MODEL_TYPES.contains(t)) {
+            return Some(format!(
+                "model_type {t:?} is not supported (supported: {})",
+                MODEL_TYPES.join(", ")
+            ));
+        }
+        let architectures = self.architectures.iter().flatten();
+        if let Some(a) = architectures.into_iter().find(|a| !ARCHITECTURES.contains(&a.as_str())) {
+            return Some(format!(
+                "architectures names {a:?}, which is not supported (supported: {})",
+                ARCHITECTURES.join(", ")
+            ));
+        }
+        if let Some(act) = self.hidden_act.as_deref().filter(|a| *a != "silu") {
+            return Some(format!("hidden_act {act:?} is not supported (the MLP is SwiGLU: silu)"));
+        }
+        for (key, flag) in [("attention_bias", self.attention_bias), ("mlp_bias", self.mlp_bias)] {
+            if flag == Some(true) {
+                return Some(format!("{key} is true: biases are not supported"));
+            }
+        }
+        let scaling = match &self.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(value) => Some(
+                ["rope_type", "type"]
+                    .iter()
+                    .find_map(|k| value.get(k).and_then(|t| t.as_str()))
+                    .unwrap_or("(no type)")
+                    .to_string(),
+            ),
+        };
+        let parameters = self.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
+        for (key, kind) in [("rope_scaling", scaling), ("rope_parameters.rope_type", parameters)] {
+            if let Some(kind) = kind.filter(|k| k != "default") {
+                return Some(format!(
+                    "{key} is {kind:?}: rope scaling is not supported (only the default rotary embedding)"
+                ));
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -208,6 +275,71 @@ mod tests {
         std::fs::write(&bad, three_heads).unwrap();
         let err = LlamaConfig::from_hf_json(&bad).unwrap_err().to_string();
         assert!(err.contains("not a multiple"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// A configuration melora would run wrongly is refused, naming the file,
+    /// the key and what is supported; the keys a Llama folder carries at
+    /// their Llama values are accepted.
+    #[test]
+    fn what_melora_cannot_run_is_refused() {
+        let dir = std::env::temp_dir().join(format!("melora-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1"#;
+        let read = |name: &str, extra: &str| {
+            let path = dir.join(format!("{name}.json"));
+            std::fs::write(&path, format!("{{{base}, {extra}}}")).unwrap();
+            LlamaConfig::from_hf_json(&path).map_err(|e| e.to_string())
+        };
+        let llama = r#""model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+            "attention_bias": false, "mlp_bias": false, "rope_scaling": null"#;
+        read("llama", llama).unwrap();
+        read(
+            "default-rope",
+            r#""rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}"#,
+        )
+        .unwrap();
+        for (name, extra, expected) in [
+            (
+                "qwen2",
+                r#""model_type": "qwen2""#,
+                r#"model_type "qwen2" is not supported (supported: llama)"#,
+            ),
+            (
+                "arch",
+                r#""architectures": ["MistralForCausalLM"]"#,
+                r#"architectures names "MistralForCausalLM""#,
+            ),
+            (
+                "act",
+                r#""hidden_act": "gelu""#,
+                r#"hidden_act "gelu" is not supported"#,
+            ),
+            ("attn-bias", r#""attention_bias": true"#, "attention_bias is true"),
+            ("mlp-bias", r#""mlp_bias": true"#, "mlp_bias is true"),
+            (
+                "llama3",
+                r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+                r#"rope_scaling is "llama3""#,
+            ),
+            (
+                "linear",
+                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
+                r#"rope_scaling is "linear""#,
+            ),
+            (
+                "parameters",
+                r#""rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0}"#,
+                r#"rope_parameters.rope_type is "yarn""#,
+            ),
+        ] {
+            let err = read(name, extra).unwrap_err();
+            assert!(
+                err.contains(&format!("{name}.json")) && err.contains(expected),
+                "{name}: {err}"
+            );
+        }
         std::fs::remove_dir_all(&dir).ok();
     }
 

@@ -127,7 +127,20 @@ impl GgufSource {
         if arch != "llama" {
             return Err(LlamaError::format(
                 &self.path,
-                format!("general.architecture is {arch:?}, expected \"llama\""),
+                format!("general.architecture is {arch:?}, which is not supported (supported: llama)"),
+            ));
+        }
+        let scaling = self
+            .gguf
+            .get(&self.arch_key("rope.scaling.type"))
+            .and_then(GgufValue::as_str);
+        if let Some(kind) = scaling.filter(|k| *k != "none") {
+            return Err(LlamaError::format(
+                &self.path,
+                format!(
+                    "{} is {kind:?}: rope scaling is not supported (only the default rotary embedding)",
+                    self.arch_key("rope.scaling.type")
+                ),
             ));
         }
         let heads = self.meta_u64("attention.head_count")?;

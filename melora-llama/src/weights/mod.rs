@@ -45,10 +45,16 @@ pub trait WeightSource {
     }
 }
 
+/// Tensors a source may hold that the model does not need: buffers that
+/// follow from the configuration (older Hugging Face checkpoints save the
+/// rotary inverse frequencies).
+const IGNORABLE: [&str; 1] = ["rotary_emb.inv_freq"];
+
 /// What a load did not use.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoadReport {
-    /// Tensors in the source that the model did not use.
+    /// Tensors in the source that the model did not use (only buffers it
+    /// does not need: any other leftover tensor is an error).
     pub unused: Vec<String>,
 }
 
@@ -188,7 +194,23 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
         Some(loader.linear("lm_head", c.vocab_size, c.hidden_size, device)?)
     };
     let used = loader.used;
-    let unused = source.names().into_iter().filter(|n| !used.contains(n)).collect();
+    let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
+    let left: Vec<&String> = unused
+        .iter()
+        .filter(|n| !IGNORABLE.iter().any(|s| n.ends_with(s)))
+        .collect();
+    if !left.is_empty() {
+        let shown: Vec<&str> = left.iter().take(6).map(|n| n.as_str()).collect();
+        return Err(LlamaError::Format {
+            path: source.describe().into(),
+            message: format!(
+                "{} tensor(s) a Llama has no place for ({}{}): biases, norms or rope frequencies of a model melora does not run, whose logits would be wrong without them",
+                left.len(),
+                shown.join(", "),
+                if left.len() > shown.len() { ", ..." } else { "" }
+            ),
+        });
+    }
     let model = Llama {
         embed_tokens,
         layers,
