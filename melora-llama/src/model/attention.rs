@@ -44,10 +44,12 @@ pub struct Rope<B: Backend> {
 
 impl<B: Backend> Rope<B> {
     /// Tables for positions `start .. start + seq` (half-split layout:
-    /// frequency `i` at columns `i` and `i + head_dim / 2`).
-    pub fn new(theta: f64, head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
+    /// frequency `i` at columns `i` and `i + head_dim / 2`); `periods[i]` is
+    /// the rotation period of frequency `i` in positions over `2 pi`
+    /// ([`crate::model::RopeScaling::periods`]).
+    pub fn new(periods: &[f64], head_dim: usize, start: usize, seq: usize, device: &B::Device) -> Self {
         Self::build(
-            theta,
+            periods,
             head_dim,
             &(start..start + seq).collect::<Vec<_>>(),
             [1, seq],
@@ -62,7 +64,7 @@ impl<B: Backend> Rope<B> {
     ///
     /// If `positions` does not hold `batch * seq` entries.
     pub fn per_token(
-        theta: f64,
+        periods: &[f64],
         head_dim: usize,
         positions: &[usize],
         batch: usize,
@@ -70,14 +72,21 @@ impl<B: Backend> Rope<B> {
         device: &B::Device,
     ) -> Self {
         assert_eq!(positions.len(), batch * seq, "one rotary position per token");
-        Self::build(theta, head_dim, positions, [batch, seq], device)
+        Self::build(periods, head_dim, positions, [batch, seq], device)
     }
 
-    fn build(theta: f64, head_dim: usize, positions: &[usize], [batch, seq]: [usize; 2], device: &B::Device) -> Self {
+    fn build(
+        periods: &[f64],
+        head_dim: usize,
+        positions: &[usize],
+        [batch, seq]: [usize; 2],
+        device: &B::Device,
+    ) -> Self {
         let half = head_dim / 2;
+        assert_eq!(periods.len(), half, "one rotary period per frequency");
         let angles: Vec<f64> = positions
             .iter()
-            .flat_map(|&pos| (0..half).map(move |i| pos as f64 / theta.powf(2.0 * i as f64 / head_dim as f64)))
+            .flat_map(|&pos| periods.iter().map(move |p| pos as f64 / p))
             .collect();
         let mut cos = Vec::with_capacity(positions.len() * head_dim);
         let mut sin = Vec::with_capacity(positions.len() * head_dim);

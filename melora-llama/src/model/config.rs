@@ -34,6 +34,100 @@ pub struct LlamaConfig {
     /// Longest context the model was trained for.
     #[config(default = 4096)]
     pub max_position_embeddings: usize,
+    /// How the rotary frequencies are scaled (Llama 3.1 and later: `Llama3`).
+    #[config(default = "RopeScaling::None")]
+    pub rope_scaling: RopeScaling,
+}
+
+/// How the rotary frequencies are scaled for a longer context, as
+/// transformers computes them (`modeling_rope_utils.py`:
+/// `_compute_linear_scaling_rope_parameters`, `_compute_llama3_parameters`).
+#[derive(Config, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// None: frequency `i` of `d` is `theta^(-2i/d)`.
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear {
+        /// The divisor.
+        factor: f64,
+    },
+    /// Llama 3.1's: wavelengths longer than `original / low_freq_factor`
+    /// divided by `factor`, shorter than `original / high_freq_factor`
+    /// kept, the ones between interpolated.
+    Llama3 {
+        /// The divisor of the low frequencies.
+        factor: f64,
+        /// Sets the longest wavelength kept whole: `original / low_freq_factor`.
+        low_freq_factor: f64,
+        /// Sets the shortest wavelength scaled: `original / high_freq_factor`.
+        high_freq_factor: f64,
+        /// The context the model was first trained for (`original`).
+        original_max_position_embeddings: usize,
+    },
+}
+
+impl RopeScaling {
+    /// The rotation period (in positions, over `2 pi`) of each of the
+    /// `head_dim / 2` frequencies: a position `p` turns frequency `i` by
+    /// `p / periods[i]`.
+    pub fn periods(&self, theta: f64, head_dim: usize) -> Vec<f64> {
+        let base = (0..head_dim / 2).map(|i| theta.powf(2.0 * i as f64 / head_dim as f64));
+        match *self {
+            Self::None => base.collect(),
+            Self::Linear { factor } => base.map(|p| p * factor).collect(),
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let original = original_max_position_embeddings as f64;
+                let (low_wavelength, high_wavelength) = (original / low_freq_factor, original / high_freq_factor);
+                base.map(|period| {
+                    let (inv_freq, wavelength) = (1.0 / period, 2.0 * std::f64::consts::PI * period);
+                    let scaled = if wavelength > low_wavelength {
+                        inv_freq / factor
+                    } else {
+                        inv_freq
+                    };
+                    let medium = !(wavelength < high_wavelength) && !(wavelength > low_wavelength);
+                    let inv_freq = if medium {
+                        let smooth = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    };
+                    1.0 / inv_freq
+                })
+                .collect()
+            }
+        }
+    }
+
+    /// Checks the factors.
+    pub fn validate(&self) -> Result<(), LlamaError> {
+        let ok = match *self {
+            Self::None => true,
+            Self::Linear { factor } => factor > 0.0,
+            Self::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                factor > 0.0
+                    && low_freq_factor > 0.0
+                    && high_freq_factor > low_freq_factor
+                    && original_max_position_embeddings > 0
+            }
+        };
+        match ok {
+            true => Ok(()),
+            false => Err(LlamaError::Config(format!(
+                "rope scaling {self:?}: factors must be positive, high_freq_factor above low_freq_factor"
+            ))),
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -52,6 +146,7 @@ impl LlamaConfig {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: false,
             max_position_embeddings: 4096,
+            rope_scaling: RopeScaling::None,
         }
     }
 
@@ -81,6 +176,7 @@ impl LlamaConfig {
             rms_norm_eps: 1e-5,
             tie_word_embeddings: true,
             max_position_embeddings: 8192,
+            rope_scaling: RopeScaling::None,
         }
     }
 
@@ -120,6 +216,7 @@ impl LlamaConfig {
                 self.head_dim
             )));
         }
+        self.rope_scaling.validate()?;
         if !(self.rope_theta > 0.0 && self.rms_norm_eps >= 0.0) {
             return Err(LlamaError::Config(format!(
                 "rope_theta = {} must be positive and rms_norm_eps = {} non-negative",
@@ -145,8 +242,12 @@ impl LlamaConfig {
         }
         let rope_theta = hf
             .rope_theta
-            .or(hf.rope_parameters.as_ref().and_then(|r| r.rope_theta))
+            .or(hf.rope_parameters.as_ref().and_then(|r| r.get("rope_theta")?.as_f64()))
             .unwrap_or(10000.0);
+        let max_position_embeddings = hf.max_position_embeddings.unwrap_or(4096);
+        let rope_scaling = hf
+            .rope_scaling(max_position_embeddings)
+            .map_err(|m| LlamaError::format(path, m))?;
         let config = Self::new(
             hf.vocab_size,
             hf.hidden_size,
@@ -159,7 +260,8 @@ impl LlamaConfig {
         .with_rope_theta(rope_theta)
         .with_rms_norm_eps(hf.rms_norm_eps.unwrap_or(1e-6))
         .with_tie_word_embeddings(hf.tie_word_embeddings.unwrap_or(false))
-        .with_max_position_embeddings(hf.max_position_embeddings.unwrap_or(4096));
+        .with_max_position_embeddings(max_position_embeddings)
+        .with_rope_scaling(rope_scaling);
         config.validate().map_err(|e| LlamaError::format(path, e.to_string()))?;
         Ok(config)
     }
@@ -182,17 +284,14 @@ struct HfConfig {
     num_key_value_heads: Option<usize>,
     head_dim: Option<usize>,
     rope_theta: Option<f64>,
-    rope_parameters: Option<RopeParameters>,
+    rope_parameters: Option<serde_json::Value>,
     rms_norm_eps: Option<f64>,
     tie_word_embeddings: Option<bool>,
     max_position_embeddings: Option<usize>,
 }
 
-#[derive(Deserialize)]
-struct RopeParameters {
-    rope_theta: Option<f64>,
-    rope_type: Option<String>,
-}
+/// The rope scaling types melora implements (besides `default`).
+const ROPE_TYPES: [&str; 2] = ["linear", "llama3"];
 
 /// The model families melora runs (`model_type`).
 const MODEL_TYPES: [&str; 1] = ["llama"];
@@ -226,25 +325,61 @@ impl HfConfig {
                 return Some(format!("{key} is true: biases are not supported"));
             }
         }
-        let scaling = match &self.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(value) => Some(
-                ["rope_type", "type"]
-                    .iter()
-                    .find_map(|k| value.get(k).and_then(|t| t.as_str()))
-                    .unwrap_or("(no type)")
-                    .to_string(),
-            ),
-        };
-        let parameters = self.rope_parameters.as_ref().and_then(|p| p.rope_type.clone());
-        for (key, kind) in [("rope_scaling", scaling), ("rope_parameters.rope_type", parameters)] {
-            if let Some(kind) = kind.filter(|k| k != "default") {
-                return Some(format!(
-                    "{key} is {kind:?}: rope scaling is not supported (only the default rotary embedding)"
-                ));
-            }
+        if let Some((key, _, kind)) = self
+            .rope_dict()
+            .filter(|(_, _, k)| k != "default" && !ROPE_TYPES.contains(&k.as_str()))
+        {
+            return Some(format!(
+                "{key} is {kind:?}: that rope scaling is not supported (supported: default, {})",
+                ROPE_TYPES.join(", ")
+            ));
         }
         None
+    }
+
+    /// The rope scaling settings, where they are (`rope_scaling`, or
+    /// transformers 5's `rope_parameters`), and their type (`rope_type`,
+    /// or the older `type`; `default` when neither is given).
+    fn rope_dict(&self) -> Option<(&'static str, &serde_json::Value, String)> {
+        let (key, dict) = match (&self.rope_scaling, &self.rope_parameters) {
+            (Some(d), _) if !d.is_null() => ("rope_scaling", d),
+            (_, Some(d)) if !d.is_null() => ("rope_parameters.rope_type", d),
+            _ => return None,
+        };
+        let kind = ["rope_type", "type"]
+            .iter()
+            .find_map(|k| dict.get(k).and_then(|t| t.as_str()))
+            .unwrap_or("default");
+        Some((key, dict, kind.to_string()))
+    }
+
+    /// The rope scaling (`original_max_position_embeddings` defaults to
+    /// `max_positions`, as transformers' `standardize_rope_params`).
+    fn rope_scaling(&self, max_positions: usize) -> Result<RopeScaling, String> {
+        let Some((key, dict, kind)) = self.rope_dict() else {
+            return Ok(RopeScaling::None);
+        };
+        let number = |name: &str| {
+            dict.get(name)
+                .and_then(|v| v.as_f64())
+                .ok_or_else(|| format!("{key} {kind:?} needs a number {name}"))
+        };
+        let scaling = match kind.as_str() {
+            "linear" => RopeScaling::Linear {
+                factor: number("factor")?,
+            },
+            "llama3" => RopeScaling::Llama3 {
+                factor: number("factor")?,
+                low_freq_factor: number("low_freq_factor")?,
+                high_freq_factor: number("high_freq_factor")?,
+                original_max_position_embeddings: dict
+                    .get("original_max_position_embeddings")
+                    .and_then(|v| v.as_u64())
+                    .map_or(max_positions, |v| v as usize),
+            },
+            _ => RopeScaling::None,
+        };
+        Ok(scaling)
     }
 }
 
@@ -319,14 +454,14 @@ mod tests {
             ("attn-bias", r#""attention_bias": true"#, "attention_bias is true"),
             ("mlp-bias", r#""mlp_bias": true"#, "mlp_bias is true"),
             (
-                "llama3",
-                r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
-                r#"rope_scaling is "llama3""#,
+                "dynamic",
+                r#""rope_scaling": {"type": "dynamic", "factor": 2.0}"#,
+                r#"rope_scaling is "dynamic": that rope scaling is not supported (supported: default, linear, llama3)"#,
             ),
             (
-                "linear",
-                r#""rope_scaling": {"type": "linear", "factor": 2.0}"#,
-                r#"rope_scaling is "linear""#,
+                "llama3-partial",
+                r#""rope_scaling": {"rope_type": "llama3", "factor": 8.0}"#,
+                r#"rope_scaling "llama3" needs a number low_freq_factor"#,
             ),
             (
                 "parameters",
@@ -341,6 +476,85 @@ mod tests {
             );
         }
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Both spellings of Llama 3's rope scaling and of linear scaling are
+    /// read; `original_max_position_embeddings` defaults to the context.
+    #[test]
+    fn rope_scaling_in_both_spellings() {
+        let dir = std::env::temp_dir().join(format!("melora-rope-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let base = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "max_position_embeddings": 128,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1"#;
+        let read = |name: &str, extra: &str| {
+            let path = dir.join(format!("{name}.json"));
+            std::fs::write(&path, format!("{{{base}, {extra}}}")).unwrap();
+            LlamaConfig::from_hf_json(&path).unwrap()
+        };
+        let llama3 = r#""factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0"#;
+        let old = read(
+            "old",
+            &format!(
+                r#""rope_theta": 500000.0, "rope_scaling": {{"rope_type": "llama3", {llama3}, "original_max_position_embeddings": 64}}"#
+            ),
+        );
+        let new = read(
+            "new",
+            &format!(
+                r#""rope_parameters": {{"rope_type": "llama3", "rope_theta": 500000.0, {llama3}, "original_max_position_embeddings": 64}}"#
+            ),
+        );
+        let expected = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        assert_eq!((old.rope_theta, &old.rope_scaling), (500000.0, &expected));
+        assert_eq!(old, new);
+        let unset = read(
+            "unset",
+            &format!(r#""rope_scaling": {{"rope_type": "llama3", {llama3}}}"#),
+        );
+        assert!(matches!(
+            unset.rope_scaling,
+            RopeScaling::Llama3 {
+                original_max_position_embeddings: 128,
+                ..
+            }
+        ));
+        let linear = read("linear", r#""rope_scaling": {"type": "linear", "factor": 2.0}"#);
+        assert_eq!(linear.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    /// Llama 3's frequencies in each regime, by hand: head_dim 16, theta
+    /// 10000, original 64, factors (8, 1, 4): the wavelengths 2 pi 10^(i/2)
+    /// below 16 are kept, above 64 divided by 8, between interpolated.
+    #[test]
+    fn llama3_periods_by_regime() {
+        let scaling = RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 64,
+        };
+        let plain = RopeScaling::None.periods(10000.0, 16);
+        let scaled = scaling.periods(10000.0, 16);
+        assert_eq!(scaled[0], plain[0], "wavelength 6.3 < 16: kept");
+        for i in 3..8 {
+            assert!(
+                (scaled[i] / plain[i] - 8.0).abs() < 1e-12,
+                "wavelength > 64: divided by 8"
+            );
+        }
+        // Wavelength 2 pi sqrt(10) = 19.87: smooth = (64 / 19.87 - 1) / 3.
+        let smooth = (64.0 / (2.0 * std::f64::consts::PI * 10f64.sqrt()) - 1.0) / 3.0;
+        let inv = 1.0 / plain[1];
+        let expected = 1.0 / ((1.0 - smooth) * inv / 8.0 + smooth * inv);
+        assert!((scaled[1] - expected).abs() < 1e-12 * expected);
+        let linear = RopeScaling::Linear { factor: 2.0 }.periods(10000.0, 16);
+        assert!(linear.iter().zip(&plain).all(|(l, p)| *l == 2.0 * p));
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub mod scoring;
 
 pub use adapters::Target;
 pub use attention::{attention_mask, grouped_attention, Attention, Rope};
-pub use config::LlamaConfig;
+pub use config::{LlamaConfig, RopeScaling};
 pub use mlp::Mlp;
 
 use burn::module::Module;
@@ -89,6 +89,9 @@ pub struct Llama<B: Backend> {
     pub head_adapter: Option<AnyAdapter<B>>,
     /// RoPE base frequency.
     pub rope_theta: f64,
+    /// How the rotary frequencies are scaled.
+    #[module(skip)]
+    pub rope_scaling: RopeScaling,
 }
 
 /// Row `rows[b]` of axis `dim` for each batch entry `b` (axis 0), keeping
@@ -201,7 +204,8 @@ impl<B: Backend> Llama<B> {
     ) -> Tensor<B, 3> {
         let [batch, seq] = tokens.dims();
         let first = &self.layers[0].self_attn;
-        let rope = Rope::per_token(self.rope_theta, first.head_dim, positions, batch, seq, &tokens.device());
+        let periods = self.rope_scaling.periods(self.rope_theta, first.head_dim);
+        let rope = Rope::per_token(&periods, first.head_dim, positions, batch, seq, &tokens.device());
         self.layers_forward(tokens, &rope, Some(mask), None, None, sampler)
     }
 
@@ -217,7 +221,8 @@ impl<B: Backend> Llama<B> {
         let device = tokens.device();
         let past = cache.as_ref().map_or(0, |c| c.len());
         let first = &self.layers[0].self_attn;
-        let rope = Rope::new(self.rope_theta, first.head_dim, past, seq, &device);
+        let periods = self.rope_scaling.periods(self.rope_theta, first.head_dim);
+        let rope = Rope::new(&periods, first.head_dim, past, seq, &device);
         let mask = (seq > 1 || padding.is_some()).then(|| attention_mask::<B>(batch, past, seq, padding, &device));
         self.layers_forward(tokens, &rope, mask, cache, rows, sampler)
     }

@@ -5,7 +5,7 @@
 
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
-use crate::model::{Llama, LlamaConfig, Proj};
+use crate::model::{Llama, LlamaConfig, Proj, RopeScaling};
 use crate::tokenizer::Tokenizer;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -32,6 +32,22 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_j
         "mlp_bias": false,
         "torch_dtype": "float32",
     });
+    json["rope_scaling"] = match config.rope_scaling {
+        RopeScaling::None => serde_json::Value::Null,
+        RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+        RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } => serde_json::json!({
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low_freq_factor,
+            "high_freq_factor": high_freq_factor,
+            "original_max_position_embeddings": original_max_position_embeddings,
+        }),
+    };
     if let Some(t) = tokenizer {
         for (key, id) in [
             ("bos_token_id", t.bos),

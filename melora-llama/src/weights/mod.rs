@@ -218,6 +218,7 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
         lm_head,
         head_adapter: None,
         rope_theta: c.rope_theta,
+        rope_scaling: c.rope_scaling.clone(),
     };
     Ok((model.no_grad(), LoadReport { unused }))
 }

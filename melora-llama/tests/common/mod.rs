@@ -56,11 +56,13 @@ pub fn fixture(which: &str) -> PathBuf {
         .join(which)
 }
 
-/// A NumPy array: shape and values (as f64 for floats, i64 for ints).
+/// A NumPy array: shape and values (`f32` for f4 arrays, `f64` for f8
+/// arrays, `i64` for i8 arrays).
 #[derive(Debug, Clone)]
 pub struct Npy {
     pub shape: Vec<usize>,
     pub f32: Vec<f32>,
+    pub f64: Vec<f64>,
     pub i64: Vec<i64>,
 }
 
@@ -79,6 +81,7 @@ pub fn parse_npy(bytes: &[u8]) -> Npy {
     let mut out = Npy {
         shape,
         f32: vec![],
+        f64: vec![],
         i64: vec![],
     };
     match descr {
@@ -86,6 +89,12 @@ pub fn parse_npy(bytes: &[u8]) -> Npy {
             out.f32 = data
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect()
+        }
+        "<f8" => {
+            out.f64 = data
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
                 .collect()
         }
         "<i8" => {
