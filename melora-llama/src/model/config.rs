@@ -64,6 +64,13 @@ pub enum RopeScaling {
         /// The context the model was first trained for (`original`).
         original_max_position_embeddings: usize,
     },
+    /// A divisor per frequency, as a GGUF stores Llama 3's scaling
+    /// (`rope_freqs.weight`, written by llama.cpp's `convert_hf_to_gguf.py`
+    /// from the `Llama3` settings).
+    Factors {
+        /// Frequency `i` is `theta^(-2i/d) / factors[i]`.
+        factors: Vec<f64>,
+    },
 }
 
 impl RopeScaling {
@@ -75,6 +82,7 @@ impl RopeScaling {
         match *self {
             Self::None => base.collect(),
             Self::Linear { factor } => base.map(|p| p * factor).collect(),
+            Self::Factors { ref factors } => base.zip(factors).map(|(p, f)| p * f).collect(),
             Self::Llama3 {
                 factor,
                 low_freq_factor,
@@ -108,6 +116,7 @@ impl RopeScaling {
     pub fn validate(&self) -> Result<(), LlamaError> {
         let ok = match *self {
             Self::None => true,
+            Self::Factors { ref factors } => factors.iter().all(|f| f.is_finite() && *f > 0.0),
             Self::Linear { factor } => factor > 0.0,
             Self::Llama3 {
                 factor,
@@ -217,6 +226,16 @@ impl LlamaConfig {
             )));
         }
         self.rope_scaling.validate()?;
+        if let RopeScaling::Factors { factors } = &self.rope_scaling {
+            if factors.len() != self.head_dim / 2 {
+                return Err(LlamaError::Config(format!(
+                    "{} rope factors for head_dim = {} (one per frequency: {})",
+                    factors.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                )));
+            }
+        }
         if !(self.rope_theta > 0.0 && self.rms_norm_eps >= 0.0) {
             return Err(LlamaError::Config(format!(
                 "rope_theta = {} must be positive and rms_norm_eps = {} non-negative",

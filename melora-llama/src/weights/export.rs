@@ -11,8 +11,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use std::path::Path;
 
-/// `config`'s Hugging Face `config.json`.
-pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_json::Value {
+/// `config`'s Hugging Face `config.json`; a GGUF's per-frequency rope
+/// factors have no Hugging Face spelling and are refused.
+pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> Result<serde_json::Value> {
     let mut json = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -32,8 +33,13 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_j
         "mlp_bias": false,
         "torch_dtype": "float32",
     });
-    json["rope_scaling"] = match config.rope_scaling {
+    json["rope_scaling"] = match &config.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
+        RopeScaling::Factors { .. } => {
+            return Err(LlamaError::Mismatch(
+                "the model's rope scaling is a GGUF's per-frequency factors (rope_freqs), which a Hugging Face config.json cannot say: export from the Hugging Face folder".into(),
+            ))
+        }
         RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
         RopeScaling::Llama3 {
             factor,
@@ -59,7 +65,7 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> serde_j
             }
         }
     }
-    json
+    Ok(json)
 }
 
 /// The model's weights by Hugging Face name, `(name, shape, values)`, in
@@ -120,6 +126,7 @@ pub fn save_hf<B: Backend>(
             "the configuration's tie_word_embeddings disagrees with the model's output layer".into(),
         ));
     }
+    let hf = hf_config(config, tokenizer)?;
     let tensors = hf_tensors(model)?;
     if let Some((name, _, _)) = tensors.iter().find(|(_, _, v)| v.iter().any(|x| !x.is_finite())) {
         return Err(LlamaError::Numerical(format!(
@@ -144,8 +151,7 @@ pub fn save_hf<B: Backend>(
     let data =
         safetensors::serialize(views, Some(metadata)).map_err(|e| LlamaError::serialize("model.safetensors", e))?;
     write_atomic(&dir.join("model.safetensors"), &data)?;
-    let text = serde_json::to_string_pretty(&hf_config(config, tokenizer))
-        .map_err(|e| LlamaError::serialize("config.json", e))?;
+    let text = serde_json::to_string_pretty(&hf).map_err(|e| LlamaError::serialize("config.json", e))?;
     write_atomic(&dir.join("config.json"), text.as_bytes())?;
     if let Some(t) = tokenizer {
         let tmp = dir.join("tokenizer.json.tmp");

@@ -9,11 +9,14 @@
 use super::{HostTensor, WeightSource};
 use crate::error::{LlamaError, Result};
 use crate::gguf::{Gguf, GgufValue};
-use crate::model::config::LlamaConfig;
+use crate::model::config::{LlamaConfig, RopeScaling};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+
+/// The tensor in which a GGUF stores Llama 3's rope scaling.
+const ROPE_FREQS: &str = "rope_freqs.weight";
 
 /// A GGUF file as a [`WeightSource`] under Hugging Face names.
 pub struct GgufSource {
@@ -117,6 +120,21 @@ impl GgufSource {
             .ok_or_else(|| LlamaError::format(&self.path, format!("metadata {full} missing or not an integer")))
     }
 
+    /// Llama 3's rope scaling as a GGUF stores it: a divisor per frequency
+    /// in the tensor [`ROPE_FREQS`] (none: no scaling).
+    fn rope_factors(&self) -> Result<RopeScaling> {
+        let Some(info) = self.gguf.tensors.iter().find(|t| t.name == ROPE_FREQS) else {
+            return Ok(RopeScaling::None);
+        };
+        let factors = self
+            .gguf
+            .dequantize(info, &self.mmap)
+            .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
+        Ok(RopeScaling::Factors {
+            factors: factors.into_iter().map(f64::from).collect(),
+        })
+    }
+
     /// The model configuration from the metadata.
     pub fn config(&self) -> Result<LlamaConfig> {
         let arch = self
@@ -173,7 +191,8 @@ impl GgufSource {
         .with_rope_theta(f("rope.freq_base", 10000.0))
         .with_rms_norm_eps(f("attention.layer_norm_rms_epsilon", 1e-5))
         .with_tie_word_embeddings(!self.names.contains_key("lm_head.weight"))
-        .with_max_position_embeddings(self.meta_u64("context_length").unwrap_or(4096));
+        .with_max_position_embeddings(self.meta_u64("context_length").unwrap_or(4096))
+        .with_rope_scaling(self.rope_factors()?);
         config
             .validate()
             .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
@@ -185,10 +204,13 @@ impl WeightSource for GgufSource {
     fn describe(&self) -> String {
         self.path.display().to_string()
     }
+    /// The weights' names; [`ROPE_FREQS`] is not one of them: it is read
+    /// with the configuration ([`GgufSource::config`]).
     fn names(&self) -> Vec<String> {
         self.gguf
             .tensors
             .iter()
+            .filter(|t| t.name != ROPE_FREQS)
             .map(|t| hf_name(&t.name).unwrap_or_else(|| t.name.clone()))
             .collect()
     }

@@ -218,9 +218,18 @@ fn gguf_name(hf: &str) -> String {
 
 /// The fixture as GGUF bytes; `quant` picks each matrix's type.
 pub fn fixture_as_gguf(which: &str, quant: impl Fn(&str) -> Quant) -> Vec<u8> {
-    let dir = fixture(which);
+    folder_as_gguf(&fixture(which), quant, Vec::new())
+}
+
+/// A Hugging Face folder of a Llama as GGUF bytes, with `extra` tensors
+/// (GGUF names) after the model's.
+pub fn folder_as_gguf(
+    dir: &std::path::Path,
+    quant: impl Fn(&str) -> Quant,
+    extra: Vec<(String, Vec<usize>, Vec<f32>, Quant)>,
+) -> Vec<u8> {
     let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let mut source = SafetensorsSource::open(&dir).unwrap();
+    let mut source = SafetensorsSource::open(dir).unwrap();
     let mut tensors = Vec::new();
     for name in source.names() {
         let t = source.load(&name).unwrap().unwrap();
@@ -233,6 +242,7 @@ pub fn fixture_as_gguf(which: &str, quant: impl Fn(&str) -> Quant) -> Vec<u8> {
         let q = if t.shape.len() == 1 { Quant::F32 } else { quant(&name) };
         tensors.push((gguf_name(&name), t.shape, values, q));
     }
+    tensors.extend(extra);
     let meta = vec![
         ("general.architecture", Meta::Str("llama".into())),
         ("general.alignment", Meta::U32(32)),
