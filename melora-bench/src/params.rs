@@ -130,7 +130,7 @@ fn explain(
 
 pub fn table(ranks: &[usize], targets: &[Target]) -> anyhow::Result<Vec<ParamRow>> {
     let mut rows = Vec::new();
-    for model in ["llama2-7b", "llama2-13b", "smollm2-135m"] {
+    for model in ["llama2-7b", "llama2-13b", "llama3.1-8b", "smollm2-135m"] {
         let config = LlamaConfig::preset(model).expect("preset");
         for &rank in ranks {
             for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
@@ -193,6 +193,12 @@ mod tests {
         let thirteen = LlamaConfig::llama2_13b();
         assert_eq!(count(&thirteen, AdapterKind::MeLora, 64, &qv).unwrap(), 53_084_160);
         assert_eq!(count(&thirteen, AdapterKind::Blob, 8, &qv).unwrap(), 9_830_400);
+        // Llama-3.1-8B's grouped-query v_proj is 4096 -> 1024 (8 heads of 128).
+        let llama3 = LlamaConfig::llama31_8b();
+        assert_eq!(
+            count(&llama3, AdapterKind::Lora, 8, &qv).unwrap(),
+            32 * 8 * ((4096 + 4096) + (4096 + 1024))
+        );
         // SmolLM2's grouped-query v_proj is 576 -> 192.
         let smol = LlamaConfig::smollm2_135m();
         assert_eq!(

@@ -33,7 +33,7 @@ pub struct Pretrained {
 impl Pretrained {
     /// Opens `model`:
     /// - `smollm2-135m`: the fetched GGUF (`melora fetch` first);
-    /// - `llama2-7b`, `llama2-13b`: the architecture with random weights
+    /// - `llama2-7b`, `llama2-13b`, `llama3.1-8b`: the architecture with random weights
     ///   (for benchmarks; no tokenizer);
     /// - a folder: Hugging Face `config.json` + safetensors (+ `tokenizer.json`);
     /// - a `.gguf` file.
@@ -95,7 +95,7 @@ impl Pretrained {
             };
         }
         Err(LlamaError::Config(format!(
-            "model {model:?} is not a preset (smollm2-135m, llama2-7b, llama2-13b), a folder or a file"
+            "model {model:?} is not a preset (smollm2-135m, llama2-7b, llama2-13b, llama3.1-8b), a folder or a file"
         )))
     }
 

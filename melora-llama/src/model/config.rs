@@ -171,6 +171,30 @@ impl LlamaConfig {
         }
     }
 
+    /// Llama-3.1-8B (`meta-llama/Llama-3.1-8B`'s `config.json`): grouped-query
+    /// attention with 8 key/value heads and Llama 3's rope scaling.
+    pub fn llama31_8b() -> Self {
+        Self {
+            vocab_size: 128256,
+            hidden_size: 4096,
+            intermediate_size: 14336,
+            num_hidden_layers: 32,
+            num_attention_heads: 32,
+            num_key_value_heads: 8,
+            head_dim: 128,
+            rope_theta: 500000.0,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: false,
+            max_position_embeddings: 131072,
+            rope_scaling: RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192,
+            },
+        }
+    }
+
     /// SmolLM2-135M, the CPU default (`HuggingFaceTB/SmolLM2-135M`).
     pub fn smollm2_135m() -> Self {
         Self {
@@ -189,11 +213,13 @@ impl LlamaConfig {
         }
     }
 
-    /// A preset by name: `llama2-7b`, `llama2-13b`, `smollm2-135m`.
+    /// A preset by name: `llama2-7b`, `llama2-13b`, `llama3.1-8b`,
+    /// `smollm2-135m`.
     pub fn preset(name: &str) -> Option<Self> {
         match name.to_ascii_lowercase().as_str() {
             "llama2-7b" | "llama-2-7b" => Some(Self::llama2_7b()),
             "llama2-13b" | "llama-2-13b" => Some(Self::llama2_13b()),
+            "llama3.1-8b" | "llama-3.1-8b" => Some(Self::llama31_8b()),
             "smollm2-135m" => Some(Self::smollm2_135m()),
             _ => None,
         }
@@ -578,7 +604,7 @@ mod tests {
 
     #[test]
     fn presets_are_valid() {
-        for name in ["llama2-7b", "llama2-13b", "smollm2-135m"] {
+        for name in ["llama2-7b", "llama2-13b", "llama3.1-8b", "smollm2-135m"] {
             LlamaConfig::preset(name).unwrap().validate().unwrap();
         }
     }
