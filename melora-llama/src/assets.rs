@@ -213,3 +213,54 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     }
     std::fs::rename(&tmp, path).map_err(|e| LlamaError::write(path, e))
 }
+
+/// Removes the temporary files [`write_atomic`] left in `dir` when a
+/// process was killed before its rename (`.{name}.tmp{pid}`): for a folder
+/// that one process writes at a time, such as a run folder being resumed.
+pub fn remove_leftover_temporaries(dir: &Path) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let leftover = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if leftover && entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::remove_file(entry.path()).ok();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_killed_writers_temporary_file_is_removed_and_nothing_else() {
+        let dir = std::env::temp_dir().join(format!("melora-leftovers-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join(".last.tmp")).unwrap();
+        write_atomic(&dir.join("config.json"), b"{}").unwrap();
+        for name in [
+            ".config.json.tmp14896",
+            ".metrics.jsonl.tmp7",
+            ".notes.tmp",
+            "data.tmp12",
+            ".x.tmpabc",
+        ] {
+            std::fs::write(dir.join(name), b"half").unwrap();
+        }
+        remove_leftover_temporaries(&dir);
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        // The checkpoint folder being written is the checkpoint writer's to
+        // clear; files not named as write_atomic names them stay.
+        assert_eq!(
+            left,
+            [".last.tmp", ".notes.tmp", ".x.tmpabc", "config.json", "data.tmp12"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

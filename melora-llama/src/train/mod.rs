@@ -27,7 +27,7 @@ pub use parallel::{Cluster, Nodes, Peer};
 pub use run::{Checkpoint, EvalRecord, RunDir, TrainState};
 pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};
 
-use crate::assets::{write_atomic, Assets};
+use crate::assets::{remove_leftover_temporaries, write_atomic, Assets};
 use crate::data::{Encoded, Split};
 use crate::error::LlamaError;
 use crate::model::scoring::Scorer;
@@ -272,6 +272,7 @@ fn fit_ensemble<B: AutodiffBackend>(
     nodes: Option<&Nodes>,
 ) -> crate::Result<TrainSummary> {
     if nodes.is_none_or(|n| n.rank == 0) {
+        remove_leftover_temporaries(&run.dir);
         let text =
             serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
         write_atomic(&run.config(), text.as_bytes())?;

@@ -12,7 +12,7 @@ use super::{
     mix, stable_adapter_ids, EvalRecord, Progress, RunDir, StepOutcome, StepReport, Stepper, TrainConfig, TrainData,
     TrainState, TrainSummary,
 };
-use crate::assets::write_atomic;
+use crate::assets::{remove_leftover_temporaries, write_atomic};
 use crate::data::{seeded_shuffle, Encoded, Padding};
 use crate::error::LlamaError;
 use crate::eval::{predict, predict_samples, PredictOptions};
@@ -86,6 +86,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
             None
         };
         if lead {
+            remove_leftover_temporaries(&run.dir);
             let text =
                 serde_json::to_string_pretty(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
             write_atomic(&run.config(), text.as_bytes())?;
