@@ -9,7 +9,40 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::AddedToken;
+use tokenizers::SplitDelimiterBehavior;
+
+/// The regex of Qwen2's (and Qwen2.5's, Qwen3's) `tokenizer.json`
+/// pre-tokenizer, the pattern llama.cpp's `src/llama-vocab.cpp` keeps as the
+/// original of its `LLAMA_VOCAB_PRE_TYPE_QWEN2` expressions: single digits,
+/// letters runs with one leading non-letter, punctuation runs, newlines.
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The pre-tokenizer a GGUF's `tokenizer.ggml.pre` names, as the model's
+/// `tokenizer.json` spells it: `smollm` (and a file that names none, as the
+/// first SmolLM2 GGUFs) splits digits one by one, then GPT-2's byte-level
+/// regex; `qwen2` splits by [`QWEN2_PATTERN`], then maps bytes. Any other is
+/// refused: its splits differ, and so would every token id.
+fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokenizerWrapper, String> {
+    match pre {
+        None | Some("smollm") => Ok(Sequence::new(vec![
+            Digits::new(true).into(),
+            ByteLevel::new(false, true, true).into(),
+        ])
+        .into()),
+        Some("qwen2") => {
+            let split = Split::new(SplitPattern::Regex(QWEN2_PATTERN.into()), SplitDelimiterBehavior::Isolated, false)
+                .map_err(|e| format!("the qwen2 pre-tokenizer's regex: {e}"))?;
+            Ok(Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into())
+        }
+        Some(other) => Err(format!(
+            "tokenizer.ggml.pre = {other:?}: that pre-tokenizer is not supported (supported: smollm, qwen2); use the model's tokenizer.json"
+        )),
+    }
+}
 
 /// A tokenizer and the special tokens melora needs.
 #[derive(Clone)]
@@ -47,8 +80,8 @@ impl Tokenizer {
     }
 
     /// Rebuilds the tokenizer stored in a GGUF file (`tokenizer.ggml.model =
-    /// "gpt2"`: byte-level BPE from `tokens` and `merges`; digits split one
-    /// by one, as SmolLM2's pre-tokenizer does).
+    /// "gpt2"`: byte-level BPE from `tokens` and `merges`, split first as
+    /// `tokenizer.ggml.pre` names: [`pre_tokenizer`]).
     pub fn from_gguf(gguf: &Gguf, path: &Path) -> Result<Self> {
         let err = |m: String| LlamaError::format(path, m);
         let model = gguf
@@ -88,10 +121,8 @@ impl Tokenizer {
             .build()
             .map_err(tok_err)?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
+        let pre = gguf.get("tokenizer.ggml.pre").and_then(GgufValue::as_str);
+        inner.with_pre_tokenizer(Some(pre_tokenizer(pre).map_err(err)?));
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control tokens (type 3) are special: matched whole, never split.
         if let Some(types) = gguf.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {

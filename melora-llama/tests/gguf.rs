@@ -190,10 +190,16 @@ fn other_architectures_and_rope_scaling_are_refused() {
         std::fs::remove_file(&path).ok();
         (path, result)
     };
-    let (path, result) = config_of("qwen2.gguf", vec![("general.architecture", Meta::Str("qwen2".into()))]);
+    let (path, result) = config_of(
+        "gemma3.gguf",
+        vec![("general.architecture", Meta::Str("gemma3".into()))],
+    );
     let err = result.unwrap_err();
     assert!(
-        err.contains(&path.display().to_string()) && err.contains("general.architecture is \"qwen2\""),
+        err.contains(&path.display().to_string())
+            && err.contains(
+                "general.architecture is \"gemma3\", which is not supported (supported: llama, qwen2, qwen3)"
+            ),
         "{err}"
     );
     let llama = || ("general.architecture", Meta::Str("llama".into()));

@@ -3,9 +3,10 @@
 
 use super::{pick_rows, Proj};
 use burn::module::Module;
+use burn::nn::RmsNorm;
 use burn::tensor::{backend::Backend, Tensor, TensorData};
 use melora_core::Sampler;
-use melora_kernels::{matmul, reshape, rotary, softmax_last};
+use melora_kernels::{matmul, reshape, rms_norm, rotary, softmax_last};
 use std::sync::Arc;
 
 /// Grouped-query self-attention.
@@ -25,6 +26,10 @@ pub struct Attention<B: Backend> {
     pub n_kv_heads: usize,
     /// Width of a head.
     pub head_dim: usize,
+    /// An RMSNorm over each query head before the rotary step (Qwen3).
+    pub q_norm: Option<RmsNorm<B>>,
+    /// The same over each key head.
+    pub k_norm: Option<RmsNorm<B>>,
 }
 
 /// Rotary tables: `cos` and `sin`, `[1, 1, seq, head_dim]` for a run of
@@ -144,8 +149,12 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let split = |t: Tensor<B, 3>, heads: usize| reshape(t, [batch, seq, heads, hd]).swap_dims(1, 2);
-        let q = rope.rotate_heads(self.q_proj.forward(x.clone(), sampler), h);
-        let mut k = rope.rotate_heads(self.k_proj.forward(x.clone(), sampler), kvh);
+        let q = rope.rotate_heads(
+            head_norm(self.q_norm.as_ref(), self.q_proj.forward(x.clone(), sampler), hd),
+            h,
+        );
+        let k = head_norm(self.k_norm.as_ref(), self.k_proj.forward(x.clone(), sampler), hd);
+        let mut k = rope.rotate_heads(k, kvh);
         let mut v = split(self.v_proj.forward(x, sampler), kvh);
         if let Some((cache_k, cache_v)) = cache {
             if let Some(past) = cache_k.take() {
@@ -166,6 +175,16 @@ impl<B: Backend> Attention<B> {
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, queries, h * hd]), sampler)
     }
+}
+
+/// `norm` over each head of a projection's output, `[batch, seq, heads *
+/// head_dim]` (every head normed over its own `head_dim` values, with the
+/// same weights); the output itself without a norm.
+fn head_norm<B: Backend>(norm: Option<&RmsNorm<B>>, x: Tensor<B, 3>, head_dim: usize) -> Tensor<B, 3> {
+    let Some(norm) = norm else { return x };
+    let [batch, seq, width] = x.dims();
+    let heads = reshape(x, [batch, seq * width / head_dim, head_dim]);
+    reshape(rms_norm(norm, heads), [batch, seq, width])
 }
 
 /// Scaled dot-product attention with grouped key/value heads.
@@ -202,15 +221,19 @@ pub fn grouped_attention<B: Backend>(
 
 /// The attention mask for `seq` new queries after `past` cached positions,
 /// as an additive bias `[batch, 1, seq, past + seq]`: `-inf` where a query
-/// may not look (later keys, and padded keys other than itself), 0 elsewhere.
-/// A padded query still sees itself, so no row is fully masked.
+/// may not look (later keys, keys `window` or more positions back, and
+/// padded keys other than itself), 0 elsewhere. A padded query still sees
+/// itself, so no row is fully masked.
 ///
 /// `padding`: per example, `true` for real tokens, over all `past + seq` keys.
+/// `window`: a sliding window (transformers' `sliding_window_overlay`: key
+/// `k` is seen by query `q` when `k > q - window`).
 pub fn attention_mask<B: Backend>(
     batch: usize,
     past: usize,
     seq: usize,
     padding: Option<&[Vec<bool>]>,
+    window: Option<usize>,
     device: &B::Device,
 ) -> Tensor<B, 4> {
     let total = past + seq;
@@ -220,7 +243,8 @@ pub fn attention_mask<B: Backend>(
             let query = past + i;
             for key in 0..total {
                 let padded = padding.is_some_and(|p| !p[b][key]);
-                let hidden = key > query || (padded && key != query);
+                let far = window.is_some_and(|w| query >= key + w);
+                let hidden = key > query || far || (padded && key != query);
                 values.push(if hidden { f32::NEG_INFINITY } else { 0.0 });
             }
         }

@@ -12,12 +12,13 @@ mod attention;
 pub mod cache;
 pub mod classify;
 pub mod config;
+mod hf;
 mod mlp;
 pub mod scoring;
 
 pub use adapters::Target;
 pub use attention::{attention_mask, grouped_attention, Attention, Rope};
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{Family, LlamaConfig, RopeScaling};
 pub use mlp::Mlp;
 
 use burn::module::Module;
@@ -92,6 +93,10 @@ pub struct Llama<B: Backend> {
     /// How the rotary frequencies are scaled.
     #[module(skip)]
     pub rope_scaling: RopeScaling,
+    /// Sliding-window attention: each query sees the last this many
+    /// positions, itself included (Mistral).
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
 }
 
 /// Row `rows[b]` of axis `dim` for each batch entry `b` (axis 0), keeping
@@ -117,6 +122,29 @@ pub fn pick_rows<B: Backend, const D: usize>(t: Tensor<B, D>, dim: usize, rows: 
         dim,
         Tensor::<B, D, Int>::from_data(TensorData::new(index, shape), &device),
     )
+}
+
+/// The sliding window over a laid-out batch, as an additive bias `[batch,
+/// 1, seq, seq]`: `-inf` where the key's rotary position is `window` or
+/// more before the query's (in a laid-out row, positions, not columns,
+/// say how far back a token is), 0 elsewhere.
+fn window_bias<B: Backend>(
+    positions: &[usize],
+    batch: usize,
+    seq: usize,
+    window: usize,
+    device: &B::Device,
+) -> Tensor<B, 4> {
+    let mut values = Vec::with_capacity(batch * seq * seq);
+    for row in positions.chunks(seq) {
+        for &q in row {
+            values.extend(row.iter().map(|&k| match q >= k + window {
+                true => f32::NEG_INFINITY,
+                false => 0.0,
+            }));
+        }
+    }
+    Tensor::from_data(TensorData::new(values, [batch, 1, seq, seq]), device)
 }
 
 /// The seven projections of a layer with their paths inside it.
@@ -206,6 +234,10 @@ impl<B: Backend> Llama<B> {
         let first = &self.layers[0].self_attn;
         let periods = self.rope_scaling.periods(self.rope_theta, first.head_dim);
         let rope = Rope::per_token(&periods, first.head_dim, positions, batch, seq, &tokens.device());
+        let mask = match self.sliding_window {
+            Some(window) => mask.add(window_bias(positions, batch, seq, window, &tokens.device())),
+            None => mask,
+        };
         self.layers_forward(tokens, &rope, Some(mask), None, None, sampler)
     }
 
@@ -223,7 +255,9 @@ impl<B: Backend> Llama<B> {
         let first = &self.layers[0].self_attn;
         let periods = self.rope_scaling.periods(self.rope_theta, first.head_dim);
         let rope = Rope::new(&periods, first.head_dim, past, seq, &device);
-        let mask = (seq > 1 || padding.is_some()).then(|| attention_mask::<B>(batch, past, seq, padding, &device));
+        let window = self.sliding_window.filter(|w| past + seq > *w);
+        let mask = (seq > 1 || padding.is_some() || window.is_some())
+            .then(|| attention_mask::<B>(batch, past, seq, padding, window, &device));
         self.layers_forward(tokens, &rope, mask, cache, rows, sampler)
     }
 

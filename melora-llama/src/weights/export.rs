@@ -1,11 +1,13 @@
 //! A model as a Hugging Face folder (`config.json`, `model.safetensors`,
 //! `tokenizer.json`): the format [`crate::weights::safetensors`] reads and
-//! transformers' `LlamaForCausalLM.from_pretrained` loads. Weights are
+//! transformers' `AutoModelForCausalLM.from_pretrained` loads (the family's
+//! class: `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`). Weights are
 //! written in f32 under Hugging Face names, linear weights `[out, in]`.
 
 use crate::assets::write_atomic;
 use crate::error::{LlamaError, Result};
-use crate::model::{Llama, LlamaConfig, Proj, RopeScaling};
+use crate::model::{Family, Llama, LlamaConfig, Proj, RopeScaling};
 use crate::tokenizer::Tokenizer;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
@@ -14,9 +16,10 @@ use std::path::Path;
 /// `config`'s Hugging Face `config.json`; a GGUF's per-frequency rope
 /// factors have no Hugging Face spelling and are refused.
 pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> Result<serde_json::Value> {
+    let family = config.family;
     let mut json = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family.architecture()],
+        "model_type": family.model_type(),
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -29,10 +32,38 @@ pub fn hf_config(config: &LlamaConfig, tokenizer: Option<&Tokenizer>) -> Result<
         "tie_word_embeddings": config.tie_word_embeddings,
         "max_position_embeddings": config.max_position_embeddings,
         "hidden_act": "silu",
-        "attention_bias": false,
-        "mlp_bias": false,
         "torch_dtype": "float32",
     });
+    // The biases as each family's class reads them (see `model::hf`): a
+    // configuration that family cannot say is refused.
+    let says = match family {
+        Family::Llama | Family::Qwen3 => config.qkv_bias == config.o_bias,
+        Family::Qwen2 => config.qkv_bias && !config.o_bias,
+        Family::Mistral => !config.qkv_bias && !config.o_bias,
+    } && config.qk_norm == (family == Family::Qwen3)
+        && (config.sliding_window.is_none() || family == Family::Mistral);
+    if !says {
+        return Err(LlamaError::Mismatch(format!(
+            "a {} config.json cannot say this model's features (q/k/v biases {}, output bias {}, head norms {}, sliding window {:?})",
+            family.model_type(),
+            config.qkv_bias,
+            config.o_bias,
+            config.qk_norm,
+            config.sliding_window
+        )));
+    }
+    match family {
+        Family::Llama => {
+            json["attention_bias"] = config.o_bias.into();
+            json["mlp_bias"] = false.into();
+        }
+        Family::Qwen3 => json["attention_bias"] = config.o_bias.into(),
+        Family::Qwen2 => json["use_sliding_window"] = false.into(),
+        Family::Mistral => json["sliding_window"] = config.sliding_window.into(),
+    }
+    if family == Family::Qwen3 {
+        json["use_sliding_window"] = false.into();
+    }
     json["rope_scaling"] = match &config.rope_scaling {
         RopeScaling::None => serde_json::Value::Null,
         RopeScaling::Factors { .. } => {
@@ -95,6 +126,15 @@ pub fn hf_tensors<B: Backend>(model: &Llama<B>) -> Result<Vec<(String, Vec<usize
             };
             // Burn keeps `[in, out]`; Hugging Face `[out, in]`.
             push(format!("{p}.{name}.weight"), values(linear.weight.val().transpose()));
+            if let Some(bias) = &linear.bias {
+                push(format!("{p}.{name}.bias"), values(bias.val()));
+            }
+        }
+        let attn = &layer.self_attn;
+        for (name, norm) in [("q_norm", &attn.q_norm), ("k_norm", &attn.k_norm)] {
+            if let Some(norm) = norm {
+                push(format!("{p}.self_attn.{name}.weight"), values(norm.gamma.val()));
+            }
         }
         push(
             format!("{p}.input_layernorm.weight"),

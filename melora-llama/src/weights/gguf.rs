@@ -3,13 +3,17 @@
 //! GGUF lists dimensions innermost first (`[in, out]` for a linear weight);
 //! [`GgufSource`] reverses them to PyTorch's `[out, in]`, renames tensors to
 //! Hugging Face names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)
-//! and un-permutes the Q/K rows that llama.cpp's converter interleaved for
-//! its RoPE, so the half-split RoPE of transformers applies to both formats.
+//! and un-permutes the Q/K rows (weights and biases) that llama.cpp's
+//! converter interleaved for its RoPE in `llama` files, so the half-split
+//! RoPE of transformers applies to both formats. Which architectures are
+//! permuted is llama.cpp's `conversion/llama.py` (`LlamaModel.permute`,
+//! `undo_permute = True`; Mistral is converted by that class too) and
+//! `conversion/qwen.py` (`Qwen2Model`, `Qwen3Model`: no permutation).
 
 use super::{HostTensor, WeightSource};
 use crate::error::{LlamaError, Result};
 use crate::gguf::{Gguf, GgufValue};
-use crate::model::config::{LlamaConfig, RopeScaling};
+use crate::model::config::{Family, LlamaConfig, RopeScaling};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -49,6 +53,12 @@ pub fn hf_name(gguf_name: &str) -> Option<String> {
         "ffn_gate.weight" => "mlp.gate_proj.weight",
         "ffn_up.weight" => "mlp.up_proj.weight",
         "ffn_down.weight" => "mlp.down_proj.weight",
+        "attn_q.bias" => "self_attn.q_proj.bias",
+        "attn_k.bias" => "self_attn.k_proj.bias",
+        "attn_v.bias" => "self_attn.v_proj.bias",
+        "attn_output.bias" => "self_attn.o_proj.bias",
+        "attn_q_norm.weight" => "self_attn.q_norm.weight",
+        "attn_k_norm.weight" => "self_attn.k_norm.weight",
         "attn_norm.weight" => "input_layernorm.weight",
         "ffn_norm.weight" => "post_attention_layernorm.weight",
         _ => return None,
@@ -102,13 +112,20 @@ impl GgufSource {
         &self.gguf
     }
 
-    fn arch_key(&self, key: &str) -> String {
-        let arch = self
-            .gguf
+    fn arch(&self) -> &str {
+        self.gguf
             .get("general.architecture")
             .and_then(GgufValue::as_str)
-            .unwrap_or("llama");
-        format!("{arch}.{key}")
+            .unwrap_or("llama")
+    }
+
+    fn arch_key(&self, key: &str) -> String {
+        format!("{}.{key}", self.arch())
+    }
+
+    /// Whether layer 0 holds the tensor of Hugging Face name suffix `tail`.
+    fn has(&self, tail: &str) -> bool {
+        self.names.contains_key(&format!("model.layers.0.{tail}"))
     }
 
     fn meta_u64(&self, key: &str) -> Result<usize> {
@@ -142,12 +159,19 @@ impl GgufSource {
             .get("general.architecture")
             .and_then(GgufValue::as_str)
             .unwrap_or("?");
-        if arch != "llama" {
-            return Err(LlamaError::format(
-                &self.path,
-                format!("general.architecture is {arch:?}, which is not supported (supported: llama)"),
-            ));
-        }
+        let family = match arch {
+            "llama" => Family::Llama,
+            "qwen2" => Family::Qwen2,
+            "qwen3" => Family::Qwen3,
+            _ => {
+                return Err(LlamaError::format(
+                    &self.path,
+                    format!(
+                        "general.architecture is {arch:?}, which is not supported (supported: llama, qwen2, qwen3)"
+                    ),
+                ))
+            }
+        };
         let scaling = self
             .gguf
             .get(&self.arch_key("rope.scaling.type"))
@@ -172,7 +196,12 @@ impl GgufSource {
                 .map(|a| a.len())
                 .ok_or_else(|| LlamaError::format(&self.path, "no vocab size and no tokenizer.ggml.tokens"))?,
         };
-        let head_dim = self.meta_u64("rope.dimension_count").unwrap_or(hidden / heads.max(1));
+        // `attention.key_length` where the converter wrote the
+        // configuration's head_dim (Qwen3), else the rotary width.
+        let head_dim = self
+            .meta_u64("attention.key_length")
+            .or_else(|_| self.meta_u64("rope.dimension_count"))
+            .unwrap_or(hidden / heads.max(1));
         let f = |key: &str, default: f64| {
             self.gguf
                 .get(&self.arch_key(key))
@@ -192,7 +221,11 @@ impl GgufSource {
         .with_rms_norm_eps(f("attention.layer_norm_rms_epsilon", 1e-5))
         .with_tie_word_embeddings(!self.names.contains_key("lm_head.weight"))
         .with_max_position_embeddings(self.meta_u64("context_length").unwrap_or(4096))
-        .with_rope_scaling(self.rope_factors()?);
+        .with_rope_scaling(self.rope_factors()?)
+        .with_family(family)
+        .with_qkv_bias(self.has("self_attn.q_proj.bias"))
+        .with_o_bias(self.has("self_attn.o_proj.bias"))
+        .with_qk_norm(self.has("self_attn.q_norm.weight"));
         config
             .validate()
             .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
@@ -224,9 +257,12 @@ impl WeightSource for GgufSource {
             .dequantize(info, &self.mmap)
             .map_err(|e| LlamaError::format(&self.path, e.to_string()))?;
         let shape: Vec<usize> = info.dims.iter().rev().copied().collect();
-        let heads = if name.ends_with("q_proj.weight") {
+        let permuted = self.arch() == "llama";
+        let heads = if !permuted {
+            None
+        } else if name.ends_with("q_proj.weight") || name.ends_with("q_proj.bias") {
             Some(self.meta_u64("attention.head_count")?)
-        } else if name.ends_with("k_proj.weight") {
+        } else if name.ends_with("k_proj.weight") || name.ends_with("k_proj.bias") {
             Some(
                 self.meta_u64("attention.head_count_kv")
                     .or_else(|_| self.meta_u64("attention.head_count"))?,
@@ -235,8 +271,9 @@ impl WeightSource for GgufSource {
             None
         };
         if let Some(heads) = heads {
-            let cols = *shape.last().unwrap_or(&1);
-            if shape.len() != 2 || heads == 0 || shape[0] % (2 * heads) != 0 {
+            // A bias is one column.
+            let cols = if shape.len() == 2 { shape[1] } else { 1 };
+            if shape.is_empty() || shape.len() > 2 || heads == 0 || shape[0] % (2 * heads) != 0 {
                 return Err(LlamaError::Shape {
                     name: name.to_string(),
                     expected: vec![heads, cols],

@@ -102,11 +102,26 @@ impl<S: WeightSource + ?Sized> Loader<'_, S> {
     }
 
     /// A linear layer from an `[out, in]` weight (transposed on the host to
-    /// Burn's `[in, out]`).
-    fn linear<B: Backend>(&mut self, name: &str, d_out: usize, d_in: usize, device: &B::Device) -> Result<Linear<B>> {
+    /// Burn's `[in, out]`) and, with `bias`, its `[out]` bias.
+    fn linear<B: Backend>(
+        &mut self,
+        name: &str,
+        d_out: usize,
+        d_in: usize,
+        bias: bool,
+        device: &B::Device,
+    ) -> Result<Linear<B>> {
+        let bias = match bias {
+            true => Some(Self::frozen(
+                self.get(&format!("{name}.bias"), &[d_out])?.values,
+                [d_out],
+                device,
+            )),
+            false => None,
+        };
         let name = format!("{name}.weight");
         if let Some(weight) = self.device_random(&name, [d_in, d_out], device) {
-            return Ok(Linear { weight, bias: None });
+            return Ok(Linear { weight, bias });
         }
         let w = self.get(&name, &[d_out, d_in])?;
         let mut t = vec![0f32; w.values.len()];
@@ -117,7 +132,7 @@ impl<S: WeightSource + ?Sized> Loader<'_, S> {
         }
         Ok(Linear {
             weight: Self::frozen(t, [d_in, d_out], device),
-            bias: None,
+            bias,
         })
     }
 
@@ -153,27 +168,42 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        let mut lin = |name: &str, d_out, d_in| -> Result<Proj<B>> {
+        let mut lin = |name: &str, d_out, d_in, bias| -> Result<Proj<B>> {
             Ok(Proj::Base(loader.linear(
                 &format!("{p}.{name}"),
                 d_out,
                 d_in,
+                bias,
                 device,
             )?))
         };
+        let (q_proj, k_proj, v_proj, o_proj) = (
+            lin("self_attn.q_proj", q_dim, c.hidden_size, c.qkv_bias)?,
+            lin("self_attn.k_proj", kv_dim, c.hidden_size, c.qkv_bias)?,
+            lin("self_attn.v_proj", kv_dim, c.hidden_size, c.qkv_bias)?,
+            lin("self_attn.o_proj", c.hidden_size, q_dim, c.o_bias)?,
+        );
+        let mlp = Mlp {
+            gate_proj: lin("mlp.gate_proj", c.intermediate_size, c.hidden_size, false)?,
+            up_proj: lin("mlp.up_proj", c.intermediate_size, c.hidden_size, false)?,
+            down_proj: lin("mlp.down_proj", c.hidden_size, c.intermediate_size, false)?,
+        };
+        let mut head_norm = |which: &str| match c.qk_norm {
+            true => loader
+                .norm(&format!("{p}.self_attn.{which}"), c.head_dim, c.rms_norm_eps, device)
+                .map(Some),
+            false => Ok(None),
+        };
         let self_attn = Attention {
-            q_proj: lin("self_attn.q_proj", q_dim, c.hidden_size)?,
-            k_proj: lin("self_attn.k_proj", kv_dim, c.hidden_size)?,
-            v_proj: lin("self_attn.v_proj", kv_dim, c.hidden_size)?,
-            o_proj: lin("self_attn.o_proj", c.hidden_size, q_dim)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
             n_heads: c.num_attention_heads,
             n_kv_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
-        };
-        let mlp = Mlp {
-            gate_proj: lin("mlp.gate_proj", c.intermediate_size, c.hidden_size)?,
-            up_proj: lin("mlp.up_proj", c.intermediate_size, c.hidden_size)?,
-            down_proj: lin("mlp.down_proj", c.hidden_size, c.intermediate_size)?,
+            q_norm: head_norm("q_norm")?,
+            k_norm: head_norm("k_norm")?,
         };
         layers.push(DecoderLayer {
             self_attn,
@@ -191,7 +221,7 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
     let lm_head = if c.tie_word_embeddings {
         None
     } else {
-        Some(loader.linear("lm_head", c.vocab_size, c.hidden_size, device)?)
+        Some(loader.linear("lm_head", c.vocab_size, c.hidden_size, false, device)?)
     };
     let used = loader.used;
     let unused: Vec<String> = source.names().into_iter().filter(|n| !used.contains(n)).collect();
@@ -219,11 +249,12 @@ pub fn build<B: Backend, S: WeightSource + ?Sized>(
         head_adapter: None,
         rope_theta: c.rope_theta,
         rope_scaling: c.rope_scaling.clone(),
+        sliding_window: c.sliding_window,
     };
     Ok((model.no_grad(), LoadReport { unused }))
 }
 
-/// Random weights `N(0, 0.02^2)` (norms 1) of the right shapes, generated on
+/// Random weights `N(0, 0.02^2)` (norms 1, biases 0) of the right shapes, generated on
 /// demand: for shape-only presets and benchmarks.
 pub struct RandomSource {
     config: LlamaConfig,
@@ -264,7 +295,25 @@ impl WeightSource for RandomSource {
     fn load(&mut self, name: &str) -> Result<Option<HostTensor>> {
         let c = &self.config;
         let (q_dim, kv_dim) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-        let shape: Vec<usize> = if name.ends_with("norm.weight") {
+        let shape: Vec<usize> = if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+            return Ok(Some(HostTensor {
+                shape: vec![c.head_dim],
+                values: vec![1.0; c.head_dim],
+            }));
+        } else if let Some(d_out) = [
+            ("q_proj.bias", q_dim),
+            ("k_proj.bias", kv_dim),
+            ("v_proj.bias", kv_dim),
+            ("o_proj.bias", c.hidden_size),
+        ]
+        .iter()
+        .find_map(|(suffix, d)| name.ends_with(suffix).then_some(*d))
+        {
+            return Ok(Some(HostTensor {
+                shape: vec![d_out],
+                values: vec![0.0; d_out],
+            }));
+        } else if name.ends_with("norm.weight") {
             return Ok(Some(HostTensor {
                 shape: vec![c.hidden_size],
                 values: vec![1.0; c.hidden_size],

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use super::fixture;
+use melora_llama::model::Family;
 use melora_llama::weights::safetensors::SafetensorsSource;
 use melora_llama::weights::WeightSource;
 use melora_llama::LlamaConfig;
@@ -131,14 +132,14 @@ pub fn permute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
 }
 
 /// A GGUF file: `tensors` are (name, PyTorch shape `[out, in]`, values, type).
-pub fn write(meta: &[(&str, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>, Quant)]) -> Vec<u8> {
+pub fn write<K: AsRef<str>>(meta: &[(K, Meta)], tensors: &[(String, Vec<usize>, Vec<f32>, Quant)]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend(b"GGUF");
     out.extend(3u32.to_le_bytes());
     out.extend((tensors.len() as u64).to_le_bytes());
     out.extend((meta.len() as u64).to_le_bytes());
     for (key, value) in meta {
-        string(&mut out, key);
+        string(&mut out, key.as_ref());
         match value {
             Meta::U32(v) => {
                 out.extend(4u32.to_le_bytes());
@@ -206,6 +207,12 @@ fn gguf_name(hf: &str) -> String {
         "self_attn.k_proj.weight" => "attn_k.weight",
         "self_attn.v_proj.weight" => "attn_v.weight",
         "self_attn.o_proj.weight" => "attn_output.weight",
+        "self_attn.q_proj.bias" => "attn_q.bias",
+        "self_attn.k_proj.bias" => "attn_k.bias",
+        "self_attn.v_proj.bias" => "attn_v.bias",
+        "self_attn.o_proj.bias" => "attn_output.bias",
+        "self_attn.q_norm.weight" => "attn_q_norm.weight",
+        "self_attn.k_norm.weight" => "attn_k_norm.weight",
         "mlp.gate_proj.weight" => "ffn_gate.weight",
         "mlp.up_proj.weight" => "ffn_up.weight",
         "mlp.down_proj.weight" => "ffn_down.weight",
@@ -221,57 +228,68 @@ pub fn fixture_as_gguf(which: &str, quant: impl Fn(&str) -> Quant) -> Vec<u8> {
     folder_as_gguf(&fixture(which), quant, Vec::new())
 }
 
-/// A Hugging Face folder of a Llama as GGUF bytes, with `extra` tensors
-/// (GGUF names) after the model's.
+/// A Hugging Face folder as GGUF bytes, with `extra` tensors (GGUF names)
+/// after the model's, written as llama.cpp's converter writes its family:
+/// architecture `llama` (Llama and Mistral, `conversion/llama.py`: Q/K rows
+/// and biases permuted) or `qwen2` / `qwen3` (`conversion/qwen.py`: not
+/// permuted; the head width as `attention.key_length`).
 pub fn folder_as_gguf(
     dir: &std::path::Path,
     quant: impl Fn(&str) -> Quant,
     extra: Vec<(String, Vec<usize>, Vec<f32>, Quant)>,
 ) -> Vec<u8> {
     let config = LlamaConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let arch = match config.family {
+        Family::Llama | Family::Mistral => "llama",
+        Family::Qwen2 => "qwen2",
+        Family::Qwen3 => "qwen3",
+    };
     let mut source = SafetensorsSource::open(dir).unwrap();
     let mut tensors = Vec::new();
     for name in source.names() {
         let t = source.load(&name).unwrap().unwrap();
         let mut values = t.values;
-        if name.ends_with("q_proj.weight") {
-            values = permute_rows(&values, config.num_attention_heads, config.hidden_size);
-        } else if name.ends_with("k_proj.weight") {
-            values = permute_rows(&values, config.num_key_value_heads, config.hidden_size);
+        let cols = if t.shape.len() == 2 { t.shape[1] } else { 1 };
+        if arch == "llama" && name.contains("q_proj.") {
+            values = permute_rows(&values, config.num_attention_heads, cols);
+        } else if arch == "llama" && name.contains("k_proj.") {
+            values = permute_rows(&values, config.num_key_value_heads, cols);
         }
         let q = if t.shape.len() == 1 { Quant::F32 } else { quant(&name) };
         tensors.push((gguf_name(&name), t.shape, values, q));
     }
     tensors.extend(extra);
+    let key = |k: &str| format!("{arch}.{k}");
     let meta = vec![
-        ("general.architecture", Meta::Str("llama".into())),
-        ("general.alignment", Meta::U32(32)),
-        ("llama.block_count", Meta::U32(config.num_hidden_layers as u32)),
-        ("llama.embedding_length", Meta::U32(config.hidden_size as u32)),
-        ("llama.feed_forward_length", Meta::U32(config.intermediate_size as u32)),
+        ("general.architecture".to_string(), Meta::Str(arch.into())),
+        ("general.alignment".to_string(), Meta::U32(32)),
+        (key("block_count"), Meta::U32(config.num_hidden_layers as u32)),
+        (key("embedding_length"), Meta::U32(config.hidden_size as u32)),
+        (key("feed_forward_length"), Meta::U32(config.intermediate_size as u32)),
         (
-            "llama.attention.head_count",
+            key("attention.head_count"),
             Meta::U32(config.num_attention_heads as u32),
         ),
         (
-            "llama.attention.head_count_kv",
+            key("attention.head_count_kv"),
             Meta::U32(config.num_key_value_heads as u32),
         ),
-        ("llama.rope.freq_base", Meta::F32(config.rope_theta as f32)),
+        (key("attention.key_length"), Meta::U32(config.head_dim as u32)),
+        (key("rope.freq_base"), Meta::F32(config.rope_theta as f32)),
         (
-            "llama.attention.layer_norm_rms_epsilon",
+            key("attention.layer_norm_rms_epsilon"),
             Meta::F32(config.rms_norm_eps as f32),
         ),
-        ("llama.context_length", Meta::U32(config.max_position_embeddings as u32)),
-        ("llama.vocab_size", Meta::U32(config.vocab_size as u32)),
-        ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+        (key("context_length"), Meta::U32(config.max_position_embeddings as u32)),
+        (key("vocab_size"), Meta::U32(config.vocab_size as u32)),
+        ("tokenizer.ggml.model".to_string(), Meta::Str("gpt2".into())),
         (
-            "tokenizer.ggml.tokens",
+            "tokenizer.ggml.tokens".to_string(),
             Meta::Strs(vec!["a".into(), "b".into(), "ab".into()]),
         ),
-        ("tokenizer.ggml.merges", Meta::Strs(vec!["a b".into()])),
-        ("tokenizer.ggml.token_type", Meta::I32s(vec![1, 1, 1])),
-        ("tokenizer.ggml.add_bos_token", Meta::Bool(false)),
+        ("tokenizer.ggml.merges".to_string(), Meta::Strs(vec!["a b".into()])),
+        ("tokenizer.ggml.token_type".to_string(), Meta::I32s(vec![1, 1, 1])),
+        ("tokenizer.ggml.add_bos_token".to_string(), Meta::Bool(false)),
     ];
     write(&meta, &tensors)
 }
