@@ -18,6 +18,7 @@ use common::read_npy;
 use melora_core::{NoiseSource, Sampler, SamplingMode};
 use melora_llama::model::cache::KvCache;
 use melora_llama::model::{attention_mask, Family, Llama, Proj, RopeScaling};
+use melora_llama::weights::peft::load_adapter;
 use melora_llama::weights::{build, gguf::GgufSource, safetensors::SafetensorsSource};
 use melora_llama::LlamaConfig;
 use std::path::PathBuf;
@@ -296,5 +297,33 @@ fn qwen_families_as_gguf_match_transformers() {
         println!("{name} from GGUF: max |logit diff| {diff:.2e}");
         assert!(diff < 1e-4, "{name}: GGUF logits differ by {diff}");
         std::fs::remove_file(&path).ok();
+    }
+}
+
+/// A LoRA adapter PEFT wrote for each family (on q, k, v and o: in Qwen2
+/// and Qwen3 on the biased projections) loads and gives PEFT's logits.
+#[test]
+fn peft_adapters_of_every_family_give_peft_logits() {
+    for name in ["llama3", "qwen2", "qwen3", "mistral"] {
+        let dir = family(name);
+        let config = config(name);
+        let device = Default::default();
+        let (base, _) =
+            build::<NdArray<f32>, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &device).unwrap();
+        let (model, _) = load_adapter(base, &dir.join("lora"), &device).unwrap();
+        assert_eq!(model.adapters().len(), 4 * config.num_hidden_layers, "{name}");
+        let ids = read_npy(dir.join("input_ids.npy"));
+        let tokens = Tensor::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &device);
+        let mut noise = NoiseSource::seeded(0);
+        let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
+        let values: Vec<f64> = out.into_data().convert::<f64>().to_vec().unwrap();
+        let expected: Vec<f64> = read_npy(dir.join("logits_lora.npy"))
+            .f32
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let diff = max_diff(&values, &expected);
+        println!("{name} with PEFT's LoRA: max |logit diff| {diff:.2e}");
+        assert!(diff < 1e-4, "{name}: adapted logits differ by {diff}");
     }
 }
