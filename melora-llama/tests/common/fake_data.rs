@@ -174,6 +174,12 @@ pub struct TinyHome {
 }
 
 pub fn tiny_home(name: &str) -> TinyHome {
+    tiny_home_with(name, &super::fixture("tied"))
+}
+
+/// [`tiny_home`] with the model of the fixture folder `source` (its
+/// `config.json` and `model.safetensors`).
+pub fn tiny_home_with(name: &str, source: &std::path::Path) -> TinyHome {
     let data = fake_olmo_data(name);
     let root = data.parent().unwrap().to_path_buf();
     let home = root.join("home");
@@ -182,7 +188,7 @@ pub fn tiny_home(name: &str) -> TinyHome {
     let model = root.join("tiny");
     std::fs::create_dir_all(&model).unwrap();
     for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(super::fixture("tied").join(file), model.join(file)).unwrap();
+        std::fs::copy(source.join(file), model.join(file)).unwrap();
     }
     word_tokenizer(&model);
     TinyHome { root, home, model }
