@@ -6,6 +6,7 @@ use crate::gguf::{Gguf, GgufValue};
 use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::unicode::NFC;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -25,7 +26,8 @@ const QWEN2_PATTERN: &str =
 /// `tokenizer.json` spells it: `smollm` (and a file that names none, as the
 /// first SmolLM2 GGUFs) splits digits one by one, then GPT-2's byte-level
 /// regex; `qwen2` splits by [`QWEN2_PATTERN`], then maps bytes. Any other is
-/// refused: its splits differ, and so would every token id.
+/// refused: its splits differ, and so would every token id. (`qwen2`
+/// also composes characters, NFC, as its `tokenizer.json` does.)
 fn pre_tokenizer(pre: Option<&str>) -> std::result::Result<PreTokenizerWrapper, String> {
     match pre {
         None | Some("smollm") => Ok(Sequence::new(vec![
@@ -123,6 +125,10 @@ impl Tokenizer {
         let mut inner = tokenizers::Tokenizer::new(bpe);
         let pre = gguf.get("tokenizer.ggml.pre").and_then(GgufValue::as_str);
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre).map_err(err)?));
+        // Qwen2's tokenizer composes characters first (NFC).
+        if pre == Some("qwen2") {
+            inner.with_normalizer(Some(NFC));
+        }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control tokens (type 3) are special: matched whole, never split.
         if let Some(types) = gguf.get("tokenizer.ggml.token_type").and_then(GgufValue::as_array) {

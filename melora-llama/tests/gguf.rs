@@ -217,3 +217,62 @@ fn other_architectures_and_rope_scaling_are_refused() {
     let err = result.unwrap_err();
     assert!(err.contains("attention.head_count missing"), "{err}");
 }
+
+/// A GGUF tokenizer whose `tokenizer.ggml.pre` is `qwen2` splits and
+/// normalises as Qwen2's `tokenizer.json` does: the ids of
+/// `fixtures/qwen2-tokenizer/cases.json` (written by the `tokenizers`
+/// package with transformers' `Qwen2Tokenizer` pre-tokenizer, its
+/// `make.py`); with SmolLM2's pre-tokenizer instead some ids differ (the
+/// control), and a pre-tokenizer melora does not know is refused.
+#[test]
+fn the_qwen2_pre_tokenizer_gives_the_reference_ids() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/qwen2-tokenizer");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let strings = |key: &str| -> Vec<String> {
+        cases[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    let tokens = strings("tokens");
+    let tokenizer_with = |pre: &str| {
+        let meta = vec![
+            ("tokenizer.ggml.model", Meta::Str("gpt2".into())),
+            ("tokenizer.ggml.pre", Meta::Str(pre.into())),
+            ("tokenizer.ggml.tokens", Meta::Strs(tokens.clone())),
+            ("tokenizer.ggml.merges", Meta::Strs(strings("merges"))),
+        ];
+        let path = temp_file(&format!("tokenizer-{pre}.gguf"), &write(&meta, &[]));
+        let gguf = Gguf::parse(&std::fs::read(&path).unwrap()).unwrap();
+        let result = melora_llama::tokenizer::Tokenizer::from_gguf(&gguf, &path).map_err(|e| e.to_string());
+        std::fs::remove_file(&path).ok();
+        result
+    };
+    let qwen2 = tokenizer_with("qwen2").unwrap();
+    let smollm = tokenizer_with("smollm").unwrap();
+    let mut differ = 0;
+    for case in cases["cases"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(qwen2.encode_plain(text).unwrap(), expected, "{text:?}");
+        differ += usize::from(smollm.encode_plain(text).unwrap() != expected);
+    }
+    println!(
+        "qwen2 pre-tokenizer: {} cases equal; SmolLM2's gives other ids in {differ}",
+        cases["cases"].as_array().unwrap().len()
+    );
+    assert!(differ > 0, "the control: SmolLM2's pre-tokenizer gives the same ids");
+    let err = tokenizer_with("llama-bpe").err().unwrap();
+    assert!(
+        err.contains("tokenizer.ggml.pre = \"llama-bpe\": that pre-tokenizer is not supported"),
+        "{err}"
+    );
+}
