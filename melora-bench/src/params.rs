@@ -130,7 +130,7 @@ fn explain(
 
 pub fn table(ranks: &[usize], targets: &[Target]) -> anyhow::Result<Vec<ParamRow>> {
     let mut rows = Vec::new();
-    for model in ["llama2-7b", "llama2-13b", "llama3.1-8b", "smollm2-135m"] {
+    for model in ["llama2-7b", "llama2-13b", "llama3.1-8b", "qwen2.5-7b", "smollm2-135m"] {
         let config = LlamaConfig::preset(model).expect("preset");
         for &rank in ranks {
             for kind in [AdapterKind::Lora, AdapterKind::Blob, AdapterKind::MeLora] {
@@ -198,6 +198,12 @@ mod tests {
         assert_eq!(
             count(&llama3, AdapterKind::Lora, 8, &qv).unwrap(),
             32 * 8 * ((4096 + 4096) + (4096 + 1024))
+        );
+        // Qwen2.5-7B's: 3584 -> 512 (4 heads of 128).
+        let qwen = LlamaConfig::qwen25_7b();
+        assert_eq!(
+            count(&qwen, AdapterKind::Lora, 8, &qv).unwrap(),
+            28 * 8 * ((3584 + 3584) + (3584 + 512))
         );
         // SmolLM2's grouped-query v_proj is 576 -> 192.
         let smol = LlamaConfig::smollm2_135m();
