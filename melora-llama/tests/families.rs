@@ -100,6 +100,23 @@ fn qwen2_biases_match_transformers() {
     });
 }
 
+/// A Llama with `attention_bias`: biases on q, k, v and o; the control
+/// drops them.
+#[test]
+fn llama_attention_biases_match_transformers() {
+    let c = config("llama-bias");
+    assert_eq!((c.family, c.qkv_bias, c.o_bias), (Family::Llama, true, true));
+    check("llama-bias", |m| {
+        for layer in &mut m.layers {
+            for (_, proj) in layer.projections_mut() {
+                if let Proj::Base(linear) = proj {
+                    linear.bias = None;
+                }
+            }
+        }
+    });
+}
+
 /// Qwen3's per-head query and key norms, with head_dim (32) unlike hidden /
 /// heads (16) and biases on all four attention projections; the control
 /// drops the norms.
@@ -262,11 +279,13 @@ fn llama3_as_gguf_with_rope_freqs_matches_transformers() {
 
 /// Qwen2 and Qwen3 as llama.cpp's converter writes them (`qwen2` / `qwen3`
 /// architectures, Q/K rows not permuted, biases as `attn_q.bias`, head norms
-/// as `attn_q_norm.weight`, the head width as `attention.key_length`):
-/// read back to the same features and transformers' logits.
+/// as `attn_q_norm.weight`, the head width as `attention.key_length`), and
+/// the biased Llama as a `llama` GGUF (its Q/K biases permuted with the
+/// rows, `conversion/llama.py`): read back to the same features and
+/// transformers' logits.
 #[test]
-fn qwen_families_as_gguf_match_transformers() {
-    for name in ["qwen2", "qwen3"] {
+fn biased_and_qwen_families_as_gguf_match_transformers() {
+    for name in ["qwen2", "qwen3", "llama-bias"] {
         let dir = family(name);
         let path = std::env::temp_dir().join(format!("melora-{name}-{}.gguf", std::process::id()));
         std::fs::write(&path, folder_as_gguf(&dir, |_| Quant::F32, Vec::new())).unwrap();
@@ -304,7 +323,7 @@ fn qwen_families_as_gguf_match_transformers() {
 /// and Qwen3 on the biased projections) loads and gives PEFT's logits.
 #[test]
 fn peft_adapters_of_every_family_give_peft_logits() {
-    for name in ["llama3", "qwen2", "qwen3", "mistral"] {
+    for name in ["llama3", "llama-bias", "qwen2", "qwen3", "mistral"] {
         let dir = family(name);
         let config = config(name);
         let device = Default::default();
