@@ -127,7 +127,7 @@ impl Tokenizer {
         inner.with_pre_tokenizer(Some(pre_tokenizer(pre).map_err(err)?));
         // Qwen2's tokenizer composes characters first (NFC).
         if pre == Some("qwen2") {
-            inner.with_normalizer(Some(NFC));
+            inner.with_normalizer(Some(NFC)).map_err(tok_err)?;
         }
         inner.with_decoder(Some(ByteLevelDecoder::default()));
         // Control tokens (type 3) are special: matched whole, never split.
