@@ -21,6 +21,7 @@
 
 mod batch;
 mod encode;
+pub mod files;
 mod load;
 pub mod readers;
 
