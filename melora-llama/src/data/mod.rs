@@ -24,6 +24,7 @@ mod encode;
 pub mod files;
 mod load;
 pub mod readers;
+pub mod template;
 
 pub use batch::{batch_of, collate, length_batches, Batch, Padding};
 pub use encode::{encode, encode_cloze, label_tokens, split_shared_prefix, ChoiceSequence, Continuation, Encoded};
