@@ -42,6 +42,14 @@ pub struct SubjectArgs {
 }
 
 impl SubjectArgs {
+    /// The task of the run (its settings, kept in the run or Laplace
+    /// folder), when the subject is a run.
+    fn run_task(&self) -> Result<Option<Task>> {
+        let Some(dir) = &self.run else { return Ok(None) };
+        let config: TrainConfig = Loader::file(Some(&dir.join("config.json"))).load()?;
+        Ok(Some(config.task))
+    }
+
     fn subject(&self) -> Result<Subject> {
         Ok(match (&self.run, &self.adapter, self.zero_shot) {
             (Some(r), _, _) => Subject::Run(r.clone()),
@@ -132,9 +140,10 @@ pub fn log_row(evaluation: &Evaluation) {
 pub struct EvalCmd {
     #[command(flatten)]
     subject: SubjectArgs,
-    /// The task (another task than the training one gives the OOD setting).
+    /// The task (default: the run's own; another task than the training
+    /// one gives the OOD setting; `files` is a run's own questions).
     #[arg(long)]
-    task: Task,
+    task: Option<Task>,
     /// The split.
     #[arg(long, default_value = "test")]
     split: Split,
@@ -166,8 +175,15 @@ impl EvalCmd {
             split: self.split,
             max_examples: self.max_examples,
         };
+        let task = match self.task {
+            Some(task) => task,
+            None => self
+                .subject
+                .run_task()?
+                .context("give --task: only a run has a task of its own")?,
+        };
         let mut evaluations = Vec::with_capacity(1 + self.ood.len());
-        for task in std::iter::once(self.task).chain(self.ood.iter().copied()) {
+        for task in std::iter::once(task).chain(self.ood.iter().copied()) {
             let evaluation = predict(&request, task, &questions)?;
             log_row(&evaluation);
             evaluations.push(evaluation);
@@ -177,7 +193,7 @@ impl EvalCmd {
                 Subject::Run(dir) | Subject::Adapter(dir) => dir.clone(),
                 Subject::ZeroShot => PathBuf::from("runs/zero-shot"),
             };
-            base.join(format!("eval-{}-{}", self.task.name(), self.split.name()))
+            base.join(format!("eval-{}-{}", task.name(), self.split.name()))
         });
         let rows: Vec<ResultRow> = evaluations.iter().map(|e| e.row.clone()).collect();
         let ood = match evaluations.split_first() {
@@ -218,10 +234,11 @@ pub struct PredictCmd {
     /// with an optional "answer" (index or letter).
     #[arg(long)]
     file: Option<PathBuf>,
-    /// The prompt format and label set: arc-e (up to 5 choices, the
-    /// default), mmlu-chem (4), ...
-    #[arg(long, default_value = "arc-e")]
-    task: Task,
+    /// The prompt format and label set: arc-e (up to 5 choices; the
+    /// default without a run), mmlu-chem (4), ..., files (a run's own
+    /// questions' templates; the default of a run trained with --data).
+    #[arg(long)]
+    task: Option<Task>,
     #[command(flatten)]
     how: How,
     /// Print JSON instead of a table.
@@ -257,7 +274,16 @@ impl PredictCmd {
         if matches!(&request.subject, Subject::Run(dir) if LaplaceDir::is_laplace(dir)) {
             request.flags.samples = request.flags.samples.or(Some(10));
         }
-        let evaluation = predict(&request, self.task, &Questions::Own(items.clone()))?;
+        let task = match self.task {
+            Some(task) => task,
+            // A run of one's own questions asks in its own templates.
+            None => self
+                .subject
+                .run_task()?
+                .filter(|t| *t == Task::Files)
+                .unwrap_or(Task::ArcE),
+        };
+        let evaluation = predict(&request, task, &Questions::Own(items.clone()))?;
         eprintln!(
             "{}: S = {}, {:.0} s",
             evaluation.row.name, evaluation.row.samples, evaluation.seconds

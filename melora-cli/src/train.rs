@@ -8,6 +8,7 @@ use burn::module::AutodiffModule;
 use clap::Args;
 use melora_cli::backend::{self, Train};
 use melora_core::SamplingMode;
+use melora_llama::data::files::DataFiles;
 use melora_llama::data::{Scoring, Split, Task};
 use melora_llama::eval::PredictOptions;
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};
@@ -40,6 +41,17 @@ pub struct TrainCmd {
     /// Override: the task.
     #[arg(long)]
     task: Option<Task>,
+    /// Train on one's own questions: a JSONL, CSV, TSV or Parquet file
+    /// (question, choices, answer; optional id and context; see the guide).
+    /// The task becomes `files`; needs --validation.
+    #[arg(long, requires = "validation")]
+    data: Option<PathBuf>,
+    /// The validation questions of --data (checkpoint selection).
+    #[arg(long, requires = "data")]
+    validation: Option<PathBuf>,
+    /// The test questions of --data (for `melora eval --run`).
+    #[arg(long, requires = "data")]
+    test: Option<PathBuf>,
     /// Override: the number of steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -81,6 +93,22 @@ impl TrainCmd {
     /// method with its preset first, then the recipe), then the `--set`s,
     /// which can change anything the others set.
     fn config(&self) -> Result<TrainConfig> {
+        // The files by absolute path: the run folder keeps them for
+        // `eval --run` and `predict --run` from anywhere.
+        let absolute = |p: &Path| std::fs::canonicalize(p).with_context(|| format!("reading {}", p.display()));
+        let files = match (&self.data, &self.validation) {
+            (Some(train), Some(validation)) => {
+                if self.task.is_some_and(|t| t != Task::Files) {
+                    bail!("--data trains on your own questions (the task files): drop --task");
+                }
+                Some((
+                    absolute(train)?,
+                    absolute(validation)?,
+                    self.test.as_deref().map(absolute).transpose()?,
+                ))
+            }
+            _ => None,
+        };
         let flags = |mut c: TrainConfig| {
             if let Some(m) = self.method {
                 c = m.preset(c);
@@ -89,6 +117,16 @@ impl TrainCmd {
                 c = r.apply(c);
             }
             c.task = self.task.unwrap_or(c.task);
+            if let Some((train, validation, test)) = files.clone() {
+                let template = c.data.take().map(|d| d.template).unwrap_or_default();
+                c.data = Some(DataFiles {
+                    train,
+                    validation,
+                    test,
+                    template,
+                });
+                c.task = Task::Files;
+            }
             c.steps = self.steps.unwrap_or(c.steps);
             c.seed = self.seed.unwrap_or(c.seed);
             c.scoring = self.scoring.unwrap_or(c.scoring);
@@ -154,6 +192,27 @@ impl NodeArgs {
 
 /// Trains `config` into `out` (continuing it with `resume`): the dashboard
 /// on a terminal unless `plain`.
+/// The first training question as the model will see it: the prompt and,
+/// under answer scoring, each choice's continuation.
+fn show_prompt(data: &DataFiles, scoring: Scoring) -> Result<()> {
+    let questions = data.read(Split::Train)?;
+    let first = &questions[0];
+    eprintln!(
+        "the first of {} training questions as the model sees it:",
+        questions.len()
+    );
+    match scoring {
+        Scoring::Label => eprintln!("{}", data.template.label_text(first)),
+        Scoring::Answer => {
+            for (k, cloze) in data.template.cloze(first).iter().enumerate() {
+                let mark = if k == first.answer { "*" } else { " " };
+                eprintln!("{mark} {:?} + {:?}", cloze.context, cloze.continuation);
+            }
+        }
+    }
+    Ok(())
+}
+
 fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Option<Nodes>) -> Result<()> {
     let assets = ensure_assets(&config.model)?;
     let run = RunDir { dir: out };
@@ -163,6 +222,9 @@ fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Op
             "{} already holds a run: pass --resume to continue it, or choose another --out",
             run.dir.display()
         );
+    }
+    if let (Some(data), true) = (&config.data, lead_node) {
+        show_prompt(data, config.scoring)?;
     }
     let start = Instant::now();
     let trainer = Trainer::new(&config, &run).resume(resume).nodes(nodes.as_ref());

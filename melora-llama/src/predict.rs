@@ -324,14 +324,20 @@ impl Request {
     /// The task set-up: the run's scoring, length normalisation and prompt
     /// length unless the request says otherwise.
     fn setup(&self, config: &TrainConfig, task: Task, tokenizer: Tokenizer, assets: &Assets) -> Result<TaskSetup> {
-        TaskSetup::new(
-            task,
+        let (scoring, norm) = (
             self.scoring.unwrap_or(config.scoring),
             self.length_norm.unwrap_or(config.length_norm),
-            config.max_tokens,
-            tokenizer,
-            assets,
-        )
+        );
+        if task == Task::Files {
+            let data = config.data.clone().ok_or_else(|| {
+                LlamaError::Config(
+                    "the task \"files\" is a run's own questions: evaluate a run trained with --data (--run DIR)"
+                        .into(),
+                )
+            })?;
+            return TaskSetup::files(data, scoring, norm, config.max_tokens, tokenizer);
+        }
+        TaskSetup::new(task, scoring, norm, config.max_tokens, tokenizer, assets)
     }
 }
 

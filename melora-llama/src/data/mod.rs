@@ -27,7 +27,10 @@ pub mod readers;
 pub mod template;
 
 pub use batch::{batch_of, collate, length_batches, Batch, Padding};
-pub use encode::{encode, encode_cloze, label_tokens, split_shared_prefix, ChoiceSequence, Continuation, Encoded};
+pub use encode::{
+    encode, encode_cloze, encode_prompt, encode_requests, label_tokens, split_shared_prefix, ChoiceSequence,
+    Continuation, Encoded,
+};
 pub use load::{load_task, read_questions, seeded_shuffle, TaskData};
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +72,10 @@ pub enum Task {
     /// MMLU college mathematics.
     #[serde(rename = "mmlu-math")]
     MmluMath,
+    /// A user's own questions, read from the files a run's `data` names
+    /// ([`files::DataFiles`]); not one of [`Task::ALL`].
+    #[serde(rename = "files")]
+    Files,
 }
 
 /// A split of a task.
@@ -135,6 +142,7 @@ impl Task {
             Task::MmluChem => "mmlu-chem",
             Task::MmluPhys => "mmlu-phys",
             Task::MmluMath => "mmlu-math",
+            Task::Files => "files",
         }
     }
 
@@ -150,6 +158,7 @@ impl Task {
             Task::MmluChem => "MMLU college chemistry",
             Task::MmluPhys => "MMLU college physics",
             Task::MmluMath => "MMLU college mathematics",
+            Task::Files => "your questions",
         }
     }
 
@@ -159,6 +168,11 @@ impl Task {
             Task::Boolq => &["True", "False"],
             Task::WgS | Task::WgM => &["A", "B"],
             Task::ArcC | Task::ArcE => &["A", "B", "C", "D", "E"],
+            // As many as a file's questions have (up to Z).
+            Task::Files => &[
+                "A", "B", "C", "D", "E", "F", "G", "H", "I", "J", "K", "L", "M", "N", "O", "P", "Q", "R", "S", "T",
+                "U", "V", "W", "X", "Y", "Z",
+            ],
             _ => &["A", "B", "C", "D"],
         }
     }
@@ -167,12 +181,17 @@ impl Task {
 impl std::str::FromStr for Task {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Task::ALL.iter().copied().find(|t| t.name() == s).ok_or_else(|| {
-            format!(
-                "unknown task {s:?}: expected one of {}",
-                Task::ALL.map(|t| t.name()).join(", ")
-            )
-        })
+        Task::ALL
+            .iter()
+            .copied()
+            .chain([Task::Files])
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown task {s:?}: expected one of {}, or files (a run's own questions)",
+                    Task::ALL.map(|t| t.name()).join(", ")
+                )
+            })
     }
 }
 

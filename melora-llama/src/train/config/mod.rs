@@ -197,6 +197,10 @@ pub struct TrainConfig {
     /// The task.
     #[config(default = "Task::ArcE")]
     pub task: Task,
+    /// A user's questions (with the task `files`): their files and prompt
+    /// templates.
+    #[config(default = "None")]
+    pub data: Option<crate::data::files::DataFiles>,
     /// How choices are scored: `Label` (the answer-label logits, the
     /// paper's protocol) or `Answer` (each choice's log-likelihood as a
     /// continuation of the question; docs/method.md section 6.1).
@@ -324,6 +328,16 @@ impl TrainConfig {
     /// Checks that every setting is in its range; messages name the setting.
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(LlamaError::Config(m));
+        match (&self.data, self.task) {
+            (Some(data), Task::Files) => data.check().map_err(LlamaError::Config)?,
+            (None, Task::Files) => return bad("the task \"files\" needs its data (train and validation files)".into()),
+            (Some(_), task) => {
+                return bad(format!(
+                    "data names question files but the task is {task}: the task of question files is \"files\""
+                ))
+            }
+            (None, _) => {}
+        }
         if self.steps == 0 || self.batch_size == 0 || self.predict.batch_size == 0 {
             return bad("steps, batch_size and predict.batch_size must be positive".into());
         }
@@ -470,6 +484,9 @@ impl TrainConfig {
     /// The set-up of this run's task, scoring and prompt length, read
     /// with `tokenizer` from `assets`.
     pub fn task_setup(&self, tokenizer: Tokenizer, assets: &Assets) -> crate::Result<TaskSetup> {
+        if let Some(data) = &self.data {
+            return TaskSetup::files(data.clone(), self.scoring, self.length_norm, self.max_tokens, tokenizer);
+        }
         TaskSetup::new(
             self.task,
             self.scoring,
