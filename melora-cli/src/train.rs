@@ -8,7 +8,7 @@ use burn::module::AutodiffModule;
 use clap::Args;
 use melora_cli::backend::{self, Train};
 use melora_core::SamplingMode;
-use melora_llama::data::files::DataFiles;
+use melora_llama::data::own::DataFiles;
 use melora_llama::data::{Scoring, Split, Task};
 use melora_llama::eval::PredictOptions;
 use melora_llama::laplace::{self, LaplaceConfig, LaplaceDir};

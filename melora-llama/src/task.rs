@@ -4,7 +4,8 @@
 //! sits above all three).
 
 use crate::assets::Assets;
-use crate::data::files::{DataFiles, Question};
+use crate::data::files::Question;
+use crate::data::own::DataFiles;
 use crate::data::template::Template;
 use crate::data::{
     encode, encode_cloze, encode_prompt, encode_requests, label_tokens, load_task, seeded_shuffle, Encoded, Item,

@@ -23,6 +23,7 @@ mod batch;
 mod encode;
 pub mod files;
 mod load;
+pub mod own;
 pub mod readers;
 pub mod template;
 

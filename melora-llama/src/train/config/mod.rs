@@ -200,7 +200,7 @@ pub struct TrainConfig {
     /// A user's questions (with the task `files`): their files and prompt
     /// templates.
     #[config(default = "None")]
-    pub data: Option<crate::data::files::DataFiles>,
+    pub data: Option<crate::data::own::DataFiles>,
     /// How choices are scored: `Label` (the answer-label logits, the
     /// paper's protocol) or `Answer` (each choice's log-likelihood as a
     /// continuation of the question; docs/method.md section 6.1).
