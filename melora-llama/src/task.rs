@@ -93,10 +93,16 @@ impl TaskSetup {
             }
             most = data.read(split)?.iter().map(|q| q.choices.len()).fold(most, usize::max);
         }
+        let letters = Task::Files.labels();
+        if scoring == Scoring::Label && most > letters.len() {
+            return Err(crate::LlamaError::Config(format!(
+                "a question has {most} choices: label scoring has the letters A to Z (26); score answers instead (--scoring answer)"
+            )));
+        }
         let pad = tokenizer.pad.or(tokenizer.eos).unwrap_or(0);
         let scorer = match scoring {
             Scoring::Label => {
-                let labels = &Task::Files.labels()[..most.min(Task::Files.labels().len())];
+                let labels = &letters[..most];
                 let ids = labels
                     .iter()
                     .map(|l| tokenizer.single_token(&format!(" {l}")))
@@ -177,11 +183,14 @@ impl TaskSetup {
 
     /// A user's questions encoded for this scoring through `template`.
     fn encode_questions(&self, questions: &[Question], template: &Template) -> Result<Vec<Encoded>> {
-        if let Some(q) = questions.iter().find(|q| q.choices.len() > self.most) {
+        if let Some(q) = questions
+            .iter()
+            .find(|q| q.choices.len() > self.most || q.choices.len() < 2)
+        {
             return Err(crate::LlamaError::Data {
                 task: self.task.to_string(),
                 message: format!(
-                    "a question has {} choices; this run's files have at most {}",
+                    "a question has {} choices; this run's files have 2 to {}",
                     q.choices.len(),
                     self.most
                 ),
