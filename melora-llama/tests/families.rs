@@ -29,21 +29,32 @@ fn family(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `model`'s logits on the fixture `dir`'s input, as f64.
+fn forward<B: Backend>(model: &Llama<B>, dir: &std::path::Path) -> Vec<f64> {
+    let ids = read_npy(dir.join("input_ids.npy"));
+    let tokens = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]),
+        &model.embed_tokens.weight.device(),
+    );
+    let mut noise = NoiseSource::seeded(0);
+    let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
+    out.into_data().convert::<f64>().to_vec().unwrap()
+}
+
+/// A fixture's f32 reference logits (`logits.npy`, `logits_lora.npy`) as f64.
+fn reference(dir: &std::path::Path, file: &str) -> Vec<f64> {
+    read_npy(dir.join(file)).f32.iter().map(|&v| v as f64).collect()
+}
+
 /// The logits of the fixture's model built from `config` and then
 /// changed by `edit`, as f64.
 fn logits<B: Backend>(name: &str, config: &LlamaConfig, edit: impl Fn(&mut Llama<B>)) -> Vec<f64> {
     let dir = family(name);
-    let ids = read_npy(dir.join("input_ids.npy"));
     let mut source = SafetensorsSource::open(&dir).unwrap();
-    let device = Default::default();
-    let (mut model, report) = build::<B, _>(config, &mut source, &device).unwrap();
+    let (mut model, report) = build::<B, _>(config, &mut source, &Default::default()).unwrap();
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
     edit(&mut model);
-    let tokens =
-        Tensor::<B, 2, Int>::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &device);
-    let mut noise = NoiseSource::seeded(0);
-    let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
-    out.into_data().convert::<f64>().to_vec().unwrap()
+    forward(&model, &dir)
 }
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
@@ -62,7 +73,7 @@ fn config(name: &str) -> LlamaConfig {
 fn check(name: &str, off: impl Fn(&mut Llama<NdArray<f64>>)) {
     let dir = family(name);
     let config = config(name);
-    let f32_ref: Vec<f64> = read_npy(dir.join("logits.npy")).f32.iter().map(|&v| v as f64).collect();
+    let f32_ref = reference(&dir, "logits.npy");
     let f64_ref = read_npy(dir.join("logits_f64.npy")).f64;
     let f32_diff = max_diff(&logits::<NdArray<f32>>(name, &config, |_| ()), &f32_ref);
     let f64_diff = max_diff(&logits::<NdArray<f64>>(name, &config, |_| ()), &f64_ref);
@@ -257,16 +268,9 @@ fn llama3_as_gguf_with_rope_freqs_matches_transformers() {
     let mut source = GgufSource::open(&path).unwrap();
     let config = source.config().unwrap();
     assert!(matches!(config.rope_scaling, RopeScaling::Factors { .. }));
-    let ids = read_npy(dir.join("input_ids.npy"));
-    let device = Default::default();
-    let (model, report) = build::<NdArray<f32>, _>(&config, &mut source, &device).unwrap();
+    let (model, report) = build::<NdArray<f32>, _>(&config, &mut source, &Default::default()).unwrap();
     assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
-    let tokens = Tensor::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &device);
-    let mut noise = NoiseSource::seeded(0);
-    let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
-    let values: Vec<f64> = out.into_data().convert::<f64>().to_vec().unwrap();
-    let expected: Vec<f64> = read_npy(dir.join("logits.npy")).f32.iter().map(|&v| v as f64).collect();
-    let diff = max_diff(&values, &expected);
+    let diff = max_diff(&forward(&model, &dir), &reference(&dir, "logits.npy"));
     println!("llama3 from GGUF with rope_freqs: max |logit diff| {diff:.2e}");
     assert!(diff < 1e-4, "GGUF logits differ by {diff}");
     // Its configuration has no Hugging Face spelling: export refuses it.
@@ -303,16 +307,9 @@ fn biased_and_qwen_families_as_gguf_match_transformers() {
             (hf.family, hf.qkv_bias, hf.o_bias, hf.qk_norm, hf.head_dim),
             "{name}"
         );
-        let ids = read_npy(dir.join("input_ids.npy"));
-        let device = Default::default();
-        let (model, report) = build::<NdArray<f32>, _>(&gguf_config, &mut source, &device).unwrap();
+        let (model, report) = build::<NdArray<f32>, _>(&gguf_config, &mut source, &Default::default()).unwrap();
         assert!(report.unused.is_empty(), "unused: {:?}", report.unused);
-        let tokens = Tensor::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &device);
-        let mut noise = NoiseSource::seeded(0);
-        let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
-        let values: Vec<f64> = out.into_data().convert::<f64>().to_vec().unwrap();
-        let expected: Vec<f64> = read_npy(dir.join("logits.npy")).f32.iter().map(|&v| v as f64).collect();
-        let diff = max_diff(&values, &expected);
+        let diff = max_diff(&forward(&model, &dir), &reference(&dir, "logits.npy"));
         println!("{name} from GGUF: max |logit diff| {diff:.2e}");
         assert!(diff < 1e-4, "{name}: GGUF logits differ by {diff}");
         std::fs::remove_file(&path).ok();
@@ -331,17 +328,7 @@ fn peft_adapters_of_every_family_give_peft_logits() {
             build::<NdArray<f32>, _>(&config, &mut SafetensorsSource::open(&dir).unwrap(), &device).unwrap();
         let (model, _) = load_adapter(base, &dir.join("lora"), &device).unwrap();
         assert_eq!(model.adapters().len(), 4 * config.num_hidden_layers, "{name}");
-        let ids = read_npy(dir.join("input_ids.npy"));
-        let tokens = Tensor::from_data(TensorData::new(ids.i64.clone(), [ids.shape[0], ids.shape[1]]), &device);
-        let mut noise = NoiseSource::seeded(0);
-        let out = model.forward(tokens, None, &mut Sampler::new(SamplingMode::Mean, &mut noise));
-        let values: Vec<f64> = out.into_data().convert::<f64>().to_vec().unwrap();
-        let expected: Vec<f64> = read_npy(dir.join("logits_lora.npy"))
-            .f32
-            .iter()
-            .map(|&v| v as f64)
-            .collect();
-        let diff = max_diff(&values, &expected);
+        let diff = max_diff(&forward(&model, &dir), &reference(&dir, "logits_lora.npy"));
         println!("{name} with PEFT's LoRA: max |logit diff| {diff:.2e}");
         assert!(diff < 1e-4, "{name}: adapted logits differ by {diff}");
     }
