@@ -106,6 +106,7 @@ fn request(subject: &SubjectArgs, how: &How, batch_size: usize) -> Result<Reques
         scoring: how.scoring,
         length_norm: how.length_norm,
         batch_size,
+        data: None,
     })
 }
 
@@ -147,6 +148,11 @@ pub struct EvalCmd {
     /// The split.
     #[arg(long, default_value = "test")]
     split: Split,
+    /// One's own questions (JSONL, CSV, TSV or Parquet; see the guide):
+    /// the task `files`, asked in the run's templates (the defaults without
+    /// a run); e.g. the base model's score on them (with --zero-shot).
+    #[arg(long, conflicts_with = "split")]
+    data: Option<PathBuf>,
     #[command(flatten)]
     how: How,
     /// Evaluate a fixed, seeded subset of at most this many examples.
@@ -170,14 +176,21 @@ impl EvalCmd {
     /// The task, then each out-of-distribution task; the table printed and
     /// written with the predictions and diagrams.
     pub fn run(self) -> Result<()> {
-        let request = request(&self.subject, &self.how, self.batch_size)?;
+        let mut request = request(&self.subject, &self.how, self.batch_size)?;
+        request.data = self.data.clone();
+        // One's own file stands for every split (`DataFiles::one_file`).
+        let split = if self.data.is_some() { Split::Test } else { self.split };
         let questions = Questions::Split {
-            split: self.split,
+            split,
             max_examples: self.max_examples,
         };
-        let task = match self.task {
-            Some(task) => task,
-            None => self
+        let task = match (self.task, &self.data) {
+            (Some(task), Some(_)) if task != Task::Files => {
+                bail!("--data FILE is the task files: it can't be evaluated as {task}")
+            }
+            (Some(task), _) => task,
+            (None, Some(_)) => Task::Files,
+            (None, None) => self
                 .subject
                 .run_task()?
                 .context("give --task: only a run has a task of its own")?,
@@ -193,7 +206,13 @@ impl EvalCmd {
                 Subject::Run(dir) | Subject::Adapter(dir) => dir.clone(),
                 Subject::ZeroShot => PathBuf::from("runs/zero-shot"),
             };
-            base.join(format!("eval-{}-{}", task.name(), self.split.name()))
+            match &self.data {
+                Some(file) => {
+                    let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+                    base.join(format!("eval-files-{}", stem.unwrap_or_default()))
+                }
+                None => base.join(format!("eval-{}-{}", task.name(), self.split.name())),
+            }
         });
         let rows: Vec<ResultRow> = evaluations.iter().map(|e| e.row.clone()).collect();
         let ood = match evaluations.split_first() {

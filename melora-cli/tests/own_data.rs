@@ -4,7 +4,8 @@
 //! `tests/question_files.rs`), 3 steps of LoRA and of Me-LoRA with
 //! `melora train --data`, then `melora eval --run` and `melora predict
 //! --run` from the run folder alone (its task and files kept in its
-//! config.json); a malformed file stops `melora train` before anything is
+//! config.json); `melora eval --data FILE` asks the base model or a run
+//! any file; a malformed file stops `melora train` before anything is
 //! written.
 
 #[path = "../../melora-llama/tests/common/mod.rs"]
@@ -153,6 +154,70 @@ fn a_run_trained_from_files_evaluates_and_predicts_from_its_folder() {
             "{answers}"
         );
     }
+    // Any file, by the base model and by a run in its templates.
+    let zero_shot = root.join("zero-shot");
+    let model_path = model.trim_start_matches("model=");
+    let table = ok(
+        melora(
+            &home,
+            &[
+                "eval",
+                "--zero-shot",
+                "--model",
+                model_path,
+                "--data",
+                test.to_str().unwrap(),
+                "--out",
+                zero_shot.to_str().unwrap(),
+            ],
+        ),
+        "eval --zero-shot --data",
+    );
+    assert!(table.contains("zero-shot"), "{table}");
+    let count = |dir: &Path| {
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+        (results[0]["task"].clone(), results[0]["metrics"]["count"].clone())
+    };
+    assert_eq!(count(&zero_shot), (serde_json::json!("files"), serde_json::json!(6)));
+    let other = root.join("other.jsonl");
+    std::fs::write(&other, questions_jsonl(5, 700)).unwrap();
+    let run = root.join("melora");
+    ok(
+        melora(
+            &home,
+            &[
+                "eval",
+                "--run",
+                run.to_str().unwrap(),
+                "--data",
+                other.to_str().unwrap(),
+            ],
+        ),
+        "eval --run --data",
+    );
+    assert_eq!(
+        count(&run.join("eval-files-other")),
+        (serde_json::json!("files"), serde_json::json!(5))
+    );
+    let out = melora(
+        &home,
+        &[
+            "eval",
+            "--run",
+            run.to_str().unwrap(),
+            "--data",
+            other.to_str().unwrap(),
+            "--task",
+            "arc-e",
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--data FILE is the task files"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A malformed training file: refused before the run folder exists.
     let bad = root.join("bad.jsonl");
     std::fs::write(

@@ -8,6 +8,7 @@
 //! returns; a library user builds one directly.
 
 use crate::assets::Assets;
+use crate::data::own::DataFiles;
 use crate::data::{Encoded, Item, LengthNorm, Scoring, Split, Task};
 use crate::eval::{predict_ensemble, predict_samples, EnsembleAverage, PredictFlags, PredictOptions, SampledProbs};
 use crate::laplace::{self, LaplaceDir};
@@ -83,6 +84,9 @@ pub struct Request {
     pub length_norm: Option<LengthNorm>,
     /// Examples per forward pass.
     pub batch_size: usize,
+    /// One's own questions for the task `files`, in place of a run's own
+    /// files: asked in the run's templates, the defaults without a run.
+    pub data: Option<PathBuf>,
 }
 
 /// One task's answers: the table row (metrics of the Bayesian model
@@ -126,6 +130,7 @@ impl Request {
             scoring: None,
             length_norm: None,
             batch_size: 8,
+            data: None,
         }
     }
 
@@ -329,12 +334,19 @@ impl Request {
             self.length_norm.unwrap_or(config.length_norm),
         );
         if task == Task::Files {
-            let data = config.data.clone().ok_or_else(|| {
-                LlamaError::Config(
-                    "the task \"files\" is a run's own questions: evaluate a run trained with --data (--run DIR)"
-                        .into(),
-                )
-            })?;
+            let data = match (&self.data, &config.data) {
+                (Some(file), own) => {
+                    let template = own.as_ref().map(|d| d.template.clone()).unwrap_or_default();
+                    DataFiles::one_file(file, template)
+                }
+                (None, Some(own)) => own.clone(),
+                (None, None) => {
+                    return Err(LlamaError::Config(
+                        "the task \"files\" is one's own questions: evaluate a run trained with --data (--run DIR), or give the questions (--data FILE)"
+                            .into(),
+                    ))
+                }
+            };
             return TaskSetup::files(data, scoring, norm, config.max_tokens, tokenizer);
         }
         TaskSetup::new(task, scoring, norm, config.max_tokens, tokenizer, assets)

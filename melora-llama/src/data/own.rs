@@ -39,6 +39,18 @@ impl DataFiles {
         }
     }
 
+    /// One file of questions as every split, asked in `template`: what a
+    /// model, an adapter or another run is evaluated on (`melora eval
+    /// --data FILE`).
+    pub fn one_file(file: &Path, template: Template) -> Self {
+        Self {
+            train: file.to_path_buf(),
+            validation: file.to_path_buf(),
+            test: Some(file.to_path_buf()),
+            template,
+        }
+    }
+
     /// The questions of `split`, read and checked.
     pub fn read(&self, split: Split) -> Result<Vec<Question>> {
         read_question_file(self.path(split)?)
