@@ -100,8 +100,13 @@ impl PredictFlags {
     /// otherwise.
     pub fn apply(self, defaults: PredictOptions, bayesian: bool) -> PredictOptions {
         let dropout = self.dropout || defaults.dropout;
+        // `--mode mean` without dropout draws nothing: one pass, not the
+        // run's samples over and over.
+        let deterministic = self.mode == Some(SamplingMode::Mean) && !dropout;
         let samples = self.samples.unwrap_or(if self.dropout && !defaults.dropout {
             10
+        } else if deterministic {
+            1
         } else {
             defaults.samples
         });
@@ -435,5 +440,18 @@ mod tests {
         }
         .apply(PredictOptions::for_adapter(true, 8), true);
         assert_eq!((batch.samples, batch.mode), (10, SamplingMode::PerBatch));
+        // --mode mean: one pass at the mean weights, unless dropout samples.
+        let mean = PredictFlags {
+            mode: Some(SamplingMode::Mean),
+            ..none
+        };
+        let at_mean = mean.apply(PredictOptions::for_adapter(true, 8), true);
+        assert_eq!((at_mean.samples, at_mean.mode), (1, SamplingMode::Mean));
+        let mcd_run = PredictOptions {
+            samples: 10,
+            dropout: true,
+            ..PredictOptions::mean(8)
+        };
+        assert_eq!(mean.apply(mcd_run, false).samples, 10);
     }
 }
