@@ -293,6 +293,21 @@ pub fn font_available() -> bool {
     })
 }
 
+/// `name` + `tail`, the start of `name` elided ("…") as far as needed for
+/// `fits` (a run folder's path can be wider than the diagram); the tail
+/// (task, split, ECE) is kept whole.
+fn fitted_title(name: &str, tail: &str, fits: impl Fn(&str) -> bool) -> String {
+    let whole = format!("{name}{tail}");
+    if fits(&whole) {
+        return whole;
+    }
+    let starts = name.char_indices().map(|(i, _)| i).skip(1);
+    starts
+        .map(|i| format!("…{}{tail}", &name[i..]))
+        .find(|t| fits(t))
+        .unwrap_or_else(|| format!("…{tail}"))
+}
+
 /// Draws the diagram; without a font (`text` false) the caption and axis
 /// labels are left out (the bars and the diagonal remain).
 fn reliability_diagram<DB: DrawingBackend>(
@@ -305,17 +320,14 @@ fn reliability_diagram<DB: DrawingBackend>(
     let mut builder = ChartBuilder::on(&area);
     builder.margin(12);
     if text {
-        let title = format!(
-            "{} on {} {}: ECE {:.2}%",
-            row.name,
-            row.task,
-            row.split,
-            100.0 * row.metrics.ece
-        );
-        builder
-            .caption(title, ("sans-serif", 16))
-            .x_label_area_size(36)
-            .y_label_area_size(44);
+        let tail = format!(" on {} {}: ECE {:.2}%", row.task, row.split, 100.0 * row.metrics.ece);
+        let font = ("sans-serif", 16).into_font();
+        let style = TextStyle::from(font.clone());
+        let width = area.dim_in_pixel().0.saturating_sub(24);
+        let title = fitted_title(&row.name, &tail, |t| {
+            area.estimate_text_size(t, &style).map_or(true, |(w, _)| w <= width)
+        });
+        builder.caption(title, font).x_label_area_size(36).y_label_area_size(44);
     }
     let mut chart = builder
         .build_cartesian_2d(0f64..1f64, 0f64..1f64)
@@ -359,6 +371,25 @@ fn reliability_diagram<DB: DrawingBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_title_loses_the_start_of_its_name_not_its_metrics() {
+        let fits = |t: &str| t.chars().count() <= 30;
+        let tail = " on files test: ECE 3.85%";
+        assert_eq!(fitted_title("best", tail, fits), "best on files test: ECE 3.85%");
+        assert_eq!(
+            fitted_title("runs/x/best", tail, fits),
+            "…best on files test: ECE 3.85%"
+        );
+        assert_eq!(
+            fitted_title("runs/x/best", tail, |_| false),
+            "… on files test: ECE 3.85%"
+        );
+        assert_eq!(
+            fitted_title("ünïcode/best", tail, fits),
+            "…best on files test: ECE 3.85%"
+        );
+    }
 
     fn probs(p: &[f64], samples: usize) -> SampledProbs {
         SampledProbs {
