@@ -1,6 +1,8 @@
 //! `melora-bench`: parameter tables and benchmarks for melora.
 
 use melora_cli::backend;
+#[cfg(feature = "mpi")]
+mod allreduce;
 mod compare;
 mod params;
 mod questions;
@@ -21,6 +23,19 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Under an MPI launcher (`mpirun -np 2 melora-bench allreduce`): one
+    /// sum of a gradient vector over the ranks through MPI beside the TCP
+    /// node link, the median of the rounds (the `mpi` feature).
+    #[cfg(feature = "mpi")]
+    Allreduce {
+        /// Vector sizes in f32 values (default: SmolLM2-135M's and
+        /// Llama-2-7B's LoRA gradients at r = 8 on q, v: 1.8 and 17 MB).
+        #[arg(long, value_delimiter = ',', default_value = "460800,4194304")]
+        values: Vec<usize>,
+        /// Timed rounds per size.
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// Trainable parameters and adapter sizes (the paper's Table 1), counted
     /// from the built adapters.
     Params {
@@ -139,6 +154,13 @@ enum Command {
 fn main() -> Result<()> {
     backend::tune_process();
     match Cli::parse().command {
+        #[cfg(feature = "mpi")]
+        Command::Allreduce { values, rounds } => {
+            let rows = allreduce::run(&values, rounds)?;
+            if !rows.is_empty() {
+                print!("{}", allreduce::markdown(&rows));
+            }
+        }
         Command::Questions { n, rounds, json } => {
             let timings = questions::run(n, rounds)?;
             if json {

@@ -39,6 +39,8 @@
 //! is given up after [`Nodes::timeout_seconds`].
 
 mod link;
+#[cfg(feature = "mpi")]
+pub mod mpi_link;
 
 pub use link::NodeLink;
 
