@@ -24,8 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Under an MPI launcher (`mpirun -np 2 melora-bench allreduce`): one
-    /// sum of a gradient vector over the ranks through MPI beside the TCP
-    /// node link, the median of the rounds (the `mpi` feature).
+    /// sum of a gradient vector over the ranks as training makes it (reduce
+    /// and broadcast) beside MPI_Allreduce, the median of the rounds (the
+    /// `mpi` feature).
     #[cfg(feature = "mpi")]
     Allreduce {
         /// Vector sizes in f32 values (default: SmolLM2-135M's and

@@ -20,7 +20,7 @@ use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Fine-tune with LoRA, BLoB or Me-LoRA.
 #[derive(Args)]
@@ -153,40 +153,36 @@ impl TrainCmd {
                 config.seed
             ))
         });
-        train(config, out, self.resume, self.plain, self.nodes.nodes())
+        let nodes = self.nodes.nodes()?;
+        let rank = nodes.as_ref().map(|n| n.rank);
+        let result = train(config, out, self.resume, self.plain, nodes);
+        match (result, rank) {
+            // A rank that fails ends at once, without finalising MPI (which
+            // would wait for the others): the launcher then ends the job.
+            (Err(e), Some(rank)) => {
+                eprintln!("Error: rank {rank}: {e:#}");
+                std::process::exit(1);
+            }
+            (result, _) => result,
+        }
     }
 }
 
-/// The machines of a data-parallel run over several processes.
+/// The ranks of a data-parallel run over several processes, as an MPI
+/// launcher started them (`mpirun -np N melora train ...`).
 #[derive(Args, Debug)]
 pub struct NodeArgs {
-    /// Processes (machines) in a multi-node run, each a node with --devices
-    /// peers; every node runs the same command with its own --node-rank.
-    #[arg(long, requires_all = ["node_rank", "lead"])]
-    nodes: Option<u32>,
-    /// This node's index, 0..nodes; node 0 leads: it listens on --lead's
-    /// port and writes the run folder.
-    #[arg(long, requires = "nodes")]
-    node_rank: Option<u32>,
-    /// Node 0's address, HOST:PORT, as the other nodes reach it.
-    #[arg(long, requires = "nodes")]
-    lead: Option<String>,
-    /// Seconds a node waits for the others (to connect, to answer) before
-    /// it gives up.
+    /// Under an MPI launcher: seconds a rank waits for the others in a sum
+    /// before it gives up, which ends the job.
     #[arg(long, default_value_t = 3600)]
     peer_timeout: u64,
 }
 
 impl NodeArgs {
-    /// The node settings, when a multi-node run was asked for.
-    pub fn nodes(&self) -> Option<Nodes> {
-        let count = self.nodes?;
-        Some(Nodes {
-            count,
-            rank: self.node_rank.expect("clap requires it"),
-            lead: self.lead.clone().expect("clap requires it"),
-            timeout_seconds: self.peer_timeout,
-        })
+    /// This process's place among the ranks, when an MPI launcher started
+    /// several.
+    pub fn nodes(&self) -> Result<Option<Nodes>> {
+        Ok(Nodes::from_launcher(Duration::from_secs(self.peer_timeout))?)
     }
 }
 
@@ -229,7 +225,7 @@ fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Op
     let start = Instant::now();
     let trainer = Trainer::new(&config, &run).resume(resume).nodes(nodes.as_ref());
     // Burn's dashboard on a terminal (unless --plain), a bar or lines
-    // otherwise; a node other than node 0 has no steps to show.
+    // otherwise; a rank other than rank 0 has no steps to show.
     let summary = if lead_node && !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());

@@ -127,8 +127,9 @@ pub struct TrainData<'a> {
 ///
 /// With `config.devices > 1` the run is data-parallel over that many peers
 /// in this process ([`parallel`]), the same steps as on one device; with
-/// nodes, each process (node) is one part of a run over several, and node
-/// 0 writes the run folder.
+/// nodes, each process (an MPI rank) is one part of a run over several,
+/// every rank with rank 0's settings (checked first), and rank 0 writes the
+/// run folder.
 pub struct Trainer<'a> {
     config: &'a TrainConfig,
     run: &'a RunDir,
@@ -203,6 +204,11 @@ impl<'a> Trainer<'a> {
         } = self;
         let progress = progress.unwrap_or(&mut quiet);
         config.validate()?;
+        if let Some(nodes) = nodes {
+            let settings =
+                serde_json::to_value(config).map_err(|e| LlamaError::serialize("the run configuration", e))?;
+            nodes.agree_on_settings(&settings)?;
+        }
         let cluster = Cluster {
             devices: config.devices,
             nodes: nodes.cloned(),

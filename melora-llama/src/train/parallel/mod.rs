@@ -6,20 +6,19 @@
 //! - In one process the peers are threads, one per device: on the CPU
 //!   backend they share the CPU (Burn's own collective tests run that way),
 //!   on CUDA peer `d` takes GPU `d`.
-//! - Across processes and machines each process is a *node* with its own
-//!   peers. Node 0 listens on `--lead HOST:PORT`, the other nodes connect to
-//!   it ([`NodeLink`]); a sum between nodes is node 0 adding the nodes'
-//!   vectors in node order and sending the total back (a star: the
-//!   adapters' gradients are small, 17 MB for Llama-2-7B at r = 8 on q, v). burn-collective's own
-//!   multi-node path (its global orchestrator) is not used: in 0.21.0 its
-//!   nodes hang in their second collective operation (`SyncService::sync`
-//!   in `global/node/sync.rs` clears a copy of the list of nodes that have
-//!   synced, not the list, so the next sync never sees it complete;
-//!   measured here with two processes on localhost, ring and tree alike).
-//!   In a process, burn-collective's local all-reduce sums over the
-//!   devices, then local peer 0 sums over the nodes and the result goes
-//!   back to the other local peers (a second local all-reduce to which
-//!   they add zeros).
+//! - Across processes and machines each process is a *rank* that an MPI
+//!   launcher started (`mpirun -np N melora train ...`, `srun` on Slurm;
+//!   the `mpi` feature), with its own peers. In a process,
+//!   burn-collective's local all-reduce sums over the devices, then local
+//!   peer 0 sums over the ranks through MPI ([`NodeLink`]: a reduce to rank
+//!   0 and a broadcast, so every rank gets the same bits) and the result
+//!   goes back to the other local peers (a second local all-reduce to which
+//!   they add zeros). burn-collective's own multi-node path (its global
+//!   orchestrator) is not used: in 0.21.0 its nodes hang in their second
+//!   collective operation (`SyncService::sync` in `global/node/sync.rs`
+//!   clears a copy of the list of nodes that have synced, not the list, so
+//!   the next sync never sees it complete), and later Burn releases dropped
+//!   it.
 //!
 //! What is summed and what is not: each peer scores rows `share` of the
 //! batch and weights its mean NLL by `|share| / batch`, so the all-reduced
@@ -34,15 +33,15 @@
 //! (the lead's validation or checkpoint, a panic) is told to the others at
 //! the end-of-step agreement ([`Peer::agree`]); a peer thread that fails
 //! also resets the process's collective, which turns the other threads'
-//! waits into errors. Between nodes, a node that dies closes its
-//! connection and the others stop with an error; one that stops answering
-//! is given up after [`Nodes::timeout_seconds`].
+//! waits into errors. Between ranks, MPI ends the job when a rank dies
+//! (the launcher names it), and a rank whose sum does not complete in the
+//! timeout ends itself with a message, which ends the job.
 
-mod link;
 #[cfg(feature = "mpi")]
 pub mod mpi_link;
+mod nodes;
 
-pub use link::NodeLink;
+pub use nodes::{first_difference, launched_by_mpi, NodeLink, Nodes};
 
 use crate::error::LlamaError;
 use burn::module::ParamId;
@@ -56,23 +55,8 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// This process's place in a run over several processes (machines).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Nodes {
-    /// The number of processes (nodes) in the run.
-    pub count: u32,
-    /// This node's index, `0..count`; node 0 leads (writes the run folder).
-    pub rank: u32,
-    /// Node 0's address, `HOST:PORT`: node 0 listens on the port, the
-    /// others connect to it.
-    pub lead: String,
-    /// Seconds a node waits for the others (to connect, to answer) before
-    /// it gives up.
-    pub timeout_seconds: u64,
-}
-
 /// Where the peers of a run are.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Cluster {
     /// Peers (devices) in this process.
     pub devices: usize,
@@ -98,10 +82,7 @@ impl Cluster {
         }
         if let Some(n) = &self.nodes {
             if n.count == 0 || n.rank >= n.count {
-                return bad(format!("node rank {} is not below the node count {}", n.rank, n.count));
-            }
-            if lead_port(&n.lead).is_none() {
-                return bad(format!("the lead's address {:?} is not HOST:PORT", n.lead));
+                return bad(format!("rank {} is not below the rank count {}", n.rank, n.count));
             }
         }
         if self.peers() > batch_size {
@@ -116,13 +97,6 @@ impl Cluster {
     fn collective(&self) -> CollectiveConfig {
         CollectiveConfig::default().with_num_devices(self.devices)
     }
-}
-
-fn lead_port(address: &str) -> Option<u16> {
-    address
-        .rsplit_once(':')
-        .and_then(|(host, port)| (!host.is_empty()).then_some(port))
-        .and_then(|p| p.parse().ok())
 }
 
 /// One peer of a data-parallel run, as its training loop sees it.
@@ -176,7 +150,7 @@ impl Peer {
     }
 
     /// `tensor` summed over every peer of the run: over this process's
-    /// devices (burn-collective), then over the nodes (local peer 0 through
+    /// devices (burn-collective), then over the ranks (local peer 0 through
     /// the [`NodeLink`]), then back to this process's other peers.
     fn all_sum<B: Backend>(&self, tensor: Tensor<B, 1>) -> crate::Result<Tensor<B, 1>> {
         let device = tensor.device();
@@ -319,12 +293,7 @@ pub fn run_peers<B: AutodiffBackend, T: Send>(
     let collective = cluster.collective();
     let peers = cluster.peers();
     let node = cluster.nodes.as_ref().map_or(0, |n| n.rank as usize);
-    let link = cluster
-        .nodes
-        .as_ref()
-        .map(|n| NodeLink::connect(n, cluster.devices))
-        .transpose()?
-        .map(|l| Arc::new(Mutex::new(l)));
+    let link = cluster.nodes.as_ref().map(Nodes::link);
     let failed = Arc::new(AtomicBool::new(false));
     reset_collective::<B::InnerBackend>();
     let run_one = |d: usize, body: &mut dyn FnMut(Peer, B::Device) -> crate::Result<T>| -> crate::Result<T> {

@@ -11,22 +11,13 @@
 //! the launcher ends the rest.
 
 use crate::error::LlamaError;
-use mpi::collective::{Root, SystemOperation};
+use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// Environment variables an MPI launcher sets in each rank (Open MPI's
-/// `mpirun`, PMI and PMIx as MPICH's `mpiexec` and Slurm's `srun` use).
-const LAUNCHER_VARIABLES: [&str; 4] = ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"];
-
-/// Whether this process was started by an MPI launcher.
-pub fn launched_by_mpi() -> bool {
-    LAUNCHER_VARIABLES.iter().any(|v| std::env::var_os(v).is_some())
-}
 
 /// This process's MPI world: its rank, the number of ranks, and the sums
 /// between them.
@@ -47,6 +38,13 @@ impl std::fmt::Debug for MpiLink {
         write!(f, "MpiLink {{ rank: {}, size: {} }}", self.rank, self.size)
     }
 }
+
+// SAFETY: MPI is initialised with `Threading::Serialized` (checked in
+// `init`): any thread may call it as long as no two do at once. The link is
+// used through `&mut self` only (behind a `Mutex` where it is shared), so
+// calls are serialised; the communicator is the world's handle, valid in
+// every thread of the process.
+unsafe impl Send for MpiLink {}
 
 const IDLE: u64 = u64::MAX;
 
@@ -121,6 +119,17 @@ impl MpiLink {
         Ok(())
     }
 
+    /// `values` summed over the ranks by `MPI_Allreduce`, in place: what
+    /// [`MpiLink::sum`] is measured against (`melora-bench allreduce`); the
+    /// standard does not promise every rank the same bits from it.
+    pub fn all_reduce_sum(&mut self, values: &mut [f32]) {
+        self.watched(|world, _| {
+            let mut total = vec![0f32; values.len()];
+            world.all_reduce_into(&values[..], &mut total[..], SystemOperation::sum());
+            values.copy_from_slice(&total);
+        });
+    }
+
     /// Rank 0's `bytes` on every rank (the others' are replaced).
     pub fn broadcast_bytes(&mut self, bytes: &mut Vec<u8>) {
         self.watched(|world, _| {
@@ -139,53 +148,5 @@ impl MpiLink {
         let out = op(&self.world, self.rank);
         self.busy_since.store(IDLE, Ordering::SeqCst);
         out
-    }
-}
-
-/// The first setting (a dotted key) in which `theirs` differs from
-/// `ours`, both a run's settings as JSON.
-pub fn first_difference(ours: &serde_json::Value, theirs: &serde_json::Value) -> Option<String> {
-    fn walk(path: &str, a: &serde_json::Value, b: &serde_json::Value) -> Option<String> {
-        match (a, b) {
-            (serde_json::Value::Object(x), serde_json::Value::Object(y)) => {
-                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-                keys.sort();
-                keys.dedup();
-                keys.into_iter().find_map(|k| {
-                    let key = if path.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{path}.{k}")
-                    };
-                    match (x.get(k), y.get(k)) {
-                        (Some(a), Some(b)) => walk(&key, a, b),
-                        _ => Some(key),
-                    }
-                })
-            }
-            _ if a == b => None,
-            _ => Some(if path.is_empty() {
-                "(the whole settings)".into()
-            } else {
-                path.into()
-            }),
-        }
-    }
-    walk("", ours, theirs)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::first_difference;
-    use serde_json::json;
-
-    #[test]
-    fn the_first_differing_setting_is_named_by_its_dotted_key() {
-        let a = json!({"lr": 0.001, "prior": {"std": 0.2, "noise": false}, "seed": 0});
-        assert_eq!(first_difference(&a, &a), None);
-        let b = json!({"lr": 0.001, "prior": {"std": 0.1, "noise": false}, "seed": 0});
-        assert_eq!(first_difference(&a, &b).as_deref(), Some("prior.std"));
-        let c = json!({"lr": 0.001, "prior": {"std": 0.2, "noise": false}});
-        assert_eq!(first_difference(&a, &c).as_deref(), Some("seed"));
     }
 }
