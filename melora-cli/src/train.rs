@@ -18,7 +18,7 @@ use melora_llama::settings::Loader;
 use melora_llama::train::{Checkpoint, Method, Nodes, Recipe, RunDir, TrainConfig, TrainData, Trainer};
 use melora_llama::weights::peft::{load_adapter, save_adapter};
 use melora_llama::Pretrained;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -157,10 +157,18 @@ impl TrainCmd {
         let rank = nodes.as_ref().map(|n| n.rank);
         let result = train(config, out, self.resume, self.plain, nodes);
         match (result, rank) {
-            // A rank that fails ends at once, without finalising MPI (which
-            // would wait for the others): the launcher then ends the job.
+            // A rank that fails ends without finalising MPI (which would
+            // wait for the others): the launcher then ends the job. Rank 0
+            // lingers a moment first, so that the others' messages (a
+            // non-finite loss stops every rank at the same step) are not cut
+            // off by the launcher ending them when rank 0 ends.
             (Err(e), Some(rank)) => {
-                eprintln!("Error: rank {rank}: {e:#}");
+                // One write: the launcher merges the ranks' output.
+                let line = format!("Error: rank {rank}: {e:#}\n");
+                std::io::stderr().write_all(line.as_bytes()).ok();
+                if rank == 0 {
+                    std::thread::sleep(Duration::from_secs(3));
+                }
                 std::process::exit(1);
             }
             (result, _) => result,

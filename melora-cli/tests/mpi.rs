@@ -249,3 +249,34 @@ fn a_killed_rank_ends_the_job_and_a_silent_one_is_given_up() {
     }
     std::fs::remove_dir_all(&setup.root).ok();
 }
+
+#[test]
+fn rank_0_alone_writes_and_a_non_finite_loss_stops_every_rank() {
+    let setup = setup("mpi-lead", 3);
+    // Each rank told another folder: only rank 0's is written.
+    let (lead, other) = (setup.root.join("lead"), setup.root.join("other"));
+    let ranks = vec![
+        vec!["--out".to_string(), out_arg(&lead)],
+        vec!["--out".to_string(), out_arg(&other)],
+    ];
+    let output = mpirun(&setup, &ranks).wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", text(&output));
+    assert!(lead.join("checkpoints/last/adapter_model.safetensors").exists());
+    assert!(!other.exists(), "rank 1 wrote {}", other.display());
+    // A KL that is infinite on every rank (prior std 1e-30: its square is 0
+    // in f32): each stops at step 1 with the same message.
+    let run = out_arg(&setup.root.join("non-finite"));
+    let args = ["--out", &run, "--method", "blob", "--set", "prior.std=1e-30"];
+    let output = mpirun(&setup, &same(&args, 2)).wait_with_output().unwrap();
+    let said = text(&output);
+    assert!(!output.status.success(), "{said}");
+    for rank in 0..2 {
+        assert!(
+            said.contains(&format!(
+                "Error: rank {rank}: training stopped at step 1: the KL is inf"
+            )),
+            "{said}"
+        );
+    }
+    std::fs::remove_dir_all(&setup.root).ok();
+}

@@ -47,7 +47,7 @@ use crate::error::LlamaError;
 use burn::module::ParamId;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData, TensorPrimitive};
+use burn::tensor::{DType, Tensor, TensorData, TensorPrimitive};
 use burn_collective::{
     all_reduce, finish_collective, register, reset_collective, CollectiveConfig, PeerId, ReduceOperation,
 };
@@ -160,10 +160,20 @@ impl Peer {
         }
         let global = match &self.link {
             Some(link) => {
-                let mut values: Vec<f32> = local.into_data().convert::<f32>().to_vec().expect("f32 values");
-                let n = values.len();
-                self.guard(link.lock().expect("the node link").sum(&mut values))?;
-                Tensor::from_data(TensorData::new(values, [n]), &device)
+                // In the tensors' own precision: an f64 run sums in f64.
+                let data = local.into_data();
+                let n = data.num_elements();
+                let mut link = link.lock().expect("the node link");
+                let summed = if data.dtype == DType::F64 {
+                    let mut values: Vec<f64> = data.to_vec().expect("f64 values");
+                    self.guard(link.sum(&mut values))?;
+                    TensorData::new(values, [n])
+                } else {
+                    let mut values: Vec<f32> = data.convert::<f32>().to_vec().expect("f32 values");
+                    self.guard(link.sum(&mut values))?;
+                    TensorData::new(values, [n])
+                };
+                Tensor::from_data(summed, &device)
             }
             None => local.zeros_like(),
         };

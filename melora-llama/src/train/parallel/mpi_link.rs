@@ -12,6 +12,7 @@
 
 use crate::error::LlamaError;
 use mpi::collective::{CommunicatorCollectives, Root, SystemOperation};
+use mpi::datatype::Equivalence;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
 use mpi::Threading;
@@ -102,13 +103,13 @@ impl MpiLink {
         self.size
     }
 
-    /// `values` summed over the ranks, in place: every rank gets rank 0's
-    /// bits.
-    pub fn sum(&mut self, values: &mut [f32]) -> crate::Result<()> {
+    /// `values` summed over the ranks, in place, in their own precision
+    /// (f32 or f64): every rank gets rank 0's bits.
+    pub fn sum<T: Equivalence + Default + Copy>(&mut self, values: &mut [T]) -> crate::Result<()> {
         self.watched(|world, rank| {
             let root = world.process_at_rank(0);
             if rank == 0 {
-                let mut total = vec![0f32; values.len()];
+                let mut total = vec![T::default(); values.len()];
                 root.reduce_into_root(&values[..], &mut total[..], SystemOperation::sum());
                 values.copy_from_slice(&total);
             } else {

@@ -18,7 +18,7 @@ pub enum NodeLink {}
 #[cfg(not(feature = "mpi"))]
 impl NodeLink {
     /// `values` summed over the ranks (never called: there is no link).
-    pub fn sum(&mut self, _values: &mut [f32]) -> crate::Result<()> {
+    pub fn sum<T>(&mut self, _values: &mut [T]) -> crate::Result<()> {
         match *self {}
     }
 
