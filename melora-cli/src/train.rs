@@ -233,8 +233,13 @@ fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Op
     let start = Instant::now();
     let trainer = Trainer::new(&config, &run).resume(resume).nodes(nodes.as_ref());
     // Burn's dashboard on a terminal (unless --plain), a bar or lines
-    // otherwise; a rank other than rank 0 has no steps to show.
-    let summary = if lead_node && !plain && std::io::stdout().is_terminal() {
+    // otherwise; under a launcher, which merges every rank's output, rank 0
+    // speaks for all.
+    let summary = if !lead_node {
+        trainer
+            .progress(&mut melora_llama::train::Quiet)
+            .train::<Train>(&assets, &backend::device())?
+    } else if !plain && std::io::stdout().is_terminal() {
         std::fs::create_dir_all(&run.dir).with_context(|| format!("creating {}", run.dir.display()))?;
         let mut dashboard = crate::dashboard::Dashboard::new(run.log());
         trainer
@@ -246,6 +251,9 @@ fn train(config: TrainConfig, out: PathBuf, resume: bool, plain: bool, nodes: Op
             .progress(&mut reporter)
             .train::<Train>(&assets, &backend::device())?
     };
+    if !lead_node {
+        return Ok(());
+    }
     if summary.stopped {
         eprintln!(
             "stopped on request; continue with: melora train --config {} --resume --out {}",

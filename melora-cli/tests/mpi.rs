@@ -2,8 +2,10 @@
 //! localhost (the `mpi` feature; `mpirun` on the PATH): two ranks take the
 //! steps one process takes, with one device each and with two; a 2-rank run
 //! killed after a checkpoint and resumed ends with the uninterrupted 2-rank
-//! run's bytes; ranks with different settings stop at the start naming the
-//! setting; a killed rank ends the job with a message naming it; a rank
+//! run's bytes (a rank without the lead's checkpoint is refused); ranks with
+//! different settings stop at the start naming the setting; rank 0 alone
+//! writes the run folder; a non-finite loss stops every rank with the same
+//! message; a killed rank ends the job with a message naming it; a rank
 //! that stops answering is given up after `--peer-timeout`. The binary runs
 //! the tiny fixture model on ARC-Easy data in the real format.
 
@@ -171,6 +173,17 @@ fn a_two_rank_run_killed_and_resumed_ends_with_the_uninterrupted_bytes() {
     }
     job.kill().ok();
     job.wait().unwrap();
+    // A rank that cannot see the lead's checkpoint would start at step 0:
+    // refused.
+    let elsewhere = setup.root.join("elsewhere");
+    let ranks = vec![
+        vec!["--out".to_string(), out_arg(&killed), "--resume".into()],
+        vec!["--out".to_string(), out_arg(&elsewhere), "--resume".into()],
+    ];
+    let output = mpirun(&setup, &ranks).wait_with_output().unwrap();
+    let said = text(&output);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("the peers start at different steps"), "{said}");
     let output = mpirun(&setup, &same(&["--out", &out_arg(&killed), "--resume"], 2))
         .wait_with_output()
         .unwrap();

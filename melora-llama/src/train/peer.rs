@@ -174,7 +174,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
         let sum = peer.sum::<B::InnerBackend>(&[step as f64], self.device)?[0];
         if sum != (step * peer.peers) as f64 {
             return Err(LlamaError::Peers(format!(
-                "the peers start at different steps (this one at {step}, the mean {:.1}): every node needs the lead's run folder (its checkpoints/last) to resume",
+                "the peers start at different steps (this one at {step}, the mean {:.1}): every rank needs the lead's run folder (its checkpoints/last) to resume",
                 sum / peer.peers as f64
             )));
         }
