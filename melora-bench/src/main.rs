@@ -94,6 +94,10 @@ enum Command {
         /// gradients all-reduced (burn-collective).
         #[arg(long, default_value_t = 1)]
         peers: usize,
+        /// Cut a random-weights preset to this many layers (same shapes;
+        /// e.g. to warm an autotune cache).
+        #[arg(long)]
+        layers: Option<usize>,
         /// JSON instead of a line of text.
         #[arg(long)]
         json: bool,
@@ -210,6 +214,7 @@ fn main() -> Result<()> {
                 seed: 0,
                 dtype: "f32".into(),
                 peers: 1,
+                layers: None,
             };
             let results = compare::compare(&python, &args, rounds)?;
             print!("{}", compare::markdown(&results));
@@ -245,6 +250,7 @@ fn main() -> Result<()> {
             seed,
             dtype,
             peers,
+            layers,
             json,
         } => {
             let method = method.parse().map_err(anyhow::Error::msg)?;
@@ -262,6 +268,7 @@ fn main() -> Result<()> {
                 seed,
                 dtype,
                 peers,
+                layers,
             })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);

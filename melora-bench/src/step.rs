@@ -14,6 +14,7 @@ use melora_llama::model::scoring::{ScoreBatch, Scorer};
 use melora_llama::model::Target;
 use melora_llama::pretrained::Pretrained;
 use melora_llama::train::{parallel, stable_adapter_ids, Cluster, Peer, Stepper, TrainConfig};
+use melora_llama::weights::RandomSource;
 use melora_llama::Llama;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -71,6 +72,9 @@ pub struct StepArgs {
     pub dtype: String,
     /// Data-parallel peers of a training step (`melora train --devices`).
     pub peers: usize,
+    /// A random-weights preset cut to this many layers (the same shapes:
+    /// e.g. warming an autotune cache, whose keys do not count layers).
+    pub layers: Option<usize>,
 }
 
 /// Runs the measurement on the chosen backend in `args.dtype`.
@@ -103,7 +107,15 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     );
     let assets = Assets::from_env();
     let device: Train::Device = Default::default();
-    let pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
+    let mut pretrained = Pretrained::open(&args.model, &assets).with_context(|| format!("opening {}", args.model))?;
+    if let Some(layers) = args.layers {
+        anyhow::ensure!(
+            pretrained.device_seed.is_some() && layers > 0,
+            "--layers cuts a random-weights preset (llama2-7b, ...) to one or more layers"
+        );
+        pretrained.config.num_hidden_layers = layers;
+        pretrained.source = Box::new(RandomSource::new(&pretrained.config, 0).on_device());
+    }
     let vocab = pretrained.config.vocab_size;
     let (base, _, _) = pretrained.build::<Train>(&device)?;
     let config = TrainConfig::new()
@@ -257,7 +269,10 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
     Ok(StepReport {
         backend: backend::NAME.into(),
         dtype: args.dtype.clone(),
-        model: args.model.clone(),
+        model: match args.layers {
+            Some(layers) => format!("{} ({layers} layers)", args.model),
+            None => args.model.clone(),
+        },
         method: format!("{:?}", args.method),
         mode: if args.inference {
             "inference".into()
