@@ -59,8 +59,17 @@ fn alone(setup: &Setup, args: &[&str]) -> Output {
 /// with those arguments (one `-np 1` block per rank).
 fn mpirun(setup: &Setup, ranks: &[Vec<String>]) -> Child {
     let mut command = Command::new("mpirun");
-    // Root in a container, two cores: both allowed explicitly.
-    command.args(["--allow-run-as-root", "--oversubscribe", "-x", "MELORA_HOME"]);
+    // Root in a container, two cores: both allowed explicitly; no
+    // cross-memory attach between the ranks (containers often forbid it).
+    command.args([
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "--mca",
+        "btl_vader_single_copy_mechanism",
+        "none",
+        "-x",
+        "MELORA_HOME",
+    ]);
     for (k, args) in ranks.iter().enumerate() {
         if k > 0 {
             command.arg(":");
