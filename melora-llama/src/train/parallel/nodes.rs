@@ -159,6 +159,24 @@ mod tests {
     use super::{first_difference, lookup};
     use serde_json::json;
 
+    /// Started by a launcher, a build without MPI refuses to train instead
+    /// of training alone in every rank; without a launcher it is one
+    /// process. (No other test reads this variable.)
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn a_launcher_without_the_mpi_feature_is_refused() {
+        let timeout = std::time::Duration::from_secs(1);
+        assert!(super::Nodes::from_launcher(timeout).unwrap().is_none());
+        std::env::set_var("OMPI_COMM_WORLD_SIZE", "2");
+        let refused = super::Nodes::from_launcher(timeout);
+        std::env::remove_var("OMPI_COMM_WORLD_SIZE");
+        let message = refused.unwrap_err().to_string();
+        assert!(
+            message.contains("built without MPI: build it with `--features mpi`"),
+            "{message}"
+        );
+    }
+
     #[test]
     fn the_first_differing_setting_is_named_by_its_dotted_key() {
         let a = json!({"lr": 0.001, "prior": {"std": 0.2, "noise": false}, "seed": 0});
