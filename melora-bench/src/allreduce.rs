@@ -4,6 +4,7 @@
 //! gets the same bits) beside `MPI_Allreduce`, alternating, the median of
 //! the rounds.
 
+use crate::step::median;
 use anyhow::{bail, Result};
 use melora_llama::train::parallel::mpi_link::MpiLink;
 use std::time::{Duration, Instant};
@@ -21,11 +22,6 @@ pub struct Row {
     pub reduce_broadcast_seconds: f64,
     /// Median seconds of one `MPI_Allreduce`.
     pub allreduce_seconds: f64,
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
 }
 
 /// Each of `sizes` summed `rounds` times each way, alternating, after an

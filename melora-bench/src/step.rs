@@ -47,6 +47,12 @@ pub struct StepReport {
     pub peak_rss_mib: Option<f64>,
 }
 
+/// The median of `xs` (the upper one of an even count), of a non-empty list.
+pub fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}
+
 /// Peak resident set size of this process (Linux `VmHWM`), in MiB.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -264,8 +270,8 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
             last_loss = Some(outcome.nll);
         }
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let median = median(times);
     Ok(StepReport {
         backend: backend::NAME.into(),
         dtype: args.dtype.clone(),
@@ -285,7 +291,7 @@ fn run_on<Train: AutodiffBackend>(args: &StepArgs) -> Result<StepReport> {
         steps: args.steps,
         peers: args.peers,
         median_seconds: median,
-        min_seconds: times[0],
+        min_seconds: min,
         tokens_per_second: (args.batch * args.seq * samples) as f64 / median,
         last_loss,
         peak_rss_mib: peak_rss_mib(),

@@ -158,17 +158,15 @@ impl TrainCmd {
         let result = train(config, out, self.resume, self.plain, nodes);
         match (result, rank) {
             // A rank that fails ends without finalising MPI (which would
-            // wait for the others): the launcher then ends the job. Rank 0
-            // lingers a moment first, so that the others' messages (a
-            // non-finite loss stops every rank at the same step) are not cut
-            // off by the launcher ending them when rank 0 ends.
+            // wait for the others): the launcher then ends the job. Each
+            // failing rank lingers a moment first: the ranks that fail at
+            // the same step (a non-finite loss stops every one, each seeing
+            // it itself) all get to say so before the launcher ends them.
             (Err(e), Some(rank)) => {
                 // One write: the launcher merges the ranks' output.
                 let line = format!("Error: rank {rank}: {e:#}\n");
                 std::io::stderr().write_all(line.as_bytes()).ok();
-                if rank == 0 {
-                    std::thread::sleep(Duration::from_secs(3));
-                }
+                std::thread::sleep(Duration::from_secs(3));
                 std::process::exit(1);
             }
             (result, _) => result,

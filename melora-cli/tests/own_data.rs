@@ -28,6 +28,18 @@ fn ok(out: Output, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The task, split and question count of an evaluation's first row.
+fn first_row(dir: &Path) -> (String, String, u64) {
+    let text = std::fs::read_to_string(dir.join("results.json")).unwrap();
+    let results: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let row = &results[0];
+    (
+        row["task"].as_str().unwrap_or_default().into(),
+        row["split"].as_str().unwrap_or_default().into(),
+        row["metrics"]["count"].as_u64().unwrap_or_default(),
+    )
+}
+
 /// `n` generated questions with 2 to 4 choices, the answer cycling.
 fn questions_jsonl(n: usize, offset: usize) -> String {
     (0..n)
@@ -118,21 +130,7 @@ fn a_run_trained_from_files_evaluates_and_predicts_from_its_folder() {
         );
         println!("{method}:\n{table}");
         assert!(table.contains("files"), "{table}");
-        let results: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(eval_dir.join("results.json")).unwrap()).unwrap();
-        assert_eq!(
-            (
-                &results[0]["task"],
-                &results[0]["split"],
-                &results[0]["metrics"]["count"]
-            ),
-            (
-                &serde_json::json!("files"),
-                &serde_json::json!("test"),
-                &serde_json::json!(6)
-            ),
-            "{results}"
-        );
+        assert_eq!(first_row(&eval_dir), ("files".into(), "test".into(), 6));
         let own = root.join("own.jsonl");
         std::fs::write(&own, questions_jsonl(2, 500)).unwrap();
         let answers = ok(
@@ -174,12 +172,7 @@ fn a_run_trained_from_files_evaluates_and_predicts_from_its_folder() {
         "eval --zero-shot --data",
     );
     assert!(table.contains("zero-shot"), "{table}");
-    let count = |dir: &Path| {
-        let results: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
-        (results[0]["task"].clone(), results[0]["metrics"]["count"].clone())
-    };
-    assert_eq!(count(&zero_shot), (serde_json::json!("files"), serde_json::json!(6)));
+    assert_eq!(first_row(&zero_shot), ("files".into(), "test".into(), 6));
     let other = root.join("other.jsonl");
     std::fs::write(&other, questions_jsonl(5, 700)).unwrap();
     let run = root.join("melora");
@@ -197,8 +190,8 @@ fn a_run_trained_from_files_evaluates_and_predicts_from_its_folder() {
         "eval --run --data",
     );
     assert_eq!(
-        count(&run.join("eval-files-other")),
-        (serde_json::json!("files"), serde_json::json!(5))
+        first_row(&run.join("eval-files-other")),
+        ("files".into(), "test".into(), 5)
     );
     let out = melora(
         &home,

@@ -87,12 +87,20 @@ impl TaskSetup {
         tokenizer: Tokenizer,
     ) -> Result<Self> {
         data.check().map_err(crate::LlamaError::Config)?;
-        let mut splits = Vec::new();
+        let mut splits: Vec<(Split, Vec<Question>)> = Vec::new();
         for split in Split::ALL {
             if split == Split::Test && data.test.is_none() {
                 continue;
             }
-            splits.push((split, data.read(split)?));
+            // A file that is two splits (`DataFiles::one_file`, or the same
+            // file given twice) is read once.
+            let path = data.path(split)?;
+            let read = splits.iter().find(|(s, _)| data.path(*s).is_ok_and(|p| p == path));
+            let questions = match read {
+                Some((_, questions)) => questions.clone(),
+                None => data.read(split)?,
+            };
+            splits.push((split, questions));
         }
         let most = splits
             .iter()

@@ -9,9 +9,9 @@ mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use common::parallel::*;
-use common::{tiny_base, Quiet};
+use common::Quiet;
 use melora_llama::data::Scoring;
-use melora_llama::train::{Method, Nodes, RunDir, TrainConfig, TrainData, Trainer};
+use melora_llama::train::{Method, Nodes, TrainConfig};
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -25,20 +25,6 @@ fn settings() -> TrainConfig {
     config(Method::MeLora, Scoring::Answer, 4)
 }
 
-fn fit(config: &TrainConfig, dir: &Path, nodes: Option<&Nodes>) {
-    let data = data(Scoring::Answer);
-    let data = TrainData {
-        train: &data.train,
-        validation: &data.validation,
-        scorer: &data.scorer,
-    };
-    Trainer::new(config, &RunDir { dir: dir.to_path_buf() })
-        .nodes(nodes)
-        .progress(&mut Quiet)
-        .fit(tiny_base::<AD64>(), &data, &Default::default())
-        .unwrap();
-}
-
 #[test]
 fn in_f64_two_ranks_take_the_one_process_step() {
     if let Some(dir) = std::env::var_os(RANK_OUT) {
@@ -46,11 +32,12 @@ fn in_f64_two_ranks_take_the_one_process_step() {
         let nodes = Nodes::from_launcher(Duration::from_secs(120))
             .unwrap()
             .expect("two ranks");
-        fit(&settings(), Path::new(&dir), Some(&nodes));
+        let data = data(Scoring::Answer);
+        train_as_node::<AD64>(&settings(), &data, Path::new(&dir), false, &mut Quiet, Some(&nodes)).unwrap();
         return;
     }
     let one = out("mpi-f64-one");
-    fit(&settings(), &one, None);
+    train_on::<AD64>(&settings(), &data(Scoring::Answer), &one, false, &mut Quiet).unwrap();
     let two = out("mpi-f64-two");
     let output = Command::new("mpirun")
         .args(["--allow-run-as-root", "--oversubscribe", "-np", "2", "-x", RANK_OUT])

@@ -7,7 +7,7 @@ use melora_llama::data::{Encoded, Scoring};
 use melora_llama::error::LlamaError;
 use melora_llama::eval::PredictConfig;
 use melora_llama::model::scoring::Scorer;
-use melora_llama::train::{Method, Progress, RunDir, TrainConfig, TrainData, TrainSummary, Trainer};
+use melora_llama::train::{Method, Nodes, Progress, RunDir, TrainConfig, TrainData, TrainSummary, Trainer};
 use std::path::{Path, PathBuf};
 
 type AD = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
@@ -73,6 +73,18 @@ pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
     resume: bool,
     progress: &mut dyn Progress,
 ) -> Result<TrainSummary, LlamaError> {
+    train_as_node::<B>(config, data, dir, resume, progress, None)
+}
+
+/// [`train_on`] as one process (`nodes`) of a run over several.
+pub fn train_as_node<B: burn::tensor::backend::AutodiffBackend>(
+    config: &TrainConfig,
+    data: &Data,
+    dir: &Path,
+    resume: bool,
+    progress: &mut dyn Progress,
+    nodes: Option<&Nodes>,
+) -> Result<TrainSummary, LlamaError> {
     let data = TrainData {
         train: &data.train,
         validation: &data.validation,
@@ -80,6 +92,7 @@ pub fn train_on<B: burn::tensor::backend::AutodiffBackend>(
     };
     Trainer::new(config, &RunDir { dir: dir.to_path_buf() })
         .resume(resume)
+        .nodes(nodes)
         .progress(progress)
         .fit(tiny_base::<B>(), &data, &Default::default())
 }
