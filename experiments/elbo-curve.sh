@@ -11,4 +11,4 @@ set -euo pipefail
 printf 'step\ttrain_nll\tkl_weighted\tneg_elbo\tval_acc\tstd\n'
 jq -r 'select(.posterior) | [.step, .train_nll, .posterior.kl * .posterior.kl_weight,
         .train_nll + .posterior.kl * .posterior.kl_weight, .metrics.accuracy,
-        .posterior.stats.all.mean] | map(if type == "number" and . != (. | floor) then (. * 10000 | round / 10000) else . end) | @tsv' "$1"
+        .posterior.stats.all.mean] | map(. * 10000 | round / 10000) | @tsv' "$1"
