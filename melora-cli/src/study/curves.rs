@@ -171,6 +171,14 @@ fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
     (lo - pad)..(hi + pad)
 }
 
+/// `y` raised at the top so that a legend of `series` lines in the upper
+/// corner covers no data: each line of it takes about a twentieth of the
+/// plot's height, and the data keep the part below.
+fn with_legend_room(y: std::ops::Range<f64>, series: usize) -> std::ops::Range<f64> {
+    let legend = (0.05 + 0.05 * series as f64).min(0.6);
+    y.start..y.start + (y.end - y.start) / (1.0 - legend)
+}
+
 /// Side by side, one panel per metric of one curve.
 fn panels_plot<DB: DrawingBackend>(
     area: DrawingArea<DB, Shift>,
@@ -269,6 +277,7 @@ fn ece_plot<DB: DrawingBackend>(
             .iter()
             .flat_map(|(_, c)| c.records.iter().map(|r| 100.0 * r.metrics.ece)),
     );
+    let y = if text { with_legend_room(y, curves.len()) } else { y };
     let mut builder = ChartBuilder::on(&area);
     builder.margin(12);
     if text {
@@ -300,4 +309,28 @@ fn ece_plot<DB: DrawingBackend>(
         .collect();
     draw_lines(&mut chart, &lines, text, SeriesLabelPosition::UpperRight)?;
     area.present().map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_legend_room;
+
+    #[test]
+    fn the_legend_room_keeps_the_data_below_the_legend() {
+        for series in [1, 3, 6, 20] {
+            let y = with_legend_room(2.0..12.0, series);
+            assert_eq!(y.start, 2.0);
+            // The data's top, as a fraction of the plot's height from below,
+            // leaves the legend's share free above it.
+            let top = (12.0 - y.start) / (y.end - y.start);
+            let legend = (0.05 + 0.05 * series as f64).min(0.6);
+            assert!(
+                (top - (1.0 - legend)).abs() < 1e-12,
+                "{series} series: data up to {top}"
+            );
+        }
+        // Six lines (the study's seed-0 plot): the data keep the lower 65%.
+        let y = with_legend_room(0.0..65.0, 6);
+        assert!((y.end - 100.0).abs() < 1e-9);
+    }
 }
