@@ -148,12 +148,15 @@ impl ClassProbs {
 
     /// Mean `-ln p(label)`; a zero probability counts as `-ln(f64::MIN_POSITIVE)`.
     pub fn nll(&self) -> f64 {
-        let total: f64 = self
-            .rows()
-            .zip(&self.labels)
+        self.nlls().iter().sum::<f64>() / self.len().max(1) as f64
+    }
+
+    /// Each example's `-ln p(label)` (probabilities floored at the
+    /// smallest positive f64).
+    pub fn nlls(&self) -> Vec<f64> {
+        (self.rows().zip(&self.labels))
             .map(|(row, &y)| -row[y].max(f64::MIN_POSITIVE).ln())
-            .sum();
-        total / self.len().max(1) as f64
+            .collect()
     }
 
     /// Mean over examples of `sum_k (p_k - 1[k = label])^2`.

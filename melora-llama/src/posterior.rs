@@ -183,6 +183,136 @@ pub fn verdict(at_start: Option<f64>, before: f64, end: f64, steps: usize) -> (V
     (verdict, line)
 }
 
+/// Where a run's objective ended against a point every run can reach.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ObjectiveVerdict {
+    /// It ended above the adapter switched off by more than two standard
+    /// errors: short of the optimum of what it trains.
+    ShortOfOptimum,
+    /// It ended below that point or within two standard errors of it
+    /// (which does not make it the optimum).
+    NotAbove,
+    /// No point to compare with (not measured, or a KL term that is not
+    /// 0 at the prior).
+    NoBound,
+}
+
+/// The negative ELBO per training example at one validation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ObjectivePoint {
+    /// After this many steps.
+    pub step: usize,
+    /// The training NLL (the mean over the steps since the previous
+    /// validation, one sample each) plus the step's KL over `N`, whatever
+    /// weight the run's schedule gave the KL at that step.
+    pub value: f64,
+    /// The standard error of the training NLL's mean, when known.
+    pub se: Option<f64>,
+}
+
+/// The training NLL of the adapter switched off, on all of the training
+/// set or a random sample of it.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdapterOff {
+    /// The mean NLL over the examples scored.
+    pub nll: f64,
+    /// Its standard error as an estimate of the whole set's: 0 when it is
+    /// the whole set, else that of a sample drawn without replacement.
+    pub se: f64,
+    /// Examples scored.
+    pub examples: usize,
+    /// Of this many.
+    pub of: usize,
+}
+
+impl AdapterOff {
+    /// From the NLLs of a random sample of `of` examples, drawn without
+    /// replacement (all of them: no sampling error).
+    pub fn of(nlls: &[f64], of: usize) -> Self {
+        let k = nlls.len();
+        let nll = nlls.iter().sum::<f64>() / k.max(1) as f64;
+        // The finite-population correction: sqrt((n - k) / (n - 1)).
+        let se = match standard_error(nlls) {
+            Some(se) if k < of => se * ((of - k) as f64 / (of - 1) as f64).sqrt(),
+            _ => 0.0,
+        };
+        Self {
+            nll,
+            se,
+            examples: k,
+            of,
+        }
+    }
+}
+
+/// The verdict on a run's objective from its `curve` (in step order),
+/// against `bound` (the adapter switched off: `B = 0` with a posterior of
+/// KL 0; `Err`: why there is none), with its line; `None` without a curve.
+/// Short of the optimum when the end is above the bound by more than two
+/// standard errors of their difference.
+pub fn objective_verdict(
+    curve: &[ObjectivePoint],
+    bound: Result<AdapterOff, &str>,
+    n_train: usize,
+) -> Option<(ObjectiveVerdict, String)> {
+    let end = curve.last()?;
+    let lowest = curve.iter().min_by(|a, b| a.value.total_cmp(&b.value))?;
+    let what = format!(
+        "negative ELBO per training example (training NLL + KL / {n_train}) {:.4} at step {}, lowest {:.4} at step {}",
+        end.value, end.step, lowest.value, lowest.step
+    );
+    let se = end.se.map_or(String::new(), |se| format!(", standard error {se:.4}"));
+    let (verdict, line) = match bound {
+        Err(why) => (
+            ObjectiveVerdict::NoBound,
+            format!("objective: no bound: {what}{se}; {why}"),
+        ),
+        Ok(off) => {
+            let margin = 2.0 * (end.se.unwrap_or(0.0).powi(2) + off.se.powi(2)).sqrt();
+            let sample = if off.examples < off.of {
+                format!(
+                    " (on {} of the {} training examples, standard error {:.4})",
+                    off.examples, off.of, off.se
+                )
+            } else {
+                String::new()
+            };
+            let off_line = format!(
+                "the adapter switched off (B = 0, a posterior of KL 0) scores {:.4}{sample}",
+                off.nll
+            );
+            if end.value - off.nll > margin {
+                (
+                    ObjectiveVerdict::ShortOfOptimum,
+                    format!(
+                        "objective: short of its optimum: {what}{se}; {off_line}, {:.4} lower: a point the run can reach",
+                        end.value - off.nll
+                    ),
+                )
+            } else {
+                (
+                    ObjectiveVerdict::NotAbove,
+                    format!(
+                        "objective: not above the adapter switched off: {what}{se}; {off_line}: no sign that the run fell short, no proof that it reached the optimum"
+                    ),
+                )
+            }
+        }
+    };
+    Some((verdict, line))
+}
+
+/// The standard error of the mean of `values`; `None` for fewer than two.
+pub fn standard_error(values: &[f64]) -> Option<f64> {
+    let n = values.len();
+    if n < 2 {
+        return None;
+    }
+    let mean = values.iter().sum::<f64>() / n as f64;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    Some((var / n as f64).sqrt())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +351,96 @@ mod tests {
             "{line}"
         );
         assert_eq!(verdict(None, 0.100, 0.094, 100).0, Verdict::StillMoving);
+    }
+
+    fn point(step: usize, value: f64, se: Option<f64>) -> ObjectivePoint {
+        ObjectivePoint { step, value, se }
+    }
+
+    /// The adapter switched off, scored on the whole training set.
+    fn off(nll: f64) -> Result<AdapterOff, &'static str> {
+        Ok(AdapterOff {
+            nll,
+            se: 0.0,
+            examples: 8,
+            of: 8,
+        })
+    }
+
+    #[test]
+    fn objective_above_the_adapter_off_point_is_short_of_the_optimum() {
+        // The BLoB run of BLoB's code's recipe on WinoGrande-S: 3.05 at
+        // the end against 0.799 with the adapter switched off.
+        let curve = [
+            point(250, 1852.0, Some(0.02)),
+            point(4750, 3.03, Some(0.01)),
+            point(5000, 3.05, Some(0.01)),
+        ];
+        let (v, line) = objective_verdict(&curve, off(0.799), 640).unwrap();
+        assert_eq!(v, ObjectiveVerdict::ShortOfOptimum);
+        assert!(line.starts_with("objective: short of its optimum: "), "{line}");
+        assert!(
+            line.contains("KL / 640) 3.0500 at step 5000, lowest 3.0300 at step 4750"),
+            "{line}"
+        );
+        assert!(line.contains("scores 0.7990, 2.2510 lower"), "{line}");
+    }
+
+    #[test]
+    fn objective_within_two_standard_errors_of_the_bound_is_not_above_it() {
+        // 0.80 against 0.79: 0.01 above, two standard errors 0.012.
+        let (v, _) = objective_verdict(&[point(100, 0.80, Some(0.006))], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        // The same gap with a standard error of 0.004: above.
+        let (v, _) = objective_verdict(&[point(100, 0.80, Some(0.004))], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::ShortOfOptimum);
+        // Below the bound.
+        let (v, line) = objective_verdict(&[point(100, 0.75, None)], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        assert!(
+            line.starts_with("objective: not above the adapter switched off: "),
+            "{line}"
+        );
+        // A sampled bound adds its error: sqrt(0.004^2 + 0.004^2) = 0.0057,
+        // two of which (0.0113) the gap of 0.01 does not exceed.
+        let sampled = AdapterOff {
+            nll: 0.79,
+            se: 0.004,
+            examples: 4,
+            of: 8,
+        };
+        let (v, line) = objective_verdict(&[point(100, 0.80, Some(0.004))], Ok(sampled), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        assert!(
+            line.contains("scores 0.7900 (on 4 of the 8 training examples, standard error 0.0040)"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn adapter_off_on_a_sample_has_the_finite_population_error() {
+        // NLLs 1, 2, 3, 4: standard error sqrt(5/12) as if from an infinite
+        // population; of 10 examples, times sqrt((10 - 4) / 9).
+        let off = AdapterOff::of(&[1.0, 2.0, 3.0, 4.0], 10);
+        assert_eq!((off.nll, off.examples, off.of), (2.5, 4, 10));
+        assert!((off.se - (5.0f64 / 12.0 * 6.0 / 9.0).sqrt()).abs() < 1e-15);
+        // The whole set: no sampling error.
+        assert_eq!(AdapterOff::of(&[1.0, 2.0, 3.0, 4.0], 4).se, 0.0);
+    }
+
+    #[test]
+    fn objective_without_a_bound_says_why_and_without_a_curve_says_nothing() {
+        let (v, line) = objective_verdict(&[point(10, 1.5, None)], Err("not measured"), 8).unwrap();
+        assert_eq!(v, ObjectiveVerdict::NoBound);
+        assert!(line.ends_with("; not measured"), "{line}");
+        assert_eq!(objective_verdict(&[], off(0.5), 8), None);
+    }
+
+    #[test]
+    fn standard_error_of_a_mean() {
+        // Sample variance of 1, 2, 3, 4 is 5/3; over n = 4.
+        let se = standard_error(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert!((se - (5.0f64 / 12.0).sqrt()).abs() < 1e-15);
+        assert_eq!(standard_error(&[1.0]), None);
     }
 }

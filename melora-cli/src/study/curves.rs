@@ -6,7 +6,7 @@
 use super::spec::{Study, TaskSpec};
 use melora_llama::error::{LlamaError, Result};
 use melora_llama::report::font_available;
-use melora_llama::train::EvalRecord;
+use melora_llama::train::{metrics_records, EvalRecord};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::{Path, PathBuf};
@@ -26,16 +26,8 @@ pub fn read_metrics(dir: &Path) -> Result<Option<Vec<EvalRecord>>> {
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let mut records = Vec::new();
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str::<EvalRecord>(line) {
-            Ok(r) => records.push(r),
-            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
-            Err(e) => return Err(LlamaError::format(&path, format!("line {}: {e}", i + 1))),
-        }
-    }
-    Ok(Some(records))
+    let records = metrics_records(&path, &text)?;
+    Ok(Some(records.into_iter().map(|(r, _)| r).collect()))
 }
 
 /// The folder holding a run's `metrics.jsonl`: its kept record in the

@@ -16,6 +16,7 @@
 //! exactly as the uninterrupted run would.
 
 mod config;
+mod objective;
 pub mod parallel;
 mod peer;
 mod run;
@@ -24,7 +25,7 @@ mod step;
 pub use config::{Method, Recipe, TrainConfig};
 pub use melora_core::{NonFinite, OptimizerSplit};
 pub use parallel::{Cluster, Nodes, Peer};
-pub use run::{Checkpoint, EvalRecord, RunDir, TrainState};
+pub use run::{metrics_records, Checkpoint, EvalRecord, RunDir, TrainState};
 pub use step::{linear_warmup_decay, mix, stable_adapter_ids, StepOutcome, Stepper};
 
 use crate::assets::{remove_leftover_temporaries, write_atomic, Assets};
@@ -32,7 +33,7 @@ use crate::data::{Encoded, Split};
 use crate::error::LlamaError;
 use crate::model::scoring::Scorer;
 use crate::model::Llama;
-use crate::posterior::{Diagnostics, PosteriorStats, Verdict};
+use crate::posterior::{Diagnostics, ObjectiveVerdict, PosteriorStats, Verdict};
 use crate::pretrained::Pretrained;
 use burn::module::Module;
 use burn::tensor::backend::AutodiffBackend;
@@ -61,6 +62,9 @@ pub struct TrainSummary {
     pub posterior: Option<(PosteriorStats, Option<f64>)>,
     /// A finished Bayesian run's verdict on its posterior, and its line.
     pub verdict: Option<(Verdict, String)>,
+    /// Its verdict on the objective (the negative ELBO per example against
+    /// the adapter switched off), and its line.
+    pub objective: Option<(ObjectiveVerdict, String)>,
 }
 
 /// One training step's numbers, for a dashboard.
@@ -308,5 +312,6 @@ fn fit_ensemble<B: AutodiffBackend>(
         stopped: summaries.iter().any(|s| s.stopped),
         posterior: None,
         verdict: None,
+        objective: None,
     })
 }

@@ -1,11 +1,13 @@
 //! One peer's training loop (the only peer of a run on one device), in its
 //! phases: [`PeerLoop::open`] (the checkpoint to resume, the adapters, the
-//! optimisers, the peers' agreement on the step), then per step its batch
-//! ([`PeerLoop::batch`]), the ELBO step, and the lead's share
-//! ([`PeerLoop::lead_work`]: the log, [`PeerLoop::validate`], the
-//! checkpoints, the stop key), and at the end the posterior's verdict and
-//! the summary ([`PeerLoop::finish`]).
+//! optimisers, the peers' agreement on the step, a fresh Bayesian run's
+//! adapter-off point), then per step its batch ([`PeerLoop::batch`]), the
+//! ELBO step, and the lead's share ([`PeerLoop::lead_work`]: the log,
+//! [`PeerLoop::validate`], the checkpoints, the stop key), and at the end
+//! the verdicts on the posterior and the objective, and the summary
+//! ([`PeerLoop::finish`]).
 
+use super::objective;
 use super::parallel::{Agreement, Peer};
 use super::run::Ordered;
 use super::{
@@ -18,7 +20,7 @@ use crate::error::LlamaError;
 use crate::eval::{predict, predict_samples, PredictOptions};
 use crate::model::scoring::{ScoreBatch, Scorer};
 use crate::model::Llama;
-use crate::posterior::{last_fifth_start, verdict, Diagnostics, PosteriorStats};
+use crate::posterior::{last_fifth_start, standard_error, verdict, Diagnostics, PosteriorStats};
 use crate::weights::peft::{load_adapter, save_adapter};
 use burn::module::AutodiffModule;
 use burn::optim::Optimizer;
@@ -145,6 +147,16 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
                 if lead {
                     run.append(&run.log(), &line)?;
                 }
+            }
+            let measured = if lead {
+                objective::adapter_off(config, &this.model, data.train, data.scorer, device)?
+            } else {
+                None
+            };
+            if let Some((off, line)) = measured {
+                this.state.adapter_off = off;
+                this.progress.line(&line);
+                run.append(&run.log(), &line)?;
             }
         }
         let peers = peer.map_or(String::new(), |p| format!(", {} data-parallel peers", p.peers));
@@ -311,6 +323,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
         let metrics = probs.metrics();
         let step = self.state.step;
         let train_nll = self.since_eval.iter().sum::<f64>() / self.since_eval.len().max(1) as f64;
+        let train_nll_se = standard_error(&self.since_eval);
         self.since_eval.clear();
         let posterior = diagnostics(
             config,
@@ -325,6 +338,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
             step,
             metrics: metrics.clone(),
             train_nll,
+            train_nll_se,
             posterior: posterior.clone(),
         };
         let line = serde_json::to_string(&record).map_err(|e| LlamaError::serialize("a metrics record", e))?;
@@ -423,6 +437,16 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
                 run.append(&run.log(), line)?;
             }
         }
+        let finished = self.lead && posterior.is_some() && self.state.step == config.steps;
+        let objective = if finished {
+            objective::verdict(config, run, self.data.train.len(), self.state.adapter_off)?
+        } else {
+            None
+        };
+        if let Some((_, line)) = &objective {
+            self.progress.line(line);
+            run.append(&run.log(), line)?;
+        }
         let nlls = &self.nlls;
         let tenth = (nlls.len() / 10).max(1);
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
@@ -436,6 +460,7 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
             stopped,
             posterior,
             verdict,
+            objective,
         })
     }
 }

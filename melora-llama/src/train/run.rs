@@ -29,6 +29,11 @@ pub struct TrainState {
     /// ([`crate::posterior::last_fifth_start`]), for the verdict at the end.
     #[serde(default)]
     pub std_last_fifth: Option<f64>,
+    /// The training NLL of the adapter switched off (Bayesian runs with
+    /// `objective_examples`): the negative ELBO per example of a point
+    /// every run can reach, measured before the first step.
+    #[serde(default)]
+    pub adapter_off: Option<crate::posterior::AdapterOff>,
 }
 
 /// One line of `metrics.jsonl`: a validation evaluation.
@@ -40,6 +45,10 @@ pub struct EvalRecord {
     pub metrics: Metrics,
     /// Mean training NLL since the previous evaluation.
     pub train_nll: f64,
+    /// The standard error of that mean, from the spread of its steps' NLLs
+    /// (`None`: fewer than two steps, or a record written without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_nll_se: Option<f64>,
     /// A Bayesian run's posterior: its spread, the KL and its weight, and
     /// the spread of the gold answer's probability across samples.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +91,23 @@ impl std::fmt::Display for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
     }
+}
+
+/// The records of `text`, a `metrics.jsonl` read from `path`, each with
+/// its line. A last line cut short (a crash in the middle of its write, or
+/// a run writing it now) is left out; any other line that is not a record
+/// is an error naming the file and the line.
+pub fn metrics_records<'t>(path: &Path, text: &'t str) -> crate::Result<Vec<(EvalRecord, &'t str)>> {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let mut records = Vec::with_capacity(lines.len());
+    for (i, line) in lines.iter().enumerate() {
+        match serde_json::from_str::<EvalRecord>(line) {
+            Ok(record) => records.push((record, *line)),
+            Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
+            Err(e) => return Err(LlamaError::format(path, format!("line {}: {e}", i + 1))),
+        }
+    }
+    Ok(records)
 }
 
 /// The run folder's files.
@@ -153,6 +179,16 @@ impl RunDir {
         writeln!(f, "{line}").map_err(|e| LlamaError::write(path, e))
     }
 
+    /// The validation records of `metrics.jsonl` (none when it does not
+    /// exist yet).
+    pub fn records(&self) -> crate::Result<Vec<EvalRecord>> {
+        let path = self.metrics();
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return Ok(Vec::new());
+        };
+        Ok(metrics_records(&path, &text)?.into_iter().map(|(r, _)| r).collect())
+    }
+
     /// Drops the records of `metrics.jsonl` after `step`.
     pub fn truncate_metrics(&self, step: usize) -> crate::Result<()> {
         let path = self.metrics();
@@ -160,14 +196,7 @@ impl RunDir {
             return Ok(());
         };
         let mut kept = String::new();
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            let record: EvalRecord = match serde_json::from_str(line) {
-                Ok(record) => record,
-                // A last line cut short by a crash in the middle of its write.
-                Err(_) if i + 1 == lines.len() && !text.ends_with('\n') => break,
-                Err(e) => return Err(LlamaError::format(&path, format!("line {}: {e}", i + 1))),
-            };
+        for (record, line) in metrics_records(&path, &text)? {
             if record.step <= step {
                 kept.push_str(line);
                 kept.push('\n');

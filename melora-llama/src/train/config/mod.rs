@@ -12,7 +12,8 @@ mod legacy;
 use burn::config::Config;
 use melora_core::{
     AdapterConfig, AdapterKind, BlobLinearConfig, BlobPosteriorConfig, ElboConfig, KlSchedule, LoraLinearConfig,
-    LowRankConfig, MeLoraLinearConfig, MeLoraPosteriorConfig, NoiseDevice, OptimizerSplit, PriorConfig, SamplingMode,
+    LowRankConfig, MeLoraKl, MeLoraLinearConfig, MeLoraPosteriorConfig, NoiseDevice, OptimizerSplit, PriorConfig,
+    SamplingMode,
 };
 
 /// What a run trains: one of the three adapters, or one of the paper's
@@ -305,6 +306,13 @@ pub struct TrainConfig {
     /// ones of the validation set; 0: none).
     #[config(default = 100)]
     pub posterior_examples: usize,
+    /// Bayesian runs: before the first step, score this many training
+    /// examples (a seeded random sample; all of them when there are fewer;
+    /// 0: none) with the adapter switched off, the negative ELBO per
+    /// example of a point every run can reach, for the verdict on the
+    /// objective at the end.
+    #[config(default = 512)]
+    pub objective_examples: usize,
     /// Longest prompt in tokens.
     #[config(default = 300)]
     pub max_tokens: usize,
@@ -500,6 +508,20 @@ impl TrainConfig {
     /// Whether the method has random weights (and a KL term).
     pub fn is_bayesian(&self) -> bool {
         self.method.adapter_kind() != AdapterKind::Lora
+    }
+
+    /// Why the adapter switched off bounds nothing for this run's
+    /// objective, if it does not: no posterior has KL 0 under its KL term
+    /// (the paper's Me-LoRA term, unbounded below; the paper's prior noise,
+    /// which draws another prior at each step).
+    pub fn objective_unbounded(&self) -> Option<&'static str> {
+        if self.prior.noise {
+            Some("with the prior noise (another prior every step) no posterior has KL 0")
+        } else if self.method.adapter_kind() == AdapterKind::MeLora && self.melora.kl == MeLoraKl::Paper {
+            Some("the paper's Me-LoRA KL term is not a KL (unbounded below): nothing bounds its objective")
+        } else {
+            None
+        }
     }
 }
 
