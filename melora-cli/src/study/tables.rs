@@ -1,10 +1,13 @@
 //! A study's tables as Markdown: in distribution, out of distribution,
 //! uncertainty and detection, posterior diagnostics, phase times.
 
-use super::evals::{detection_tasks, Collected, Summary};
+use super::curves::read_metrics;
+use super::evals::{detection_tasks, Collected, EvalSet, Summary};
 use super::spec::TaskSpec;
 use melora_core::{Metrics, Uncertainty};
-use melora_llama::train::Checkpoint;
+use melora_llama::posterior::{objective_verdict, AdapterOff, ObjectivePoint, ObjectiveVerdict};
+use melora_llama::settings::Loader;
+use melora_llama::train::{Checkpoint, TrainConfig};
 use std::path::Path;
 
 /// The scaled mean and sample standard deviation (`n - 1`; 0 for one
@@ -239,6 +242,55 @@ fn run_verdict(record: &Path) -> String {
     melora_llama::posterior::verdict_word(&kept).unwrap_or("-").to_string()
 }
 
+/// The adapter switched off on `task`'s training split: the zero-shot
+/// model's NLL there, from the evaluation kept in
+/// `<results>/evals/<task>/zero-shot-train/` (`melora eval --zero-shot
+/// --split train`), on the whole split.
+fn adapter_off(results: &Path, task: &str) -> Option<AdapterOff> {
+    let set = EvalSet::load(&results.join("evals").join(task).join("zero-shot-train")).ok()??;
+    let row = set.rows.get(task)?;
+    let n = row.metrics.count;
+    (row.split == "train").then_some(AdapterOff {
+        nll: row.metrics.nll,
+        se: 0.0,
+        examples: n,
+        of: n,
+    })
+}
+
+/// The objective of the run kept in `record` at the end of training: its
+/// negative ELBO per example (each validation's training NLL plus its KL
+/// over the training split's size) against the adapter switched off, as
+/// the verdict's words and the two numbers; "-" without the run's records
+/// or the bound's evaluation.
+fn objective_cell(record: &Path, off: Option<AdapterOff>) -> String {
+    let (Ok(Some(records)), Some(off)) = (read_metrics(record), off) else {
+        return "-".into();
+    };
+    let curve: Vec<ObjectivePoint> = (records.iter())
+        .filter_map(|r| {
+            Some(ObjectivePoint {
+                step: r.step,
+                value: r.train_nll + r.posterior.as_ref()?.kl / off.of as f64,
+                se: r.train_nll_se,
+            })
+        })
+        .collect();
+    let config: Option<TrainConfig> = Loader::file(Some(&record.join("config.json"))).load().ok();
+    let Some(unbounded) = config.map(|c| c.objective_unbounded()) else {
+        return "-".into();
+    };
+    let bound = unbounded.map_or(Ok(off), Err);
+    let (Some((verdict, _)), Some(end)) = (objective_verdict(&curve, bound, off.of), curve.last()) else {
+        return "-".into();
+    };
+    match verdict {
+        ObjectiveVerdict::ShortOfOptimum => format!("short of its optimum: {:.2} against {:.3}", end.value, off.nll),
+        ObjectiveVerdict::NotAbove => format!("not above the adapter off: {:.3} against {:.3}", end.value, off.nll),
+        ObjectiveVerdict::NoBound => format!("no bound (not a KL): {:.2}", end.value),
+    }
+}
+
 /// The posterior diagnostics of every Bayesian run evaluated at one
 /// checkpoint, as Markdown: its mean posterior std at initialisation and at
 /// the checkpoint, that std over the means' RMS, the epistemic part on the
@@ -248,14 +300,21 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
     let mut out = format!(
         "{} {}, the {} checkpoint: each Bayesian run's mean posterior std (of Me-LoRA's C, BLoB's A) at initialisation and \
          at the checkpoint, that std over the root mean square of the means, the mean epistemic part (nats), and \
-         whether the std had converged at the end of training (within 5% over the last fifth of the steps).\n\n\
-         | method | seed | std at init | std | std / rms mean | epistemic | at the end of training |\n\
-         |---|---:|---:|---:|---:|---:|---|\n",
+         whether the std had converged at the end of training (within 5% over the last fifth of the steps); and \
+         the objective at the end of training, the negative ELBO per training example (the training NLL since the \
+         last validation plus the KL over the training split's size), against the adapter switched off (B = 0 with \
+         a posterior of KL 0, a point every run can reach: the zero-shot model's training NLL, \
+         `evals/{task}/zero-shot-train/`): short of its optimum when above it by more than two standard errors \
+         of the training NLL (the paper's Me-LoRA term is not a KL: no bound).\n\n\
+         | method | seed | std at init | std | std / rms mean | epistemic | the std at the end of training | \
+         the objective at the end of training |\n\
+         |---|---:|---:|---:|---:|---:|---|---|\n",
         t.task.title(),
         t.split.name(),
         checkpoint.name()
     );
     let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    let off = adapter_off(results, task);
     for c in collected {
         for summary in &c.summaries {
             let (Some(seed), Some(spread)) = (summary.seed, &summary.spread) else {
@@ -267,7 +326,7 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
             let record = results.join("runs").join(task).join(format!("{}-seed{seed}", c.key));
             let epistemic = summary.uncertainty.get(task).map(|u| u.epistemic);
             out.push_str(&format!(
-                "| {} | {seed} | {} | {} | {} | {} | {} |\n",
+                "| {} | {seed} | {} | {} | {} | {} | {} | {} |\n",
                 c.label,
                 cell(spread.std_init),
                 cell(spread.posterior_std),
@@ -277,7 +336,8 @@ pub fn posterior_table(results: &Path, t: &TaskSpec, collected: &[Collected], ch
                 } else {
                     format!("{e:.4}")
                 }),
-                run_verdict(&record)
+                run_verdict(&record),
+                objective_cell(&record, off)
             ));
         }
     }
@@ -298,5 +358,29 @@ mod tests {
         assert_eq!(mean_std(&[2e-5, 4e-5], 1.0, 4, 2), "3.00e-5 ± 1.4e-5");
         assert_eq!(mean_std(&[0.0, 0.0], 1.0, 4, 2), "0.0000 ± 0.0000");
         assert_eq!(mean_std(&[0.5183], 100.0, 2, 1), "51.83");
+    }
+
+    #[test]
+    fn the_objective_cell_reads_a_kept_run_against_the_adapter_off_point() {
+        // The 5000-step study's WinoGrande-S runs, seed 0: the study's
+        // README worked their objective out with experiments/elbo-curve.sh
+        // (N = 640): 3.05 (BLoB, its code's recipe), 12.40 (BLoB, melora's
+        // default), 11.93 (Me-LoRA as the paper defines it), against the
+        // zero-shot model's training NLL of 0.799.
+        let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/results/study-5000/runs/wg-s");
+        let off = Some(AdapterOff {
+            nll: 0.7994,
+            se: 0.0,
+            examples: 640,
+            of: 640,
+        });
+        let cell = |run: &str| objective_cell(&runs.join(run), off);
+        assert_eq!(cell("blob-official-seed0"), "short of its optimum: 3.05 against 0.799");
+        assert_eq!(cell("blob-seed0"), "short of its optimum: 12.40 against 0.799");
+        assert_eq!(cell("melora-paper-seed0"), "no bound (not a KL): 11.93");
+        // MAP has no posterior records; a run or a bound that is not there: "-".
+        assert_eq!(cell("map-seed0"), "-");
+        assert_eq!(cell("no-such-run"), "-");
+        assert_eq!(objective_cell(&runs.join("blob-seed0"), None), "-");
     }
 }
