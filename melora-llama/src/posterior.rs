@@ -1,6 +1,8 @@
 //! Where a variational posterior stands: the spread of the adapters'
 //! random weights (overall and per adapted projection), read off a model,
-//! and whether training has stopped moving it.
+//! whether training has stopped moving it, and whether the objective it
+//! trains ended above a point every run can reach (the adapter switched
+//! off).
 //!
 //! A Bayesian adapter's std parameters start at a fixed small value; the
 //! numbers here are what show that training moved them to where the data
