@@ -5,8 +5,9 @@ use super::curves::read_metrics;
 use super::evals::{detection_tasks, Collected, EvalSet, Summary};
 use super::spec::TaskSpec;
 use melora_core::{Metrics, Uncertainty};
-use melora_llama::posterior::{objective_verdict, AdapterOff, ObjectivePoint, ObjectiveVerdict};
+use melora_llama::posterior::{objective_verdict, AdapterOff, ObjectiveVerdict};
 use melora_llama::settings::Loader;
+use melora_llama::train::objective::objective_curve;
 use melora_llama::train::{Checkpoint, TrainConfig};
 use std::path::Path;
 
@@ -267,15 +268,7 @@ fn objective_cell(record: &Path, off: Option<AdapterOff>) -> String {
     let (Ok(Some(records)), Some(off)) = (read_metrics(record), off) else {
         return "-".into();
     };
-    let curve: Vec<ObjectivePoint> = (records.iter())
-        .filter_map(|r| {
-            Some(ObjectivePoint {
-                step: r.step,
-                value: r.train_nll + r.posterior.as_ref()?.kl / off.of as f64,
-                se: r.train_nll_se,
-            })
-        })
-        .collect();
+    let curve = objective_curve(&records, off.of);
     let config: Option<TrainConfig> = Loader::file(Some(&record.join("config.json"))).load().ok();
     let Some(unbounded) = config.map(|c| c.objective_unbounded()) else {
         return "-".into();

@@ -16,7 +16,7 @@
 //! exactly as the uninterrupted run would.
 
 mod config;
-mod objective;
+pub mod objective;
 pub mod parallel;
 mod peer;
 mod run;

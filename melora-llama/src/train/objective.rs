@@ -3,7 +3,7 @@
 //! every run can reach; at the end, the objective's curve from the
 //! validation records against it (docs/derivations.md section 7).
 
-use super::{mix, RunDir, TrainConfig};
+use super::{mix, EvalRecord, RunDir, TrainConfig};
 use crate::data::{seeded_shuffle, Encoded};
 use crate::eval::{predict, PredictOptions};
 use crate::model::scoring::Scorer;
@@ -58,16 +58,7 @@ pub(super) fn verdict(
     n_train: usize,
     adapter_off: Option<AdapterOff>,
 ) -> crate::Result<Option<(ObjectiveVerdict, String)>> {
-    let curve: Vec<ObjectivePoint> = (run.records()?.iter())
-        .filter_map(|r| {
-            let kl = r.posterior.as_ref()?.kl;
-            Some(ObjectivePoint {
-                step: r.step,
-                value: r.train_nll + kl / n_train as f64,
-                se: r.train_nll_se,
-            })
-        })
-        .collect();
+    let curve = objective_curve(&run.records()?, n_train);
     let bound = match (config.objective_unbounded(), adapter_off) {
         (Some(why), _) => Err(why),
         (None, Some(off)) => Ok(off),
@@ -76,4 +67,20 @@ pub(super) fn verdict(
         }
     };
     Ok(objective_verdict(&curve, bound, n_train))
+}
+
+/// The negative ELBO per example at each of a Bayesian run's validation
+/// `records`: the training NLL since the previous one plus the KL over
+/// `n_train`, whatever weight the KL schedule gave it (records without a
+/// posterior are left out).
+pub fn objective_curve(records: &[EvalRecord], n_train: usize) -> Vec<ObjectivePoint> {
+    (records.iter())
+        .filter_map(|r| {
+            Some(ObjectivePoint {
+                step: r.step,
+                value: r.train_nll + r.posterior.as_ref()?.kl / n_train as f64,
+                se: r.train_nll_se,
+            })
+        })
+        .collect()
 }
