@@ -261,6 +261,15 @@ fn a_bayesian_run_judges_its_objective_against_the_adapter_switched_off() {
             .map(|(r, _)| r.train_nll + r.posterior.as_ref().unwrap().kl / 8.0)
             .collect();
         assert_eq!(ends.len(), 2, "{method:?}: validations at steps 4 and 8");
+        // Each validation's log line shows the point beside the bound.
+        for (end, step) in ends.iter().zip([4, 8]) {
+            let shown = format!("posterior at step {step}: ");
+            let line = log.lines().find(|l| l.starts_with(&shown)).unwrap();
+            assert!(
+                line.ends_with(&format!("negative ELBO per example {end:.4} (adapter off {off:.4})")),
+                "{line}"
+            );
+        }
         let (verdict, line) = summary.objective.unwrap_or_else(|| panic!("{method:?}: no verdict"));
         assert_eq!(log.lines().last(), Some(line.as_str()));
         assert!(
