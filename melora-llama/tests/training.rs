@@ -1,54 +1,24 @@
 //! Training on the tiny fixture model: each method reduces the training
 //! loss; a run killed mid-way and resumed ends exactly where the
-//! uninterrupted run ends; a Bayesian run's objective is judged against
-//! the adapter switched off; Bayesian evaluation depends on the number of
+//! uninterrupted run ends; Bayesian evaluation depends on the number of
 //! samples, LoRA's does not.
 
 mod common;
 
 use burn::backend::{Autodiff, NdArray};
 use burn::module::AutodiffModule;
+use common::train::{adapter_values, config, label_scorer, run_dir};
 use common::{answer_examples, parity_examples, tiny_base, with_method_preset};
 use melora_core::{AdapterKind, KlSchedule, NoiseDevice, SamplingMode};
 use melora_llama::data::Padding;
 use melora_llama::data::{LengthNorm, Scoring};
-use melora_llama::eval::{predict, EnsembleConfig, PredictConfig, PredictOptions};
+use melora_llama::eval::{predict, EnsembleConfig, PredictOptions};
 use melora_llama::model::scoring::Scorer;
-use melora_llama::posterior::ObjectiveVerdict;
-use melora_llama::train::{linear_warmup_decay, Method, Progress, RunDir, TrainConfig, TrainData, Trainer};
+use melora_llama::train::{linear_warmup_decay, Method, Progress, TrainData, Trainer};
 use melora_llama::weights::peft::load_adapter;
-use melora_llama::weights::{safetensors::SafetensorsSource, WeightSource};
-use std::path::Path;
 
 type AD = Autodiff<NdArray<f32>>;
 type B = NdArray<f32>;
-
-const LABELS: [u32; 2] = [17, 42];
-
-fn label_scorer() -> melora_llama::model::scoring::Scorer {
-    melora_llama::model::scoring::Scorer::label(LABELS.to_vec(), 0)
-}
-
-fn config(method: AdapterKind, steps: usize) -> TrainConfig {
-    TrainConfig::new()
-        .with_model("tiny".into())
-        .with_method(method.into())
-        .with_rank(4)
-        .with_steps(steps)
-        .with_batch_size(4)
-        .with_lr(1e-2)
-        .with_kl_lr(1e-3)
-        .with_eval_every(0)
-        .with_checkpoint_every(5)
-        .with_predict(PredictConfig::new().with_batch_size(4))
-        .with_seed(7)
-}
-
-fn run_dir(name: &str) -> RunDir {
-    let dir = std::env::temp_dir().join(format!("melora-train-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    RunDir { dir }
-}
 
 /// Simulates a crash (`kill -9`) after `at` steps.
 struct CrashAt(usize);
@@ -213,131 +183,6 @@ fn every_method_reduces_the_training_loss_with_answer_scoring() {
         }
         std::fs::remove_dir_all(&run.dir).ok();
     }
-}
-
-#[test]
-fn a_bayesian_run_judges_its_objective_against_the_adapter_switched_off() {
-    let train = parity_examples(8, 1);
-    let validation = parity_examples(4, 2);
-    let data = TrainData {
-        train: &train,
-        validation: &validation,
-        scorer: &label_scorer(),
-    };
-    // The base model's training NLL: what a fresh adapter (B = 0) scores.
-    let options = PredictOptions::mean(4);
-    let base = predict(
-        &tiny_base::<B>(),
-        &train,
-        &label_scorer(),
-        &options,
-        &Default::default(),
-        |_, _| {},
-    );
-    let off = base.unwrap().metrics().nll;
-    for method in [AdapterKind::Blob, AdapterKind::MeLora] {
-        let config = config(method, 8).with_eval_every(4);
-        let run = run_dir(&format!("objective-{method:?}"));
-        let summary = Trainer::new(&config, &run)
-            .fit(tiny_base::<AD>(), &data, &Default::default())
-            .unwrap();
-        let state = std::fs::read_to_string(run.last().join("state.json")).unwrap();
-        let state: melora_llama::train::TrainState = serde_json::from_str(&state).unwrap();
-        let measured = state.adapter_off.unwrap();
-        assert!(
-            (measured.nll - off).abs() < 1e-12,
-            "{method:?}: {measured:?} against {off}"
-        );
-        assert_eq!((measured.se, measured.examples, measured.of), (0.0, 8, 8));
-        let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
-        assert!(
-            log.contains(&format!("on 8 of the 8 training examples: NLL {off:.4}")),
-            "{log}"
-        );
-        // The curve: each validation's training NLL plus its KL over N = 8.
-        let metrics = std::fs::read_to_string(run.dir.join("metrics.jsonl")).unwrap();
-        let records = melora_llama::train::metrics_records(&run.metrics(), &metrics).unwrap();
-        let ends: Vec<f64> = (records.iter())
-            .map(|(r, _)| r.train_nll + r.posterior.as_ref().unwrap().kl / 8.0)
-            .collect();
-        assert_eq!(ends.len(), 2, "{method:?}: validations at steps 4 and 8");
-        // Each validation's log line shows the point beside the bound.
-        for (end, step) in ends.iter().zip([4, 8]) {
-            let shown = format!("posterior at step {step}: ");
-            let line = log.lines().find(|l| l.starts_with(&shown)).unwrap();
-            assert!(
-                line.ends_with(&format!("negative ELBO per example {end:.4} (adapter off {off:.4})")),
-                "{line}"
-            );
-        }
-        let (verdict, line) = summary.objective.unwrap_or_else(|| panic!("{method:?}: no verdict"));
-        assert_eq!(log.lines().last(), Some(line.as_str()));
-        assert!(
-            line.contains(&format!("(training NLL + KL / 8) {:.4} at step 8", ends[1])),
-            "{line}"
-        );
-        // Four steps' NLLs give each record a standard error.
-        // The bound, on the whole training set, has no sampling error.
-        let se = records[1].0.train_nll_se.unwrap();
-        let expected = if ends[1] - measured.nll > 2.0 * se {
-            ObjectiveVerdict::ShortOfOptimum
-        } else {
-            ObjectiveVerdict::NotAbove
-        };
-        assert_eq!(verdict, expected, "{method:?}: {line}");
-
-        // Measuring the bound changes no step; without it the verdict says so.
-        let unmeasured = run_dir(&format!("objective-off-{method:?}"));
-        let summary = Trainer::new(&config.clone().with_objective_examples(0), &unmeasured)
-            .fit(tiny_base::<AD>(), &data, &Default::default())
-            .unwrap();
-        assert_eq!(
-            adapter_values(&run.last()),
-            adapter_values(&unmeasured.last()),
-            "{method:?}"
-        );
-        let (verdict, line) = summary.objective.unwrap();
-        assert_eq!(verdict, ObjectiveVerdict::NoBound);
-        assert!(line.ends_with("was not measured (objective_examples = 0, or a run begun without it)"));
-        // On a sample of 4 of the 8: an estimate with its standard error.
-        let sampled = run_dir(&format!("objective-sampled-{method:?}"));
-        Trainer::new(&config.clone().with_objective_examples(4), &sampled)
-            .fit(tiny_base::<AD>(), &data, &Default::default())
-            .unwrap();
-        let state = std::fs::read_to_string(sampled.last().join("state.json")).unwrap();
-        let state: melora_llama::train::TrainState = serde_json::from_str(&state).unwrap();
-        let sample = state.adapter_off.unwrap();
-        assert_eq!((sample.examples, sample.of), (4, 8));
-        assert!(sample.se > 0.0 && sample.nll.is_finite(), "{sample:?}");
-        for dir in [&run.dir, &unmeasured.dir, &sampled.dir] {
-            std::fs::remove_dir_all(dir).ok();
-        }
-    }
-    // The paper's Me-LoRA term is unbounded below: no bound, none measured.
-    let mut config = config(AdapterKind::MeLora, 4);
-    config.melora.kl = melora_core::MeLoraKl::Paper;
-    let run = run_dir("objective-paper");
-    let summary = Trainer::new(&config, &run)
-        .fit(tiny_base::<AD>(), &data, &Default::default())
-        .unwrap();
-    let (verdict, line) = summary.objective.unwrap();
-    assert_eq!(verdict, ObjectiveVerdict::NoBound, "{line}");
-    assert!(
-        line.ends_with("is not a KL (unbounded below): nothing bounds its objective"),
-        "{line}"
-    );
-    let log = std::fs::read_to_string(run.dir.join("log.txt")).unwrap();
-    assert!(!log.contains("the adapter switched off (B = 0"), "{log}");
-    std::fs::remove_dir_all(&run.dir).ok();
-}
-
-fn adapter_values(dir: &Path) -> Vec<(String, Vec<f32>)> {
-    let mut source = SafetensorsSource::single(&dir.join("adapter_model.safetensors")).unwrap();
-    source
-        .names()
-        .into_iter()
-        .map(|n| (n.clone(), source.load(&n).unwrap().unwrap().values))
-        .collect()
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod corrupt;
 pub mod fake_data;
 pub mod gguf_writer;
 pub mod parallel;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::io::Read;
