@@ -74,13 +74,15 @@ pub(super) fn verdict(
 /// `n_train`, whatever weight the KL schedule gave it (records without a
 /// posterior are left out).
 pub fn objective_curve(records: &[EvalRecord], n_train: usize) -> Vec<ObjectivePoint> {
-    (records.iter())
-        .filter_map(|r| {
-            Some(ObjectivePoint {
-                step: r.step,
-                value: r.train_nll + r.posterior.as_ref()?.kl / n_train as f64,
-                se: r.train_nll_se,
-            })
-        })
-        .collect()
+    (records.iter()).filter_map(|r| objective_point(r, n_train)).collect()
+}
+
+/// The negative ELBO per example at one validation `record` (`None`
+/// without a posterior).
+pub fn objective_point(record: &EvalRecord, n_train: usize) -> Option<ObjectivePoint> {
+    Some(ObjectivePoint {
+        step: record.step,
+        value: record.train_nll + record.posterior.as_ref()?.kl / n_train as f64,
+        se: record.train_nll_se,
+    })
 }

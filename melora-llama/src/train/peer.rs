@@ -347,18 +347,17 @@ impl<'a, B: AutodiffBackend> PeerLoop<'a, B> {
             "step {step}: validation acc {:.4} nll {:.4} ece {:.4} (train nll {train_nll:.4})",
             metrics.accuracy, metrics.nll, metrics.ece
         ));
-        if let Some(d) = &posterior {
+        if let (Some(d), Some(point)) = (&posterior, objective::objective_point(&record, self.data.train.len())) {
             let gold = d.gold_std.map_or(String::new(), |g| format!(", std of p(gold) {g:.4}"));
             // The objective the end verdict judges, so that a run that
             // climbs away from the adapter-off point shows it as it does.
-            let n = self.data.train.len().max(1);
             let off = (self.state.adapter_off).map_or(String::new(), |o| format!(" (adapter off {:.4})", o.nll));
             let line = format!(
                 "posterior at step {step}: {}; kl {:.1} x {:.3e}{gold}; negative ELBO per example {:.4}{off}",
                 d.stats.line(),
                 d.kl,
                 d.kl_weight,
-                train_nll + d.kl / n as f64,
+                point.value,
             );
             self.progress.line(&line);
             run.append(&run.log(), &line)?;
