@@ -191,9 +191,13 @@ pub enum ObjectiveVerdict {
     /// It ended above the adapter switched off by more than two standard
     /// errors: short of the optimum of what it trains.
     ShortOfOptimum,
-    /// It ended below that point or within two standard errors of it
-    /// (which does not make it the optimum).
-    NotAbove,
+    /// It ended within two standard errors of that point: no better than
+    /// the base model, where a posterior collapsed onto its prior (KL near
+    /// 0, `B` near 0) ends.
+    LevelWithOff,
+    /// It ended below that point by more than two standard errors (which
+    /// does not make it the optimum).
+    BelowOff,
     /// No point to compare with (not measured, or a KL term that is not
     /// 0 at the prior).
     NoBound,
@@ -208,6 +212,8 @@ pub struct ObjectivePoint {
     /// validation, one sample each) plus the step's KL over `N`, whatever
     /// weight the run's schedule gave the KL at that step.
     pub value: f64,
+    /// Its KL part, the KL over `N`.
+    pub kl: f64,
     /// The standard error of the training NLL's mean, when known.
     pub se: Option<f64>,
 }
@@ -251,7 +257,8 @@ impl AdapterOff {
 /// against `bound` (the adapter switched off: `B = 0` with a posterior of
 /// KL 0; `Err`: why there is none), with its line; `None` without a curve.
 /// Short of the optimum when the end is above the bound by more than two
-/// standard errors of their difference.
+/// standard errors of their difference, below it when under it by as
+/// much, level with it otherwise.
 pub fn objective_verdict(
     curve: &[ObjectivePoint],
     bound: Result<AdapterOff, &str>,
@@ -283,19 +290,28 @@ pub fn objective_verdict(
                 "the adapter switched off (B = 0, a posterior of KL 0) scores {:.4}{sample}",
                 off.nll
             );
-            if end.value - off.nll > margin {
+            let gap = end.value - off.nll;
+            if gap > margin {
                 (
                     ObjectiveVerdict::ShortOfOptimum,
                     format!(
-                        "objective: short of its optimum: {what}{se}; {off_line}, {:.4} lower: a point the run can reach",
-                        end.value - off.nll
+                        "objective: short of its optimum: {what}{se}; {off_line}, {gap:.4} lower: a point the run can reach"
+                    ),
+                )
+            } else if gap < -margin {
+                (
+                    ObjectiveVerdict::BelowOff,
+                    format!(
+                        "objective: below the adapter switched off: {what}{se}; {off_line}, {:.4} higher: no sign that the run fell short, no proof that it reached the optimum",
+                        -gap
                     ),
                 )
             } else {
                 (
-                    ObjectiveVerdict::NotAbove,
+                    ObjectiveVerdict::LevelWithOff,
                     format!(
-                        "objective: not above the adapter switched off: {what}{se}; {off_line}: no sign that the run fell short, no proof that it reached the optimum"
+                        "objective: level with the adapter switched off: {what}{se}, its KL / {n_train} {:.4}; {off_line}, within two standard errors ({margin:.4}): the run did no better than the base model (a posterior collapsed onto its prior, KL near 0 and B near 0, ends here)",
+                        end.kl
                     ),
                 )
             }
@@ -355,8 +371,14 @@ mod tests {
         assert_eq!(verdict(None, 0.100, 0.094, 100).0, Verdict::StillMoving);
     }
 
+    /// A point whose KL part is a tenth of it.
     fn point(step: usize, value: f64, se: Option<f64>) -> ObjectivePoint {
-        ObjectivePoint { step, value, se }
+        ObjectivePoint {
+            step,
+            value,
+            kl: value / 10.0,
+            se,
+        }
     }
 
     /// The adapter switched off, scored on the whole training set.
@@ -389,20 +411,31 @@ mod tests {
     }
 
     #[test]
-    fn objective_within_two_standard_errors_of_the_bound_is_not_above_it() {
+    fn objective_within_two_standard_errors_of_the_bound_is_level_with_it() {
         // 0.80 against 0.79: 0.01 above, two standard errors 0.012.
-        let (v, _) = objective_verdict(&[point(100, 0.80, Some(0.006))], off(0.79), 64).unwrap();
-        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        let (v, line) = objective_verdict(&[point(100, 0.80, Some(0.006))], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::LevelWithOff);
+        assert!(
+            line.starts_with("objective: level with the adapter switched off: ")
+                && line.contains("standard error 0.0060, its KL / 64 0.0800;")
+                && line.contains("within two standard errors (0.0120)"),
+            "{line}"
+        );
         // The same gap with a standard error of 0.004: above.
         let (v, _) = objective_verdict(&[point(100, 0.80, Some(0.004))], off(0.79), 64).unwrap();
         assert_eq!(v, ObjectiveVerdict::ShortOfOptimum);
-        // Below the bound.
-        let (v, line) = objective_verdict(&[point(100, 0.75, None)], off(0.79), 64).unwrap();
-        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        // 0.01 below, within two standard errors: level; 0.04 below: below.
+        let (v, _) = objective_verdict(&[point(100, 0.78, Some(0.006))], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::LevelWithOff);
+        let (v, line) = objective_verdict(&[point(100, 0.75, Some(0.006))], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::BelowOff);
         assert!(
-            line.starts_with("objective: not above the adapter switched off: "),
+            line.starts_with("objective: below the adapter switched off: ") && line.contains("0.0400 higher"),
             "{line}"
         );
+        // Without a standard error any gap counts.
+        let (v, _) = objective_verdict(&[point(100, 0.789, None)], off(0.79), 64).unwrap();
+        assert_eq!(v, ObjectiveVerdict::BelowOff);
         // A sampled bound adds its error: sqrt(0.004^2 + 0.004^2) = 0.0057,
         // two of which (0.0113) the gap of 0.01 does not exceed.
         let sampled = AdapterOff {
@@ -412,7 +445,7 @@ mod tests {
             of: 8,
         };
         let (v, line) = objective_verdict(&[point(100, 0.80, Some(0.004))], Ok(sampled), 64).unwrap();
-        assert_eq!(v, ObjectiveVerdict::NotAbove);
+        assert_eq!(v, ObjectiveVerdict::LevelWithOff);
         assert!(
             line.contains("scores 0.7900 (on 4 of the 8 training examples, standard error 0.0040)"),
             "{line}"

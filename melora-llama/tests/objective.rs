@@ -80,10 +80,13 @@ fn a_bayesian_run_judges_its_objective_against_the_adapter_switched_off() {
         // Four steps' NLLs give each record a standard error.
         // The bound, on the whole training set, has no sampling error.
         let se = records[1].0.train_nll_se.unwrap();
-        let expected = if ends[1] - measured.nll > 2.0 * se {
+        let gap = ends[1] - measured.nll;
+        let expected = if gap > 2.0 * se {
             ObjectiveVerdict::ShortOfOptimum
+        } else if gap < -2.0 * se {
+            ObjectiveVerdict::BelowOff
         } else {
-            ObjectiveVerdict::NotAbove
+            ObjectiveVerdict::LevelWithOff
         };
         assert_eq!(verdict, expected, "{method:?}: {line}");
 

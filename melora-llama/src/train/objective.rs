@@ -80,9 +80,11 @@ pub fn objective_curve(records: &[EvalRecord], n_train: usize) -> Vec<ObjectiveP
 /// The negative ELBO per example at one validation `record` (`None`
 /// without a posterior).
 pub fn objective_point(record: &EvalRecord, n_train: usize) -> Option<ObjectivePoint> {
+    let kl = record.posterior.as_ref()?.kl / n_train as f64;
     Some(ObjectivePoint {
         step: record.step,
-        value: record.train_nll + record.posterior.as_ref()?.kl / n_train as f64,
+        value: record.train_nll + kl,
+        kl,
         se: record.train_nll_se,
     })
 }
