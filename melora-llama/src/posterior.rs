@@ -310,7 +310,7 @@ pub fn objective_verdict(
                 (
                     ObjectiveVerdict::LevelWithOff,
                     format!(
-                        "objective: level with the adapter switched off: {what}{se}, its KL / {n_train} {:.4}; {off_line}, within two standard errors ({margin:.4}): the run did no better than the base model (a posterior collapsed onto its prior, KL near 0 and B near 0, ends here)",
+                        "objective: level with the adapter switched off: {what}{se}, its KL / {n_train} {:.4}; {off_line}, within two standard errors ({margin:.4}): the run did no better than the base model, as far as two standard errors tell (a posterior collapsed onto its prior, KL near 0 and B near 0, ends here)",
                         end.kl
                     ),
                 )

@@ -365,8 +365,8 @@ mod tests {
         // README worked their objective out with experiments/elbo-curve.sh
         // (N = 640): 3.05 (BLoB, its code's recipe), 12.40 (BLoB, melora's
         // default at lr 1e-3), 11.93 (Me-LoRA as the paper defines it), 0.571
-        // (Me-LoRA, melora's defaults at lr 1e-4), against the
-        // zero-shot model's training NLL of 0.799.
+        // and 0.578 (Me-LoRA and BLoB, melora's defaults at lr 1e-4), against
+        // the zero-shot model's training NLL of 0.799.
         let runs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/results/study-5000/runs/wg-s");
         let off = Some(AdapterOff {
             nll: 0.7994,
@@ -378,11 +378,13 @@ mod tests {
         assert_eq!(cell("blob-official-seed0"), "short of its optimum: 3.05 against 0.799");
         assert_eq!(cell("blob-seed0"), "short of its optimum: 12.40 against 0.799");
         assert_eq!(cell("melora-paper-seed0"), "no bound: 11.93");
-        // Me-LoRA under melora's defaults at lr 1e-4: 0.571 at the end.
+        // Me-LoRA and BLoB under melora's defaults at lr 1e-4: 0.571 and
+        // 0.578 at the end.
         assert_eq!(
             cell("melora-lr1e-4-seed0"),
             "below the adapter off: 0.571 against 0.799"
         );
+        assert_eq!(cell("blob-lr1e-4-seed0"), "below the adapter off: 0.578 against 0.799");
         // MAP has no posterior records; a run or a bound that is not there: "-".
         assert_eq!(cell("map-seed0"), "-");
         assert_eq!(cell("no-such-run"), "-");
