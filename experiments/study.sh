@@ -32,6 +32,11 @@ mkdir -p "$RUNS" "$OUT"
 # was copied), else the checkout's.
 commit=$(cat "$(dirname "$MELORA")/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)
 times="$RUNS/times.tsv"
+# Two runners started together on a new machine would both create the
+# times file and restore the same evaluations: one does it under a lock,
+# the other waits and then finds it done.
+exec 9> "$RUNS/.setup.lock"
+flock 9
 [ -f "$times" ] || { [ -f "$OUT/times.tsv" ] && cp "$OUT/times.tsv" "$times"; } || true
 [ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\n' > "$times"
 
@@ -47,6 +52,8 @@ while IFS= read -r marker; do
   cp "$marker" "$dir/"
   echo "== restored the evaluation $rel"
 done < <(find "$OUT/evals" -name done 2>/dev/null | sort)
+flock -u 9
+exec 9>&-
 
 # Runs a phase, appending its wall time and peak memory to times.tsv;
 # returns the command's exit status.
