@@ -38,7 +38,7 @@ times="$RUNS/times.tsv"
 exec 9> "$RUNS/.setup.lock"
 flock 9
 [ -f "$times" ] || { [ -f "$OUT/times.tsv" ] && cp "$OUT/times.tsv" "$times"; } || true
-[ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\n' > "$times"
+[ -f "$times" ] || printf 'run\tphase\tseconds\tpeak_rss_mib\tcommit\tcpu_seconds\n' > "$times"
 
 # Restores the kept evaluations (results, gzipped sample probabilities)
 # into the run folder; their mark, done, last.
@@ -55,21 +55,23 @@ done < <(find "$OUT/evals" -name done 2>/dev/null | sort)
 flock -u 9
 exec 9>&-
 
-# Runs a phase, appending its wall time and peak memory to times.tsv;
-# returns the command's exit status.
+# Runs a phase, appending its wall time, peak memory and CPU time (user +
+# system seconds) to times.tsv; returns the command's exit status.
 timed() { # name phase command...
   local name=$1 phase=$2; shift 2
-  # The peak-memory file is the phase's own: two runners may share $RUNS.
-  local t0 rss=- status=0 rss_file; rss_file="$RUNS/.rss-${name//\//_}-$phase"; t0=$(date +%s)
+  # The measurements' file is the phase's own: two runners may share $RUNS.
+  local t0 rss=- cpu=- status=0 rss_file; rss_file="$RUNS/.rss-${name//\//_}-$phase"; t0=$(date +%s)
   if [ -x /usr/bin/time ]; then
-    /usr/bin/time -f '%M' -o "$rss_file" "$@" < /dev/null || status=$?
-    # A command killed by a signal leaves no peak in the file: then "-".
-    local kib; kib=$(tail -n 1 "$rss_file" 2>/dev/null || true)
+    /usr/bin/time -f '%M %U %S' -o "$rss_file" "$@" < /dev/null || status=$?
+    # A command killed by a signal leaves no measurements in the file: then "-".
+    local kib user sys
+    read -r kib user sys < <(tail -n 1 "$rss_file" 2>/dev/null || true) || true
     [[ $kib =~ ^[0-9]+$ ]] && rss=$(( kib / 1024 ))
+    [[ $user =~ ^[0-9.]+$ && $sys =~ ^[0-9.]+$ ]] && cpu=$(awk -v u="$user" -v s="$sys" 'BEGIN { printf "%.0f", u + s }')
   else
     "$@" < /dev/null || status=$?
   fi
-  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$phase" "$(( $(date +%s) - t0 ))" "$rss" "$commit" >> "$times"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$phase" "$(( $(date +%s) - t0 ))" "$rss" "$commit" "$cpu" >> "$times"
   return "$status"
 }
 
@@ -123,7 +125,7 @@ while IFS= read -r line; do
         # not the end of the study: it is marked, its checkpoints so far
         # are still evaluated, and the report says so.
         echo "!! training $name failed (see $out/log.txt)"
-        printf '%s\t%s\t%s\t%s\t%s\n' "$name" train-failed 0 - "$commit" >> "$times"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" train-failed 0 - "$commit" - >> "$times"
         touch "$out/failed" "$out/done"
       else
         # It never started (a settings error, a missing model): not a
@@ -134,7 +136,7 @@ while IFS= read -r line; do
       keep train "$out" "$rel" ;;
     laplace)
       if timed "$name" fit "$MELORA" "${args[@]}"; then keep laplace "$out" "$rel"
-      else printf '%s\t%s\t%s\t%s\t%s\n' "$name" fit-failed 0 - "$commit" >> "$times"; fi ;;
+      else printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" fit-failed 0 - "$commit" - >> "$times"; fi ;;
     eval)
       if timed "$name" eval "$MELORA" "${args[@]}"; then
         touch "$out/done"
@@ -142,7 +144,7 @@ while IFS= read -r line; do
         "$REPORT" study-report --study "$STUDY" --runs "$RUNS" > /dev/null || echo "!! the report failed"
       else
         echo "!! evaluation $name failed"
-        printf '%s\t%s\t%s\t%s\t%s\n' "$name" eval-failed 0 - "$commit" >> "$times"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" eval-failed 0 - "$commit" - >> "$times"
       fi ;;
   esac
 done < "$plan"

@@ -17,7 +17,7 @@ pub mod tables;
 
 pub use differences::{bootstrap_differences, comparisons, differences, paired_bootstrap, BOOTSTRAP_RESAMPLES};
 pub use evals::{collect, detection_tasks, Collected, EvalSet, SeedPredictions, Summary};
-pub use tables::{mean_std, posterior_table, tables, times_table, Scope};
+pub use tables::{mean_std, posterior_table, tables, times_summary, times_table, Scope, TimeTotals};
 
 use melora_llama::error::{LlamaError, Result};
 use melora_llama::report::{write_results, ResultRow, Spread};
@@ -99,10 +99,10 @@ pub fn report(study: &Study, runs: Option<&Path>) -> Result<String> {
         &serde_json::to_string_pretty(&json).map_err(|e| LlamaError::serialize("study.json", e))?,
     )?;
     if let Ok(tsv) = std::fs::read_to_string(results.join("times.tsv")) {
-        let (table, total) = times_table(&tsv);
+        let (table, totals) = times_table(&tsv);
         write(
             &results.join("times.md"),
-            &format!("{table}\nTotal: {total} s ({:.1} h) of wall time, summed over the phases (each on the machine that ran it).\n", total as f64 / 3600.0),
+            &format!("{table}\n{}\n", times_summary(totals)),
         )?;
     }
     Ok(text)

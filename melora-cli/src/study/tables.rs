@@ -219,20 +219,69 @@ fn short_name(task: &str) -> String {
     task.to_uppercase()
 }
 
-/// The phases of `times.tsv` (run, phase, seconds, peak RSS MiB, commit)
-/// as a Markdown table, and their total seconds.
-pub fn times_table(tsv: &str) -> (String, u64) {
-    let mut out = String::from("| run | phase | seconds | peak RSS (MiB) | commit |\n|---|---|---:|---:|---|\n");
-    let mut total = 0;
+/// What `times.tsv` adds up to: the phases' wall seconds, and the CPU
+/// seconds (user + system) of the phases that record them (the column
+/// came after the first phases had run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TimeTotals {
+    /// The phases listed.
+    pub phases: usize,
+    /// Their wall seconds.
+    pub wall: u64,
+    /// The CPU seconds of those that record them.
+    pub cpu: u64,
+    /// How many record them.
+    pub cpu_phases: usize,
+}
+
+/// The phases of `times.tsv` (run, phase, seconds, peak RSS MiB, commit and,
+/// from a later version of `study.sh` on, CPU seconds) as a Markdown table,
+/// and their totals.
+pub fn times_table(tsv: &str) -> (String, TimeTotals) {
+    let mut out = String::from(
+        "| run | phase | seconds | CPU seconds | peak RSS (MiB) | commit |\n|---|---|---:|---:|---:|---|\n",
+    );
+    let mut totals = TimeTotals::default();
     for line in tsv.lines().skip(1).filter(|l| !l.trim().is_empty()) {
         let f: Vec<&str> = line.split('\t').collect();
         if f.len() < 5 {
             continue;
         }
-        total += f[2].parse::<u64>().unwrap_or(0);
-        out.push_str(&format!("| {} | {} | {} | {} | {} |\n", f[0], f[1], f[2], f[3], f[4]));
+        totals.phases += 1;
+        totals.wall += f[2].parse::<u64>().unwrap_or(0);
+        let cpu = f.get(5).and_then(|c| c.parse::<u64>().ok());
+        if let Some(c) = cpu {
+            totals.cpu += c;
+            totals.cpu_phases += 1;
+        }
+        let cpu = cpu.map_or("-".to_string(), |c| c.to_string());
+        out.push_str(&format!(
+            "| {} | {} | {} | {cpu} | {} | {} |\n",
+            f[0], f[1], f[2], f[3], f[4]
+        ));
     }
-    (out, total)
+    (out, totals)
+}
+
+/// The sentence under the times table: the wall total over every phase, the
+/// CPU total over those that record it.
+pub fn times_summary(t: TimeTotals) -> String {
+    let hours = |s: u64| s as f64 / 3600.0;
+    let mut text = format!(
+        "Total: {} s ({:.1} h) of wall time, summed over the {} phases (each on the machine that ran it).",
+        t.wall,
+        hours(t.wall),
+        t.phases
+    );
+    if t.cpu_phases > 0 {
+        text.push_str(&format!(
+            " CPU time (user + system): {} s ({:.1} h) over the {} phases that record it.",
+            t.cpu,
+            hours(t.cpu),
+            t.cpu_phases
+        ));
+    }
+    text
 }
 
 /// The verdict on a run's posterior at the end of its training (the
@@ -357,6 +406,40 @@ mod tests {
         assert_eq!(mean_std(&[2e-5, 4e-5], 1.0, 4, 2), "3.00e-5 ± 1.4e-5");
         assert_eq!(mean_std(&[0.0, 0.0], 1.0, 4, 2), "0.0000 ± 0.0000");
         assert_eq!(mean_std(&[0.5183], 100.0, 2, 1), "51.83");
+    }
+
+    #[test]
+    fn the_times_table_totals_wall_time_over_all_phases_and_cpu_time_over_those_that_record_it() {
+        let tsv = "run\tphase\tseconds\tpeak_rss_mib\tcommit\n\
+                   wg-s/map-seed0\ttrain\t643\t823\t0aaf49d\n\
+                   wg-s/best/map-seed0\teval\t127\t694\t0aaf49d\t-\n\
+                   wg-s/mcd-seed1\ttrain\t1518\t824\t0aaf49d\t1702\n\
+                   wg-s/mcd-seed1\ttrain-failed\t0\t-\t0aaf49d\t-\n\
+                   \n\
+                   a short line\n\
+                   wg-s/best/mcd-seed1\teval\t745\t1336\t0aaf49d\t1460\n";
+        let (table, totals) = times_table(tsv);
+        assert_eq!(
+            totals,
+            TimeTotals {
+                phases: 5,
+                wall: 643 + 127 + 1518 + 745,
+                cpu: 1702 + 1460,
+                cpu_phases: 2
+            }
+        );
+        assert!(table.contains("| wg-s/map-seed0 | train | 643 | - | 823 | 0aaf49d |"));
+        assert!(table.contains("| wg-s/mcd-seed1 | train | 1518 | 1702 | 824 | 0aaf49d |"));
+        assert_eq!(table.lines().count(), 2 + 5);
+        let summary = times_summary(totals);
+        assert!(summary.starts_with("Total: 3033 s (0.8 h) of wall time, summed over the 5 phases"));
+        assert!(summary.ends_with("CPU time (user + system): 3162 s (0.9 h) over the 2 phases that record it."));
+        let old = times_summary(TimeTotals {
+            cpu: 0,
+            cpu_phases: 0,
+            ..totals
+        });
+        assert!(!old.contains("CPU"));
     }
 
     #[test]
