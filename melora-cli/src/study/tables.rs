@@ -220,8 +220,8 @@ fn short_name(task: &str) -> String {
 }
 
 /// What `times.tsv` adds up to: the phases' wall seconds, and the CPU
-/// seconds (user + system) of the phases that record them (the column
-/// came after the first phases had run).
+/// seconds (user + system) of the phases that record them (rows written
+/// by an older `study.sh` have no such column).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TimeTotals {
     /// The phases listed.
@@ -235,8 +235,7 @@ pub struct TimeTotals {
 }
 
 /// The phases of `times.tsv` (run, phase, seconds, peak RSS MiB, commit and,
-/// from a later version of `study.sh` on, CPU seconds) as a Markdown table,
-/// and their totals.
+/// where recorded, CPU seconds) as a Markdown table, and their totals.
 pub fn times_table(tsv: &str) -> (String, TimeTotals) {
     let mut out = String::from(
         "| run | phase | seconds | CPU seconds | peak RSS (MiB) | commit |\n|---|---|---:|---:|---:|---|\n",
