@@ -2,9 +2,11 @@
 //! # melora-cli
 //!
 //! The `melora` command (`src/main.rs`) and what it shares with the other
-//! binaries: the backend chosen by cargo features ([`backend`]) and a
-//! study's plan and tables ([`study`]). The library crates (`melora-core`,
-//! `melora-llama`) choose no backend and parse no command line.
+//! binaries: the backend chosen by cargo features ([`backend`]), a study's
+//! plan and tables ([`study`]) and two evaluations compared ([`compare`]).
+//! The library crates (`melora-core`, `melora-llama`) choose no backend and
+//! parse no command line.
 
 pub mod backend;
+pub mod compare;
 pub mod study;

@@ -77,6 +77,26 @@ enum Command {
     /// validation data); writes a posterior that `melora eval --run` takes
     /// (linearised predictive: probit, or `--samples S` logit draws).
     Laplace(train::LaplaceCmd),
+    /// Two evaluations of the same questions (folders `melora eval` wrote)
+    /// side by side: each one's ACC, ECE, NLL and Brier, the first minus the
+    /// second, and the central 95% interval of that difference over paired
+    /// bootstrap resamples of the questions.
+    Compare {
+        /// The first evaluation folder.
+        first: PathBuf,
+        /// The second evaluation folder.
+        second: PathBuf,
+        /// Bootstrap resamples.
+        #[arg(long, default_value_t = melora_cli::study::BOOTSTRAP_RESAMPLES)]
+        resamples: usize,
+        /// Seed of the resampling.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Print JSON (each task's metrics and intervals, as fractions)
+        /// instead of the Markdown tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// A study's tables (experiments/study.sh runs it) from the
     /// evaluations it keeps in its results folder: per task and checkpoint,
     /// in distribution, out of distribution, uncertainty and OOD detection
@@ -386,6 +406,28 @@ fn main() -> Result<()> {
         Command::Eval(command) => command.run()?,
         Command::Predict(command) => command.run()?,
         Command::Export(command) => command.run()?,
+        Command::Compare {
+            first,
+            second,
+            resamples,
+            seed,
+            json,
+        } => {
+            use melora_cli::{compare, study::EvalSet};
+            let read = |dir: &PathBuf| {
+                EvalSet::read(dir).with_context(|| format!("reading the evaluation folder {}", dir.display()))
+            };
+            let comparisons = compare::compare(&read(&first)?, &read(&second)?, resamples, seed)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&comparisons)?);
+            } else {
+                let name = |p: &PathBuf| p.display().to_string();
+                print!(
+                    "{}",
+                    compare::markdown(&name(&first), &name(&second), &comparisons, resamples)
+                );
+            }
+        }
         Command::StudyReport { study, runs } => {
             let study = melora_cli::study::spec::Study::load(&study)?;
             let runs = runs.unwrap_or_else(|| study.runs.clone());

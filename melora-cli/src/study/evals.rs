@@ -29,6 +29,12 @@ fn read_maybe_gz(dir: &Path, name: &str) -> Result<String> {
         return std::fs::read_to_string(&path).map_err(|e| LlamaError::io(&path, e));
     }
     let gz = dir.join(format!("{name}.gz"));
+    if !gz.is_file() {
+        return Err(LlamaError::Unavailable(format!(
+            "{} holds no {name} (nor {name}.gz): not a finished evaluation of `melora eval`",
+            dir.display()
+        )));
+    }
     let file = std::fs::File::open(&gz).map_err(|e| LlamaError::io(&gz, e))?;
     let mut text = String::new();
     flate2::read::GzDecoder::new(file)
@@ -44,6 +50,13 @@ impl EvalSet {
         if !dir.join("done").exists() {
             return Ok(None);
         }
+        Self::read(dir).map(Some)
+    }
+
+    /// Reads an evaluation folder as `melora eval` writes it
+    /// (`results.json`, whose rows name the tasks, and each row's
+    /// `predictions-<k>.json`, or their gzipped copies).
+    pub fn read(dir: &Path) -> Result<Self> {
         let rows: Vec<ResultRow> = serde_json::from_str(&read_maybe_gz(dir, "results.json")?)
             .map_err(|e| LlamaError::format(dir.join("results.json"), e.to_string()))?;
         let mut tasks = BTreeMap::new();
@@ -54,7 +67,7 @@ impl EvalSet {
             tasks.insert(row.task.clone(), probs);
         }
         let rows = rows.into_iter().map(|r| (r.task.clone(), r)).collect();
-        Ok(Some(Self { tasks, rows }))
+        Ok(Self { tasks, rows })
     }
 
     /// An ensemble of `members` (each one sample per example, the same
