@@ -49,13 +49,20 @@ pub fn compare(a: &EvalSet, b: &EvalSet, resamples: usize, seed: u64) -> Result<
     for (task, pa) in &a.tasks {
         let Some(pb) = b.tasks.get(task) else { continue };
         if pa.labels != pb.labels || pa.classes != pb.classes {
+            let found = if pa.labels.len() == pb.labels.len() && pa.classes == pb.classes {
+                format!("both hold {} questions, with other answers", pa.labels.len())
+            } else {
+                format!(
+                    "{} questions of {} choices against {} of {}",
+                    pa.labels.len(),
+                    pa.classes,
+                    pb.labels.len(),
+                    pb.classes
+                )
+            };
             return Err(LlamaError::Mismatch(format!(
-                "the two evaluations of {task} hold different questions: {} questions of {} choices against {} of {} \
-                 (or the same count with other answers); compare evaluations of the same split and subset",
-                pa.labels.len(),
-                pa.classes,
-                pb.labels.len(),
-                pb.classes
+                "the two evaluations of {task} hold different questions ({found}); compare evaluations of the same \
+                 split and --max-examples"
             )));
         }
         let (ca, cb) = (pa.average(), pb.average());
@@ -207,7 +214,13 @@ mod tests {
         let other_labels = set("wg-s", vec![0.9, 0.1, 0.3, 0.7], 1, vec![0, 0]);
         let other_task = set("arc-e", vec![0.9, 0.1, 0.3, 0.7], 1, vec![0, 1]);
         let err = compare(&a, &other_labels, 100, 0).unwrap_err().to_string();
-        assert!(err.contains("different questions"), "{err}");
+        assert!(
+            err.contains("different questions (both hold 2 questions, with other answers)"),
+            "{err}"
+        );
+        let fewer = set("wg-s", vec![0.9, 0.1], 1, vec![0]);
+        let err = compare(&a, &fewer, 100, 0).unwrap_err().to_string();
+        assert!(err.contains("2 questions of 2 choices against 1 of 2"), "{err}");
         let err = compare(&a, &other_task, 100, 0).unwrap_err().to_string();
         assert!(err.contains("share no task") && err.contains("arc-e"), "{err}");
         let err = compare(&a, &a, 0, 0).unwrap_err().to_string();
