@@ -5,7 +5,7 @@
 //! `differences.md`). What it answers: could the choice of test questions
 //! alone have moved this difference, given the two trained models?
 
-use crate::study::{paired_bootstrap, EvalSet};
+use crate::study::{interval_cell, paired_bootstrap, EvalSet};
 use melora_core::Metrics;
 use melora_llama::error::{LlamaError, Result};
 use serde::Serialize;
@@ -28,12 +28,17 @@ pub struct Comparison {
     pub interval: [(f64, f64); 4],
 }
 
+/// Accuracy, ECE, NLL and Brier, in the order of [`paired_bootstrap`]'s
+/// intervals.
+fn values(m: &Metrics) -> [f64; 4] {
+    [m.accuracy, m.ece, m.nll, m.brier]
+}
+
 impl Comparison {
     /// `a - b` for accuracy, ECE, NLL and Brier.
     pub fn difference(&self) -> [f64; 4] {
-        let m = |x: &Metrics| [x.accuracy, x.ece, x.nll, x.brier];
-        let (a, b) = (m(&self.a), m(&self.b));
-        [a[0] - b[0], a[1] - b[1], a[2] - b[2], a[3] - b[3]]
+        let (a, b) = (values(&self.a), values(&self.b));
+        std::array::from_fn(|m| a[m] - b[m])
     }
 }
 
@@ -107,20 +112,10 @@ pub fn markdown(a: &str, b: &str, comparisons: &[Comparison], resamples: usize) 
             .collect::<Vec<_>>()
             .join(" | ")
     };
-    let metrics = |m: &Metrics| [m.accuracy, m.ece, m.nll, m.brier];
     let mut out = String::new();
     for c in comparisons {
         let interval = (0..4)
-            .map(|m| {
-                let (lo, hi) = c.interval[m];
-                let (lo, hi, d) = (lo * SCALE[m], hi * SCALE[m], DIGITS[m]);
-                let cell = format!("{lo:+.d$} to {hi:+.d$}");
-                if lo > 0.0 || hi < 0.0 {
-                    format!("**{cell}**")
-                } else {
-                    cell
-                }
-            })
+            .map(|m| interval_cell(c.interval[m], SCALE[m], DIGITS[m]))
             .collect::<Vec<_>>()
             .join(" | ");
         out.push_str(&format!(
@@ -133,8 +128,8 @@ pub fn markdown(a: &str, b: &str, comparisons: &[Comparison], resamples: usize) 
             n = c.questions,
             sa = c.samples[0],
             sb = c.samples[1],
-            ma = cells(metrics(&c.a), false),
-            mb = cells(metrics(&c.b), false),
+            ma = cells(values(&c.a), false),
+            mb = cells(values(&c.b), false),
             d = cells(c.difference(), true),
         ));
     }

@@ -218,6 +218,17 @@ pub fn paired_bootstrap(pairs: &[(&ClassProbs, &ClassProbs)], resamples: usize, 
     }))
 }
 
+/// An interval `(lo, hi)` scaled by `scale`, signed, to `digits`
+/// decimals, as a Markdown cell: in bold when it excludes 0.
+pub fn interval_cell((lo, hi): (f64, f64), scale: f64, digits: usize) -> String {
+    let text = format!("{:+.digits$} to {:+.digits$}", scale * lo, scale * hi);
+    if lo > 0.0 || hi < 0.0 {
+        format!("**{text}**")
+    } else {
+        text
+    }
+}
+
 /// The bootstrap resamples behind `differences.md`'s intervals.
 pub const BOOTSTRAP_RESAMPLES: usize = 2000;
 
@@ -254,21 +265,13 @@ pub fn bootstrap_differences(
         let Some(intervals) = paired_bootstrap(&probs, resamples, k as u64) else {
             continue;
         };
-        let cell = |(lo, hi): (f64, f64), scale: f64, digits: usize| {
-            let text = format!("{:+.digits$} to {:+.digits$}", scale * lo, scale * hi);
-            if lo > 0.0 || hi < 0.0 {
-                format!("**{text}**")
-            } else {
-                text
-            }
-        };
         out.push_str(&format!(
             "| {label} | {base_label} | {} | {} | {} | {} | {} |\n",
             seed_list(&pairs),
-            cell(intervals[0], 100.0, 2),
-            cell(intervals[1], 100.0, 2),
-            cell(intervals[2], 1.0, 3),
-            cell(intervals[3], 1.0, 3),
+            interval_cell(intervals[0], 100.0, 2),
+            interval_cell(intervals[1], 100.0, 2),
+            interval_cell(intervals[2], 1.0, 3),
+            interval_cell(intervals[3], 1.0, 3),
         ));
     }
     out

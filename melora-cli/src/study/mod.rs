@@ -15,7 +15,9 @@ pub mod evals;
 pub mod spec;
 pub mod tables;
 
-pub use differences::{bootstrap_differences, comparisons, differences, paired_bootstrap, BOOTSTRAP_RESAMPLES};
+pub use differences::{
+    bootstrap_differences, comparisons, differences, interval_cell, paired_bootstrap, BOOTSTRAP_RESAMPLES,
+};
 pub use evals::{collect, detection_tasks, Collected, EvalSet, SeedPredictions, Summary};
 pub use tables::{mean_std, posterior_table, tables, times_summary, times_table, Scope, TimeTotals};
 
