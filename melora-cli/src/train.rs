@@ -142,7 +142,7 @@ impl TrainCmd {
     pub fn run(self) -> Result<()> {
         let config = self.config()?;
         if self.print_config {
-            println!("{}", serde_json::to_string_pretty(&config)?);
+            melora_cli::outln!("{}", serde_json::to_string_pretty(&config)?)?;
             return Ok(());
         }
         let out = self.out.clone().unwrap_or_else(|| {
@@ -378,12 +378,12 @@ fn laplace_fit(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config: Laplace
         meta.seconds.0,
         meta.seconds.1
     );
-    println!(
+    melora_cli::outln!(
         "Laplace posterior in {} (evaluate with: melora eval --run {} --task {})",
         out.display(),
         out.display(),
         train_config.task.name()
-    );
+    )?;
     Ok(())
 }
 
@@ -514,16 +514,16 @@ fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> 
         rows.push(evaluation.row);
     }
     write_results(&results, &rows)?;
-    println!(
+    melora_cli::outln!(
         "\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n",
         validation.len(),
         config.scoring
-    );
-    print!("{}", markdown(&rows));
-    println!(
+    )?;
+    melora_cli::out!("{}", markdown(&rows))?;
+    melora_cli::outln!(
         "\nwall time {:.0} s; results and reliability diagrams in {}",
         start.elapsed().as_secs_f64(),
         results.display()
-    );
+    )?;
     Ok(())
 }

@@ -185,3 +185,33 @@ fn a_bad_study_file_says_what_is_wrong() {
         .contains("method map: give exactly one of train, ensemble_of and laplace"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `melora study-plan | head -1`: the reader closes the pipe before the
+/// plan is written, and melora ends with success, printing no panic.
+#[test]
+fn a_plan_printed_into_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let runs = std::env::temp_dir().join(format!("melora-closed-pipe-{}", std::process::id()));
+    std::fs::create_dir_all(&runs).unwrap();
+    let plan = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_melora"));
+        c.current_dir(&root)
+            .args(["study-plan", "--study", "experiments/study-5000.json", "--runs"])
+            .arg(&runs);
+        c
+    };
+    // More than a pipe holds (64 KiB on Linux): a write meets the closed
+    // pipe whenever the reader closes it.
+    let whole = plan().output().unwrap();
+    assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
+    assert!(whole.stdout.len() > 65536, "the plan is {} bytes", whole.stdout.len());
+
+    let mut child = plan().stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}, stderr: {stderr}", out.status);
+    assert!(stderr.is_empty(), "stderr: {stderr}");
+    std::fs::remove_dir_all(&runs).ok();
+}
