@@ -1,6 +1,7 @@
 //! `melora predict`'s answers: a table, or JSON.
 
 use anyhow::Result;
+use melora_cli::outln;
 use melora_llama::data::Item;
 use melora_llama::predict::Evaluation;
 
@@ -30,14 +31,12 @@ pub fn print(items: &[Item], evaluation: &Evaluation, answered: bool, json: bool
                 row
             })
             .collect();
-        melora_cli::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
         return Ok(());
     }
     let right = if answered { " right |" } else { "" };
-    melora_cli::outln!(
-        "| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}"
-    )?;
-    melora_cli::outln!(
+    outln!("| # | question | prediction | confidence | probabilities | total (nats) | aleatoric | epistemic |{right}")?;
+    outln!(
         "|---:|---|---|---:|---|---:|---:|---:|{}",
         if answered { "---|" } else { "" }
     )?;
@@ -68,7 +67,7 @@ pub fn print(items: &[Item], evaluation: &Evaluation, answered: bool, json: bool
         } else {
             format!(" no ({}) |", letter(*label))
         };
-        melora_cli::outln!(
+        outln!(
             "| {} | {} | {}) {} | {:.3} | {} | {:.4} | {:.4} | {:.2e} |{mark}",
             i + 1,
             short.replace('|', "\\|").replace('\n', " "),

@@ -7,6 +7,7 @@ use crate::progress::PhaseBars;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use melora_cli::backend::{self, Inner, Train};
+use melora_cli::out;
 use melora_core::SamplingMode;
 use melora_llama::data::{read_questions, Item, LengthNorm, Scoring, Split, Task};
 use melora_llama::eval::{EnsembleAverage, PredictFlags};
@@ -227,9 +228,9 @@ impl EvalCmd {
         };
         let sampled: Vec<_> = evaluations.iter().map(|e| &e.sampled).collect();
         let files = write_evaluation(&out, &rows, &sampled, &ood)?;
-        melora_cli::out!("{}", markdown(&rows))?;
+        out!("{}", markdown(&rows))?;
         if !ood.is_empty() {
-            melora_cli::out!("\n{}", ood_markdown(&ood))?;
+            out!("\n{}", ood_markdown(&ood))?;
         }
         eprintln!("results in {} ({} diagram files)", out.display(), files.len());
         Ok(())

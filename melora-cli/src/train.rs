@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
 use clap::Args;
 use melora_cli::backend::{self, Train};
+use melora_cli::{out, outln};
 use melora_core::SamplingMode;
 use melora_llama::data::own::DataFiles;
 use melora_llama::data::{Scoring, Split, Task};
@@ -142,7 +143,7 @@ impl TrainCmd {
     pub fn run(self) -> Result<()> {
         let config = self.config()?;
         if self.print_config {
-            melora_cli::outln!("{}", serde_json::to_string_pretty(&config)?)?;
+            outln!("{}", serde_json::to_string_pretty(&config)?)?;
             return Ok(());
         }
         let out = self.out.clone().unwrap_or_else(|| {
@@ -378,7 +379,7 @@ fn laplace_fit(run_dir: PathBuf, checkpoint: Option<Checkpoint>, config: Laplace
         meta.seconds.0,
         meta.seconds.1
     );
-    melora_cli::outln!(
+    outln!(
         "Laplace posterior in {} (evaluate with: melora eval --run {} --task {})",
         out.display(),
         out.display(),
@@ -514,13 +515,13 @@ fn quickstart(out: PathBuf, results: PathBuf, max_validation: Option<usize>) -> 
         rows.push(evaluation.row);
     }
     write_results(&results, &rows)?;
-    melora_cli::outln!(
+    outln!(
         "\nARC-Easy validation ({} examples{subset}), SmolLM2-135M, {:?} scoring:\n",
         validation.len(),
         config.scoring
     )?;
-    melora_cli::out!("{}", markdown(&rows))?;
-    melora_cli::outln!(
+    out!("{}", markdown(&rows))?;
+    outln!(
         "\nwall time {:.0} s; results and reliability diagrams in {}",
         start.elapsed().as_secs_f64(),
         results.display()
